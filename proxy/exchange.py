@@ -1,0 +1,91 @@
+"""``Exchange``: the one mutable object per proxied request.
+
+The forward handler fills it as the request travels (request, interaction, identity,
+response, timings); ``fhir.classify`` and ``audit.build`` read it. Bodies are parsed at most
+once, lazily, through :meth:`Exchange.request_json` and :meth:`Exchange.response_json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from proxy.fhir.interaction import Interaction
+
+if TYPE_CHECKING:
+    from proxy.audit.identity import Identity
+
+_UNPARSED: Any = object()
+
+
+def parse_json_object(body: bytes | None) -> dict[str, Any] | None:
+    """A JSON object from ``body``, or None when it is empty, not JSON or not an object."""
+    if not body:
+        return None
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One request through the proxy and what came of it."""
+
+    request_id: str
+    """``X-Request-Id`` as received, or generated; sent upstream and back to the client."""
+    method: str
+    """HTTP method, upper case."""
+    path: str
+    """The path below the FHIR base, without leading slash (``Patient/1/_history/2``)."""
+    query_string: str
+    """The raw query string, undecoded, without ``?``."""
+    request_headers: Mapping[str, str]
+    """Request headers with lower-case names. Holds ``authorization``: never copy it out."""
+    client_address: str
+    """The client's network address (``X-Forwarded-For`` only through trusted proxies)."""
+    started_at: datetime
+    """When the request arrived (UTC)."""
+    base_url: str = ""
+    """The FHIR base as the client addressed it (``http://host/fhir``)."""
+    request_body: bytes | None = None
+    """The request body when buffered; None when absent or streamed."""
+    request_content_type: str = ""
+    interaction: Interaction | None = None
+    """The classification, set before forwarding."""
+    identity: Identity | None = None
+    """Who is calling, from the bearer token's claims (never the token itself)."""
+    status: int | None = None
+    """The status the client gets; None while no answer exists."""
+    response_headers: Mapping[str, str] = field(default_factory=dict)
+    """Response headers with lower-case names."""
+    response_body: bytes | None = None
+    """The buffered response body; None when absent or streamed."""
+    response_streamed: bool = False
+    """The response was larger than the buffer limit and is audited from its head only."""
+    error: str | None = None
+    """Why the proxy, not the upstream, produced the answer (``upstream timed out``)."""
+    finished_at: datetime | None = None
+    intent_id: int | None = None
+    """The durable intent record written before forwarding a state-changing request."""
+    _request_json: Any = _UNPARSED
+    _response_json: Any = _UNPARSED
+
+    def request_json(self) -> dict[str, Any] | None:
+        """The request body as a JSON object (parsed once), or None."""
+        if self._request_json is _UNPARSED:
+            self._request_json = parse_json_object(self.request_body)
+        result: dict[str, Any] | None = self._request_json
+        return result
+
+    def response_json(self) -> dict[str, Any] | None:
+        """The response body as a JSON object (parsed once), or None."""
+        if self._response_json is _UNPARSED:
+            self._response_json = parse_json_object(self.response_body)
+        result: dict[str, Any] | None = self._response_json
+        return result
