@@ -22,6 +22,9 @@ const host = process.argv[3] ?? process.env.HOST ?? '127.0.0.1';
 const base = '/fhir';
 const fhirRouter = new router.FhirRouter();
 const repo = new router.MemoryRepository();
+// Test hook: every request under the base, with its X-Request-Id and final status, so tests
+// can check that each write the server saw has its audit event (GET/DELETE /__admin/requests).
+const requestLog = [];
 
 function send(res, status, body, contentType = 'application/fhir+json', extraHeaders = {}) {
   const text = body === undefined ? '' : JSON.stringify(body);
@@ -43,6 +46,10 @@ const server = http.createServer(async (req, res) => {
   for await (const chunk of req) chunks.push(chunk);
   const url = new URL(req.url, `http://${req.headers.host ?? host}`);
   if (url.pathname === '/healthz') return send(res, 200, { status: 'ok' }, 'application/json');
+  if (url.pathname === '/__admin/requests') {
+    if (req.method === 'DELETE') requestLog.length = 0;
+    return send(res, 200, requestLog, 'application/json');
+  }
   if (url.pathname === '/__admin/slow') {
     // Test hook: answer after ?ms= milliseconds (upstream timeout tests).
     const ms = Number(url.searchParams.get('ms') ?? 1000);
@@ -65,6 +72,9 @@ const server = http.createServer(async (req, res) => {
     else query[k] = [query[k], v];
   }
   const path = url.pathname.slice(base.length) || '/';
+  const logEntry = { method: req.method, path: url.pathname + url.search, requestId: req.headers['x-request-id'] ?? null, status: null };
+  requestLog.push(logEntry);
+  res.on('finish', () => { logEntry.status = res.statusCode; });
   if (path === '/metadata' && req.method === 'GET') {
     return send(res, 200, { resourceType: 'CapabilityStatement', status: 'active', kind: 'instance', date: '2026-01-01',
       fhirVersion: '4.0.1', format: ['json'], software: { name: 'fhir-audit-proxy test server (Medplum fhir-router)' },

@@ -1,0 +1,288 @@
+"""Builds the proxy application. Every long-lived part (the store, the upstream pool, the
+JWKS cache, the flusher, maintenance and the admin listener) starts and stops through
+``cleanup_ctx``, in that order; shutdown runs the contexts in reverse, so the admin listener
+stops first, the flusher drains what it can, and the store closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy import telemetry
+from proxy.admin.app import build_admin_app
+from proxy.audit.balp import AuditContext, build_unknown_outcome_events
+from proxy.audit.identity import JwksCache
+from proxy.audit.validate import validate_event
+from proxy.delivery.flusher import Flusher
+from proxy.delivery.sinks import make_sink
+from proxy.forward import ForwardConfig, ForwardHandler
+from proxy.settings import Settings
+from proxy.store.queue import AuditQueue, StoreError
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+AUDIT_CONTEXT = web.AppKey("audit_context", AuditContext)
+QUEUE = web.AppKey("queue", AuditQueue)
+UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+JWKS = web.AppKey("jwks", JwksCache)
+INTENTS_IN_FLIGHT = web.AppKey("intents_in_flight", set[int])
+HANDLER = web.AppKey("forward_handler", ForwardHandler)
+FLUSHER = web.AppKey("flusher", Flusher)
+ADMIN_URL = web.AppKey("admin_url", str)
+VALIDATION = web.AppKey("validation_queue", asyncio.Queue[dict[str, Any]])
+
+PRUNE_EVERY_S = 3600.0
+"""How often delivered events past retention are deleted."""
+
+
+async def recover_intents(
+    queue: AuditQueue,
+    ctx: AuditContext,
+    now: datetime,
+    *,
+    older_than: datetime | None = None,
+    in_flight: set[int] | frozenset[int] = frozenset(),
+) -> int:
+    """Turn intents that never completed into outcome-unknown AuditEvents (invariant 3).
+    At start-up every intent is an orphan; later, only old ones no request still owns."""
+    recovered = 0
+    for intent in await queue.orphan_intents():
+        if intent.id in in_flight or (older_than is not None and intent.created_at > older_than):
+            continue
+        events = build_unknown_outcome_events(intent.summary, ctx, now)
+        await queue.append(events, complete_intent=intent.id)
+        recovered += 1
+    if recovered:
+        log.warning("recorded %d interaction(s) whose outcome is unknown (proxy stopped)", recovered)
+    return recovered
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    queue = await AuditQueue.open(
+        settings.store.path,
+        max_bytes=settings.store.max_bytes,
+        commit_batch_max=settings.store.commit_batch_max,
+    )
+    app[QUEUE] = queue
+    try:
+        await recover_intents(queue, app[AUDIT_CONTEXT], datetime.now(UTC))
+        yield
+    finally:
+        await queue.close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream.max_connections, keepalive_timeout=30, enable_cleanup_closed=True
+    )
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    ) as session:
+        app[UPSTREAM_SESSION] = session
+        if settings.audit.identity.jwks_url:
+            jwks = JwksCache(settings.audit.identity, session)
+            app[JWKS] = jwks
+            await jwks.start()
+            try:
+                yield
+            finally:
+                await jwks.close()
+        else:
+            yield
+
+
+def _sampled_validation(app: web.Application) -> Callable[[Sequence[dict[str, Any]]], None] | None:
+    rate = app[SETTINGS].audit.validate_sample_rate
+    if rate <= 0:
+        return None
+    pending = app[VALIDATION]
+
+    def offer(events: Sequence[dict[str, Any]]) -> None:
+        for event in events:
+            if random.random() < rate:
+                with contextlib.suppress(asyncio.QueueFull):
+                    pending.put_nowait(event)
+
+    return offer
+
+
+async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Invariant 7: sampled events are validated off the request path; an invalid one is
+    already stored and will be forwarded, so all this does is warn and count."""
+    app[VALIDATION] = asyncio.Queue(maxsize=1000)
+    version = app[SETTINGS].audit.fhir_version
+
+    async def worker() -> None:
+        while True:
+            event = await app[VALIDATION].get()
+            error = validate_event(event, version)
+            if error is not None:
+                telemetry.EVENTS_INVALID.inc()
+                log.warning("AuditEvent %s is not valid FHIR %s: %s", event.get("id"), version, error)
+
+    task = asyncio.create_task(worker(), name="validation")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[INTENTS_IN_FLIGHT] = set()
+    app[HANDLER] = ForwardHandler(
+        cfg=ForwardConfig.from_settings(settings),
+        settings=settings,
+        ctx=app[AUDIT_CONTEXT],
+        session=app[UPSTREAM_SESSION],
+        queue=app[QUEUE],
+        jwks=app.get(JWKS),
+        intents_in_flight=app[INTENTS_IN_FLIGHT],
+        on_events=_sampled_validation(app),
+    )
+    yield
+
+
+async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    repo = settings.repository
+    if not repo.url:
+        log.info("no repository configured: events stay in the local store")
+        yield
+        return
+    async with aiohttp.ClientSession() as session:
+        sink = make_sink(repo, session)
+        flusher = Flusher(app[QUEUE], sink, repo)
+        app[FLUSHER] = flusher
+        task = asyncio.create_task(flusher.run(), name="flusher")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            try:
+                await flusher.drain(settings.shutdown_grace_s)
+            except Exception:
+                log.exception("final flush failed; undelivered events stay queued")
+            await sink.close()
+
+
+async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Prune delivered events past retention, and turn intents abandoned by a failed
+    request (the store refused its events) into outcome-unknown events."""
+    settings = app[SETTINGS]
+    retention = timedelta(days=settings.store.retention_days)
+    orphan_age = timedelta(seconds=settings.upstream.timeout_s + 30)
+
+    async def loop() -> None:
+        last_prune = 0.0
+        while True:
+            now = datetime.now(UTC)
+            try:
+                await recover_intents(
+                    app[QUEUE],
+                    app[AUDIT_CONTEXT],
+                    now,
+                    older_than=now - orphan_age,
+                    in_flight=app[INTENTS_IN_FLIGHT],
+                )
+                mono = asyncio.get_running_loop().time()
+                if mono - last_prune >= PRUNE_EVERY_S:
+                    pruned = await app[QUEUE].prune(now, retention)
+                    last_prune = mono
+                    if pruned:
+                        log.info("pruned %d delivered events older than %s", pruned, retention)
+            except StoreError as exc:
+                log.warning("store maintenance failed: %s", exc)
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(loop(), name="maintenance")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
+    settings = app[SETTINGS]
+
+    async def check() -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        try:
+            stats = await app[QUEUE].stats()
+            checks["store"] = {"ok": stats.size_bytes < settings.store.max_bytes, **stats.__dict__}
+        except Exception as exc:  # readiness reports, it does not fail
+            checks["store"] = {"ok": False, "error": str(exc)}
+        try:
+            async with app[UPSTREAM_SESSION].get(
+                settings.upstream.url.rstrip("/") + "/metadata",
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as resp:
+                checks["upstream"] = {"ok": resp.status < 500, "status": resp.status}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            checks["upstream"] = {"ok": False, "error": type(exc).__name__}
+        return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
+
+    return check
+
+
+async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    admin = build_admin_app(
+        app[QUEUE],
+        settings.admin,
+        fhir_version=settings.audit.fhir_version,
+        readiness=_readiness(app),
+    )
+    runner = web.AppRunner(admin, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
+    await site.start()
+    sockets = runner.addresses
+    host, port = sockets[0][:2] if sockets else (settings.admin.host, settings.admin.port)
+    app[ADMIN_URL] = f"http://{host}:{port}"
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    return await request.app[HANDLER](request)
+
+
+def build_proxy_app(settings: Settings) -> web.Application:
+    """The proxy listener's application, with every background part owned by it."""
+    app = web.Application(client_max_size=settings.audit.buffer_limit_bytes)
+    app[SETTINGS] = settings
+    app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
+    app.cleanup_ctx.extend(
+        [
+            _store_ctx,
+            _upstream_ctx,
+            _validation_ctx,
+            _handler_ctx,
+            _delivery_ctx,
+            _maintenance_ctx,
+            _admin_ctx,
+        ]
+    )
+    app.router.add_route("*", "/{tail:.*}", _dispatch)
+    return app

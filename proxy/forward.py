@@ -1,0 +1,390 @@
+"""The reverse-proxy handler: forward, audit, persist, and only then release the response.
+
+Order of work for one request (DESIGN.md, invariants 1-3):
+
+1. classify the request and read the caller's identity (never keeping the token);
+2. for a state-changing request, commit an intent record before forwarding;
+3. forward upstream, buffering the response up to ``buffer_limit_bytes``;
+4. build the AuditEvents and commit them with fsync (group commit, completing the intent);
+5. release the response. If 2 or 4 fail, the client gets an OperationOutcome instead
+   (503, or 507 when the store is full) and the upstream body is discarded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy import telemetry
+from proxy.audit.balp import AuditContext, build_events, intent_summary
+from proxy.audit.identity import JwksCache, identity_from_headers
+from proxy.exchange import Exchange
+from proxy.fhir.interaction import InteractionKind, classify
+from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+from proxy.settings import Settings
+from proxy.store.queue import AuditQueue, StoreError, StoreFull
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 connection-specific headers, never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed by aiohttp for the hop it writes, or pinned to the upstream's own address.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    """What the handler needs from the settings, computed once."""
+
+    upstream_origin: URL
+    """``scheme://host:port`` of the upstream."""
+    upstream_base: str
+    """The upstream base URL as a string without trailing slash (to rewrite ``Location``)."""
+    base_path: str
+    """The FHIR base path (``/fhir``), served unchanged by the proxy."""
+    buffer_limit: int
+    timeout: aiohttp.ClientTimeout
+    trusted_proxies: tuple[Network, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ForwardConfig:
+        upstream = URL(settings.upstream.url)
+        return cls(
+            upstream_origin=upstream.origin(),
+            upstream_base=str(upstream).rstrip("/"),
+            base_path=upstream.path.rstrip("/"),
+            buffer_limit=settings.audit.buffer_limit_bytes,
+            timeout=aiohttp.ClientTimeout(
+                total=settings.upstream.timeout_s, connect=settings.upstream.connect_timeout_s
+            ),
+            trusted_proxies=tuple(
+                ipaddress.ip_network(n, strict=False) for n in settings.audit.trusted_proxies
+            ),
+        )
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Iterable[Network]) -> str:
+    """The client's address: the peer, unless the peer is a trusted proxy, in which case the
+    right-most ``X-Forwarded-For`` hop that is not itself a trusted proxy."""
+    nets = tuple(trusted)
+
+    def is_trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in nets)
+
+    address = peer or "unknown"
+    if not forwarded_for or not is_trusted(address):
+        return address
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        address = hop
+        if not is_trusted(hop):
+            break
+    return address
+
+
+def relative_path(raw_path: str, base_path: str) -> str | None:
+    """The path below the FHIR base without leading slash, or None when outside the base."""
+    if raw_path == base_path or raw_path == base_path + "/":
+        return ""
+    if base_path and not raw_path.startswith(base_path + "/"):
+        return None
+    return raw_path[len(base_path) + 1 :] if base_path else raw_path.lstrip("/")
+
+
+def _upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
+    drop = _REQUEST_DROP | {
+        t.strip().lower() for t in request.headers.get("Connection", "").split(",") if t.strip()
+    }
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in drop
+    )
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    headers["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+def _client_headers(
+    upstream: CIMultiDictProxy[str], request_id: str, cfg: ForwardConfig, public_base: str
+) -> CIMultiDict[str]:
+    drop = _RESPONSE_DROP | {
+        t.strip().lower() for t in upstream.get("Connection", "").split(",") if t.strip()
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname in ("location", "content-location") and value.startswith(cfg.upstream_base):
+            # Like nginx's proxy_redirect: the client must not be sent around the proxy.
+            value = public_base + value[len(cfg.upstream_base) :]
+        headers.add(name, value)
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class ForwardHandler:
+    """The aiohttp handler for every path of the proxy listener."""
+
+    def __init__(
+        self,
+        *,
+        cfg: ForwardConfig,
+        settings: Settings,
+        ctx: AuditContext,
+        session: aiohttp.ClientSession,
+        queue: AuditQueue,
+        jwks: JwksCache | None,
+        intents_in_flight: set[int],
+        on_events: Any = None,
+    ) -> None:
+        self._cfg = cfg
+        self._identity_settings = settings.audit.identity
+        self._ctx = ctx
+        self._session = session
+        self._queue = queue
+        self._jwks = jwks
+        self._in_flight = intents_in_flight
+        self._on_events = on_events
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = datetime.now(UTC)
+        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        public_base = f"{request.scheme}://{request.host}{self._cfg.base_path}"
+        path = relative_path(request.rel_url.raw_path, self._cfg.base_path)
+        body, body_streamed = await self._read_request_body(request)
+
+        ex = Exchange(
+            request_id=request_id,
+            method=request.method.upper(),
+            path=path if path is not None else request.rel_url.raw_path,
+            query_string=request.rel_url.raw_query_string,
+            request_headers=headers,
+            client_address=client_address(
+                request.remote, request.headers.get("X-Forwarded-For"), self._cfg.trusted_proxies
+            ),
+            started_at=started,
+            base_url=public_base,
+            request_body=body,
+            request_content_type=request.headers.get("Content-Type", ""),
+        )
+        try:
+            ex.interaction = classify(ex.method, ex.path, ex.query_string, headers, body)
+            if path is None:
+                ex.interaction = type(ex.interaction)(
+                    kind=InteractionKind.UNKNOWN,
+                    method=ex.method,
+                    detail=f"path outside the FHIR base {self._cfg.base_path or '/'}",
+                )
+            keys = self._jwks.keys() if self._jwks is not None else None
+            ex.identity = identity_from_headers(headers, self._identity_settings, keys)
+        except Exception:
+            log.exception("classification failed for %s %s", ex.method, ex.path)
+            telemetry.AUDIT_FAILURES.labels(reason="classify").inc()
+            return outcome_response(500, "exception", "The request could not be classified for audit.")
+
+        if ex.interaction.is_write:
+            failure = await self._record_intent(ex)
+            if failure is not None:
+                return failure
+        try:
+            return await self._forward(request, ex, body, body_streamed, public_base)
+        finally:
+            if ex.intent_id is not None:
+                self._in_flight.discard(ex.intent_id)
+
+    async def _read_request_body(self, request: web.Request) -> tuple[bytes | None, bool]:
+        """Buffer the request body up to the limit; larger bodies stream (audited from the URL)."""
+        if not request.body_exists:
+            return None, False
+        length = request.content_length
+        if length is not None and length > self._cfg.buffer_limit:
+            return None, True
+        return await request.read(), False
+
+    async def _record_intent(self, ex: Exchange) -> web.Response | None:
+        try:
+            ex.intent_id = await self._queue.record_intent(intent_summary(ex))
+        except StoreError as exc:
+            return self._fail_closed(exc, "intent")
+        self._in_flight.add(ex.intent_id)
+        return None
+
+    def _fail_closed(self, exc: Exception, stage: str) -> web.Response:
+        full = isinstance(exc, StoreFull)
+        reason = "store_full" if full else "store_error"
+        telemetry.AUDIT_FAILURES.labels(reason=reason).inc()
+        log.error("audit %s could not be persisted (%s): failing the request closed", stage, exc)
+        return outcome_response(
+            507 if full else 503,
+            "transient",
+            "The audit record could not be persisted"
+            + (" (audit store full)" if full else "")
+            + "; the request was not completed.",
+            headers={"Retry-After": "5"},
+        )
+
+    async def _forward(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        body: bytes | None,
+        body_streamed: bool,
+        public_base: str,
+    ) -> web.StreamResponse:
+        url = self._cfg.upstream_origin.join(URL(request.rel_url.raw_path_qs, encoded=True))
+        data: Any = request.content.iter_chunked(65536) if body_streamed else body
+        t0 = time.perf_counter()
+        try:
+            async with self._session.request(
+                ex.method,
+                url,
+                headers=_upstream_headers(request, ex.request_id),
+                data=data,
+                allow_redirects=False,
+                timeout=self._cfg.timeout,
+            ) as upstream:
+                telemetry.UPSTREAM_SECONDS.observe(time.perf_counter() - t0)
+                ex.status = upstream.status
+                ex.response_headers = {k.lower(): v for k, v in upstream.headers.items()}
+                client_headers = _client_headers(upstream.headers, ex.request_id, self._cfg, public_base)
+                head, complete = await self._read_up_to_limit(upstream)
+                if complete:
+                    ex.response_body = head
+                    return await self._audited_response(ex, client_headers, head)
+                ex.response_streamed = True
+                return await self._audited_stream(request, ex, client_headers, head, upstream)
+        except TimeoutError:
+            return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
+        except aiohttp.ClientError as exc:
+            return await self._upstream_failure(ex, 502, "transient", f"upstream unreachable: {exc}")
+
+    async def _read_up_to_limit(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        """Read the body unless it is larger than the buffer limit; then return what was read."""
+        limit = self._cfg.buffer_limit
+        length = upstream.content_length
+        if length is not None and length > limit:
+            return b"", False
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await upstream.content.read(65536)
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return b"".join(chunks), False
+
+    async def _persist(self, ex: Exchange) -> web.Response | None:
+        """Build and commit the events; an OperationOutcome response when that fails."""
+        ex.finished_at = datetime.now(UTC)
+        try:
+            events = build_events(ex, self._ctx, ex.finished_at)
+        except Exception:
+            log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
+            telemetry.AUDIT_FAILURES.labels(reason="build").inc()
+            return outcome_response(
+                500, "exception", "The audit record could not be built; the request was not completed."
+            )
+        try:
+            await self._queue.append(events, complete_intent=ex.intent_id)
+        except StoreError as exc:
+            return self._fail_closed(exc, "event")
+        for event in events:
+            telemetry.EVENTS_BUILT.labels(outcome=str(event.get("outcome", "?"))).inc()
+        if self._on_events is not None:
+            self._on_events(events)
+        assert ex.interaction is not None
+        telemetry.REQUESTS.labels(
+            kind=ex.interaction.kind.value, status_class=_status_class(ex.status or 0)
+        ).inc()
+        return None
+
+    async def _audited_response(
+        self, ex: Exchange, headers: CIMultiDict[str], body: bytes
+    ) -> web.StreamResponse:
+        failure = await self._persist(ex)
+        if failure is not None:
+            return failure
+        assert ex.status is not None
+        return web.Response(status=ex.status, headers=headers, body=body)
+
+    async def _audited_stream(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        headers: CIMultiDict[str],
+        head: bytes,
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse:
+        # Invariant 1: a body too large to buffer is audited from its head before its first byte.
+        failure = await self._persist(ex)
+        if failure is not None:
+            return failure
+        assert ex.status is not None
+        response = web.StreamResponse(status=ex.status, headers=headers)
+        await response.prepare(request)
+        if head:
+            await response.write(head)
+        async for chunk in upstream.content.iter_chunked(65536):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def _upstream_failure(
+        self, ex: Exchange, status: int, code: str, error: str
+    ) -> web.StreamResponse:
+        log.warning("%s %s: %s", ex.method, ex.path, error)
+        ex.status = status
+        ex.error = error
+        ex.response_headers = {"content-type": FHIR_JSON}
+        ex.response_body = None
+        failure = await self._persist(ex)
+        if failure is not None:
+            return failure
+        return outcome_response(
+            status,
+            code,
+            f"The FHIR server could not be reached: {error}",
+            headers={"X-Request-Id": ex.request_id},
+        )
+

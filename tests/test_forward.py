@@ -1,0 +1,375 @@
+"""The proxy end to end: real HTTP from a client through the proxy to an upstream, events
+committed to the store and shipped to a recording repository."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.audit.validate import validate_event
+from proxy.forward import client_address, relative_path
+from proxy.store.queue import StoreError
+from tests.conftest import NodeFhirServer, RecordingRepository, StartProxy
+
+FHIR = {"Content-Type": "application/fhir+json"}
+BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
+
+
+def profile(event: dict[str, Any]) -> str | None:
+    profiles = event.get("meta", {}).get("profile", [])
+    return profiles[0].removeprefix(BALP) if profiles else None
+
+
+def patient_refs(event: dict[str, Any]) -> list[str]:
+    return [
+        e["what"]["reference"]
+        for e in event.get("entity", [])
+        if e.get("role", {}).get("code") == "1" and "what" in e
+    ]
+
+
+def subtypes(event: dict[str, Any]) -> list[str]:
+    return [c["code"] for c in event.get("subtype", [])]
+
+
+def agent_codes(event: dict[str, Any]) -> set[str]:
+    return {c["code"] for a in event["agent"] for c in a.get("type", {}).get("coding", [])}
+
+
+async def new_patient(http: aiohttp.ClientSession, base: str, **extra: Any) -> dict[str, Any]:
+    async with http.post(f"{base}/Patient", json={"resourceType": "Patient", **extra}) as r:
+        assert r.status == 201
+        result: dict[str, Any] = await r.json(content_type=None)
+        return result
+
+
+# --- pure helpers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "base", "expected"),
+    [
+        ("/fhir/Patient/1", "/fhir", "Patient/1"),
+        ("/fhir", "/fhir", ""),
+        ("/fhir/", "/fhir", ""),
+        ("/fhirx/Patient", "/fhir", None),
+        ("/other", "/fhir", None),
+        ("/Patient/1", "", "Patient/1"),
+    ],
+)
+def test_relative_path(raw: str, base: str, expected: str | None) -> None:
+    assert relative_path(raw, base) == expected
+
+
+def test_client_address_believes_forwarded_for_only_from_trusted_proxies() -> None:
+    import ipaddress
+
+    nets = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address("10.1.1.1", "203.0.113.7", nets) == "203.0.113.7"
+    assert client_address("198.51.100.2", "203.0.113.7", nets) == "198.51.100.2"
+    assert client_address("10.1.1.1", "203.0.113.7, 10.2.2.2", nets) == "203.0.113.7"
+    assert client_address("10.1.1.1", None, nets) == "10.1.1.1"
+
+
+# --- every interaction through the real FHIR server ---------------------------------------
+
+
+async def test_each_interaction_is_proxied_and_audited(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    repository: RecordingRepository,
+    http: aiohttp.ClientSession,
+) -> None:
+    proxy = await start_proxy(
+        fhir_server.base_url,
+        repository={"url": repository.url, "flush_interval_ms": 20, "mode": "bundle"},
+    )
+    base = proxy.url
+    patient = await new_patient(http, base, name=[{"family": "Audit"}])
+    pid = patient["id"]
+    vid = patient["meta"]["versionId"]
+
+    async with http.get(f"{base}/Patient/{pid}") as r:
+        assert r.status == 200
+        via_proxy = await r.read()
+    async with http.get(f"{fhir_server.base_url}/Patient/{pid}") as r:
+        assert await r.read() == via_proxy, "the body passes through unchanged"
+    async with http.get(f"{base}/Patient/{pid}/_history/{vid}") as r:
+        assert r.status == 200
+    async with http.put(
+        f"{base}/Patient/{pid}",
+        json={"resourceType": "Patient", "id": pid, "name": [{"family": "Renamed"}]},
+    ) as r:
+        assert r.status == 200
+    async with http.patch(
+        f"{base}/Patient/{pid}",
+        data=b'[{"op":"add","path":"/active","value":true}]',
+        headers={"Content-Type": "application/json-patch+json"},
+    ) as r:
+        assert r.status == 200
+    obs = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "heart rate"},
+        "subject": {"reference": f"Patient/{pid}"},
+    }
+    async with http.post(f"{base}/Observation", json=obs) as r:
+        assert r.status == 201
+        obs_id = (await r.json(content_type=None))["id"]
+    async with http.get(f"{base}/Observation", params={"subject": f"Patient/{pid}"}) as r:
+        assert r.status == 200
+        assert (await r.json(content_type=None))["entry"]
+    async with http.post(
+        f"{base}/Observation/_search",
+        data=f"subject=Patient/{pid}",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as r:
+        assert r.status == 200
+    async with http.delete(f"{base}/Observation/{obs_id}") as r:
+        assert r.status in (200, 204)
+
+    events = await repository.wait_for(9)
+    by_subtype: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        assert validate_event(event, "R4") is None, event
+        for code in subtypes(event):
+            by_subtype.setdefault(code, []).append(event)
+
+    patient_ref = f"Patient/{pid}"
+    create = by_subtype["create"]
+    assert {profile(e) for e in create} == {"PatientCreate"}
+    assert all(patient_refs(e) == [patient_ref] for e in create)
+    (read,) = by_subtype["read"]
+    assert profile(read) == "PatientRead" and read["action"] == "R"
+    assert {"110152", "110153"} <= agent_codes(read)
+    (vread,) = by_subtype["vread"]
+    assert profile(vread) == "PatientRead"
+    assert profile(by_subtype["update"][0]) == "PatientUpdate"
+    assert profile(by_subtype["patch"][0]) == "PatientUpdate"
+    searches = by_subtype["search-type"]
+    assert len(searches) == 2 and {profile(e) for e in searches} == {"PatientQuery"}
+    assert all(patient_refs(e) == [patient_ref] for e in searches)
+    (delete,) = by_subtype["delete"]
+    assert profile(delete) == "PatientDelete" and delete["action"] == "D"
+    assert "custodian" in agent_codes(delete)
+    # the request id is recorded in every event
+    for event in events:
+        assert any(
+            c.get("code") == "XrequestId" for e in event["entity"] for c in [e.get("type", {})]
+        )
+
+
+async def test_request_id_is_kept_or_generated_and_returned(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(fhir_server.base_url)
+    async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": "req-123"}) as r:
+        assert r.status == 200
+        assert r.headers["X-Request-Id"] == "req-123"
+    async with http.get(f"{proxy.url}/metadata") as r:
+        generated = r.headers["X-Request-Id"]
+        assert len(generated) == 36
+    stored = await proxy.stored_events()
+    ids = [
+        e["what"]["identifier"]["value"]
+        for ev in stored
+        for e in ev["entity"]
+        if e.get("type", {}).get("code") == "XrequestId"
+    ]
+    assert ids == ["req-123", generated]
+
+
+# --- header handling against an echo upstream ---------------------------------------------
+
+
+@pytest.fixture
+async def echo_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """An upstream that records request headers and can be slow or huge on demand."""
+    seen: list[dict[str, Any]] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        seen.append({"headers": dict(request.headers), "path": request.path_qs, "body": await request.read()})
+        if request.path.endswith("/slow"):
+            await asyncio.sleep(5)
+        if request.path.endswith("/Binary/big"):
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)
+            for _ in range(40):
+                await response.write(b"x" * 65536)
+            await response.write_eof()
+            return response
+        return web.json_response(
+            {"resourceType": "Patient", "id": "1"},
+            headers={"Connection": "keep-alive", "Keep-Alive": "timeout=5", "X-Upstream": "yes"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/fhir")), seen
+    await server.close()
+
+
+async def test_headers_hop_by_hop_dropped_forwarded_set(
+    echo_upstream: tuple[str, list[dict[str, Any]]],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    upstream, seen = echo_upstream
+    proxy = await start_proxy(upstream)
+    async with http.get(
+        f"{proxy.url}/Patient/1?_elements=id&x=%2Fa%20b",
+        headers={"Authorization": "Bearer abc", "TE": "trailers", "X-Custom": "kept"},
+    ) as r:
+        assert r.status == 200
+        assert r.headers["X-Upstream"] == "yes"
+        assert "Keep-Alive" not in r.headers
+    (req,) = seen
+    assert req["path"] == "/fhir/Patient/1?_elements=id&x=%2Fa%20b", "query passes unchanged"
+    headers = req["headers"]
+    assert headers["Authorization"] == "Bearer abc", "credentials go to the upstream"
+    assert headers["X-Custom"] == "kept"
+    assert "TE" not in headers
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"].startswith("127.0.0.1:")
+    assert headers["X-Request-Id"]
+
+
+async def test_large_response_streams_and_is_audited_first(
+    echo_upstream: tuple[str, list[dict[str, Any]]],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    upstream, _ = echo_upstream
+    proxy = await start_proxy(upstream, audit={"buffer_limit_bytes": 256 * 1024})
+    async with http.get(f"{proxy.url}/Binary/big") as r:
+        assert r.status == 200
+        body = await r.read()
+    assert len(body) == 40 * 65536
+    (event,) = await proxy.stored_events()
+    assert subtypes(event) == ["read"]
+    assert event["outcome"] == "0"
+
+
+async def test_upstream_timeout_gives_504_and_is_audited(
+    echo_upstream: tuple[str, list[dict[str, Any]]],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    upstream, _ = echo_upstream
+    proxy = await start_proxy(upstream, upstream={"url": upstream, "timeout_s": 0.5})
+    async with http.get(f"{proxy.url}/Patient/slow") as r:
+        assert r.status == 504
+        body = await r.json(content_type=None)
+        assert body["resourceType"] == "OperationOutcome"
+    (event,) = await proxy.stored_events()
+    assert event["outcome"] == "12"
+    assert "timed out" in event["outcomeDesc"]
+
+
+async def test_upstream_down_gives_502_and_is_audited(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, unused_tcp_port: int
+) -> None:
+    proxy = await start_proxy(f"http://127.0.0.1:{unused_tcp_port}/fhir")
+    async with http.post(f"{proxy.url}/Patient", json={"resourceType": "Patient"}) as r:
+        assert r.status == 502
+        body = await r.json(content_type=None)
+        assert body["resourceType"] == "OperationOutcome"
+    events = await proxy.stored_events()
+    assert [e["outcome"] for e in events] == ["12"]
+    assert "meta" not in events[0] or not events[0]["meta"].get("profile"), (
+        "a failure does not claim a BALP profile whose outcome is fixed to success"
+    )
+    assert not await proxy.queue.orphan_intents(), "the write's intent was completed"
+
+
+# --- fail closed ----------------------------------------------------------------------------
+
+
+async def test_store_failure_fails_closed_with_503_and_withholds_the_body(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxy = await start_proxy(fhir_server.base_url)
+    patient = await new_patient(http, proxy.url, name=[{"family": "Secret"}])
+
+    async def broken_append(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(proxy.queue, "append", broken_append)
+    async with http.get(f"{proxy.url}/Patient/{patient['id']}") as r:
+        assert r.status == 503
+        body = await r.read()
+    assert b"Secret" not in body, "no upstream data leaves unaudited"
+    outcome = orjson.loads(body)
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "audit" in outcome["issue"][0]["diagnostics"]
+
+
+async def test_store_path_blocked_by_a_file_refuses_to_start(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, tmp_path: Any
+) -> None:
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the store's directory should be")
+    with pytest.raises(StoreError):
+        await start_proxy(fhir_server.base_url, store={"path": blocker / "audit.db"})
+
+
+# --- delivery and admin ---------------------------------------------------------------------
+
+
+async def test_flusher_retries_after_repository_500(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    repository: RecordingRepository,
+    http: aiohttp.ClientSession,
+) -> None:
+    repository.fail_next = [500, 500]
+    proxy = await start_proxy(
+        fhir_server.base_url,
+        repository={
+            "url": repository.url,
+            "flush_interval_ms": 20,
+            "max_flush_interval_ms": 100,
+            "request_headers": {"X-Tenant": "ward-7"},
+        },
+    )
+    async with http.get(f"{proxy.url}/metadata") as r:
+        assert r.status == 200
+    (event,) = await repository.wait_for(1)
+    statuses = [r["status"] for r in repository.requests]
+    assert statuses == [500, 500, 200]
+    assert all(r["headers"]["X-Tenant"] == "ward-7" for r in repository.requests)
+    assert repository.requests[-1]["body"]["type"] == "collection"
+    stats = await proxy.queue.stats()
+    assert (stats.pending, stats.delivered) == (0, 1)
+    assert event["id"] == (await proxy.stored_events())[0]["id"]
+
+
+async def test_admin_lists_recent_events_and_is_healthy(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(fhir_server.base_url)
+    for _ in range(3):
+        async with http.get(f"{proxy.url}/metadata") as r:
+            assert r.status == 200
+    async with http.get(f"{proxy.admin_url}/healthz") as r:
+        assert r.status == 200
+    async with http.get(f"{proxy.admin_url}/fhir/AuditEvent?_sort=-date&_count=2") as r:
+        assert r.status == 200
+        bundle = await r.json(content_type=None)
+    assert bundle["resourceType"] == "Bundle" and bundle["total"] == 3
+    assert len(bundle["entry"]) == 2
+    recorded = [e["resource"]["recorded"] for e in bundle["entry"]]
+    assert recorded == sorted(recorded, reverse=True)
