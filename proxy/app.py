@@ -63,7 +63,9 @@ async def recover_intents(
         await queue.append(events, complete_intent=intent.id)
         recovered += 1
     if recovered:
-        log.warning("recorded %d interaction(s) whose outcome is unknown (proxy stopped)", recovered)
+        log.warning(
+            "recorded %d interaction(s) whose outcome is unknown (proxy stopped)", recovered
+        )
     return recovered
 
 
@@ -130,7 +132,9 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
             error = validate_event(event, version)
             if error is not None:
                 telemetry.EVENTS_INVALID.inc()
-                log.warning("AuditEvent %s is not valid FHIR %s: %s", event.get("id"), version, error)
+                log.warning(
+                    "AuditEvent %s is not valid FHIR %s: %s", event.get("id"), version, error
+                )
 
     task = asyncio.create_task(worker(), name="validation")
     try:
@@ -270,7 +274,9 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
 
 def build_proxy_app(settings: Settings) -> web.Application:
     """The proxy listener's application, with every background part owned by it."""
-    app = web.Application(client_max_size=settings.audit.buffer_limit_bytes)
+    # Request bodies are read through request.content with the audit buffer limit, so
+    # aiohttp's client_max_size (which applies to request.read()) never comes into play.
+    app = web.Application()
     app[SETTINGS] = settings
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
     app.cleanup_ctx.extend(

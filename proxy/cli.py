@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down gracefully."""
     app = build_proxy_app(settings)
     if banner:
+
         async def announce(_: web.Application) -> None:
             print(banner, flush=True)
 
@@ -104,7 +104,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "admin": {"host": "127.0.0.1", "port": args.admin_port},
         "repository": {"url": str(data / "audit-repository.ndjson"), "mode": "file"},
     }
-    settings = load_settings(args.config, **overrides) if args.config else load_settings(None, **overrides)
+    settings = (
+        load_settings(args.config, **overrides) if args.config else load_settings(None, **overrides)
+    )
     _configure_logging(settings.log_level)
     banner = "\n".join(
         [
@@ -116,7 +118,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"  local queue:                             {settings.store.path}",
             f"  repository (NDJSON file):                {settings.repository.url}",
             "try: curl -X POST -H 'content-type: application/fhir+json' "
-            f"-d '{{\"resourceType\":\"Patient\"}}' http://127.0.0.1:{args.port}/fhir/Patient",
+            f'-d \'{{"resourceType":"Patient"}}\' http://127.0.0.1:{args.port}/fhir/Patient',
             "Ctrl-C stops both.",
         ]
     )
@@ -131,7 +133,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     # model_dump keeps SecretStr masked as '**********'.
-    sys.stdout.write(orjson.dumps(settings.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
+    sys.stdout.write(
+        orjson.dumps(settings.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode()
+    )
     sys.stdout.write("\n")
     return 0
 
@@ -193,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list = dlq_sub.add_parser("list", help="list dead-lettered events")
     dlq_list.add_argument("--limit", type=int, default=100)
     dlq_retry = dlq_sub.add_parser("retry", help="requeue dead-lettered events for delivery")
-    dlq_retry.add_argument("--seq", type=int, action="append", help="only this queue seq (repeatable)")
+    dlq_retry.add_argument(
+        "--seq", type=int, action="append", help="only this queue seq (repeatable)"
+    )
     dlq.set_defaults(func=_cmd_dlq)
     return parser
 

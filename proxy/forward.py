@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +30,7 @@ from proxy import telemetry
 from proxy.audit.balp import AuditContext, build_events, intent_summary
 from proxy.audit.identity import JwksCache, identity_from_headers
 from proxy.exchange import Exchange
-from proxy.fhir.interaction import InteractionKind, classify
+from proxy.fhir.interaction import Interaction, InteractionKind, classify
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
@@ -156,6 +156,12 @@ def _client_headers(
     return headers
 
 
+async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in rest:
+        yield chunk
+
+
 def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -190,7 +196,7 @@ class ForwardHandler:
         headers = {k.lower(): v for k, v in request.headers.items()}
         public_base = f"{request.scheme}://{request.host}{self._cfg.base_path}"
         path = relative_path(request.rel_url.raw_path, self._cfg.base_path)
-        body, body_streamed = await self._read_request_body(request)
+        body, body_stream = await self._read_request_body(request)
 
         ex = Exchange(
             request_id=request_id,
@@ -209,7 +215,7 @@ class ForwardHandler:
         try:
             ex.interaction = classify(ex.method, ex.path, ex.query_string, headers, body)
             if path is None:
-                ex.interaction = type(ex.interaction)(
+                ex.interaction = Interaction(
                     kind=InteractionKind.UNKNOWN,
                     method=ex.method,
                     detail=f"path outside the FHIR base {self._cfg.base_path or '/'}",
@@ -219,26 +225,38 @@ class ForwardHandler:
         except Exception:
             log.exception("classification failed for %s %s", ex.method, ex.path)
             telemetry.AUDIT_FAILURES.labels(reason="classify").inc()
-            return outcome_response(500, "exception", "The request could not be classified for audit.")
+            return outcome_response(
+                500, "exception", "The request could not be classified for audit."
+            )
 
         if ex.interaction.is_write:
             failure = await self._record_intent(ex)
             if failure is not None:
                 return failure
         try:
-            return await self._forward(request, ex, body, body_streamed, public_base)
+            return await self._forward(request, ex, body, body_stream, public_base)
         finally:
             if ex.intent_id is not None:
                 self._in_flight.discard(ex.intent_id)
 
-    async def _read_request_body(self, request: web.Request) -> tuple[bytes | None, bool]:
-        """Buffer the request body up to the limit; larger bodies stream (audited from the URL)."""
+    async def _read_request_body(self, request: web.Request) -> tuple[bytes | None, Any]:
+        """Buffer the request body up to the limit. A larger body streams on to the upstream
+        (the head already read, then the rest) and is audited from the URL and headers.
+        Returns ``(body, None)`` when buffered, ``(None, stream)`` when streaming."""
         if not request.body_exists:
-            return None, False
+            return None, None
+        limit = self._cfg.buffer_limit
         length = request.content_length
-        if length is not None and length > self._cfg.buffer_limit:
-            return None, True
-        return await request.read(), False
+        if length is not None and length > limit:
+            return None, request.content.iter_chunked(65536)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return None, _prepend(b"".join(chunks), request.content.iter_chunked(65536))
+        return b"".join(chunks), None
 
     async def _record_intent(self, ex: Exchange) -> web.Response | None:
         try:
@@ -267,11 +285,11 @@ class ForwardHandler:
         request: web.Request,
         ex: Exchange,
         body: bytes | None,
-        body_streamed: bool,
+        body_stream: Any,
         public_base: str,
     ) -> web.StreamResponse:
         url = self._cfg.upstream_origin.join(URL(request.rel_url.raw_path_qs, encoded=True))
-        data: Any = request.content.iter_chunked(65536) if body_streamed else body
+        data: Any = body_stream if body_stream is not None else body
         t0 = time.perf_counter()
         try:
             async with self._session.request(
@@ -285,7 +303,9 @@ class ForwardHandler:
                 telemetry.UPSTREAM_SECONDS.observe(time.perf_counter() - t0)
                 ex.status = upstream.status
                 ex.response_headers = {k.lower(): v for k, v in upstream.headers.items()}
-                client_headers = _client_headers(upstream.headers, ex.request_id, self._cfg, public_base)
+                client_headers = _client_headers(
+                    upstream.headers, ex.request_id, self._cfg, public_base
+                )
                 head, complete = await self._read_up_to_limit(upstream)
                 if complete:
                     ex.response_body = head
@@ -295,7 +315,9 @@ class ForwardHandler:
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except aiohttp.ClientError as exc:
-            return await self._upstream_failure(ex, 502, "transient", f"upstream unreachable: {exc}")
+            return await self._upstream_failure(
+                ex, 502, "transient", f"upstream unreachable: {exc}"
+            )
 
     async def _read_up_to_limit(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         """Read the body unless it is larger than the buffer limit; then return what was read."""
@@ -323,7 +345,9 @@ class ForwardHandler:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
             telemetry.AUDIT_FAILURES.labels(reason="build").inc()
             return outcome_response(
-                500, "exception", "The audit record could not be built; the request was not completed."
+                500,
+                "exception",
+                "The audit record could not be built; the request was not completed.",
             )
         try:
             await self._queue.append(events, complete_intent=ex.intent_id)
@@ -387,4 +411,3 @@ class ForwardHandler:
             f"The FHIR server could not be reached: {error}",
             headers={"X-Request-Id": ex.request_id},
         )
-

@@ -134,7 +134,8 @@ class RepositorySettings(_Frozen):
     """Where the flusher ships events."""
 
     url: str | None = None
-    """FHIR base URL (bundle, single, transaction) or a file path (file). None keeps events local."""
+    """FHIR base URL (bundle, single, transaction modes) or a file path (file mode).
+    None keeps events local."""
     mode: Literal["bundle", "single", "transaction", "file"] = "bundle"
     flush_interval_ms: int = 1000
     max_flush_interval_ms: int = 60000

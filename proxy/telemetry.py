@@ -34,7 +34,9 @@ AUDIT_FAILURES = Counter(
     registry=REGISTRY,
 )
 STORE_COMMIT_SECONDS = Histogram(
-    "fhir_audit_store_commit_seconds", "Duration of one group commit (with fsync).", registry=REGISTRY
+    "fhir_audit_store_commit_seconds",
+    "Duration of one group commit (with fsync).",
+    registry=REGISTRY,
 )
 STORE_COMMIT_SIZE = Histogram(
     "fhir_audit_store_commit_records",
@@ -43,7 +45,10 @@ STORE_COMMIT_SIZE = Histogram(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(
-    "fhir_audit_queue_events", "Events in the local queue, by status.", ["status"], registry=REGISTRY
+    "fhir_audit_queue_events",
+    "Events in the local queue, by status.",
+    ["status"],
+    registry=REGISTRY,
 )
 DELIVERIES = Counter(
     "fhir_audit_delivery_attempts",

@@ -87,13 +87,15 @@ class RecordingRepository:
                 out.append(body)
         return out
 
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def wait_for(self, count: int, within_s: float = 10.0) -> list[dict[str, Any]]:
         """Wait until at least ``count`` events have arrived."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within_s
         while len(self.events()) < count:
             if loop.time() > deadline:
-                raise AssertionError(f"expected {count} events, repository has {len(self.events())}")
+                raise AssertionError(
+                    f"expected {count} events, repository has {len(self.events())}"
+                )
             await asyncio.sleep(0.02)
         return self.events()
 
@@ -105,7 +107,9 @@ class RecordingRepository:
         )
         if status >= 300:
             return web.json_response({"resourceType": "OperationOutcome"}, status=status)
-        return web.json_response({"resourceType": "Bundle", "type": "batch-response"}, status=status)
+        return web.json_response(
+            {"resourceType": "Bundle", "type": "batch-response"}, status=status
+        )
 
 
 @pytest.fixture
@@ -192,4 +196,3 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-

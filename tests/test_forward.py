@@ -195,7 +195,13 @@ async def echo_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     seen: list[dict[str, Any]] = []
 
     async def echo(request: web.Request) -> web.StreamResponse:
-        seen.append({"headers": dict(request.headers), "path": request.path_qs, "body": await request.read()})
+        seen.append(
+            {
+                "headers": dict(request.headers),
+                "path": request.path_qs,
+                "body": await request.read(),
+            }
+        )
         if request.path.endswith("/slow"):
             await asyncio.sleep(5)
         if request.path.endswith("/Binary/big"):
@@ -258,6 +264,30 @@ async def test_large_response_streams_and_is_audited_first(
     (event,) = await proxy.stored_events()
     assert subtypes(event) == ["read"]
     assert event["outcome"] == "0"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_large_request_body_streams_upstream_intact(
+    echo_upstream: tuple[str, list[dict[str, Any]]],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    chunked: bool,
+) -> None:
+    upstream, seen = echo_upstream
+    proxy = await start_proxy(upstream, audit={"buffer_limit_bytes": 64 * 1024})
+    payload = b'{"resourceType":"Binary","data":"' + b"A" * (300 * 1024) + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 10_000):
+            yield payload[i : i + 10_000]
+
+    async with http.post(
+        f"{proxy.url}/Binary", data=chunks() if chunked else payload, headers=FHIR
+    ) as r:
+        assert r.status == 200
+    assert seen[0]["body"] == payload
+    (event,) = await proxy.stored_events()
+    assert subtypes(event) == ["create"]
 
 
 async def test_upstream_timeout_gives_504_and_is_audited(
