@@ -4,8 +4,15 @@ headers and body. No I/O, no clock.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import parse_qsl
+
+import orjson
+
+from proxy.fhir.compartment import RESOURCE_TYPES
 
 
 class InteractionKind(StrEnum):
@@ -24,7 +31,8 @@ class InteractionKind(StrEnum):
     SEARCH_TYPE = "search-type"
     SEARCH_SYSTEM = "search-system"
     SEARCH_COMPARTMENT = "search-compartment"
-    """``Patient/1/Observation``: restful-interaction has no code of its own; events use search-type."""
+    """``Patient/1/Observation``: restful-interaction has no code of its own, so events
+    use search-type."""
     CAPABILITIES = "capabilities"
     BATCH = "batch"
     TRANSACTION = "transaction"
@@ -88,3 +96,214 @@ class Interaction:
         if self.kind is InteractionKind.SEARCH_COMPARTMENT:
             return InteractionKind.SEARCH_TYPE.value
         return self.kind.value
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_DROPPED_PARAMS = frozenset({"_format", "_pretty"})
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _params(query_string: str) -> list[tuple[str, str]]:
+    return [
+        (k, v)
+        for k, v in parse_qsl(query_string, keep_blank_values=True)
+        if k not in _DROPPED_PARAMS
+    ]
+
+
+def _form_params(headers: Mapping[str, str], body: bytes | None) -> list[tuple[str, str]]:
+    if not body or not headers.get("content-type", "").startswith(_FORM):
+        return []
+    try:
+        return _params(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return []
+
+
+def _bundle_type(body: bytes | None) -> str | None:
+    if not body:
+        return None
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+        kind = value.get("type")
+        return kind if isinstance(kind, str) else None
+    return None
+
+
+def _unknown(method: str, detail: str) -> Interaction:
+    return Interaction(kind=InteractionKind.UNKNOWN, method=method, detail=detail)
+
+
+def classify(
+    method: str,
+    path: str,
+    query_string: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+) -> Interaction:
+    """Classify a request. ``path`` is below the FHIR base without leading slash (``''`` for
+    the base); ``query_string`` is raw; ``headers`` have lower-case names; ``body`` is the
+    raw request body. Pure, and never raises: what is not FHIR is UNKNOWN with a detail."""
+    try:
+        return _classify(method.upper(), path, query_string, headers, body)
+    except Exception as exc:  # classification must never break the audit path
+        return _unknown(method.upper(), f"unclassifiable request: {type(exc).__name__}")
+
+
+def _classify(
+    method: str, path: str, query_string: str, headers: Mapping[str, str], body: bytes | None
+) -> Interaction:
+    verb = "GET" if method == "HEAD" else method
+    if verb not in _METHODS:
+        return _unknown(method, f"unsupported HTTP method {method}")
+    segments = path.strip("/").split("/") if path.strip("/") else []
+    if any(not s for s in segments):
+        return _unknown(method, "empty path segment")
+    search = tuple(_params(query_string))
+    K = InteractionKind
+
+    if not segments:
+        if verb == "POST":
+            bundle_type = _bundle_type(body)
+            if bundle_type == "batch":
+                return Interaction(kind=K.BATCH, method=method)
+            if bundle_type == "transaction":
+                return Interaction(kind=K.TRANSACTION, method=method)
+            return _unknown(method, "POST to the base is not a batch or transaction Bundle")
+        if verb == "GET":
+            return Interaction(kind=K.SEARCH_SYSTEM, method=method, search=search)
+        if verb == "DELETE" and search:
+            return Interaction(kind=K.DELETE, method=method, conditional=True, search=search)
+        return _unknown(method, f"{method} on the base is not a FHIR interaction")
+
+    head = segments[0]
+    if len(segments) == 1 and head == "metadata":
+        if verb == "GET":
+            return Interaction(kind=K.CAPABILITIES, method=method)
+        return _unknown(method, f"{method} on metadata")
+    if len(segments) == 1 and head == "_history":
+        if verb == "GET":
+            return Interaction(kind=K.HISTORY_SYSTEM, method=method, search=search)
+        return _unknown(method, f"{method} on _history")
+    if len(segments) == 1 and head == "_search":
+        if verb == "POST":
+            form = tuple(_form_params(headers, body))
+            return Interaction(kind=K.SEARCH_SYSTEM, method=method, search=search + form)
+        return _unknown(method, f"{method} on _search")
+    if head.startswith("$"):
+        if len(segments) == 1 and len(head) > 1:
+            return Interaction(kind=K.OPERATION, method=method, operation=head[1:], search=search)
+        return _unknown(method, "malformed system operation path")
+    if head not in RESOURCE_TYPES:
+        return _unknown(method, f"unknown resource type {head[:64]!r}")
+    rtype = head
+
+    if len(segments) == 1:
+        if verb == "GET":
+            return Interaction(
+                kind=K.SEARCH_TYPE, method=method, resource_type=rtype, search=search
+            )
+        if verb == "POST":
+            if_none = headers.get("if-none-exist")
+            cond = tuple(_params(if_none)) if if_none else ()
+            return Interaction(
+                kind=K.CREATE,
+                method=method,
+                resource_type=rtype,
+                conditional=bool(if_none),
+                search=cond,
+            )
+        kind = {"PUT": K.UPDATE, "PATCH": K.PATCH, "DELETE": K.DELETE}[verb]
+        return Interaction(
+            kind=kind, method=method, resource_type=rtype, conditional=True, search=search
+        )
+
+    second = segments[1]
+    if len(segments) == 2:
+        if second == "_search":
+            if verb in ("GET", "POST"):
+                form = tuple(_form_params(headers, body)) if verb == "POST" else ()
+                return Interaction(
+                    kind=K.SEARCH_TYPE, method=method, resource_type=rtype, search=search + form
+                )
+            return _unknown(method, f"{method} on {rtype}/_search")
+        if second == "_history":
+            if verb == "GET":
+                return Interaction(
+                    kind=K.HISTORY_TYPE, method=method, resource_type=rtype, search=search
+                )
+            return _unknown(method, f"{method} on {rtype}/_history")
+        if second.startswith("$") and len(second) > 1:
+            return Interaction(
+                kind=K.OPERATION,
+                method=method,
+                resource_type=rtype,
+                operation=second[1:],
+                search=search,
+            )
+        if not _ID.fullmatch(second):
+            return _unknown(method, f"malformed resource id in {rtype}/{second[:64]}")
+        by_verb = {"GET": K.READ, "PUT": K.UPDATE, "PATCH": K.PATCH, "DELETE": K.DELETE}
+        if verb not in by_verb:
+            return _unknown(method, f"{method} on a resource instance")
+        return Interaction(
+            kind=by_verb[verb], method=method, resource_type=rtype, resource_id=second
+        )
+
+    if not _ID.fullmatch(second):
+        return _unknown(method, f"malformed resource id in {rtype}/{second[:64]}")
+    third = segments[2]
+    if len(segments) == 3:
+        if third == "_history":
+            if verb == "GET":
+                return Interaction(
+                    kind=K.HISTORY_INSTANCE,
+                    method=method,
+                    resource_type=rtype,
+                    resource_id=second,
+                    search=search,
+                )
+            return _unknown(method, f"{method} on instance history")
+        if third.startswith("$") and len(third) > 1:
+            return Interaction(
+                kind=K.OPERATION,
+                method=method,
+                resource_type=rtype,
+                resource_id=second,
+                operation=third[1:],
+                search=search,
+            )
+        if (third in RESOURCE_TYPES or third == "*") and verb == "GET":
+            return Interaction(
+                kind=K.SEARCH_COMPARTMENT,
+                method=method,
+                resource_type=None if third == "*" else third,
+                compartment=(rtype, second),
+                search=search,
+            )
+        return _unknown(method, f"{method} {rtype}/{second}/{third[:64]} is not a FHIR interaction")
+
+    if len(segments) == 4:
+        fourth = segments[3]
+        if third == "_history" and verb == "GET" and _ID.fullmatch(fourth):
+            return Interaction(
+                kind=K.VREAD,
+                method=method,
+                resource_type=rtype,
+                resource_id=second,
+                version_id=fourth,
+            )
+        if third in RESOURCE_TYPES and fourth == "_search" and verb in ("GET", "POST"):
+            form = tuple(_form_params(headers, body)) if verb == "POST" else ()
+            return Interaction(
+                kind=K.SEARCH_COMPARTMENT,
+                method=method,
+                resource_type=third,
+                compartment=(rtype, second),
+                search=search + form,
+            )
+    return _unknown(method, "path is not a FHIR interaction")
