@@ -1,0 +1,592 @@
+"""IHE BALP 1.1.4 AuditEvents (FHIR R4) for an exchange: pure, no I/O, clock passed in.
+
+One exchange gives one event per patient (the Patient* profiles) or one basic event when
+no patient is known; a batch or transaction gives one event for the Bundle and events for
+each entry. Failures are recorded with their outcome but claim no BALP profile, because
+the RESTful profiles fix ``outcome`` to success. Events are plain dicts built from static
+fragments computed once per configuration (:class:`AuditContext`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from proxy.audit.identity import Identity
+from proxy.audit.r5 import to_r5
+from proxy.exchange import Exchange
+from proxy.fhir.bundle import bundle_entries
+from proxy.fhir.interaction import Interaction, InteractionKind
+from proxy.fhir.patients import patients_of_exchange
+from proxy.settings import Settings
+
+PROFILE_BASE = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+RESTFUL_INTERACTION = "http://hl7.org/fhir/restful-interaction"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+BALP_ENTITY_TYPE = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
+USER_AGENT_TYPES = "https://profiles.ihe.net/ITI/BALP/CodeSystem/UserAgentTypes"
+NETWORK_TYPE = "http://hl7.org/fhir/network-type"
+OPERATION_SYSTEM = "urn:fhir-audit-proxy:operation"
+"""Second subtype coding naming the operation (``$everything``); BALP has no code for it."""
+TOKEN_VERIFICATION_EXT = "urn:fhir-audit-proxy:extension:token-verification"
+"""On the user agent: whether the bearer token's signature was checked and held."""
+UNKNOWN_OUTCOME_DESC = (
+    "outcome unknown: the proxy stopped before the FHIR server's answer was recorded"
+)
+
+
+def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
+    coding = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return coding
+
+
+def _concept(system: str, code: str, display: str) -> dict[str, Any]:
+    return {"coding": [_coding(system, code, display)]}
+
+
+TYPE_REST = _coding(
+    "http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation"
+)
+SOURCE_ROLE = _concept(DCM, "110153", "Source Role ID")
+DESTINATION_ROLE = _concept(DCM, "110152", "Destination Role ID")
+APPLICATION = _concept(DCM, "110150", "Application")
+CUSTODIAN = _concept(
+    "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "custodian", "Custodian"
+)
+USER_RECIPIENT = _coding(PARTICIPATION, "IRCP", "information recipient")
+USER_AUTHOR = _coding(PARTICIPATION, "AUT", "author (originator)")
+USER_OAUTH = _coding(USER_AGENT_TYPES, "UserOauthAgent", "User OAuth Agent participant")
+PERSON = _coding(ENTITY_TYPE, "1", "Person")
+SYSTEM_OBJECT = _coding(ENTITY_TYPE, "2", "System Object")
+ROLE_PATIENT = _coding(OBJECT_ROLE, "1", "Patient")
+ROLE_DOMAIN_RESOURCE = _coding(OBJECT_ROLE, "4", "Domain Resource")
+ROLE_QUERY = _coding(OBJECT_ROLE, "24", "Query")
+XREQUEST_ID = _coding(BALP_ENTITY_TYPE, "XrequestId", "X-Request-Id")
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """How one family of interactions is recorded (the BALP per-profile table)."""
+
+    profile: str | None
+    """Basic profile name (``Read``); the Patient* variant prefixes ``Patient``."""
+    action: str
+    client_type: dict[str, Any]
+    server_type: dict[str, Any]
+    user_type: dict[str, str]
+    entity: str
+    """``data`` (the resource) or ``query`` (the raw request)."""
+
+
+CREATE = _Pattern("Create", "C", SOURCE_ROLE, DESTINATION_ROLE, USER_AUTHOR, "data")
+READ = _Pattern("Read", "R", DESTINATION_ROLE, SOURCE_ROLE, USER_RECIPIENT, "data")
+UPDATE = _Pattern("Update", "U", SOURCE_ROLE, DESTINATION_ROLE, USER_AUTHOR, "data")
+DELETE = _Pattern("Delete", "D", APPLICATION, CUSTODIAN, USER_AUTHOR, "data")
+QUERY = _Pattern("Query", "E", SOURCE_ROLE, DESTINATION_ROLE, USER_RECIPIENT, "query")
+# Not in BALP's RESTful profiles: recorded in the same shape, without a profile claim.
+HISTORY = _Pattern(None, "R", DESTINATION_ROLE, SOURCE_ROLE, USER_RECIPIENT, "query")
+CAPABILITIES = _Pattern(None, "R", DESTINATION_ROLE, SOURCE_ROLE, USER_RECIPIENT, "query")
+EXECUTE = _Pattern(None, "E", SOURCE_ROLE, DESTINATION_ROLE, USER_RECIPIENT, "query")
+
+K = InteractionKind
+PATTERNS: dict[InteractionKind, _Pattern] = {
+    K.CREATE: CREATE,
+    K.READ: READ,
+    K.VREAD: READ,
+    K.UPDATE: UPDATE,
+    K.PATCH: UPDATE,
+    K.DELETE: DELETE,
+    K.SEARCH_TYPE: QUERY,
+    K.SEARCH_SYSTEM: QUERY,
+    K.SEARCH_COMPARTMENT: QUERY,
+    K.HISTORY_INSTANCE: HISTORY,
+    K.HISTORY_TYPE: HISTORY,
+    K.HISTORY_SYSTEM: HISTORY,
+    K.CAPABILITIES: CAPABILITIES,
+    K.OPERATION: EXECUTE,
+    K.BATCH: EXECUTE,
+    K.TRANSACTION: EXECUTE,
+    K.UNKNOWN: EXECUTE,
+}
+
+
+def new_event_id() -> str:
+    """A UUID whose leading bits are the time in milliseconds (the UUIDv7 layout), so that
+    the store's id index grows at its end instead of at random places."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(secrets.token_bytes(10), "big")
+    value = (millis << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) | (0b10 << 62)
+    return str(uuid.UUID(int=value | (rand & ((1 << 62) - 1))))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditContext:
+    """The parts of every event fixed by configuration, computed once."""
+
+    fhir_version: str
+    source: dict[str, Any]
+    token_pattern: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuditContext:
+        observer = settings.audit.observer
+        source: dict[str, Any] = {
+            "observer": {"reference": observer.reference, "display": observer.display},
+            "type": [
+                _coding(
+                    "http://terminology.hl7.org/CodeSystem/security-source-type",
+                    observer.type_code,
+                    "Application Server" if observer.type_code == "4" else None,
+                )
+            ],
+        }
+        if observer.site:
+            source["site"] = observer.site
+        return cls(
+            fhir_version=settings.audit.fhir_version,
+            source=source,
+            token_pattern=settings.audit.identity.token_pattern,
+        )
+
+    @classmethod
+    def default(cls) -> AuditContext:
+        return cls.from_settings(Settings())
+
+
+@dataclass(frozen=True, slots=True)
+class _Happening:
+    """What one interaction did: the exchange itself, or one entry of a bundle."""
+
+    interaction: Interaction
+    status: int | None
+    error: str | None
+    request_resource: Mapping[str, Any] | None
+    response_resource: Mapping[str, Any] | None
+    location: str | None
+    patients: tuple[str, ...]
+
+
+# --- outcome ---------------------------------------------------------------------------------
+
+
+def _outcome_text(resource: Mapping[str, Any] | None) -> str | None:
+    if not resource or resource.get("resourceType") != "OperationOutcome":
+        return None
+    texts = []
+    for issue in resource.get("issue") or ():
+        if isinstance(issue, Mapping):
+            text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
+            if isinstance(text, str) and text:
+                texts.append(text)
+    return "; ".join(texts)[:1000] or None
+
+
+def outcome_of(
+    status: int | None, error: str | None, response: Mapping[str, Any] | None
+) -> tuple[str, str | None]:
+    """``(outcome code, outcomeDesc)``: 0 success, 4 minor (4xx), 8 serious (5xx, and
+    401/403 as access denied), 12 major (no answer from the server)."""
+    if error is not None or status is None:
+        return "12", error or "no response from the FHIR server"
+    if status < 400:
+        return "0", None
+    detail = _outcome_text(response) or f"HTTP {status}"
+    if status in (401, 403):
+        return "8", f"access denied (HTTP {status}): {detail}"
+    return ("4" if status < 500 else "8"), f"HTTP {status}: {detail}"
+
+
+# --- agents --------------------------------------------------------------------------------
+
+
+def _client_agent(ex: Exchange, pattern: _Pattern, token_pattern: str) -> dict[str, Any]:
+    identity = ex.identity
+    who: dict[str, Any] = {"display": ex.client_address}
+    if identity is not None and identity.client_id:
+        who = {"display": identity.client_id}
+        if token_pattern == "comprehensive":
+            who["identifier"] = {"value": identity.client_id}
+    return {
+        "type": pattern.client_type,
+        "who": who,
+        "requestor": False,
+        "network": {"address": ex.client_address, "type": "2"},
+    }
+
+
+def _server_agent(ex: Exchange, pattern: _Pattern) -> dict[str, Any]:
+    base = ex.base_url or "unknown"
+    return {
+        "type": pattern.server_type,
+        "who": {"display": base},
+        "requestor": False,
+        "network": {"address": base, "type": "5"},
+    }
+
+
+def _verification(identity: Identity) -> str:
+    if identity.verified is None:
+        return "not verified (no JWKS configured)"
+    if identity.verified:
+        return "verified"
+    return f"verification failed: {identity.failure or 'invalid'}"
+
+
+def _user_agent(
+    identity: Identity | None, pattern: _Pattern, token_pattern: str
+) -> dict[str, Any] | None:
+    if identity is None or identity.token_kind in ("none", "other"):
+        return None
+    codings: list[dict[str, str]] = [pattern.user_type]
+    if identity.token_kind in ("jwt", "opaque"):
+        codings.append(USER_OAUTH)
+    who: dict[str, Any] = {}
+    if identity.user_id:
+        ident: dict[str, str] = {"value": identity.user_id}
+        if identity.issuer and token_pattern == "comprehensive" and "://" in identity.issuer:
+            ident["system"] = identity.issuer
+        who["identifier"] = ident
+    if identity.user_name:
+        who["display"] = identity.user_name
+    if identity.fhir_user and "/" in identity.fhir_user and "://" not in identity.fhir_user:
+        who["reference"] = identity.fhir_user
+    if not who:
+        who = {"display": "unidentified token holder"}
+    agent: dict[str, Any] = {"type": {"coding": codings}, "who": who, "requestor": True}
+    if identity.token_kind == "jwt":
+        agent["extension"] = [
+            {"url": TOKEN_VERIFICATION_EXT, "valueString": _verification(identity)}
+        ]
+    if identity.user_name and token_pattern == "comprehensive":
+        agent["name"] = identity.user_name
+    if token_pattern == "comprehensive" and identity.roles:
+        agent["role"] = [{"text": role} for role in identity.roles[:20]]
+    if identity.purpose_of_use:
+        agent["purposeOfUse"] = [
+            _concept("http://terminology.hl7.org/CodeSystem/v3-ActReason", p, p)
+            for p in identity.purpose_of_use[:10]
+        ]
+    policy = identity.token_tail if identity.token_kind == "opaque" else identity.jti
+    if policy and (token_pattern != "opaque" or identity.token_kind == "opaque"):
+        agent["policy"] = [policy]
+    return agent
+
+
+# --- entities ------------------------------------------------------------------------------
+
+
+def _patient_entity(reference: str) -> dict[str, Any]:
+    return {"type": PERSON, "role": ROLE_PATIENT, "what": {"reference": reference}}
+
+
+def _transaction_entity(request_id: str) -> dict[str, Any]:
+    return {"type": XREQUEST_ID, "what": {"identifier": {"value": request_id}}}
+
+
+def _raw_request(ex: Exchange) -> bytes:
+    """The request as sent, for ``entity.query``: request line, ``Accept`` and
+    ``X-Request-Id`` (never credentials), and a form body for POST searches."""
+    base_path = urlsplit(ex.base_url).path.rstrip("/") if ex.base_url else ""
+    target = f"{base_path}/{ex.path}" if ex.path or base_path else "/"
+    if ex.query_string:
+        target += f"?{ex.query_string}"
+    lines = [f"{ex.method} {target} HTTP/1.1"]
+    accept = ex.request_headers.get("accept")
+    if accept:
+        lines.append(f"Accept: {accept}")
+    lines.append(f"X-Request-Id: {ex.request_id}")
+    head = "\r\n".join(lines).encode()
+    content_type = ex.request_headers.get("content-type", "")
+    if ex.method == "POST" and content_type.startswith("application/x-www-form-urlencoded"):
+        return (
+            head + f"\r\nContent-Type: {content_type}\r\n\r\n".encode() + (ex.request_body or b"")
+        )
+    return head + b"\r\n"
+
+
+def _query_entity(ex: Exchange, interaction: Interaction) -> dict[str, Any]:
+    entity: dict[str, Any] = {
+        "type": SYSTEM_OBJECT,
+        "role": ROLE_QUERY,
+        "query": base64.b64encode(_raw_request(ex)).decode("ascii"),
+    }
+    target = interaction.resource_type or ""
+    if interaction.compartment:
+        target = "/".join(interaction.compartment) + (f"/{target}" if target else "")
+    if interaction.operation:
+        target = f"{target}/${interaction.operation}".lstrip("/")
+    if interaction.search:
+        entity["description"] = f"{target}?{urlencode(interaction.search)}"[:2000]
+    elif target:
+        entity["description"] = target
+    return entity
+
+
+def _versioned(
+    resource: Mapping[str, Any] | None, rtype: str | None, rid: str | None
+) -> str | None:
+    if resource and resource.get("resourceType") not in (None, "OperationOutcome", "Bundle"):
+        rtype = str(resource.get("resourceType"))
+        rid = resource.get("id") or rid
+        version = (resource.get("meta") or {}).get("versionId")
+        if rid:
+            return f"{rtype}/{rid}" + (f"/_history/{version}" if version else "")
+    return f"{rtype}/{rid}" if rtype and rid else None
+
+
+def _location_reference(location: str | None, base_url: str) -> str | None:
+    if not location:
+        return None
+    if base_url and location.startswith(base_url):
+        location = location[len(base_url) :]
+    else:
+        path = urlsplit(location).path if "://" in location else location
+        parts = path.strip("/").split("/")
+        # keep Type/id[/_history/vid] from the end of an absolute location
+        for size in (4, 2):
+            tail = parts[-size:]
+            if len(tail) == size and (size == 2 or tail[2] == "_history"):
+                return "/".join(tail)
+    return location.strip("/") or None
+
+
+def _data_entity(ex: Exchange, happening: _Happening) -> dict[str, Any]:
+    interaction = happening.interaction
+    resource = happening.response_resource
+    if resource is None or resource.get("resourceType") == "OperationOutcome":
+        resource = happening.request_resource if interaction.kind is not K.DELETE else None
+    reference: str | None
+    if interaction.kind is K.VREAD:
+        rtype, rid, vid = interaction.resource_type, interaction.resource_id, interaction.version_id
+        reference = f"{rtype}/{rid}/_history/{vid}"
+    elif interaction.kind is K.DELETE:
+        reference = _versioned(None, interaction.resource_type, interaction.resource_id)
+    else:
+        reference = _location_reference(happening.location, ex.base_url) or _versioned(
+            resource, interaction.resource_type, interaction.resource_id
+        )
+    what: dict[str, Any] = (
+        {"reference": reference} if reference else {"type": interaction.resource_type or "Resource"}
+    )
+    entity: dict[str, Any] = {"type": SYSTEM_OBJECT, "role": ROLE_DOMAIN_RESOURCE, "what": what}
+    labels = ((resource or {}).get("meta") or {}).get("security")
+    if isinstance(labels, list) and labels:
+        entity["securityLabel"] = [
+            {k: v for k, v in label.items() if k in ("system", "code", "display")}
+            for label in labels
+            if isinstance(label, Mapping)
+        ]
+    return entity
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def _subtypes(interaction: Interaction) -> list[dict[str, str]]:
+    code = interaction.restful_code
+    if code is None:
+        return []
+    out = [_coding(RESTFUL_INTERACTION, code, code)]
+    if interaction.operation:
+        out.append(_coding(OPERATION_SYSTEM, f"${interaction.operation}"))
+    return out
+
+
+def _events_for(
+    ex: Exchange, happening: _Happening, ctx: AuditContext, now: datetime
+) -> list[dict[str, Any]]:
+    interaction = happening.interaction
+    pattern = PATTERNS[interaction.kind]
+    outcome, outcome_desc = outcome_of(
+        happening.status, happening.error, happening.response_resource
+    )
+    if interaction.kind is K.UNKNOWN and interaction.detail:
+        outcome_desc = f"{interaction.detail}" + (f"; {outcome_desc}" if outcome_desc else "")
+
+    base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
+    subtypes = _subtypes(interaction)
+    if subtypes:
+        base["subtype"] = subtypes
+    base["action"] = pattern.action
+    period: dict[str, str] = {"start": ex.started_at.isoformat(timespec="milliseconds")}
+    if ex.finished_at is not None:
+        period["end"] = ex.finished_at.isoformat(timespec="milliseconds")
+    base["period"] = period
+    base["recorded"] = now.isoformat(timespec="milliseconds")
+    base["outcome"] = outcome
+    if outcome_desc:
+        base["outcomeDesc"] = outcome_desc[:2000]
+    agents = [_client_agent(ex, pattern, ctx.token_pattern), _server_agent(ex, pattern)]
+    user = _user_agent(ex.identity, pattern, ctx.token_pattern)
+    if user is not None:
+        agents.append(user)
+    base["agent"] = agents
+    base["source"] = ctx.source
+
+    if pattern.entity == "data" and interaction.kind is not K.UNKNOWN:
+        main = _data_entity(ex, happening)
+    else:
+        main = _query_entity(ex, interaction)
+    transaction = _transaction_entity(ex.request_id)
+    claims_profile = outcome == "0" and pattern.profile is not None
+
+    def event(patient: str | None) -> dict[str, Any]:
+        e = dict(base)
+        e["id"] = new_event_id()
+        entities = [main, transaction]
+        if patient is not None:
+            entities.insert(0, _patient_entity(patient))
+        e["entity"] = entities
+        if claims_profile:
+            name = f"Patient{pattern.profile}" if patient is not None else pattern.profile
+            e["meta"] = {"profile": [PROFILE_BASE + str(name)]}
+        return e
+
+    if happening.patients:
+        return [event(p) for p in happening.patients]
+    return [event(None)]
+
+
+def _happening(ex: Exchange) -> _Happening:
+    interaction = ex.interaction
+    assert interaction is not None
+    response = ex.response_json()
+    request = ex.request_json()
+    return _Happening(
+        interaction=interaction,
+        status=ex.status,
+        error=ex.error,
+        request_resource=request,
+        response_resource=response,
+        location=ex.response_headers.get("location") or ex.response_headers.get("content-location"),
+        patients=patients_of_exchange(interaction, request, response, ex.response_headers),
+    )
+
+
+def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[dict[str, Any]]:
+    """The AuditEvents for an exchange (R4 BALP, or R5 when configured): one per patient,
+    at least one; for a batch or transaction, one for the Bundle plus the entries' own."""
+    if exchange.interaction is None:
+        exchange.interaction = Interaction(
+            kind=K.UNKNOWN, method=exchange.method, detail="request not classified"
+        )
+    happening = _happening(exchange)
+    if exchange.interaction.kind in (K.BATCH, K.TRANSACTION):
+        # The Bundle's own event names no patients: the entries' events do, one per patient.
+        events = _events_for(exchange, dataclasses.replace(happening, patients=()), ctx, now)
+        for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
+            status = entry.status
+            if status is None and exchange.status is not None and exchange.status >= 400:
+                status = exchange.status  # a failed transaction: every entry failed with it
+            events.extend(
+                _events_for(
+                    exchange,
+                    _Happening(
+                        interaction=entry.interaction,
+                        status=status,
+                        error=exchange.error,
+                        request_resource=entry.request_resource,
+                        response_resource=entry.response_resource or entry.outcome,
+                        location=entry.location,
+                        patients=entry.patients,
+                    ),
+                    ctx,
+                    now,
+                )
+            )
+    else:
+        events = _events_for(exchange, happening, ctx, now)
+    if ctx.fhir_version == "R5":
+        return [to_r5(e) for e in events]
+    return events
+
+
+# --- intents: writes whose outcome a crash may hide -------------------------------------------
+
+
+def intent_summary(exchange: Exchange) -> dict[str, Any]:
+    """What is committed before a write is forwarded: enough to record the write if the
+    proxy stops before its answer is audited. Holds no credential (an opaque token's last
+    32 characters at most, as BALP's opaque pattern records)."""
+    interaction = exchange.interaction
+    assert interaction is not None
+    identity = exchange.identity or Identity()
+    return {
+        "method": exchange.method,
+        "path": exchange.path,
+        "query_string": exchange.query_string,
+        "request_id": exchange.request_id,
+        "client_address": exchange.client_address,
+        "base_url": exchange.base_url,
+        "started_at": exchange.started_at.isoformat(),
+        "accept": exchange.request_headers.get("accept"),
+        "interaction": dataclasses.asdict(interaction),
+        "identity": dataclasses.asdict(identity),
+        "patients": list(patients_of_exchange(interaction, exchange.request_json(), None, {})),
+    }
+
+
+def _interaction_from(data: Mapping[str, Any]) -> Interaction:
+    fields = dict(data)
+    fields["kind"] = InteractionKind(fields["kind"])
+    fields["search"] = tuple(tuple(p) for p in fields.get("search") or ())
+    if fields.get("compartment"):
+        fields["compartment"] = tuple(fields["compartment"])
+    return Interaction(**fields)
+
+
+def _identity_from(data: Mapping[str, Any]) -> Identity:
+    fields = dict(data)
+    for name in ("purpose_of_use", "roles", "scopes"):
+        fields[name] = tuple(fields.get(name) or ())
+    return Identity(**fields)
+
+
+def build_unknown_outcome_events(
+    summary: Mapping[str, Any], ctx: AuditContext, now: datetime
+) -> list[dict[str, Any]]:
+    """Events for a write whose intent was never completed: outcome 8, and a description
+    saying the outcome is unknown because the proxy stopped."""
+    interaction = _interaction_from(summary["interaction"])
+    exchange = Exchange(
+        request_id=summary["request_id"],
+        method=summary["method"],
+        path=summary["path"],
+        query_string=summary["query_string"],
+        request_headers={"accept": summary["accept"]} if summary.get("accept") else {},
+        client_address=summary["client_address"],
+        started_at=datetime.fromisoformat(summary["started_at"]),
+        base_url=summary["base_url"],
+        interaction=interaction,
+        identity=_identity_from(summary["identity"]),
+        error=UNKNOWN_OUTCOME_DESC,
+    )
+    happening = _Happening(
+        interaction=interaction,
+        status=None,
+        error=UNKNOWN_OUTCOME_DESC,
+        request_resource=None,
+        response_resource=None,
+        location=None,
+        patients=tuple(summary.get("patients") or ()),
+    )
+    events = _events_for(exchange, happening, ctx, now)
+    for event in events:
+        event["outcome"] = "8"
+        event["outcomeDesc"] = UNKNOWN_OUTCOME_DESC
+    if ctx.fhir_version == "R5":
+        return [to_r5(e) for e in events]
+    return events

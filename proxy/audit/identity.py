@@ -1,0 +1,190 @@
+"""Who is calling, read from the ``Authorization`` header, never keeping the credential.
+
+A bearer JWT gives its claims (names configurable). Signatures are verified when a JWKS is
+configured, and every event says whether they were. A bearer token that is not a JWT is an
+OAuth opaque token: BALP keeps only its last 32 characters. Basic credentials give the user
+name only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import jwt
+
+from proxy.settings import IdentitySettings
+
+log = logging.getLogger(__name__)
+
+OPAQUE_TAIL = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The caller as the audit records it. Holds no credential."""
+
+    token_kind: str = "none"
+    """``jwt``, ``opaque``, ``basic`` or ``none``."""
+    user_id: str | None = None
+    user_name: str | None = None
+    client_id: str | None = None
+    issuer: str | None = None
+    jti: str | None = None
+    fhir_user: str | None = None
+    purpose_of_use: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    token_tail: str | None = None
+    """The last 32 characters of an opaque token (BALP's opaque pattern)."""
+    verified: bool | None = None
+    """None: not checked (no JWKS configured); True/False: the signature check's result."""
+    failure: str | None = None
+    """Why verification failed (``expired``, ``bad signature``)."""
+
+
+ANONYMOUS = Identity()
+
+JwksKeys = jwt.PyJWKSet
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.replace(",", " ").split() if v)
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value if isinstance(v, str | int))
+    return (str(value),)
+
+
+def _first(claims: Mapping[str, Any], names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = claims.get(name)
+        if isinstance(value, str | int) and str(value):
+            return str(value)
+    return None
+
+
+def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    roles = list(_strings(claims.get("roles")))
+    realm = claims.get("realm_access")
+    if isinstance(realm, Mapping):  # Keycloak
+        roles.extend(r for r in _strings(realm.get("roles")) if r not in roles)
+    return tuple(roles)
+
+
+def _verify(token: str, settings: IdentitySettings, keys: JwksKeys) -> tuple[bool, str | None]:
+    try:
+        header = jwt.get_unverified_header(token)
+        kid = header.get("kid")
+        candidates = [k for k in keys.keys if kid is None or k.key_id == kid]
+        if not candidates:
+            return False, "unknown signing key"
+        key = candidates[0]
+        jwt.decode(
+            token,
+            key=key.key,
+            algorithms=[header.get("alg", "RS256")],
+            audience=settings.audience,
+            options={"verify_aud": settings.audience is not None},
+        )
+        return True, None
+    except jwt.ExpiredSignatureError:
+        return False, "expired"
+    except jwt.InvalidAudienceError:
+        return False, "wrong audience"
+    except jwt.InvalidSignatureError:
+        return False, "bad signature"
+    except jwt.PyJWTError as exc:
+        return False, type(exc).__name__
+
+
+def identity_from_headers(
+    headers: Mapping[str, str], settings: IdentitySettings, keys: JwksKeys | None = None
+) -> Identity:
+    """The caller from ``headers`` (lower-case names). Pure apart from the key set passed
+    in; never raises."""
+    auth = headers.get("authorization", "").strip()
+    scheme, _, credential = auth.partition(" ")
+    credential = credential.strip()
+    if not credential:
+        return ANONYMOUS
+    if scheme.lower() == "basic":
+        try:
+            user = base64.b64decode(credential, validate=True).decode("utf-8").split(":", 1)[0]
+        except (binascii.Error, UnicodeDecodeError):
+            user = None
+        return Identity(token_kind="basic", user_id=user or None, user_name=user or None)
+    if scheme.lower() != "bearer":
+        return Identity(token_kind="other")
+    try:
+        claims = jwt.decode(credential, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return Identity(token_kind="opaque", token_tail=credential[-OPAQUE_TAIL:])
+    verified: bool | None = None
+    failure: str | None = None
+    if keys is not None:
+        verified, failure = _verify(credential, settings, keys)
+    return Identity(
+        token_kind="jwt",
+        user_id=_first(claims, (settings.user_claim,)),
+        user_name=_first(claims, (settings.name_claim, "preferred_username")),
+        client_id=_first(claims, settings.client_claims),
+        issuer=_first(claims, (settings.issuer_claim,)),
+        jti=_first(claims, (settings.jti_claim,)),
+        fhir_user=_first(claims, (settings.fhir_user_claim,)),
+        purpose_of_use=_strings(claims.get(settings.purpose_of_use_claim)),
+        roles=_roles(claims),
+        scopes=_strings(claims.get("scope") or claims.get("scp")),
+        verified=verified,
+        failure=failure,
+    )
+
+
+class JwksCache:
+    """The identity provider's signing keys, fetched from ``jwks_url`` and refreshed every
+    ``jwks_cache_s``. Started and stopped by the app; failures are logged, and while no
+    keys are known tokens are recorded as unverified rather than refused."""
+
+    def __init__(self, settings: IdentitySettings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._session = session
+        self._keys: JwksKeys | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def keys(self) -> JwksKeys | None:
+        return self._keys
+
+    async def refresh(self) -> None:
+        url = self._settings.jwks_url
+        assert url is not None
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                resp.raise_for_status()
+                self._keys = jwt.PyJWKSet.from_dict(await resp.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, jwt.PyJWTError, ValueError) as exc:
+            log.warning("JWKS could not be fetched from %s: %s", url, type(exc).__name__)
+
+    async def start(self) -> None:
+        await self.refresh()
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self._settings.jwks_cache_s)
+                await self.refresh()
+
+        self._task = asyncio.create_task(loop(), name="jwks-refresh")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
