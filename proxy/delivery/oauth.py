@@ -1,0 +1,76 @@
+"""OAuth2 client credentials (RFC 6749 §4.4) for the audit repository: a token fetched
+from the IdP, cached until shortly before it expires, refreshed once on a 401. The secret
+and the token never reach a log line or an exception text."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from proxy.settings import OAuth2Settings
+
+log = logging.getLogger(__name__)
+
+
+class TokenError(Exception):
+    """No token could be had (the IdP refused or is unreachable); delivery backs off."""
+
+
+class TokenProvider:
+    """Bearer tokens for the repository, one fetch at a time."""
+
+    def __init__(self, settings: OAuth2Settings, session: aiohttp.ClientSession) -> None:
+        if not settings.token_url or not settings.client_id:
+            raise ValueError("oauth2_client_credentials needs token_url and client_id")
+        self._settings = settings
+        self._session = session
+        self._secret = settings.secret() or ""
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+        """Tokens fetched so far (for tests and metrics)."""
+
+    def invalidate(self) -> None:
+        """Forget the cached token (the repository answered 401)."""
+        self._token = None
+
+    async def token(self) -> str:
+        """A valid access token, from the cache when it has one."""
+        async with self._lock:
+            if self._token is not None and time.monotonic() < self._expires_at:
+                return self._token
+            return await self._fetch()
+
+    async def _fetch(self) -> str:
+        s = self._settings
+        assert s.token_url is not None and s.client_id is not None
+        form = {"grant_type": "client_credentials"}
+        if s.scope:
+            form["scope"] = s.scope
+        try:
+            async with self._session.post(
+                s.token_url,
+                data=form,
+                auth=aiohttp.BasicAuth(s.client_id, self._secret),
+                headers={"Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                if resp.status != 200:
+                    raise TokenError(f"token endpoint answered HTTP {resp.status}")
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TokenError(f"token endpoint unreachable: {type(exc).__name__}") from None
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise TokenError("token endpoint gave no access_token")
+        expires_in = body.get("expires_in", 300)
+        lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
+        self._token = token
+        self._expires_at = time.monotonic() + max(lifetime - s.refresh_margin_s, 1.0)
+        self.fetches += 1
+        log.info("repository access token obtained (valid %.0f s)", lifetime)
+        return token
