@@ -1,0 +1,126 @@
+"""Smile CDR style audit log (``/audit-log``) and the dead-letter queue (``/dlq``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.admin.keys import QUEUE
+from proxy.admin.query import BadQuery, parse_count, parse_instant
+from proxy.fhir.operation_outcome import outcome_response
+from proxy.store.records import EventQuery, QueuedEvent
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def summary(item: QueuedEvent) -> dict[str, Any]:
+    """One event as the audit-log API lists it."""
+    event = item.event
+    requestor: dict[str, Any] = next((a for a in event.get("agent", []) if a.get("requestor")), {})
+    who = requestor.get("who", {})
+    outcome = event.get("outcome")
+    if isinstance(outcome, dict):  # R5
+        outcome = outcome.get("code", {}).get("code")
+    subtypes = event.get("subtype") or event.get("code", {}).get("coding", [])
+    patients = [
+        e["what"]["reference"]
+        for e in event.get("entity", [])
+        if "what" in e
+        and "reference" in e["what"]
+        and "1"
+        in (
+            e.get("role", {}).get("code"),
+            *[c.get("code") for c in e.get("role", {}).get("coding", [])],
+        )
+    ]
+    request_id = next(
+        (
+            e["what"]["identifier"]["value"]
+            for e in event.get("entity", [])
+            if "identifier" in e.get("what", {})
+        ),
+        None,
+    )
+    return {
+        "id": item.event_id,
+        "recorded": item.recorded,
+        "action": event.get("action"),
+        "outcome": outcome,
+        "outcomeDesc": event.get("outcomeDesc"),
+        "subtype": [c.get("code") for c in subtypes],
+        "userId": who.get("identifier", {}).get("value")
+        or who.get("reference")
+        or who.get("display"),
+        "patients": patients,
+        "requestId": request_id,
+        "status": item.status.value,
+        "attempts": item.attempts,
+        "lastError": item.last_error,
+    }
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    params = request.query
+    try:
+        page_size = parse_count(params.get("pageSize"), "pageSize", 50) or 50
+        page_index = parse_count(params.get("pageIndex"), "pageIndex", 0, cap=None)
+        date_from = parse_instant(params["from"], "from")[0] if params.get("from") else None
+        date_to = parse_instant(params["to"], "to")[1] if params.get("to") else None
+    except BadQuery as exc:
+        return outcome_response(400, "invalid", str(exc))
+    query = EventQuery(
+        user=params.get("userId") or None,
+        patient=params.get("patient") or None,
+        date_from=date_from,
+        date_to=date_to,
+        limit=page_size,
+        offset=page_index * page_size,
+    )
+    page, total = await request.app[QUEUE].search(query)
+    return _json(
+        {
+            "pageIndex": page_index,
+            "pageSize": page_size,
+            "total": total,
+            "events": [summary(item) for item in page],
+        }
+    )
+
+
+async def audit_log_event(request: web.Request) -> web.Response:
+    item = await request.app[QUEUE].get_event(request.match_info["id"])
+    if item is None:
+        return outcome_response(404, "not-found", "no such audit event")
+    body = summary(item)
+    if request.query.get("includeBody", "false").lower() == "true":
+        body["body"] = item.event
+    return _json(body)
+
+
+async def dlq_list(request: web.Request) -> web.Response:
+    try:
+        limit = parse_count(request.query.get("limit"), "limit", 100) or 100
+    except BadQuery as exc:
+        return outcome_response(400, "invalid", str(exc))
+    dead = await request.app[QUEUE].list_dead(limit)
+    return _json([{"seq": d.seq, **summary(d)} for d in dead])
+
+
+async def dlq_retry(request: web.Request) -> web.Response:
+    seqs: list[int] | None = None
+    if request.can_read_body:
+        try:
+            body = orjson.loads(await request.read())
+            raw = body.get("seqs") if isinstance(body, dict) else None
+            if raw is not None:
+                if not isinstance(raw, list) or not all(isinstance(s, int) for s in raw):
+                    raise ValueError
+                seqs = raw
+        except ValueError:
+            return outcome_response(400, "invalid", 'body must be {"seqs": [integers]} or empty')
+    count = await request.app[QUEUE].requeue_dead(seqs)
+    return _json({"requeued": count})

@@ -1,0 +1,45 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import telemetry
+from proxy.admin.keys import QUEUE, READINESS
+from proxy.store.queue import StoreError
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process answers (liveness): no dependency is checked."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the store answers and the app's own checks (upstream, space) pass."""
+    app = request.app
+    try:
+        await app[QUEUE].stats()
+    except StoreError as exc:
+        return web.json_response({"ready": False, "checks": {"store": str(exc)}}, status=503)
+    report = await app[READINESS]() if READINESS in app else {"ready": True, "checks": {}}
+    return web.Response(
+        status=200 if report.get("ready") else 503,
+        body=orjson.dumps(report),
+        content_type="application/json",
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; queue depth is read fresh from the store."""
+    try:
+        stats = await request.app[QUEUE].stats()
+        for status in ("pending", "delivered", "dead"):
+            telemetry.QUEUE_DEPTH.labels(status=status).set(getattr(stats, status))
+    except StoreError:
+        pass  # the counters still tell the story; readiness reports the store
+    return web.Response(
+        body=generate_latest(telemetry.REGISTRY),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
