@@ -203,4 +203,5 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     with_file = type(
         "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(path)}}
     )
-    return with_file(**overrides)
+    settings: Settings = with_file(**overrides)
+    return settings

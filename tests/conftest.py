@@ -17,6 +17,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from proxy.app import ADMIN_URL, QUEUE, build_proxy_app
 from proxy.settings import Settings, load_settings
@@ -64,8 +65,14 @@ def fhir_server() -> Iterator[NodeFhirServer]:
     """One real FHIR server (in memory) for the whole session."""
     server = start_fhir_server()
     yield server
+    stop_fhir_server(server)
+
+
+def stop_fhir_server(server: NodeFhirServer) -> None:
     server.process.terminate()
     server.process.wait(timeout=10)
+    if server.process.stdout is not None:
+        server.process.stdout.close()
 
 
 @dataclass
@@ -150,12 +157,12 @@ class RunningProxy:
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
-def settings_for(upstream: str, store: Path, **overrides: Any) -> Settings:
+def settings_for(upstream_url: str, store_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test proxy: loopback, ephemeral ports, a store under ``store``."""
     base: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"url": upstream, "timeout_s": 10},
-        "store": {"path": store / "audit.db"},
+        "upstream": {"url": upstream_url, "timeout_s": 10},
+        "store": {"path": store_dir / "audit.db"},
         "admin": {"host": "127.0.0.1", "port": 0},
         "shutdown_grace_s": 2,
     }
@@ -172,13 +179,13 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """Factory: start a proxy in front of ``upstream`` with settings overrides."""
     servers: list[TestServer] = []
 
-    async def start(upstream: str, **overrides: Any) -> RunningProxy:
-        settings = settings_for(upstream, tmp_path, **overrides)
+    async def start(upstream_url: str, **overrides: Any) -> RunningProxy:
+        settings = settings_for(upstream_url, tmp_path, **overrides)
         app = build_proxy_app(settings)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)
-        base_path = aiohttp.client.URL(settings.upstream.url).path.rstrip("/")
+        base_path = URL(settings.upstream.url).path.rstrip("/")
         return RunningProxy(
             url=str(server.make_url(base_path)),
             admin_url=app[ADMIN_URL],

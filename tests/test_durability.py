@@ -29,6 +29,7 @@ from tests.conftest import (
     RecordingRepository,
     StartProxy,
     start_fhir_server,
+    stop_fhir_server,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,8 +106,7 @@ def crash_fhir_server() -> Iterator[NodeFhirServer]:
     """A FHIR server of its own, so its request log holds only this test's traffic."""
     server = start_fhir_server()
     yield server
-    server.process.terminate()
-    server.process.wait(timeout=10)
+    stop_fhir_server(server)
 
 
 async def write_load(
@@ -249,8 +249,7 @@ async def fhir_repository() -> AsyncIterator[NodeFhirServer]:
     yield server
     with contextlib.suppress(ProcessLookupError):
         os.kill(server.process.pid, signal.SIGCONT)
-    server.process.terminate()
-    server.process.wait(timeout=10)
+    stop_fhir_server(server)
 
 
 @pytest.mark.slow

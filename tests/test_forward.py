@@ -12,6 +12,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.audit.validate import validate_event
 from proxy.forward import client_address, relative_path
@@ -134,8 +136,10 @@ async def test_each_interaction_is_proxied_and_audited(
         assert r.status == 200
     async with http.delete(f"{base}/Observation/{obs_id}") as r:
         assert r.status in (200, 204)
+    async with http.delete(f"{base}/Patient/{pid}") as r:
+        assert r.status in (200, 204)
 
-    events = await repository.wait_for(9)
+    events = await repository.wait_for(10)
     by_subtype: dict[str, list[dict[str, Any]]] = {}
     for event in events:
         assert validate_event(event, "R4") is None, event
@@ -156,9 +160,12 @@ async def test_each_interaction_is_proxied_and_audited(
     searches = by_subtype["search-type"]
     assert len(searches) == 2 and {profile(e) for e in searches} == {"PatientQuery"}
     assert all(patient_refs(e) == [patient_ref] for e in searches)
-    (delete,) = by_subtype["delete"]
-    assert profile(delete) == "PatientDelete" and delete["action"] == "D"
-    assert "custodian" in agent_codes(delete)
+    obs_delete, patient_delete = by_subtype["delete"]
+    # the server answers a delete without the resource: no patient is evident
+    assert profile(obs_delete) == "Delete" and patient_refs(obs_delete) == []
+    assert profile(patient_delete) == "PatientDelete" and patient_delete["action"] == "D"
+    assert patient_refs(patient_delete) == [patient_ref]
+    assert {"110150", "custodian"} <= agent_codes(patient_delete)
     # the request id is recorded in every event
     for event in events:
         assert any(
@@ -197,7 +204,7 @@ async def echo_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     async def echo(request: web.Request) -> web.StreamResponse:
         seen.append(
             {
-                "headers": dict(request.headers),
+                "headers": CIMultiDict(request.headers),  # names are case-insensitive
                 "path": request.path_qs,
                 "body": await request.read(),
             }
@@ -232,7 +239,7 @@ async def test_headers_hop_by_hop_dropped_forwarded_set(
     upstream, seen = echo_upstream
     proxy = await start_proxy(upstream)
     async with http.get(
-        f"{proxy.url}/Patient/1?_elements=id&x=%2Fa%20b",
+        URL(f"{proxy.url}/Patient/1?_elements=id&x=%2Fa%20b", encoded=True),
         headers={"Authorization": "Bearer abc", "TE": "trailers", "X-Custom": "kept"},
     ) as r:
         assert r.status == 200

@@ -1,0 +1,59 @@
+"""The shipped artefacts: the Dockerfile lints clean, the example config loads and names
+every setting, the console script answers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dockerfile_lints_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run(
+        [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _leaf_paths(value: Any, prefix: str = "") -> set[str]:
+    if isinstance(value, dict):
+        out: set[str] = set()
+        for key, child in value.items():
+            out |= _leaf_paths(child, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip(".")}
+
+
+def test_example_config_documents_every_setting() -> None:
+    example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    documented = _leaf_paths(example)
+    defaults = _leaf_paths(Settings().model_dump(mode="json"))
+    assert defaults - documented == set(), "settings missing from config.example.yaml"
+    assert documented - defaults == set(), "config.example.yaml names settings that do not exist"
+    assert load_settings(ROOT / "config.example.yaml").model_dump() == Settings().model_dump()
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "repository:\n  auth:\n    type: oauth2_client_credentials\n"
+        "    client_secret: s3cr3t-value\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "-c", str(config), "check-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert "oauth2_client_credentials" in result.stdout
+    assert "s3cr3t-value" not in result.stdout + result.stderr
