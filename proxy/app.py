@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -231,7 +232,10 @@ def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
         checks: dict[str, Any] = {}
         try:
             stats = await app[QUEUE].stats()
-            checks["store"] = {"ok": stats.size_bytes < settings.store.max_bytes, **stats.__dict__}
+            checks["store"] = {
+                "ok": stats.size_bytes < settings.store.max_bytes,
+                **dataclasses.asdict(stats),
+            }
         except Exception as exc:  # readiness reports, it does not fail
             checks["store"] = {"ok": False, "error": str(exc)}
         try:

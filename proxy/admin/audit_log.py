@@ -115,7 +115,9 @@ async def dlq_retry(request: web.Request) -> web.Response:
     if request.can_read_body:
         try:
             body = orjson.loads(await request.read())
-            raw = body.get("seqs") if isinstance(body, dict) else None
+            if not isinstance(body, dict):  # never read a malformed body as "retry all"
+                raise ValueError
+            raw = body.get("seqs")
             if raw is not None:
                 if not isinstance(raw, list) or not all(isinstance(s, int) for s in raw):
                     raise ValueError
