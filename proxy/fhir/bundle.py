@@ -64,8 +64,8 @@ def bundle_entries(
     for i, entry in enumerate(requests):
         full_url = entry.get("fullUrl")
         if isinstance(full_url, str) and i < len(responses):
-            location: Mapping[str, Any] = _mapping(responses[i].get("response")) or {}
-            ref = patient_reference(str(location.get("location") or ""))
+            answer: Mapping[str, Any] = _mapping(responses[i].get("response")) or {}
+            ref = patient_reference(str(answer.get("location") or ""))
             if ref:
                 resolved[full_url] = ref
 
@@ -100,7 +100,7 @@ def bundle_entries(
                 request_resource=resource,
                 response_resource=response_resource,
                 status=_status(response.get("status")),
-                location=str(location) if location else None,
+                location=str(location_header) if location_header else None,
                 outcome=_mapping(response.get("outcome")),
                 patients=tuple(patients),
             )
