@@ -16,9 +16,11 @@ OUT = ROOT / "proxy/fhir/compartment.py"
 
 def element_paths(resource_type: str, expression: str) -> list[tuple[str, ...]]:
     paths: list[tuple[str, ...]] = []
+    # .where(resolve() is Patient) goes first: stripping the parentheses around a part
+    # would otherwise eat the where()'s closing one and lose Condition.subject and the like.
+    expression = re.sub(r"\.where\((?:[^()]|\([^()]*\))*\)", "", expression)
     for part in expression.split("|"):
         part = part.strip().strip("()")
-        part = re.sub(r"\.where\([^)]*\)", "", part)
         part = re.sub(r"\s+as\s+\w+$", "", part)
         part = re.sub(r"\.as\(\w+\)", "", part)
         if not part.startswith(resource_type + "."):

@@ -1,0 +1,476 @@
+"""The classifier, table-driven: every R4 REST interaction from method, path, query,
+headers and body, plus what is not FHIR (still classified, so it is still audited)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.fhir.interaction import Interaction, InteractionKind, classify
+
+K = InteractionKind
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+TX = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": []})
+BATCH = orjson.dumps({"resourceType": "Bundle", "type": "batch", "entry": []})
+PARAMS = orjson.dumps({"resourceType": "Parameters", "parameter": []})
+JSON_PATCH = b'[{"op":"replace","path":"/active","value":false}]'
+FHIRPATH_PATCH = orjson.dumps(
+    {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "operation", "part": [{"name": "type", "valueCode": "delete"}]}],
+    }
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and what it must be classified as."""
+
+    method: str
+    path: str
+    kind: InteractionKind
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    rtype: str | None = None
+    rid: str | None = None
+    vid: str | None = None
+    op: str | None = None
+    compartment: tuple[str, str] | None = None
+    conditional: bool = False
+    write: bool = False
+    search: tuple[tuple[str, str], ...] | None = None
+    """Checked when given."""
+    subtype: str | None = "="
+    """The restful-interaction code; ``=`` means the kind's own value."""
+
+    @property
+    def id(self) -> str:
+        q = f"?{self.query}" if self.query else ""
+        return f"{self.method} /{self.path}{q}"[:80]
+
+
+CASES: list[Case] = [
+    # --- instance level: read, vread, update, patch, delete -----------------------------
+    Case("GET", "Patient/123", K.READ, rtype="Patient", rid="123"),
+    Case("HEAD", "Patient/123", K.READ, rtype="Patient", rid="123"),
+    Case("get", "Patient/123", K.READ, rtype="Patient", rid="123"),
+    Case("GET", "Observation/a-b.c", K.READ, rtype="Observation", rid="a-b.c"),
+    Case("GET", "Patient/123", K.READ, query="_format=json", rtype="Patient", rid="123"),
+    Case(
+        "GET", "Patient/123", K.READ, query="_pretty=true&_format=xml", rtype="Patient", rid="123"
+    ),
+    Case("GET", "Patient/123/", K.READ, rtype="Patient", rid="123"),
+    Case("GET", "Patient/123/_history/4", K.VREAD, rtype="Patient", rid="123", vid="4"),
+    Case(
+        "GET",
+        "Observation/9/_history/0f1d6a2e-7f3b-4a55-9d3c-1a2b3c4d5e6f",
+        K.VREAD,
+        rtype="Observation",
+        rid="9",
+        vid="0f1d6a2e-7f3b-4a55-9d3c-1a2b3c4d5e6f",
+    ),
+    Case("PUT", "Patient/123", K.UPDATE, rtype="Patient", rid="123", write=True),
+    Case("PUT", "Encounter/e1", K.UPDATE, rtype="Encounter", rid="e1", write=True),
+    Case(
+        "PATCH",
+        "Patient/123",
+        K.PATCH,
+        headers={"content-type": "application/json-patch+json"},
+        body=JSON_PATCH,
+        rtype="Patient",
+        rid="123",
+        write=True,
+    ),
+    Case(
+        "PATCH",
+        "Patient/123",
+        K.PATCH,
+        headers={"content-type": "application/fhir+json"},
+        body=FHIRPATH_PATCH,
+        rtype="Patient",
+        rid="123",
+        write=True,
+    ),
+    Case("DELETE", "Patient/123", K.DELETE, rtype="Patient", rid="123", write=True),
+    Case("DELETE", "Observation/o1", K.DELETE, rtype="Observation", rid="o1", write=True),
+    # --- type level: create, conditional create/update/patch/delete, search -------------
+    Case("POST", "Patient", K.CREATE, rtype="Patient", write=True),
+    Case("POST", "Observation", K.CREATE, rtype="Observation", write=True),
+    Case(
+        "POST",
+        "Patient",
+        K.CREATE,
+        headers={"if-none-exist": "identifier=http://mrn|42"},
+        rtype="Patient",
+        conditional=True,
+        write=True,
+        search=(("identifier", "http://mrn|42"),),
+    ),
+    Case(
+        "PUT",
+        "Patient",
+        K.UPDATE,
+        query="identifier=http://mrn|42",
+        rtype="Patient",
+        conditional=True,
+        write=True,
+        search=(("identifier", "http://mrn|42"),),
+    ),
+    Case(
+        "DELETE",
+        "Observation",
+        K.DELETE,
+        query="subject=Patient/1&code=1234-5",
+        rtype="Observation",
+        conditional=True,
+        write=True,
+    ),
+    Case(
+        "PATCH",
+        "Patient",
+        K.PATCH,
+        query="identifier=x|1",
+        body=JSON_PATCH,
+        rtype="Patient",
+        conditional=True,
+        write=True,
+    ),
+    Case("DELETE", "", K.DELETE, query="_id=1", conditional=True, write=True, subtype="delete"),
+    Case("GET", "Patient", K.SEARCH_TYPE, rtype="Patient", search=()),
+    Case(
+        "GET",
+        "Patient",
+        K.SEARCH_TYPE,
+        query="family=smith&given=jo",
+        rtype="Patient",
+        search=(("family", "smith"), ("given", "jo")),
+    ),
+    Case(
+        "GET",
+        "Observation",
+        K.SEARCH_TYPE,
+        query="patient=123&_format=json&_pretty=true",
+        rtype="Observation",
+        search=(("patient", "123"),),
+    ),
+    Case(
+        "GET",
+        "Observation",
+        K.SEARCH_TYPE,
+        query="subject=Patient/123&code=http://loinc.org|8867-4",
+        rtype="Observation",
+        search=(("subject", "Patient/123"), ("code", "http://loinc.org|8867-4")),
+    ),
+    Case(
+        "GET",
+        "Observation",
+        K.SEARCH_TYPE,
+        query="subject%3APatient=123",
+        rtype="Observation",
+        search=(("subject:Patient", "123"),),
+    ),
+    Case(
+        "GET",
+        "Observation",
+        K.SEARCH_TYPE,
+        query="patient.name=smith",
+        rtype="Observation",
+        search=(("patient.name", "smith"),),
+    ),
+    Case(
+        "GET",
+        "Observation",
+        K.SEARCH_TYPE,
+        query="patient.identifier=http://mrn|1",
+        rtype="Observation",
+    ),
+    Case(
+        "GET",
+        "Observation",
+        K.SEARCH_TYPE,
+        query="_count=20&_offset=20&subject=Patient/1",
+        rtype="Observation",
+        search=(("_count", "20"), ("_offset", "20"), ("subject", "Patient/1")),
+    ),
+    Case(
+        "GET",
+        "Patient",
+        K.SEARCH_TYPE,
+        query="_id=1,2,3",
+        rtype="Patient",
+        search=(("_id", "1,2,3"),),
+    ),
+    Case(
+        "GET",
+        "Patient",
+        K.SEARCH_TYPE,
+        query="_has:Observation:patient:code=1234",
+        rtype="Patient",
+    ),
+    Case(
+        "GET",
+        "MedicationRequest",
+        K.SEARCH_TYPE,
+        query="_include=MedicationRequest:patient&status=active",
+        rtype="MedicationRequest",
+    ),
+    Case("GET", "Patient/_search", K.SEARCH_TYPE, query="name=x", rtype="Patient"),
+    Case(
+        "POST",
+        "Patient/_search",
+        K.SEARCH_TYPE,
+        headers=FORM,
+        body=b"family=smith&birthdate=ge1970",
+        rtype="Patient",
+        search=(("family", "smith"), ("birthdate", "ge1970")),
+    ),
+    Case(
+        "POST",
+        "Observation/_search",
+        K.SEARCH_TYPE,
+        query="_count=5",
+        headers=FORM,
+        body=b"subject=Patient%2F7&_format=json",
+        rtype="Observation",
+        search=(("_count", "5"), ("subject", "Patient/7")),
+    ),
+    Case(
+        "POST",
+        "Observation/_search",
+        K.SEARCH_TYPE,
+        headers={"content-type": "application/x-www-form-urlencoded; charset=utf-8"},
+        body=b"code=abc",
+        rtype="Observation",
+        search=(("code", "abc"),),
+    ),
+    Case(
+        "POST",
+        "Observation/_search",
+        K.SEARCH_TYPE,
+        headers={"content-type": "application/json"},
+        body=b"subject=Patient/1",
+        rtype="Observation",
+        search=(),
+    ),
+    Case("POST", "Observation/_search", K.SEARCH_TYPE, rtype="Observation", search=()),
+    # --- history -------------------------------------------------------------------------
+    Case("GET", "Patient/1/_history", K.HISTORY_INSTANCE, rtype="Patient", rid="1"),
+    Case(
+        "GET",
+        "Patient/1/_history",
+        K.HISTORY_INSTANCE,
+        query="_count=10&_since=2026-01-01",
+        rtype="Patient",
+        rid="1",
+        search=(("_count", "10"), ("_since", "2026-01-01")),
+    ),
+    Case("GET", "Observation/_history", K.HISTORY_TYPE, rtype="Observation"),
+    Case("GET", "_history", K.HISTORY_SYSTEM),
+    Case("GET", "_history", K.HISTORY_SYSTEM, query="_since=2026-11-01T00:00:00Z"),
+    # --- system level: search, capabilities, batch, transaction, paging -----------------
+    Case("GET", "", K.SEARCH_SYSTEM, query="_type=Patient,Observation&_lastUpdated=gt2026"),
+    Case("GET", "", K.SEARCH_SYSTEM),
+    Case(
+        "GET",
+        "",
+        K.SEARCH_SYSTEM,
+        query="_getpages=7c2d9a&_getpagesoffset=20&_count=20",
+        search=(("_getpages", "7c2d9a"), ("_getpagesoffset", "20"), ("_count", "20")),
+    ),
+    Case("GET", "_search", K.UNKNOWN, subtype=None),
+    Case("POST", "_search", K.SEARCH_SYSTEM, headers=FORM, body=b"_type=Patient&name=x"),
+    Case("GET", "metadata", K.CAPABILITIES),
+    Case("GET", "metadata", K.CAPABILITIES, query="mode=normative&_format=json"),
+    Case("HEAD", "metadata", K.CAPABILITIES),
+    Case("POST", "", K.TRANSACTION, body=TX, write=True),
+    Case("POST", "/", K.TRANSACTION, body=TX, write=True),
+    Case("POST", "", K.BATCH, body=BATCH, write=True),
+    # --- compartments ---------------------------------------------------------------------
+    Case(
+        "GET",
+        "Patient/1/Observation",
+        K.SEARCH_COMPARTMENT,
+        rtype="Observation",
+        compartment=("Patient", "1"),
+        subtype="search-type",
+    ),
+    Case(
+        "GET",
+        "Patient/1/Observation",
+        K.SEARCH_COMPARTMENT,
+        query="code=8867-4",
+        rtype="Observation",
+        compartment=("Patient", "1"),
+        search=(("code", "8867-4"),),
+        subtype="search-type",
+    ),
+    Case(
+        "GET",
+        "Patient/1/*",
+        K.SEARCH_COMPARTMENT,
+        compartment=("Patient", "1"),
+        subtype="search-type",
+    ),
+    Case(
+        "GET",
+        "Encounter/e9/Condition",
+        K.SEARCH_COMPARTMENT,
+        rtype="Condition",
+        compartment=("Encounter", "e9"),
+        subtype="search-type",
+    ),
+    Case(
+        "POST",
+        "Patient/1/Observation/_search",
+        K.SEARCH_COMPARTMENT,
+        headers=FORM,
+        body=b"code=abc",
+        rtype="Observation",
+        compartment=("Patient", "1"),
+        search=(("code", "abc"),),
+        subtype="search-type",
+    ),
+    Case(
+        "GET",
+        "Patient/1/Observation/_search",
+        K.SEARCH_COMPARTMENT,
+        rtype="Observation",
+        compartment=("Patient", "1"),
+        subtype="search-type",
+    ),
+    # --- operations -------------------------------------------------------------------
+    Case("GET", "$export", K.OPERATION, op="export", subtype="operation"),
+    Case("POST", "$export", K.OPERATION, op="export", body=PARAMS, write=True),
+    Case("GET", "Patient/$export", K.OPERATION, rtype="Patient", op="export"),
+    Case("GET", "Group/g1/$export", K.OPERATION, rtype="Group", rid="g1", op="export"),
+    Case("GET", "Patient/1/$everything", K.OPERATION, rtype="Patient", rid="1", op="everything"),
+    Case(
+        "POST",
+        "Patient/1/$everything",
+        K.OPERATION,
+        rtype="Patient",
+        rid="1",
+        op="everything",
+        body=PARAMS,
+        write=True,
+    ),
+    Case("GET", "Patient/$everything", K.OPERATION, rtype="Patient", op="everything"),
+    Case("POST", "Patient/$validate", K.OPERATION, rtype="Patient", op="validate", write=True),
+    Case(
+        "POST",
+        "Observation/o1/$validate",
+        K.OPERATION,
+        rtype="Observation",
+        rid="o1",
+        op="validate",
+        write=True,
+    ),
+    Case("GET", "Patient/1/$meta", K.OPERATION, rtype="Patient", rid="1", op="meta"),
+    Case(
+        "GET", "ValueSet/$expand", K.OPERATION, query="url=http://x", rtype="ValueSet", op="expand"
+    ),
+    Case("POST", "$process-message", K.OPERATION, op="process-message", write=True),
+    Case("GET", "$meta", K.OPERATION, op="meta"),
+    Case(
+        "GET",
+        "Patient/$match",
+        K.OPERATION,
+        query="_format=json",
+        rtype="Patient",
+        op="match",
+        search=(),
+    ),
+    # --- not FHIR: unknown and malformed, still audited ------------------------------
+    Case("GET", "Nonsense/1", K.UNKNOWN, subtype=None),
+    Case("GET", "patient/1", K.UNKNOWN, subtype=None),
+    Case("GET", "Patient/1 2", K.UNKNOWN, subtype=None),
+    Case("GET", "Patient/" + "x" * 65, K.UNKNOWN, subtype=None),
+    Case("GET", "Patient//1", K.UNKNOWN, subtype=None),
+    Case("OPTIONS", "Patient", K.UNKNOWN, subtype=None),
+    Case("TRACE", "metadata", K.UNKNOWN, subtype=None),
+    Case("POST", "", K.UNKNOWN, body=b'{"resourceType":"Patient"}', subtype=None),
+    Case("POST", "", K.UNKNOWN, body=b"{not json", subtype=None),
+    Case("POST", "", K.UNKNOWN, subtype=None),
+    Case(
+        "POST",
+        "",
+        K.UNKNOWN,
+        body=orjson.dumps({"resourceType": "Bundle", "type": "collection"}),
+        subtype=None,
+    ),
+    Case("PUT", "", K.UNKNOWN, subtype=None),
+    Case("PUT", "_history", K.UNKNOWN, subtype=None),
+    Case("DELETE", "metadata", K.UNKNOWN, subtype=None),
+    Case("POST", "Patient/1", K.UNKNOWN, subtype=None),
+    Case("PUT", "Patient/_history", K.UNKNOWN, subtype=None),
+    Case("DELETE", "Patient/_search", K.UNKNOWN, subtype=None),
+    Case("POST", "Patient/1/_history", K.UNKNOWN, subtype=None),
+    Case("GET", "Patient/1/_history/2/extra", K.UNKNOWN, subtype=None),
+    Case("GET", "Patient/1/NotAType", K.UNKNOWN, subtype=None),
+    Case("PUT", "Patient/1/Observation", K.UNKNOWN, subtype=None),
+    Case("GET", "$", K.UNKNOWN, subtype=None),
+    Case("GET", "$everything/extra", K.UNKNOWN, subtype=None),
+    Case("GET", "Patient/bad id!/$everything", K.UNKNOWN, subtype=None),
+    Case("GET", "a/b/c/d/e/f", K.UNKNOWN, subtype=None),
+]
+
+
+def test_the_table_is_large_and_has_no_duplicates() -> None:
+    assert len(CASES) >= 80
+    keys = [(c.method, c.path, c.query, tuple(c.headers.items()), c.body) for c in CASES]
+    assert len(keys) == len(set(keys))
+    assert {c.kind for c in CASES} == set(InteractionKind), "every kind has a row"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_classify(case: Case) -> None:
+    got = classify(case.method, case.path, case.query, case.headers, case.body)
+    assert isinstance(got, Interaction)
+    assert got.kind is case.kind, got
+    assert got.method == case.method.upper()
+    if case.kind is K.UNKNOWN:
+        assert got.detail, "an unknown request says why, for outcomeDesc"
+        assert got.restful_code is None
+        return
+    assert got.detail is None
+    assert got.resource_type == case.rtype
+    assert got.resource_id == case.rid
+    assert got.version_id == case.vid
+    assert got.operation == case.op
+    assert got.compartment == case.compartment
+    assert got.conditional == case.conditional
+    assert got.is_write == case.write
+    if case.search is not None:
+        assert got.search == case.search
+    assert all(name not in ("_format", "_pretty") for name, _ in got.search)
+    expected_code = case.kind.value if case.subtype == "=" else case.subtype
+    assert got.restful_code == expected_code
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "\x00",
+        "Patient/\udcff",
+        "%%%%",
+        "Patient/1/_history/\n",
+        "/" * 50,
+        "Patient/" + "9" * 10_000,
+        "$" * 100,
+        "Patient/1/$",
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "BREW", ""])
+def test_classify_never_raises_on_garbage(method: str, path: str) -> None:
+    got = classify(method, path, "a=%ZZ&&=&b", {"content-type": FORM["content-type"]}, b"\xff\xfe")
+    assert got.kind is K.UNKNOWN or got.kind in set(InteractionKind)
+
+
+def test_post_operation_on_form_body_is_a_write_but_get_is_not() -> None:
+    get: Any = classify("GET", "Patient/1/$everything", "", {}, None)
+    post: Any = classify("POST", "Patient/1/$everything", "", {}, PARAMS)
+    assert not get.is_write and post.is_write
