@@ -213,15 +213,41 @@ def outcome_of(
 
 
 def _client_agent(ex: Exchange, pattern: _Pattern, token_pattern: str) -> dict[str, Any]:
-    identity = ex.identity
+    """The network peer that sent the request (BALP's ``client`` slice)."""
     who: dict[str, Any] = {"display": ex.client_address}
-    if identity is not None and identity.client_id:
-        who = {"display": identity.client_id}
-        if token_pattern == "comprehensive":
-            who["identifier"] = {"value": identity.client_id}
+    identity = ex.identity
+    if (
+        identity is not None
+        and identity.client_id
+        and token_pattern == "comprehensive"
+        and pattern.client_type is APPLICATION
+    ):
+        # Delete's client is already the Application: it carries the OAuth client id.
+        who["identifier"] = {"value": identity.client_id}
     return {
         "type": pattern.client_type,
         "who": who,
+        "requestor": False,
+        "network": {"address": ex.client_address, "type": "2"},
+    }
+
+
+def _oauth_client_agent(
+    ex: Exchange, pattern: _Pattern, token_pattern: str
+) -> dict[str, Any] | None:
+    """BALP's comprehensive OAuth pattern: the OAuth client as an Application agent (110150)
+    with ``who.identifier.value`` = ``client_id``, beside the network peer."""
+    identity = ex.identity
+    if (
+        identity is None
+        or not identity.client_id
+        or token_pattern != "comprehensive"
+        or pattern.client_type is APPLICATION
+    ):
+        return None
+    return {
+        "type": APPLICATION,
+        "who": {"identifier": {"value": identity.client_id}, "display": identity.client_id},
         "requestor": False,
         "network": {"address": ex.client_address, "type": "2"},
     }
@@ -430,6 +456,9 @@ def _events_for(
     if outcome_desc:
         base["outcomeDesc"] = outcome_desc[:2000]
     agents = [_client_agent(ex, pattern, ctx.token_pattern), _server_agent(ex, pattern)]
+    oauth_client = _oauth_client_agent(ex, pattern, ctx.token_pattern)
+    if oauth_client is not None:
+        agents.append(oauth_client)
     user = _user_agent(ex.identity, pattern, ctx.token_pattern)
     if user is not None:
         agents.append(user)

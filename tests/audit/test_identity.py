@@ -1,0 +1,184 @@
+"""The caller from the Authorization header: JWT claims (names configurable), RS256
+signatures checked against a JWKS, the three BALP OAuth patterns, opaque and Basic."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from proxy.audit.balp import TOKEN_VERIFICATION_EXT
+from proxy.audit.identity import identity_from_headers
+from proxy.settings import IdentitySettings
+from tests.audit.exchanges import context, events_of, exchange, unsigned_jwt
+
+
+def _keypair(kid: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    return key, jwk | {"kid": kid, "alg": "RS256", "use": "sig"}
+
+
+@pytest.fixture(scope="module")
+def idp() -> dict[str, Any]:
+    signing, signing_jwk = _keypair("k1")
+    other, _ = _keypair("k1")  # same kid, different key: a forged token
+    return {"key": signing, "other": other, "jwks": jwt.PyJWKSet.from_dict({"keys": [signing_jwk]})}
+
+
+def _token(key: Any, claims: dict[str, Any], kid: str = "k1") -> str:
+    now = int(time.time())
+    body = {"iat": now, "exp": now + 300, "aud": "fhir"} | claims
+    return jwt.encode(body, key, algorithm="RS256", headers={"kid": kid})
+
+
+def _user(event: dict[str, Any]) -> dict[str, Any]:
+    return next(a for a in event["agent"] if a["requestor"])
+
+
+def _verification(event: dict[str, Any]) -> str:
+    ext = _user(event)["extension"]
+    return str(next(e["valueString"] for e in ext if e["url"] == TOKEN_VERIFICATION_EXT))
+
+
+def _read(token: str, **kwargs: Any) -> dict[str, Any]:
+    ex = exchange(
+        "GET",
+        "Observation/o1",
+        headers={"Authorization": f"Bearer {token}"},
+        response={"resourceType": "Observation", "id": "o1"},
+        **kwargs,
+    )
+    (event,) = events_of(ex)
+    return event
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("valid", "verified"),
+        ("expired", "verification failed: expired"),
+        ("forged", "verification failed: bad signature"),
+        ("unknown kid", "verification failed: unknown signing key"),
+        ("wrong audience", "verification failed: wrong audience"),
+    ],
+)
+def test_rs256_tokens_are_verified_against_the_jwks(
+    idp: dict[str, Any], case: str, expected: str
+) -> None:
+    claims = {"sub": "u1", "name": "Ann"}
+    token = {
+        "valid": lambda: _token(idp["key"], claims),
+        "expired": lambda: _token(idp["key"], claims | {"exp": int(time.time()) - 60}),
+        "forged": lambda: _token(idp["other"], claims),
+        "unknown kid": lambda: _token(idp["key"], claims, kid="k9"),
+        "wrong audience": lambda: _token(idp["key"], claims | {"aud": "billing"}),
+    }[case]()
+    settings = IdentitySettings(audience="fhir")
+    event = _read(token, identity=settings, keys=idp["jwks"])
+    assert _verification(event) == expected
+    # The claims are recorded either way: the event says how far to trust them.
+    assert _user(event)["who"]["display"] == "Ann"
+
+
+def test_without_a_jwks_the_event_says_the_token_was_not_verified(idp: dict[str, Any]) -> None:
+    event = _read(_token(idp["key"], {"sub": "u1"}))
+    assert _verification(event) == "not verified (no JWKS configured)"
+
+
+def test_claim_names_are_configurable() -> None:
+    claims = {
+        "preferred_username": "ann.k",
+        "given": "Ann K",
+        "azp": "portal",
+        "iss": "https://idp.example.org/realms/x",
+        "token_id": "t-77",
+        "fhirUser": "Practitioner/pr1",
+        "pou": ["TREAT", "ETREAT"],
+        "realm_access": {"roles": ["doctor", "admin"]},
+    }
+    settings = IdentitySettings(
+        user_claim="preferred_username",
+        name_claim="given",
+        jti_claim="token_id",
+        purpose_of_use_claim="pou",
+    )
+    event = _read(unsigned_jwt(claims), identity=settings)
+    user = _user(event)
+    assert user["who"]["identifier"] == {
+        "value": "ann.k",
+        "system": "https://idp.example.org/realms/x",
+    }
+    assert user["who"]["display"] == "Ann K"
+    assert user["who"]["reference"] == "Practitioner/pr1"
+    assert user["name"] == "Ann K"
+    assert [r["text"] for r in user["role"]] == ["doctor", "admin"]
+    assert [p["coding"][0]["code"] for p in user["purposeOfUse"]] == ["TREAT", "ETREAT"]
+    assert user["policy"] == ["t-77"]
+    oclient = next(a for a in event["agent"] if a["who"].get("identifier") == {"value": "portal"})
+    assert oclient["type"]["coding"][0]["code"] == "110150"
+    assert oclient["requestor"] is False
+
+
+def test_minimal_pattern_keeps_identifiers_and_jti_but_not_names_or_roles() -> None:
+    claims = {"sub": "u1", "name": "Ann", "jti": "j-1", "roles": ["r"], "client_id": "app"}
+    ex = exchange(
+        "GET",
+        "Observation/o1",
+        headers={"Authorization": f"Bearer {unsigned_jwt(claims)}"},
+        response={"resourceType": "Observation", "id": "o1"},
+    )
+    (event,) = events_of(ex, context(identity={"token_pattern": "minimal"}))
+    user = _user(event)
+    assert user["policy"] == ["j-1"]
+    assert "role" not in user and "name" not in user
+    assert "system" not in user["who"]["identifier"]
+    assert len(event["agent"]) == 3, "no separate OAuth client agent in the minimal pattern"
+    assert "UserOauthAgent" in {c["code"] for c in user["type"]["coding"]}
+
+
+def test_opaque_token_keeps_only_its_last_32_characters() -> None:
+    token = "A" * 50 + "0123456789abcdef0123456789ABCDEF"
+    identity = identity_from_headers({"authorization": f"Bearer {token}"}, IdentitySettings())
+    assert identity.token_kind == "opaque"
+    assert identity.token_tail == "0123456789abcdef0123456789ABCDEF"
+    event = _read(token)
+    assert _user(event)["policy"] == ["0123456789abcdef0123456789ABCDEF"]
+    assert "A" * 50 not in json.dumps(event)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["abc.def.ghi", "eyJhbGciOiJub25lIn0.e30", "not-a-jwt", "a.b", "....", "é.ü.ö"],
+)
+def test_garbage_bearer_tokens_are_opaque_and_never_raise(token: str) -> None:
+    identity = identity_from_headers({"authorization": f"Bearer {token}"}, IdentitySettings())
+    assert identity.token_kind in ("opaque", "jwt")
+    assert identity.token_tail in (None, token[-32:])
+
+
+def test_basic_credentials_give_the_user_name_only() -> None:
+    header = "Basic " + base64.b64encode(b"ann:s3cret:with:colons").decode()
+    identity = identity_from_headers({"authorization": header}, IdentitySettings())
+    assert identity.token_kind == "basic"
+    assert identity.user_id == "ann"
+    assert "s3cret" not in repr(identity)
+    broken = identity_from_headers({"authorization": "Basic %%%"}, IdentitySettings())
+    assert broken.token_kind == "basic" and broken.user_id is None
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Bearer   ", "Digest x=1"])
+def test_no_usable_credential_gives_no_user_agent(header: str) -> None:
+    headers = {"Authorization": header} if header else {}
+    ex = exchange(
+        "GET", "Observation/o1", headers=headers, response={"resourceType": "Observation"}
+    )
+    (event,) = events_of(ex)
+    assert [a for a in event["agent"] if a["requestor"]] == []
+    assert len(event["agent"]) == 2
