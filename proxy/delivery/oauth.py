@@ -5,8 +5,10 @@ and the token never reach a log line or an exception text."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
+from urllib.parse import quote
 
 import aiohttp
 
@@ -27,7 +29,11 @@ class TokenProvider:
             raise ValueError("oauth2_client_credentials needs token_url and client_id")
         self._settings = settings
         self._session = session
-        self._secret = settings.secret() or ""
+        secret = settings.secret() or ""
+        # RFC 6749 §2.3.1: form-encode id and secret, then HTTP Basic. Built once; the
+        # header is the only place the secret lives after start-up.
+        pair = f"{quote(settings.client_id, safe='')}:{quote(secret, safe='')}"
+        self._basic = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
@@ -55,8 +61,7 @@ class TokenProvider:
             async with self._session.post(
                 s.token_url,
                 data=form,
-                auth=aiohttp.BasicAuth(s.client_id, self._secret),
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", "Authorization": self._basic},
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 if resp.status != 200:

@@ -30,7 +30,8 @@ class DeliveryError(Exception):
 
 
 class RepositoryUnavailable(DeliveryError):
-    """5xx, 408, 429, a timeout or a connection error: retry with backoff."""
+    """5xx, 408, 429, 401/403 (credentials), a timeout or a connection error: retry
+    with backoff."""
 
 
 class RepositoryRejected(DeliveryError):
@@ -137,10 +138,15 @@ class FhirRepositorySink:
             if 200 <= status < 300:
                 return answer
             excerpt = answer[:BODY_EXCERPT].decode("utf-8", "replace")
+            if status in (401, 403):
+                # About our credentials, not the events: bisecting would dead-letter every
+                # one of them. Hold them back until the credentials are fixed.
+                what = "the refreshed token" if self._tokens is not None else "the credentials"
+                raise RepositoryUnavailable(f"repository refused {what}: HTTP {status}: {excerpt}")
             if status in (408, 429) or status >= 500:
                 raise RepositoryUnavailable(f"HTTP {status}: {excerpt}")
             raise RepositoryRejected(status, excerpt)
-        raise RepositoryUnavailable("repository refused the refreshed token")
+        raise AssertionError("unreachable: the second attempt always returns or raises")
 
     async def close(self) -> None:
         return None

@@ -1,0 +1,177 @@
+"""Each delivery mode against a real HTTP server (and, for ``transaction``, the real test FHIR
+server), with the answers that make a batch retried or rejected."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.delivery.sinks import (
+    FileSink,
+    PartialDelivery,
+    RepositoryRejected,
+    RepositoryUnavailable,
+    make_sink,
+)
+from proxy.settings import RepositorySettings
+from tests.conftest import NodeFhirServer
+from tests.delivery.conftest import ScriptedRepository, audit_event, never_answer
+
+
+def _settings(url: str, **kwargs: Any) -> RepositorySettings:
+    return RepositorySettings(url=url, **kwargs)
+
+
+async def test_bundle_mode_posts_a_collection_with_custom_headers(
+    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+) -> None:
+    settings = _settings(
+        scripted_repository.url, mode="bundle", request_headers={"X-Tenant": "clinic-7"}
+    )
+    events = [audit_event(i) for i in range(3)]
+    await make_sink(settings, session).send(events)
+    (request,) = scripted_repository.requests
+    assert (request["method"], request["path"]) == ("POST", "/fhir")
+    assert request["headers"]["X-Tenant"] == "clinic-7"
+    assert request["headers"]["Content-Type"] == "application/fhir+json"
+    bundle = request["json"]
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
+    assert [e["resource"] for e in bundle["entry"]] == events
+    assert [e["fullUrl"] for e in bundle["entry"]] == [f"urn:uuid:{e['id']}" for e in events]
+
+
+async def test_single_mode_posts_each_event_to_auditevent(
+    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+) -> None:
+    events = [audit_event(i) for i in range(3)]
+    await make_sink(_settings(scripted_repository.url, mode="single"), session).send(events)
+    assert [(r["method"], r["path"]) for r in scripted_repository.requests] == [
+        ("POST", "/fhir/AuditEvent")
+    ] * 3
+    assert [r["json"] for r in scripted_repository.requests] == events
+
+
+async def test_single_mode_reports_how_far_it_got(
+    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+) -> None:
+    events = [audit_event(i) for i in range(3)]
+
+    async def reject_second(request: web.Request, raw: bytes) -> web.Response | None:
+        if orjson.loads(raw)["id"] == events[1]["id"]:
+            return web.json_response({"resourceType": "OperationOutcome"}, status=422)
+        return None
+
+    scripted_repository.behaviour = reject_second
+    with pytest.raises(PartialDelivery) as info:
+        await make_sink(_settings(scripted_repository.url, mode="single"), session).send(events)
+    assert info.value.delivered == 1
+    assert isinstance(info.value.cause, RepositoryRejected)
+    assert info.value.cause.status == 422
+
+
+async def test_transaction_mode_is_idempotent_on_a_real_fhir_server(
+    fhir_server: NodeFhirServer, session: aiohttp.ClientSession
+) -> None:
+    sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), session)
+    events = [audit_event(i) for i in range(5)]
+    await sink.send(events)
+    await sink.send(events[2:])  # a redelivery after a lost acknowledgement
+    for event in events:
+        async with session.get(f"{fhir_server.base_url}/AuditEvent/{event['id']}") as resp:
+            assert resp.status == 200
+            stored = await resp.json(content_type=None)
+        assert stored["entity"] == event["entity"]
+    ids = ",".join(e["id"] for e in events)
+    async with session.get(f"{fhir_server.base_url}/AuditEvent?_id={ids}&_count=50") as resp:
+        found = await resp.json(content_type=None)
+    assert sorted(e["resource"]["id"] for e in found.get("entry", [])) == sorted(
+        e["id"] for e in events
+    ), "each event exactly once"
+
+
+async def test_transaction_mode_rejects_on_a_failed_entry(
+    fhir_server: NodeFhirServer, session: aiohttp.ClientSession
+) -> None:
+    sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), session)
+    # The server answers the transaction 200 but refuses the entry: that is a rejection.
+    bad = audit_event(1) | {"resourceType": "NotAnAuditEvent"}
+    with pytest.raises(RepositoryRejected) as info:
+        await sink.send([bad])
+    assert info.value.status == 400
+    assert "Incorrect resource type" in info.value.body
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (500, RepositoryUnavailable),
+        (502, RepositoryUnavailable),
+        (503, RepositoryUnavailable),
+        (408, RepositoryUnavailable),
+        (429, RepositoryUnavailable),
+        # Credentials, not events: rejecting would dead-letter every event after bisection.
+        (401, RepositoryUnavailable),
+        (403, RepositoryUnavailable),
+        (400, RepositoryRejected),
+        (404, RepositoryRejected),
+        (413, RepositoryRejected),
+        (422, RepositoryRejected),
+    ],
+)
+async def test_answers_that_retry_and_answers_that_reject(
+    scripted_repository: ScriptedRepository,
+    session: aiohttp.ClientSession,
+    status: int,
+    error: type[Exception],
+) -> None:
+    async def answer(request: web.Request, raw: bytes) -> web.Response:
+        return web.json_response(
+            {"resourceType": "OperationOutcome", "issue": [{"diagnostics": f"said {status}"}]},
+            status=status,
+        )
+
+    scripted_repository.behaviour = answer
+    with pytest.raises(error) as info:
+        await make_sink(_settings(scripted_repository.url), session).send([audit_event(1)])
+    assert f"said {status}" in str(info.value), "the repository's answer is kept"
+    if isinstance(info.value, RepositoryRejected):
+        assert info.value.status == status
+
+
+async def test_timeout_and_refused_connection_are_unavailable(
+    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+) -> None:
+    scripted_repository.behaviour = never_answer
+    sink = make_sink(_settings(scripted_repository.url, timeout_s=0.3), session)
+    with pytest.raises(RepositoryUnavailable, match=r"TimeoutError|unreachable"):
+        await asyncio.wait_for(sink.send([audit_event(1)]), 5)
+    refused = make_sink(_settings("http://127.0.0.1:9/fhir"), session)
+    with pytest.raises(RepositoryUnavailable, match="unreachable"):
+        await refused.send([audit_event(1)])
+
+
+async def test_file_mode_appends_ndjson_lines(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    path = tmp_path / "out" / "audit.ndjson"
+    sink = make_sink(_settings(f"file://{path}", mode="file"), session)
+    assert isinstance(sink, FileSink)
+    first, second = [audit_event(i) for i in range(3)], [audit_event(i) for i in range(3, 5)]
+    await sink.send(first)
+    await sink.send(second)
+    lines = path.read_bytes().splitlines()
+    assert [orjson.loads(line) for line in lines] == first + second
+    assert path.read_bytes().endswith(b"\n")
+
+
+async def test_file_mode_unwritable_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    with pytest.raises(RepositoryUnavailable, match="cannot append"):
+        await FileSink(blocker / "audit.ndjson").send([audit_event(1)])
