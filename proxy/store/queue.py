@@ -196,7 +196,7 @@ class AuditQueue:
         try:
             writer = await asyncio.to_thread(cls._connect, path, True)
             reader = await asyncio.to_thread(cls._connect, path, False)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: schema too new
             raise StoreError(f"cannot open the audit store at {path}: {exc}") from exc
         return cls(writer, reader, max_bytes=max_bytes, batch_max=commit_batch_max)
 

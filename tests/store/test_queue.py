@@ -1,0 +1,261 @@
+"""The queue's contract on a real SQLite file: order, states, backoff, dead letters, pruning,
+search, group commit, intents, migrations and the size cap."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.store import schema
+from proxy.store.queue import AuditQueue, StoreError, StoreFull
+from proxy.store.records import EventQuery, EventStatus
+from tests.delivery.conftest import audit_event
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
+    q = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    yield q
+    await q.close()
+
+
+def _event(n: int, *, patient: str | None = None, user: str = "u", **extra: Any) -> dict[str, Any]:
+    event = audit_event(n, **extra)
+    event["agent"] = [{"who": {"identifier": {"value": user}}, "requestor": True}]
+    event["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"}]
+    if patient:
+        event["entity"].insert(
+            0, {"role": {"code": "1"}, "type": {"code": "1"}, "what": {"reference": patient}}
+        )
+    return event
+
+
+async def test_claim_is_in_append_order_and_ack_removes_from_the_pending(
+    queue: AuditQueue,
+) -> None:
+    events = [_event(i) for i in range(10)]
+    for e in events:
+        await queue.append([e])
+    claimed = await queue.claim(4, NOW)
+    assert [q.event for q in claimed] == events[:4]
+    assert [q.seq for q in claimed] == sorted(q.seq for q in claimed)
+    assert {q.status for q in claimed} == {EventStatus.PENDING}
+    await queue.ack([q.seq for q in claimed], NOW)
+    rest = await queue.claim(100, NOW)
+    assert [q.event_id for q in rest] == [e["id"] for e in events[4:]]
+    stats = await queue.stats()
+    assert (stats.pending, stats.delivered, stats.dead) == (6, 4, 0)
+    assert stats.size_bytes > 0
+
+
+async def test_a_held_back_event_stops_the_claim_so_delivery_stays_in_order(
+    queue: AuditQueue,
+) -> None:
+    for i in range(5):
+        await queue.append([_event(i)])
+    first = await queue.claim(5, NOW)
+    await queue.nack([first[2].seq], "HTTP 503", NOW + timedelta(seconds=30))
+    assert [q.seq for q in await queue.claim(5, NOW)] == [q.seq for q in first[:2]]
+    later = await queue.claim(5, NOW + timedelta(seconds=31))
+    assert [q.seq for q in later] == [q.seq for q in first]
+    held = later[2]
+    assert (held.attempts, held.last_error) == (1, "HTTP 503")
+    assert held.next_attempt_at is not None
+
+
+async def test_dead_letters_are_listed_requeued_and_keep_their_answer(queue: AuditQueue) -> None:
+    for i in range(4):
+        await queue.append([_event(i)])
+    seqs = [q.seq for q in await queue.claim(4, NOW)]
+    await queue.dead_letter([seqs[1], seqs[3]], 'HTTP 422: {"issue": "bad"}')
+    dead = await queue.list_dead()
+    assert [d.seq for d in dead] == [seqs[1], seqs[3]]
+    assert {d.last_error for d in dead} == {'HTTP 422: {"issue": "bad"}'}
+    assert [q.seq for q in await queue.claim(4, NOW)] == [seqs[0], seqs[2]]
+    assert await queue.requeue_dead([seqs[3], 999_999]) == 1
+    assert [d.seq for d in await queue.list_dead()] == [seqs[1]]
+    assert await queue.requeue_dead() == 1
+    assert (await queue.stats()).dead == 0
+    assert [q.seq for q in await queue.claim(4, NOW)] == seqs
+
+
+async def test_prune_removes_only_delivered_events_past_retention(queue: AuditQueue) -> None:
+    for i in range(6):
+        await queue.append([_event(i)])
+    seqs = [q.seq for q in await queue.claim(6, NOW)]
+    await queue.ack(seqs[:2], NOW - timedelta(days=40))
+    await queue.ack(seqs[2:4], NOW - timedelta(days=1))
+    await queue.dead_letter([seqs[4]], "HTTP 400")
+    assert await queue.prune(NOW, timedelta(days=30)) == 2
+    stats = await queue.stats()
+    assert (stats.pending, stats.delivered, stats.dead) == (1, 2, 1)
+    for seq_gone in seqs[:2]:
+        page, _ = await queue.search(EventQuery(newest_first=False, limit=100))
+        assert seq_gone not in [q.seq for q in page]
+
+
+async def test_search_filters_and_pages(queue: AuditQueue) -> None:
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(12):
+        recorded = (base + timedelta(hours=i)).isoformat()
+        await queue.append(
+            [
+                _event(
+                    i,
+                    patient=f"Patient/p{i % 3}",
+                    user=f"user{i % 2}",
+                    outcome="4" if i == 5 else "0",
+                    recorded=recorded,
+                )
+            ]
+        )
+    page, total = await queue.search(EventQuery(patient="Patient/p1", limit=2))
+    assert total == 4
+    assert [p.event["entity"][0]["what"]["reference"] for p in page] == ["Patient/p1"] * 2
+    assert page[0].recorded > page[1].recorded, "newest first"
+    _, total = await queue.search(EventQuery(user="user0"))
+    assert total == 6
+    only, total = await queue.search(EventQuery(outcome="4"))
+    assert total == 1 and only[0].event["outcome"] == "4"
+    _, total = await queue.search(
+        EventQuery(date_from=base + timedelta(hours=3), date_to=base + timedelta(hours=6))
+    )
+    assert total == 3
+    _, total = await queue.search(EventQuery(subtype="read", action="R"))
+    assert total == 12
+    _, total = await queue.search(EventQuery(patient="Patient/p"))
+    assert total == 0, "a patient matches whole references, not prefixes"
+    second, _ = await queue.search(EventQuery(newest_first=False, limit=5, offset=5))
+    assert [q.event["entity"][-1]["what"]["identifier"]["value"] for q in second] == [
+        f"n-{i}" for i in range(5, 10)
+    ]
+    found = await queue.get_event(only[0].event_id)
+    assert found is not None and found.event == only[0].event
+    assert await queue.get_event("no-such-id") is None
+
+
+async def test_concurrent_appends_share_commits(queue: AuditQueue) -> None:
+    writers, per_writer = 64, 20
+
+    async def writer(w: int) -> None:
+        for i in range(per_writer):
+            await queue.append([_event(w * 1000 + i)])
+
+    commits_before = queue.commits
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    commits = queue.commits - commits_before
+    assert (await queue.stats()).pending == writers * per_writer
+    # One fsync per batch of waiting appends, not per append (invariant 4).
+    assert commits <= writers * per_writer / 8, commits
+
+
+async def test_a_duplicate_id_fails_only_its_own_append(queue: AuditQueue) -> None:
+    first = _event(1)
+    await queue.append([first])
+    results = await asyncio.gather(
+        queue.append([_event(2)]),
+        queue.append([first]),
+        queue.append([_event(3)]),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StoreError)
+    assert (await queue.stats()).pending == 3
+
+
+async def test_intents_are_completed_atomically_with_their_events(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.db"
+    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    a = await queue.record_intent({"method": "POST", "path": "Observation"})
+    b, c = await asyncio.gather(
+        queue.record_intent({"method": "PUT", "path": "Patient/1"}),
+        queue.record_intent({"method": "DELETE", "path": "Patient/2"}),
+    )
+    assert len({a, b, c}) == 3
+    await queue.append([_event(1)], complete_intent=a)
+    await queue.close()
+
+    reopened = await AuditQueue.open(path, max_bytes=1 << 30)
+    orphans = await reopened.orphan_intents()
+    assert [o.id for o in orphans] == sorted([b, c])
+    assert {o.summary["method"] for o in orphans} == {"PUT", "DELETE"}
+    assert all(o.created_at <= datetime.now(UTC) for o in orphans)
+    await reopened.append([_event(2), _event(3)], complete_intent=b)
+    assert [o.id for o in await reopened.orphan_intents()] == [c]
+    assert (await reopened.stats()).intents == 1
+    await reopened.close()
+
+
+async def test_migrations_run_once_and_a_newer_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    await queue.append([_event(1)])
+    await queue.close()
+    queue = await AuditQueue.open(path, max_bytes=1 << 30)  # migrations already applied
+    await queue.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 1
+    assert schema.migrate(conn) == schema.SCHEMA_VERSION, "idempotent"
+    conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this proxy knows"):
+        await AuditQueue.open(path, max_bytes=1 << 30)
+
+
+def test_a_failing_migration_leaves_the_previous_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    schema.migrate(conn)
+    broken = (*schema.MIGRATIONS, "CREATE TABLE extra (a); CREATE TABLE events (dup)")
+    monkeypatch.setattr(schema, "MIGRATIONS", broken)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", len(broken))
+    with pytest.raises(sqlite3.OperationalError):
+        schema.migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(broken) - 1
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "extra" not in tables, "the half-done migration was rolled back"
+
+
+async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_path: Path) -> None:
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=400_000)
+    padding = "x" * 4000
+    stored = 0
+    with pytest.raises(StoreFull, match="full"):
+        for i in range(1000):
+            await queue.append([_event(i, outcomeDesc=padding)])
+            stored += 1
+    assert 20 < stored < 1000
+    assert (await queue.stats()).pending == stored, "everything acknowledged is still there"
+    # Intents and reads still work: only growth is refused.
+    assert (await queue.claim(5, NOW))[0].event["outcomeDesc"] == padding
+    seqs = [q.seq for q in await queue.claim(1000, NOW)]
+    await queue.ack(seqs, NOW - timedelta(days=60))
+    assert await queue.prune(NOW, timedelta(days=30)) == stored
+    await queue.append([_event(5000, outcomeDesc=padding)])  # space is back
+    assert (await queue.stats()).pending == 1
+    await queue.close()
+
+
+async def test_closed_queue_refuses_appends_but_finishes_accepted_ones(tmp_path: Path) -> None:
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    accepted = [asyncio.ensure_future(queue.append([_event(i)])) for i in range(50)]
+    await asyncio.sleep(0)
+    await queue.close()
+    await asyncio.gather(*accepted)
+    with pytest.raises(StoreError, match="closed"):
+        await queue.append([_event(99)])
+    reopened = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    assert (await reopened.stats()).pending == 50
+    await reopened.close()
