@@ -8,8 +8,11 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
@@ -17,6 +20,7 @@ from proxy.audit.balp import TOKEN_VERIFICATION_EXT
 from proxy.audit.identity import identity_from_headers
 from proxy.settings import IdentitySettings
 from tests.audit.exchanges import context, events_of, exchange, unsigned_jwt
+from tests.conftest import NodeFhirServer, StartProxy
 
 
 def _keypair(kid: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
@@ -29,7 +33,12 @@ def _keypair(kid: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
 def idp() -> dict[str, Any]:
     signing, signing_jwk = _keypair("k1")
     other, _ = _keypair("k1")  # same kid, different key: a forged token
-    return {"key": signing, "other": other, "jwks": jwt.PyJWKSet.from_dict({"keys": [signing_jwk]})}
+    return {
+        "key": signing,
+        "other": other,
+        "public": {"keys": [signing_jwk]},
+        "jwks": jwt.PyJWKSet.from_dict({"keys": [signing_jwk]}),
+    }
 
 
 def _token(key: Any, claims: dict[str, Any], kid: str = "k1") -> str:
@@ -182,3 +191,41 @@ def test_no_usable_credential_gives_no_user_agent(header: str) -> None:
     (event,) = events_of(ex)
     assert [a for a in event["agent"] if a["requestor"]] == []
     assert len(event["agent"]) == 2
+
+
+async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
+    idp: dict[str, Any],
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    """End to end: the JWKS comes over HTTP from the IdP; a signed token's event says
+    verified, a forged one's says why not, and both requests are served."""
+
+    async def certs(request: web.Request) -> web.Response:
+        return web.json_response(idp["public"])
+
+    jwks_app = web.Application()
+    jwks_app.router.add_get("/certs", certs)
+    jwks_server = TestServer(jwks_app, host="127.0.0.1")
+    await jwks_server.start_server()
+    try:
+        proxy = await start_proxy(
+            fhir_server.base_url,
+            audit={"identity": {"jwks_url": str(jwks_server.make_url("/certs"))}},
+        )
+        for key in ("key", "other"):
+            token = _token(idp[key], {"sub": f"user-{key}", "aud": "fhir"})
+            async with http.get(
+                f"{proxy.url}/metadata", headers={"Authorization": f"Bearer {token}"}
+            ) as resp:
+                assert resp.status == 200
+                await resp.read()
+    finally:
+        await jwks_server.close()
+    events = await proxy.stored_events()
+    by_user = {_user(e)["who"]["identifier"]["value"]: _verification(e) for e in events}
+    assert by_user == {
+        "user-key": "verified",
+        "user-other": "verification failed: bad signature",
+    }
