@@ -1,9 +1,11 @@
 """What auditing costs on the hot path, next to a plain reverse proxy.
 
 Runs, in one script and on one machine: nginx serving FHIR JSON as the upstream; the same
-load (wrk) against (a) the upstream directly, (b) nginx as a reverse proxy in front of it
-(the peer to beat), and (c) fhir-audit-proxy in front of it, auditing every request with
-a durable fsync'd commit. Prints requests/s, latencies and the ratios.
+load (wrk) against (a) the upstream directly, (b) nginx as a reverse proxy in front of it,
+(c) a bare aiohttp reverse proxy (``plain_proxy.py``: the same Python stack with no audit,
+so the ratio to it is what auditing costs), and (d) fhir-audit-proxy in front of it,
+auditing every request with a durable fsync'd commit. Prints requests/s, latencies and
+the ratios.
 
     python bench/bench_proxy.py [--seconds 5] [--connections 64]
 
@@ -123,9 +125,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        d.chmod(0o755)  # nginx's workers run as another user and must read www/
         (d / "www" / "Patient").mkdir(parents=True)
         (d / "www" / "Patient" / "1").write_text(json.dumps(PATIENT))
-        upstream, peer, proxy_port, admin_port = (free_port() for _ in range(4))
+        upstream, peer, plain, proxy_port, admin_port = (free_port() for _ in range(5))
         (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, upstream=upstream, peer=peer))
         nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")])
         config = d / "proxy.yaml"
@@ -145,15 +148,25 @@ def main() -> None:
             cwd=ROOT,
             env=os.environ.copy(),
         )
+        bare = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "plain_proxy.py"),
+                f"http://127.0.0.1:{upstream}",
+                str(plain),
+            ]
+        )
         try:
             path = "/fhir/Patient/1"
             wait_http(f"http://127.0.0.1:{upstream}{path}")
             wait_http(f"http://127.0.0.1:{peer}{path}")
+            wait_http(f"http://127.0.0.1:{plain}{path}")
             wait_http(f"http://127.0.0.1:{proxy_port}{path}")
             results = {}
             for name, port in (
                 ("upstream direct", upstream),
                 ("nginx proxy", peer),
+                ("aiohttp, no audit", plain),
                 ("fhir-audit-proxy", proxy_port),
             ):
                 wrk(f"http://127.0.0.1:{port}{path}", 1, args.connections)  # warm-up
@@ -167,6 +180,8 @@ def main() -> None:
         finally:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(timeout=20)
+            bare.kill()
+            bare.wait(timeout=10)
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=10)
 
@@ -177,6 +192,8 @@ def main() -> None:
             f"  p99 {r['p99_ms']:6.2f} ms  non-2xx {r['non2xx']:.0f}"
         )
     ours = results["fhir-audit-proxy"]["rps"]
+    bare_rps = results["aiohttp, no audit"]["rps"]
+    print(f"ratio fhir-audit-proxy / aiohttp no audit: {ours / bare_rps:.2f}  (cost of auditing)")
     print(f"ratio fhir-audit-proxy / nginx proxy:     {ours / results['nginx proxy']['rps']:.2f}")
     print(
         f"ratio fhir-audit-proxy / upstream direct: {ours / results['upstream direct']['rps']:.2f}"
