@@ -30,7 +30,7 @@ from tests.audit.exchanges import (
     unsigned_jwt,
 )
 
-FSH_DIR = Path(__file__).resolve().parents[3] / "shared" / "reference" / "balp-fsh"
+FSH_DIR = Path(__file__).resolve().parent / "balp-fsh"  # the IG's examples, vendored
 RESTFUL = {
     f"{p}{k}" for p in ("", "Patient") for k in ("Create", "Read", "Update", "Delete", "Query")
 }
