@@ -12,25 +12,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from proxy.fhir.interaction import Interaction
+from proxy.fhir.interaction import Interaction, parse_json_object
 
 if TYPE_CHECKING:
     from proxy.audit.identity import Identity
 
 _UNPARSED: Any = object()
-
-
-def parse_json_object(body: bytes | None) -> dict[str, Any] | None:
-    """A JSON object from ``body``, or None when it is empty, not JSON or not an object."""
-    if not body:
-        return None
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 @dataclass(slots=True, eq=False)

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -121,14 +122,20 @@ def _form_params(headers: Mapping[str, str], body: bytes | None) -> list[tuple[s
         return []
 
 
-def _bundle_type(body: bytes | None) -> str | None:
+def parse_json_object(body: bytes | None) -> dict[str, Any] | None:
+    """A JSON object from ``body``, or None when it is empty, not JSON or not an object."""
     if not body:
         return None
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+    return value if isinstance(value, dict) else None
+
+
+def _bundle_type(body: bytes | None) -> str | None:
+    value = parse_json_object(body)
+    if value is not None and value.get("resourceType") == "Bundle":
         kind = value.get("type")
         return kind if isinstance(kind, str) else None
     return None
