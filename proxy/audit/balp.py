@@ -212,45 +212,30 @@ def outcome_of(
 # --- agents --------------------------------------------------------------------------------
 
 
-def _client_agent(ex: Exchange, pattern: _Pattern, token_pattern: str) -> dict[str, Any]:
-    """The network peer that sent the request (BALP's ``client`` slice)."""
-    who: dict[str, Any] = {"display": ex.client_address}
-    identity = ex.identity
-    if (
-        identity is not None
-        and identity.client_id
-        and token_pattern == "comprehensive"
-        and pattern.client_type is APPLICATION
-    ):
-        # Delete's client is already the Application: it carries the OAuth client id.
-        who["identifier"] = {"value": identity.client_id}
-    return {
+def _client_agents(ex: Exchange, pattern: _Pattern, token_pattern: str) -> list[dict[str, Any]]:
+    """The network peer that sent the request (BALP's ``client`` slice) and, in the
+    comprehensive OAuth pattern, the OAuth client: an Application agent (110150) with
+    ``who.identifier.value`` = ``client_id``. Where the peer already is the Application
+    (Delete), it carries the client id itself."""
+    peer: dict[str, Any] = {
         "type": pattern.client_type,
-        "who": who,
+        "who": {"display": ex.client_address},
         "requestor": False,
         "network": {"address": ex.client_address, "type": "2"},
     }
-
-
-def _oauth_client_agent(
-    ex: Exchange, pattern: _Pattern, token_pattern: str
-) -> dict[str, Any] | None:
-    """BALP's comprehensive OAuth pattern: the OAuth client as an Application agent (110150)
-    with ``who.identifier.value`` = ``client_id``, beside the network peer."""
-    identity = ex.identity
-    if (
-        identity is None
-        or not identity.client_id
-        or token_pattern != "comprehensive"
-        or pattern.client_type is APPLICATION
-    ):
-        return None
-    return {
+    client_id = ex.identity.client_id if ex.identity is not None else None
+    if not client_id or token_pattern != "comprehensive":
+        return [peer]
+    if pattern.client_type is APPLICATION:
+        peer["who"]["identifier"] = {"value": client_id}
+        return [peer]
+    oauth_client = {
         "type": APPLICATION,
-        "who": {"identifier": {"value": identity.client_id}, "display": identity.client_id},
+        "who": {"identifier": {"value": client_id}, "display": client_id},
         "requestor": False,
         "network": {"address": ex.client_address, "type": "2"},
     }
+    return [peer, oauth_client]
 
 
 def _server_agent(ex: Exchange, pattern: _Pattern) -> dict[str, Any]:
@@ -455,10 +440,8 @@ def _events_for(
     base["outcome"] = outcome
     if outcome_desc:
         base["outcomeDesc"] = outcome_desc[:2000]
-    agents = [_client_agent(ex, pattern, ctx.token_pattern), _server_agent(ex, pattern)]
-    oauth_client = _oauth_client_agent(ex, pattern, ctx.token_pattern)
-    if oauth_client is not None:
-        agents.append(oauth_client)
+    peer, *oauth_client = _client_agents(ex, pattern, ctx.token_pattern)
+    agents = [peer, _server_agent(ex, pattern), *oauth_client]
     user = _user_agent(ex.identity, pattern, ctx.token_pattern)
     if user is not None:
         agents.append(user)
