@@ -141,7 +141,8 @@ class FhirRepositorySink:
             if status in (401, 403):
                 # About our credentials, not the events: bisecting would dead-letter every
                 # one of them. Hold them back until the credentials are fixed.
-                what = "the refreshed token" if self._tokens is not None else "the credentials"
+                refreshed = self._tokens is not None and status == 401
+                what = "the refreshed token" if refreshed else "the credentials"
                 raise RepositoryUnavailable(f"repository refused {what}: HTTP {status}: {excerpt}")
             if status in (408, 429) or status >= 500:
                 raise RepositoryUnavailable(f"HTTP {status}: {excerpt}")
