@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.app import ADMIN_URL, QUEUE, build_proxy_app
+from proxy.audit.balp import new_event_id
 from proxy.settings import Settings, load_settings
 from proxy.store.queue import AuditQueue
 
@@ -203,3 +205,29 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+def audit_event(n: int, **extra: Any) -> dict[str, Any]:
+    """A small valid R4 AuditEvent, numbered in ``entity[0].what.identifier``."""
+    return {
+        "resourceType": "AuditEvent",
+        "id": new_event_id(),
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+        },
+        "action": "R",
+        "recorded": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "outcome": "0",
+        "agent": [{"who": {"display": "test"}, "requestor": True}],
+        "source": {"observer": {"display": "fhir-audit-proxy"}},
+        "entity": [{"what": {"identifier": {"value": f"n-{n}"}}}],
+        **extra,
+    }
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
+    q = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    yield q
+    await q.close()

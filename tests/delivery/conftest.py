@@ -1,22 +1,16 @@
-"""A scriptable audit repository on loopback (real HTTP), events to send, and a real store."""
+"""A scriptable audit repository on loopback (real HTTP)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
-from proxy.audit.balp import new_event_id
-from proxy.store.queue import AuditQueue
 
 Behaviour = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
 
@@ -69,38 +63,6 @@ async def scripted_repository() -> AsyncIterator[ScriptedRepository]:
     repo.url = str(server.make_url("/fhir"))
     yield repo
     await server.close()
-
-
-def audit_event(n: int, **extra: Any) -> dict[str, Any]:
-    """A small valid R4 AuditEvent, numbered in ``entity[0].what.identifier``."""
-    return {
-        "resourceType": "AuditEvent",
-        "id": new_event_id(),
-        "type": {
-            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-            "code": "rest",
-        },
-        "action": "R",
-        "recorded": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "outcome": "0",
-        "agent": [{"who": {"display": "test"}, "requestor": True}],
-        "source": {"observer": {"display": "fhir-audit-proxy"}},
-        "entity": [{"what": {"identifier": {"value": f"n-{n}"}}}],
-        **extra,
-    }
-
-
-@pytest.fixture
-async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
-    q = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    yield q
-    await q.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def never_answer(request: web.Request, raw: bytes) -> web.StreamResponse | None:

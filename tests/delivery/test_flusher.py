@@ -17,14 +17,15 @@ from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
 from proxy.settings import RepositorySettings
 from proxy.store.queue import AuditQueue
-from tests.delivery.conftest import ScriptedRepository, audit_event
+from tests.conftest import audit_event
+from tests.delivery.conftest import ScriptedRepository
 
 
 def _flusher(
-    queue: AuditQueue, repo: ScriptedRepository, session: aiohttp.ClientSession, **kwargs: Any
+    queue: AuditQueue, repo: ScriptedRepository, http: aiohttp.ClientSession, **kwargs: Any
 ) -> Flusher:
     settings = RepositorySettings(url=repo.url, **kwargs)
-    return Flusher(queue, make_sink(settings, session), settings, rng=random.Random(7))
+    return Flusher(queue, make_sink(settings, http), settings, rng=random.Random(7))
 
 
 async def _append(queue: AuditQueue, events: list[dict[str, Any]]) -> None:
@@ -52,13 +53,13 @@ def _reject_when(poison_ids: set[str]) -> Any:
 
 
 async def test_one_poison_event_in_a_batch_of_100_goes_dead_and_99_are_delivered(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(100)]
     poison = events[37]["id"]
     await _append(queue, events)
     scripted_repository.behaviour = _reject_when({poison})
-    flusher = _flusher(queue, scripted_repository, session, batch_count=100)
+    flusher = _flusher(queue, scripted_repository, http, batch_count=100)
 
     delivered = await flusher.flush_once()
 
@@ -75,25 +76,25 @@ async def test_one_poison_event_in_a_batch_of_100_goes_dead_and_99_are_delivered
 
 
 async def test_several_poison_events_are_all_isolated(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(40)]
     poison = {events[0]["id"], events[13]["id"], events[14]["id"], events[39]["id"]}
     await _append(queue, events)
     scripted_repository.behaviour = _reject_when(poison)
-    delivered = await _flusher(queue, scripted_repository, session, batch_count=40).flush_once()
+    delivered = await _flusher(queue, scripted_repository, http, batch_count=40).flush_once()
     assert delivered == 36
     assert {d.event_id for d in await queue.list_dead()} == poison
     assert scripted_repository.delivered_ids() == [e["id"] for e in events if e["id"] not in poison]
 
 
 async def test_dead_events_requeued_are_delivered_once_the_repository_takes_them(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(4)]
     await _append(queue, events)
     scripted_repository.behaviour = _reject_when({events[1]["id"]})
-    flusher = _flusher(queue, scripted_repository, session)
+    flusher = _flusher(queue, scripted_repository, http)
     await flusher.flush_once()
     scripted_repository.behaviour = None  # the repository was fixed
     assert await queue.requeue_dead() == 1
@@ -103,18 +104,18 @@ async def test_dead_events_requeued_are_delivered_once_the_repository_takes_them
 
 
 async def test_delivery_is_in_queue_order_across_batches(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(25)]
     await _append(queue, events)
-    flusher = _flusher(queue, scripted_repository, session, batch_count=7)
+    flusher = _flusher(queue, scripted_repository, http, batch_count=7)
     sizes = [await flusher.flush_once() for _ in range(5)]
     assert sizes == [7, 7, 7, 4, 0]
     assert scripted_repository.delivered_ids() == [e["id"] for e in events]
 
 
 async def test_an_outage_holds_events_back_with_backoff_then_delivers_them(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(5)]
     await _append(queue, events)
@@ -124,7 +125,7 @@ async def test_an_outage_holds_events_back_with_backoff_then_delivers_them(
 
     scripted_repository.behaviour = down
     flusher = _flusher(
-        queue, scripted_repository, session, flush_interval_ms=1000, max_flush_interval_ms=8000
+        queue, scripted_repository, http, flush_interval_ms=1000, max_flush_interval_ms=8000
     )
     now = datetime.now(UTC)
     assert await flusher.flush_once(now) == 0
@@ -162,18 +163,18 @@ def test_backoff_grows_exponentially_with_jitter_and_stays_within_bounds(
 
 
 async def test_drain_sends_everything_pending_ignoring_backoff(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(30)]
     await _append(queue, events)
     await queue.nack([1, 2, 3], "earlier outage", datetime.now(UTC) + timedelta(hours=1))
-    flusher = _flusher(queue, scripted_repository, session, batch_count=8)
+    flusher = _flusher(queue, scripted_repository, http, batch_count=8)
     assert await flusher.drain(timeout_s=5) == 30
     assert scripted_repository.delivered_ids() == [e["id"] for e in events]
 
 
 async def test_drain_stops_at_the_first_failure(
-    queue: AuditQueue, scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     await _append(queue, [audit_event(i) for i in range(10)])
 
@@ -181,7 +182,7 @@ async def test_drain_stops_at_the_first_failure(
         return web.json_response({}, status=500)
 
     scripted_repository.behaviour = down
-    flusher = _flusher(queue, scripted_repository, session, batch_count=5)
+    flusher = _flusher(queue, scripted_repository, http, batch_count=5)
     assert await flusher.drain(timeout_s=5) == 0
     assert len(scripted_repository.requests) == 1
     assert (await queue.stats()).pending == 10, "nothing lost: it waits for the next start"

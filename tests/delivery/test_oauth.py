@@ -21,7 +21,8 @@ from pydantic import SecretStr
 from proxy.delivery.oauth import TokenProvider
 from proxy.delivery.sinks import FhirRepositorySink, RepositoryUnavailable, make_sink
 from proxy.settings import OAuth2Settings, RepositorySettings
-from tests.delivery.conftest import ScriptedRepository, audit_event
+from tests.conftest import audit_event
+from tests.delivery.conftest import ScriptedRepository
 
 SECRET = "client-secret-that-must-never-be-logged"
 

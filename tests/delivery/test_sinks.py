@@ -20,8 +20,8 @@ from proxy.delivery.sinks import (
     make_sink,
 )
 from proxy.settings import RepositorySettings
-from tests.conftest import NodeFhirServer
-from tests.delivery.conftest import ScriptedRepository, audit_event, never_answer
+from tests.conftest import NodeFhirServer, audit_event
+from tests.delivery.conftest import ScriptedRepository, never_answer
 
 
 def _settings(url: str, **kwargs: Any) -> RepositorySettings:
@@ -29,13 +29,13 @@ def _settings(url: str, **kwargs: Any) -> RepositorySettings:
 
 
 async def test_bundle_mode_posts_a_collection_with_custom_headers(
-    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     settings = _settings(
         scripted_repository.url, mode="bundle", request_headers={"X-Tenant": "clinic-7"}
     )
     events = [audit_event(i) for i in range(3)]
-    await make_sink(settings, session).send(events)
+    await make_sink(settings, http).send(events)
     (request,) = scripted_repository.requests
     assert (request["method"], request["path"]) == ("POST", "/fhir")
     assert request["headers"]["X-Tenant"] == "clinic-7"
@@ -47,10 +47,10 @@ async def test_bundle_mode_posts_a_collection_with_custom_headers(
 
 
 async def test_single_mode_posts_each_event_to_auditevent(
-    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(3)]
-    await make_sink(_settings(scripted_repository.url, mode="single"), session).send(events)
+    await make_sink(_settings(scripted_repository.url, mode="single"), http).send(events)
     assert [(r["method"], r["path"]) for r in scripted_repository.requests] == [
         ("POST", "/fhir/AuditEvent")
     ] * 3
@@ -58,7 +58,7 @@ async def test_single_mode_posts_each_event_to_auditevent(
 
 
 async def test_single_mode_reports_how_far_it_got(
-    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     events = [audit_event(i) for i in range(3)]
 
@@ -69,26 +69,26 @@ async def test_single_mode_reports_how_far_it_got(
 
     scripted_repository.behaviour = reject_second
     with pytest.raises(PartialDelivery) as info:
-        await make_sink(_settings(scripted_repository.url, mode="single"), session).send(events)
+        await make_sink(_settings(scripted_repository.url, mode="single"), http).send(events)
     assert info.value.delivered == 1
     assert isinstance(info.value.cause, RepositoryRejected)
     assert info.value.cause.status == 422
 
 
 async def test_transaction_mode_is_idempotent_on_a_real_fhir_server(
-    fhir_server: NodeFhirServer, session: aiohttp.ClientSession
+    fhir_server: NodeFhirServer, http: aiohttp.ClientSession
 ) -> None:
-    sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), session)
+    sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), http)
     events = [audit_event(i) for i in range(5)]
     await sink.send(events)
     await sink.send(events[2:])  # a redelivery after a lost acknowledgement
     for event in events:
-        async with session.get(f"{fhir_server.base_url}/AuditEvent/{event['id']}") as resp:
+        async with http.get(f"{fhir_server.base_url}/AuditEvent/{event['id']}") as resp:
             assert resp.status == 200
             stored = await resp.json(content_type=None)
         assert stored["entity"] == event["entity"]
     ids = ",".join(e["id"] for e in events)
-    async with session.get(f"{fhir_server.base_url}/AuditEvent?_id={ids}&_count=50") as resp:
+    async with http.get(f"{fhir_server.base_url}/AuditEvent?_id={ids}&_count=50") as resp:
         found = await resp.json(content_type=None)
     assert sorted(e["resource"]["id"] for e in found.get("entry", [])) == sorted(
         e["id"] for e in events
@@ -96,9 +96,9 @@ async def test_transaction_mode_is_idempotent_on_a_real_fhir_server(
 
 
 async def test_transaction_mode_rejects_on_a_failed_entry(
-    fhir_server: NodeFhirServer, session: aiohttp.ClientSession
+    fhir_server: NodeFhirServer, http: aiohttp.ClientSession
 ) -> None:
-    sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), session)
+    sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), http)
     # The server answers the transaction 200 but refuses the entry: that is a rejection.
     bad = audit_event(1) | {"resourceType": "NotAnAuditEvent"}
     with pytest.raises(RepositoryRejected) as info:
@@ -126,7 +126,7 @@ async def test_transaction_mode_rejects_on_a_failed_entry(
 )
 async def test_answers_that_retry_and_answers_that_reject(
     scripted_repository: ScriptedRepository,
-    session: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     status: int,
     error: type[Exception],
 ) -> None:
@@ -138,29 +138,27 @@ async def test_answers_that_retry_and_answers_that_reject(
 
     scripted_repository.behaviour = answer
     with pytest.raises(error) as info:
-        await make_sink(_settings(scripted_repository.url), session).send([audit_event(1)])
+        await make_sink(_settings(scripted_repository.url), http).send([audit_event(1)])
     assert f"said {status}" in str(info.value), "the repository's answer is kept"
     if isinstance(info.value, RepositoryRejected):
         assert info.value.status == status
 
 
 async def test_timeout_and_refused_connection_are_unavailable(
-    scripted_repository: ScriptedRepository, session: aiohttp.ClientSession
+    scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
 ) -> None:
     scripted_repository.behaviour = never_answer
-    sink = make_sink(_settings(scripted_repository.url, timeout_s=0.3), session)
+    sink = make_sink(_settings(scripted_repository.url, timeout_s=0.3), http)
     with pytest.raises(RepositoryUnavailable, match=r"TimeoutError|unreachable"):
         await asyncio.wait_for(sink.send([audit_event(1)]), 5)
-    refused = make_sink(_settings("http://127.0.0.1:9/fhir"), session)
+    refused = make_sink(_settings("http://127.0.0.1:9/fhir"), http)
     with pytest.raises(RepositoryUnavailable, match="unreachable"):
         await refused.send([audit_event(1)])
 
 
-async def test_file_mode_appends_ndjson_lines(
-    tmp_path: Path, session: aiohttp.ClientSession
-) -> None:
+async def test_file_mode_appends_ndjson_lines(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     path = tmp_path / "out" / "audit.ndjson"
-    sink = make_sink(_settings(f"file://{path}", mode="file"), session)
+    sink = make_sink(_settings(f"file://{path}", mode="file"), http)
     assert isinstance(sink, FileSink)
     first, second = [audit_event(i) for i in range(3)], [audit_event(i) for i in range(3, 5)]
     await sink.send(first)

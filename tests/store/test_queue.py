@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,9 @@ import pytest
 from proxy.store import schema
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
 from proxy.store.records import EventQuery, EventStatus
-from tests.delivery.conftest import audit_event
+from tests.conftest import audit_event
 
 NOW = datetime.now(UTC)
-
-
-@pytest.fixture
-async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
-    q = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    yield q
-    await q.close()
 
 
 def _event(n: int, *, patient: str | None = None, user: str = "u", **extra: Any) -> dict[str, Any]:
