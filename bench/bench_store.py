@@ -55,8 +55,11 @@ def sample_event() -> dict[str, Any]:
     return event
 
 
-async def run(path: Path, writers: int, seconds: float, batch_max: int) -> tuple[float, float]:
-    """Appends/s and events per commit for ``writers`` concurrent appenders."""
+async def run(
+    path: Path, writers: int, seconds: float, batch_max: int
+) -> tuple[float, float, float]:
+    """Appends/s, events per commit, and milliseconds per commit for ``writers``
+    concurrent appenders."""
     template = sample_event()
     queue = await AuditQueue.open(path, max_bytes=1 << 40, commit_batch_max=batch_max)
     done = 0
@@ -71,12 +74,14 @@ async def run(path: Path, writers: int, seconds: float, batch_max: int) -> tuple
             done += 1
 
     commits_before = queue.commits
+    busy_before = queue.commit_seconds
     started = time.perf_counter()
     await asyncio.gather(*(writer() for _ in range(writers)))
     elapsed = time.perf_counter() - started
-    commits = queue.commits - commits_before
+    commits = max(queue.commits - commits_before, 1)
+    busy = queue.commit_seconds - busy_before
     await queue.close()
-    return done / elapsed, done / max(commits, 1)
+    return done / elapsed, done / commits, busy / commits * 1000
 
 
 def main() -> int:
@@ -87,16 +92,22 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where the store files go")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-store-") as tmp:
-        base, base_each = uvloop.run(
+        base, base_each, base_ms = uvloop.run(
             run(Path(tmp) / "baseline.db", args.writers, args.seconds, batch_max=1)
         )
-        grouped, per_commit = uvloop.run(
+        grouped, per_commit, grouped_ms = uvloop.run(
             run(Path(tmp) / "grouped.db", args.writers, args.seconds, batch_max=512)
         )
     where = args.dir or tempfile.gettempdir()
     print(f"writers: {args.writers}, {args.seconds:g}s each, store in {where}")
-    print(f"one commit per append (baseline): {base:>9,.0f} appends/s ({base_each:.1f}/commit)")
-    print(f"group commit (the queue):         {grouped:>9,.0f} appends/s ({per_commit:.1f}/commit)")
+    print(
+        f"one commit per append (baseline): {base:>9,.0f} appends/s"
+        f" ({base_each:.1f}/commit, {base_ms:.2f} ms/commit)"
+    )
+    print(
+        f"group commit (the queue):         {grouped:>9,.0f} appends/s"
+        f" ({per_commit:.1f}/commit, {grouped_ms:.2f} ms/commit)"
+    )
     print(f"ratio grouped/baseline:           {grouped / base:>9.1f}x")
     met = grouped >= args.target
     print(f"target {args.target:,.0f} appends/s: {'met' if met else 'NOT met'}")

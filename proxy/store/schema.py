@@ -37,6 +37,13 @@ MIGRATIONS: tuple[str, ...] = (
         summary BLOB NOT NULL
     );
     """,
+    # 2: the zstd dictionaries event bodies are compressed with (proxy/store/codec.py).
+    """
+    CREATE TABLE dictionaries (
+        id INTEGER PRIMARY KEY,
+        data BLOB NOT NULL
+    );
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 

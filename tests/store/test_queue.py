@@ -4,6 +4,7 @@ search, group commit, intents, migrations and the size cap."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,20 +223,22 @@ def test_a_failing_migration_leaves_the_previous_version(
 
 async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_path: Path) -> None:
     queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=400_000)
-    padding = "x" * 4000
+    # Random text: bodies are compressed, and repeated padding would take no room.
+    paddings = [secrets.token_urlsafe(3000) for _ in range(1000)]
     stored = 0
     with pytest.raises(StoreFull, match="full"):
         for i in range(1000):
-            await queue.append([_event(i, outcomeDesc=padding)])
+            await queue.append([_event(i, outcomeDesc=paddings[i])])
             stored += 1
     assert 20 < stored < 1000
     assert (await queue.stats()).pending == stored, "everything acknowledged is still there"
+    assert (await queue.stats()).size_bytes <= 400_000 * 1.05, "over by one commit at most"
     # Intents and reads still work: only growth is refused.
-    assert (await queue.claim(5, NOW))[0].event["outcomeDesc"] == padding
+    assert (await queue.claim(5, NOW))[0].event["outcomeDesc"] == paddings[0]
     seqs = [q.seq for q in await queue.claim(1000, NOW)]
     await queue.ack(seqs, NOW - timedelta(days=60))
     assert await queue.prune(NOW, timedelta(days=30)) == stored
-    await queue.append([_event(5000, outcomeDesc=padding)])  # space is back
+    await queue.append([_event(5000, outcomeDesc=paddings[0])])  # space is back
     assert (await queue.stats()).pending == 1
     await queue.close()
 
