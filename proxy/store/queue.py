@@ -193,6 +193,8 @@ class AuditQueue:
         self._writer_busy = False
         """A batch is with the writer thread (event loop thread only)."""
         self._kick_scheduled = False
+        self._kick_at = 1
+        """Pending appends that start a commit without waiting for the loop iteration."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -292,9 +294,13 @@ class AuditQueue:
         if self._closed:
             raise StoreError("the audit store is closed")
         self._pending.append(item)
-        if not self._writer_busy and not self._kick_scheduled:
-            # Hand over at the end of this loop iteration, so every append made by the
-            # callbacks now ready joins the same commit.
+        if self._writer_busy:
+            pass  # the writer takes everything pending when it is done
+        elif len(self._pending) >= self._kick_at:
+            self._kick()
+        elif not self._kick_scheduled:
+            # Hand over at the end of this loop iteration at the latest, so every append
+            # made by the callbacks now ready joins the same commit.
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
         return await item.future
@@ -323,8 +329,19 @@ class AuditQueue:
         """On the event loop: release the batch's callers, then hand over the next one."""
         self._writer_busy = False
         self._resolve(batch, results)
-        if self._pending:
+        # The callers just released are about to append again (under load they are most
+        # of the traffic). Start the next commit once half as many are waiting, rather
+        # than at the end of the loop iteration: the writer commits one half while the
+        # loop serves the other, so the disk does not wait for the loop (64 writers:
+        # alternating commits of 32, ~1.3x the appends/s of serial commits of 64 in
+        # bench/bench_store.py). Under light load the threshold is 1: no waiting.
+        self._kick_at = max(1, len(batch) // 2)
+        if len(self._pending) >= self._kick_at:
             self._kick()
+        elif self._pending:
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                self._loop.call_soon(self._kick)
         else:
             self._idle.set()
 

@@ -15,6 +15,7 @@ import pytest
 from proxy.store import schema
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
 from proxy.store.records import EventQuery, EventStatus
+from proxy.telemetry import REGISTRY
 from tests.conftest import audit_event
 
 NOW = datetime.now(UTC)
@@ -148,6 +149,38 @@ async def test_concurrent_appends_share_commits(queue: AuditQueue) -> None:
     assert (await queue.stats()).pending == writers * per_writer
     # One fsync per batch of waiting appends, not per append (invariant 4).
     assert commits <= writers * per_writer / 8, commits
+
+
+def _small_commits() -> float:
+    """Commits of at most 4 records so far (the commit-size histogram)."""
+    value = REGISTRY.get_sample_value("fhir_audit_store_commit_records_bucket", {"le": "4.0"})
+    return value or 0.0
+
+
+async def test_under_load_commits_alternate_halves_and_never_degenerate(
+    queue: AuditQueue,
+) -> None:
+    """64 writers: the next commit starts when half of the callers just released are
+    back, so the writer commits one half while the loop serves the other. A hand-over of
+    whatever is pending (1 event) would alternate commits of 1 and 63."""
+    writers, per_writer = 64, 15
+    small_before = _small_commits()
+
+    async def writer(w: int) -> None:
+        for i in range(per_writer):
+            await queue.append([_event(w * 1000 + i)])
+
+    commits_before = queue.commits
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    commits = queue.commits - commits_before
+    assert commits <= writers * per_writer / 16, commits
+    assert _small_commits() - small_before <= 2, "only the warm-up commits are small"
+
+
+async def test_a_lone_append_is_committed_at_once(queue: AuditQueue) -> None:
+    for i in range(5):
+        await asyncio.wait_for(queue.append([_event(i)]), timeout=5)
+    assert (await queue.stats()).pending == 5
 
 
 async def test_a_duplicate_id_fails_only_its_own_append(queue: AuditQueue) -> None:
