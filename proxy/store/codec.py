@@ -29,6 +29,11 @@ def shipped_dictionary() -> bytes:
     return resources.files("proxy.store").joinpath("events.zdict").read_bytes()
 
 
+def dictionary_id(data: bytes) -> int:
+    """The id a dictionary writes into each frame it compresses."""
+    return int(zstandard.ZstdCompressionDict(data).dict_id())
+
+
 class CodecError(Exception):
     """A stored body cannot be read (unknown dictionary or damaged frame)."""
 
@@ -41,11 +46,10 @@ class BodyCodec:
     def __init__(self, current: bytes, known: dict[int, bytes]) -> None:
         current_dict = zstandard.ZstdCompressionDict(current)
         current_dict.precompute_compress(level=LEVEL)
-        self.dictionary_id = current_dict.dict_id()
         self._compressor = zstandard.ZstdCompressor(
             level=LEVEL, dict_data=current_dict, write_checksum=False, write_dict_id=True
         )
-        self._known = {**known, self.dictionary_id: current}
+        self._known = {**known, current_dict.dict_id(): current}
         self._decompressors: dict[int, zstandard.ZstdDecompressor] = {}
 
     def encode(self, event: dict[str, Any]) -> bytes:

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy import telemetry
-from proxy.store.codec import BodyCodec, CodecError, shipped_dictionary
+from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
 from proxy.store.records import (
     EventQuery,
     EventStatus,
@@ -156,9 +156,10 @@ class _Append:
 
 def _used_bytes(conn: sqlite3.Connection) -> int:
     """Bytes in pages that hold data (free pages are reused before the file grows)."""
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    page_size, pages, free = conn.execute(
+        "SELECT page_size, page_count, freelist_count"
+        " FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
+    ).fetchone()
     return int(page_size * (pages - free))
 
 
@@ -202,7 +203,6 @@ class AuditQueue:
             target=self._write_loop, name="audit-store-writer", daemon=True
         )
         self._writer.start()
-        self._page_size: int | None = None
         self._used_estimate = 0
         """Bytes in use as last measured, plus what was committed since (writer only)."""
         self._commits_since_measure = 256
@@ -228,10 +228,9 @@ class AuditQueue:
         """The shipped dictionary, recorded in the store before any row uses it, and every
         dictionary older rows were written with."""
         shipped = shipped_dictionary()
-        codec = BodyCodec(shipped, {})
         conn.execute(
             "INSERT OR IGNORE INTO dictionaries (id, data) VALUES (?, ?)",
-            (codec.dictionary_id, shipped),
+            (dictionary_id(shipped), shipped),
         )
         known = dict(conn.execute("SELECT id, data FROM dictionaries").fetchall())
         return BodyCodec(shipped, known)
@@ -469,18 +468,9 @@ class AuditQueue:
             self._commits_since_measure >= 256
             or self._used_estimate + incoming > self._max_bytes * 0.9
         ):
-            self._used_estimate = self._used_bytes()
+            self._used_estimate = _used_bytes(self._wconn)
             self._commits_since_measure = 0
         return self._used_estimate + incoming <= self._max_bytes
-
-    def _used_bytes(self) -> int:
-        """Bytes in pages that hold data (free pages are reused before the file grows)."""
-        if self._page_size is None:
-            self._page_size = int(self._wconn.execute("PRAGMA page_size").fetchone()[0])
-        pages, free = self._wconn.execute(
-            "SELECT page_count, freelist_count FROM pragma_page_count, pragma_freelist_count"
-        ).fetchone()
-        return int(self._page_size * (pages - free))
 
     # --- intents ----------------------------------------------------------------------
 
