@@ -45,6 +45,9 @@ class Exchange:
     request_content_type: str = ""
     interaction: Interaction | None = None
     """The classification, set before forwarding."""
+    prior_patients: tuple[str, ...] = ()
+    """Patients of the resource a DELETE removes, as the proxy read it just before
+    forwarding (``audit.read_before_delete``)."""
     identity: Identity | None = None
     """Who is calling, from the bearer token's claims (never the token itself)."""
     status: int | None = None

@@ -3,6 +3,7 @@
 Order of work for one request (DESIGN.md, invariants 1-3):
 
 1. classify the request and read the caller's identity (never keeping the token);
+   before a DELETE of a resource that can belong to a patient, read it to learn whose it is;
 2. for a state-changing request, commit an intent record before forwarding;
 3. forward upstream, buffering the response up to ``buffer_limit_bytes``;
 4. build the AuditEvents and commit them with fsync (group commit, completing the intent);
@@ -30,8 +31,10 @@ from proxy import telemetry
 from proxy.audit.balp import AuditContext, build_events, intent_summary
 from proxy.audit.identity import JwksCache, identity_from_headers
 from proxy.exchange import Exchange
-from proxy.fhir.interaction import Interaction, InteractionKind, classify
+from proxy.fhir.compartment import PATIENT_PATHS
+from proxy.fhir.interaction import Interaction, InteractionKind, classify, parse_json_object
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+from proxy.fhir.patients import patients_in_resource
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
 
@@ -72,6 +75,7 @@ class ForwardConfig:
     buffer_limit: int
     timeout: aiohttp.ClientTimeout
     trusted_proxies: tuple[Network, ...]
+    read_before_delete: bool
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ForwardConfig:
@@ -87,6 +91,7 @@ class ForwardConfig:
             trusted_proxies=tuple(
                 ipaddress.ip_network(n, strict=False) for n in settings.audit.trusted_proxies
             ),
+            read_before_delete=settings.audit.read_before_delete,
         )
 
 
@@ -162,6 +167,30 @@ async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byt
         yield chunk
 
 
+_PRE_READ_DROP = (
+    "Content-Type",
+    "Content-Length",
+    "If-Match",
+    "If-None-Match",
+    "If-Modified-Since",
+    "If-None-Exist",
+    "Prefer",
+)
+"""Headers of the DELETE that must not shape the read made before it."""
+
+
+def _deletes_a_patients_resource(interaction: Interaction) -> bool:
+    """A DELETE of one resource whose type can belong to a patient. A Patient's own
+    delete names the patient in its URL; a conditional delete names no single resource."""
+    return (
+        interaction.kind is InteractionKind.DELETE
+        and not interaction.conditional
+        and interaction.resource_id is not None
+        and interaction.resource_type != "Patient"
+        and interaction.resource_type in PATIENT_PATHS
+    )
+
+
 def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -229,6 +258,9 @@ class ForwardHandler:
                 500, "exception", "The request could not be classified for audit."
             )
 
+        if self._cfg.read_before_delete and _deletes_a_patients_resource(ex.interaction):
+            # Before the intent, so an outcome-unknown event names the patient too.
+            ex.prior_patients = await self._patients_before_delete(request, ex)
         if ex.interaction.is_write:
             failure = await self._record_intent(ex)
             if failure is not None:
@@ -238,6 +270,35 @@ class ForwardHandler:
         finally:
             if ex.intent_id is not None:
                 self._in_flight.discard(ex.intent_id)
+
+    async def _patients_before_delete(self, request: web.Request, ex: Exchange) -> tuple[str, ...]:
+        """The patients of the resource about to be deleted, read from the upstream with
+        the caller's own headers (so the server applies the caller's access rights). Any
+        failure (not found, forbidden, unreachable, not JSON) means no patient is known;
+        the DELETE goes ahead either way. The resource itself is not kept."""
+        assert ex.interaction is not None
+        url = self._cfg.upstream_origin.join(URL(request.rel_url.raw_path, encoded=True))
+        headers = _upstream_headers(request, ex.request_id)
+        for name in _PRE_READ_DROP:
+            headers.pop(name, None)
+        headers["Accept"] = FHIR_JSON
+        try:
+            async with self._session.get(
+                url, headers=headers, allow_redirects=False, timeout=self._cfg.timeout
+            ) as upstream:
+                if upstream.status != 200:
+                    log.debug("read before delete of %s: HTTP %s", ex.path, upstream.status)
+                    return ()
+                body, complete = await self._read_up_to_limit(upstream)
+                if not complete:
+                    return ()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.debug("read before delete of %s failed: %s", ex.path, exc)
+            return ()
+        resource = parse_json_object(body)
+        if resource is None or resource.get("resourceType") != ex.interaction.resource_type:
+            return ()
+        return patients_in_resource(resource)
 
     async def _read_request_body(self, request: web.Request) -> tuple[bytes | None, Any]:
         """Buffer the request body up to the limit. A larger body streams on to the upstream

@@ -88,6 +88,11 @@ class AuditSettings(_Frozen):
     buffer_limit_bytes: int = 8 * 1024 * 1024
     """Responses larger than this stream through and are audited from their head."""
     capture_bodies: bool = False
+    read_before_delete: bool = True
+    """Before a DELETE of one resource that can belong to a patient (an Observation, not a
+    Patient), read it from the FHIR server with the caller's own headers, so the event
+    names its patient (BALP PatientDelete). Servers answer a delete without the resource;
+    without this read the event names no patient. Costs one GET per such DELETE."""
     validate_sample_rate: float = 0.0
     """Share of events validated with fhir.resources off the request path (0 disables)."""
 

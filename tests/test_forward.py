@@ -161,8 +161,8 @@ async def test_each_interaction_is_proxied_and_audited(
     assert len(searches) == 2 and {profile(e) for e in searches} == {"PatientQuery"}
     assert all(patient_refs(e) == [patient_ref] for e in searches)
     obs_delete, patient_delete = by_subtype["delete"]
-    # the server answers a delete without the resource: no patient is evident
-    assert profile(obs_delete) == "Delete" and patient_refs(obs_delete) == []
+    # the server answers a delete without the resource; the proxy read it first
+    assert profile(obs_delete) == "PatientDelete" and patient_refs(obs_delete) == [patient_ref]
     assert profile(patient_delete) == "PatientDelete" and patient_delete["action"] == "D"
     assert patient_refs(patient_delete) == [patient_ref]
     assert {"110150", "custodian"} <= agent_codes(patient_delete)

@@ -514,8 +514,15 @@ def _happening(ex: Exchange) -> _Happening:
         request_resource=request,
         response_resource=response,
         location=ex.response_headers.get("location") or ex.response_headers.get("content-location"),
-        patients=patients_of_exchange(interaction, request, response, ex.response_headers),
+        patients=_merged(
+            ex.prior_patients,
+            patients_of_exchange(interaction, request, response, ex.response_headers),
+        ),
     )
+
+
+def _merged(first: tuple[str, ...], then: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*first, *then)))
 
 
 def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[dict[str, Any]]:
@@ -577,7 +584,12 @@ def intent_summary(exchange: Exchange) -> dict[str, Any]:
         "accept": exchange.request_headers.get("accept"),
         "interaction": dataclasses.asdict(interaction),
         "identity": dataclasses.asdict(identity),
-        "patients": list(patients_of_exchange(interaction, exchange.request_json(), None, {})),
+        "patients": list(
+            _merged(
+                exchange.prior_patients,
+                patients_of_exchange(interaction, exchange.request_json(), None, {}),
+            )
+        ),
     }
 
 
