@@ -4,6 +4,7 @@ in front of it, and a recording audit repository."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -121,16 +122,30 @@ class RecordingRepository:
         )
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serving(*routes: tuple[str, str, Handler]) -> AsyncIterator[TestServer]:
+    """A real HTTP server on loopback with ``routes`` (method, path, handler), closed on
+    exit. Upstreams, repositories and IdPs in the tests are made with it."""
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
 @pytest.fixture
 async def repository() -> AsyncIterator[RecordingRepository]:
     repo = RecordingRepository()
-    app = web.Application()
-    app.router.add_route("POST", "/{tail:.*}", repo.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    repo.url = str(server.make_url("/fhir"))
-    yield repo
-    await server.close()
+    async with serving(("POST", "/{tail:.*}", repo.handle)) as server:
+        repo.url = str(server.make_url("/fhir"))
+        yield repo
 
 
 @dataclass

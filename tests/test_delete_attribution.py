@@ -10,12 +10,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from proxy.audit.balp import build_unknown_outcome_events, intent_summary
 from tests.audit.exchanges import NOW, context, exchange
-from tests.conftest import NodeFhirServer, StartProxy
+from tests.conftest import NodeFhirServer, StartProxy, serving
 from tests.test_forward import patient_refs, profile
 
 Seen = list[dict[str, Any]]
@@ -108,12 +107,8 @@ async def upstream() -> AsyncIterator[tuple[str, Seen]]:
             }
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("/fhir")), seen
-    await server.close()
+    async with serving(("*", "/{tail:.*}", handle)) as server:
+        yield str(server.make_url("/fhir")), seen
 
 
 async def test_the_read_carries_the_callers_credentials_and_no_preconditions(

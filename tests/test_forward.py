@@ -11,14 +11,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.audit.validate import validate_event
 from proxy.forward import client_address, relative_path
 from proxy.store.queue import StoreError
-from tests.conftest import NodeFhirServer, RecordingRepository, StartProxy
+from tests.conftest import NodeFhirServer, RecordingRepository, StartProxy, serving
 
 FHIR = {"Content-Type": "application/fhir+json"}
 BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
@@ -223,12 +222,8 @@ async def echo_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
             headers={"Connection": "keep-alive", "Keep-Alive": "timeout=5", "X-Upstream": "yes"},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("/fhir")), seen
-    await server.close()
+    async with serving(("*", "/{tail:.*}", echo)) as server:
+        yield str(server.make_url("/fhir")), seen
 
 
 async def test_headers_hop_by_hop_dropped_forwarded_set(

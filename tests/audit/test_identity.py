@@ -12,7 +12,6 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
@@ -20,7 +19,7 @@ from proxy.audit.balp import TOKEN_VERIFICATION_EXT
 from proxy.audit.identity import identity_from_headers
 from proxy.settings import IdentitySettings
 from tests.audit.exchanges import context, events_of, exchange, unsigned_jwt
-from tests.conftest import NodeFhirServer, StartProxy
+from tests.conftest import NodeFhirServer, StartProxy, serving
 
 
 def _keypair(kid: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
@@ -205,11 +204,7 @@ async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
     async def certs(request: web.Request) -> web.Response:
         return web.json_response(idp["public"])
 
-    jwks_app = web.Application()
-    jwks_app.router.add_get("/certs", certs)
-    jwks_server = TestServer(jwks_app, host="127.0.0.1")
-    await jwks_server.start_server()
-    try:
+    async with serving(("GET", "/certs", certs)) as jwks_server:
         proxy = await start_proxy(
             fhir_server.base_url,
             audit={"identity": {"jwks_url": str(jwks_server.make_url("/certs"))}},
@@ -221,8 +216,6 @@ async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
             ) as resp:
                 assert resp.status == 200
                 await resp.read()
-    finally:
-        await jwks_server.close()
     events = await proxy.stored_events()
     by_user = {_user(e)["who"]["identifier"]["value"]: _verification(e) for e in events}
     assert by_user == {

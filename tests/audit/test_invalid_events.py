@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.audit.validate import validate_event
-from tests.conftest import RecordingRepository, StartProxy
+from tests.conftest import RecordingRepository, StartProxy, serving
 
 BAD_LABEL = {"system": "http://example.org/labels", "code": "not  a  code"}
 
@@ -36,12 +35,8 @@ async def labelling_upstream() -> AsyncIterator[str]:
             content_type="application/fhir+json",
         )
 
-    app = web.Application()
-    app.router.add_get("/fhir/Observation/{id}", read)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("/fhir"))
-    await server.close()
+    async with serving(("GET", "/fhir/Observation/{id}", read)) as server:
+        yield str(server.make_url("/fhir"))
 
 
 def _invalid_count(metrics: str) -> float:

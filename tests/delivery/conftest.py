@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.conftest import serving
 
 Behaviour = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
 
@@ -56,13 +57,9 @@ class ScriptedRepository:
 @pytest.fixture
 async def scripted_repository() -> AsyncIterator[ScriptedRepository]:
     repo = ScriptedRepository()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", repo.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    repo.url = str(server.make_url("/fhir"))
-    yield repo
-    await server.close()
+    async with serving(("*", "/{tail:.*}", repo.handle)) as server:
+        repo.url = str(server.make_url("/fhir"))
+        yield repo
 
 
 async def never_answer(request: web.Request, raw: bytes) -> web.StreamResponse | None:

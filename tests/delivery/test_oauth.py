@@ -15,13 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from proxy.delivery.oauth import TokenProvider
 from proxy.delivery.sinks import FhirRepositorySink, RepositoryUnavailable, make_sink
 from proxy.settings import OAuth2Settings, RepositorySettings
-from tests.conftest import audit_event
+from tests.conftest import audit_event, serving
 from tests.delivery.conftest import ScriptedRepository
 
 SECRET = "client-secret-that-must-never-be-logged"
@@ -50,13 +49,10 @@ class IdentityProvider:
 @pytest.fixture
 async def idp() -> AsyncIterator[IdentityProvider]:
     provider = IdentityProvider()
-    app = web.Application()
-    app.router.add_post("/realms/audit/protocol/openid-connect/token", provider.token)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    provider.url = str(server.make_url("/realms/audit/protocol/openid-connect/token"))
-    yield provider
-    await server.close()
+    path = "/realms/audit/protocol/openid-connect/token"
+    async with serving(("POST", path, provider.token)) as server:
+        provider.url = str(server.make_url(path))
+        yield provider
 
 
 def _protected(repo: ScriptedRepository, idp: IdentityProvider) -> None:
