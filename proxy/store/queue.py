@@ -54,9 +54,9 @@ T = TypeVar("T")
 _EVENT_COLUMNS = "seq, event_id, body, status, attempts, next_attempt_at, last_error, recorded"
 _EVENT_ARITY = 9
 _ROWS_PER_STATEMENT = 256
+"""Rows per multi-row INSERT: 256 x 9 parameters stays far below SQLite's 32766 limit."""
 _ROW_OVERHEAD = 300
 """Bytes a row takes beside its body (columns and three index entries), overestimated."""
-"""Rows per multi-row INSERT: 256 x 9 parameters stays far below SQLite's 32766 limit."""
 
 
 @functools.cache
@@ -293,16 +293,21 @@ class AuditQueue:
         if self._closed:
             raise StoreError("the audit store is closed")
         self._pending.append(item)
+        self._hand_over()
+        return await item.future
+
+    def _hand_over(self) -> None:
+        """On the event loop, with appends pending: start a commit now if ``_kick_at`` of
+        them are waiting, else at the end of this loop iteration at the latest, so every
+        append made by the callbacks now ready joins the same commit. A busy writer takes
+        everything pending when it is done."""
         if self._writer_busy:
-            pass  # the writer takes everything pending when it is done
-        elif len(self._pending) >= self._kick_at:
+            return
+        if len(self._pending) >= self._kick_at:
             self._kick()
         elif not self._kick_scheduled:
-            # Hand over at the end of this loop iteration at the latest, so every append
-            # made by the callbacks now ready joins the same commit.
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
-        return await item.future
 
     def _kick(self) -> None:
         """On the event loop: give the writer everything pending (up to ``batch_max`` rows).
@@ -335,12 +340,8 @@ class AuditQueue:
         # alternating commits of 32, ~1.3x the appends/s of serial commits of 64 in
         # bench/bench_store.py). Under light load the threshold is 1: no waiting.
         self._kick_at = max(1, len(batch) // 2)
-        if len(self._pending) >= self._kick_at:
-            self._kick()
-        elif self._pending:
-            if not self._kick_scheduled:
-                self._kick_scheduled = True
-                self._loop.call_soon(self._kick)
+        if self._pending:
+            self._hand_over()
         else:
             self._idle.set()
 
@@ -406,7 +407,7 @@ class AuditQueue:
         n_rows = len(rows) // _EVENT_ARITY
         intents = [i.intent for i in batch if i.intent is not None]
         done = [i.complete_intent for i in batch if i.complete_intent is not None]
-        incoming = sum(len(i.rows[k][8]) + _ROW_OVERHEAD for i in batch for k in range(len(i.rows)))
+        incoming = sum(len(row[8]) + _ROW_OVERHEAD for item in batch for row in item.rows)
         incoming += sum(len(i) + 50 for i in intents)
         try:
             if n_rows and not self._has_room(incoming):
