@@ -1,157 +1,226 @@
 """The ``fhir-audit-proxy`` command.
 
-- ``run``: serve the proxy (and its admin listener) with the given configuration.
-- ``demo``: start the bundled test FHIR server and a proxy in front of it, print the URLs.
-- ``check-config``: load and print the effective configuration (secrets masked).
-- ``dlq list`` / ``dlq retry``: inspect and requeue events the repository rejected.
+Every command takes ``-c/--config`` and ``--debug`` before or after its name. A
+configuration or start-up failure prints one line per problem on stderr and exits 2 (the
+configuration is wrong) or 1 (the configuration is right but something failed at run
+time); the traceback follows only with ``--debug`` or ``log_level: DEBUG``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
-import shutil
-import subprocess
+import re
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 import uvloop
 from aiohttp import web
 
-from proxy.app import build_proxy_app
-from proxy.settings import Settings, load_settings
+from proxy import __version__
+from proxy.settings import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    MASK,
+    ConfigError,
+    Settings,
+    check_paths,
+    load_settings,
+    redact_url,
+)
+from proxy.store.queue import StoreError
 
 log = logging.getLogger("proxy")
 
-TESTSERVER = Path(__file__).resolve().parent.parent / "testserver" / "server.mjs"
+PROG = "fhir-audit-proxy"
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+RETRY_CHUNK = 1000
+"""Dead-lettered events requeued per transaction by ``dlq retry`` (one progress line each)."""
+
+DESCRIPTION = """\
+A sidecar reverse proxy that writes an IHE BALP AuditEvent for every FHIR interaction
+that passes through it, commits it durably to a local store before releasing the response,
+and ships the events to an audit repository.
+
+Configuration comes from a YAML file (-c FILE or $FHIR_AUDIT_CONFIG; start from
+config.example.yaml) and FHIR_AUDIT_* environment variables, which win
+(FHIR_AUDIT_REPOSITORY__URL=... sets repository.url)."""
+
+EPILOG = """\
+examples:
+  fhir-audit-proxy check-config -c config.yaml
+  fhir-audit-proxy run -c config.yaml
+  fhir-audit-proxy dlq list -c config.yaml
+
+exit status: 0 ok, 1 runtime failure, 2 configuration error."""
 
 
-def _configure_logging(level: str) -> None:
+class StartupError(Exception):
+    """The configuration is valid but the proxy could not start (a port in use, a store
+    that cannot be opened). One line, saying what to do."""
+
+
+# --- logging ---------------------------------------------------------------------------
+
+
+class SecretMask(logging.Filter):
+    """Replaces configured secrets in every record (message, arguments and traceback)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        # Longest first, so a secret that contains another is masked whole.
+        self._secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        """``text`` with every secret replaced by the mask."""
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._secrets:
+            return True
+        record.msg = self.mask(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        return True
+
+
+def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=level.upper(),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    mask = SecretMask(settings.secret_values())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(mask)
     # aiohttp's access log would print every URL; keep it at warning unless asked.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+# --- loading and serving -------------------------------------------------------------------
+
+
+def load(args: argparse.Namespace) -> Settings:
+    """The settings named by ``-c`` (or ``$FHIR_AUDIT_CONFIG``), with every path checked.
+    Sets ``args.debug`` when the configuration asks for DEBUG logging."""
+    settings = load_settings(args.config)
+    args.secrets = settings.secret_values()
+    check_paths(settings)
+    args.debug = args.debug or settings.log_level == "DEBUG"
+    return settings
+
+
+_BIND_FAILURE = re.compile(r"bind on address \('?([^',]*)'?, (\d+)[^)]*\): (.*)$")
+
+
+def _bind_failure(exc: OSError, settings: Settings) -> StartupError | None:
+    """A one-line error for a listener that could not bind, naming its setting."""
+    found = _BIND_FAILURE.search(str(exc))
+    if found is None:
+        return None
+    host, port, reason = found.group(1), int(found.group(2)), found.group(3)
+    setting = {settings.listen.port: "listen", settings.admin.port: "admin"}.get(port, "listen")
+    advice = {
+        errno.EADDRINUSE: "stop the process that uses it or choose another port",
+        errno.EACCES: "ports below 1024 need privileges; choose a higher port",
+        errno.EADDRNOTAVAIL: "the host is not an address of this machine; use 0.0.0.0 or one",
+    }.get(exc.errno or 0, "choose another host or port")
+    return StartupError(
+        f"cannot listen on {host}:{port} ({setting}.host/{setting}.port): {reason}; {advice}"
+    )
+
+
 def serve(settings: Settings, *, banner: str | None = None) -> None:
-    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully."""
-    app = build_proxy_app(settings)
+    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully. A port that cannot be
+    bound or a store that cannot be opened raises :class:`StartupError`."""
+    app = build_app(settings)
     if banner:
 
         async def announce(_: web.Application) -> None:
             print(banner, flush=True)
 
         app.on_startup.append(announce)
-    web.run_app(
-        app,
-        host=settings.listen.host,
-        port=settings.listen.port,
-        shutdown_timeout=settings.shutdown_grace_s,
-        access_log=None,
-        print=None,
-        loop=uvloop.new_event_loop(),
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.listen.host,
+            port=settings.listen.port,
+            shutdown_timeout=settings.shutdown_grace_s,
+            access_log=None,
+            print=None,
+            loop=uvloop.new_event_loop(),
+        )
+    except StoreError as exc:
+        raise StartupError(f"{exc}; check store.path and the disk it is on") from exc
+    except OSError as exc:
+        failure = _bind_failure(exc, settings)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def build_app(settings: Settings) -> web.Application:
+    """The proxy application (imported late: ``--help`` and ``check-config`` stay fast)."""
+    from proxy.app import build_proxy_app
+
+    return build_proxy_app(settings)
+
+
+# --- commands ------------------------------------------------------------------------------
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    _configure_logging(settings.log_level)
+    settings = load(args)
+    _configure_logging(settings)
     log.info(
         "proxy on %s:%d -> %s; admin on %s:%d; store %s; repository %s",
         settings.listen.host,
         settings.listen.port,
-        settings.upstream.url,
+        redact_url(settings.upstream.url),
         settings.admin.host,
         settings.admin.port,
         settings.store.path,
-        settings.repository.url or "(none: local only)",
+        redact_url(settings.repository.url) if settings.repository.url else "(none: local only)",
     )
     serve(settings)
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """The bundled test FHIR server on ``--fhir-port``, the proxy in front of it."""
-    node = shutil.which("node")
-    if node is None or not (TESTSERVER.parent / "node_modules").is_dir():
-        print("the demo needs node and `npm ci` in testserver/ (scripts/demo does both)")
-        return 2
-    fhir = subprocess.Popen(
-        [node, str(TESTSERVER), str(args.fhir_port), "127.0.0.1"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=TESTSERVER.parent,
-    )
-    assert fhir.stdout is not None
-    line = fhir.stdout.readline()
-    if not line.startswith("listening "):
-        print(f"test FHIR server failed to start: {line}")
-        fhir.kill()
-        return 1
-    upstream = line.split()[1]
-    data = Path(args.data)
-    overrides: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": args.port},
-        "upstream": {"url": upstream},
-        "store": {"path": data / "audit.db"},
-        "admin": {"host": "127.0.0.1", "port": args.admin_port},
-        "repository": {"url": str(data / "audit-repository.ndjson"), "mode": "file"},
-    }
-    settings = (
-        load_settings(args.config, **overrides) if args.config else load_settings(None, **overrides)
-    )
-    _configure_logging(settings.log_level)
-    banner = "\n".join(
-        [
-            "fhir-audit-proxy demo is running:",
-            f"  FHIR server (Medplum engine, in memory): {upstream}",
-            f"  proxy (use this as your FHIR base):      http://127.0.0.1:{args.port}/fhir",
-            f"  audit events, FHIR search:               http://127.0.0.1:{args.admin_port}/fhir/AuditEvent?_sort=-date&_count=20",
-            f"  audit log (Smile CDR style):             http://127.0.0.1:{args.admin_port}/audit-log",
-            f"  local queue:                             {settings.store.path}",
-            f"  repository (NDJSON file):                {settings.repository.url}",
-            "try: curl -X POST -H 'content-type: application/fhir+json' "
-            f'-d \'{{"resourceType":"Patient"}}\' http://127.0.0.1:{args.port}/fhir/Patient',
-            "Ctrl-C stops both.",
-        ]
-    )
-    try:
-        serve(settings, banner=banner)
-    finally:
-        fhir.terminate()
-        fhir.wait(timeout=10)
-    return 0
-
-
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    # model_dump keeps SecretStr masked as '**********'.
+    settings = load(args)
+    # The serializers mask secrets: SecretStr, credential headers, URL userinfo.
     sys.stdout.write(
         orjson.dumps(settings.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode()
     )
     sys.stdout.write("\n")
+    source = args.config or os.environ.get(CONFIG_ENV) or "defaults only, no file"
+    print(f"{PROG}: the configuration is valid ({source})", file=sys.stderr)
     return 0
 
 
-async def _dlq(args: argparse.Namespace) -> int:
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.store.queue import AuditQueue
 
-    settings = load_settings(args.config)
     queue = await AuditQueue.open(
         settings.store.path,
         max_bytes=settings.store.max_bytes,
         commit_batch_max=settings.store.commit_batch_max,
+        create=False,
     )
     try:
         if args.dlq_command == "list":
-            for item in await queue.list_dead(limit=args.limit):
+            items = await queue.list_dead(limit=args.limit)
+            for item in items:
                 row = {
                     "seq": item.seq,
                     "id": item.event_id,
@@ -160,9 +229,21 @@ async def _dlq(args: argparse.Namespace) -> int:
                     "error": item.last_error,
                 }
                 sys.stdout.write(orjson.dumps(row).decode() + "\n")
+            if not items:
+                print(f"no dead-lettered events in {settings.store.path}", file=sys.stderr)
+        elif args.seq:
+            count = await queue.requeue_dead(args.seq)
+            sys.stdout.write(f"requeued {count} event(s)\n")
         else:
-            seqs = args.seq or None
-            count = await queue.requeue_dead(seqs)
+            total = (await queue.stats()).dead
+            count = 0
+            while True:
+                chunk = [item.seq for item in await queue.list_dead(limit=RETRY_CHUNK)]
+                done = await queue.requeue_dead(chunk) if chunk else 0
+                if not done:
+                    break
+                count += done
+                print(f"requeued {count} of {total} event(s)", file=sys.stderr, flush=True)
             sys.stdout.write(f"requeued {count} event(s)\n")
     finally:
         await queue.close()
@@ -170,43 +251,150 @@ async def _dlq(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
-    return uvloop.run(_dlq(args))
+    settings = load(args)
+    try:
+        return uvloop.run(_dlq(args, settings))
+    except StoreError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
+    """``-c`` and ``--debug``, accepted before and after the command's name. Only the top
+    level sets defaults: a subcommand's default would overwrite a value given before it."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = None if with_defaults else argparse.SUPPRESS
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=default,
+        help=f"YAML configuration file (default: ${CONFIG_ENV}, else built-in defaults);"
+        f" {ENV_PREFIX}* environment variables override it",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if with_defaults else argparse.SUPPRESS,
+        help="print the traceback of a failure (as does log_level: DEBUG)",
+    )
+    return common
+
+
+def add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    func: Callable[[argparse.Namespace], int] | None = None,
+) -> argparse.ArgumentParser:
+    """Add a command that takes the common options; ``func(args)`` returns the exit status
+    and may raise :class:`ConfigError` or :class:`StartupError`."""
+    parser = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        parents=[_common_options(with_defaults=False)],
+    )
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fhir-audit-proxy", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "-c",
-        "--config",
-        default=os.environ.get("FHIR_AUDIT_CONFIG"),
-        help="YAML configuration file (default: $FHIR_AUDIT_CONFIG); env FHIR_AUDIT_* overrides it",
+    """The whole command line. A new command is one :func:`add_command` call here."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common_options(with_defaults=True)],
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="serve the proxy").set_defaults(func=_cmd_run)
-    demo = sub.add_parser("demo", help="run the bundled test FHIR server with the proxy in front")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--fhir-port", type=int, default=8081)
-    demo.add_argument("--admin-port", type=int, default=9000)
-    demo.add_argument("--data", default="./data/demo")
-    demo.set_defaults(func=_cmd_demo)
-    sub.add_parser("check-config", help="print the effective configuration").set_defaults(
-        func=_cmd_check_config
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_command(
+        commands,
+        "run",
+        help="serve the proxy and its admin listener until Ctrl-C or SIGTERM",
+        description="Serve the proxy on listen.host:listen.port in front of upstream.url, and"
+        " the admin API (audit search, viewer, health, metrics) on admin.host:admin.port."
+        " SIGTERM or Ctrl-C finishes in-flight requests and flushes for shutdown_grace_s.",
+        func=_cmd_run,
     )
-    dlq = sub.add_parser("dlq", help="dead-lettered events")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_list = dlq_sub.add_parser("list", help="list dead-lettered events")
-    dlq_list.add_argument("--limit", type=int, default=100)
-    dlq_retry = dlq_sub.add_parser("retry", help="requeue dead-lettered events for delivery")
+    add_command(
+        commands,
+        "check-config",
+        help="validate the configuration and print it, secrets masked",
+        description="Load the configuration exactly as `run` would (file, environment,"
+        " defaults), check every value and path, and print the effective settings as JSON"
+        " with secrets masked. Exit 0 if `run` would accept it, 2 if not.",
+        func=_cmd_check_config,
+    )
+    dlq = add_command(
+        commands,
+        "dlq",
+        help="list or requeue events the audit repository rejected",
+        description="Dead-lettered events: those the repository refused with a 4xx. They"
+        " stay in the store (store.path of the configuration) until requeued. The store must"
+        " exist; these commands never create one.",
+        func=_cmd_dlq,
+    )
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = add_command(
+        dlq_commands,
+        "list",
+        help="print dead-lettered events, oldest first, one JSON object a line",
+        description="Print dead-lettered events (seq, id, recorded, attempts, the"
+        " repository's error), oldest first, one JSON object a line.",
+    )
+    dlq_list.add_argument(
+        "--limit", type=int, default=100, metavar="N", help="print at most N events (default 100)"
+    )
+    dlq_retry = add_command(
+        dlq_commands,
+        "retry",
+        help="requeue dead-lettered events for delivery",
+        description="Put dead-lettered events back in the delivery queue; a running proxy"
+        " sends them on its next flush. Without --seq, all of them, with progress on stderr.",
+    )
     dlq_retry.add_argument(
-        "--seq", type=int, action="append", help="only this queue seq (repeatable)"
+        "--seq",
+        type=int,
+        action="append",
+        metavar="N",
+        help="only the event with this queue seq (from `dlq list`); repeatable",
     )
-    dlq.set_defaults(func=_cmd_dlq)
     return parser
+
+
+def _fail(args: argparse.Namespace, message: str, status: int, *, hint: bool = False) -> int:
+    debug = args.debug or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "").upper() == "DEBUG"
+    mask = SecretMask(getattr(args, "secrets", ()))
+    if debug:
+        print(mask.mask(traceback.format_exc()), file=sys.stderr, end="")
+    for line in message.splitlines():
+        print(f"{PROG}: error: {mask.mask(line)}", file=sys.stderr)
+    if hint and not debug:
+        print(f"{PROG}: run with --debug for the traceback", file=sys.stderr)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    args.config = args.config or None
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        return _fail(args, str(exc), EXIT_CONFIG)
+    except StartupError as exc:
+        return _fail(args, str(exc), EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        return _fail(args, f"unexpected {type(exc).__name__}: {exc}", EXIT_RUNTIME, hint=True)
     return result
 
 

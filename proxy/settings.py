@@ -8,12 +8,26 @@ read once at start-up and passed down, never mutated.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +36,52 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "FHIR_AUDIT_CONFIG"
+ENV_PREFIX = "FHIR_AUDIT_"
+MASK = "**********"
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+"""Header names whose values are always masked; ``repository.secret_headers`` adds more."""
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+"""A TCP port; 0 asks the system for a free one (tests)."""
+Positive = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``str()`` is one line per problem, each saying
+    what is wrong, where (file and line, environment variable or setting) and what to do."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any userinfo (``user:password@``) replaced by the mask."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{MASK}@{host}"))
+
+
+def _http_url(value: str) -> str:
+    """Accept only an absolute http(s) URL with a host."""
+    try:
+        parts = urlsplit(value)
+        has_host = bool(parts.hostname)
+    except ValueError:
+        has_host = False
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not has_host:
+        raise ValueError(
+            f"must be an absolute http:// or https:// URL such as https://fhir.example.org/fhir"
+            f" (got {redact_url(value)!r})"
+        )
+    return value
+
+
+def _optional_http_url(value: str | None) -> str | None:
+    return None if value is None else _http_url(value)
 
 
 class _Frozen(BaseModel):
@@ -31,8 +91,8 @@ class _Frozen(BaseModel):
 class ListenSettings(_Frozen):
     """Where the proxy accepts FHIR traffic."""
 
-    host: str = "0.0.0.0"
-    port: int = 8080
+    host: str = Field(default="0.0.0.0", min_length=1)
+    port: Port = 8080
 
 
 class UpstreamSettings(_Frozen):
@@ -40,11 +100,17 @@ class UpstreamSettings(_Frozen):
 
     url: str = "http://127.0.0.1:8081/fhir"
     """Base URL of the FHIR server; the proxy serves the same path prefix."""
-    timeout_s: float = 60.0
+    timeout_s: Positive = 60.0
     """Total time allowed for one upstream exchange; past it the client gets 504."""
-    connect_timeout_s: float = 5.0
-    max_connections: int = 100
+    connect_timeout_s: Positive = 5.0
+    max_connections: PositiveInt = 100
     """Size of the keep-alive connection pool to the upstream."""
+
+    _url_is_http = field_validator("url")(_http_url)
+
+    @field_serializer("url")
+    def _url_masked(self, value: str) -> str:
+        return redact_url(value)
 
 
 class ObserverSettings(_Frozen):
@@ -73,8 +139,14 @@ class IdentitySettings(_Frozen):
     comprehensive adds issuer, client, name, role and purpose of use."""
     jwks_url: str | None = None
     """When set, signatures are verified; events say whether a token was verified."""
-    jwks_cache_s: int = 300
+    jwks_cache_s: int = Field(default=300, ge=0)
     audience: str | None = None
+
+    _jwks_url_is_http = field_validator("jwks_url")(_optional_http_url)
+
+    @field_serializer("jwks_url")
+    def _jwks_url_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
 
 
 class AuditSettings(_Frozen):
@@ -100,7 +172,26 @@ class AuditSettings(_Frozen):
     @classmethod
     def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for net in value:
-            ipaddress.ip_network(net, strict=False)
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{net!r} is not a network; write an address or a CIDR such as 10.0.0.0/8"
+                ) from None
+        return value
+
+    @field_validator("buffer_limit_bytes")
+    @classmethod
+    def _buffer_limit_positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be a number of bytes greater than 0")
+        return value
+
+    @field_validator("validate_sample_rate")
+    @classmethod
+    def _rate_is_share(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be a share between 0 (off) and 1 (every event)")
         return value
 
 
@@ -108,11 +199,11 @@ class StoreSettings(_Frozen):
     """The durable local write-ahead queue."""
 
     path: Path = Path("./data/audit.db")
-    max_bytes: int = 1024 * 1024 * 1024
+    max_bytes: PositiveInt = 1024 * 1024 * 1024
     """Cap on the database size; when reached, requests fail closed with 507."""
-    retention_days: float = 30.0
+    retention_days: Positive = 30.0
     """Delivered events are kept this long, then pruned."""
-    commit_batch_max: int = 512
+    commit_batch_max: PositiveInt = 512
     """Most events one group commit may take."""
 
 
@@ -126,7 +217,24 @@ class OAuth2Settings(_Frozen):
     client_secret_file: Path | None = None
     """A file holding the secret (a Kubernetes Secret mount); read at start-up."""
     scope: str | None = None
-    refresh_margin_s: float = 30.0
+    refresh_margin_s: float = Field(default=30.0, ge=0)
+
+    _token_url_is_http = field_validator("token_url")(_optional_http_url)
+
+    @field_serializer("token_url")
+    def _token_url_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
+
+    @model_validator(mode="after")
+    def _complete_for_its_type(self) -> OAuth2Settings:
+        if self.type != "oauth2_client_credentials":
+            return self
+        missing = [name for name in ("token_url", "client_id") if getattr(self, name) is None]
+        if self.client_secret is None and self.client_secret_file is None:
+            missing.append("client_secret or client_secret_file")
+        if missing:
+            raise ValueError(f"type oauth2_client_credentials also needs {', '.join(missing)}")
+        return self
 
     def secret(self) -> str | None:
         """The client secret, from the file when one is configured."""
@@ -142,19 +250,60 @@ class RepositorySettings(_Frozen):
     """FHIR base URL (bundle, single, transaction modes) or a file path (file mode).
     None keeps events local."""
     mode: Literal["bundle", "single", "transaction", "file"] = "bundle"
-    flush_interval_ms: int = 1000
-    max_flush_interval_ms: int = 60000
-    batch_count: int = 100
-    timeout_s: float = 30.0
+    flush_interval_ms: PositiveInt = 1000
+    max_flush_interval_ms: PositiveInt = 60000
+    batch_count: PositiveInt = 100
+    timeout_s: Positive = 30.0
     request_headers: dict[str, str] = Field(default_factory=dict)
+    secret_headers: tuple[str, ...] = ()
+    """Header names whose values are masked in ``check-config`` and logs, besides
+    Authorization, Proxy-Authorization, Cookie and X-Api-Key."""
     auth: OAuth2Settings = OAuth2Settings()
+
+    def is_secret_header(self, name: str) -> bool:
+        """Whether a request header's value must never be shown."""
+        lowered = name.lower()
+        return lowered in CREDENTIAL_HEADERS or lowered in {h.lower() for h in self.secret_headers}
+
+    @field_serializer("request_headers")
+    def _headers_masked(self, value: dict[str, str]) -> dict[str, str]:
+        return {k: MASK if self.is_secret_header(k) else v for k, v in value.items()}
+
+    @field_serializer("url")
+    def _url_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RepositorySettings:
+        if self.url is not None:
+            if self.mode == "file":
+                if urlsplit(self.url).scheme not in ("", "file"):
+                    raise ValueError(
+                        f"mode file takes a file path as url, not {redact_url(self.url)!r};"
+                        " use mode bundle, single or transaction for a FHIR server"
+                    )
+                if not self.url.removeprefix("file://").strip():
+                    raise ValueError("mode file needs url: the path of the NDJSON file")
+            else:
+                try:
+                    _http_url(self.url)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"url {exc} (mode {self.mode}); for a file use mode: file"
+                    ) from None
+        if self.max_flush_interval_ms < self.flush_interval_ms:
+            raise ValueError(
+                f"max_flush_interval_ms ({self.max_flush_interval_ms}) must be at least"
+                f" flush_interval_ms ({self.flush_interval_ms})"
+            )
+        return self
 
 
 class AdminSettings(_Frozen):
     """The admin listener: audit-log API, viewer, health and metrics."""
 
-    host: str = "127.0.0.1"
-    port: int = 9000
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: Port = 9000
     tokens: tuple[SecretStr, ...] = ()
     """Bearer tokens accepted by the admin API; empty means no authentication (loopback use)."""
 
@@ -163,6 +312,12 @@ class TelemetrySettings(_Frozen):
     service_name: str = "fhir-audit-proxy"
     otlp_endpoint: str | None = None
     prometheus: bool = True
+
+    _otlp_endpoint_is_http = field_validator("otlp_endpoint")(_optional_http_url)
+
+    @field_serializer("otlp_endpoint")
+    def _otlp_endpoint_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
 
 
 class Settings(BaseSettings):
@@ -179,8 +334,53 @@ class Settings(BaseSettings):
     repository: RepositorySettings = RepositorySettings()
     admin: AdminSettings = AdminSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """DEBUG also prints the traceback of a start-up failure."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _listeners_apart(self) -> Settings:
+        listen, admin = self.listen, self.admin
+        if listen.port and listen.port == admin.port and _hosts_overlap(listen.host, admin.host):
+            raise ValueError(
+                f"listen.port and admin.port are both {listen.port}; give the admin listener"
+                " its own port"
+            )
+        return self
+
+    def secret_values(self) -> set[str]:
+        """Every configured secret in clear, for masking wherever text leaves the process
+        (logs). Values of credential headers count whole and without their scheme word."""
+        found: set[str] = set()
+        repo = self.repository
+        for name, value in repo.request_headers.items():
+            if repo.is_secret_header(name):
+                found.add(value)
+                found.update(value.split()[1:])
+        auth = repo.auth
+        if auth.client_secret is not None:
+            found.add(auth.client_secret.get_secret_value())
+        if auth.client_secret_file is not None:
+            with contextlib.suppress(OSError):
+                found.add(auth.client_secret_file.read_text().strip())
+        found.update(t.get_secret_value() for t in self.admin.tokens)
+        for url in (
+            self.upstream.url,
+            repo.url,
+            auth.token_url,
+            self.audit.identity.jwks_url,
+            self.telemetry.otlp_endpoint,
+        ):
+            if url and "@" in url:
+                userinfo = urlsplit(url).netloc.rsplit("@", 1)[0]
+                found.add(userinfo)
+                found.update(userinfo.split(":", 1))
+        return {s for s in found if len(s) >= 4}
 
     @classmethod
     def settings_customise_sources(
@@ -197,16 +397,173 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def _hosts_overlap(a: str, b: str) -> bool:
+    wildcard = {"", "0.0.0.0", "::"}
+    return a == b or a in wildcard or b in wildcard
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read settings: ``overrides`` first, then the environment, then the YAML file at
-    ``path`` (or ``$FHIR_AUDIT_CONFIG``), then the defaults."""
+    ``path`` (or ``$FHIR_AUDIT_CONFIG``), then the defaults.
+
+    Raises :class:`ConfigError` (one line per problem, with the file and line or the
+    environment variable it came from) for a missing or unreadable file, bad YAML, an
+    unknown setting or a value that is not allowed."""
     path = path if path is not None else os.environ.get(CONFIG_ENV)
-    if not path:
-        return Settings(**overrides)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"configuration file not found: {path}")
-    with_file = type(
-        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(path)}}
-    )
-    settings: Settings = with_file(**overrides)
+    cls: type[Settings] = Settings
+    document: yaml.Node | None = None
+    if path:
+        document = _read_yaml(Path(path))
+        cls = type(
+            "Settings",
+            (Settings,),
+            {"model_config": {**Settings.model_config, "yaml_file": str(path)}},
+        )
+    try:
+        settings: Settings = cls(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(error, path, document) for error in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
     return settings
+
+
+def _read_yaml(path: Path) -> yaml.Node | None:
+    """The file's node tree (for line numbers), or a ConfigError saying why it is unusable."""
+    if not path.exists():
+        raise ConfigError(
+            f"configuration file {path} does not exist: check -c/--config or ${CONFIG_ENV}"
+            " (start from config.example.yaml)"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"configuration file {path} is not a file: point -c/--config at a YAML file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc}") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = ": ".join(filter(None, [exc.context, exc.problem]))
+        raise ConfigError(f"{where}: not valid YAML: {problem}; fix the file's syntax") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}:1: the configuration must be a mapping of settings (listen:, upstream:, ...),"
+            f" not a {type(data).__name__}"
+        )
+    return node
+
+
+def _yaml_line(document: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of the key at ``loc`` (or of its deepest ancestor found)."""
+    node, line = document, None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                node, line = value, key.start_mark.line + 1
+                break
+        else:
+            break
+    return line
+
+
+def _env_name(loc: tuple[str | int, ...]) -> str | None:
+    """The environment variable that set ``loc`` (or an ancestor), if any."""
+    wanted = {k.upper(): k for k in os.environ}
+    for depth in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(str(p) for p in loc[:depth]).upper()
+        if name in wanted:
+            return wanted[name]
+    return None
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+_SENSITIVE_PARTS = ("secret", "token", "header", "password")
+
+
+def _describe(error: Any, path: str | Path | None, document: yaml.Node | None) -> str:
+    """One line for one validation error: where, which setting, what is wrong, what to do."""
+    loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    env = _env_name(loc)
+    line = None if env else _yaml_line(document, loc)
+    if env:
+        where = f"environment {env}: "
+    elif path and line is not None:
+        where = f"{path}:{line}: "
+    elif path and document is not None and loc:
+        where = f"{path}: "
+    else:
+        where = ""
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known here: {', '.join(known)}"
+        return f"{where}{dotted}: unknown setting; {hint}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    shown = ""
+    if (
+        kind not in ("value_error", "missing")
+        and isinstance(value, str | int | float)
+        and not any(s in dotted for s in _SENSITIVE_PARTS)
+    ):
+        shown = f" (got {redact_url(str(value))!r})"
+    return f"{where}{dotted}: {message}{shown}"
+
+
+def check_paths(settings: Settings) -> None:
+    """Raise :class:`ConfigError` for a path the proxy could not use: the store's (its
+    directory must exist or be creatable, and the file must not be a directory), the
+    file sink's, and ``client_secret_file``. ``run`` and ``check-config`` both call it."""
+    problems: list[str] = []
+    problems += _writable_file("store.path", settings.store.path)
+    repo = settings.repository
+    if repo.url is not None and repo.mode == "file":
+        problems += _writable_file("repository.url", Path(repo.url.removeprefix("file://")))
+    secret_file = repo.auth.client_secret_file
+    if secret_file is not None and not (secret_file.is_file() and os.access(secret_file, os.R_OK)):
+        problems.append(
+            f"repository.auth.client_secret_file: {secret_file} is not a readable file;"
+            " mount the secret there or set client_secret"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _writable_file(setting: str, path: Path) -> Iterator[str]:
+    if path.is_dir():
+        yield f"{setting}: {path} is a directory; give the path of a file inside it"
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        yield (
+            f"{setting}: {path} cannot be created because {ancestor} is a file, not a directory;"
+            " choose another path"
+        )
+    elif not os.access(ancestor, os.W_OK | os.X_OK) and not path.exists():
+        yield f"{setting}: {path} cannot be created: {ancestor} is not writable by this user"
+    elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        yield f"{setting}: {path} is not readable and writable by this user"

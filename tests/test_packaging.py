@@ -46,6 +46,7 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(
         "repository:\n  auth:\n    type: oauth2_client_credentials\n"
+        "    token_url: https://idp.example.org/token\n    client_id: proxy\n"
         "    client_secret: s3cr3t-value\n"
     )
     result = subprocess.run(

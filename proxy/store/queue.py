@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import queue as thread_queue
 import sqlite3
 import threading
@@ -168,6 +169,33 @@ def _is_full(exc: sqlite3.Error) -> bool:
     return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
 
 
+def _create_private(path: Path) -> None:
+    """Create the store's missing directories (0700) and its file (0600), and take group and
+    other access away from an existing store and its ``-wal``/``-shm``: they hold PHI. The
+    modes are set explicitly, whatever the umask; SQLite gives ``-wal`` and ``-shm`` the
+    database file's mode when it creates them."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another opener got there first
+            directory.mkdir(mode=0o700)
+            os.chmod(directory, 0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if companion.stat().st_mode & 0o077:
+                os.chmod(companion, 0o600)
+
+
 class AuditQueue:
     """The queue. Open it with :meth:`open`; one instance per store file."""
 
@@ -212,9 +240,18 @@ class AuditQueue:
         """Time the writer spent committing (the benchmark reads it)."""
 
     @classmethod
-    async def open(cls, path: Path, *, max_bytes: int, commit_batch_max: int = 512) -> AuditQueue:
-        """Open (creating and migrating) the store at ``path`` and start the writer."""
+    async def open(
+        cls, path: Path, *, max_bytes: int, commit_batch_max: int = 512, create: bool = True
+    ) -> AuditQueue:
+        """Open (creating and migrating) the store at ``path`` and start the writer.
+        With ``create=False`` (commands that only read or tidy a store) a missing store is
+        a :class:`StoreError` instead of a new empty one."""
         path = Path(path)
+        if not create and not path.is_file():
+            raise StoreError(
+                f"no audit store at {path}: check store.path in the configuration given with"
+                " -c/--config (or $FHIR_AUDIT_CONFIG)"
+            )
         try:
             writer = await asyncio.to_thread(cls._connect, path, True)
             codec = await asyncio.to_thread(cls._load_codec, writer)
@@ -237,7 +274,7 @@ class AuditQueue:
 
     @staticmethod
     def _connect(path: Path, migrate_schema: bool) -> sqlite3.Connection:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=10000")
         # Only takes effect when the file is created. Compressed events are ~200 bytes, so
