@@ -94,7 +94,8 @@ class SecretMask(logging.Filter):
         return True
 
 
-def _configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings) -> None:
+    """Log to stderr at ``log_level``, with every configured secret masked."""
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -181,7 +182,7 @@ def build_app(settings: Settings) -> web.Application:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load(args)
-    _configure_logging(settings)
+    configure_logging(settings)
     log.info(
         "proxy on %s:%d -> %s; admin on %s:%d; store %s; repository %s",
         settings.listen.host,
