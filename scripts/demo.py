@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_port_free(port: int, option: str) -> None:
     """Fail early, in one line, when another process (an earlier demo) holds ``port``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the servers themselves do: connections of a demo just stopped (TIME_WAIT) do
+        # not hold the port, a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
         except OSError as exc:
@@ -118,7 +121,7 @@ def start_fhir_server(port: int, log_path: Path) -> tuple[subprocess.Popen[str],
 
 def banner(args: argparse.Namespace, upstream: str, data: Path, fresh: bool) -> str:
     admin = f"http://{HOST}:{args.admin_port}"
-    stored = "empty at this start" if fresh else "kept from earlier demos (--keep)"
+    stored = "emptied at this start; --keep keeps it" if fresh else "kept from earlier demos"
     return "\n".join(
         [
             "fhir-audit-proxy demo is running:",
