@@ -3,14 +3,17 @@ every setting, the console script answers."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from proxy import __version__
 from proxy.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +61,17 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     )
     assert "oauth2_client_credentials" in result.stdout
     assert "s3cr3t-value" not in result.stdout + result.stderr
+
+
+def test_one_version_everywhere() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == __version__
+    assert importlib.metadata.version("fhir-audit-proxy") == __version__
+
+
+def test_installed_console_script_answers() -> None:
+    script = Path(sys.executable).parent / "fhir-audit-proxy"
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout == f"fhir-audit-proxy {__version__}\n"
