@@ -146,20 +146,20 @@ def _bind_failure(exc: OSError, settings: Settings) -> StartupError | None:
 
 
 def serve(settings: Settings, *, banner: str | None = None) -> None:
-    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully. A port that cannot be
-    bound or a store that cannot be opened raises :class:`StartupError`."""
+    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully; print ``banner`` once
+    it accepts connections. A port that cannot be bound or a store that cannot be opened
+    raises :class:`StartupError`."""
     import uvloop
     from aiohttp import web
 
     from proxy.store.queue import StoreError
 
+    def announce(_: str) -> None:
+        # aiohttp calls this once every listener accepts connections (on_startup would be
+        # too early: the proxy's own port is bound after it).
+        print(banner, flush=True)
+
     app = build_app(settings)
-    if banner:
-
-        async def announce(_: web.Application) -> None:
-            print(banner, flush=True)
-
-        app.on_startup.append(announce)
     try:
         web.run_app(
             app,
@@ -167,7 +167,7 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
             port=settings.listen.port,
             shutdown_timeout=settings.shutdown_grace_s,
             access_log=None,
-            print=None,
+            print=announce if banner else None,
             loop=uvloop.new_event_loop(),
         )
     except StoreError as exc:

@@ -291,11 +291,6 @@ class RepositorySettings(_Frozen):
                     raise ValueError(
                         f"url {exc} (mode {self.mode}); for a file use mode: file"
                     ) from None
-        if self.max_flush_interval_ms < self.flush_interval_ms:
-            raise ValueError(
-                f"max_flush_interval_ms ({self.max_flush_interval_ms}) must be at least"
-                f" flush_interval_ms ({self.flush_interval_ms})"
-            )
         return self
 
 

@@ -68,10 +68,6 @@ def test_repository_url_follows_its_mode() -> None:
             "listen.port and admin.port are both 9000; give the admin listener its own port",
         ),
         (
-            {"repository": {"flush_interval_ms": 5000, "max_flush_interval_ms": 1000}},
-            "max_flush_interval_ms (1000) must be at least flush_interval_ms (5000)",
-        ),
-        (
             {"repository": {"auth": {"type": "oauth2_client_credentials"}}},
             "also needs token_url, client_id, client_secret or client_secret_file",
         ),
