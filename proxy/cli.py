@@ -411,6 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader stopped reading (`check-config | head`): not an error worth a word.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports SIGPIPE
     except Exception as exc:
         return _fail(args, f"unexpected {type(exc).__name__}: {exc}", EXIT_RUNTIME, hint=True)
     return result

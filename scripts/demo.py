@@ -14,6 +14,7 @@ start, so events kept from an earlier run would name patients that no longer exi
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -100,7 +101,8 @@ def start_fhir_server(port: int, log_path: Path) -> tuple[subprocess.Popen[str],
     if node is None or not (TESTSERVER.parent / "node_modules").is_dir():
         raise DemoError("the demo needs node and testserver/node_modules: run scripts/setup")
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with log_path.open("w") as log_file:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(log_fd, "w") as log_file:
         fhir = subprocess.Popen(
             [node, str(TESTSERVER), str(port), HOST],
             stdout=subprocess.PIPE,

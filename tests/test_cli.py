@@ -412,3 +412,20 @@ def test_log_filter_masks_messages_arguments_and_tracebacks() -> None:
     assert "tok-1234" not in formatted
     assert "token **********" in formatted
     assert "failed with **********" in formatted
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_AUDIT_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "check-config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=environment,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # as `| head -0` would, before the command writes
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 141, err
+    assert err == ""
