@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import ipaddress
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -509,6 +510,9 @@ def _describe(error: Any, path: str | Path | None, document: yaml.Node | None) -
     else:
         where = ""
     kind = error["type"]
+    if not loc:  # a rule across sections: its message names the settings
+        where = where or (f"{path}: " if path else "")
+        return f"{where}{str(error['msg']).removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         known = sorted(parent.model_fields) if parent else []
@@ -550,6 +554,13 @@ def _writable_file(setting: str, path: Path) -> Iterator[str]:
     if path.is_dir():
         yield f"{setting}: {path} is a directory; give the path of a file inside it"
         return
+    problem = _store_problem(path) if setting == "store.path" and path.is_file() else None
+    if problem:
+        yield (
+            f"{setting}: {path} is not a store this proxy can use ({problem}); point"
+            " store.path at a new path or at this proxy's store"
+        )
+        return
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -562,3 +573,24 @@ def _writable_file(setting: str, path: Path) -> Iterator[str]:
         yield f"{setting}: {path} cannot be created: {ancestor} is not writable by this user"
     elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
         yield f"{setting}: {path} is not readable and writable by this user"
+
+
+def _store_problem(path: Path) -> str | None:
+    """Why an existing, non-empty file cannot be the store: not SQLite, or written by a newer
+    proxy. Only those: a store left by a crash (a -wal without its -shm) may refuse a
+    read-only open and is still good for `run`."""
+    from proxy.store.schema import SCHEMA_VERSION
+
+    if not path.stat().st_size:
+        return None
+    try:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+            return "not an SQLite database"
+        return None
+    if version > SCHEMA_VERSION:
+        return f"schema version {version}, newer than this proxy knows ({SCHEMA_VERSION})"
+    return None

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,6 +89,8 @@ def _config(tmp_path: Path, text: str) -> Path:
         ("upstream:\n  url: ftp://h/fhir\n", ["upstream.url: must be an absolute http://"]),
         ("listen:\n  port: 99999\n", ["config.yaml:2: listen.port: Input should be less"]),
         ("store:\n  path: blocker/audit.db\n", ["store.path: blocker/audit.db cannot be created"]),
+        ("store:\n  path: blocker\n", ["store.path: blocker is not a store this proxy can use"]),
+        ("admin:\n  port: 8080\n", ["config.yaml: listen.port and admin.port are both 8080"]),
     ],
 )
 def test_configuration_errors_are_one_line_with_exit_2(
@@ -153,6 +157,24 @@ def test_port_in_use_names_the_listener(tmp_path: Path, busy_port: int, listener
         1,
         f"cannot listen on 127.0.0.1:{busy_port} ({listener}.host/{listener}.port)",
         "address already in use; stop the process that uses it or choose another port",
+    )
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_with_exit_1(tmp_path: Path) -> None:
+    store = tmp_path / "audit.db"
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        db.execute("CREATE TABLE events (x)")  # not the proxy's: its migration cannot run
+    env = {
+        "FHIR_AUDIT_STORE__PATH": str(store),
+        "FHIR_AUDIT_LISTEN__PORT": "0",
+        "FHIR_AUDIT_ADMIN__PORT": "0",
+    }
+    assert cli("check-config", cwd=tmp_path, env=env).returncode == 0
+    assert_one_line_error(
+        cli("run", cwd=tmp_path, env=env),
+        1,
+        f"cannot open the audit store at {store}: table events already exists;"
+        " check store.path and the disk it is on",
     )
 
 

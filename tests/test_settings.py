@@ -4,6 +4,8 @@ the effective configuration."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,20 @@ def test_invalid_values_are_refused_in_one_line(overrides: dict[str, Any], expec
     message = _error(**overrides)
     assert expected in message
     assert "\n" not in message
+
+
+def test_a_rule_across_sections_names_its_settings_first() -> None:
+    assert _error(admin={"port": 8080}) == (
+        "listen.port and admin.port are both 8080; give the admin listener its own port"
+    )
+
+
+def test_a_store_written_by_a_newer_proxy_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "audit.db"
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(ConfigError, match=r"schema version 99, newer than this proxy knows"):
+        check_paths(load_settings(None, store={"path": store}))
 
 
 def test_listeners_on_different_hosts_may_share_a_port() -> None:
