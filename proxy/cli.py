@@ -159,7 +159,7 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
         # too early: the proxy's own port is bound after it).
         print(banner, flush=True)
 
-    app = build_app(settings)
+    app = _build_app(settings)
     try:
         web.run_app(
             app,
@@ -179,7 +179,7 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
         raise failure from exc
 
 
-def build_app(settings: Settings) -> web.Application:
+def _build_app(settings: Settings) -> web.Application:
     """The proxy application (imported late: ``--help`` and ``check-config`` stay fast)."""
     from proxy.app import build_proxy_app
 

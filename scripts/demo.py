@@ -42,21 +42,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " print the URLs, and run until Ctrl-C. Every listener is on 127.0.0.1.",
     )
     parser.add_argument(
-        "--port", type=int, default=8080, help="the proxy's port: your FHIR base (default 8080)"
+        "--port",
+        type=int,
+        default=8080,
+        metavar="N",
+        help="the proxy's port: your FHIR base (default 8080)",
     )
     parser.add_argument(
-        "--fhir-port", type=int, default=8081, help="the test FHIR server's port (default 8081)"
+        "--fhir-port",
+        type=int,
+        default=8081,
+        metavar="N",
+        help="the test FHIR server's port (default 8081)",
     )
     parser.add_argument(
         "--admin-port",
         type=int,
         default=9000,
+        metavar="N",
         help="the admin API: audit search, audit log, health (default 9000)",
     )
     parser.add_argument(
         "--data",
         type=Path,
         default=Path("data/demo"),
+        metavar="DIR",
         help="directory for the store and the NDJSON repository file (default data/demo)",
     )
     parser.add_argument(
