@@ -42,8 +42,6 @@ MASK = "**********"
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 """Header names whose values are always masked; ``repository.secret_headers`` adds more."""
 
-Port = Annotated[int, Field(ge=0, le=65535)]
-"""A TCP port; 0 asks the system for a free one (tests)."""
 Positive = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -85,6 +83,18 @@ def _optional_http_url(value: str | None) -> str | None:
     return None if value is None else _http_url(value)
 
 
+def _tcp_port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a TCP port from 1 to 65535, or 0 for any free one (got {value})")
+    return value
+
+
+def _host_not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must name an address to listen on, such as 127.0.0.1 or 0.0.0.0")
+    return value
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -92,8 +102,11 @@ class _Frozen(BaseModel):
 class ListenSettings(_Frozen):
     """Where the proxy accepts FHIR traffic."""
 
-    host: str = Field(default="0.0.0.0", min_length=1)
-    port: Port = 8080
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+    _port_in_range = field_validator("port")(_tcp_port)
+    _host_given = field_validator("host")(_host_not_empty)
 
 
 class UpstreamSettings(_Frozen):
@@ -298,10 +311,13 @@ class RepositorySettings(_Frozen):
 class AdminSettings(_Frozen):
     """The admin listener: audit-log API, viewer, health and metrics."""
 
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: Port = 9000
+    host: str = "127.0.0.1"
+    port: int = 9000
     tokens: tuple[SecretStr, ...] = ()
     """Bearer tokens accepted by the admin API; empty means no authentication (loopback use)."""
+
+    _port_in_range = field_validator("port")(_tcp_port)
+    _host_given = field_validator("host")(_host_not_empty)
 
 
 class TelemetrySettings(_Frozen):

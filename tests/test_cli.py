@@ -87,7 +87,7 @@ def _config(tmp_path: Path, text: str) -> Path:
         ("repository:\n  mode: bulk\n", ["config.yaml:2: repository.mode:", "'file'", "'bulk'"]),
         ('upstream:\n  url: "not a url"\n', ["config.yaml:2: upstream.url: must be an absolute"]),
         ("upstream:\n  url: ftp://h/fhir\n", ["upstream.url: must be an absolute http://"]),
-        ("listen:\n  port: 99999\n", ["config.yaml:2: listen.port: Input should be less"]),
+        ("listen:\n  port: 99999\n", ["config.yaml:2: listen.port: must be a TCP port"]),
         ("store:\n  path: blocker/audit.db\n", ["store.path: blocker/audit.db cannot be created"]),
         ("store:\n  path: blocker\n", ["store.path: blocker is not a store this proxy can use"]),
         ("admin:\n  port: 8080\n", ["config.yaml: listen.port and admin.port are both 8080"]),

@@ -54,8 +54,9 @@ def test_repository_url_follows_its_mode() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"listen": {"port": 70000}}, "listen.port: Input should be less than or equal to 65535"),
-        ({"admin": {"port": -1}}, "admin.port: Input should be greater than or equal to 0"),
+        ({"listen": {"port": 70000}}, "listen.port: must be a TCP port from 1 to 65535, or 0"),
+        ({"admin": {"port": -1}}, "admin.port: must be a TCP port from 1 to 65535"),
+        ({"admin": {"host": " "}}, "admin.host: must name an address to listen on"),
         ({"repository": {"mode": "bulk"}}, "repository.mode: Input should be 'bundle'"),
         ({"repository": {"batch_count": 0}}, "repository.batch_count: Input should be greater"),
         ({"upstream": {"timeout_s": 0}}, "upstream.timeout_s: Input should be greater than 0"),
