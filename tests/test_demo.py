@@ -5,10 +5,13 @@ both the proxy and the test FHIR server."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import aiohttp
 import pytest
@@ -142,3 +145,26 @@ async def test_demo_serves_starts_fresh_and_refuses_a_second_one(tmp_path: Path)
         async with Demo(data, ports) as fresh:
             assert await fresh.audit_event_count(http) == 0
             await fresh.stop()
+
+
+def _demo_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("demo_script", DEMO)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fhir_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    demo = _demo_module()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        log = tmp_path / "fhir-server.log"
+        with pytest.raises(demo.DemoError) as caught:
+            demo.start_fhir_server(port, log)
+    message = str(caught.value)
+    assert message.startswith("the test FHIR server did not start: Error: listen EADDRINUSE")
+    assert f"127.0.0.1:{port}" in message and f"(log: {log})" in message
+    assert "\n" not in message
