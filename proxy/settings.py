@@ -336,7 +336,7 @@ class Settings(BaseSettings):
     """The root of the configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FHIR_AUDIT_", env_nested_delimiter="__", frozen=True, extra="forbid"
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
     listen: ListenSettings = ListenSettings()
@@ -389,9 +389,10 @@ class Settings(BaseSettings):
             self.telemetry.otlp_endpoint,
         ):
             if url and "@" in url:
+                # The password, or the whole userinfo when it is a token alone; a user name
+                # such as "admin" is no secret and would mask that word everywhere.
                 userinfo = urlsplit(url).netloc.rsplit("@", 1)[0]
-                found.add(userinfo)
-                found.update(userinfo.split(":", 1))
+                found.add(userinfo.partition(":")[2] or userinfo)
         return {s for s in found if len(s) >= 4}
 
     @classmethod

@@ -241,6 +241,7 @@ def test_effective_configuration_masks_every_secret(tmp_path: Path) -> None:
     assert [s for s in secrets if s in dumped] == []
     assert "ward-7" in dumped, "headers that are not credentials stay readable"
     assert secrets <= settings.secret_values(), "everything masked in logs is known"
+    assert "repo-user" not in settings.secret_values(), "a user name is not masked everywhere"
     assert settings.repository.request_headers["X-Api-Key"] == "api-key-1", "code sees values"
 
 
