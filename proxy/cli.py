@@ -120,8 +120,8 @@ def load(args: argparse.Namespace) -> Settings:
     Sets ``args.debug`` when the configuration asks for DEBUG logging."""
     settings = load_settings(args.config)
     args.secrets = settings.secret_values()
-    check_paths(settings)
     args.debug = args.debug or settings.log_level == "DEBUG"
+    check_paths(settings)
     return settings
 
 

@@ -129,6 +129,15 @@ def test_traceback_only_with_debug_or_log_level_debug(tmp_path: Path) -> None:
     assert "Traceback" in cli("check-config", "-c", config, "--debug", cwd=tmp_path).stderr
     env = {"FHIR_AUDIT_LOG_LEVEL": "debug"}
     assert "Traceback" in cli("check-config", "-c", config, cwd=tmp_path, env=env).stderr
+    (tmp_path / "blocker").write_text("")
+    config.write_text("log_level: DEBUG\nstore:\n  path: blocker/audit.db\n")
+    outcome = cli("check-config", "-c", config, cwd=tmp_path)
+    assert outcome.returncode == 2
+    assert "Traceback" in outcome.stderr
+    assert outcome.errors == [
+        "fhir-audit-proxy: error: store.path: blocker/audit.db cannot be created because"
+        " blocker is a file, not a directory; choose another path"
+    ]
 
 
 # --- start-up failures: exit 1, one line ---------------------------------------------------
