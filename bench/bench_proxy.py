@@ -1,20 +1,31 @@
-"""What auditing costs on the hot path, next to a plain reverse proxy.
+"""What auditing costs on the hot path, next to the same stack without it.
 
-Runs, in one script and on one machine: nginx serving FHIR JSON as the upstream; the same
-load (wrk) against (a) the upstream directly, (b) nginx as a reverse proxy in front of it,
-(c) a bare aiohttp reverse proxy (``plain_proxy.py``: the same Python stack with no audit,
-so the ratio to it is what auditing costs), and (d) fhir-audit-proxy in front of it,
-auditing every request with a durable fsync'd commit. Prints requests/s, latencies and
-the ratios.
+Runs, in one script and on one machine: nginx serving canned FHIR JSON as the upstream,
+then the same load (wrk) against (a) a bare aiohttp pass-through (``plain_proxy.py``: the
+same Python stack with no audit, so the ratio to it is what auditing costs), (b)
+fhir-audit-proxy, auditing every request with a durable fsync'd commit, and (c) mitmproxy
+11 in reverse mode with a minimal audit add-on (one JSON line per flow, flushed),
+installed into ``bench/.venv-mitm`` on first use. Three requests, each at two
+concurrencies:
 
-    python bench/bench_proxy.py [--seconds 5] [--connections 64]
+- ``GET Patient/1`` (one PatientRead event),
+- ``GET Observation?patient=1`` answering a searchset of 10 Observations of 7 patients
+  (7 events, one per patient),
+- ``POST Observation`` (an intent committed before forwarding, the event after).
 
-Needs Debian's ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``).
+Then the memory scenario: 200 concurrent clients downloading a ~5 MB search Bundle
+through the proxy; the proxy's resident memory before, at its peak (``VmHWM``) and after.
+
+    python bench/bench_proxy.py [--seconds 5] [--connections 32 64] [--no-mitm] [--no-memory]
+
+Needs Debian's ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``). Ratios in one
+run are what count: the machine's load moves absolute figures between runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,11 +35,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MITM_VENV = ROOT / "bench" / ".venv-mitm"
+MITM_VERSION = "mitmproxy==11.0.2"
 
 PATIENT = {
     "resourceType": "Patient",
@@ -39,12 +56,51 @@ PATIENT = {
     "birthDate": "1974-12-25",
 }
 
+
+def observation(i: int, patient: int) -> dict[str, object]:
+    return {
+        "resourceType": "Observation",
+        "id": f"obs-{i}",
+        "meta": {"versionId": "1", "lastUpdated": "2026-11-01T10:00:00Z"},
+        "status": "final",
+        "code": {
+            "coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]
+        },
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": "2026-11-01T09:30:00Z",
+        "valueQuantity": {
+            "value": 60 + i % 40,
+            "unit": "/min",
+            "system": "http://unitsofmeasure.org",
+            "code": "/min",
+        },
+    }
+
+
+def searchset(n: int, patients: int) -> dict[str, object]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": n,
+        "entry": [
+            {
+                "fullUrl": f"http://fhir/Observation/obs-{i}",
+                "resource": observation(i, 1 + i % patients),
+                "search": {"mode": "match"},
+            }
+            for i in range(n)
+        ],
+    }
+
+
+CREATED = observation(0, 1) | {"id": "new-1"}
+
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   client_body_temp_path {dir}/body;
@@ -52,22 +108,61 @@ http {{
   fastcgi_temp_path {dir}/fcgi;
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
-  upstream fhir {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  keepalive_requests 1000000;
   server {{
     listen 127.0.0.1:{upstream};
-    location /fhir/ {{ default_type application/fhir+json; alias {dir}/www/; try_files $uri =404; }}
-  }}
-  server {{
-    listen 127.0.0.1:{peer};
-    location / {{
-      proxy_pass http://fhir;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    default_type application/fhir+json;
+    location = /fhir/Observation {{
+      if ($request_method = POST) {{
+        add_header Location "http://127.0.0.1:{upstream}/fhir/Observation/new-1/_history/1";
+        return 201 '{created}';
+      }}
+      alias {dir}/www/Observation;
     }}
+    location /fhir/ {{ alias {dir}/www/; try_files $uri =404; }}
   }}
 }}
 """
+
+MITM_ADDON = '''
+"""A minimal audit add-on: one JSON line per answered flow, written and flushed."""
+import json, os, time
+
+class Audit:
+    def __init__(self):
+        self.out = open(os.environ["AUDIT_LOG"], "a")
+
+    def response(self, flow):
+        self.out.write(json.dumps({
+            "t": time.time(), "method": flow.request.method, "path": flow.request.path,
+            "status": flow.response.status_code, "client": flow.client_conn.peername[0],
+        }) + "\\n")
+        self.out.flush()
+
+addons = [Audit()]
+'''
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/fhir+json"
+wrk.body = [[{body}]]
+"""
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    path: str
+    script: str | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    errors: int
 
 
 def free_port() -> int:
@@ -77,7 +172,7 @@ def free_port() -> int:
         return port
 
 
-def wait_http(url: str, timeout: float = 15.0) -> None:
+def wait_http(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -85,52 +180,105 @@ def wait_http(url: str, timeout: float = 15.0) -> None:
                 if r.status < 500:
                     return
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.1)
     raise SystemExit(f"{url} did not answer")
 
 
-def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def wrk(url: str, seconds: int, connections: int, script: str | None = None) -> Result:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def ms(label: str) -> float:
-        match = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        match = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
         if not match:
             return float("nan")
         value, unit = float(match.group(1)), match.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {
-        "rps": rps,
-        "p50_ms": ms("50"),
-        "p99_ms": ms("99"),
-        "non2xx": float(errors.group(1)) if errors else 0,
-    }
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*?(\d+).*?(\d+).*?(\d+).*?(\d+)", out)
+    return Result(
+        rps=rps,
+        p50_ms=ms("50"),
+        p99_ms=ms("99"),
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        errors=sum(int(g) for g in errors.groups()) if errors else 0,
+    )
+
+
+def rss_kib(pid: int, field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def ensure_mitmproxy() -> Path:
+    mitmdump = MITM_VENV / "bin" / "mitmdump"
+    if not mitmdump.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MITM_VENV)], check=True)
+        subprocess.run([str(MITM_VENV / "bin" / "pip"), "install", "-q", MITM_VERSION], check=True)
+    return mitmdump
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, **kwargs)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--requests", nargs="+", default=["read", "search", "create"])
+    parser.add_argument("--no-mitm", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-clients", type=int, default=200)
+    parser.add_argument("--memory-seconds", type=int, default=10)
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             raise SystemExit(f"{tool} is needed: apt-get install wrk nginx-light")
+    mitmdump = None if args.no_mitm else ensure_mitmproxy()
+
+    requests = {
+        "read": Request("GET Patient/1", "/fhir/Patient/1"),
+        "search": Request("GET Observation?patient=1 (7 patients)", "/fhir/Observation?patient=1"),
+        "create": Request("POST Observation", "/fhir/Observation", "post.lua"),
+    }
+    chosen = [requests[r] for r in args.requests]
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         d.chmod(0o755)  # nginx's workers run as another user and must read www/
-        (d / "www" / "Patient").mkdir(parents=True)
-        (d / "www" / "Patient" / "1").write_text(json.dumps(PATIENT))
-        upstream, peer, plain, proxy_port, admin_port = (free_port() for _ in range(5))
-        (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, upstream=upstream, peer=peer))
-        nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")])
+        www = d / "www"
+        (www / "Patient").mkdir(parents=True)
+        (www / "Patient" / "1").write_text(json.dumps(PATIENT))
+        (www / "Observation").write_text(json.dumps(searchset(10, 7)))
+        big = json.dumps(searchset(10000, 5))
+        (www / "Big").write_text(big)
+        (d / "post.lua").write_text(POST_LUA.format(body=json.dumps(observation(0, 1))))
+        upstream, plain, proxy_port, admin_port, mitm_port = (free_port() for _ in range(5))
+        (d / "nginx.conf").write_text(
+            NGINX_CONF.format(dir=d, upstream=upstream, created=json.dumps(CREATED))
+        )
         config = d / "proxy.yaml"
         config.write_text(
             json.dumps(
@@ -143,62 +291,155 @@ def main() -> None:
                 }
             )
         )
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "-c", str(config), "run"],
-            cwd=ROOT,
-            env=os.environ.copy(),
-        )
-        bare = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "plain_proxy.py"),
-                f"http://127.0.0.1:{upstream}",
-                str(plain),
-            ]
-        )
-        try:
-            path = "/fhir/Patient/1"
-            wait_http(f"http://127.0.0.1:{upstream}{path}")
-            wait_http(f"http://127.0.0.1:{peer}{path}")
-            wait_http(f"http://127.0.0.1:{plain}{path}")
-            wait_http(f"http://127.0.0.1:{proxy_port}{path}")
-            results = {}
-            for name, port in (
-                ("upstream direct", upstream),
-                ("nginx proxy", peer),
-                ("aiohttp, no audit", plain),
-                ("fhir-audit-proxy", proxy_port),
-            ):
-                wrk(f"http://127.0.0.1:{port}{path}", 1, args.connections)  # warm-up
-                results[name] = wrk(
-                    f"http://127.0.0.1:{port}{path}", args.seconds, args.connections
+        targets: dict[str, int] = {"bare aiohttp": plain, "fhir-audit-proxy": proxy_port}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(running(["nginx", "-c", str(d / "nginx.conf")]))
+            proxy = stack.enter_context(
+                running([sys.executable, "-m", "proxy", "-c", str(config), "run"], cwd=ROOT)
+            )
+            stack.enter_context(
+                running(
+                    [
+                        sys.executable,
+                        str(ROOT / "bench" / "plain_proxy.py"),
+                        f"http://127.0.0.1:{upstream}",
+                        str(plain),
+                    ]
                 )
+            )
+            if mitmdump is not None:
+                (d / "audit_addon.py").write_text(MITM_ADDON)
+                stack.enter_context(
+                    running(
+                        [
+                            str(mitmdump),
+                            "-q",
+                            "--mode",
+                            f"reverse:http://127.0.0.1:{upstream}",
+                            "--listen-host",
+                            "127.0.0.1",
+                            "-p",
+                            str(mitm_port),
+                            "-s",
+                            str(d / "audit_addon.py"),
+                            "--set",
+                            f"confdir={d / 'mitm'}",
+                        ],
+                        env={**os.environ, "AUDIT_LOG": str(d / "mitm-audit.jsonl")},
+                    )
+                )
+                targets["mitmproxy reverse+audit"] = mitm_port
+            for port in targets.values():
+                wait_http(f"http://127.0.0.1:{port}/fhir/Patient/1")
+
+            load_before = load_average()
+            results: dict[tuple[str, int, str], Result] = {}
+            for req in chosen:
+                script = str(d / req.script) if req.script else None
+                for c in args.connections:
+                    for name, port in targets.items():
+                        if name.startswith("mitmproxy") and c != args.connections[-1]:
+                            continue  # one concurrency is enough for the slow peer
+                        url = f"http://127.0.0.1:{port}{req.path}"
+                        wrk(url, 1, c, script)  # warm-up
+                        results[(req.name, c, name)] = wrk(url, args.seconds, c, script)
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{admin_port}/fhir/AuditEvent?_count=1"
             ) as r:
                 audited = json.load(r)["total"]
-        finally:
-            proxy.send_signal(signal.SIGTERM)
-            proxy.wait(timeout=20)
-            bare.kill()
-            bare.wait(timeout=10)
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(timeout=10)
 
-    print(f"load: wrk -t2 -c{args.connections} -d{args.seconds}s GET /fhir/Patient/1 (2 cores)")
-    for name, r in results.items():
-        print(
-            f"  {name:18s} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
-            f"  p99 {r['p99_ms']:6.2f} ms  non-2xx {r['non2xx']:.0f}"
-        )
-    ours = results["fhir-audit-proxy"]["rps"]
-    bare_rps = results["aiohttp, no audit"]["rps"]
-    print(f"ratio fhir-audit-proxy / aiohttp no audit: {ours / bare_rps:.2f}  (cost of auditing)")
-    print(f"ratio fhir-audit-proxy / nginx proxy:     {ours / results['nginx proxy']['rps']:.2f}")
+            memory: dict[str, float] | None = None
+            if not args.no_memory:
+                memory = memory_scenario(
+                    proxy.pid,
+                    f"http://127.0.0.1:{proxy_port}/fhir/Big",
+                    args.memory_clients,
+                    args.memory_seconds,
+                )
+                memory["size_mb"] = len(big) / 1e6
+            load_after = load_average()
+
+    report(args, chosen, targets, results, audited, memory, load_before, load_after)
+
+
+def memory_scenario(pid: int, url: str, clients: int, seconds: int) -> dict[str, float]:
+    """Peak and settled RSS of the proxy while ``clients`` download a large body at once."""
+    before = rss_kib(pid, "VmRSS")
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_kib(pid, "VmRSS"))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = wrk(url, seconds, clients)
+    finally:
+        stop.set()
+        sampler.join()
+    time.sleep(1)
+    return {
+        "before_mb": before / 1024,
+        "peak_mb": max(peak, rss_kib(pid, "VmHWM")) / 1024,
+        "after_mb": rss_kib(pid, "VmRSS") / 1024,
+        "rps": result.rps,
+        "p50_ms": result.p50_ms,
+        "non2xx": result.non2xx,
+        "errors": result.errors,
+    }
+
+
+def report(
+    args: argparse.Namespace,
+    chosen: list[Request],
+    targets: dict[str, int],
+    results: dict[tuple[str, int, str], Result],
+    audited: int,
+    memory: dict[str, float] | None,
+    load_before: str,
+    load_after: str,
+) -> None:
     print(
-        f"ratio fhir-audit-proxy / upstream direct: {ours / results['upstream direct']['rps']:.2f}"
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, wrk -t1"
+        f" -d{args.seconds}s after a 1 s warm-up; load average {load_before} -> {load_after}"
     )
-    print(f"events committed durably: {audited}")
+    print()
+    print(
+        "| request | -c | bare aiohttp | fhir-audit-proxy | ratio | p50 added | p99 added"
+        " | mitmproxy + audit | x mitmproxy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for req in chosen:
+        mitm = results.get((req.name, args.connections[-1], "mitmproxy reverse+audit"))
+        for c in args.connections:
+            bare = results[(req.name, c, "bare aiohttp")]
+            ours = results[(req.name, c, "fhir-audit-proxy")]
+            bad = ours.non2xx + ours.errors + bare.non2xx + bare.errors
+            mitm_cells = (
+                f"{mitm.rps:,.0f} | {ours.rps / mitm.rps:.1f}x"
+                if mitm is not None and c == args.connections[-1]
+                else " | "
+            )
+            print(
+                f"| `{req.name}` | {c} | {bare.rps:,.0f}, p50 {bare.p50_ms:.1f} ms"
+                f" | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms | {ours.rps / bare.rps:.2f}"
+                f" | {ours.p50_ms - bare.p50_ms:+.1f} ms | {ours.p99_ms - bare.p99_ms:+.1f} ms"
+                f" | {mitm_cells} |" + (f" ({bad} non-2xx/errors)" if bad else "")
+            )
+    print()
+    print(f"events committed durably during the run: {audited}")
+    if memory is not None:
+        print(
+            f"memory: {args.memory_clients} clients x {memory['size_mb']:.1f} MB Bundle for"
+            f" {args.memory_seconds} s: proxy RSS {memory['before_mb']:.0f} MB before,"
+            f" peak {memory['peak_mb']:.0f} MB, {memory['after_mb']:.0f} MB after;"
+            f" {memory['rps']:.1f} req/s, p50 {memory['p50_ms']:.0f} ms,"
+            f" non-2xx {memory['non2xx']:.0f}, socket errors {memory['errors']:.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """A bare aiohttp reverse proxy (no audit, no header rewriting): the Python floor that
 bench_proxy.py compares fhir-audit-proxy with, so the ratio isolates what auditing costs.
+It passes the method, the request body and the headers a FHIR client needs through, and
+buffers each response whole, as fhir-audit-proxy does below its buffer limit.
 
     python bench/plain_proxy.py UPSTREAM_ORIGIN PORT
 """
@@ -14,19 +16,25 @@ import uvloop
 from aiohttp import web
 from yarl import URL
 
+_PASSED = ("Accept", "Content-Type", "Prefer", "If-Match", "If-None-Exist")
+_RETURNED = ("Content-Type", "Location", "ETag", "Last-Modified")
+
 
 async def main(origin: URL, port: int) -> None:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=100), auto_decompress=False
+    )
 
     async def forward(request: web.Request) -> web.Response:
         target = origin.join(URL(request.rel_url.raw_path_qs, encoded=True))
-        headers = {"Accept": request.headers.get("Accept", "*/*")}
-        async with session.request(request.method, target, headers=headers) as upstream:
-            body = await upstream.read()
-            content_type = upstream.headers.get("Content-Type", "application/octet-stream")
-            return web.Response(
-                status=upstream.status, body=body, headers={"Content-Type": content_type}
-            )
+        headers = {k: request.headers[k] for k in _PASSED if k in request.headers}
+        body = await request.read() if request.body_exists else None
+        async with session.request(
+            request.method, target, headers=headers, data=body, allow_redirects=False
+        ) as upstream:
+            data = await upstream.read()
+            back = {k: upstream.headers[k] for k in _RETURNED if k in upstream.headers}
+            return web.Response(status=upstream.status, body=data, headers=back)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
