@@ -17,38 +17,21 @@ from yarl import URL
 from proxy.audit.validate import validate_event
 from proxy.forward import client_address, relative_path
 from proxy.store.queue import StoreError
-from tests.conftest import NodeFhirServer, RecordingRepository, StartProxy, serving
-
-FHIR = {"Content-Type": "application/fhir+json"}
-BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
-
-
-def profile(event: dict[str, Any]) -> str | None:
-    profiles = event.get("meta", {}).get("profile", [])
-    return profiles[0].removeprefix(BALP) if profiles else None
-
-
-def patient_refs(event: dict[str, Any]) -> list[str]:
-    return [
-        e["what"]["reference"]
-        for e in event.get("entity", [])
-        if e.get("role", {}).get("code") == "1" and "what" in e
-    ]
-
-
-def subtypes(event: dict[str, Any]) -> list[str]:
-    return [c["code"] for c in event.get("subtype", [])]
+from tests.factories import (
+    FHIR,
+    NodeFhirServer,
+    RecordingRepository,
+    StartProxy,
+    new_patient,
+    patient_refs,
+    profile,
+    serving,
+    subtypes,
+)
 
 
 def agent_codes(event: dict[str, Any]) -> set[str]:
     return {c["code"] for a in event["agent"] for c in a.get("type", {}).get("coding", [])}
-
-
-async def new_patient(http: aiohttp.ClientSession, base: str, **extra: Any) -> dict[str, Any]:
-    async with http.post(f"{base}/Patient", json={"resourceType": "Patient", **extra}) as r:
-        assert r.status == 201
-        result: dict[str, Any] = await r.json(content_type=None)
-        return result
 
 
 # --- pure helpers -------------------------------------------------------------------------

@@ -3,7 +3,6 @@ the Smile-style audit-log, health, metrics, the dead-letter queue and the CLI ov
 
 from __future__ import annotations
 
-import base64
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,20 +16,17 @@ import orjson
 import pytest
 import yaml
 
-from tests.conftest import NodeFhirServer, RunningProxy, StartProxy
+from tests.factories import (
+    NodeFhirServer,
+    RunningProxy,
+    StartProxy,
+    audit_event_pages,
+    unsigned_jwt,
+)
 
 ADMIN_TOKEN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def unsigned_jwt(claims: dict[str, Any]) -> str:
-    """A JWT as a client would send it; the proxy decodes claims (no JWKS configured)."""
-
-    def part(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 @dataclass
@@ -77,16 +73,13 @@ async def test_search_pages_through_every_event_newest_first(
     populated: Populated, http: aiohttp.ClientSession
 ) -> None:
     admin = populated.proxy.admin_url
-    url: str | None = f"{admin}/fhir/AuditEvent?_count=2"
     seen: list[dict[str, Any]] = []
     pages = 0
-    while url:
-        page = await search(http, url)
+    async for page in audit_event_pages(http, f"{admin}/fhir/AuditEvent?_count=2", AUTH):
         assert page["resourceType"] == "Bundle" and page["type"] == "searchset"
         assert page["total"] == 7
         assert len(page["entry"]) <= 2
         seen.extend(e["resource"] for e in page["entry"])
-        url = next((lk["url"] for lk in page["link"] if lk["relation"] == "next"), None)
         pages += 1
     assert pages == 4
     ids = [e["id"] for e in seen]

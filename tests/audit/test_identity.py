@@ -18,8 +18,15 @@ from jwt.algorithms import RSAAlgorithm
 from proxy.audit.balp import TOKEN_VERIFICATION_EXT
 from proxy.audit.identity import identity_from_headers
 from proxy.settings import IdentitySettings
-from tests.audit.exchanges import context, events_of, exchange, unsigned_jwt
-from tests.conftest import NodeFhirServer, StartProxy, serving
+from tests.factories import (
+    NodeFhirServer,
+    StartProxy,
+    context,
+    events_of,
+    exchange,
+    serving,
+    unsigned_jwt,
+)
 
 
 def _keypair(kid: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:

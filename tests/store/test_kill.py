@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.store.test_queue import _event
+from tests.factories import queued_event
 
 WRITER = r"""
 import asyncio, sys
 from pathlib import Path
 from proxy.store.queue import AuditQueue
-from tests.store.test_queue import _event
+from tests.factories import queued_event
 
 async def main() -> None:
     queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
@@ -28,7 +28,7 @@ async def main() -> None:
     async def writer(w: int) -> None:
         i = 0
         while True:
-            event = _event(i)
+            event = queued_event(i)
             event["id"] = f"r{round_no}-w{w}-{i}"
             await queue.append([event])
             sys.stdout.write(event["id"] + "\n")  # acknowledged: the caller may rely on it
@@ -84,7 +84,7 @@ def test_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
 
     async def reopen() -> int:
         queue = await AuditQueue.open(path, max_bytes=1 << 30)
-        await queue.append([_event(1)])
+        await queue.append([queued_event(1)])
         pending = (await queue.stats()).pending
         await queue.close()
         return pending
