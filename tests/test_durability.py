@@ -332,17 +332,31 @@ async def test_full_disk_fails_closed_and_recovers(
         while True:
             f.write(b"\0" * 65536)
             f.flush()
-    refused = []
+    refused: list[tuple[str, int]] = []
     for i in range(40):
-        async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": f"full-{i}"}) as r:
-            if r.status in (503, 507):
+        rid = f"full-{i}"
+        headers = {"X-Request-Id": rid}
+        request = (
+            http.get(f"{proxy.url}/metadata", headers=headers)
+            if i % 2
+            else http.post(
+                f"{proxy.url}/Patient",
+                json={"resourceType": "Patient", "name": [{"family": "Full"}]},
+                headers=headers,
+            )
+        )
+        async with request as r:
+            if r.status == 507:
                 body = await r.json(content_type=None)
                 assert body["resourceType"] == "OperationOutcome"
-                refused.append(r.status)
+                refused.append((r.method, r.status))
             else:
-                assert r.status == 200
-                acknowledged.append(f"full-{i}")
-    assert refused, "a full disk fails requests closed"
+                assert r.status in (200, 201), (r.method, r.status, await r.text())
+                acknowledged.append(rid)
+    assert {"GET", "POST"} <= {method for method, _ in refused}, (
+        "a full disk refuses reads and writes with 507",
+        refused,
+    )
     filler.unlink()
     for i in range(5):
         rid = f"after-{i}"

@@ -4,6 +4,7 @@ committed to the store and shipped to a recording repository."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -244,6 +245,14 @@ async def test_large_response_streams_and_is_audited_first(
     proxy = await start_proxy(upstream, audit={"buffer_limit_bytes": 256 * 1024})
     async with http.get(f"{proxy.url}/Binary/big") as r:
         assert r.status == 200
+        # The status line is here and the body not yet read: the event is already
+        # committed, as another connection to the store sees it. (The store held during
+        # the first byte is tests/test_guarantees.py's.)
+        conn = sqlite3.connect(proxy.settings.store.path)
+        try:
+            assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (1,)
+        finally:
+            conn.close()
         body = await r.read()
     assert len(body) == 40 * 65536
     (event,) = await proxy.stored_events()

@@ -21,6 +21,7 @@ from tests.factories import (
     RunningProxy,
     StartProxy,
     audit_event_pages,
+    serving,
     unsigned_jwt,
 )
 
@@ -166,6 +167,32 @@ async def test_admin_needs_the_token_but_probes_do_not(
         text = await r.text()
     assert 'fhir_audit_queue_events{status="pending"}' in text
     assert ADMIN_TOKEN not in text
+
+
+async def test_readyz_is_not_ready_when_the_upstream_is_down_or_the_store_full(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """``/readyz`` answers 503 and names the failing check; ``/healthz`` stays 200 (the
+    process is alive, restarting it would not help)."""
+    async with serving() as gone:
+        down_url = str(gone.make_url("/fhir"))
+    down = await start_proxy(down_url)
+    async with http.get(f"{down.admin_url}/readyz") as r:
+        assert r.status == 503
+        report = await r.json(content_type=None)
+    assert report["ready"] is False
+    assert report["checks"]["upstream"]["ok"] is False
+    assert report["checks"]["store"]["ok"] is True
+    async with http.get(f"{down.admin_url}/healthz") as r:
+        assert r.status == 200
+
+    full = await start_proxy(fhir_server.base_url, store={"max_bytes": 1})
+    async with http.get(f"{full.admin_url}/readyz") as r:
+        assert r.status == 503
+        report = await r.json(content_type=None)
+    assert report["ready"] is False
+    assert report["checks"]["store"]["ok"] is False
+    assert report["checks"]["upstream"]["ok"] is True
 
 
 async def test_audit_log_like_smile_cdr(populated: Populated, http: aiohttp.ClientSession) -> None:
