@@ -323,7 +323,14 @@ class ForwardHandler:
         try:
             ex.intent_id = await self._queue.record_intent(intent_summary(ex))
         except StoreError as exc:
-            return self._fail_closed(exc, "intent")
+            refused = self._fail_closed(exc, "intent")
+            # The write is refused unforwarded; record that (invariant 9). The store that
+            # refused the intent may refuse this event too: the answer is the same.
+            ex.status = refused.status
+            ex.error = f"not forwarded: the audit intent could not be persisted ({exc})"
+            ex.response_headers = {"content-type": FHIR_JSON}
+            await self._persist(ex)
+            return refused
         self._in_flight.add(ex.intent_id)
         return None
 

@@ -1,8 +1,423 @@
-"""Small helpers shared by test modules (tests never import from each other's files)."""
+"""Test factories every test module imports: the real servers tests start (the FHIR
+server, loopback upstreams and repositories), AuditEvents and exchanges, and the small
+readers of events and pages. Fixtures stay in ``conftest.py``; tests never import helpers
+from other test modules or from a conftest."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import contextlib
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import QUEUE
+from proxy.audit.balp import AuditContext, build_events, new_event_id
+from proxy.audit.identity import JwksKeys, identity_from_headers
+from proxy.exchange import Exchange
+from proxy.fhir.interaction import classify
+from proxy.settings import IdentitySettings, Settings, load_settings
+from proxy.store.queue import AuditQueue
+from proxy.store.records import EventQuery
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTSERVER = ROOT / "testserver" / "server.mjs"
+FHIR = {"Content-Type": "application/fhir+json"}
+BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeFhirServer:
+    """The bundled test FHIR server in a subprocess."""
+
+    base_url: str
+    process: subprocess.Popen[str]
+
+
+def start_fhir_server(port: int = 0) -> NodeFhirServer:
+    """Start ``testserver/server.mjs`` and wait for its ``listening`` line."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is required for the test FHIR server (see .ci/run)")
+    process = subprocess.Popen(
+        [node, str(TESTSERVER), str(port), "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=TESTSERVER.parent,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("listening "):
+        process.kill()
+        pytest.fail(f"test FHIR server did not start: {line}{process.stdout.read()}")
+    return NodeFhirServer(base_url=line.split()[1].strip(), process=process)
+
+
+def stop_fhir_server(server: NodeFhirServer) -> None:
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    if server.process.stdout is not None:
+        server.process.stdout.close()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serving(*routes: tuple[str, str, Handler]) -> AsyncIterator[TestServer]:
+    """A real HTTP server on loopback with ``routes`` (method, path, handler), closed on
+    exit. Upstreams, repositories and IdPs in the tests are made with it."""
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@dataclass
+class RecordingRepository:
+    """An audit repository that records what it receives; can be told to fail."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    fail_next: list[int] = field(default_factory=list)
+    """Statuses to answer with, one per coming request, before answering 200 again."""
+    url: str = ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every AuditEvent received, in arrival order (bundle, transaction or single)."""
+        out: list[dict[str, Any]] = []
+        for body in (r["body"] for r in self.requests if r["status"] < 300):
+            if body.get("resourceType") == "Bundle":
+                out.extend(e["resource"] for e in body.get("entry", []))
+            else:
+                out.append(body)
+        return out
+
+    async def wait_for(self, count: int, within_s: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` events have arrived."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while len(self.events()) < count:
+            if loop.time() > deadline:
+                raise AssertionError(
+                    f"expected {count} events, repository has {len(self.events())}"
+                )
+            await asyncio.sleep(0.02)
+        return self.events()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        status = self.fail_next.pop(0) if self.fail_next else 200
+        self.requests.append(
+            {"path": request.path, "headers": dict(request.headers), "body": body, "status": status}
+        )
+        if status >= 300:
+            return web.json_response({"resourceType": "OperationOutcome"}, status=status)
+        return web.json_response(
+            {"resourceType": "Bundle", "type": "batch-response"}, status=status
+        )
+
+
+Behaviour = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
+
+
+@dataclass
+class ScriptedRepository:
+    """Answers 200 unless ``behaviour`` returns a response; records every request."""
+
+    url: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    behaviour: Behaviour | None = None
+
+    def delivered_ids(self) -> list[str]:
+        """AuditEvent ids from the requests answered 2xx, in arrival order."""
+        out: list[str] = []
+        for r in self.requests:
+            if r["status"] >= 300:
+                continue
+            body = r["json"]
+            if body.get("resourceType") == "Bundle":
+                out.extend(e["resource"]["id"] for e in body.get("entry", []))
+            else:
+                out.append(body["id"])
+        return out
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        response = await self.behaviour(request, raw) if self.behaviour else None
+        if response is None:
+            response = web.json_response({"resourceType": "Bundle", "type": "batch-response"})
+        self.requests.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": dict(request.headers),
+                "json": orjson.loads(raw) if raw else None,
+                "status": response.status,
+            }
+        )
+        return response
+
+
+async def never_answer(request: web.Request, raw: bytes) -> web.StreamResponse | None:
+    await asyncio.sleep(30)
+    return None
+
+
+@dataclass
+class RunningProxy:
+    """A proxy listening on loopback, with its admin listener."""
+
+    url: str
+    """The proxy's FHIR base URL."""
+    admin_url: str
+    app: web.Application
+    settings: Settings
+    server: TestServer
+
+    @property
+    def queue(self) -> AuditQueue:
+        return self.app[QUEUE]
+
+    async def stored_events(self) -> list[dict[str, Any]]:
+        """Every event in the local store, in queue order."""
+        page, _ = await self.queue.search(EventQuery(newest_first=False, limit=10_000))
+        return [q.event for q in page]
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+def settings_for(upstream_url: str, store_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test proxy: loopback, ephemeral ports, a store under ``store``."""
+    base: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "upstream": {"url": upstream_url, "timeout_s": 10},
+        "store": {"path": store_dir / "audit.db"},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "shutdown_grace_s": 2,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return load_settings(None, **base)
+
+
+# --- credentials, events, exchanges -------------------------------------------------------
+
+
+def unsigned_jwt(claims: Mapping[str, Any]) -> str:
+    """A JWT as a client sends it; its signature is checked by nobody (no JWKS configured)."""
+    return jwt.encode(dict(claims), "not-the-idp-key-but-long-enough-for-hs256", "HS256")
+
+
+def audit_event(n: int, **extra: Any) -> dict[str, Any]:
+    """A small valid R4 AuditEvent, numbered in ``entity[0].what.identifier``."""
+    return {
+        "resourceType": "AuditEvent",
+        "id": new_event_id(),
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+        },
+        "action": "R",
+        "recorded": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "outcome": "0",
+        "agent": [{"who": {"display": "test"}, "requestor": True}],
+        "source": {"observer": {"display": "fhir-audit-proxy"}},
+        "entity": [{"what": {"identifier": {"value": f"n-{n}"}}}],
+        **extra,
+    }
+
+
+def queued_event(
+    n: int, *, patient: str | None = None, user: str = "u", **extra: Any
+) -> dict[str, Any]:
+    """:func:`audit_event` with the columns the queue indexes: a requestor ``user``, the
+    ``read`` subtype, and ``patient`` as a patient entity when given."""
+    event = audit_event(n, **extra)
+    event["agent"] = [{"who": {"identifier": {"value": user}}, "requestor": True}]
+    event["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"}]
+    if patient:
+        event["entity"].insert(
+            0, {"role": {"code": "1"}, "type": {"code": "1"}, "what": {"reference": patient}}
+        )
+    return event
+
+
+CLIENT_IP = "2001:0db8:85a3:0000:0000:8a2e:0370:7334"
+BASE_URL = "http://server.example.com/fhir"
+STARTED = datetime(2020, 4, 29, 9, 49, tzinfo=UTC)
+NOW = STARTED + timedelta(milliseconds=30)
+
+
+def exchange(
+    method: str,
+    path: str,
+    *,
+    query: str = "",
+    headers: Mapping[str, str] | None = None,
+    body: Any = None,
+    status: int | None = 200,
+    response: Any = None,
+    response_headers: Mapping[str, str] | None = None,
+    error: str | None = None,
+    request_id: str | None = None,
+    client: str = CLIENT_IP,
+    base_url: str = BASE_URL,
+    identity: IdentitySettings | None = None,
+    keys: JwksKeys | None = None,
+) -> Exchange:
+    """An exchange after the upstream answered (or failed with ``error``). ``body`` and
+    ``response`` may be bytes or JSON-able values."""
+    request_headers = {k.lower(): v for k, v in (headers or {}).items()}
+    raw_body = body if body is None or isinstance(body, bytes) else orjson.dumps(body)
+    if raw_body is not None and "content-type" not in request_headers:
+        request_headers["content-type"] = "application/fhir+json"
+    raw_response = (
+        response if response is None or isinstance(response, bytes) else orjson.dumps(response)
+    )
+    ex = Exchange(
+        request_id=request_id or str(uuid.uuid4()),
+        method=method,
+        path=path,
+        query_string=query,
+        request_headers=request_headers,
+        client_address=client,
+        started_at=STARTED,
+        base_url=base_url,
+        request_body=raw_body,
+        request_content_type=request_headers.get("content-type", ""),
+        status=status,
+        response_headers={k.lower(): v for k, v in (response_headers or {}).items()},
+        response_body=raw_response,
+        error=error,
+        finished_at=NOW,
+    )
+    ex.interaction = classify(method, path, query, request_headers, raw_body)
+    ex.identity = identity_from_headers(request_headers, identity or IdentitySettings(), keys)
+    return ex
+
+
+def context(**audit: Any) -> AuditContext:
+    """The audit context of settings with ``audit`` overrides (nested dicts merge)."""
+    settings: Settings = load_settings(None, audit=audit) if audit else Settings()
+    return AuditContext.from_settings(settings)
+
+
+def events_of(ex: Exchange, ctx: AuditContext | None = None) -> list[dict[str, Any]]:
+    return build_events(ex, ctx or AuditContext.default(), NOW)
+
+
+def codes(concept: Mapping[str, Any] | None) -> set[str]:
+    """The codes of a CodeableConcept or of a single Coding."""
+    if not concept:
+        return set()
+    if "coding" in concept:
+        return {c["code"] for c in concept["coding"]}
+    return {concept["code"]}
+
+
+def profile_of(event: Mapping[str, Any]) -> str | None:
+    profiles = (event.get("meta") or {}).get("profile") or []
+    assert len(profiles) <= 1, profiles
+    return profiles[0].rsplit(".", 1)[-1] if profiles else None
+
+
+def patients_of(event: Mapping[str, Any]) -> list[str]:
+    return [
+        e["what"]["reference"]
+        for e in event["entity"]
+        if "1" in codes(e.get("role")) and "1" in codes(e.get("type"))
+    ]
+
+
+# --- reading events -------------------------------------------------------------------------
+
+
+def request_id_of(event: Mapping[str, Any]) -> str | None:
+    """The ``X-Request-Id`` an AuditEvent records (its ``XrequestId`` entity), if any."""
+    for entity in event.get("entity", []):
+        if entity.get("type", {}).get("code") == "XrequestId":
+            value: str = entity["what"]["identifier"]["value"]
+            return value
+    return None
+
+
+def profile(event: Mapping[str, Any]) -> str | None:
+    """The BALP profile name of an event (``PatientRead``), without the canonical prefix."""
+    profiles = event.get("meta", {}).get("profile", [])
+    return str(profiles[0]).removeprefix(BALP) if profiles else None
+
+
+def patient_refs(event: Mapping[str, Any]) -> list[str]:
+    """References of the patient entities (R4 role code ``1``)."""
+    return [
+        e["what"]["reference"]
+        for e in event.get("entity", [])
+        if e.get("role", {}).get("code") == "1" and "what" in e
+    ]
+
+
+def subtypes(event: Mapping[str, Any]) -> list[str]:
+    return [c["code"] for c in event.get("subtype", [])]
+
+
+async def audit_event_pages(
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Each searchset Bundle of a FHIR AuditEvent search, following ``next`` links."""
+    next_url: str | None = url
+    while next_url:
+        async with http.get(next_url, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            page: dict[str, Any] = await r.json(content_type=None)
+        yield page
+        next_url = next(
+            (link["url"] for link in page.get("link", []) if link["relation"] == "next"), None
+        )
+
+
+async def all_audit_events(
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Every AuditEvent of a search, across its pages, in the order served."""
+    return [
+        entry["resource"]
+        async for page in audit_event_pages(http, url, headers)
+        for entry in page.get("entry", [])
+    ]
+
+
+async def new_patient(http: aiohttp.ClientSession, base: str, **extra: Any) -> dict[str, Any]:
+    """Create a Patient through ``base``; the created resource."""
+    async with http.post(f"{base}/Patient", json={"resourceType": "Patient", **extra}) as r:
+        assert r.status == 201
+        result: dict[str, Any] = await r.json(content_type=None)
+        return result
 
 
 def free_port() -> int:

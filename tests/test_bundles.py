@@ -9,8 +9,15 @@ from typing import Any
 import aiohttp
 
 from proxy.audit.validate import validate_event
-from tests.conftest import NodeFhirServer, RecordingRepository, StartProxy
-from tests.test_forward import new_patient, patient_refs, profile, subtypes
+from tests.factories import (
+    NodeFhirServer,
+    RecordingRepository,
+    StartProxy,
+    new_patient,
+    patient_refs,
+    profile,
+    subtypes,
+)
 
 
 def observation(subject: str, text: str) -> dict[str, Any]:

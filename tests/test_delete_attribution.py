@@ -13,9 +13,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.audit.balp import build_unknown_outcome_events, intent_summary
-from tests.audit.exchanges import NOW, context, exchange
-from tests.conftest import NodeFhirServer, StartProxy, serving
-from tests.test_forward import patient_refs, profile
+from tests.factories import (
+    NOW,
+    NodeFhirServer,
+    StartProxy,
+    context,
+    exchange,
+    patient_refs,
+    profile,
+    serving,
+)
 
 Seen = list[dict[str, Any]]
 

@@ -24,10 +24,12 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.factories import (
     NodeFhirServer,
     RecordingRepository,
     StartProxy,
+    all_audit_events,
+    request_id_of,
     start_fhir_server,
     stop_fhir_server,
 )
@@ -41,14 +43,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def request_id_of(event: dict[str, Any]) -> str | None:
-    for entity in event.get("entity", []):
-        if entity.get("type", {}).get("code") == "XrequestId":
-            value: str = entity["what"]["identifier"]["value"]
-            return value
-    return None
 
 
 class ProxyProcess:
@@ -199,17 +193,9 @@ async def test_sigkill_during_write_load_loses_no_acknowledged_event(
                 f"{crash_fhir_server.base_url.rsplit('/fhir', 1)[0]}/__admin/requests"
             ) as r:
                 upstream_log: list[dict[str, Any]] = await r.json(content_type=None)
-            stored: list[dict[str, Any]] = []
-            url: str | None = f"{proxy.admin}/fhir/AuditEvent?_sort=date&_count=1000"
-            while url:
-                async with http.get(url) as r:
-                    assert r.status == 200
-                    page = await r.json(content_type=None)
-                stored.extend(e["resource"] for e in page.get("entry", []))
-                url = next(
-                    (link["url"] for link in page.get("link", []) if link["relation"] == "next"),
-                    None,
-                )
+            stored = await all_audit_events(
+                http, f"{proxy.admin}/fhir/AuditEvent?_sort=date&_count=1000"
+            )
             await repository.wait_for(len(stored), within_s=60)
         finally:
             await proxy.stop()
@@ -296,15 +282,10 @@ async def test_repository_outage_under_load_fails_no_request_and_drains_without_
         await asyncio.sleep(0.1)
     assert (await proxy.queue.stats()).pending == 0, "the backlog drains"
 
-    ids: list[str] = []
-    url: str | None = f"{fhir_repository.base_url}/AuditEvent?_count=1000"
-    while url:
-        async with http.get(url) as r:
-            page = await r.json(content_type=None)
-        ids.extend(e["resource"]["id"] for e in page.get("entry", []))
-        url = next(
-            (link["url"] for link in page.get("link", []) if link["relation"] == "next"), None
-        )
+    ids = [
+        e["id"]
+        for e in await all_audit_events(http, f"{fhir_repository.base_url}/AuditEvent?_count=1000")
+    ]
     stored = {e["id"] for e in await proxy.stored_events()}
     assert len(ids) == len(set(ids)), "no duplicates in the repository"
     assert set(ids) == stored
@@ -351,17 +332,31 @@ async def test_full_disk_fails_closed_and_recovers(
         while True:
             f.write(b"\0" * 65536)
             f.flush()
-    refused = []
+    refused: list[tuple[str, int]] = []
     for i in range(40):
-        async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": f"full-{i}"}) as r:
-            if r.status in (503, 507):
+        rid = f"full-{i}"
+        headers = {"X-Request-Id": rid}
+        request = (
+            http.get(f"{proxy.url}/metadata", headers=headers)
+            if i % 2
+            else http.post(
+                f"{proxy.url}/Patient",
+                json={"resourceType": "Patient", "name": [{"family": "Full"}]},
+                headers=headers,
+            )
+        )
+        async with request as r:
+            if r.status == 507:
                 body = await r.json(content_type=None)
                 assert body["resourceType"] == "OperationOutcome"
-                refused.append(r.status)
+                refused.append((r.method, r.status))
             else:
-                assert r.status == 200
-                acknowledged.append(f"full-{i}")
-    assert refused, "a full disk fails requests closed"
+                assert r.status in (200, 201), (r.method, r.status, await r.text())
+                acknowledged.append(rid)
+    assert {"GET", "POST"} <= {method for method, _ in refused}, (
+        "a full disk refuses reads and writes with 507",
+        refused,
+    )
     filler.unlink()
     for i in range(5):
         rid = f"after-{i}"

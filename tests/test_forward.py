@@ -4,6 +4,7 @@ committed to the store and shipped to a recording repository."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,38 +18,21 @@ from yarl import URL
 from proxy.audit.validate import validate_event
 from proxy.forward import client_address, relative_path
 from proxy.store.queue import StoreError
-from tests.conftest import NodeFhirServer, RecordingRepository, StartProxy, serving
-
-FHIR = {"Content-Type": "application/fhir+json"}
-BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
-
-
-def profile(event: dict[str, Any]) -> str | None:
-    profiles = event.get("meta", {}).get("profile", [])
-    return profiles[0].removeprefix(BALP) if profiles else None
-
-
-def patient_refs(event: dict[str, Any]) -> list[str]:
-    return [
-        e["what"]["reference"]
-        for e in event.get("entity", [])
-        if e.get("role", {}).get("code") == "1" and "what" in e
-    ]
-
-
-def subtypes(event: dict[str, Any]) -> list[str]:
-    return [c["code"] for c in event.get("subtype", [])]
+from tests.factories import (
+    FHIR,
+    NodeFhirServer,
+    RecordingRepository,
+    StartProxy,
+    new_patient,
+    patient_refs,
+    profile,
+    serving,
+    subtypes,
+)
 
 
 def agent_codes(event: dict[str, Any]) -> set[str]:
     return {c["code"] for a in event["agent"] for c in a.get("type", {}).get("coding", [])}
-
-
-async def new_patient(http: aiohttp.ClientSession, base: str, **extra: Any) -> dict[str, Any]:
-    async with http.post(f"{base}/Patient", json={"resourceType": "Patient", **extra}) as r:
-        assert r.status == 201
-        result: dict[str, Any] = await r.json(content_type=None)
-        return result
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -261,6 +245,14 @@ async def test_large_response_streams_and_is_audited_first(
     proxy = await start_proxy(upstream, audit={"buffer_limit_bytes": 256 * 1024})
     async with http.get(f"{proxy.url}/Binary/big") as r:
         assert r.status == 200
+        # The status line is here and the body not yet read: the event is already
+        # committed, as another connection to the store sees it. (The store held during
+        # the first byte is tests/test_guarantees.py's.)
+        conn = sqlite3.connect(proxy.settings.store.path)
+        try:
+            assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (1,)
+        finally:
+            conn.close()
         body = await r.read()
     assert len(body) == 40 * 65536
     (event,) = await proxy.stored_events()

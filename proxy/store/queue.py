@@ -447,7 +447,8 @@ class AuditQueue:
         incoming = sum(len(row[8]) + _ROW_OVERHEAD for item in batch for row in item.rows)
         incoming += sum(len(i) + 50 for i in intents)
         try:
-            if n_rows and not self._has_room(incoming):
+            # Intents count too: a write whose intent fits no more must not be forwarded.
+            if (n_rows or intents) and not self._has_room(incoming):
                 raise StoreFull(f"audit store is full (max_bytes={self._max_bytes})")
             if not intents and not done and n_rows <= _ROWS_PER_STATEMENT:
                 # The common batch, events only: one statement is its own transaction

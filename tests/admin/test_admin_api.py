@@ -3,7 +3,6 @@ the Smile-style audit-log, health, metrics, the dead-letter queue and the CLI ov
 
 from __future__ import annotations
 
-import base64
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,20 +16,18 @@ import orjson
 import pytest
 import yaml
 
-from tests.conftest import NodeFhirServer, RunningProxy, StartProxy
+from tests.factories import (
+    NodeFhirServer,
+    RunningProxy,
+    StartProxy,
+    audit_event_pages,
+    serving,
+    unsigned_jwt,
+)
 
 ADMIN_TOKEN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def unsigned_jwt(claims: dict[str, Any]) -> str:
-    """A JWT as a client would send it; the proxy decodes claims (no JWKS configured)."""
-
-    def part(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 @dataclass
@@ -77,16 +74,13 @@ async def test_search_pages_through_every_event_newest_first(
     populated: Populated, http: aiohttp.ClientSession
 ) -> None:
     admin = populated.proxy.admin_url
-    url: str | None = f"{admin}/fhir/AuditEvent?_count=2"
     seen: list[dict[str, Any]] = []
     pages = 0
-    while url:
-        page = await search(http, url)
+    async for page in audit_event_pages(http, f"{admin}/fhir/AuditEvent?_count=2", AUTH):
         assert page["resourceType"] == "Bundle" and page["type"] == "searchset"
         assert page["total"] == 7
         assert len(page["entry"]) <= 2
         seen.extend(e["resource"] for e in page["entry"])
-        url = next((lk["url"] for lk in page["link"] if lk["relation"] == "next"), None)
         pages += 1
     assert pages == 4
     ids = [e["id"] for e in seen]
@@ -173,6 +167,32 @@ async def test_admin_needs_the_token_but_probes_do_not(
         text = await r.text()
     assert 'fhir_audit_queue_events{status="pending"}' in text
     assert ADMIN_TOKEN not in text
+
+
+async def test_readyz_is_not_ready_when_the_upstream_is_down_or_the_store_full(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """``/readyz`` answers 503 and names the failing check; ``/healthz`` stays 200 (the
+    process is alive, restarting it would not help)."""
+    async with serving() as gone:
+        down_url = str(gone.make_url("/fhir"))
+    down = await start_proxy(down_url)
+    async with http.get(f"{down.admin_url}/readyz") as r:
+        assert r.status == 503
+        report = await r.json(content_type=None)
+    assert report["ready"] is False
+    assert report["checks"]["upstream"]["ok"] is False
+    assert report["checks"]["store"]["ok"] is True
+    async with http.get(f"{down.admin_url}/healthz") as r:
+        assert r.status == 200
+
+    full = await start_proxy(fhir_server.base_url, store={"max_bytes": 1})
+    async with http.get(f"{full.admin_url}/readyz") as r:
+        assert r.status == 503
+        report = await r.json(content_type=None)
+    assert report["ready"] is False
+    assert report["checks"]["store"]["ok"] is False
+    assert report["checks"]["upstream"]["ok"] is True
 
 
 async def test_audit_log_like_smile_cdr(populated: Populated, http: aiohttp.ClientSession) -> None:

@@ -18,7 +18,7 @@ from proxy.audit.balp import (
 )
 from proxy.audit.r5 import to_r5
 from proxy.audit.validate import validate_event
-from tests.audit.exchanges import (
+from tests.factories import (
     NOW,
     codes,
     context,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from proxy.audit.validate import validate_event
-from tests.audit.exchanges import (
+from tests.factories import (
     BASE_URL,
     context,
     events_of,

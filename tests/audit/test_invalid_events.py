@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy.audit.validate import validate_event
-from tests.conftest import RecordingRepository, StartProxy, serving
+from tests.factories import RecordingRepository, StartProxy, serving
 
 BAD_LABEL = {"system": "http://example.org/labels", "code": "not  a  code"}
 

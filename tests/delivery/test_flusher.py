@@ -17,8 +17,7 @@ from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
 from proxy.settings import RepositorySettings
 from proxy.store.queue import AuditQueue
-from tests.conftest import audit_event
-from tests.delivery.conftest import ScriptedRepository
+from tests.factories import ScriptedRepository, audit_event
 
 
 def _flusher(

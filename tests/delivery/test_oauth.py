@@ -20,8 +20,7 @@ from pydantic import SecretStr
 from proxy.delivery.oauth import TokenProvider
 from proxy.delivery.sinks import FhirRepositorySink, RepositoryUnavailable, make_sink
 from proxy.settings import OAuth2Settings, RepositorySettings
-from tests.conftest import audit_event, serving
-from tests.delivery.conftest import ScriptedRepository
+from tests.factories import ScriptedRepository, audit_event, serving
 
 SECRET = "client-secret-that-must-never-be-logged"
 

@@ -20,8 +20,7 @@ from proxy.delivery.sinks import (
     make_sink,
 )
 from proxy.settings import RepositorySettings
-from tests.conftest import NodeFhirServer, audit_event
-from tests.delivery.conftest import ScriptedRepository, never_answer
+from tests.factories import NodeFhirServer, ScriptedRepository, audit_event, never_answer
 
 
 def _settings(url: str, **kwargs: Any) -> RepositorySettings:

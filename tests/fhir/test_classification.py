@@ -451,23 +451,61 @@ def test_classify(case: Case) -> None:
     assert got.restful_code == expected_code
 
 
+_GARBAGE_PATHS = [
+    "\x00",
+    "Patient/\udcff",
+    "%%%%",
+    "Patient/1/_history/\n",
+    "Patient/" + "9" * 10_000,
+    "Patient/1/$",
+]
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "BREW", ""]
+
+
+@pytest.mark.parametrize("path", _GARBAGE_PATHS)
+@pytest.mark.parametrize("method", _METHODS)
+def test_garbage_paths_are_unknown_attributed_to_no_resource_and_not_writes(
+    method: str, path: str
+) -> None:
+    """Paths that name no FHIR interaction (a NUL, a lone surrogate, bad escapes, a newline
+    in a version, an id over 64 characters, an empty operation name) are UNKNOWN: no
+    resource or patient is attributed from them, no subtype is claimed."""
+    got = classify(method, path, "a=%ZZ&&=&b", {"content-type": FORM["content-type"]}, b"\xff\xfe")
+    assert got.kind is K.UNKNOWN
+    assert got.method == method
+    assert (got.resource_type, got.resource_id, got.version_id) == (None, None, None)
+    assert got.restful_code is None
+    assert not got.is_write
+
+
 @pytest.mark.parametrize(
-    "path",
+    ("method", "kind", "write"),
     [
-        "\x00",
-        "Patient/\udcff",
-        "%%%%",
-        "Patient/1/_history/\n",
-        "/" * 50,
-        "Patient/" + "9" * 10_000,
-        "$" * 100,
-        "Patient/1/$",
+        ("GET", K.SEARCH_SYSTEM, False),
+        ("POST", K.UNKNOWN, False),
+        ("PUT", K.UNKNOWN, False),
+        ("DELETE", K.DELETE, True),
+        ("BREW", K.UNKNOWN, False),
     ],
 )
-@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "BREW", ""])
-def test_classify_never_raises_on_garbage(method: str, path: str) -> None:
-    got = classify(method, path, "a=%ZZ&&=&b", {"content-type": FORM["content-type"]}, b"\xff\xfe")
-    assert got.kind is K.UNKNOWN or got.kind in set(InteractionKind)
+def test_a_path_of_slashes_is_the_base(method: str, kind: K, write: bool) -> None:
+    """Fifty slashes are the base: a system search, or a system-level conditional DELETE
+    (a write, so an intent is committed before it is forwarded)."""
+    got = classify(method, "/" * 50, "a=%ZZ&&=&b", {"content-type": FORM["content-type"]}, None)
+    assert (got.kind, got.is_write, got.resource_type) == (kind, write, None)
+
+
+@pytest.mark.parametrize("method", _METHODS)
+def test_an_operation_of_dollars_is_named_as_sent(method: str) -> None:
+    """``$$$...`` is a system operation by that name; by POST it counts as a write, and a
+    method that cannot invoke an operation makes it UNKNOWN."""
+    got = classify(method, "$" * 100, "", {}, None)
+    if method in ("", "BREW"):
+        assert got.kind is K.UNKNOWN and got.operation is None
+        return
+    assert got.kind is K.OPERATION
+    assert got.operation and not got.operation.strip("$")
+    assert got.is_write == (method == "POST")
 
 
 def test_post_operation_on_form_body_is_a_write_but_get_is_not() -> None:

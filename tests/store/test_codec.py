@@ -16,8 +16,7 @@ from proxy.store import queue as queue_module
 from proxy.store import schema
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
 from proxy.store.queue import AuditQueue, StoreError
-from tests.audit.exchanges import NOW, context, exchange
-from tests.conftest import audit_event
+from tests.factories import NOW, audit_event, context, exchange
 
 
 def _balp_events() -> list[dict[str, object]]:

@@ -11,15 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.store.test_queue import _event
+from tests.factories import queued_event
 
 WRITER = r"""
 import asyncio, sys
 from pathlib import Path
 from proxy.store.queue import AuditQueue
-from tests.store.test_queue import _event
+from tests.factories import queued_event
 
 async def main() -> None:
     queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
@@ -28,7 +29,7 @@ async def main() -> None:
     async def writer(w: int) -> None:
         i = 0
         while True:
-            event = _event(i)
+            event = queued_event(i)
             event["id"] = f"r{round_no}-w{w}-{i}"
             await queue.append([event])
             sys.stdout.write(event["id"] + "\n")  # acknowledged: the caller may rely on it
@@ -64,13 +65,26 @@ def _run_and_kill(path: Path, round_no: int, rng: random.Random) -> set[str]:
     return set(complete)
 
 
-def test_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
+def _seed() -> int:
+    """``KILL_TEST_SEED`` replays a failed run; otherwise a fresh seed each run."""
+    replay = os.environ.get("KILL_TEST_SEED")
+    return int(replay) if replay else random.SystemRandom().randrange(2**32)
+
+
+def test_acknowledged_appends_survive_sigkill(
+    tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     path = tmp_path / "audit.db"
-    rng = random.Random(os.getpid())
+    seed = _seed()
+    # Printed and recorded so a failure names it (pytest shows captured output then):
+    # replay with KILL_TEST_SEED=<seed>.
+    print(f"KILL_TEST_SEED={seed}")
+    record_property("KILL_TEST_SEED", seed)
+    rng = random.Random(seed)
     acknowledged: set[str] = set()
     for round_no in range(3):
         acked = _run_and_kill(path, round_no, rng)
-        assert len(acked) > 50, "the writers made progress before the kill"
+        assert len(acked) > 50, f"the writers made progress before the kill (seed {seed})"
         acknowledged |= acked
         print(f"round {round_no}: {len(acked)} acknowledged before SIGKILL")
         conn = sqlite3.connect(path)
@@ -78,13 +92,16 @@ def test_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
         stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
         conn.close()
         missing = acknowledged - stored
-        assert not missing, f"round {round_no}: {len(missing)} acknowledged events lost"
+        assert not missing, (
+            f"round {round_no}: {len(missing)} acknowledged events lost;"
+            f" replay with KILL_TEST_SEED={seed}"
+        )
     # And the store still works after three crashes.
     from proxy.store.queue import AuditQueue
 
     async def reopen() -> int:
         queue = await AuditQueue.open(path, max_bytes=1 << 30)
-        await queue.append([_event(1)])
+        await queue.append([queued_event(1)])
         pending = (await queue.stats()).pending
         await queue.close()
         return pending

@@ -8,7 +8,6 @@ import secrets
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,26 +15,15 @@ from proxy.store import schema
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
 from proxy.store.records import EventQuery, EventStatus
 from proxy.telemetry import REGISTRY
-from tests.conftest import audit_event
+from tests.factories import queued_event
 
 NOW = datetime.now(UTC)
-
-
-def _event(n: int, *, patient: str | None = None, user: str = "u", **extra: Any) -> dict[str, Any]:
-    event = audit_event(n, **extra)
-    event["agent"] = [{"who": {"identifier": {"value": user}}, "requestor": True}]
-    event["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"}]
-    if patient:
-        event["entity"].insert(
-            0, {"role": {"code": "1"}, "type": {"code": "1"}, "what": {"reference": patient}}
-        )
-    return event
 
 
 async def test_claim_is_in_append_order_and_ack_removes_from_the_pending(
     queue: AuditQueue,
 ) -> None:
-    events = [_event(i) for i in range(10)]
+    events = [queued_event(i) for i in range(10)]
     for e in events:
         await queue.append([e])
     claimed = await queue.claim(4, NOW)
@@ -54,7 +42,7 @@ async def test_a_held_back_event_stops_the_claim_so_delivery_stays_in_order(
     queue: AuditQueue,
 ) -> None:
     for i in range(5):
-        await queue.append([_event(i)])
+        await queue.append([queued_event(i)])
     first = await queue.claim(5, NOW)
     await queue.nack([first[2].seq], "HTTP 503", NOW + timedelta(seconds=30))
     assert [q.seq for q in await queue.claim(5, NOW)] == [q.seq for q in first[:2]]
@@ -67,7 +55,7 @@ async def test_a_held_back_event_stops_the_claim_so_delivery_stays_in_order(
 
 async def test_dead_letters_are_listed_requeued_and_keep_their_answer(queue: AuditQueue) -> None:
     for i in range(4):
-        await queue.append([_event(i)])
+        await queue.append([queued_event(i)])
     seqs = [q.seq for q in await queue.claim(4, NOW)]
     await queue.dead_letter([seqs[1], seqs[3]], 'HTTP 422: {"issue": "bad"}')
     dead = await queue.list_dead()
@@ -83,7 +71,7 @@ async def test_dead_letters_are_listed_requeued_and_keep_their_answer(queue: Aud
 
 async def test_prune_removes_only_delivered_events_past_retention(queue: AuditQueue) -> None:
     for i in range(6):
-        await queue.append([_event(i)])
+        await queue.append([queued_event(i)])
     seqs = [q.seq for q in await queue.claim(6, NOW)]
     await queue.ack(seqs[:2], NOW - timedelta(days=40))
     await queue.ack(seqs[2:4], NOW - timedelta(days=1))
@@ -102,7 +90,7 @@ async def test_search_filters_and_pages(queue: AuditQueue) -> None:
         recorded = (base + timedelta(hours=i)).isoformat()
         await queue.append(
             [
-                _event(
+                queued_event(
                     i,
                     patient=f"Patient/p{i % 3}",
                     user=f"user{i % 2}",
@@ -152,7 +140,7 @@ async def test_concurrent_appends_share_commits_in_alternating_halves(queue: Aud
 
     async def writer(w: int) -> None:
         for i in range(per_writer):
-            await queue.append([_event(w * 1000 + i)])
+            await queue.append([queued_event(w * 1000 + i)])
 
     commits_before = queue.commits
     await asyncio.gather(*(writer(w) for w in range(writers)))
@@ -162,19 +150,29 @@ async def test_concurrent_appends_share_commits_in_alternating_halves(queue: Aud
     assert _small_commits() - small_before <= 2, "only the warm-up commits are small"
 
 
-async def test_a_lone_append_is_committed_at_once(queue: AuditQueue) -> None:
-    for i in range(5):
-        await asyncio.wait_for(queue.append([_event(i)]), timeout=5)
-    assert (await queue.stats()).pending == 5
+async def test_a_lone_append_is_committed_at_once(queue: AuditQueue, tmp_path: Path) -> None:
+    """With nobody else appending, each append is a commit of its own (it does not wait
+    for company), and when it returns another connection already sees its event."""
+    other = sqlite3.connect(tmp_path / "audit.db")
+    try:
+        for i in range(5):
+            commits = queue.commits
+            event = queued_event(i)
+            await queue.append([event])
+            assert queue.commits == commits + 1
+            rows = other.execute("SELECT event_id FROM events ORDER BY seq").fetchall()
+            assert rows[-1] == (event["id"],) and len(rows) == i + 1
+    finally:
+        other.close()
 
 
 async def test_a_duplicate_id_fails_only_its_own_append(queue: AuditQueue) -> None:
-    first = _event(1)
+    first = queued_event(1)
     await queue.append([first])
     results = await asyncio.gather(
-        queue.append([_event(2)]),
+        queue.append([queued_event(2)]),
         queue.append([first]),
-        queue.append([_event(3)]),
+        queue.append([queued_event(3)]),
         return_exceptions=True,
     )
     assert results[0] is None and results[2] is None
@@ -193,7 +191,7 @@ async def test_intents_are_completed_atomically_with_their_events(
         queue.record_intent({"method": "DELETE", "path": "Patient/2"}),
     )
     assert len({a, b, c}) == 3
-    await queue.append([_event(1)], complete_intent=a)
+    await queue.append([queued_event(1)], complete_intent=a)
     await queue.close()
 
     reopened = await AuditQueue.open(path, max_bytes=1 << 30)
@@ -201,7 +199,7 @@ async def test_intents_are_completed_atomically_with_their_events(
     assert [o.id for o in orphans] == sorted([b, c])
     assert {o.summary["method"] for o in orphans} == {"PUT", "DELETE"}
     assert all(o.created_at <= datetime.now(UTC) for o in orphans)
-    await reopened.append([_event(2), _event(3)], complete_intent=b)
+    await reopened.append([queued_event(2), queued_event(3)], complete_intent=b)
     assert [o.id for o in await reopened.orphan_intents()] == [c]
     assert (await reopened.stats()).intents == 1
     await reopened.close()
@@ -210,7 +208,7 @@ async def test_intents_are_completed_atomically_with_their_events(
 async def test_migrations_run_once_and_a_newer_store_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     queue = await AuditQueue.open(path, max_bytes=1 << 30)
-    await queue.append([_event(1)])
+    await queue.append([queued_event(1)])
     await queue.close()
     queue = await AuditQueue.open(path, max_bytes=1 << 30)  # migrations already applied
     await queue.close()
@@ -246,7 +244,7 @@ async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_pat
     stored = 0
     with pytest.raises(StoreFull, match="full"):
         for i in range(1000):
-            await queue.append([_event(i, outcomeDesc=paddings[i])])
+            await queue.append([queued_event(i, outcomeDesc=paddings[i])])
             stored += 1
     assert 20 < stored < 1000
     assert (await queue.stats()).pending == stored, "everything acknowledged is still there"
@@ -256,19 +254,19 @@ async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_pat
     seqs = [q.seq for q in await queue.claim(1000, NOW)]
     await queue.ack(seqs, NOW - timedelta(days=60))
     assert await queue.prune(NOW, timedelta(days=30)) == stored
-    await queue.append([_event(5000, outcomeDesc=paddings[0])])  # space is back
+    await queue.append([queued_event(5000, outcomeDesc=paddings[0])])  # space is back
     assert (await queue.stats()).pending == 1
     await queue.close()
 
 
 async def test_closed_queue_refuses_appends_but_finishes_accepted_ones(tmp_path: Path) -> None:
     queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    accepted = [asyncio.ensure_future(queue.append([_event(i)])) for i in range(50)]
+    accepted = [asyncio.ensure_future(queue.append([queued_event(i)])) for i in range(50)]
     await asyncio.sleep(0)
     await queue.close()
     await asyncio.gather(*accepted)
     with pytest.raises(StoreError, match="closed"):
-        await queue.append([_event(99)])
+        await queue.append([queued_event(99)])
     reopened = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
     assert (await reopened.stats()).pending == 50
     await reopened.close()
