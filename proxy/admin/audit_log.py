@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.admin.access import discloses, record_access
 from proxy.admin.keys import QUEUE
 from proxy.admin.query import BadQuery, parse_count, parse_instant
 from proxy.fhir.operation_outcome import outcome_response
@@ -81,6 +82,8 @@ async def audit_log(request: web.Request) -> web.Response:
         offset=page_index * page_size,
     )
     page, total = await request.app[QUEUE].search(query)
+    if discloses(page):
+        await record_access(request, search=list(params.items()))
     return _json(
         {
             "pageIndex": page_index,
@@ -95,6 +98,8 @@ async def audit_log_event(request: web.Request) -> web.Response:
     item = await request.app[QUEUE].get_event(request.match_info["id"])
     if item is None:
         return outcome_response(404, "not-found", "no such audit event")
+    if discloses([item]):
+        await record_access(request, resource_id=item.event_id)
     body = summary(item)
     if request.query.get("includeBody", "false").lower() == "true":
         body["body"] = item.event

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
+from proxy.admin.access import discloses, record_access
 from proxy.admin.keys import QUEUE
 from proxy.admin.query import BadQuery, date_bounds, parse_count
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
@@ -59,6 +60,8 @@ async def search(request: web.Request) -> web.Response:
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
     page, total = await request.app[QUEUE].search(query)
+    if discloses(page):
+        await record_access(request, search=echo)
     base = f"{request.scheme}://{request.host}/fhir"
 
     def link(offset: int) -> str:
@@ -94,6 +97,8 @@ async def read(request: web.Request) -> web.Response:
         return outcome_response(
             404, "not-found", f"AuditEvent/{event_id} is not in the local store"
         )
+    if discloses([item]):
+        await record_access(request, resource_id=event_id)
     return fhir_json(item.event)
 
 
