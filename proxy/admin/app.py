@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.admin import audit_log, fhir_api, health
+from proxy.admin import audit_log, fhir_api, health, ingest
 from proxy.admin.auth import (
     AdminAuth,
     Refusal,
@@ -35,6 +35,9 @@ ROUTES: tuple[tuple[str, str, Handler, RouteGroup], ...] = (
     ("GET", "/fhir/AuditEvent/{id}", fhir_api.read, RouteGroup.READ),
     ("GET", "/audit-log", audit_log.audit_log, RouteGroup.READ),
     ("GET", "/audit-log/event/{id}", audit_log.audit_log_event, RouteGroup.READ),
+    ("POST", "/fhir/AuditEvent", ingest.post_audit_event, RouteGroup.WRITE),
+    ("POST", "/fhir", ingest.post_bundle, RouteGroup.WRITE),
+    ("POST", "/fhir/", ingest.post_bundle, RouteGroup.WRITE),
     ("GET", "/dlq", audit_log.dlq_list, RouteGroup.ADMIN),
     ("POST", "/dlq/retry", audit_log.dlq_retry, RouteGroup.ADMIN),
 )

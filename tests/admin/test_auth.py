@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
@@ -69,9 +70,19 @@ async def secured(
         yield Secured(proxy, idp, forger)
 
 
-GROUPS: dict[str, tuple[str, str, str]] = {
-    "read": ("GET", "/fhir/AuditEvent", "audit.read"),
-    "admin": ("GET", "/dlq", "audit.admin"),
+EVENT = {
+    "resourceType": "AuditEvent",
+    "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
+    "action": "E",
+    "recorded": "2026-01-16T16:03:16Z",
+    "outcome": "0",
+    "agent": [{"requestor": True, "altId": "user@example.com"}],
+    "source": {"observer": {"display": "My System"}},
+}
+GROUPS: dict[str, tuple[str, str, str, int]] = {
+    "read": ("GET", "/fhir/AuditEvent", "audit.read", 200),
+    "write": ("POST", "/fhir/AuditEvent", "audit.write", 201),
+    "admin": ("GET", "/dlq", "audit.admin", 200),
 }
 
 
@@ -79,7 +90,9 @@ async def status_of(
     http: aiohttp.ClientSession, method: str, url: str, token: str | None
 ) -> tuple[int, dict[str, str], Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with http.request(method, url, headers=headers) as r:
+    body = orjson.dumps(EVENT) if method == "POST" else None
+    headers["Content-Type"] = "application/fhir+json"
+    async with http.request(method, url, headers=headers, data=body) as r:
         return r.status, dict(r.headers), await r.json(content_type=None)
 
 
@@ -87,9 +100,9 @@ async def status_of(
 async def test_each_route_group_needs_its_credential(
     secured: Secured, http: aiohttp.ClientSession, group: str
 ) -> None:
-    method, path, scope = GROUPS[group]
+    method, path, scope, ok = GROUPS[group]
     url = f"{secured.proxy.admin_url}{path}"
-    other_scope = "audit.write"
+    other_scope = "audit.read" if scope != "audit.read" else "audit.write"
     refused = {
         "no token": None,
         "wrong static token": "not-the-token",
@@ -107,7 +120,7 @@ async def test_each_route_group_needs_its_credential(
     assert scope in body["issue"][0]["diagnostics"]
     for token in (secured.jwt(f"openid {scope}"), STATIC, "file-token-for-tests"):
         status, _, body = await status_of(http, method, url, token)
-        assert status == 200, body
+        assert status == ok, body
 
 
 async def test_probes_stay_open_behind_authentication(
