@@ -1,4 +1,9 @@
-"""Smile CDR style audit log (``/audit-log``) and the dead-letter queue (``/dlq``)."""
+"""Smile CDR style audit log (``/audit-log``) and the dead-letter queue (``/dlq``).
+
+``/audit-log`` takes the parameters Smile CDR's guide lists: ``moduleId`` (accepted; this
+proxy is one module, so it narrows nothing), ``userId``, ``from`` and ``to`` (inclusive,
+FHIR dateTime), ``pageIndex`` and ``pageSize``; it answers ``{"pageIndex", "pageSize",
+"total", "audit-events": [...]}`` with Smile's field names beside the proxy's own."""
 
 from __future__ import annotations
 
@@ -46,16 +51,32 @@ def summary(item: QueuedEvent) -> dict[str, Any]:
         ),
         None,
     )
+    event_type: dict[str, Any] = event.get("type") or next(iter(event.get("category", ())), {})
+    if "coding" in event_type:  # R5: a CodeableConcept
+        event_type = next(iter(event_type["coding"]), {})
+    peer = next(
+        (
+            a.get("network", {}).get("address") or a.get("networkString")
+            for a in event.get("agent", [])
+            if a.get("network", {}).get("address") or a.get("networkString")
+        ),
+        None,
+    )
+    user_id = who.get("identifier", {}).get("value") or who.get("reference") or who.get("display")
     return {
         "id": item.event_id,
+        "timestamp": item.recorded,
+        "typeCode": event_type.get("code"),
+        "typeDisplay": event_type.get("display"),
+        "typeSystem": event_type.get("system"),
+        "username": who.get("display") or requestor.get("name") or user_id,
+        "remoteAddress": peer,
         "recorded": item.recorded,
         "action": event.get("action"),
         "outcome": outcome,
         "outcomeDesc": event.get("outcomeDesc"),
         "subtype": [c.get("code") for c in subtypes],
-        "userId": who.get("identifier", {}).get("value")
-        or who.get("reference")
-        or who.get("display"),
+        "userId": user_id or requestor.get("altId"),
         "patients": patients,
         "requestId": request_id,
         "status": item.status.value,
@@ -89,7 +110,7 @@ async def audit_log(request: web.Request) -> web.Response:
             "pageIndex": page_index,
             "pageSize": page_size,
             "total": total,
-            "events": [summary(item) for item in page],
+            "audit-events": [summary(item) for item in page],
         }
     )
 

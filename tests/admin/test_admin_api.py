@@ -192,9 +192,9 @@ async def test_audit_log_like_smile_cdr(populated: Populated, http: aiohttp.Clie
     page0 = await search(http, f"{admin}/audit-log?userId=bob&pageSize=3&pageIndex=0")
     page1 = await search(http, f"{admin}/audit-log?userId=bob&pageSize=3&pageIndex=1")
     assert page0["total"] == page1["total"] == 4
-    assert len(page0["events"]) == 3 and len(page1["events"]) == 1
-    assert {e["userId"] for e in page0["events"] + page1["events"]} == {"bob"}
-    one = page0["events"][0]
+    assert len(page0["audit-events"]) == 3 and len(page1["audit-events"]) == 1
+    assert {e["userId"] for e in page0["audit-events"] + page1["audit-events"]} == {"bob"}
+    one = page0["audit-events"][0]
     detail = await search(http, f"{admin}/audit-log/event/{one['id']}?includeBody=true")
     assert detail["body"]["resourceType"] == "AuditEvent" and detail["body"]["id"] == one["id"]
     plain = await search(http, f"{admin}/audit-log/event/{one['id']}")
