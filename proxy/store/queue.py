@@ -76,9 +76,9 @@ def _insert_events_sql(n_rows: int) -> str:
 _EVENT_COLUMNS_E = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
 
 _TERM_FILTERS = (
-    ("p:", "patient"),
+    ("e:", "patient"),
     ("e:", "entity"),
-    ("n:", "address"),
+    ("a:", "address"),
     ("a:", "agent"),
     ("r:", "resource_type"),
 )
@@ -227,9 +227,11 @@ def event_row(event: dict[str, Any], codec: BodyCodec) -> EventRow:
     Runs on the event loop for every event, so it reads only what it indexes.
 
     ``terms`` (a JSON array) lists the event's searchable values, each with its kind as a
-    prefix: ``p:`` patient reference, ``e:`` entity reference, ``r:`` resource type,
-    ``a:`` any agent's id, name or address, ``n:`` network address. A trigger copies them
-    into the ``event_terms`` index (proxy/store/schema.py)."""
+    prefix: ``e:`` entity reference (a patient is an entity referencing a Patient, as
+    FHIR's ``patient`` search parameter defines it), ``r:`` resource type, ``a:`` any
+    agent's id, name or network address. A trigger copies them into the ``event_terms``
+    index (proxy/store/schema.py). Every term is an index entry written with the event,
+    so there are as few kinds as the searches need."""
     recorded = str(event.get("recorded", ""))
     recorded_ts = _timestamp(recorded)
     outcome = event.get("outcome")
@@ -251,8 +253,7 @@ def event_row(event: dict[str, Any], codec: BodyCodec) -> EventRow:
         reference = what.get("reference")
         entity_types.extend(_codes(entity.get("type")))
         if reference:
-            terms[f"e:{reference}"] = None
-            # ``Observation/1`` finds the event about ``Observation/1/_history/2`` too.
+            # Unversioned: ``Observation/1`` finds the event about its version 2.
             terms[f"e:{str(reference).split('/_history/')[0]}"] = None
         if _is_patient_role(entity):
             if reference and reference not in patients:
@@ -263,8 +264,8 @@ def event_row(event: dict[str, Any], codec: BodyCodec) -> EventRow:
             terms[f"r:{str(entity['description']).split('?')[0].split('/')[0]}"] = None
         if "XrequestId" in _codes(entity.get("type")):
             request_id = what.get("identifier", {}).get("value")
-    for patient in patients:
-        terms[f"p:{patient}"] = None
+    for patient in patients:  # R5's AuditEvent.patient is not an entity
+        terms[f"e:{patient}"] = None
     user: str | None = None
     for agent in event.get("agent", ()):
         who = agent.get("who") or {}
@@ -288,8 +289,6 @@ def event_row(event: dict[str, Any], codec: BodyCodec) -> EventRow:
         ):
             if value:
                 terms[f"a:{value}"] = None
-        if address:
-            terms[f"n:{address}"] = None
     event_type = event.get("type")
     if event_type is None:  # R5: category
         event_type = next(iter(event.get("category", ())), None)
@@ -809,6 +808,18 @@ class AuditQueue:
         return EventPage(
             items, total, more_after=more, more_before=query.after is not None or query.offset > 0
         )
+
+    async def oldest_pending_recorded(self) -> float | None:
+        """``recorded`` (POSIX time) of the oldest undelivered event, or None."""
+
+        def read() -> float | None:
+            row = self._conn.execute(
+                "SELECT recorded_ts FROM events WHERE status = 'pending' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            return float(row[0]) if row else None
+
+        result: float | None = await self._guarded(read)
+        return result
 
     async def stats(self) -> QueueStats:
         def read() -> QueueStats:

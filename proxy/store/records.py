@@ -80,7 +80,7 @@ class EventQuery:
     """A search over stored events (the admin API). Every filter given must hold."""
 
     patient: str | None = None
-    """``Patient/1``: events with that patient entity."""
+    """``Patient/1``: events with an entity referencing that patient."""
     user: str | None = None
     """The requestor agent's id."""
     agent: str | None = None
@@ -92,7 +92,7 @@ class EventQuery:
     event_type: str | None = None
     """``AuditEvent.type`` code (R5: the first category's)."""
     address: str | None = None
-    """An agent's network address."""
+    """An agent's network address (looked up among every agent value, as ``agent``)."""
     resource_type: str | None = None
     """A resource type the event is about (not the patient's own ``Patient``)."""
     request_id: str | None = None

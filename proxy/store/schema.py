@@ -68,7 +68,7 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT seq, substr(rest, instr(rest, '|') + 1), substr(rest, 1, instr(rest, '|') - 1)
         FROM split WHERE rest != ''
     ), old_terms(seq, term) AS (
-        SELECT seq, 'p:' || item FROM split WHERE item IS NOT NULL AND item != ''
+        SELECT seq, 'e:' || item FROM split WHERE item IS NOT NULL AND item != ''
         UNION
         SELECT seq, 'a:' || user_id FROM events WHERE user_id IS NOT NULL
     )
