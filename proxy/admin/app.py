@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.admin import audit_log, fhir_api, health, ingest
+from proxy.admin import audit_log, fhir_api, health, ingest, viewer
 from proxy.admin.auth import (
     AdminAuth,
     Refusal,
@@ -30,6 +30,11 @@ ROUTES: tuple[tuple[str, str, Handler, RouteGroup], ...] = (
     ("GET", "/healthz", health.healthz, RouteGroup.OPEN),
     ("GET", "/readyz", health.readyz, RouteGroup.OPEN),
     ("GET", "/metrics", health.metrics, RouteGroup.OPEN),
+    # The viewer's files carry no data; the page asks for a token when the API needs one.
+    ("GET", "/ui", viewer.redirect, RouteGroup.OPEN),
+    ("GET", "/ui/", viewer.page, RouteGroup.OPEN),
+    ("GET", "/ui/{name}", viewer.page, RouteGroup.OPEN),
+    ("GET", "/api/queue", viewer.queue_summary, RouteGroup.READ),
     ("GET", "/fhir/metadata", fhir_api.metadata, RouteGroup.READ),
     ("GET", "/fhir/AuditEvent", fhir_api.search, RouteGroup.READ),
     ("GET", "/fhir/AuditEvent/{id}", fhir_api.read, RouteGroup.READ),

@@ -169,7 +169,9 @@ async def search(request: web.Request) -> web.Response:
         if page.more_after:
             ts, seq = page.cursor_of(last, query.sort)
             links.append({"relation": "next", "url": link(f"n{ts!r}_{seq}")})
-        if page.more_before:
+        # Newest first, the top of a page reached without an ``after`` cursor is the live
+        # edge: its previous link is where newer events will appear (the viewer polls it).
+        if page.more_before or (query.newest_first and query.after is None):
             ts, seq = page.cursor_of(first, query.sort)
             links.append({"relation": "previous", "url": link(f"p{ts!r}_{seq}")})
     elements = [e for e in request.query.get("_elements", "").split(",") if e]

@@ -131,6 +131,18 @@ async def test_probes_stay_open_behind_authentication(
             assert r.status == 200, path
     async with http.get(f"{secured.proxy.admin_url}/no-such-thing") as r:
         assert r.status == 401, "an unknown path tells a stranger nothing"
+    for path, kind in (("/ui/", "text/html"), ("/ui/viewer.js", "text/javascript")):
+        async with http.get(f"{secured.proxy.admin_url}{path}") as r:
+            assert r.status == 200 and r.content_type == kind, "the page holds no data"
+    async with http.get(f"{secured.proxy.admin_url}/ui/auth.py") as r:
+        assert r.status == 404, "only the viewer's own files"
+    async with http.get(f"{secured.proxy.admin_url}/api/queue") as r:
+        assert r.status == 401
+    headers = {"Authorization": f"Bearer {secured.jwt('audit.read')}"}
+    async with http.get(f"{secured.proxy.admin_url}/api/queue", headers=headers) as r:
+        strip = await r.json()
+    assert strip["pending"] == 1 and strip["dead"] == 0
+    assert 0 <= strip["oldestPendingAgeS"] < 600
 
 
 async def test_reading_the_trail_is_audited_with_the_admin_user(
