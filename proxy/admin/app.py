@@ -84,7 +84,7 @@ def _jwks_ctx(settings: AdminSettings) -> Callable[[web.Application], AsyncItera
         async with aiohttp.ClientSession() as session:
             cache = JwksCache(identity, session)
             await cache.start()
-            app[AUTH] = AdminAuth(settings, tokens=app[AUTH].tokens, keys=cache.keys)
+            app[AUTH].use_keys(cache.keys)
             try:
                 yield
             finally:

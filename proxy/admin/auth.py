@@ -98,9 +98,9 @@ class AdminAuth:
         self._open = not settings.authenticates
         self._jwt = IdentitySettings(jwks_url=settings.jwks_url, audience=settings.audience)
 
-    @property
-    def tokens(self) -> tuple[StaticToken, ...]:
-        return self._tokens
+    def use_keys(self, keys: Callable[[], JwksKeys | None]) -> None:
+        """Verify JWTs with ``keys`` from now on (the JWKS cache, once it has started)."""
+        self._keys = keys
 
     def scope_for(self, group: RouteGroup) -> str:
         scopes = self._settings.scopes

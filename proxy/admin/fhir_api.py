@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.access import discloses, record_access
-from proxy.admin.keys import QUEUE
+from proxy.admin.keys import FHIR_VERSION, QUEUE
 from proxy.admin.query import BadQuery, date_bounds, parse_count
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.store.records import Cursor, EventQuery, SortKey
@@ -209,7 +209,7 @@ async def metadata(request: web.Request) -> web.Response:
             "status": "active",
             "date": "2026-11-01",
             "kind": "instance",
-            "fhirVersion": "4.0.1",
+            "fhirVersion": "5.0.0" if request.app[FHIR_VERSION] == "R5" else "4.0.1",
             "format": ["json"],
             "software": {"name": "fhir-audit-proxy admin"},
             "rest": [
@@ -218,7 +218,11 @@ async def metadata(request: web.Request) -> web.Response:
                     "resource": [
                         {
                             "type": "AuditEvent",
-                            "interaction": [{"code": "read"}, {"code": "search-type"}],
+                            "interaction": [
+                                {"code": "read"},
+                                {"code": "search-type"},
+                                {"code": "create"},
+                            ],
                             "searchParam": [
                                 {
                                     "name": name,
@@ -228,6 +232,7 @@ async def metadata(request: web.Request) -> web.Response:
                             ],
                         }
                     ],
+                    "interaction": [{"code": "batch"}, {"code": "transaction"}],
                 }
             ],
         }

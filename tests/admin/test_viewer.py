@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import shutil
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,16 @@ async def test_the_viewer_finds_pages_opens_and_follows_events(
     await page.screenshot(
         path=tmp_path / "readme.png", clip={"x": 0, "y": 0, "width": 1280, "height": 480}
     )
+
+    # Dead letters show in the strip and are retried from it.
+    claimed = await proxy.queue.claim(2, datetime.now(UTC))
+    await proxy.queue.dead_letter([c.seq for c in claimed], "422 Unprocessable: test")
+    await expect(page.locator("#q-dead")).to_have_text("2", timeout=15_000)
+    await page.screenshot(path=tmp_path / "5-dead.png")
+    await page.click("#q-retry")
+    await expect(page.locator("#q-note")).to_have_text("requeued 2")
+    await expect(page.locator("#q-dead")).to_have_text("0")
+    assert (await proxy.queue.stats()).dead == 0
 
     # Ben's events through the URL a detail link gives.
     await page.goto(f"{proxy.admin_url}/ui/?patient={ben}&action=R")
