@@ -124,6 +124,12 @@ async def test_the_guides_single_event_is_stored_with_the_documented_changes(
     assert submitter["valueReference"]["identifier"]["value"] == "token:1"
     stored = await proxy.queue.get_event(body["id"])
     assert stored is not None and stored.event == body
+    async with http.get(
+        f"{proxy.admin_url}/fhir/AuditEvent?agent=user@example.com&type=110100",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as r:
+        found = await r.json(content_type=None)
+    assert [e["resource"]["id"] for e in found["entry"]] == [body["id"]], "searchable at once"
     status, _, body = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE)
     assert status == 201 and body["action"] == "E"
 
