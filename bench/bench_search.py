@@ -16,6 +16,7 @@ An existing ``--store`` with enough events is reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
-from proxy.store.queue import AuditQueue, _insert_events_sql, event_row
+from proxy.store.queue import AuditQueue, EventRow, _insert_events_sql, event_row
 from proxy.store.records import EventQuery
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -37,9 +38,11 @@ STEP_S = 2.0
 """Seconds between consecutive events: a million span about 23 days."""
 
 
-def build_rows(queue: AuditQueue, start: int, count: int, users: int, patients: int) -> list:  # type: ignore[type-arg]
+def build_rows(
+    queue: AuditQueue, start: int, count: int, users: int, patients: int
+) -> list[EventRow]:
     ctx = AuditContext.default()
-    rows = []
+    rows: list[EventRow] = []
     for n in range(start, start + count):
         now = T0 + timedelta(seconds=n * STEP_S)
         patient = f"Patient/p{n % patients}"
@@ -98,7 +101,7 @@ async def measure(queue: AuditQueue, queries: list[EventQuery]) -> tuple[float, 
         if page.more_after and page.items:
             cursor = page.cursor_of(page.items[-1], query.sort)
             for _ in range(3):  # three pages on, as someone paging back in time
-                nxt = EventQuery(**{**_fields(query), "after": cursor})
+                nxt = dataclasses.replace(query, after=cursor)
                 t = time.perf_counter()
                 page = await queue.search_page(nxt)
                 deep.append(time.perf_counter() - t)
@@ -107,10 +110,6 @@ async def measure(queue: AuditQueue, queries: list[EventQuery]) -> tuple[float, 
                 cursor = page.cursor_of(page.items[-1], query.sort)
     both = times + deep
     return percentile(both, 50) * 1000, percentile(both, 99) * 1000, max(both) * 1000
-
-
-def _fields(query: EventQuery) -> dict[str, object]:
-    return {name: getattr(query, name) for name in query.__slots__}  # type: ignore[attr-defined]
 
 
 async def main() -> int:

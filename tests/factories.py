@@ -4,6 +4,7 @@ as a real process, free loopback ports, and an identity provider's signing keys.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
@@ -79,6 +81,15 @@ class ProxyProcess:
                 await asyncio.wait_for(self.process.wait(), 15)
             except TimeoutError:
                 await self.kill()
+
+
+def unsigned_jwt(claims: dict[str, Any]) -> str:
+    """A JWT as a client sends it, unsigned: the proxy reads its claims (no JWKS set)."""
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,9 @@
 AuditEvent naming the admin caller, committed before the answer is released, like any
 other access to PHI.
 
+The searches are ``/fhir/AuditEvent``, ``/audit-log`` and the dead-letter list; the reads
+``/fhir/AuditEvent/{id}`` and ``/audit-log/event/{id}``.
+
 To keep the viewer's live polling from feeding itself, an answer that discloses no event
 other than these admin-access events (an empty page, or a poll that only finds the event
 the previous page load produced) is not recorded. Health, metrics, the queue strip and the

@@ -133,6 +133,8 @@ async def dlq_list(request: web.Request) -> web.Response:
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
     dead = await request.app[QUEUE].list_dead(limit)
+    if discloses(dead):  # dead letters are events of the trail too
+        await record_access(request, search=list(request.query.items()))
     return _json([{"seq": d.seq, **summary(d)} for d in dead])
 
 

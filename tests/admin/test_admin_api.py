@@ -19,20 +19,13 @@ import orjson
 import pytest
 import yaml
 
+from proxy.admin.access import is_admin_access
 from tests.conftest import NodeFhirServer, RunningProxy, StartProxy
+from tests.factories import unsigned_jwt
 
 ADMIN_TOKEN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def unsigned_jwt(claims: dict[str, Any]) -> str:
-    """A JWT as a client would send it; the proxy decodes claims (no JWKS configured)."""
-
-    def part(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 @dataclass
@@ -218,6 +211,14 @@ async def test_dead_letters_listed_and_retried_over_http(
         dead = await r.json(content_type=None)
     assert [d["seq"] for d in dead] == [claimed[0].seq, claimed[1].seq]
     assert dead[0]["lastError"].startswith("400")
+    listed = [
+        base64.b64decode(en["query"])
+        for e in await populated.proxy.stored_events()
+        if is_admin_access(e)
+        for en in e["entity"]
+        if "query" in en
+    ]
+    assert any(q.startswith(b"GET /dlq") for q in listed), "reading dead letters is audited"
     async with http.post(f"{admin}/dlq/retry", data=b"[1,2]", headers=AUTH) as r:
         assert r.status == 400
     async with http.post(f"{admin}/dlq/retry", json={"seqs": [claimed[0].seq]}, headers=AUTH) as r:

@@ -5,7 +5,6 @@ CDR's /audit-log parameters, and stores from before the search index."""
 
 from __future__ import annotations
 
-import base64
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import orjson
 import pytest
 
 from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
@@ -23,13 +21,7 @@ from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
 from proxy.store.schema import MIGRATIONS, split_statements
 from tests.conftest import NodeFhirServer, RunningProxy, StartProxy, audit_event
-
-
-def unsigned_jwt(claims: dict[str, Any]) -> str:
-    def part(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+from tests.factories import unsigned_jwt
 
 
 @dataclass

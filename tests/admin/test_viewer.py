@@ -4,7 +4,6 @@ prompt, filter by patient and date, page back in time, open an event, watch one 
 
 from __future__ import annotations
 
-import base64
 import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -12,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.conftest import NodeFhirServer, RunningProxy, StartProxy
+from tests.factories import unsigned_jwt
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "viewer-token-for-tests"
@@ -53,13 +52,6 @@ async def create(http: aiohttp.ClientSession, proxy: RunningProxy, family: str) 
     ) as r:
         assert r.status == 201
         return f"Patient/{(await r.json(content_type=None))['id']}"
-
-
-def unsigned_jwt(claims: dict[str, Any]) -> str:
-    def part(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
-
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 CLINICIAN = unsigned_jwt({"sub": "dr.lee", "name": "Dr Lee", "client_id": "ehr-web"})
