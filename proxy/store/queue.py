@@ -45,9 +45,9 @@ from proxy.store.records import (
     Intent,
     QueuedEvent,
     QueueStats,
-    SortKey,
 )
 from proxy.store.schema import migrate
+from proxy.store.search import SearchSql
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ _EVENT_COLUMNS = (
 _EVENT_ARITY = 14
 _ROWS_PER_STATEMENT = 256
 """Rows per multi-row INSERT: 256 x 14 parameters stays far below SQLite's 32766 limit."""
+_EVENT_COLUMNS_E = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
 _ROW_OVERHEAD = 300
 """Bytes a row takes beside its body (columns and three index entries), overestimated."""
 
@@ -71,86 +72,6 @@ def _insert_events_sql(n_rows: int) -> str:
         " patients, user_id, body, terms, type_code, entity_types, request_id, updated_ts)"
         f" VALUES {values}"
     )
-
-
-_EVENT_COLUMNS_E = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
-
-_TERM_FILTERS = (
-    ("e:", "patient"),
-    ("e:", "entity"),
-    ("a:", "address"),
-    ("a:", "agent"),
-    ("r:", "resource_type"),
-)
-"""Filters answered by ``event_terms``, most selective first: the first one present
-drives the walk, the others are checked by primary key."""
-
-
-class _SearchSql:
-    """The FROM, WHERE and ORDER BY of a search, before keyset bounds."""
-
-    def __init__(self, query: EventQuery) -> None:
-        terms = [
-            f"{prefix}{getattr(query, name)}"
-            for prefix, name in _TERM_FILTERS
-            if getattr(query, name) is not None
-        ]
-        self.where: list[str] = []
-        self.args: list[Any] = []
-        by_date = query.sort is SortKey.RECORDED
-        if terms and by_date:
-            self.source = "event_terms t JOIN events e ON e.seq = t.seq"
-            ts, seq = "t.ts", "t.seq"
-            self.where.append("t.term = ?")
-            self.args.append(terms.pop(0))
-        else:
-            self.source = "events e"
-            ts, seq = "e.recorded_ts", "e.seq"
-        for term in terms:
-            if by_date:
-                self.where.append(
-                    "EXISTS (SELECT 1 FROM event_terms x WHERE x.term = ? AND x.ts = "
-                    f"{ts} AND x.seq = {seq})"
-                )
-            else:  # let the planner take the term's rows first, then sort by seq
-                self.where.append("e.seq IN (SELECT seq FROM event_terms WHERE term = ?)")
-            self.args.append(term)
-        for column, value in (
-            ("e.user_id", query.user),
-            ("e.action", query.action),
-            ("e.outcome", query.outcome),
-            ("e.type_code", query.event_type),
-        ):
-            if value is not None:
-                self.where.append(f"{column} = ?")
-                self.args.append(value)
-        for column, value in (("e.subtypes", query.subtype), ("e.entity_types", query.entity_type)):
-            if value is not None:
-                self.where.append(f"{column} LIKE ? ESCAPE '\\'")
-                self.args.append(f"%|{_like_escaped(value)}|%")
-        if query.request_id is not None:
-            self.where.append("e.request_id LIKE ? ESCAPE '\\'")
-            self.args.append(f"%{_like_escaped(query.request_id)}%")
-        for column, low, high in (
-            (ts, query.date_from, query.date_to),
-            ("e.updated_ts", query.updated_from, query.updated_to),
-        ):
-            if low is not None:
-                self.where.append(f"{column} >= ?")
-                self.args.append(low.timestamp())
-            if high is not None:
-                self.where.append(f"{column} < ?")
-                self.args.append(high.timestamp())
-        if by_date:
-            self.key = f"{ts}, {seq}"
-            self.order = f"{ts} {{order}}, {seq} {{order}}"
-        else:
-            self.key = f"{seq}, {seq}"
-            self.order = f"{seq} {{order}}"
-
-
-def _like_escaped(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class StoreError(Exception):
@@ -773,7 +694,7 @@ class AuditQueue:
         """A page of matching events in the query's order, with keyset paging (``after``,
         ``before``). A patient, entity, agent, address or resource type filter walks the
         ``event_terms`` index in date order; a date range walks ``events_recorded``."""
-        sql = _SearchSql(query)
+        sql = SearchSql(query)
         reverse = query.before is not None
         descending = query.newest_first != reverse
         order = "DESC" if descending else "ASC"
@@ -781,8 +702,9 @@ class AuditQueue:
         args = list(sql.args)
         cursor = query.before if reverse else query.after
         if cursor is not None:
-            where.append(f"({sql.key}) {'<' if descending else '>'} (?, ?)")
-            args.extend(cursor if query.sort is SortKey.RECORDED else cursor[1:] * 2)
+            condition, bound = sql.after(cursor, descending)
+            where.append(condition)
+            args.extend(bound)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         select = (
             f"SELECT {_EVENT_COLUMNS_E} FROM {sql.source} {clause}"
