@@ -257,6 +257,7 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
         app[QUEUE],
         settings.admin,
         fhir_version=settings.audit.fhir_version,
+        audit_context=app[AUDIT_CONTEXT],
         readiness=_readiness(app),
     )
     runner = web.AppRunner(admin, access_log=None)

@@ -308,13 +308,54 @@ class RepositorySettings(_Frozen):
         return self
 
 
+class AdminScopes(_Frozen):
+    """The scope a JWT must carry for each group of admin routes."""
+
+    read: str = "audit.read"
+    """Searching and reading the audit trail, the viewer's queue strip."""
+    write: str = "audit.write"
+    """Ingesting AuditEvents (``POST /fhir/AuditEvent``, ``POST /fhir``)."""
+    admin: str = "audit.admin"
+    """Dead letters and queue operations."""
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
 class AdminSettings(_Frozen):
-    """The admin listener: audit-log API, viewer, health and metrics."""
+    """The admin listener: audit-log API, ingestion, viewer, health and metrics."""
 
     host: str = "127.0.0.1"
     port: int = 9000
     tokens: tuple[SecretStr, ...] = ()
-    """Bearer tokens accepted by the admin API; empty means no authentication (loopback use)."""
+    """Static bearer tokens accepted for every admin route group."""
+    token_files: tuple[Path, ...] = ()
+    """Files holding static bearer tokens, one per line (Kubernetes Secret mounts); read at
+    start-up. A token from ``viewer.txt`` is recorded as the admin user ``token:viewer.txt``."""
+    jwks_url: str | None = None
+    """When set, bearer JWTs signed by a key from this JWKS are accepted, each route group
+    requiring its scope (``scopes``)."""
+    audience: str | None = None
+    """The ``aud`` admin JWTs must carry (not checked when None)."""
+    jwks_cache_s: int = 300
+    scopes: AdminScopes = AdminScopes()
+    max_ingest_bytes: int = 5 * 1024 * 1024
+    """Largest request body ``POST /fhir/AuditEvent`` and ``POST /fhir`` accept (413 above)."""
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether any way of authenticating is configured."""
+        return bool(self.tokens or self.token_files or self.jwks_url)
+
+    @property
+    def on_loopback(self) -> bool:
+        """Whether the listener is reachable only from this machine."""
+        if self.host.lower() in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a name that may resolve anywhere, or "" (every interface)
 
     _port_in_range = field_validator("port")(_tcp_port)
     _host_given = field_validator("host")(_host_not_empty)

@@ -12,9 +12,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,13 +20,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from tests.factories import (
     NodeFhirServer,
+    ProxyProcess,
     RecordingRepository,
     StartProxy,
     all_audit_events,
+    free_port,
     request_id_of,
     start_fhir_server,
     stop_fhir_server,
@@ -38,61 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN_OUTCOME = "8"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class ProxyProcess:
-    """``python -m proxy run`` with a config file, started and killed at will."""
-
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        self.config = config
-        self.path = workdir / "config.yaml"
-        self.path.write_text(yaml.safe_dump(config))
-        self.log = workdir / "proxy.log"
-        self.process: asyncio.subprocess.Process | None = None
-        self.url = f"http://127.0.0.1:{config['listen']['port']}/fhir"
-        self.admin = f"http://127.0.0.1:{config['admin']['port']}"
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "proxy",
-                "-c",
-                str(self.path),
-                "run",
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        for _ in range(200):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{self.admin}/healthz") as r:
-                    if r.status == 200:
-                        return
-            if self.process.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"proxy did not start:\n{self.log.read_text()[-3000:]}")
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(self.process.wait(), 10)
-
-    async def stop(self) -> None:
-        """SIGTERM: a graceful shutdown; SIGKILL if it takes too long."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 15)
-            except TimeoutError:
-                await self.kill()
 
 
 @pytest.fixture

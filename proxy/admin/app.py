@@ -2,44 +2,95 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from proxy.admin import audit_log, fhir_api, health
-from proxy.admin.keys import FHIR_VERSION, QUEUE, READINESS
+from proxy.admin import audit_log, fhir_api, health, ingest, viewer
+from proxy.admin.auth import (
+    AdminAuth,
+    Refusal,
+    RouteGroup,
+    check_exposure,
+    load_static_tokens,
+)
+from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, QUEUE, READINESS, SETTINGS
+from proxy.audit.balp import AuditContext
+from proxy.audit.identity import JwksCache
 from proxy.fhir.operation_outcome import outcome_response
-from proxy.settings import AdminSettings
-from proxy.store.queue import StoreError
-
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-"""Probes and scrapes stay open: kubelets and Prometheus carry no admin token."""
+from proxy.settings import AdminSettings, IdentitySettings
+from proxy.store.queue import StoreError, StoreFull
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+ROUTES: tuple[tuple[str, str, Handler, RouteGroup], ...] = (
+    # Probes and scrapes stay open: kubelets and Prometheus carry no admin token.
+    ("GET", "/healthz", health.healthz, RouteGroup.OPEN),
+    ("GET", "/readyz", health.readyz, RouteGroup.OPEN),
+    ("GET", "/metrics", health.metrics, RouteGroup.OPEN),
+    # The viewer's files carry no data; the page asks for a token when the API needs one.
+    ("GET", "/ui", viewer.redirect, RouteGroup.OPEN),
+    ("GET", "/ui/", viewer.page, RouteGroup.OPEN),
+    ("GET", "/ui/{name}", viewer.page, RouteGroup.OPEN),
+    ("GET", "/api/queue", viewer.queue_summary, RouteGroup.READ),
+    ("GET", "/fhir/metadata", fhir_api.metadata, RouteGroup.READ),
+    ("GET", "/fhir/AuditEvent", fhir_api.search, RouteGroup.READ),
+    ("GET", "/fhir/AuditEvent/{id}", fhir_api.read, RouteGroup.READ),
+    ("GET", "/audit-log", audit_log.audit_log, RouteGroup.READ),
+    ("GET", "/audit-log/event/{id}", audit_log.audit_log_event, RouteGroup.READ),
+    ("POST", "/fhir/AuditEvent", ingest.post_audit_event, RouteGroup.WRITE),
+    ("POST", "/fhir", ingest.post_bundle, RouteGroup.WRITE),
+    ("POST", "/fhir/", ingest.post_bundle, RouteGroup.WRITE),
+    ("GET", "/dlq", audit_log.dlq_list, RouteGroup.ADMIN),
+    ("POST", "/dlq/retry", audit_log.dlq_retry, RouteGroup.ADMIN),
+)
+"""Every admin route and the group whose scope it needs; one place to read the policy."""
 
-def _auth_middleware(tokens: tuple[bytes, ...]) -> Any:
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if tokens and request.path not in OPEN_PATHS:
-            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-            given = presented.strip().encode()
-            ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, t) for t in tokens)
-            if not ok:
-                return outcome_response(
-                    401,
-                    "login",
-                    "the admin API needs a bearer token",
-                    headers={"WWW-Authenticate": 'Bearer realm="fhir-audit-proxy"'},
-                )
-        try:
-            return await handler(request)
-        except StoreError as exc:
-            return outcome_response(503, "transient", f"the audit store is unavailable: {exc}")
+AUTH = web.AppKey("admin_auth", AdminAuth)
+GROUPS = web.AppKey("route_groups", dict[Any, RouteGroup])
 
-    return authenticate
+
+def _group_of(request: web.Request) -> RouteGroup:
+    # Unmatched paths need the read scope: a 404 must not tell strangers what exists.
+    return request.app[GROUPS].get(request.match_info.route, RouteGroup.READ)
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    decision = request.app[AUTH].authorize(_group_of(request), request.headers)
+    if isinstance(decision, Refusal):
+        headers = {"WWW-Authenticate": 'Bearer realm="fhir-audit-proxy"'}
+        if decision.status == 403:
+            headers["WWW-Authenticate"] += ', error="insufficient_scope"'
+        code = "login" if decision.status == 401 else "forbidden"
+        return outcome_response(decision.status, code, decision.reason, headers=headers)
+    request[CALLER] = decision
+    try:
+        return await handler(request)
+    except StoreFull as exc:
+        return outcome_response(507, "exception", f"the audit store is full: {exc}")
+    except StoreError as exc:
+        return outcome_response(503, "transient", f"the audit store is unavailable: {exc}")
+
+
+def _jwks_ctx(settings: AdminSettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def jwks(app: web.Application) -> AsyncIterator[None]:
+        if not settings.jwks_url:
+            yield
+            return
+        identity = IdentitySettings(jwks_url=settings.jwks_url, jwks_cache_s=settings.jwks_cache_s)
+        async with aiohttp.ClientSession() as session:
+            cache = JwksCache(identity, session)
+            await cache.start()
+            app[AUTH].use_keys(cache.keys)
+            try:
+                yield
+            finally:
+                await cache.close()
+
+    return jwks
 
 
 def build_admin_app(
@@ -47,23 +98,24 @@ def build_admin_app(
     settings: AdminSettings,
     *,
     fhir_version: str = "R4",
+    audit_context: AuditContext | None = None,
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> web.Application:
-    """The admin application over ``queue`` (an ``AuditQueue``)."""
-    tokens = tuple(t.get_secret_value().encode() for t in settings.tokens)
-    app = web.Application(middlewares=[_auth_middleware(tokens)])
+    """The admin application over ``queue`` (an ``AuditQueue``). Raises
+    :class:`~proxy.admin.auth.AdminExposed` for a non-loopback listener with no
+    authentication."""
+    check_exposure(settings)
+    app = web.Application(middlewares=[_authenticate])
     app[QUEUE] = queue
+    app[SETTINGS] = settings
     app[FHIR_VERSION] = fhir_version
+    app[AUDIT_CONTEXT] = audit_context or AuditContext.default()
+    app[AUTH] = AdminAuth(settings, tokens=load_static_tokens(settings))
     if readiness is not None:
         app[READINESS] = readiness
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_get("/readyz", health.readyz)
-    app.router.add_get("/metrics", health.metrics)
-    app.router.add_get("/fhir/metadata", fhir_api.metadata)
-    app.router.add_get("/fhir/AuditEvent", fhir_api.search)
-    app.router.add_get("/fhir/AuditEvent/{id}", fhir_api.read)
-    app.router.add_get("/audit-log", audit_log.audit_log)
-    app.router.add_get("/audit-log/event/{id}", audit_log.audit_log_event)
-    app.router.add_get("/dlq", audit_log.dlq_list)
-    app.router.add_post("/dlq/retry", audit_log.dlq_retry)
+    groups: dict[Any, RouteGroup] = {}
+    for method, path, handler, group in ROUTES:
+        groups[app.router.add_route(method, path, handler)] = group
+    app[GROUPS] = groups
+    app.cleanup_ctx.append(_jwks_ctx(settings))
     return app

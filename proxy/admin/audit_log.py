@@ -1,4 +1,9 @@
-"""Smile CDR style audit log (``/audit-log``) and the dead-letter queue (``/dlq``)."""
+"""Smile CDR style audit log (``/audit-log``) and the dead-letter queue (``/dlq``).
+
+``/audit-log`` takes the parameters Smile CDR's guide lists: ``moduleId`` (accepted; this
+proxy is one module, so it narrows nothing), ``userId``, ``from`` and ``to`` (inclusive,
+FHIR dateTime), ``pageIndex`` and ``pageSize``; it answers ``{"pageIndex", "pageSize",
+"total", "audit-events": [...]}`` with Smile's field names beside the proxy's own."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.admin.access import discloses, record_access
 from proxy.admin.keys import QUEUE
 from proxy.admin.query import BadQuery, parse_count, parse_instant
 from proxy.fhir.operation_outcome import outcome_response
@@ -45,16 +51,32 @@ def summary(item: QueuedEvent) -> dict[str, Any]:
         ),
         None,
     )
+    event_type: dict[str, Any] = event.get("type") or next(iter(event.get("category", ())), {})
+    if "coding" in event_type:  # R5: a CodeableConcept
+        event_type = next(iter(event_type["coding"]), {})
+    peer = next(
+        (
+            a.get("network", {}).get("address") or a.get("networkString")
+            for a in event.get("agent", [])
+            if a.get("network", {}).get("address") or a.get("networkString")
+        ),
+        None,
+    )
+    user_id = who.get("identifier", {}).get("value") or who.get("reference") or who.get("display")
     return {
         "id": item.event_id,
+        "timestamp": item.recorded,
+        "typeCode": event_type.get("code"),
+        "typeDisplay": event_type.get("display"),
+        "typeSystem": event_type.get("system"),
+        "username": who.get("display") or requestor.get("name") or user_id,
+        "remoteAddress": peer,
         "recorded": item.recorded,
         "action": event.get("action"),
         "outcome": outcome,
         "outcomeDesc": event.get("outcomeDesc"),
         "subtype": [c.get("code") for c in subtypes],
-        "userId": who.get("identifier", {}).get("value")
-        or who.get("reference")
-        or who.get("display"),
+        "userId": user_id or requestor.get("altId"),
         "patients": patients,
         "requestId": request_id,
         "status": item.status.value,
@@ -81,12 +103,14 @@ async def audit_log(request: web.Request) -> web.Response:
         offset=page_index * page_size,
     )
     page, total = await request.app[QUEUE].search(query)
+    if discloses(page):
+        await record_access(request, search=list(params.items()))
     return _json(
         {
             "pageIndex": page_index,
             "pageSize": page_size,
             "total": total,
-            "events": [summary(item) for item in page],
+            "audit-events": [summary(item) for item in page],
         }
     )
 
@@ -95,6 +119,8 @@ async def audit_log_event(request: web.Request) -> web.Response:
     item = await request.app[QUEUE].get_event(request.match_info["id"])
     if item is None:
         return outcome_response(404, "not-found", "no such audit event")
+    if discloses([item]):
+        await record_access(request, resource_id=item.event_id)
     body = summary(item)
     if request.query.get("includeBody", "false").lower() == "true":
         body["body"] = item.event
@@ -107,6 +133,8 @@ async def dlq_list(request: web.Request) -> web.Response:
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
     dead = await request.app[QUEUE].list_dead(limit)
+    if discloses(dead):  # dead letters are events of the trail too
+        await record_access(request, search=list(request.query.items()))
     return _json([{"seq": d.seq, **summary(d)} for d in dead])
 
 

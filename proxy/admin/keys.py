@@ -1,15 +1,24 @@
-"""Typed keys for what the admin application holds."""
+"""Typed keys for what the admin application and its requests hold."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from proxy.audit.balp import AuditContext
+from proxy.settings import AdminSettings
 from proxy.store.queue import AuditQueue
+
+if TYPE_CHECKING:
+    from proxy.admin.auth import AdminCaller
 
 QUEUE = web.AppKey("queue", AuditQueue)
 FHIR_VERSION = web.AppKey("fhir_version", str)
+AUDIT_CONTEXT = web.AppKey("audit_context", AuditContext)
+SETTINGS = web.AppKey("admin_settings", AdminSettings)
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+CALLER: web.RequestKey[AdminCaller] = web.RequestKey("admin_caller")
+"""The authenticated caller of an admin request (set by the auth middleware)."""

@@ -40,6 +40,7 @@ import orjson
 from proxy import telemetry
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
 from proxy.store.records import (
+    EventPage,
     EventQuery,
     EventStatus,
     Intent,
@@ -47,25 +48,30 @@ from proxy.store.records import (
     QueueStats,
 )
 from proxy.store.schema import migrate
+from proxy.store.search import SearchSql
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_EVENT_COLUMNS = "seq, event_id, body, status, attempts, next_attempt_at, last_error, recorded"
-_EVENT_ARITY = 9
+_EVENT_COLUMNS = (
+    "seq, event_id, body, status, attempts, next_attempt_at, last_error, recorded, recorded_ts"
+)
+_EVENT_ARITY = 14
 _ROWS_PER_STATEMENT = 256
-"""Rows per multi-row INSERT: 256 x 9 parameters stays far below SQLite's 32766 limit."""
+"""Rows per multi-row INSERT: 256 x 14 parameters stays far below SQLite's 32766 limit."""
+_EVENT_COLUMNS_E = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
 _ROW_OVERHEAD = 300
 """Bytes a row takes beside its body (columns and three index entries), overestimated."""
 
 
 @functools.cache
 def _insert_events_sql(n_rows: int) -> str:
-    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n_rows)
+    values = ",".join(["(" + ", ".join("?" * _EVENT_ARITY) + ")"] * n_rows)
     return (
         "INSERT INTO events (event_id, recorded, recorded_ts, action, outcome, subtypes,"
-        f" patients, user_id, body) VALUES {values}"
+        " patients, user_id, body, terms, type_code, entity_types, request_id, updated_ts)"
+        f" VALUES {values}"
     )
 
 
@@ -77,7 +83,22 @@ class StoreFull(StoreError):
     """``max_bytes`` is reached or the disk is full (the client gets 507)."""
 
 
-EventRow = tuple[str, str, float, str | None, str | None, str, str, str | None, bytes]
+EventRow = tuple[
+    str,
+    str,
+    float,
+    str | None,
+    str | None,
+    str,
+    str,
+    str | None,
+    bytes,
+    str,
+    str | None,
+    str,
+    str | None,
+    float,
+]
 
 
 def _timestamp(value: str) -> float:
@@ -95,19 +116,46 @@ def _joined(values: Sequence[str]) -> str:
     return "|" + "|".join(values) + "|" if values else "|"
 
 
+def _codes(value: Any) -> list[str]:
+    """The codes of a Coding (R4) or a CodeableConcept (R5)."""
+    if not isinstance(value, dict):
+        return []
+    if "code" in value:
+        return [str(value["code"])]
+    return [str(c["code"]) for c in value.get("coding", ()) if isinstance(c, dict) and "code" in c]
+
+
+def _resource_type(reference: str) -> str:
+    """``Observation`` from ``Observation/1``, ``Observation/1/_history/2`` or an
+    absolute URL ending in either."""
+    parts = reference.split("/")
+    at = parts.index("_history") if "_history" in parts else len(parts)
+    return parts[max(at - 2, 0)]
+
+
 def _is_patient_role(entity: dict[str, Any]) -> bool:
-    role = entity.get("role")
-    if not role:
-        return False
-    if role.get("code") == "1":  # R4: role is a Coding
-        return True
-    return any(c.get("code") == "1" for c in role.get("coding", ()))  # R5: a CodeableConcept
+    return "1" in _codes(entity.get("role"))
+
+
+def _is_server_agent(agent: dict[str, Any]) -> bool:
+    """The FHIR server the proxy records for: on every proxied event, so not worth an
+    index entry each."""
+    network = agent.get("network") or {}
+    return not agent.get("requestor") and (network.get("type") == "5" or "networkUri" in agent)
 
 
 def event_row(event: dict[str, Any], codec: BodyCodec) -> EventRow:
     """The columns the queue indexes, read from an R4 or R5 AuditEvent, and the body.
-    Runs on the event loop for every event, so it reads only what it indexes."""
+    Runs on the event loop for every event, so it reads only what it indexes.
+
+    ``terms`` (a JSON array) lists the event's searchable values, each with its kind as a
+    prefix: ``e:`` entity reference (a patient is an entity referencing a Patient, as
+    FHIR's ``patient`` search parameter defines it), ``r:`` resource type, ``a:`` any
+    agent's id, name or network address. A trigger copies them into the ``event_terms``
+    index (proxy/store/schema.py). Every term is an index entry written with the event,
+    so there are as few kinds as the searches need."""
     recorded = str(event.get("recorded", ""))
+    recorded_ts = _timestamp(recorded)
     outcome = event.get("outcome")
     if isinstance(outcome, dict):  # R5: outcome.code.code
         outcome = outcome.get("code", {}).get("code")
@@ -115,33 +163,74 @@ def event_row(event: dict[str, Any], codec: BodyCodec) -> EventRow:
     if subtype_codings is None:  # R5: code.coding
         subtype_codings = event.get("code", {}).get("coding", ())
     subtypes = [str(c["code"]) for c in subtype_codings if isinstance(c, dict) and "code" in c]
+    terms: dict[str, None] = {}
     patients: list[str] = []
     r5_patient = event.get("patient")
     if isinstance(r5_patient, dict) and r5_patient.get("reference"):
         patients.append(str(r5_patient["reference"]))
+    entity_types: list[str] = []
+    request_id: str | None = None
     for entity in event.get("entity", ()):
+        what = entity.get("what") or {}
+        reference = what.get("reference")
+        entity_types.extend(_codes(entity.get("type")))
+        if reference:
+            # Unversioned: ``Observation/1`` finds the event about its version 2.
+            terms[f"e:{str(reference).split('/_history/')[0]}"] = None
         if _is_patient_role(entity):
-            reference = entity.get("what", {}).get("reference")
             if reference and reference not in patients:
                 patients.append(str(reference))
+        elif reference and "/" in reference:
+            terms[f"r:{_resource_type(reference)}"] = None
+        elif entity.get("query") and entity.get("description"):
+            terms[f"r:{str(entity['description']).split('?')[0].split('/')[0]}"] = None
+        if "XrequestId" in _codes(entity.get("type")):
+            request_id = what.get("identifier", {}).get("value")
+    for patient in patients:  # R5's AuditEvent.patient is not an entity
+        terms[f"e:{patient}"] = None
     user: str | None = None
     for agent in event.get("agent", ()):
-        if agent.get("requestor"):
-            who = agent.get("who", {})
+        who = agent.get("who") or {}
+        if agent.get("requestor") and user is None:
             user = (
-                who.get("identifier", {}).get("value") or who.get("reference") or who.get("display")
+                who.get("identifier", {}).get("value")
+                or who.get("reference")
+                or who.get("display")
+                or agent.get("altId")
             )
-            break
+        if _is_server_agent(agent):
+            continue
+        address = (agent.get("network") or {}).get("address") or agent.get("networkString")
+        for value in (
+            who.get("identifier", {}).get("value"),
+            who.get("reference"),
+            who.get("display"),
+            agent.get("altId"),
+            agent.get("name"),
+            address,
+        ):
+            if value:
+                terms[f"a:{value}"] = None
+    event_type = event.get("type")
+    if event_type is None:  # R5: category
+        event_type = next(iter(event.get("category", ())), None)
+    type_code = next(iter(_codes(event_type)), None)
+    updated = (event.get("meta") or {}).get("lastUpdated")
     return (
         str(event["id"]),
         recorded,
-        _timestamp(recorded),
+        recorded_ts,
         event.get("action"),
         str(outcome) if outcome is not None else None,
         _joined(subtypes),
         _joined(patients),
         user,
         codec.encode(event),
+        orjson.dumps(list(terms)).decode(),
+        type_code,
+        _joined(entity_types),
+        str(request_id) if request_id is not None else None,
+        _timestamp(str(updated)) if updated else recorded_ts,
     )
 
 
@@ -636,42 +725,61 @@ class AuditQueue:
 
     async def search(self, query: EventQuery) -> tuple[list[QueuedEvent], int]:
         """A page of matching events and the total number matching."""
-        where: list[str] = []
-        args: list[Any] = []
-        if query.patient:
-            where.append("patients LIKE ?")
-            args.append(f"%|{query.patient}|%")
-        if query.subtype:
-            where.append("subtypes LIKE ?")
-            args.append(f"%|{query.subtype}|%")
-        for column, value in (
-            ("user_id", query.user),
-            ("action", query.action),
-            ("outcome", query.outcome),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if query.date_from is not None:
-            where.append("recorded_ts >= ?")
-            args.append(query.date_from.timestamp())
-        if query.date_to is not None:
-            where.append("recorded_ts < ?")
-            args.append(query.date_to.timestamp())
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        order = "DESC" if query.newest_first else "ASC"
+        page = await self.search_page(query)
+        return page.items, page.total if page.total is not None else len(page.items)
 
-        def read() -> tuple[list[tuple[Any, ...]], int]:
-            total = self._conn.execute(f"SELECT COUNT(*) FROM events {clause}", args).fetchone()[0]
-            rows = self._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events {clause}"
-                f" ORDER BY recorded_ts {order}, seq {order} LIMIT ? OFFSET ?",
-                [*args, query.limit, query.offset],
-            ).fetchall()
+    async def search_page(self, query: EventQuery) -> EventPage:
+        """A page of matching events in the query's order, with keyset paging (``after``,
+        ``before``). A patient, entity, agent, address or resource type filter walks the
+        ``event_terms`` index in date order; a date range walks ``events_recorded``."""
+        sql = SearchSql(query)
+        reverse = query.before is not None
+        descending = query.newest_first != reverse
+        order = "DESC" if descending else "ASC"
+        where = list(sql.where)
+        args = list(sql.args)
+        cursor = query.before if reverse else query.after
+        if cursor is not None:
+            condition, bound = sql.after(cursor, descending)
+            where.append(condition)
+            args.extend(bound)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        select = (
+            f"SELECT {_EVENT_COLUMNS_E} FROM {sql.source} {clause}"
+            f" ORDER BY {sql.order.format(order=order)} LIMIT ? OFFSET ?"
+        )
+        count_clause = f"WHERE {' AND '.join(sql.where)}" if sql.where else ""
+
+        def read() -> tuple[list[tuple[Any, ...]], int | None]:
+            rows = self._conn.execute(select, [*args, query.limit + 1, query.offset]).fetchall()
+            total: int | None = None
+            if query.count_total:
+                total = self._conn.execute(
+                    f"SELECT COUNT(*) FROM {sql.source} {count_clause}", sql.args
+                ).fetchone()[0]
             return rows, total
 
         rows, total = await self._guarded(read)
-        return [self._queued(r) for r in rows], total
+        more = len(rows) > query.limit
+        items = [self._queued(r) for r in rows[: query.limit]]
+        if reverse:
+            items.reverse()
+            return EventPage(items, total, more_after=True, more_before=more)
+        return EventPage(
+            items, total, more_after=more, more_before=query.after is not None or query.offset > 0
+        )
+
+    async def oldest_pending_recorded(self) -> float | None:
+        """``recorded`` (POSIX time) of the oldest undelivered event, or None."""
+
+        def read() -> float | None:
+            row = self._conn.execute(
+                "SELECT recorded_ts FROM events WHERE status = 'pending' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            return float(row[0]) if row else None
+
+        result: float | None = await self._guarded(read)
+        return result
 
     async def stats(self) -> QueueStats:
         def read() -> QueueStats:
@@ -721,7 +829,7 @@ class AuditQueue:
             raise StoreError(f"audit store failed: {exc}") from exc
 
     def _queued(self, row: tuple[Any, ...]) -> QueuedEvent:
-        seq, event_id, body, status, attempts, next_at, error, recorded = row
+        seq, event_id, body, status, attempts, next_at, error, recorded, recorded_ts = row
         try:
             event = self._codec.decode(body)
         except CodecError as exc:
@@ -735,4 +843,5 @@ class AuditQueue:
             next_attempt_at=datetime.fromtimestamp(next_at, UTC) if next_at is not None else None,
             last_error=error,
             recorded=recorded,
+            recorded_ts=recorded_ts,
         )

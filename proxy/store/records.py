@@ -38,6 +38,8 @@ class QueuedEvent:
     """The last delivery failure, or the repository's rejection for dead events."""
     recorded: str
     """``AuditEvent.recorded``."""
+    recorded_ts: float = 0.0
+    """``recorded`` as a POSIX timestamp, as the queue orders and pages by it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +62,41 @@ class QueueStats:
     """Bytes in use by the database (free pages excluded)."""
 
 
+class SortKey(StrEnum):
+    """What search results are ordered by."""
+
+    RECORDED = "recorded"
+    """``AuditEvent.recorded`` (then queue order): FHIR's ``date``."""
+    STORED = "stored"
+    """Queue order, which is the order events were stored: ``_lastUpdated``/``createdAt``."""
+
+
+Cursor = tuple[float, int]
+"""A keyset position: (recorded time, seq) for RECORDED, (0.0, seq) for STORED."""
+
+
 @dataclass(frozen=True, slots=True)
 class EventQuery:
-    """A search over stored events (the admin API)."""
+    """A search over stored events (the admin API). Every filter given must hold."""
 
     patient: str | None = None
-    """``Patient/1``: events with that patient entity."""
+    """``Patient/1``: events with an entity referencing that patient."""
     user: str | None = None
     """The requestor agent's id."""
+    agent: str | None = None
+    """Any agent's user id, client id, name or network address."""
+    entity: str | None = None
+    """An entity's ``what.reference``."""
+    entity_type: str | None = None
+    """An entity's ``type`` code."""
+    event_type: str | None = None
+    """``AuditEvent.type`` code (R5: the first category's)."""
+    address: str | None = None
+    """An agent's network address (looked up among every agent value, as ``agent``)."""
+    resource_type: str | None = None
+    """A resource type the event is about (not the patient's own ``Patient``)."""
+    request_id: str | None = None
+    """Text the ``X-Request-Id`` entity contains."""
     action: str | None = None
     outcome: str | None = None
     subtype: str | None = None
@@ -75,6 +104,35 @@ class EventQuery:
     """Inclusive lower bound on ``recorded``."""
     date_to: datetime | None = None
     """Exclusive upper bound on ``recorded``."""
+    updated_from: datetime | None = None
+    """Inclusive lower bound on ``meta.lastUpdated`` (``recorded`` where absent)."""
+    updated_to: datetime | None = None
+    """Exclusive upper bound on ``meta.lastUpdated``."""
+    sort: SortKey = SortKey.RECORDED
     newest_first: bool = True
     limit: int = 50
     offset: int = 0
+    """Rows to skip: only for APIs that page by number; keyset paging uses ``after``."""
+    after: Cursor | None = None
+    """Only rows after this position in the result order (the next page)."""
+    before: Cursor | None = None
+    """Only rows before this position (the previous page); the page keeps result order."""
+    count_total: bool = True
+    """Whether to count every match (``total``); a count is one more index range walk."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """One page of a search."""
+
+    items: list[QueuedEvent]
+    total: int | None
+    """Every match, when counted."""
+    more_after: bool
+    """Rows follow the last item in the result order."""
+    more_before: bool
+    """Rows precede the first item (known for ``after``/``before`` pages)."""
+
+    def cursor_of(self, item: QueuedEvent, sort: SortKey) -> Cursor:
+        """The keyset position of ``item``."""
+        return (item.recorded_ts if sort is SortKey.RECORDED else 0.0, item.seq)

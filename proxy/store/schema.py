@@ -44,10 +44,67 @@ MIGRATIONS: tuple[str, ...] = (
         data BLOB NOT NULL
     );
     """,
+    # 3: what the admin search and the viewer filter on. ``event_terms`` is an inverted
+    # index kept by triggers from ``events.terms`` (see ``event_row``): ordered by
+    # (term, recorded time, seq), so "this patient's or this agent's events, newest first,
+    # after this cursor" is one index range however many events the store holds.
+    # Rows stored before this version get their patient and user terms from the columns
+    # they already had.
+    """
+    ALTER TABLE events ADD COLUMN terms TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE events ADD COLUMN type_code TEXT;
+    ALTER TABLE events ADD COLUMN entity_types TEXT NOT NULL DEFAULT '|';
+    ALTER TABLE events ADD COLUMN request_id TEXT;
+    ALTER TABLE events ADD COLUMN updated_ts REAL;
+    CREATE TABLE event_terms (
+        term TEXT NOT NULL,
+        ts REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (term, ts, seq)
+    ) WITHOUT ROWID;
+    WITH RECURSIVE split(seq, rest, item) AS (
+        SELECT seq, substr(patients, 2), NULL FROM events WHERE patients != '|'
+        UNION ALL
+        SELECT seq, substr(rest, instr(rest, '|') + 1), substr(rest, 1, instr(rest, '|') - 1)
+        FROM split WHERE rest != ''
+    ), old_terms(seq, term) AS (
+        SELECT seq, 'e:' || item FROM split WHERE item IS NOT NULL AND item != ''
+        UNION
+        SELECT seq, 'a:' || user_id FROM events WHERE user_id IS NOT NULL
+    )
+    UPDATE events SET terms = (
+        SELECT json_group_array(term) FROM old_terms WHERE old_terms.seq = events.seq
+    ), updated_ts = recorded_ts
+    WHERE seq IN (SELECT seq FROM old_terms);
+    UPDATE events SET updated_ts = recorded_ts WHERE updated_ts IS NULL;
+    INSERT OR IGNORE INTO event_terms (term, ts, seq)
+        SELECT j.value, e.recorded_ts, e.seq FROM events e, json_each(e.terms) j;
+    CREATE TRIGGER events_terms_insert AFTER INSERT ON events BEGIN
+        INSERT OR IGNORE INTO event_terms (term, ts, seq)
+            SELECT value, NEW.recorded_ts, NEW.seq FROM json_each(NEW.terms);
+    END;
+    CREATE TRIGGER events_terms_delete AFTER DELETE ON events BEGIN
+        DELETE FROM event_terms WHERE seq = OLD.seq AND ts = OLD.recorded_ts
+            AND term IN (SELECT value FROM json_each(OLD.terms));
+    END;
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def split_statements(script: str) -> list[str]:
+    """The statements of ``script``; a trigger's body keeps its own semicolons."""
+    out: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending.strip())
+            pending = ""
+    return out
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -60,9 +117,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version in range(current + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[version - 1].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in split_statements(MIGRATIONS[version - 1]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:

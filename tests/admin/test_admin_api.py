@@ -3,6 +3,8 @@ the Smile-style audit-log, health, metrics, the dead-letter queue and the CLI ov
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -10,12 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 import pytest
 import yaml
 
+from proxy.admin.access import is_admin_access
 from tests.factories import (
     NodeFhirServer,
     RunningProxy,
@@ -35,6 +39,9 @@ class Populated:
     proxy: RunningProxy
     patients: list[str]
     """``Patient/{id}`` of the patients created, in order."""
+    before_reads: str
+    """An instant after the proxied traffic and before any admin read (which is itself
+    audited): ``date=lt{before_reads}`` selects the proxied events only."""
 
 
 @pytest.fixture
@@ -60,7 +67,10 @@ async def populated(
             assert r.status == 200
     async with http.get(f"{proxy.url}/Patient/does-not-exist", headers=bob) as r:
         assert r.status == 404
-    yield Populated(proxy=proxy, patients=patients)
+    await asyncio.sleep(0.002)  # events are recorded to the millisecond
+    cutoff = quote(datetime.now(UTC).isoformat(timespec="milliseconds"))
+    await asyncio.sleep(0.002)
+    yield Populated(proxy=proxy, patients=patients, before_reads=cutoff)
 
 
 async def search(http: aiohttp.ClientSession, url: str, status: int = 200) -> dict[str, Any]:
@@ -74,9 +84,10 @@ async def test_search_pages_through_every_event_newest_first(
     populated: Populated, http: aiohttp.ClientSession
 ) -> None:
     admin = populated.proxy.admin_url
+    proxied = f"date=lt{populated.before_reads}"
     seen: list[dict[str, Any]] = []
     pages = 0
-    async for page in audit_event_pages(http, f"{admin}/fhir/AuditEvent?_count=2", AUTH):
+    async for page in audit_event_pages(http, f"{admin}/fhir/AuditEvent?_count=2&{proxied}", AUTH):
         assert page["resourceType"] == "Bundle" and page["type"] == "searchset"
         assert page["total"] == 7
         assert len(page["entry"]) <= 2
@@ -87,7 +98,7 @@ async def test_search_pages_through_every_event_newest_first(
     assert len(ids) == len(set(ids)) == 7, "paging neither repeats nor skips"
     recorded = [e["recorded"] for e in seen]
     assert recorded == sorted(recorded, reverse=True), "_sort=-date is the default"
-    oldest_first = await search(http, f"{admin}/fhir/AuditEvent?_sort=date&_count=100")
+    oldest_first = await search(http, f"{admin}/fhir/AuditEvent?_sort=date&_count=100&{proxied}")
     assert [e["resource"]["id"] for e in oldest_first["entry"]] == ids[::-1]
 
 
@@ -96,15 +107,16 @@ async def test_search_parameters_narrow_the_result(
 ) -> None:
     admin = populated.proxy.admin_url
     first = populated.patients[0]
+    proxied = f"date=lt{populated.before_reads}"
 
     def ids(bundle: dict[str, Any]) -> list[str]:
         return [e["resource"]["id"] for e in bundle.get("entry", [])]
 
-    by_patient = await search(http, f"{admin}/fhir/AuditEvent?patient={first}")
+    by_patient = await search(http, f"{admin}/fhir/AuditEvent?patient={first}&{proxied}")
     assert by_patient["total"] == 2, "the create and the read of that patient"
     for event in (e["resource"] for e in by_patient["entry"]):
         assert any(en.get("what", {}).get("reference") == first for en in event["entity"])
-    bare_id = await search(http, f"{admin}/fhir/AuditEvent?patient={first.split('/')[1]}")
+    bare_id = await search(http, f"{admin}/fhir/AuditEvent?patient={first.split('/')[1]}&{proxied}")
     assert ids(bare_id) == ids(by_patient), "a bare id means a Patient"
 
     creates = await search(http, f"{admin}/fhir/AuditEvent?action=C")
@@ -118,10 +130,12 @@ async def test_search_parameters_narrow_the_result(
     assert (await search(http, f"{admin}/fhir/AuditEvent?agent=bob&outcome=0"))["total"] == 3
 
     hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert (await search(http, f"{admin}/fhir/AuditEvent?date=ge{hour_ago}"))["total"] == 7
+    assert (await search(http, f"{admin}/fhir/AuditEvent?date=ge{hour_ago}&{proxied}"))[
+        "total"
+    ] == 7
     assert (await search(http, f"{admin}/fhir/AuditEvent?date=lt2000"))["total"] == 0
     year = datetime.now(UTC).year
-    assert (await search(http, f"{admin}/fhir/AuditEvent?date={year}"))["total"] == 7
+    assert (await search(http, f"{admin}/fhir/AuditEvent?date={year}&{proxied}"))["total"] == 7
 
 
 @pytest.mark.parametrize(
@@ -200,15 +214,15 @@ async def test_audit_log_like_smile_cdr(populated: Populated, http: aiohttp.Clie
     page0 = await search(http, f"{admin}/audit-log?userId=bob&pageSize=3&pageIndex=0")
     page1 = await search(http, f"{admin}/audit-log?userId=bob&pageSize=3&pageIndex=1")
     assert page0["total"] == page1["total"] == 4
-    assert len(page0["events"]) == 3 and len(page1["events"]) == 1
-    assert {e["userId"] for e in page0["events"] + page1["events"]} == {"bob"}
-    one = page0["events"][0]
+    assert len(page0["audit-events"]) == 3 and len(page1["audit-events"]) == 1
+    assert {e["userId"] for e in page0["audit-events"] + page1["audit-events"]} == {"bob"}
+    one = page0["audit-events"][0]
     detail = await search(http, f"{admin}/audit-log/event/{one['id']}?includeBody=true")
     assert detail["body"]["resourceType"] == "AuditEvent" and detail["body"]["id"] == one["id"]
     plain = await search(http, f"{admin}/audit-log/event/{one['id']}")
     assert "body" not in plain
     today = datetime.now(UTC).date().isoformat()
-    window = await search(http, f"{admin}/audit-log?from={today}&to={today}")
+    window = await search(http, f"{admin}/audit-log?from={today}&to={populated.before_reads}")
     assert window["total"] == 7
     assert (await search(http, f"{admin}/audit-log?from=never", 400))["resourceType"] == (
         "OperationOutcome"
@@ -226,6 +240,14 @@ async def test_dead_letters_listed_and_retried_over_http(
         dead = await r.json(content_type=None)
     assert [d["seq"] for d in dead] == [claimed[0].seq, claimed[1].seq]
     assert dead[0]["lastError"].startswith("400")
+    listed = [
+        base64.b64decode(en["query"])
+        for e in await populated.proxy.stored_events()
+        if is_admin_access(e)
+        for en in e["entity"]
+        if "query" in en
+    ]
+    assert any(q.startswith(b"GET /dlq") for q in listed), "reading dead letters is audited"
     async with http.post(f"{admin}/dlq/retry", data=b"[1,2]", headers=AUTH) as r:
         assert r.status == 400
     async with http.post(f"{admin}/dlq/retry", json={"seqs": [claimed[0].seq]}, headers=AUTH) as r:

@@ -1,0 +1,119 @@
+"""Reading the audit trail is itself audited: a BALP Query (searches) or Read (one event)
+AuditEvent naming the admin caller, committed before the answer is released, like any
+other access to PHI.
+
+The searches are ``/fhir/AuditEvent``, ``/audit-log`` and the dead-letter list; the reads
+``/fhir/AuditEvent/{id}`` and ``/audit-log/event/{id}``.
+
+To keep the viewer's live polling from feeding itself, an answer that discloses no event
+other than these admin-access events (an empty page, or a poll that only finds the event
+the previous page load produced) is not recorded. Health, metrics, the queue strip and the
+viewer's static files disclose no event and are never recorded.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from proxy.admin.auth import AdminCaller
+from proxy.admin.keys import AUDIT_CONTEXT, CALLER, QUEUE
+from proxy.audit.balp import AuditContext, build_events
+from proxy.exchange import Exchange
+from proxy.fhir.interaction import Interaction, InteractionKind
+from proxy.store.records import QueuedEvent
+
+ADMIN_ACCESS_TAG = {
+    "system": "urn:fhir-audit-proxy:tag",
+    "code": "admin-access",
+    "display": "access to the audit trail through the admin API",
+}
+
+
+def is_admin_access(event: dict[str, Any]) -> bool:
+    """Whether ``event`` records an access to the audit trail through the admin API."""
+    tags = event.get("meta", {}).get("tag", ())
+    return any(
+        t.get("system") == ADMIN_ACCESS_TAG["system"] and t.get("code") == "admin-access"
+        for t in tags
+    )
+
+
+def build_access_events(
+    *,
+    caller: AdminCaller,
+    interaction: Interaction,
+    method: str,
+    path: str,
+    query_string: str,
+    request_id: str,
+    client_address: str,
+    base_url: str,
+    status: int,
+    ctx: AuditContext,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """The events recording one admin read of the trail (pure; ``now`` passed in). Built
+    by the proxy's own BALP builder, so they have the shape of any other Query/Read, and
+    tagged :data:`ADMIN_ACCESS_TAG`. A ``patient`` parameter makes it a PatientQuery."""
+    exchange = Exchange(
+        request_id=request_id,
+        method=method,
+        path=path,
+        query_string=query_string,
+        request_headers={},
+        client_address=client_address,
+        started_at=now,
+        base_url=base_url,
+        interaction=interaction,
+        identity=caller.identity,
+        status=status,
+        finished_at=now,
+    )
+    events = build_events(exchange, ctx, now)
+    for event in events:
+        meta = event.setdefault("meta", {})
+        meta["tag"] = [*meta.get("tag", ()), ADMIN_ACCESS_TAG]
+    return events
+
+
+def discloses(page: Sequence[QueuedEvent]) -> bool:
+    """Whether an answer shows any event that is not an admin-access record."""
+    return any(not is_admin_access(item.event) for item in page)
+
+
+async def record_access(
+    request: web.Request,
+    *,
+    resource_id: str | None = None,
+    search: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Commit the access event for ``request`` (a search when ``resource_id`` is None,
+    else a read of that AuditEvent). Raises ``StoreError`` (the caller then gets 503)."""
+    kind = InteractionKind.SEARCH_TYPE if resource_id is None else InteractionKind.READ
+    interaction = Interaction(
+        kind=kind,
+        method=request.method,
+        resource_type="AuditEvent",
+        resource_id=resource_id,
+        search=tuple(search),
+    )
+    peer = request.remote or "unknown"
+    events = build_access_events(
+        caller=request[CALLER],
+        interaction=interaction,
+        method=request.method,
+        path=request.path.lstrip("/"),
+        query_string=request.query_string,
+        request_id=request.headers.get("X-Request-Id") or str(uuid.uuid4()),
+        client_address=peer,
+        base_url=f"{request.scheme}://{request.host}",
+        status=200,
+        ctx=request.app[AUDIT_CONTEXT],
+        now=datetime.now(UTC),
+    )
+    await request.app[QUEUE].append(events)

@@ -1,0 +1,285 @@
+"""Ingestion on the admin listener, compatible with Auditbox's API: applications beside
+the FHIR server put their own AuditEvents through the same durable queue.
+
+- ``POST /fhir/AuditEvent``: one AuditEvent; 201 with the stored event (new ``id``,
+  ``meta.lastUpdated`` set), ``Location`` and ``ETag``.
+- ``POST /fhir``: a ``collection`` Bundle of AuditEvents (201 with every stored event), or
+  a ``batch``/``transaction`` Bundle of ``POST AuditEvent`` entries (200 with a
+  ``batch-response``/``transaction-response``, as a FHIR server answers them).
+
+Every event is validated with fhir.resources for the configured FHIR version; anything
+else is a 400 OperationOutcome naming the entry, and nothing of that request is stored
+(a batch stores its valid entries and answers the others one by one, as batches do).
+Bodies must be ``application/fhir+json`` or ``application/json``, with a ``fhirVersion``
+parameter, if any, matching the configured version (415); bodies over
+``admin.max_ingest_bytes`` get 413. The events of one request are committed together
+with fsync before the answer; a store that cannot take them gives 503 or 507, and nothing
+is acknowledged.
+
+The authenticated caller is recorded on each stored event in the extension
+:data:`SUBMITTER_EXT`, not as an ``agent``: agents are the participants in the audited
+activity, which the submitting application usually is not, and BALP profiles constrain
+the agent slices, so an extra agent would change what the event says and could break its
+conformance. An extension adds the fact without altering the event.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.admin.access import ADMIN_ACCESS_TAG
+from proxy.admin.keys import CALLER, FHIR_VERSION, QUEUE, SETTINGS
+from proxy.audit.balp import new_event_id
+from proxy.audit.validate import validate_event
+from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+
+SUBMITTER_EXT = "urn:fhir-audit-proxy:extension:submitted-by"
+"""On an ingested event: who submitted it through the admin API (``valueReference``)."""
+
+JSON_TYPES = frozenset({"application/fhir+json", "application/json"})
+FHIR_VERSIONS = {"R4": ("4.0",), "R5": ("5.0",)}
+"""``fhirVersion`` MIME parameter values accepted per configured version (``4.0``,
+``4.0.1``: a major.minor prefix, as the FHIR versioning rules write it)."""
+
+
+class Rejected(Exception):
+    """The request cannot be ingested; carries the answer."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _reject(status: int, code: str, diagnostics: str) -> Rejected:
+    return Rejected(outcome_response(status, code, diagnostics))
+
+
+def _content_type_problem(header: str, fhir_version: str) -> str | None:
+    mime, *params = (part.strip() for part in header.split(";"))
+    if mime.lower() not in JSON_TYPES:
+        return f"Content-Type must be application/fhir+json, not {mime or 'absent'!r}"
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "fhirversion":
+            value = value.strip().strip('"')
+            if not value.startswith(FHIR_VERSIONS[fhir_version]):
+                return f"fhirVersion={value} is not this server's version ({fhir_version})"
+    return None
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, after the content-type and size rules."""
+    problem = _content_type_problem(
+        request.headers.get("Content-Type", ""), request.app[FHIR_VERSION]
+    )
+    if problem:
+        raise _reject(415, "not-supported", problem)
+    limit = request.app[SETTINGS].max_ingest_bytes
+    too_large = _reject(413, "too-costly", f"the body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        body = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise _reject(400, "structure", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _reject(400, "structure", "the body must be a JSON object (a FHIR resource)")
+    return body
+
+
+def _problem(resource: Any, fhir_version: str) -> str | None:
+    """Why ``resource`` is not a valid AuditEvent of ``fhir_version``, or None."""
+    if not isinstance(resource, dict):
+        return "not a resource"
+    kind = resource.get("resourceType")
+    if kind != "AuditEvent":
+        return f"resourceType must be AuditEvent, not {kind!r}"
+    errors = validate_event(resource, fhir_version)
+    if errors is None:
+        return None
+    lines = [ln for ln in errors.splitlines() if not ln.strip().startswith("For further info")]
+    return " ".join(ln.strip() for ln in lines)[:2000]
+
+
+def _submitter(request: web.Request) -> dict[str, Any]:
+    identity = request[CALLER].identity
+    who: dict[str, Any] = {}
+    value = identity.client_id or identity.user_id
+    if value:
+        who["identifier"] = {"value": value}
+        if identity.issuer and "://" in identity.issuer:
+            who["identifier"]["system"] = identity.issuer
+    who["display"] = identity.user_name or value or f"unauthenticated caller at {request.remote}"
+    return {"url": SUBMITTER_EXT, "valueReference": who}
+
+
+def _stamped(resource: dict[str, Any], submitter: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The event as stored: a new id, ``meta.lastUpdated`` and ``versionId`` set, the
+    submitter recorded, and the proxy's own admin-access tag removed (only the proxy may
+    claim it)."""
+    event = dict(resource)
+    event["id"] = new_event_id()
+    meta = dict(event.get("meta") or {})
+    meta["versionId"] = "1"
+    meta["lastUpdated"] = now.isoformat(timespec="milliseconds")
+    tags = [t for t in meta.get("tag", ()) if t.get("system") != ADMIN_ACCESS_TAG["system"]]
+    if tags:
+        meta["tag"] = tags
+    else:
+        meta.pop("tag", None)
+    event["meta"] = meta
+    event["extension"] = [*event.get("extension", ()), submitter]
+    return event
+
+
+def _fhir(body: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type=FHIR_JSON, headers=headers
+    )
+
+
+def _entry_headers(base: str, event: dict[str, Any]) -> dict[str, str]:
+    return {
+        "Location": f"{base}/AuditEvent/{event['id']}/_history/1",
+        "ETag": 'W/"1"',
+        "Last-Modified": format_datetime(
+            datetime.fromisoformat(event["meta"]["lastUpdated"]), usegmt=True
+        ),
+    }
+
+
+async def post_audit_event(request: web.Request) -> web.Response:
+    """``POST /fhir/AuditEvent``."""
+    try:
+        resource = await _read_body(request)
+    except Rejected as rejected:
+        return rejected.response
+    problem = _problem(resource, request.app[FHIR_VERSION])
+    if problem:
+        return outcome_response(400, "invalid", f"AuditEvent: {problem}")
+    event = _stamped(resource, _submitter(request), datetime.now(UTC))
+    await request.app[QUEUE].append([event])
+    base = f"{request.scheme}://{request.host}/fhir"
+    return _fhir(event, 201, _entry_headers(base, event))
+
+
+def _is_audit_event_post(request_part: Any) -> bool:
+    if not isinstance(request_part, dict) or request_part.get("method") != "POST":
+        return False
+    url = str(request_part.get("url", "")).split("?")[0].rstrip("/")
+    return url == "AuditEvent" or url.endswith("/AuditEvent")
+
+
+async def post_bundle(request: web.Request) -> web.Response:
+    """``POST /fhir``: a collection, batch or transaction Bundle of AuditEvents."""
+    try:
+        bundle = await _read_body(request)
+    except Rejected as rejected:
+        return rejected.response
+    version = request.app[FHIR_VERSION]
+    if bundle.get("resourceType") != "Bundle":
+        return outcome_response(
+            400, "invalid", f"POST /fhir takes a Bundle, not {bundle.get('resourceType')!r}"
+        )
+    kind = bundle.get("type")
+    if kind not in ("collection", "batch", "transaction"):
+        return outcome_response(
+            400, "not-supported", f"Bundle.type must be collection, batch or transaction: {kind!r}"
+        )
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        return outcome_response(400, "structure", "Bundle.entry must be a list")
+    problems: dict[int, str] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems[index] = "not an object"
+            continue
+        if kind != "collection" and not _is_audit_event_post(entry.get("request")):
+            problems[index] = "request must be POST AuditEvent"
+            continue
+        problem = _problem(entry.get("resource"), version)
+        if problem:
+            problems[index] = f"resource: {problem}"
+    if problems and kind != "batch":
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "error",
+                    "code": "invalid",
+                    "diagnostics": f"Bundle.entry[{i}]: {text}",
+                    "expression": [f"Bundle.entry[{i}]"],
+                }
+                for i, text in sorted(problems.items())
+            ],
+        }
+        return _fhir(outcome, 400)
+    now = datetime.now(UTC)
+    submitter = _submitter(request)
+    stored = {
+        i: _stamped(entry["resource"], submitter, now)
+        for i, entry in enumerate(entries)
+        if i not in problems
+    }
+    if stored:
+        await request.app[QUEUE].append(list(stored.values()))
+    base = f"{request.scheme}://{request.host}/fhir"
+    if kind == "collection":
+        answer = {
+            "resourceType": "Bundle",
+            "id": new_event_id(),
+            "type": "collection",
+            "entry": [
+                {"fullUrl": f"{base}/AuditEvent/{e['id']}", "resource": e} for e in stored.values()
+            ],
+        }
+        return _fhir(answer, 201)
+    out: list[dict[str, Any]] = []
+    for index in range(len(entries)):
+        if index in problems:
+            out.append(
+                {
+                    "response": {
+                        "status": "400 Bad Request",
+                        "outcome": {
+                            "resourceType": "OperationOutcome",
+                            "issue": [
+                                {
+                                    "severity": "error",
+                                    "code": "invalid",
+                                    "diagnostics": f"Bundle.entry[{index}]: {problems[index]}",
+                                }
+                            ],
+                        },
+                    }
+                }
+            )
+            continue
+        event = stored[index]
+        headers = _entry_headers(base, event)
+        out.append(
+            {
+                "fullUrl": f"{base}/AuditEvent/{event['id']}",
+                "resource": event,
+                "response": {
+                    "status": "201 Created",
+                    "location": f"AuditEvent/{event['id']}/_history/1",
+                    "etag": headers["ETag"],
+                    "lastModified": event["meta"]["lastUpdated"],
+                },
+            }
+        )
+    answer = {"resourceType": "Bundle", "type": f"{kind}-response", "entry": out}
+    return _fhir(answer, 200)

@@ -1,0 +1,96 @@
+"""The SQL of an admin search over the queue's tables (``events`` and the ``event_terms``
+index kept by triggers, proxy/store/schema.py), before keyset bounds and paging, which
+``AuditQueue.search_page`` adds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.store.records import Cursor, EventQuery, SortKey
+
+_TERM_FILTERS = (
+    ("e:", "patient"),
+    ("e:", "entity"),
+    ("a:", "address"),
+    ("a:", "agent"),
+    ("r:", "resource_type"),
+)
+"""Filters answered by ``event_terms``, most selective first: the first one present
+drives the walk, the others are checked by primary key."""
+
+
+class SearchSql:
+    """The FROM (``source``), WHERE (``where`` with ``args``) and ORDER BY (``order``, an
+    ``{order}`` placeholder for ASC/DESC) of a search; :meth:`after` gives a keyset bound.
+    Rows are selected as ``e`` (events)."""
+
+    def __init__(self, query: EventQuery) -> None:
+        terms = [
+            f"{prefix}{getattr(query, name)}"
+            for prefix, name in _TERM_FILTERS
+            if getattr(query, name) is not None
+        ]
+        self.where: list[str] = []
+        self.args: list[Any] = []
+        by_date = query.sort is SortKey.RECORDED
+        if terms and by_date:
+            self.source = "event_terms t JOIN events e ON e.seq = t.seq"
+            ts, seq = "t.ts", "t.seq"
+            self.where.append("t.term = ?")
+            self.args.append(terms.pop(0))
+        else:
+            self.source = "events e"
+            ts, seq = "e.recorded_ts", "e.seq"
+        for term in terms:
+            if by_date:
+                self.where.append(
+                    "EXISTS (SELECT 1 FROM event_terms x WHERE x.term = ? AND x.ts = "
+                    f"{ts} AND x.seq = {seq})"
+                )
+            else:  # let the planner take the term's rows first, then sort by seq
+                self.where.append("e.seq IN (SELECT seq FROM event_terms WHERE term = ?)")
+            self.args.append(term)
+        for column, value in (
+            ("e.user_id", query.user),
+            ("e.action", query.action),
+            ("e.outcome", query.outcome),
+            ("e.type_code", query.event_type),
+        ):
+            if value is not None:
+                self.where.append(f"{column} = ?")
+                self.args.append(value)
+        for column, value in (("e.subtypes", query.subtype), ("e.entity_types", query.entity_type)):
+            if value is not None:
+                self.where.append(f"{column} LIKE ? ESCAPE '\\'")
+                self.args.append(f"%|{_like_escaped(value)}|%")
+        if query.request_id is not None:
+            self.where.append("e.request_id LIKE ? ESCAPE '\\'")
+            self.args.append(f"%{_like_escaped(query.request_id)}%")
+        for column, low, high in (
+            (ts, query.date_from, query.date_to),
+            ("e.updated_ts", query.updated_from, query.updated_to),
+        ):
+            if low is not None:
+                self.where.append(f"{column} >= ?")
+                self.args.append(low.timestamp())
+            if high is not None:
+                self.where.append(f"{column} < ?")
+                self.args.append(high.timestamp())
+        self._by_date = by_date
+        if by_date:
+            self._key = f"({ts}, {seq})"
+            self.order = f"{ts} {{order}}, {seq} {{order}}"
+        else:
+            self._key = seq
+            self.order = f"{seq} {{order}}"
+
+    def after(self, cursor: Cursor, descending: bool) -> tuple[str, list[Any]]:
+        """The condition for rows past ``cursor`` in the given direction, and its args."""
+        op = "<" if descending else ">"
+        if self._by_date:
+            return f"{self._key} {op} (?, ?)", [cursor[0], cursor[1]]
+        return f"{self._key} {op} ?", [cursor[1]]
+
+
+def _like_escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -1,0 +1,235 @@
+"""Admin access control: each route group without a token, with a wrong one, with a JWT of
+the wrong scope and with a JWKS-signed JWT of the right scope; token files; the refusal to
+expose an unauthenticated admin listener; and the audit of who read the audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.admin.access import is_admin_access
+from proxy.admin.app import build_admin_app
+from proxy.admin.auth import AdminExposed
+from proxy.settings import AdminSettings
+from proxy.store.queue import AuditQueue
+from tests.conftest import NodeFhirServer, RunningProxy, StartProxy, serving
+from tests.factories import ROOT, SigningKey, free_port
+
+STATIC = "static-admin-token-for-tests"
+
+
+@dataclass
+class Secured:
+    proxy: RunningProxy
+    idp: SigningKey
+    forger: SigningKey
+    """Same ``kid``, another key: its tokens must be refused."""
+
+    def jwt(self, scope: str, sub: str = "auditor-1", key: SigningKey | None = None) -> str:
+        return (key or self.idp).token({"sub": sub, "scope": scope, "name": "Ada Auditor"})
+
+
+@pytest.fixture
+async def secured(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> AsyncIterator[Secured]:
+    """A proxy whose admin listener takes a static token, a token file and JWTs from a
+    loopback JWKS server, with one proxied read in its store."""
+    idp, forger = SigningKey.generate("k1"), SigningKey.generate("k1")
+
+    async def certs(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [idp.jwk]})
+
+    token_file = tmp_path / "viewer.txt"
+    token_file.write_text("\nfile-token-for-tests\n")
+    async with serving(("GET", "/certs", certs)) as jwks:
+        proxy = await start_proxy(
+            fhir_server.base_url,
+            admin={
+                "tokens": [STATIC],
+                "token_files": [str(token_file)],
+                "jwks_url": str(jwks.make_url("/certs")),
+            },
+        )
+        async with http.get(f"{proxy.url}/metadata") as r:
+            assert r.status == 200
+        yield Secured(proxy, idp, forger)
+
+
+EVENT = {
+    "resourceType": "AuditEvent",
+    "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
+    "action": "E",
+    "recorded": "2026-01-16T16:03:16Z",
+    "outcome": "0",
+    "agent": [{"requestor": True, "altId": "user@example.com"}],
+    "source": {"observer": {"display": "My System"}},
+}
+GROUPS: dict[str, tuple[str, str, str, int]] = {
+    "read": ("GET", "/fhir/AuditEvent", "audit.read", 200),
+    "write": ("POST", "/fhir/AuditEvent", "audit.write", 201),
+    "admin": ("GET", "/dlq", "audit.admin", 200),
+}
+
+
+async def status_of(
+    http: aiohttp.ClientSession, method: str, url: str, token: str | None
+) -> tuple[int, dict[str, str], Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = orjson.dumps(EVENT) if method == "POST" else None
+    headers["Content-Type"] = "application/fhir+json"
+    async with http.request(method, url, headers=headers, data=body) as r:
+        return r.status, dict(r.headers), await r.json(content_type=None)
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+async def test_each_route_group_needs_its_credential(
+    secured: Secured, http: aiohttp.ClientSession, group: str
+) -> None:
+    method, path, scope, ok = GROUPS[group]
+    url = f"{secured.proxy.admin_url}{path}"
+    other_scope = "audit.read" if scope != "audit.read" else "audit.write"
+    refused = {
+        "no token": None,
+        "wrong static token": "not-the-token",
+        "forged JWT": secured.jwt(scope, key=secured.forger),
+    }
+    for why, token in refused.items():
+        status, headers, body = await status_of(http, method, url, token)
+        assert status == 401, why
+        assert headers["WWW-Authenticate"].startswith("Bearer"), why
+        assert body["resourceType"] == "OperationOutcome", why
+        assert STATIC not in str(body)
+    status, headers, body = await status_of(http, method, url, secured.jwt(other_scope))
+    assert status == 403
+    assert 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    assert scope in body["issue"][0]["diagnostics"]
+    for token in (secured.jwt(f"openid {scope}"), STATIC, "file-token-for-tests"):
+        status, _, body = await status_of(http, method, url, token)
+        assert status == ok, body
+
+
+async def test_probes_stay_open_behind_authentication(
+    secured: Secured, http: aiohttp.ClientSession
+) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        async with http.get(f"{secured.proxy.admin_url}{path}") as r:
+            assert r.status == 200, path
+    async with http.get(f"{secured.proxy.admin_url}/no-such-thing") as r:
+        assert r.status == 401, "an unknown path tells a stranger nothing"
+    for path, kind in (("/ui/", "text/html"), ("/ui/viewer.js", "text/javascript")):
+        async with http.get(f"{secured.proxy.admin_url}{path}") as r:
+            assert r.status == 200 and r.content_type == kind, "the page holds no data"
+    async with http.get(f"{secured.proxy.admin_url}/ui/auth.py") as r:
+        assert r.status == 404, "only the viewer's own files"
+    async with http.get(f"{secured.proxy.admin_url}/api/queue") as r:
+        assert r.status == 401
+    headers = {"Authorization": f"Bearer {secured.jwt('audit.read')}"}
+    async with http.get(f"{secured.proxy.admin_url}/api/queue", headers=headers) as r:
+        strip = await r.json()
+    assert strip["pending"] == 1 and strip["dead"] == 0
+    assert 0 <= strip["oldestPendingAgeS"] < 600
+
+
+async def test_reading_the_trail_is_audited_with_the_admin_user(
+    secured: Secured, http: aiohttp.ClientSession
+) -> None:
+    admin = secured.proxy.admin_url
+    token = secured.jwt("audit.read", sub="auditor-7")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.get(f"{admin}/fhir/AuditEvent?_count=5", headers=headers) as r:
+        assert r.status == 200
+        first_page = await r.json(content_type=None)
+    read_id = first_page["entry"][0]["resource"]["id"]
+    async with http.get(f"{admin}/fhir/AuditEvent/{read_id}", headers=headers) as r:
+        assert r.status == 200
+    async with http.get(f"{admin}/audit-log", headers={"Authorization": f"Bearer {STATIC}"}) as r:
+        assert r.status == 200
+    events = await secured.proxy.stored_events()
+    access = [e for e in events if is_admin_access(e)]
+    assert [e["subtype"][0]["code"] for e in access] == ["search-type", "read", "search-type"]
+    users = [next(a for a in e["agent"] if a["requestor"])["who"] for e in access]
+    assert users[0]["identifier"]["value"] == "auditor-7"
+    assert users[0]["display"] == "Ada Auditor"
+    assert users[2]["identifier"]["value"] == "token:1", "a static token is named, not kept"
+    assert access[0]["action"] == "E" and access[1]["action"] == "R"
+    assert any(
+        en.get("what", {}).get("reference") == f"AuditEvent/{read_id}" for en in access[1]["entity"]
+    )
+    assert all(STATIC not in str(e) and token not in str(e) for e in events)
+
+
+async def test_live_polling_does_not_feed_itself(
+    secured: Secured, http: aiohttp.ClientSession
+) -> None:
+    """A poll that finds only the access event of the previous look is not recorded, so
+    the viewer's live mode settles instead of producing an event per poll."""
+    admin = secured.proxy.admin_url
+    headers = {"Authorization": f"Bearer {STATIC}"}
+
+    async def access_events() -> list[dict[str, Any]]:
+        return [e for e in await secured.proxy.stored_events() if is_admin_access(e)]
+
+    async with http.get(f"{admin}/fhir/AuditEvent", headers=headers) as r:
+        assert r.status == 200
+    (first,) = await access_events()
+    since = quote(first["recorded"])
+    for _ in range(3):  # the viewer's poll: everything since the newest event it shows
+        async with http.get(f"{admin}/fhir/AuditEvent?date=ge{since}", headers=headers) as r:
+            assert r.status == 200
+            assert [e["resource"]["id"] for e in (await r.json())["entry"]] == [first["id"]]
+    for path in ("/healthz", "/metrics", "/readyz"):
+        async with http.get(f"{admin}{path}") as r:
+            assert r.status == 200
+    assert await access_events() == [first]
+
+
+async def test_non_loopback_admin_without_auth_refuses_to_start(
+    tmp_path: Path, queue: AuditQueue
+) -> None:
+    with pytest.raises(AdminExposed, match="refusing to start"):
+        build_admin_app(queue, AdminSettings(host="0.0.0.0"))
+    build_admin_app(queue, AdminSettings(host="0.0.0.0", tokens=["t"]))
+    build_admin_app(queue, AdminSettings(host="::1"))
+    config = tmp_path / "exposed.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": free_port()},
+                "upstream": {"url": "http://127.0.0.1:9/fhir"},
+                "admin": {"host": "0.0.0.0", "port": free_port()},
+                "store": {"path": str(tmp_path / "audit.db")},
+                "log_level": "ERROR",
+            }
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "-c",
+        str(config),
+        "run",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, err.decode()
+    assert "admin listener on '0.0.0.0' is not loopback and has no authentication" in lines[0]

@@ -1,0 +1,368 @@
+"""Ingestion on the admin listener as Auditbox's guide describes it: the guide's own
+request bodies accepted with the documented changes, invalid bodies refused with nothing
+stored, the store's refusal passed on, events surviving a SIGKILL right after their 201,
+and ingested events reaching the repository."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from proxy.admin.ingest import SUBMITTER_EXT
+from proxy.store.queue import AuditQueue
+from tests.conftest import NodeFhirServer, RecordingRepository, RunningProxy, StartProxy
+from tests.factories import ProxyProcess, free_port
+
+# The guide's single-event body, byte for byte as its curl example sends it.
+GUIDE_SINGLE = b"""{
+"resourceType": "AuditEvent",
+"type": {
+"system": "http://dicom.nema.org/resources/ontology/DCM",
+"code": "110100",
+"display": "Application Activity"
+},
+"action": "E",
+"recorded": "2026-01-16T16:03:16Z",
+"outcome": "0",
+"agent": [
+{
+"requestor": true,
+"altId": "user@example.com"
+}
+],
+"source": {
+"observer": {
+"display": "My System"
+}
+}
+}"""
+
+# The guide's bulk body.
+GUIDE_BUNDLE = b"""{
+"resourceType": "Bundle",
+"type": "collection",
+"entry": [
+{
+"resource": {
+"resourceType": "AuditEvent",
+"type": {
+"system": "http://dicom.nema.org/resources/ontology/DCM",
+"code": "110100",
+"display": "Application Activity"
+},
+"action": "E",
+"recorded": "2026-01-16T16:03:16Z",
+"outcome": "0",
+"agent": [
+{
+"requestor": true,
+"altId": "user@example.com"
+}
+],
+"source": {
+"observer": {
+"display": "My System"
+}
+}
+}
+}
+]
+}"""
+
+TOKEN = "ingest-token-for-tests"
+FHIR = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def proxy(fhir_server: NodeFhirServer, start_proxy: StartProxy) -> RunningProxy:
+    return await start_proxy(fhir_server.base_url, admin={"tokens": [TOKEN]})
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, CIMultiDict[str], Any]:
+    async with http.post(url, data=io.BytesIO(body), headers=headers or FHIR) as r:
+        return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
+
+
+def without_stamps(event: dict[str, Any]) -> dict[str, Any]:
+    """The event minus what ingestion adds: ``id``, ``meta``, the submitter extension."""
+    rest = {k: v for k, v in event.items() if k not in ("id", "meta")}
+    extensions = [e for e in rest.pop("extension", []) if e["url"] != SUBMITTER_EXT]
+    if extensions:
+        rest["extension"] = extensions
+    return rest
+
+
+async def test_the_guides_single_event_is_stored_with_the_documented_changes(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    before = datetime.now(UTC)
+    sent = orjson.loads(GUIDE_SINGLE) | {"id": "client-chosen-id"}
+    status, headers, body = await post(
+        http, f"{proxy.admin_url}/fhir/AuditEvent", orjson.dumps(sent)
+    )
+    assert status == 201, body
+    assert body["id"] != "client-chosen-id", "the id is replaced with a new value"
+    assert datetime.fromisoformat(body["meta"]["lastUpdated"]) >= before
+    assert headers["Location"] == f"{proxy.admin_url}/fhir/AuditEvent/{body['id']}/_history/1"
+    assert headers["ETag"] == 'W/"1"'
+    assert without_stamps(body) == {k: v for k, v in sent.items() if k != "id"}
+    (submitter,) = [e for e in body["extension"] if e["url"] == SUBMITTER_EXT]
+    assert submitter["valueReference"]["identifier"]["value"] == "token:1"
+    stored = await proxy.queue.get_event(body["id"])
+    assert stored is not None and stored.event == body
+    async with http.get(
+        f"{proxy.admin_url}/fhir/AuditEvent?agent=user@example.com&type=110100",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as r:
+        found = await r.json(content_type=None)
+    assert [e["resource"]["id"] for e in found["entry"]] == [body["id"]], "searchable at once"
+    status, _, body = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE)
+    assert status == 201 and body["action"] == "E"
+
+
+async def test_the_guides_bundle_is_stored_and_answered_with_every_event(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    bundle = orjson.loads(GUIDE_BUNDLE)
+    second = copy.deepcopy(bundle["entry"][0]) | {}
+    second["resource"]["action"] = "R"
+    bundle["entry"].append(second)
+    status, _, body = await post(http, f"{proxy.admin_url}/fhir", orjson.dumps(bundle))
+    assert status == 201, body
+    assert body["resourceType"] == "Bundle" and body["type"] == "collection"
+    assert [e["resource"]["action"] for e in body["entry"]] == ["E", "R"]
+    for entry in body["entry"]:
+        assert entry["fullUrl"].endswith(f"/AuditEvent/{entry['resource']['id']}")
+        assert (await proxy.queue.get_event(entry["resource"]["id"])) is not None
+    status, _, body = await post(http, f"{proxy.admin_url}/fhir", GUIDE_BUNDLE)
+    assert status == 201 and len(body["entry"]) == 1
+
+
+def post_entries(kind: str, *resources: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": kind,
+            "entry": [
+                {"resource": r, "request": {"method": "POST", "url": "AuditEvent"}}
+                for r in resources
+            ],
+        }
+    )
+
+
+async def test_batch_and_transaction_are_answered_as_fhir_does(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    good = orjson.loads(GUIDE_SINGLE)
+    bad = {k: v for k, v in good.items() if k != "recorded"}
+    url = f"{proxy.admin_url}/fhir"
+    status, _, body = await post(http, url, post_entries("transaction", good, good))
+    assert status == 200 and body["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in body["entry"]] == ["201 Created"] * 2
+    for entry in body["entry"]:
+        assert entry["response"]["location"] == f"AuditEvent/{entry['resource']['id']}/_history/1"
+    stored_before = (await proxy.queue.stats()).pending
+    status, _, body = await post(http, url, post_entries("transaction", good, bad))
+    assert status == 400, "a transaction is all or nothing"
+    assert body["issue"][0]["expression"] == ["Bundle.entry[1]"]
+    assert (await proxy.queue.stats()).pending == stored_before
+    status, _, body = await post(http, url, post_entries("batch", bad, good))
+    assert status == 200 and body["type"] == "batch-response"
+    assert [e["response"]["status"] for e in body["entry"]] == ["400 Bad Request", "201 Created"]
+    assert "recorded" in body["entry"][0]["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert (await proxy.queue.stats()).pending == stored_before + 1
+
+
+def r5_only(event: dict[str, Any]) -> dict[str, Any]:
+    return event | {"patient": {"reference": "Patient/1"}}
+
+
+GUIDE = orjson.loads(GUIDE_SINGLE)
+INVALID: dict[str, tuple[str, bytes, int, str]] = {
+    "wrong resourceType": (
+        "/fhir/AuditEvent",
+        orjson.dumps(GUIDE | {"resourceType": "Patient"}),
+        400,
+        "resourceType must be AuditEvent",
+    ),
+    "missing recorded": (
+        "/fhir/AuditEvent",
+        orjson.dumps({k: v for k, v in GUIDE.items() if k != "recorded"}),
+        400,
+        "recorded",
+    ),
+    "missing source": (
+        "/fhir/AuditEvent",
+        orjson.dumps({k: v for k, v in GUIDE.items() if k != "source"}),
+        400,
+        "source",
+    ),
+    "bad JSON": ("/fhir/AuditEvent", GUIDE_SINGLE[:-3], 400, "not valid JSON"),
+    "R5-only element in R4": ("/fhir/AuditEvent", orjson.dumps(r5_only(GUIDE)), 400, "patient"),
+    "bundle with a bad entry": (
+        "/fhir",
+        orjson.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": GUIDE}, {"resource": r5_only(GUIDE)}],
+            }
+        ),
+        400,
+        "Bundle.entry[1]",
+    ),
+    "10 MB body": (
+        "/fhir/AuditEvent",
+        orjson.dumps(GUIDE | {"outcomeDesc": "x" * 10_000_000}),
+        413,
+        "larger than",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+async def test_invalid_bodies_are_refused_and_nothing_is_stored(
+    proxy: RunningProxy, http: aiohttp.ClientSession, case: str
+) -> None:
+    path, body, status, says = INVALID[case]
+    got, _, outcome = await post(http, f"{proxy.admin_url}{path}", body)
+    assert got == status, outcome
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert says in orjson.dumps(outcome).decode()
+    assert (await proxy.queue.stats()).pending == 0
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/xml", "application/fhir+json; fhirVersion=5.0"],
+)
+async def test_content_type_and_fhir_version_rules(
+    proxy: RunningProxy, http: aiohttp.ClientSession, content_type: str
+) -> None:
+    headers = FHIR | {"Content-Type": content_type}
+    status, _, body = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE, headers)
+    assert status == 415 and body["resourceType"] == "OperationOutcome"
+    assert (await proxy.queue.stats()).pending == 0
+    for accepted in ("application/json", "application/fhir+json; fhirVersion=4.0"):
+        headers = FHIR | {"Content-Type": accepted}
+        status, _, _ = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE, headers)
+        assert status == 201, accepted
+
+
+async def test_r5_mode_validates_against_r5(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(fhir_server.base_url, audit={"fhir_version": "R5"})
+    r5 = {
+        "resourceType": "AuditEvent",
+        "code": {
+            "coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"}]
+        },
+        "action": "E",
+        "recorded": "2026-01-16T16:03:16Z",
+        "outcome": {
+            "code": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-event-outcome",
+                "code": "0",
+            }
+        },
+        "agent": [{"who": {"display": "user@example.com"}, "requestor": True}],
+        "source": {"observer": {"display": "My System"}},
+        "patient": {"reference": "Patient/1"},
+    }
+    url = f"{proxy.admin_url}/fhir/AuditEvent"
+    headers = {"Content-Type": "application/fhir+json; fhirVersion=5.0"}
+    status, _, body = await post(http, url, orjson.dumps(r5), headers)
+    assert status == 201, body
+    status, _, body = await post(http, url, GUIDE_SINGLE, {"Content-Type": "application/fhir+json"})
+    assert status == 400, "the guide's R4 event is not a valid R5 AuditEvent"
+
+
+async def test_a_store_that_cannot_take_them_answers_507_or_503(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    full = await start_proxy(fhir_server.base_url, store={"max_bytes": 4096})
+    status, _, body = await post(http, f"{full.admin_url}/fhir/AuditEvent", GUIDE_SINGLE)
+    assert status == 507, body
+    await full.queue.close()
+    status, _, body = await post(http, f"{full.admin_url}/fhir", GUIDE_BUNDLE)
+    assert status == 503, body
+    assert body["resourceType"] == "OperationOutcome"
+
+
+async def test_ingested_events_reach_the_repository(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    repository: RecordingRepository,
+    http: aiohttp.ClientSession,
+) -> None:
+    proxy = await start_proxy(
+        fhir_server.base_url, repository={"url": repository.url, "flush_interval_ms": 50}
+    )
+    status, _, single = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE)
+    assert status == 201
+    status, _, bundle = await post(http, f"{proxy.admin_url}/fhir", GUIDE_BUNDLE)
+    assert status == 201
+    received = await repository.wait_for(2)
+    ids = {e["id"] for e in received}
+    assert {single["id"], bundle["entry"][0]["resource"]["id"]} <= ids
+
+
+@pytest.mark.slow
+async def test_sigkill_right_after_201_loses_nothing(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "store" / "audit.db"
+    config = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "upstream": {"url": fhir_server.base_url},
+        "store": {"path": str(store)},
+        "log_level": "WARNING",
+    }
+    proxy = ProxyProcess(config, tmp_path)
+    acknowledged: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+
+            async def one() -> None:
+                status, _, body = await post(
+                    http,
+                    f"{proxy.admin}/fhir/AuditEvent",
+                    GUIDE_SINGLE,
+                    {"Content-Type": "application/fhir+json"},
+                )
+                assert status == 201
+                acknowledged.append(body["id"])
+
+            await asyncio.gather(*(one() for _ in range(20)))
+            status, _, body = await post(
+                http, f"{proxy.admin}/fhir", GUIDE_BUNDLE, {"Content-Type": "application/json"}
+            )
+            assert status == 201
+            acknowledged.append(body["entry"][0]["resource"]["id"])
+        finally:
+            await proxy.kill()  # the moment the last 201 arrived
+    queue = await AuditQueue.open(store, max_bytes=1 << 30)
+    try:
+        missing = [i for i in acknowledged if await queue.get_event(i) is None]
+    finally:
+        await queue.close()
+    assert len(acknowledged) == 21
+    assert missing == []
