@@ -28,8 +28,7 @@ from proxy import __version__
 from proxy.cli import RETRY_CHUNK, SecretMask, build_parser
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
-from tests.conftest import NodeFhirServer, audit_event
-from tests.factories import free_port
+from tests.factories import NodeFhirServer, audit_event, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,8 +23,15 @@ from proxy.admin.app import build_admin_app
 from proxy.admin.auth import AdminExposed
 from proxy.settings import AdminSettings
 from proxy.store.queue import AuditQueue
-from tests.conftest import NodeFhirServer, RunningProxy, StartProxy, serving
-from tests.factories import ROOT, SigningKey, free_port
+from tests.factories import (
+    ROOT,
+    NodeFhirServer,
+    RunningProxy,
+    SigningKey,
+    StartProxy,
+    free_port,
+    serving,
+)
 
 STATIC = "static-admin-token-for-tests"
 

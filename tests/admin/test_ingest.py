@@ -19,8 +19,14 @@ from multidict import CIMultiDict
 
 from proxy.admin.ingest import SUBMITTER_EXT
 from proxy.store.queue import AuditQueue
-from tests.conftest import NodeFhirServer, RecordingRepository, RunningProxy, StartProxy
-from tests.factories import ProxyProcess, free_port
+from tests.factories import (
+    NodeFhirServer,
+    ProxyProcess,
+    RecordingRepository,
+    RunningProxy,
+    StartProxy,
+    free_port,
+)
 
 # The guide's single-event body, byte for byte as its curl example sends it.
 GUIDE_SINGLE = b"""{

@@ -20,8 +20,7 @@ from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
 from proxy.store.schema import MIGRATIONS, split_statements
-from tests.conftest import NodeFhirServer, RunningProxy, StartProxy, audit_event
-from tests.factories import unsigned_jwt
+from tests.factories import NodeFhirServer, RunningProxy, StartProxy, audit_event, unsigned_jwt
 
 
 @dataclass

@@ -14,8 +14,7 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.conftest import NodeFhirServer, RunningProxy, StartProxy
-from tests.factories import unsigned_jwt
+from tests.factories import NodeFhirServer, RunningProxy, StartProxy, unsigned_jwt
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "viewer-token-for-tests"

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.delivery.sinks import FileSink
 from proxy.store.queue import AuditQueue
-from tests.conftest import audit_event
+from tests.factories import audit_event
 
 
 def _mode(path: Path) -> int:
