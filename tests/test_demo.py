@@ -78,7 +78,8 @@ class Demo:
             await self.process.wait()
 
     async def audit_event_count(self, http: aiohttp.ClientSession) -> int:
-        url = f"http://127.0.0.1:{self.admin_port}/fhir/AuditEvent?_count=1"
+        """Events of proxied creates (the admin API records its own reads of the trail)."""
+        url = f"http://127.0.0.1:{self.admin_port}/fhir/AuditEvent?_count=1&subtype=create"
         async with http.get(url) as r:
             total: int = (await r.json())["total"]
             return total
