@@ -126,6 +126,7 @@ def start_fhir_server(port: int, log_path: Path) -> tuple[subprocess.Popen[str],
         return fhir, line.split()[1]
     fhir.kill()
     fhir.wait()
+    fhir.stdout.close()
     errors = [ln.strip() for ln in log_path.read_text().splitlines() if "Error" in ln]
     reason = errors[0] if errors else f"it exited with status {fhir.returncode}"
     raise DemoError(f"the test FHIR server did not start: {reason} (log: {log_path})")
