@@ -276,6 +276,13 @@ async def test_r5_mode_validates_against_r5(
     proxy = await start_proxy(fhir_server.base_url, audit={"fhir_version": "R5"})
     r5 = {
         "resourceType": "AuditEvent",
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"}
+                ]
+            }
+        ],
         "code": {
             "coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"}]
         },
@@ -295,6 +302,11 @@ async def test_r5_mode_validates_against_r5(
     headers = {"Content-Type": "application/fhir+json; fhirVersion=5.0"}
     status, _, body = await post(http, url, orjson.dumps(r5), headers)
     assert status == 201, body
+    async with http.get(
+        f"{proxy.admin_url}/fhir/AuditEvent?patient=Patient/1&agent=user@example.com&type=110100"
+    ) as r:
+        found = await r.json(content_type=None)
+    assert [e["resource"]["id"] for e in found["entry"]] == [body["id"]], "R5 fields indexed"
     status, _, body = await post(http, url, GUIDE_SINGLE, {"Content-Type": "application/fhir+json"})
     assert status == 400, "the guide's R4 event is not a valid R5 AuditEvent"
 
