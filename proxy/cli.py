@@ -23,6 +23,7 @@ import uvloop
 from aiohttp import web
 
 from proxy.app import build_proxy_app
+from proxy.k8s.webhook import add_webhook_command
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy")
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq", type=int, action="append", help="only this queue seq (repeatable)"
     )
     dlq.set_defaults(func=_cmd_dlq)
+    add_webhook_command(sub)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""The admission webhook as the API server meets it: ``fhir-audit-proxy webhook`` started
+from the CLI as a real HTTPS server with a certificate made here, real AdmissionReview
+requests over TLS, the returned JSONPatch applied with a real JSONPatch library and the
+result validated as a Pod; the certificate replaced on disk and picked up."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import ipaddress
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import kubernetes_validate
+import orjson
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ADMISSION = Path(__file__).parent / "admission"
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+
+
+def write_certificate(directory: Path, common_name: str) -> Path:
+    """A self-signed server certificate for 127.0.0.1 (``cert.pem``, ``key.pem``); returns
+    the certificate's path, which is also the CA a client trusts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first, then the certificate: the pair on disk matches once both are written.
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return directory / "cert.pem"
+
+
+@dataclass
+class Webhook:
+    url: str
+    certs: Path
+    process: subprocess.Popen[str]
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.certs / "cert.pem"))
+
+
+@pytest.fixture
+def webhook(tmp_path: Path) -> Iterator[Webhook]:
+    write_certificate(tmp_path, "webhook-1")
+    env = {
+        **os.environ,
+        "FHIR_AUDIT_WEBHOOK_IMAGE": "registry.example.org/fhir-audit-proxy:0.1.0",
+        "FHIR_AUDIT_WEBHOOK_CERT_RELOAD_S": "0.1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "webhook", "--cert", str(tmp_path / "cert.pem"),
+         "--key", str(tmp_path / "key.pem"), "--host", "127.0.0.1", "--port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    line = process.stderr.readline()
+    if "admission webhook on https://" not in line:
+        process.kill()
+        pytest.fail(f"webhook did not start: {line}{process.stderr.read()}")
+    url = line.split("admission webhook on ")[1].split()[0]
+    yield Webhook(url=url, certs=tmp_path, process=process)
+    process.terminate()
+    process.wait(timeout=10)
+    process.stderr.close()
+
+
+def webhook_log(hook: Webhook) -> str:
+    """Everything the webhook logged, once it has stopped."""
+    hook.process.terminate()
+    hook.process.wait(timeout=10)
+    assert hook.process.stderr is not None
+    return hook.process.stderr.read()
+
+
+def review(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ADMISSION / f"{name}.yaml").read_text())
+    return loaded
+
+
+async def admit(hook: Webhook, body: dict[str, Any], path: str = "/mutate") -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            hook.url + path, data=orjson.dumps(body), ssl=hook.client_context()
+        ) as response,
+    ):
+        assert response.status == 200
+        answer: dict[str, Any] = orjson.loads(await response.read())
+    assert answer["apiVersion"] == "admission.k8s.io/v1"
+    assert answer["kind"] == "AdmissionReview"
+    inner: dict[str, Any] = answer["response"]
+    assert inner["uid"] == body["request"]["uid"]
+    return inner
+
+
+def apply(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    assert response["allowed"] is True
+    assert response["patchType"] == "JSONPatch"
+    operations = orjson.loads(base64.b64decode(response["patch"]))
+    result: dict[str, Any] = jsonpatch.apply_patch(pod, operations)
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(result, version, strict=True)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "init", "containers"),
+    [
+        ("deployment-hapi", "/mutate", ["fhir-audit-proxy-init", "fhir-audit-proxy"], ["hapi"]),
+        (
+            "init-containers",
+            "/mutate",
+            ["fhir-audit-proxy-init", "fhir-audit-proxy", "migrate"],
+            ["smile"],
+        ),
+        (
+            "multi-container",
+            "/mutate",
+            ["fhir-audit-proxy-init", "fhir-audit-proxy"],
+            ["log-shipper", "aidbox"],
+        ),
+        ("fallback-takeover", "/mutate/opt-in", [], ["fhir-audit-proxy", "firely"]),
+    ],
+)
+async def test_injected_pod_is_a_valid_pod_with_the_sidecar_in_order(
+    webhook: Webhook, name: str, path: str, init: list[str], containers: list[str]
+) -> None:
+    body = review(name)
+    response = await admit(webhook, body, path)
+    pod = apply(body["request"]["object"], response)
+    assert [c["name"] for c in pod["spec"].get("initContainers", [])] == init
+    assert [c["name"] for c in pod["spec"]["containers"]] == containers
+    assert "warnings" not in response
+    # The API server calls the webhook again after other webhooks mutated the pod.
+    body["request"]["object"] = pod
+    again = await admit(webhook, body, path)
+    assert again == {"uid": body["request"]["uid"], "allowed": True}
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "warned"),
+    [
+        ("host-network", "/mutate", False),
+        ("kube-system", "/mutate", False),
+        ("opted-out", "/mutate", False),
+        ("deployment-hapi", "/mutate/opt-in", False),
+        ("bad-annotations", "/mutate", True),
+    ],
+)
+async def test_admitted_without_a_patch(
+    webhook: Webhook, name: str, path: str, warned: bool
+) -> None:
+    body = review(name)
+    response = await admit(webhook, body, path)
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert ("warnings" in response) is warned
+    if warned:
+        assert response["warnings"] == [
+            "fhir-audit-proxy not injected: unknown annotation fhir-audit-proxy/upstream-prot",
+            "fhir-audit-proxy not injected: fhir-audit-proxy/memory-limit='lots': "
+            "not a resource quantity",
+        ]
+        assert "pod fhir/hapi-typo not injected: " in webhook_log(webhook)
+
+
+async def test_generated_name_is_logged_with_its_namespace(webhook: Webhook) -> None:
+    body = review("deployment-hapi")
+    await admit(webhook, body)
+    assert "pod fhir/hapi-7d9f8c6b5-*: injected (native sidecar, redirect" in webhook_log(webhook)
+
+
+async def test_a_malformed_review_is_a_400_and_the_webhook_lives_on(webhook: Webhook) -> None:
+    async with aiohttp.ClientSession() as session:
+        for junk in (b"{not json", b"[]", b'{"request": 3}'):
+            async with session.post(
+                webhook.url + "/mutate", data=junk, ssl=webhook.client_context()
+            ) as rejected:
+                assert rejected.status == 400
+    response = await admit(webhook, review("deployment-hapi"))
+    assert response["allowed"] is True and "patch" in response
+
+
+async def test_a_pod_the_builder_chokes_on_is_denied_and_logged(webhook: Webhook) -> None:
+    body = review("deployment-hapi")
+    body["request"]["object"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080x"
+    response = await admit(webhook, body)
+    assert response["allowed"] is False
+    assert response["status"]["message"] == "fhir-audit-proxy injection failed: ValueError"
+    assert "injection failed for pod fhir/hapi-7d9f8c6b5-*" in webhook_log(webhook)
+
+
+async def test_the_certificate_is_reloaded_when_the_files_change(webhook: Webhook) -> None:
+    def served_common_name() -> str:
+        host, port = webhook.url.removeprefix("https://").split(":")
+        pem = ssl.get_server_certificate((host, int(port)))
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+    assert served_common_name() == "webhook-1"
+    write_certificate(webhook.certs, "webhook-2")
+    for _ in range(200):
+        if served_common_name() == "webhook-2":
+            break
+        await asyncio.sleep(0.05)
+    assert served_common_name() == "webhook-2"
+    # A client that trusts only the new certificate is served.
+    response = await admit(webhook, review("deployment-hapi"))
+    assert response["allowed"] is True
