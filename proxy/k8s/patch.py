@@ -5,7 +5,8 @@ Selection follows Istio's sidecar injector: the namespace label is matched by th
 MutatingWebhookConfiguration's ``namespaceSelector`` (an ``AdmissionReview`` carries no
 namespace labels), so every pod that reaches :func:`decide` is a candidate unless its
 annotation ``fhir-audit-proxy/inject: "false"`` says otherwise. Pods reached through the
-opt-in path (:attr:`Selection.ANNOTATION`) are injected only with ``inject: "true"``.
+opt-in path (:attr:`Selection.ANNOTATION`) are injected only with ``inject: "true"``
+(annotation or label); ``"false"`` in either place always wins.
 ``kube-system``, ``kube-public`` and ``hostNetwork`` pods are never injected, nor is a pod
 that already carries the sidecar (the API server may call the webhook again).
 """
@@ -50,7 +51,9 @@ class Selection(enum.Enum):
     NAMESPACE = "namespace"
     """Its namespace carries ``fhir-audit-proxy/injection: enabled``: inject unless opted out."""
     ANNOTATION = "annotation"
-    """Any other namespace: inject only with ``fhir-audit-proxy/inject: "true"``."""
+    """Any other namespace: inject only with ``fhir-audit-proxy/inject: "true"`` as an
+    annotation or a label (the chart selects these pods by the label, since the API
+    server can select by labels only)."""
 
 
 KNOWN_ANNOTATIONS: Mapping[str, str] = {
@@ -345,11 +348,12 @@ def decide(
     if STATUS_ANNOTATION in annotations or SIDECAR in names:
         return _skip("already injected")
     ann, problems = read_annotations(annotations)
-    if ann.get("inject") == "false":
-        return _skip("annotation fhir-audit-proxy/inject is false")
+    label = (metadata.get("labels") or {}).get(PREFIX + "inject")
+    if ann.get("inject") == "false" or label == "false":
+        return _skip("fhir-audit-proxy/inject is false")
     if problems:
         return _skip("bad annotations", [f"fhir-audit-proxy not injected: {p}" for p in problems])
-    if selection is Selection.ANNOTATION and ann.get("inject") != "true":
+    if selection is Selection.ANNOTATION and "true" not in (ann.get("inject"), label):
         return _skip("not opted in")
     upstream_port, why = _upstream_port(spec, ann.get("container"), ann.get("upstream-port"))
     if upstream_port is None:

@@ -134,7 +134,7 @@ def test_fallback_container_first_with_poststart_wait_and_no_privileged_init() -
         ("host-network", Selection.NAMESPACE, "hostNetwork pods are never injected"),
         ("kube-system", Selection.NAMESPACE, "namespace kube-system is never injected"),
         ("kube-system", Selection.ANNOTATION, "namespace kube-system is never injected"),
-        ("opted-out", Selection.NAMESPACE, "annotation fhir-audit-proxy/inject is false"),
+        ("opted-out", Selection.NAMESPACE, "fhir-audit-proxy/inject is false"),
         ("deployment-hapi", Selection.ANNOTATION, "not opted in"),
         ("bad-annotations", Selection.NAMESPACE, "bad annotations"),
     ],
@@ -143,6 +143,38 @@ def test_not_injected(name: str, selection: Selection, reason: str) -> None:
     request = review(name)["request"]
     decision = decide(request["object"], request["namespace"], DEFAULTS, selection)
     assert (decision.patch, decision.reason) == ([], reason)
+
+
+@pytest.mark.parametrize(
+    ("labels", "annotations", "selection", "injected"),
+    [
+        ({"fhir-audit-proxy/inject": "true"}, {}, Selection.ANNOTATION, True),
+        ({}, {"fhir-audit-proxy/inject": "true"}, Selection.ANNOTATION, True),
+        ({"fhir-audit-proxy/inject": "false"}, {}, Selection.NAMESPACE, False),
+        (
+            {"fhir-audit-proxy/inject": "true"},
+            {"fhir-audit-proxy/inject": "false"},
+            Selection.ANNOTATION,
+            False,
+        ),
+        (
+            {"fhir-audit-proxy/inject": "false"},
+            {"fhir-audit-proxy/inject": "true"},
+            Selection.NAMESPACE,
+            False,
+        ),
+    ],
+)
+def test_opt_in_by_label_or_annotation_and_false_wins(
+    labels: dict[str, str], annotations: dict[str, str], selection: Selection, injected: bool
+) -> None:
+    pod: dict[str, Any] = {
+        "metadata": {"labels": labels, "annotations": annotations},
+        "spec": {
+            "containers": [{"name": "fhir", "image": "x", "ports": [{"containerPort": 8080}]}]
+        },
+    }
+    assert decide(pod, "fhir", DEFAULTS, selection).injected is injected
 
 
 def test_bad_annotations_each_get_a_warning() -> None:
