@@ -34,6 +34,13 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -230,19 +237,56 @@ SPAN_PROCESSORS = _Processors()
 _PROVIDER: list[TracerProvider] = []
 
 
+class _RecordWhenExported(Sampler):
+    """Record spans only when something exports them: a recorded SDK span costs about
+    twice an unrecorded one, and the request path pays for three. Unrecorded spans still
+    carry a trace id (propagated upstream and stored on the AuditEvent). A caller's
+    sampled trace stays sampled, so the proxy never breaks a trace that someone exports."""
+
+    def __init__(self) -> None:
+        self._exporting = ParentBased(ALWAYS_ON)
+        self._idle = ParentBased(ALWAYS_OFF)
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        sampler = self._exporting if SPAN_PROCESSORS.processors else self._idle
+        return sampler.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return "RecordWhenExported"
+
+
 def tracer_provider(service_name: str = "fhir-audit-proxy") -> TracerProvider:
     """The process's SDK tracer provider, made and installed globally on first use (every
     request then has a trace id, exported or not)."""
     if not _PROVIDER:
-        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+        provider = TracerProvider(
+            resource=Resource.create({SERVICE_NAME: service_name}), sampler=_RecordWhenExported()
+        )
         provider.add_span_processor(SPAN_PROCESSORS)
         trace.set_tracer_provider(provider)
         _PROVIDER.append(provider)
     return _PROVIDER[0]
 
 
+_TRACER: list[trace.Tracer] = []
+
+
 def _tracer() -> trace.Tracer:
-    return tracer_provider().get_tracer("fhir-audit-proxy")
+    # get_tracer is costly (it touches the warnings filters): once per process.
+    if not _TRACER:
+        _TRACER.append(tracer_provider().get_tracer("fhir-audit-proxy"))
+    return _TRACER[0]
 
 
 @contextlib.contextmanager

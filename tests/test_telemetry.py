@@ -306,3 +306,29 @@ async def test_json_logs_setting_turns_the_cli_handler_to_json(
     finally:
         root.removeHandler(plain)
     await asyncio.sleep(0)
+
+
+async def test_without_an_exporter_the_trace_id_still_travels_and_sampled_callers_stay_sampled(
+    tmp_path: Path, upstream: tuple[Upstream, str], http: aiohttp.ClientSession
+) -> None:
+    recorder, upstream_url = upstream
+    _, server = await start(tmp_path, upstream_url)
+    try:
+        assert telemetry.SPAN_PROCESSORS.processors == ()
+        async with http.get(server.make_url("/fhir/Patient/1")) as response:
+            assert response.status == 200
+        unsampled = recorder.headers[-1]["traceparent"]
+        async with http.get(
+            server.make_url("/fhir/Patient/1"),
+            headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+        ) as response:
+            assert response.status == 200
+        sampled = recorder.headers[-1]["traceparent"]
+    finally:
+        await server.close()
+    version, trace_id, span_id, flags = unsampled.split("-")
+    assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
+    assert int(flags, 16) & 1 == 0  # not sampled: nothing here records it
+    assert trace_id != "0" * 32
+    assert sampled.startswith(f"00-{CLIENT_TRACE}-")
+    assert int(sampled.rsplit("-", 1)[1], 16) & 1 == 1
