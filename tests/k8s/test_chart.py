@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fhir-audit-proxy"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 K8S_VERSIONS = ("1.29.0", "1.37.0")
+LEGACY_VERSION = "1.27.0"
+"""Clusters before native sidecars: the chart with ``injector.sidecar.mode: container``."""
 CUSTOM_RESOURCE_GROUPS = ("cert-manager.io/", "monitoring.coreos.com/")
 NAMESPACE = "fhir-audit"
 
@@ -31,6 +33,12 @@ NAMESPACE = "fhir-audit"
 def values_of(path: Path) -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     return loaded
+
+
+def versions_for(values_file: Path) -> tuple[str, ...]:
+    sidecar = values_of(values_file).get("injector", {}).get("sidecar", {})
+    legacy = sidecar.get("mode") == "container"
+    return (LEGACY_VERSION, *K8S_VERSIONS) if legacy else K8S_VERSIONS
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,7 +77,7 @@ def test_every_manifest_is_valid_for_every_supported_version(values_file: Path) 
         if doc["apiVersion"].startswith(CUSTOM_RESOURCE_GROUPS):
             assert doc["kind"] in {"Issuer", "Certificate", "ServiceMonitor"}
             continue
-        for version in K8S_VERSIONS:
+        for version in versions_for(values_file):
             kubernetes_validate.validate(doc, version, strict=True)
         validated[doc["kind"]] += 1
     assert validated["ServiceAccount"] == 1
@@ -110,7 +118,8 @@ def test_the_set_of_values_files_covers_both_modes_and_every_certificate_source(
 
 def test_chart_lints_clean_for_each_values_file() -> None:
     for path in CI_VALUES:
-        report = helm.lint(CHART, values_of(path), strict=True, kube_version="v1.29.0")
+        oldest = versions_for(path)[0]
+        report = helm.lint(CHART, values_of(path), strict=True, kube_version=f"v{oldest}")
         assert report["errors"] == []
         assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
