@@ -5,9 +5,9 @@ to a loopback collector that decodes the protobuf."""
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import gzip
+import io
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -292,20 +292,36 @@ def test_json_log_lines_carry_the_request_and_trace_ids() -> None:
     assert line["time"].endswith("Z")
 
 
-async def test_json_logs_setting_turns_the_cli_handler_to_json(
-    tmp_path: Path, upstream: tuple[Upstream, str]
+async def test_json_logs_carry_the_request_id_and_trace_id_of_a_failing_request(
+    tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    _, upstream_url = upstream
-    plain = logging.StreamHandler()
+    # A plain stream handler on the root logger is what the CLI installs.
+    stream = io.StringIO()
+    plain = logging.StreamHandler(stream)
     root = logging.getLogger()
     root.addHandler(plain)
     try:
-        _, server = await start(tmp_path, upstream_url, telemetry={"json_logs": True})
-        await server.close()
-        assert isinstance(plain.formatter, telemetry.JsonLogFormatter)
+        # Nothing listens on port 1: the upstream call fails and the proxy logs a warning.
+        _, server = await start(tmp_path, "http://127.0.0.1:1/fhir", telemetry={"json_logs": True})
+        try:
+            async with http.get(
+                server.make_url("/fhir/metadata"),
+                headers={
+                    "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                    "X-Request-Id": "req-json-log",
+                },
+            ) as response:
+                assert response.status == 502
+        finally:
+            await server.close()
     finally:
         root.removeHandler(plain)
-    await asyncio.sleep(0)
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    (warning,) = [line for line in lines if line.get("request_id") == "req-json-log"]
+    assert warning["level"] == "WARNING"
+    assert warning["logger"] == "proxy.forward"
+    assert warning["trace_id"] == CLIENT_TRACE
+    assert "upstream unreachable" in warning["message"]
 
 
 async def test_without_an_exporter_the_trace_id_still_travels_and_sampled_callers_stay_sampled(

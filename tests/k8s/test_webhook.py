@@ -29,6 +29,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from proxy.k8s.patch import Selection
+from proxy.k8s.webhook import review_response
+from proxy.settings import WebhookSettings
+
 ADMISSION = Path(__file__).parent / "admission"
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 
@@ -246,3 +250,33 @@ async def test_the_certificate_is_reloaded_when_the_files_change(webhook: Webhoo
     # A client that trusts only the new certificate is served.
     response = await admit(webhook, review("deployment-hapi"))
     assert response["allowed"] is True
+
+
+@pytest.mark.parametrize(
+    ("change", "fail_closed", "expected"),
+    [
+        ({"operation": "UPDATE"}, True, {"allowed": True}),
+        (
+            {"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}},
+            True,
+            {"allowed": True},
+        ),
+        (
+            {
+                "object": {
+                    "spec": {"containers": [{"name": "x", "ports": [{"containerPort": "x"}]}]}
+                }
+            },
+            False,
+            {"allowed": True, "warnings": ["fhir-audit-proxy not injected: ValueError"]},
+        ),
+    ],
+)
+def test_answers_without_a_patch(
+    change: dict[str, Any], fail_closed: bool, expected: dict[str, Any]
+) -> None:
+    body = review("deployment-hapi")
+    body["request"].update(change)
+    settings = WebhookSettings(fail_closed=fail_closed)
+    answer = review_response(body, settings, Selection.NAMESPACE)
+    assert answer["response"] == {"uid": body["request"]["uid"], **expected}
