@@ -204,6 +204,10 @@ class WebhookSettings(BaseSettings):
     memory_limit: str | None = "512Mi"
     drain_s: int = 10
     """Grace for in-flight requests and the final flush when the pod stops."""
+    otlp_endpoint: str | None = None
+    """``telemetry.otlp_endpoint`` of the injected proxies."""
+    json_logs: bool = True
+    """``telemetry.json_logs`` of the injected proxies."""
     fail_closed: bool = True
     """When the webhook itself fails on a pod, reject the pod (an unaudited FHIR server
     never starts) rather than admit it without the proxy."""

@@ -200,11 +200,14 @@ def _sidecar(
         _env("FHIR_AUDIT_STORE__PATH", f"{STORE_DIR}/audit.db"),
         _env("FHIR_AUDIT_AUDIT__FHIR_VERSION", ann.get("fhir-version", defaults.fhir_version)),
         _env("FHIR_AUDIT_SHUTDOWN_GRACE_S", str(defaults.drain_s)),
+        _env("FHIR_AUDIT_TELEMETRY__JSON_LOGS", str(defaults.json_logs).lower()),
         {
             "name": "FHIR_AUDIT_AUDIT__OBSERVER__SITE",
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
     ]
+    if defaults.otlp_endpoint:
+        env.append(_env("FHIR_AUDIT_TELEMETRY__OTLP_ENDPOINT", defaults.otlp_endpoint))
     repository_url = ann.get("repository-url", defaults.repository_url)
     if repository_url:
         env.append(_env("FHIR_AUDIT_REPOSITORY__URL", repository_url))

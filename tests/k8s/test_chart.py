@@ -195,6 +195,7 @@ def test_webhook_environment_is_read_by_the_webhook_settings(
     assert settings.traffic == sidecar.get("traffic", "redirect")
     assert settings.image == env["FHIR_AUDIT_WEBHOOK_IMAGE"]
     assert settings.fail_closed is (values["injector"].get("failurePolicy", "Fail") == "Fail")
+    assert settings.otlp_endpoint == (values.get("telemetry", {}).get("otlpEndpoint") or None)
 
 
 @pytest.mark.parametrize(

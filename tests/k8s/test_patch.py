@@ -4,6 +4,7 @@ against the Kubernetes schemas of the oldest and newest supported versions."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from proxy.k8s.patch import (
     decide,
     read_annotations,
 )
-from proxy.settings import WebhookSettings
+from proxy.settings import Settings, WebhookSettings
 
 ADMISSION = Path(__file__).parent / "admission"
 K8S_VERSIONS = ("1.29.0", "1.37.0")
@@ -76,6 +77,26 @@ def test_deployment_pod_gets_redirect_then_native_sidecar_and_keeps_its_volume()
     assert volumes["fhir-audit-proxy-store"] == {"name": "fhir-audit-proxy-store", "emptyDir": {}}
     assert pod["metadata"]["annotations"] == {STATUS_ANNOTATION: "injected"}
     assert [c["name"] for c in pod["spec"]["containers"]] == ["hapi"]
+
+
+def test_the_injected_environment_is_read_by_the_proxy_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in [k for k in os.environ if k.startswith("FHIR_AUDIT_")]:
+        monkeypatch.delenv(key)
+    sidecar = patched("multi-container")["spec"]["initContainers"][1]
+    for name, value in env_of(sidecar).items():
+        if name != "FHIR_AUDIT_CONFIG":  # a mounted file
+            monkeypatch.setenv(name, value.replace("(ref)", "fhir"))
+    settings = Settings()
+    assert settings.listen.port == DEFAULTS.proxy_port
+    assert settings.admin.host == "127.0.0.1"
+    assert settings.repository.mode == "transaction"
+    assert settings.repository.auth.type == "oauth2_client_credentials"
+    assert settings.repository.auth.client_secret_file == Path(
+        "/var/run/secrets/fhir-audit-proxy/oauth/client-secret"
+    )
+    assert settings.telemetry.json_logs is True
 
 
 def test_own_init_containers_run_after_the_proxy_and_annotations_are_kept() -> None:
