@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,45 +77,61 @@ def write_certificate(directory: Path, common_name: str) -> Path:
 class Webhook:
     url: str
     certs: Path
-    process: subprocess.Popen[str]
+    log: Path
+    """Where the webhook's stderr (its log) goes."""
+    process: subprocess.Popen[bytes]
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.certs / "cert.pem"))
 
 
-@pytest.fixture
-def webhook(tmp_path: Path) -> Iterator[Webhook]:
-    write_certificate(tmp_path, "webhook-1")
+@contextlib.contextmanager
+def launch(directory: Path) -> Iterator[Webhook]:
+    """``fhir-audit-proxy webhook`` on an ephemeral port with a new certificate."""
+    write_certificate(directory, "webhook-1")
     env = {
         **os.environ,
         "FHIR_AUDIT_WEBHOOK_IMAGE": "registry.example.org/fhir-audit-proxy:0.1.0",
         "FHIR_AUDIT_WEBHOOK_CERT_RELOAD_S": "0.1",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "webhook", "--cert", str(tmp_path / "cert.pem"),
-         "--key", str(tmp_path / "key.pem"), "--host", "127.0.0.1", "--port", "0"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    if "admission webhook on https://" not in line:
-        process.kill()
-        pytest.fail(f"webhook did not start: {line}{process.stderr.read()}")
-    url = line.split("admission webhook on ")[1].split()[0]
-    yield Webhook(url=url, certs=tmp_path, process=process)
-    process.terminate()
-    process.wait(timeout=10)
-    process.stderr.close()
+    log = directory / "webhook.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "webhook", "--cert", str(directory / "cert.pem"),
+             "--key", str(directory / "key.pem"), "--host", "127.0.0.1", "--port", "0"],
+            env=env,
+            stderr=sink,
+        )  # fmt: skip
+    try:
+        for _ in range(300):
+            started = re.search(r"admission webhook on (https://\S+)", log.read_text())
+            if started or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not started:
+            pytest.fail(f"webhook did not start: {log.read_text()}")
+        yield Webhook(url=started.group(1), certs=directory, log=log, process=process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
-def webhook_log(hook: Webhook) -> str:
-    """Everything the webhook logged, once it has stopped."""
-    hook.process.terminate()
-    hook.process.wait(timeout=10)
-    assert hook.process.stderr is not None
-    return hook.process.stderr.read()
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+    """One webhook for the module: the API server sends it many reviews too."""
+    with launch(tmp_path_factory.mktemp("webhook")) as hook:
+        yield hook
+
+
+def webhook_log(hook: Webhook, expected: str) -> str:
+    """The webhook's log once ``expected`` appears in it (log lines are flushed as
+    written, but by another process)."""
+    for _ in range(100):
+        text = hook.log.read_text()
+        if expected in text:
+            break
+        time.sleep(0.02)
+    return text
 
 
 def review(name: str) -> dict[str, Any]:
@@ -204,13 +223,16 @@ async def test_admitted_without_a_patch(
             "fhir-audit-proxy not injected: fhir-audit-proxy/memory-limit='lots': "
             "not a resource quantity",
         ]
-        assert "pod fhir/hapi-typo not injected: " in webhook_log(webhook)
+        expected = "pod fhir/hapi-typo not injected: "
+        assert expected in webhook_log(webhook, expected)
 
 
 async def test_generated_name_is_logged_with_its_namespace(webhook: Webhook) -> None:
     body = review("deployment-hapi")
+    body["request"]["object"]["metadata"]["generateName"] = "hapi-logged-"
     await admit(webhook, body)
-    assert "pod fhir/hapi-7d9f8c6b5-*: injected (native sidecar, redirect" in webhook_log(webhook)
+    expected = "pod fhir/hapi-logged-*: injected (native sidecar, redirect"
+    assert expected in webhook_log(webhook, expected)
 
 
 async def test_a_malformed_review_is_a_400_and_the_webhook_lives_on(webhook: Webhook) -> None:
@@ -226,14 +248,25 @@ async def test_a_malformed_review_is_a_400_and_the_webhook_lives_on(webhook: Web
 
 async def test_a_pod_the_builder_chokes_on_is_denied_and_logged(webhook: Webhook) -> None:
     body = review("deployment-hapi")
+    body["request"]["object"]["metadata"]["generateName"] = "hapi-choke-"
     body["request"]["object"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080x"
     response = await admit(webhook, body)
     assert response["allowed"] is False
     assert response["status"]["message"] == "fhir-audit-proxy injection failed: ValueError"
-    assert "injection failed for pod fhir/hapi-7d9f8c6b5-*" in webhook_log(webhook)
+    expected = "injection failed for pod fhir/hapi-choke-*"
+    assert expected in webhook_log(webhook, expected)
 
 
-async def test_the_certificate_is_reloaded_when_the_files_change(webhook: Webhook) -> None:
+@pytest.fixture
+def own_webhook(tmp_path: Path) -> Iterator[Webhook]:
+    """A webhook of its own, for a test that replaces its certificate."""
+    with launch(tmp_path) as hook:
+        yield hook
+
+
+async def test_the_certificate_is_reloaded_when_the_files_change(own_webhook: Webhook) -> None:
+    webhook = own_webhook
+
     def served_common_name() -> str:
         host, port = webhook.url.removeprefix("https://").split(":")
         pem = ssl.get_server_certificate((host, int(port)))
