@@ -1,22 +1,39 @@
-# fhir-audit-proxy: the sidecar image. The proxy needs only Python; the Node test FHIR
-# server is for tests and the demo and is not part of the image.
-FROM python:3.11-slim-bookworm AS build
+# fhir-audit-proxy: one image for the proxy, the sidecar injector (`webhook`) and the
+# injected init container's traffic redirect (`python -m proxy.k8s.redirect`). The Node
+# test FHIR server is for tests and the demo and is not part of the image.
+#
+# The base is pinned by digest (python:3.11-slim-bookworm); to move it, resolve the tag
+# again (`docker buildx imagetools inspect python:3.11-slim-bookworm`) and replace both.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
+
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install . \
+    && python -m compileall -q /install
 
-FROM python:3.11-slim-bookworm
-COPY --from=build /install /usr/local
-RUN useradd --system --uid 10001 --no-create-home audit \
+FROM ${PYTHON_IMAGE}
+# iptables: the redirect init container; tini: PID 1 that forwards SIGTERM to the proxy
+# (which drains in-flight requests and flushes the queue) and reaps exec-probe children.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables=1.8.9-2 tini=0.19.0-1+b3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 audit \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent audit \
     && mkdir -p /var/lib/fhir-audit-proxy \
-    && chown audit /var/lib/fhir-audit-proxy
-USER 10001
+    && chown 10001:10001 /var/lib/fhir-audit-proxy
+COPY --from=build /install /usr/local
+# The root filesystem can be read-only: the store is a volume, /tmp a tmpfs or emptyDir
+# (docker run --read-only --tmpfs /tmp -v audit:/var/lib/fhir-audit-proxy ...), and no
+# bytecode is written at run time. The admin listener keeps its default, 127.0.0.1: it
+# is reachable from outside only when configured with bearer tokens.
 ENV FHIR_AUDIT_STORE__PATH=/var/lib/fhir-audit-proxy/audit.db \
-    FHIR_AUDIT_ADMIN__HOST=0.0.0.0 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+USER 10001:10001
 VOLUME ["/var/lib/fhir-audit-proxy"]
-EXPOSE 8080 9000
-HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9000/healthz', timeout=2).status == 200 else 1)"]
-ENTRYPOINT ["fhir-audit-proxy"]
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-m", "proxy.k8s.probe", "healthz", "--port", "9000"]
+ENTRYPOINT ["tini", "--", "fhir-audit-proxy"]
 CMD ["run"]

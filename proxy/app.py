@@ -91,7 +91,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         limit=settings.upstream.max_connections, keepalive_timeout=30, enable_cleanup_closed=True
     )
     async with aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+        trace_configs=[telemetry.upstream_trace_config()],
     ) as session:
         app[UPSTREAM_SESSION] = session
         if settings.audit.identity.jwks_url:
@@ -170,7 +173,7 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     async with aiohttp.ClientSession() as session:
-        sink = make_sink(repo, session)
+        sink = telemetry.TimedSink(make_sink(repo, session))
         flusher = Flusher(app[QUEUE], sink, repo)
         app[FLUSHER] = flusher
         task = asyncio.create_task(flusher.run(), name="flusher")
@@ -260,6 +263,8 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
         audit_context=app[AUDIT_CONTEXT],
         readiness=_readiness(app),
     )
+    if not settings.telemetry.prometheus:
+        admin.middlewares.append(telemetry.without_prometheus)
     runner = web.AppRunner(admin, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
@@ -273,8 +278,16 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
+async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    async for _ in telemetry.telemetry_ctx(app, app[SETTINGS].telemetry, lambda: app[QUEUE]):
+        yield
+
+
 async def _dispatch(request: web.Request) -> web.StreamResponse:
-    return await request.app[HANDLER](request)
+    with telemetry.server_span(request) as span:
+        response = await request.app[HANDLER](request)
+        telemetry.finish_server_span(span, response)
+        return response
 
 
 def build_proxy_app(settings: Settings) -> web.Application:
@@ -286,6 +299,7 @@ def build_proxy_app(settings: Settings) -> web.Application:
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
     app.cleanup_ctx.extend(
         [
+            _telemetry_ctx,
             _store_ctx,
             _upstream_ctx,
             _validation_ctx,

@@ -260,6 +260,12 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_webhook(args: argparse.Namespace) -> int:
+    from proxy.k8s.webhook import run_webhook_command
+
+    return run_webhook_command(args)
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -385,6 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="only the event with this queue seq (from `dlq list`); repeatable",
     )
+    webhook = add_command(
+        commands,
+        "webhook",
+        help="serve the sidecar-injection admission webhook (HTTPS)",
+        description="Serve the Kubernetes mutating admission webhook that injects the proxy"
+        " as a sidecar. Defaults for the injected proxy come from FHIR_AUDIT_WEBHOOK_*"
+        " variables.",
+        func=_cmd_webhook,
+    )
+    webhook.add_argument(
+        "--cert", required=True, metavar="FILE", help="PEM certificate chain (reloaded on change)"
+    )
+    webhook.add_argument(
+        "--key", required=True, metavar="FILE", help="PEM private key (reloaded on change)"
+    )
+    webhook.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    webhook.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443)")
+    webhook.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     return parser
 
 

@@ -241,6 +241,7 @@ class ForwardHandler:
             request_body=body,
             request_content_type=request.headers.get("Content-Type", ""),
         )
+        telemetry.exchange_started(ex)
         try:
             ex.interaction = classify(ex.method, ex.path, ex.query_string, headers, body)
             if path is None:
@@ -418,7 +419,8 @@ class ForwardHandler:
                 "The audit record could not be built; the request was not completed.",
             )
         try:
-            await self._queue.append(events, complete_intent=ex.intent_id)
+            with telemetry.audit_write_span(events, self._ctx.fhir_version):
+                await self._queue.append(events, complete_intent=ex.intent_id)
         except StoreError as exc:
             return self._fail_closed(exc, "event")
         for event in events:

@@ -362,9 +362,59 @@ class AdminSettings(_Frozen):
 
 
 class TelemetrySettings(_Frozen):
+    """Traces, metrics and logs (OpenTelemetry; Prometheus text on the admin ``/metrics``)."""
+
     service_name: str = "fhir-audit-proxy"
+    """``service.name`` of the spans and metrics."""
     otlp_endpoint: str | None = None
+    """OTLP/HTTP collector base URL (``http://collector:4318``); traces and metrics are
+    exported to ``/v1/traces`` and ``/v1/metrics`` below it. None: nothing is exported."""
     prometheus: bool = True
+    """Serve the metrics as Prometheus text on the admin ``/metrics``."""
+    metric_export_interval_s: float = 15.0
+    """How often metrics are pushed over OTLP."""
+    json_logs: bool = False
+    """Log one JSON object per line, with the request id and trace id of the request."""
+
+
+class WebhookSettings(BaseSettings):
+    """The sidecar injector (``fhir-audit-proxy webhook``): defaults for the injected
+    proxy, each overridable per pod by a ``fhir-audit-proxy/*`` annotation. Read from the
+    environment (``FHIR_AUDIT_WEBHOOK_IMAGE=...``), which the Helm chart sets."""
+
+    model_config = SettingsConfigDict(env_prefix="FHIR_AUDIT_WEBHOOK_", frozen=True, extra="forbid")
+
+    image: str = "fhir-audit-proxy:0.1.0"
+    """The image of the injected containers (the same image as the webhook)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    proxy_port: int = 15080
+    """The injected proxy's listener (far from the ports FHIR servers use)."""
+    admin_port: int = 15090
+    """The injected proxy's admin listener, bound to loopback."""
+    proxy_uid: int = 10001
+    """The UID the proxy runs as; the redirect exempts its connections by this UID."""
+    sidecar: Literal["native", "container"] = "native"
+    """native: init container with restartPolicy Always (Kubernetes 1.29+)."""
+    traffic: Literal["redirect", "takeover"] = "redirect"
+    base_path: str = "/fhir"
+    fhir_version: Literal["R4", "R5"] = "R4"
+    repository_url: str | None = None
+    repository_mode: Literal["bundle", "single", "transaction"] = "bundle"
+    cpu_request: str = "50m"
+    memory_request: str = "96Mi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = "512Mi"
+    drain_s: int = 10
+    """Grace for in-flight requests and the final flush when the pod stops."""
+    otlp_endpoint: str | None = None
+    """``telemetry.otlp_endpoint`` of the injected proxies."""
+    json_logs: bool = True
+    """``telemetry.json_logs`` of the injected proxies."""
+    fail_closed: bool = True
+    """When the webhook itself fails on a pod, reject the pod (an unaudited FHIR server
+    never starts) rather than admit it without the proxy."""
+    cert_reload_s: float = 5.0
+    """How often the serving certificate files are checked for a change."""
 
     _otlp_endpoint_is_http = field_validator("otlp_endpoint")(_optional_http_url)
 

@@ -1,66 +1,594 @@
-"""Metrics (Prometheus exposition on the admin listener) and, when configured, OpenTelemetry.
+"""Metrics, traces and structured logs.
 
-The metrics live in one registry of their own so that the admin ``/metrics`` page shows
-only this proxy's series. Names follow Prometheus conventions: ``fhir_audit_*``.
+Metrics are recorded once and reach two places: the Prometheus registry below (the admin
+``/metrics`` text, names ``fhir_audit_*``) and the OpenTelemetry instruments of every
+running :class:`Telemetry` (exported over OTLP/HTTP when ``telemetry.otlp_endpoint`` is set).
+
+Traces: a server span per proxied request (:func:`server_span`), a client span for each
+upstream call (:func:`upstream_trace_config`, which also sends W3C ``traceparent``), and a
+child span for the durable audit write (:func:`audit_write_span`), which records the
+request's ``traceparent`` on its AuditEvents. Span attributes name the FHIR interaction,
+the resource type, the status and the request id; never a URL, a resource id, a query,
+a header value or a token: those can identify a patient or grant access.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import MeterProvider as ApiMeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from proxy.delivery.sinks import Sink
+    from proxy.exchange import Exchange
+    from proxy.settings import TelemetrySettings
+    from proxy.store.queue import AuditQueue
+
+log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-REQUESTS = Counter(
+
+class _Metric:
+    """A Prometheus metric that also records to the OpenTelemetry instruments of every
+    running :class:`Telemetry`. Same call shape as prometheus_client:
+    ``REQUESTS.labels(kind="read", status_class="2xx").inc()``."""
+
+    def __init__(
+        self,
+        prom: Counter | Gauge | Histogram,
+        name: str,
+        description: str,
+        unit: str,
+        kind: str,
+    ) -> None:
+        self.prom = prom
+        self.name = name
+        self.description = description
+        self.unit = unit
+        self.kind = kind
+        """counter, gauge or histogram."""
+        self.instruments: list[Any] = []
+
+    def labels(self, **labels: str) -> _Child:
+        return _Child(self, self.prom.labels(**labels), labels)
+
+    def inc(self, amount: float = 1.0) -> None:
+        _Child(self, self.prom, {}).inc(amount)
+
+    def set(self, value: float) -> None:
+        _Child(self, self.prom, {}).set(value)
+
+    def observe(self, value: float) -> None:
+        _Child(self, self.prom, {}).observe(value)
+
+    def bind(self, provider: ApiMeterProvider) -> Any:
+        meter = provider.get_meter("fhir-audit-proxy")
+        make = {
+            "counter": meter.create_counter,
+            "gauge": meter.create_gauge,
+            "histogram": meter.create_histogram,
+        }[self.kind]
+        instrument = make(self.name, unit=self.unit, description=self.description)
+        self.instruments.append(instrument)
+        return instrument
+
+
+class _Child:
+    __slots__ = ("_attributes", "_metric", "_prom")
+
+    def __init__(self, metric: _Metric, prom: Any, attributes: dict[str, str]) -> None:
+        self._metric = metric
+        self._prom = prom
+        self._attributes = attributes
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._prom.inc(amount)
+        for instrument in self._metric.instruments:
+            instrument.add(amount, self._attributes)
+
+    def set(self, value: float) -> None:
+        self._prom.set(value)
+        for instrument in self._metric.instruments:
+            instrument.set(value, self._attributes)
+
+    def observe(self, value: float) -> None:
+        self._prom.observe(value)
+        for instrument in self._metric.instruments:
+            instrument.record(value, self._attributes)
+
+
+METRICS: list[_Metric] = []
+
+
+def _counter(name: str, doc: str, labels: Sequence[str] = (), unit: str = "1") -> _Metric:
+    metric = _Metric(Counter(name, doc, labels, registry=REGISTRY), name, doc, unit, "counter")
+    METRICS.append(metric)
+    return metric
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = (), unit: str = "1") -> _Metric:
+    metric = _Metric(Gauge(name, doc, labels, registry=REGISTRY), name, doc, unit, "gauge")
+    METRICS.append(metric)
+    return metric
+
+
+def _histogram(
+    name: str, doc: str, labels: Sequence[str] = (), unit: str = "s", **kw: Any
+) -> _Metric:
+    prom = Histogram(name, doc, labels, registry=REGISTRY, **kw)
+    metric = _Metric(prom, name, doc, unit, "histogram")
+    METRICS.append(metric)
+    return metric
+
+
+REQUESTS = _counter(
     "fhir_audit_requests",
     "Requests proxied, by interaction kind and status class.",
     ["kind", "status_class"],
-    registry=REGISTRY,
 )
-UPSTREAM_SECONDS = Histogram(
-    "fhir_audit_upstream_seconds", "Time to the upstream's response head.", registry=REGISTRY
+UPSTREAM_SECONDS = _histogram(
+    "fhir_audit_upstream_seconds", "Time to the upstream's response head."
 )
-EVENTS_BUILT = Counter(
-    "fhir_audit_events_built", "AuditEvents built, by outcome code.", ["outcome"], registry=REGISTRY
+EVENTS_BUILT = _counter(
+    "fhir_audit_events_built", "AuditEvents built, by outcome code.", ["outcome"]
 )
-EVENTS_INVALID = Counter(
+EVENTS_INVALID = _counter(
     "fhir_audit_events_invalid",
     "AuditEvents that failed fhir.resources validation (still stored and forwarded).",
-    registry=REGISTRY,
 )
-AUDIT_FAILURES = Counter(
+AUDIT_FAILURES = _counter(
     "fhir_audit_failures",
     "Requests failed closed because their audit could not be built or persisted.",
     ["reason"],
-    registry=REGISTRY,
 )
-STORE_COMMIT_SECONDS = Histogram(
-    "fhir_audit_store_commit_seconds",
-    "Duration of one group commit (with fsync).",
-    registry=REGISTRY,
+AUDIT_WRITE_SECONDS = _histogram(
+    "fhir_audit_write_seconds",
+    "Time a request waits for its AuditEvents to be durable (its share of a group commit).",
 )
-STORE_COMMIT_SIZE = Histogram(
+STORE_COMMIT_SECONDS = _histogram(
+    "fhir_audit_store_commit_seconds", "Duration of one group commit (with fsync)."
+)
+STORE_COMMIT_SIZE = _histogram(
     "fhir_audit_store_commit_records",
     "Records written by one group commit.",
+    unit="1",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-    registry=REGISTRY,
 )
-QUEUE_DEPTH = Gauge(
-    "fhir_audit_queue_events",
-    "Events in the local queue, by status.",
-    ["status"],
-    registry=REGISTRY,
-)
-DELIVERIES = Counter(
+QUEUE_DEPTH = _gauge("fhir_audit_queue_events", "Events in the local queue, by status.", ["status"])
+DELIVERIES = _counter(
     "fhir_audit_delivery_attempts",
     "Batches sent to the repository, by result (ok, retry, rejected).",
     ["result"],
-    registry=REGISTRY,
 )
-EVENTS_DELIVERED = Counter(
-    "fhir_audit_events_delivered", "Events acknowledged by the repository.", registry=REGISTRY
+DELIVERY_SECONDS = _histogram(
+    "fhir_audit_delivery_seconds",
+    "Time the repository took to answer one batch, by result (ok, error).",
+    ["result"],
 )
-EVENTS_DEAD = Counter(
+EVENTS_DELIVERED = _counter("fhir_audit_events_delivered", "Events acknowledged by the repository.")
+EVENTS_DEAD = _counter(
     "fhir_audit_events_dead_lettered",
     "Events moved to the dead-letter state after the repository rejected them.",
-    registry=REGISTRY,
 )
+
+
+# -- traces ---------------------------------------------------------------------------
+
+TRACEPARENT_DETAIL = "traceparent"
+"""``AuditEvent.entity.detail.type`` on the X-Request-Id entity, holding the W3C
+traceparent of the request's server span."""
+
+_EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
+    "fhir_audit_exchange", default=None
+)
+
+
+class _Processors(SpanProcessor):
+    """The process's span processors, which running :class:`Telemetry` objects (and tests)
+    add and remove; the SDK's provider takes processors only for its whole life."""
+
+    def __init__(self) -> None:
+        self.processors: tuple[SpanProcessor, ...] = ()
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        for processor in self.processors:
+            processor.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        for processor in self.processors:
+            processor.on_end(span)
+
+    def shutdown(self) -> None:
+        for processor in self.processors:
+            processor.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+
+SPAN_PROCESSORS = _Processors()
+_PROVIDER: list[TracerProvider] = []
+
+
+class _RecordWhenExported(Sampler):
+    """Record spans only when something exports them: a recorded SDK span costs about
+    twice an unrecorded one, and the request path pays for three. Unrecorded spans still
+    carry a trace id (propagated upstream and stored on the AuditEvent). A caller's
+    sampled trace stays sampled, so the proxy never breaks a trace that someone exports."""
+
+    def __init__(self) -> None:
+        self._exporting = ParentBased(ALWAYS_ON)
+        self._idle = ParentBased(ALWAYS_OFF)
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        sampler = self._exporting if SPAN_PROCESSORS.processors else self._idle
+        return sampler.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return "RecordWhenExported"
+
+
+def tracer_provider(service_name: str = "fhir-audit-proxy") -> TracerProvider:
+    """The process's SDK tracer provider, made and installed globally on first use (every
+    request then has a trace id, exported or not)."""
+    if not _PROVIDER:
+        provider = TracerProvider(
+            resource=Resource.create({SERVICE_NAME: service_name}), sampler=_RecordWhenExported()
+        )
+        provider.add_span_processor(SPAN_PROCESSORS)
+        trace.set_tracer_provider(provider)
+        _PROVIDER.append(provider)
+    return _PROVIDER[0]
+
+
+_TRACER: list[trace.Tracer] = []
+
+
+def _tracer() -> trace.Tracer:
+    # get_tracer is costly (it touches the warnings filters): once per process.
+    if not _TRACER:
+        _TRACER.append(tracer_provider().get_tracer("fhir-audit-proxy"))
+    return _TRACER[0]
+
+
+@contextlib.contextmanager
+def server_span(request: web.Request) -> Iterator[trace.Span]:
+    """The server span of one proxied request, child of the caller's ``traceparent``.
+    Named and described from the request's Exchange when the handler has made one."""
+    parent = propagate.extract(request.headers)
+    token = _EXCHANGE.set(None)
+    with _tracer().start_as_current_span(
+        f"FHIR {request.method}",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        finally:
+            ex = _EXCHANGE.get()
+            if ex is not None:
+                _describe(span, ex)
+            _EXCHANGE.reset(token)
+
+
+def _describe(span: trace.Span, ex: Exchange) -> None:
+    span.set_attribute("fhir_audit.request_id", ex.request_id)
+    if ex.interaction is not None:
+        kind = ex.interaction.kind.value
+        span.set_attribute("fhir.interaction", kind)
+        resource_type = ex.interaction.resource_type
+        if resource_type:
+            span.set_attribute("fhir.resource_type", resource_type)
+        span.update_name(f"FHIR {kind} {resource_type}" if resource_type else f"FHIR {kind}")
+    if ex.error:
+        span.set_attribute("error.type", ex.error)
+
+
+def finish_server_span(span: trace.Span, response: web.StreamResponse) -> None:
+    """Record the status the client got; 5xx marks the span as an error."""
+    span.set_attribute("http.response.status_code", response.status)
+    if response.status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def exchange_started(ex: Exchange) -> None:
+    """Called by the handler once the Exchange exists: the server span and the logs of
+    this request will carry its request id and interaction."""
+    _EXCHANGE.set(ex)
+
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the current span, or None outside a trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def _with_traceparent(
+    events: Sequence[dict[str, Any]], traceparent: str, fhir_version: str
+) -> None:
+    """Put ``traceparent`` on each event's X-Request-Id entity (BALP's transaction
+    entity) as an ``entity.detail``: the audit record can then be joined to its trace."""
+    detail_type: Any = TRACEPARENT_DETAIL if fhir_version == "R4" else {"text": TRACEPARENT_DETAIL}
+    detail = {"type": detail_type, "valueString": traceparent}
+    for event in events:
+        entities = event.get("entity") or []
+        for i, entity in enumerate(entities):
+            # R4 types the entity (BALP XrequestId); R5 has no entity.type and says it in
+            # the role's text.
+            if (entity.get("type") or {}).get("code") == "XrequestId" or (
+                entity.get("role") or {}
+            ).get("text") == "X-Request-Id":
+                # A copy: one entity dict is shared by the events of one exchange.
+                entities[i] = {**entity, "detail": [*entity.get("detail", []), detail]}
+
+
+@contextlib.contextmanager
+def audit_write_span(events: Sequence[dict[str, Any]], fhir_version: str) -> Iterator[None]:
+    """The durable write of one request's events: stamps the trace on them, then times
+    the write as a child span and in ``fhir_audit_write_seconds``."""
+    traceparent = current_traceparent()
+    if traceparent is not None:
+        _with_traceparent(events, traceparent, fhir_version)
+    t0 = time.perf_counter()
+    with _tracer().start_as_current_span(
+        "audit write", kind=SpanKind.INTERNAL, attributes={"fhir_audit.events": len(events)}
+    ):
+        yield
+    AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
+
+
+def upstream_trace_config() -> aiohttp.TraceConfig:
+    """For the upstream ``ClientSession``: a client span per request made inside a traced
+    request (named by method only: the URL can identify a patient), with the W3C
+    ``traceparent`` of that span added to the upstream request's headers."""
+    config = aiohttp.TraceConfig()
+
+    async def start(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        if not trace.get_current_span().get_span_context().is_valid:
+            ctx.span = None
+            return
+        span = _tracer().start_span(
+            f"upstream {params.method}",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": params.method, "server.port": params.url.port or 0},
+        )
+        ctx.span = span
+        propagate.inject(params.headers, context=trace.set_span_in_context(span))
+
+    async def end(
+        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        span: Span | None = getattr(ctx, "span", None)
+        if span is not None:
+            span.set_attribute("http.response.status_code", params.response.status)
+            if params.response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+
+    async def failed(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestExceptionParams,
+    ) -> None:
+        span: Span | None = getattr(ctx, "span", None)
+        if span is not None:
+            span.set_attribute("error.type", type(params.exception).__name__)
+            span.set_status(Status(StatusCode.ERROR))
+            span.end()
+
+    config.on_request_start.append(start)
+    config.on_request_end.append(end)
+    config.on_request_exception.append(failed)
+    return config
+
+
+# -- delivery timing --------------------------------------------------------------------
+
+
+class TimedSink:
+    """A sink that records how long the repository takes to answer each batch."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    async def send(self, events: Sequence[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        result = "error"
+        try:
+            await self._sink.send(events)
+            result = "ok"
+        finally:
+            DELIVERY_SECONDS.labels(result=result).observe(time.perf_counter() - t0)
+
+    async def close(self) -> None:
+        await self._sink.close()
+
+
+# -- logs -------------------------------------------------------------------------------
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the request id and
+    trace id of the request being handled (when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        ex = _EXCHANGE.get()
+        if ex is not None:
+            entry["request_id"] = ex.request_id
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+JsonLogFormatter.converter = time.gmtime
+
+
+def use_json_logs() -> None:
+    """Make the root logger's plain stream handlers (the CLI's) write JSON lines."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(JsonLogFormatter())
+
+
+@web.middleware
+async def without_prometheus(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Admin middleware for ``telemetry.prometheus: false``: no ``/metrics`` page."""
+    if request.path == "/metrics":
+        raise web.HTTPNotFound(text="Prometheus exposition is disabled (telemetry.prometheus)")
+    return await handler(request)
+
+
+# -- the running part -------------------------------------------------------------------
+
+
+class Telemetry:
+    """One application's telemetry: its span processors on the process's tracer provider,
+    a meter provider with its readers (OTLP when configured, plus any given), and a task
+    that keeps the queue-depth gauge fresh for pushed metrics."""
+
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        *,
+        span_processors: Sequence[SpanProcessor] = (),
+        metric_readers: Sequence[MetricReader] = (),
+    ) -> None:
+        self._settings = settings
+        self._span_processors = list(span_processors)
+        readers = list(metric_readers)
+        if settings.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter,
+            )
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            base = settings.otlp_endpoint.rstrip("/")
+            self._span_processors.append(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
+            )
+            readers.append(
+                PeriodicExportingMetricReader(
+                    OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
+                    export_interval_millis=settings.metric_export_interval_s * 1000,
+                )
+            )
+        resource = Resource.create({SERVICE_NAME: settings.service_name})
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self._bound: list[tuple[_Metric, Any]] = []
+
+    def start(self) -> None:
+        tracer_provider(self._settings.service_name)
+        SPAN_PROCESSORS.processors = (*SPAN_PROCESSORS.processors, *self._span_processors)
+        self._bound = [(m, m.bind(self.meter_provider)) for m in METRICS]
+
+    def stop(self) -> None:
+        """Detach, then flush and shut down the exporters (blocking: run in a thread)."""
+        for metric, instrument in self._bound:
+            metric.instruments.remove(instrument)
+        ours = set(map(id, self._span_processors))
+        SPAN_PROCESSORS.processors = tuple(
+            p for p in SPAN_PROCESSORS.processors if id(p) not in ours
+        )
+        for processor in self._span_processors:
+            processor.shutdown()
+        self.meter_provider.shutdown()
+
+
+async def refresh_queue_gauges(queue: AuditQueue) -> None:
+    """Set the queue-depth gauge from the store (the admin ``/metrics`` does this on each
+    scrape; pushed metrics need it on a timer)."""
+    stats = await queue.stats()
+    for status in ("pending", "delivered", "dead"):
+        QUEUE_DEPTH.labels(status=status).set(getattr(stats, status))
+
+
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+
+
+async def telemetry_ctx(
+    app: web.Application, settings: TelemetrySettings, queue: Callable[[], AuditQueue]
+) -> AsyncIterator[None]:
+    """The body of the app's telemetry ``cleanup_ctx``: start (a :class:`Telemetry` already
+    in ``app[TELEMETRY]`` is used as it is), keep the gauges fresh while exporting, then
+    flush and stop. ``queue`` gives the store once it is open."""
+    telemetry = app.get(TELEMETRY) or Telemetry(settings)
+    app[TELEMETRY] = telemetry
+    telemetry.start()
+    if settings.json_logs:
+        use_json_logs()
+
+    async def gauges() -> None:
+        while True:
+            await asyncio.sleep(settings.metric_export_interval_s / 2)
+            with contextlib.suppress(Exception):
+                await refresh_queue_gauges(queue())
+
+    task = (
+        asyncio.create_task(gauges(), name="telemetry-gauges") if settings.otlp_endpoint else None
+    )
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(telemetry.stop)

@@ -1,0 +1,350 @@
+"""Traces, metrics and logs of a running proxy: spans and metrics read back with the SDK's
+in-memory exporters, the traceparent the upstream receives and the one stored on the
+AuditEvent, Prometheus text still on /metrics, and once the whole export over real OTLP/HTTP
+to a loopback collector that decodes the protobuf."""
+
+from __future__ import annotations
+
+import contextvars
+import gzip
+import io
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from fhir.resources.auditevent import AuditEventEntity as R5AuditEventEntity
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from proxy import telemetry
+from proxy.app import ADMIN_URL, QUEUE, build_proxy_app
+from proxy.audit.validate import validate_event
+from proxy.exchange import Exchange
+from proxy.store.records import EventQuery
+from tests.conftest import serving, settings_for
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+TOKEN = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJkci1ob3VzZSJ9.secret-signature-part"
+PATIENT_ID = "pat-4711-chalmers"
+
+
+class Upstream:
+    """A FHIR server stand-in that records the headers it receives."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        body = {"resourceType": "Patient", "id": PATIENT_ID, "name": [{"family": "Chalmers"}]}
+        return web.json_response(body, content_type="application/fhir+json")
+
+
+async def start(
+    tmp_path: Path, upstream_url: str, running: telemetry.Telemetry | None = None, **overrides: Any
+) -> tuple[web.Application, TestServer]:
+    settings = settings_for(upstream_url, tmp_path, **overrides)
+    app = build_proxy_app(settings)
+    if running is not None:
+        app[telemetry.TELEMETRY] = running
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    return app, server
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    recorder = Upstream()
+    async with serving(("*", "/{tail:.*}", recorder.handle)) as server:
+        yield recorder, str(server.make_url("/fhir"))
+
+
+async def test_spans_metrics_and_the_trace_on_the_audit_event(
+    tmp_path: Path, upstream: tuple[Upstream, str], http: aiohttp.ClientSession
+) -> None:
+    recorder, upstream_url = upstream
+    spans = InMemorySpanExporter()
+    reader = InMemoryMetricReader()
+    running = telemetry.Telemetry(
+        settings_for(upstream_url, tmp_path).telemetry,
+        span_processors=[SimpleSpanProcessor(spans)],
+        metric_readers=[reader],
+    )
+    app, server = await start(tmp_path, upstream_url, running)
+    try:
+        async with http.get(
+            server.make_url(f"/fhir/Patient/{PATIENT_ID}"),
+            headers={
+                "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                "Authorization": f"Bearer {TOKEN}",
+                "X-Request-Id": "req-telemetry-1",
+            },
+        ) as response:
+            assert response.status == 200
+        async with http.get(app[ADMIN_URL] + "/metrics") as metrics:
+            prometheus = await metrics.text()
+        page, _ = await app[QUEUE].search(EventQuery(newest_first=False, limit=10))
+        stored = [q.event for q in page]
+        data = reader.get_metrics_data()
+    finally:
+        await server.close()
+
+    finished: list[ReadableSpan] = list(spans.get_finished_spans())
+    by_kind = {s.kind: s for s in finished}
+    server_span = by_kind[SpanKind.SERVER]
+    client_span = by_kind[SpanKind.CLIENT]
+    write_span = next(s for s in finished if s.name == "audit write")
+    assert server_span.context is not None and client_span.context is not None
+    # The caller's trace continues through the proxy.
+    assert format(server_span.context.trace_id, "032x") == CLIENT_TRACE
+    assert server_span.parent is not None
+    assert format(server_span.parent.span_id, "016x") == CLIENT_SPAN
+    assert client_span.parent is not None and write_span.parent is not None
+    assert client_span.parent.span_id == server_span.context.span_id
+    assert write_span.parent.span_id == server_span.context.span_id
+    assert server_span.name == "FHIR read Patient"
+    assert dict(server_span.attributes or {}) == {
+        "http.request.method": "GET",
+        "fhir_audit.request_id": "req-telemetry-1",
+        "fhir.interaction": "read",
+        "fhir.resource_type": "Patient",
+        "http.response.status_code": 200,
+    }
+    assert dict(client_span.attributes or {})["http.response.status_code"] == 200
+    # Never the token, the patient's id or the URL in any span.
+    for span in finished:
+        text = orjson.dumps({k: str(v) for k, v in (span.attributes or {}).items()}).decode()
+        text += span.name
+        assert TOKEN[-20:] not in text and PATIENT_ID not in text and "/fhir" not in text
+
+    # The upstream got the client span as its parent.
+    client_traceparent = f"00-{CLIENT_TRACE}-{format(client_span.context.span_id, '016x')}-01"
+    assert recorder.headers[-1]["traceparent"] == client_traceparent
+
+    # The audit record names the server span's traceparent on its X-Request-Id entity.
+    server_traceparent = f"00-{CLIENT_TRACE}-{format(server_span.context.span_id, '016x')}-01"
+    (event,) = stored
+    (transaction,) = [e for e in event["entity"] if e["type"].get("code") == "XrequestId"]
+    assert transaction["what"]["identifier"]["value"] == "req-telemetry-1"
+    assert transaction["detail"] == [{"type": "traceparent", "valueString": server_traceparent}]
+    assert validate_event(event, "R4") is None
+
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource_metrics in data.resource_metrics:
+        assert resource_metrics.resource.attributes["service.name"] == "fhir-audit-proxy"
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    (requests,) = points["fhir_audit_requests"]
+    assert dict(requests.attributes) == {"kind": "read", "status_class": "2xx"}
+    assert requests.value == 1
+    assert points["fhir_audit_write_seconds"][0].count == 1
+    assert sum(p.count for p in points["fhir_audit_store_commit_records"]) >= 1
+    assert 'fhir_audit_requests_total{kind="read",status_class="2xx"}' in prometheus
+
+
+def test_r5_events_carry_the_traceparent_as_a_codeable_detail() -> None:
+    events: list[dict[str, Any]] = [
+        {"entity": [{"role": {"text": "X-Request-Id"}, "what": {"identifier": {"value": "r"}}}]}
+    ]
+    with telemetry.tracer_provider().get_tracer("test").start_as_current_span("s") as span:
+        with telemetry.audit_write_span(events, "R5"):
+            pass
+        expected = f"00-{format(span.get_span_context().trace_id, '032x')}-"
+    (detail,) = events[0]["entity"][0]["detail"]
+    entity = R5AuditEventEntity.model_validate(events[0]["entity"][0])
+    assert [d.valueString for d in entity.detail or []] == [detail["valueString"]]
+    assert detail["type"] == {"text": "traceparent"}
+    assert detail["valueString"].startswith(expected)
+
+
+async def test_prometheus_false_removes_metrics_page(
+    tmp_path: Path, upstream: tuple[Upstream, str], http: aiohttp.ClientSession
+) -> None:
+    _, upstream_url = upstream
+    app, server = await start(tmp_path, upstream_url, telemetry={"prometheus": False})
+    try:
+        async with http.get(app[ADMIN_URL] + "/metrics") as metrics:
+            assert metrics.status == 404
+        async with http.get(app[ADMIN_URL] + "/healthz") as health:
+            assert health.status == 200
+    finally:
+        await server.close()
+
+
+class Collector:
+    """An OTLP/HTTP receiver: decodes what it receives with opentelemetry-proto."""
+
+    def __init__(self) -> None:
+        self.traces: list[ExportTraceServiceRequest] = []
+        self.metrics: list[ExportMetricsServiceRequest] = []
+        self.content_types: set[str] = set()
+
+    async def receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.content_types.add(request.content_type)
+        if request.path == "/v1/traces":
+            self.traces.append(ExportTraceServiceRequest.FromString(body))
+        else:
+            self.metrics.append(ExportMetricsServiceRequest.FromString(body))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+
+async def test_export_over_real_otlp_http(
+    tmp_path: Path, upstream: tuple[Upstream, str], http: aiohttp.ClientSession
+) -> None:
+    _, upstream_url = upstream
+    collector = Collector()
+    async with serving(("POST", "/v1/{signal}", collector.receive)) as receiver:
+        endpoint = str(receiver.make_url("")).rstrip("/")
+        _, server = await start(
+            tmp_path,
+            upstream_url,
+            telemetry={"otlp_endpoint": endpoint, "service_name": "audit-proxy-under-test"},
+        )
+        try:
+            async with http.post(
+                server.make_url("/fhir/Patient"),
+                data=b'{"resourceType":"Patient"}',
+                headers={"Content-Type": "application/fhir+json", "X-Request-Id": "otlp-1"},
+            ) as response:
+                assert response.status == 200
+        finally:
+            # Stopping flushes both exporters.
+            await server.close()
+    assert collector.content_types == {"application/x-protobuf"}
+    spans = [
+        span
+        for request in collector.traces
+        for resource_spans in request.resource_spans
+        for scope in resource_spans.scope_spans
+        for span in scope.spans
+    ]
+    server_span = next(s for s in spans if s.name == "FHIR create Patient")
+    attributes = {a.key: a.value for a in server_span.attributes}
+    assert attributes["fhir_audit.request_id"].string_value == "otlp-1"
+    assert attributes["fhir.interaction"].string_value == "create"
+    assert {s.name for s in spans} >= {"FHIR create Patient", "upstream POST", "audit write"}
+    assert {s.trace_id for s in spans if s.name != "FHIR create Patient"} == {server_span.trace_id}
+    names = {
+        metric.name
+        for request in collector.metrics
+        for resource_metrics in request.resource_metrics
+        for scope in resource_metrics.scope_metrics
+        for metric in scope.metrics
+    }
+    assert {
+        "fhir_audit_requests",
+        "fhir_audit_write_seconds",
+        "fhir_audit_upstream_seconds",
+    } <= names
+    resource = collector.metrics[-1].resource_metrics[0].resource
+    assert any(
+        a.key == "service.name" and a.value.string_value == "audit-proxy-under-test"
+        for a in resource.attributes
+    )
+
+
+def test_json_log_lines_carry_the_request_and_trace_ids() -> None:
+    formatter = telemetry.JsonLogFormatter()
+    record = logging.LogRecord(
+        "proxy.forward", logging.WARNING, __file__, 1, "upstream %s", ("slow",), None
+    )
+    assert orjson.loads(formatter.format(record)).keys() == {"time", "level", "logger", "message"}
+    ex = Exchange(
+        request_id="req-log-1",
+        method="GET",
+        path="Patient",
+        query_string="",
+        request_headers={},
+        client_address="127.0.0.1",
+        started_at=datetime.now(UTC),
+    )
+
+    def in_a_request() -> tuple[dict[str, Any], int]:
+        tracer = telemetry.tracer_provider().get_tracer("test")
+        with tracer.start_as_current_span("s") as span:
+            telemetry.exchange_started(ex)
+            return orjson.loads(formatter.format(record)), span.get_span_context().trace_id
+
+    line, trace_id = contextvars.copy_context().run(in_a_request)
+    assert line["message"] == "upstream slow"
+    assert line["request_id"] == "req-log-1"
+    assert line["trace_id"] == format(trace_id, "032x")
+    assert line["time"].endswith("Z")
+
+
+async def test_json_logs_carry_the_request_id_and_trace_id_of_a_failing_request(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    # A plain stream handler on the root logger is what the CLI installs.
+    stream = io.StringIO()
+    plain = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(plain)
+    try:
+        # Nothing listens on port 1: the upstream call fails and the proxy logs a warning.
+        _, server = await start(tmp_path, "http://127.0.0.1:1/fhir", telemetry={"json_logs": True})
+        try:
+            async with http.get(
+                server.make_url("/fhir/metadata"),
+                headers={
+                    "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                    "X-Request-Id": "req-json-log",
+                },
+            ) as response:
+                assert response.status == 502
+        finally:
+            await server.close()
+    finally:
+        root.removeHandler(plain)
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    (warning,) = [line for line in lines if line.get("request_id") == "req-json-log"]
+    assert warning["level"] == "WARNING"
+    assert warning["logger"] == "proxy.forward"
+    assert warning["trace_id"] == CLIENT_TRACE
+    assert "upstream unreachable" in warning["message"]
+
+
+async def test_without_an_exporter_the_trace_id_still_travels_and_sampled_callers_stay_sampled(
+    tmp_path: Path, upstream: tuple[Upstream, str], http: aiohttp.ClientSession
+) -> None:
+    recorder, upstream_url = upstream
+    _, server = await start(tmp_path, upstream_url)
+    try:
+        assert telemetry.SPAN_PROCESSORS.processors == ()
+        async with http.get(server.make_url("/fhir/Patient/1")) as response:
+            assert response.status == 200
+        unsampled = recorder.headers[-1]["traceparent"]
+        async with http.get(
+            server.make_url("/fhir/Patient/1"),
+            headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+        ) as response:
+            assert response.status == 200
+        sampled = recorder.headers[-1]["traceparent"]
+    finally:
+        await server.close()
+    version, trace_id, span_id, flags = unsampled.split("-")
+    assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
+    assert int(flags, 16) & 1 == 0  # not sampled: nothing here records it
+    assert trace_id != "0" * 32
+    assert sampled.startswith(f"00-{CLIENT_TRACE}-")
+    assert int(sampled.rsplit("-", 1)[1], 16) & 1 == 1
