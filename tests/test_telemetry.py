@@ -35,7 +35,7 @@ from proxy.app import ADMIN_URL, QUEUE, build_proxy_app
 from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
 from proxy.store.records import EventQuery
-from tests.conftest import serving, settings_for
+from tests.factories import serving, settings_for
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
