@@ -376,6 +376,12 @@ class TelemetrySettings(_Frozen):
     json_logs: bool = False
     """Log one JSON object per line, with the request id and trace id of the request."""
 
+    _otlp_endpoint_is_http = field_validator("otlp_endpoint")(_optional_http_url)
+
+    @field_serializer("otlp_endpoint")
+    def _otlp_endpoint_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
+
 
 class WebhookSettings(BaseSettings):
     """The sidecar injector (``fhir-audit-proxy webhook``): defaults for the injected
