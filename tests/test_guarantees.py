@@ -268,7 +268,10 @@ async def test_fail_closed_a_full_store_gives_507_to_reads_and_writes(
 
 
 async def test_fail_closed_a_refused_intent_stops_the_write_and_is_audited(
-    upstream: RecordingUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    upstream: RecordingUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An intent that cannot be committed refuses the write with 503: the FHIR server never
     sees it (planted bug: the write goes ahead), and the refusal itself is an event."""
@@ -288,6 +291,21 @@ async def test_fail_closed_a_refused_intent_stops_the_write_and_is_audited(
     assert event["outcome"] != "0" and "intent" in event["outcomeDesc"]
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 200, "reads need no intent and still pass"
+
+    # A store that takes nothing at all: the write is still refused unforwarded; the
+    # refusal, unrecordable, is logged.
+    refuse_inserts(_store_path(proxy), "events")
+    caplog.set_level(logging.ERROR)
+    async with http.post(
+        f"{proxy.url}/Patient",
+        json={"resourceType": "Patient"},
+        headers={**FHIR, "X-Request-Id": "refused-again"},
+    ) as r:
+        assert r.status == 503
+        await _outcome(r)
+    assert [q["method"] for q in upstream.requests] == ["GET"], "still no write forwarded"
+    assert len(await proxy.stored_events()) == 2
+    assert any("could not be persisted" in rec.getMessage() for rec in caplog.records)
 
 
 # --- 3. No unaudited write across a crash --------------------------------------------------
