@@ -16,6 +16,7 @@ from tests.factories import (
     new_patient,
     patient_refs,
     profile,
+    request_id_of,
     subtypes,
 )
 
@@ -83,13 +84,7 @@ async def test_transaction_gives_one_event_per_entry_and_patient(
     assert by_patient == sorted([ann_ref, ann_ref, bob_ref, bob_ref]), (
         "urn:uuid subjects resolve to the patients created in the same transaction"
     )
-    for event in events:
-        ids = [
-            en["what"]["identifier"]["value"]
-            for en in event["entity"]
-            if en.get("type", {}).get("code") == "XrequestId"
-        ]
-        assert ids == ["tx-1"]
+    assert {request_id_of(event) for event in events} == {"tx-1"}
 
 
 async def test_batch_reads_several_patients_and_audits_each_entry_outcome(

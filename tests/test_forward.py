@@ -26,6 +26,7 @@ from tests.factories import (
     new_patient,
     patient_refs,
     profile,
+    request_id_of,
     serving,
     subtypes,
 )
@@ -150,10 +151,7 @@ async def test_each_interaction_is_proxied_and_audited(
     assert patient_refs(patient_delete) == [patient_ref]
     assert {"110150", "custodian"} <= agent_codes(patient_delete)
     # the request id is recorded in every event
-    for event in events:
-        assert any(
-            c.get("code") == "XrequestId" for e in event["entity"] for c in [e.get("type", {})]
-        )
+    assert all(request_id_of(event) for event in events)
 
 
 async def test_request_id_is_kept_or_generated_and_returned(
@@ -166,14 +164,7 @@ async def test_request_id_is_kept_or_generated_and_returned(
     async with http.get(f"{proxy.url}/metadata") as r:
         generated = r.headers["X-Request-Id"]
         assert len(generated) == 36
-    stored = await proxy.stored_events()
-    ids = [
-        e["what"]["identifier"]["value"]
-        for ev in stored
-        for e in ev["entity"]
-        if e.get("type", {}).get("code") == "XrequestId"
-    ]
-    assert ids == ["req-123", generated]
+    assert [request_id_of(e) for e in await proxy.stored_events()] == ["req-123", generated]
 
 
 # --- header handling against an echo upstream ---------------------------------------------

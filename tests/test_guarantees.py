@@ -147,9 +147,18 @@ def refuse_inserts(path: Path, table: str) -> None:
         conn.close()
 
 
-async def _outcome(response: aiohttp.ClientResponse) -> dict[str, Any]:
+async def _outcome(response: aiohttp.ClientResponse, code: str = "transient") -> dict[str, Any]:
+    """The OperationOutcome the proxy answered with, checked for what a client relies on:
+    the FHIR media type, one error issue with ``code`` that says the audit failed."""
+    assert response.content_type == "application/fhir+json"
     body: dict[str, Any] = orjson.loads(await response.read())
     assert body["resourceType"] == "OperationOutcome"
+    (issue,) = body["issue"]
+    assert (issue["severity"], issue["code"]) == ("error", code)
+    assert "audit" in issue["diagnostics"]
+    assert UPSTREAM_SECRET_BODY not in issue["diagnostics"]
+    if code == "transient":
+        assert response.headers["Retry-After"] == "5"
     return body
 
 
@@ -229,11 +238,8 @@ async def test_fail_closed_store_failure_gives_exactly_503_and_discards_the_body
     refuse_inserts(_store_path(proxy), "events")
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 503
-        raw = await r.read()
-    assert UPSTREAM_SECRET_BODY.encode() not in raw
-    outcome = orjson.loads(raw)
-    assert outcome["resourceType"] == "OperationOutcome"
-    assert "audit" in outcome["issue"][0]["diagnostics"]
+        assert UPSTREAM_SECRET_BODY.encode() not in await r.read()
+        await _outcome(r)
     async with http.post(
         f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers=FHIR
     ) as r:
@@ -250,7 +256,7 @@ async def test_fail_closed_a_full_store_gives_507_to_reads_and_writes(
     proxy = await start_proxy(upstream.url, store={"max_bytes": 1})
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 507
-        assert UPSTREAM_SECRET_BODY not in (await _outcome(r))["issue"][0]["diagnostics"]
+        assert "full" in (await _outcome(r))["issue"][0]["diagnostics"]
     assert len(upstream.requests) == 1
     async with http.post(
         f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers=FHIR
@@ -262,7 +268,10 @@ async def test_fail_closed_a_full_store_gives_507_to_reads_and_writes(
 
 
 async def test_fail_closed_a_refused_intent_stops_the_write_and_is_audited(
-    upstream: RecordingUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    upstream: RecordingUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An intent that cannot be committed refuses the write with 503: the FHIR server never
     sees it (planted bug: the write goes ahead), and the refusal itself is an event."""
@@ -282,6 +291,21 @@ async def test_fail_closed_a_refused_intent_stops_the_write_and_is_audited(
     assert event["outcome"] != "0" and "intent" in event["outcomeDesc"]
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 200, "reads need no intent and still pass"
+
+    # A store that takes nothing at all: the write is still refused unforwarded; the
+    # refusal, unrecordable, is logged.
+    refuse_inserts(_store_path(proxy), "events")
+    caplog.set_level(logging.ERROR)
+    async with http.post(
+        f"{proxy.url}/Patient",
+        json={"resourceType": "Patient"},
+        headers={**FHIR, "X-Request-Id": "refused-again"},
+    ) as r:
+        assert r.status == 503
+        await _outcome(r)
+    assert [q["method"] for q in upstream.requests] == ["GET"], "still no write forwarded"
+    assert len(await proxy.stored_events()) == 2
+    assert any("could not be persisted" in rec.getMessage() for rec in caplog.records)
 
 
 # --- 3. No unaudited write across a crash --------------------------------------------------
@@ -536,6 +560,10 @@ async def test_secrets_never_reach_the_store_the_logs_or_the_events(
             "build_error": 500,
         }[failure]
         assert r.status == expected
+        if failure in ("store_error", "store_full"):
+            await _outcome(r)
+        elif failure in ("classification_error", "build_error"):
+            await _outcome(r, code="exception")
         await r.read()
     events = await proxy.stored_events()
     if failure == "none":

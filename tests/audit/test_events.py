@@ -26,6 +26,7 @@ from tests.factories import (
     exchange,
     patients_of,
     profile_of,
+    request_id_of,
     unsigned_jwt,
 )
 
@@ -241,8 +242,7 @@ def test_query_entity_is_the_raw_request_without_credentials() -> None:
         b"X-Request-Id: rid-1\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\n"
         b"patient=p1&code=x"
     )
-    transaction = next(e for e in event["entity"] if e["type"]["code"] == "XrequestId")
-    assert transaction["what"]["identifier"]["value"] == "rid-1"
+    assert request_id_of(event) == "rid-1"
 
 
 def test_source_comes_from_settings() -> None:

@@ -512,3 +512,12 @@ def test_post_operation_on_form_body_is_a_write_but_get_is_not() -> None:
     get: Any = classify("GET", "Patient/1/$everything", "", {}, None)
     post: Any = classify("POST", "Patient/1/$everything", "", {}, PARAMS)
     assert not get.is_write and post.is_write
+
+
+def test_a_search_body_without_content_type_is_not_read_as_form_parameters() -> None:
+    """Only a form-encoded body holds search parameters; one without Content-Type is
+    classified all the same, with none read from it."""
+    bare: Any = classify("POST", "Patient/_search", "", {}, b"name=x")
+    form: Any = classify("POST", "Patient/_search", "", FORM, b"name=x")
+    assert (bare.kind, bare.search) == (K.SEARCH_TYPE, ())
+    assert (form.kind, form.search) == (K.SEARCH_TYPE, (("name", "x"),))

@@ -28,6 +28,9 @@ from proxy.fhir.patients import (
         ("Practitioner/1", None),
         ("urn:uuid:0f1d6a2e-7f3b-4a55-9d3c-1a2b3c4d5e6f", None),
         ("#contained-patient", None),
+        # a contained or urn: reference names no server resource, whatever its tail
+        ("#/Patient/1", None),
+        ("urn:example:/Patient/1", None),
         ("Patient", None),
         ("Patient/", None),
         ("Patient?identifier=x|1", None),

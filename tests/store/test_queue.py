@@ -270,3 +270,17 @@ async def test_closed_queue_refuses_appends_but_finishes_accepted_ones(tmp_path:
     reopened = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
     assert (await reopened.stats()).pending == 50
     await reopened.close()
+
+
+async def test_a_repository_answer_is_kept_to_4096_characters(queue: AuditQueue) -> None:
+    """The repository's error text is stored with the event (for the DLQ), cut to 4096
+    characters so a huge answer cannot bloat the store."""
+    for i in range(2):
+        await queue.append([queued_event(i)])
+    held, dead = await queue.claim(2, NOW)
+    answer = "x" * 4096 + "cut"
+    await queue.nack([held.seq], answer, NOW)
+    await queue.dead_letter([dead.seq], answer)
+    (pending,) = await queue.claim(2, NOW)
+    (dead_letter,) = await queue.list_dead()
+    assert pending.last_error == dead_letter.last_error == "x" * 4096
