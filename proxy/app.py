@@ -25,7 +25,7 @@ from proxy.audit.identity import JwksCache
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
-from proxy.forward import ForwardConfig, ForwardHandler
+from proxy.forward import ForwardConfig, ForwardHandler, audit_protocol_errors
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError
 
@@ -295,4 +295,11 @@ def build_proxy_app(settings: Settings) -> web.Application:
         ]
     )
     app.router.add_route("*", "/{tail:.*}", _dispatch)
+
+    async def refuse_malformed(
+        request: web.BaseRequest, status: int, reason: str
+    ) -> web.StreamResponse:
+        return await app[HANDLER].refuse_malformed(request, status, reason)
+
+    audit_protocol_errors(app, refuse_malformed)
     return app

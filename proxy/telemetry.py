@@ -64,3 +64,8 @@ EVENTS_DEAD = Counter(
     "Events moved to the dead-letter state after the repository rejected them.",
     registry=REGISTRY,
 )
+FORWARDED_FOR_INVALID = Counter(
+    "fhir_audit_forwarded_for_invalid",
+    "X-Forwarded-For entries from a trusted proxy that were not IP addresses (ignored).",
+    registry=REGISTRY,
+)

@@ -320,7 +320,7 @@ def _user_agent(
             _concept("http://terminology.hl7.org/CodeSystem/v3-ActReason", p, p)
             for p in identity.purpose_of_use[:10]
         ]
-    policy = identity.token_tail if identity.token_kind == "opaque" else identity.jti
+    policy = identity.token_hash if identity.token_kind == "opaque" else identity.jti
     if policy and (token_pattern != "opaque" or identity.token_kind == "opaque"):
         agent["policy"] = [policy]
     return agent
@@ -568,8 +568,8 @@ def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[d
 
 def intent_summary(exchange: Exchange) -> dict[str, Any]:
     """What is committed before a write is forwarded: enough to record the write if the
-    proxy stops before its answer is audited. Holds no credential (an opaque token's last
-    32 characters at most, as BALP's opaque pattern records)."""
+    proxy stops before its answer is audited. Holds no credential: the exchange's query
+    and form body are already redacted, and an opaque token is only its keyed hash."""
     interaction = exchange.interaction
     assert interaction is not None
     identity = exchange.identity or Identity()
@@ -604,6 +604,7 @@ def _interaction_from(data: Mapping[str, Any]) -> Interaction:
 
 def _identity_from(data: Mapping[str, Any]) -> Identity:
     fields = dict(data)
+    fields.pop("token_tail", None)  # intents written before tokens were hashed: forget it
     for name in ("purpose_of_use", "roles", "scopes"):
         fields[name] = tuple(fields.get(name) or ())
     return Identity(**fields)
