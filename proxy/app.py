@@ -25,7 +25,12 @@ from proxy.audit.identity import JwksCache
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
-from proxy.forward import ForwardConfig, ForwardHandler, audit_protocol_errors
+from proxy.forward import (
+    AccessLogWithoutQuery,
+    ForwardConfig,
+    ForwardHandler,
+    audit_protocol_errors,
+)
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError
 
@@ -280,7 +285,7 @@ def build_proxy_app(settings: Settings) -> web.Application:
     """The proxy listener's application, with every background part owned by it."""
     # Request bodies are read through request.content with the audit buffer limit, so
     # aiohttp's client_max_size (which applies to request.read()) never comes into play.
-    app = web.Application()
+    app = web.Application(handler_args={"access_log_class": AccessLogWithoutQuery})
     app[SETTINGS] = settings
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
     app.cleanup_ctx.extend(

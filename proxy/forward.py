@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -730,9 +731,7 @@ class _AuditingServer(web.Server):
     _protocol_error: ProtocolErrorHook
 
     def __call__(self) -> web.RequestHandler:
-        return _AuditingRequestHandler(
-            self, self._protocol_error, loop=self._loop, **self._kwargs
-        )
+        return _AuditingRequestHandler(self, self._protocol_error, loop=self._loop, **self._kwargs)
 
 
 def audit_protocol_errors(app: web.Application, hook: ProtocolErrorHook) -> None:
@@ -751,3 +750,19 @@ def audit_protocol_errors(app: web.Application, hook: ProtocolErrorHook) -> None
         return server
 
     app._make_handler = make_handler  # type: ignore[method-assign]
+
+
+class AccessLogWithoutQuery(AbstractAccessLogger):
+    """The proxy listener's access log line: peer, method, path, status, size, seconds.
+    Never the query string (it can carry ``access_token``) nor any header."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+        )
