@@ -32,7 +32,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, build_events, intent_summary
+from proxy.audit.balp import (
+    STORE_ERROR_OUTCOME_DESC,
+    STORE_FULL_OUTCOME_DESC,
+    AuditContext,
+    build_events,
+    intent_summary,
+)
 from proxy.audit.identity import JwksCache, identity_from_headers, load_token_key
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
@@ -313,6 +319,7 @@ class ForwardHandler:
         jwks: JwksCache | None,
         intents_in_flight: set[int],
         on_events: Any = None,
+        abandoned_intents: dict[int, str] | None = None,
     ) -> None:
         self._cfg = cfg
         self._identity_settings = settings.audit.identity
@@ -321,6 +328,9 @@ class ForwardHandler:
         self._queue = queue
         self._jwks = jwks
         self._in_flight = intents_in_flight
+        self._abandoned = abandoned_intents if abandoned_intents is not None else {}
+        """Intents whose events the store refused, with the outcome description their
+        recovery records (the proxy did not stop: the store failed)."""
         self._on_events = on_events
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -622,6 +632,12 @@ class ForwardHandler:
         try:
             await self._queue.append(events, complete_intent=ex.intent_id)
         except StoreError as exc:
+            if ex.intent_id is not None:
+                self._abandoned[ex.intent_id] = (
+                    STORE_FULL_OUTCOME_DESC
+                    if isinstance(exc, StoreFull)
+                    else STORE_ERROR_OUTCOME_DESC
+                )
             return self._fail_closed(exc, "event")
         for event in events:
             telemetry.EVENTS_BUILT.labels(outcome=str(event.get("outcome", "?"))).inc()

@@ -45,6 +45,14 @@ TOKEN_VERIFICATION_EXT = "urn:fhir-audit-proxy:extension:token-verification"
 UNKNOWN_OUTCOME_DESC = (
     "outcome unknown: the proxy stopped before the FHIR server's answer was recorded"
 )
+STORE_FULL_OUTCOME_DESC = (
+    "outcome unknown: the audit store was full when the FHIR server answered, so the"
+    " answer was not recorded (the client was told the request failed)"
+)
+STORE_ERROR_OUTCOME_DESC = (
+    "outcome unknown: the audit store failed when the FHIR server answered, so the"
+    " answer was not recorded (the client was told the request failed)"
+)
 QUERY_LIMIT = 4096
 """Most bytes of the raw request kept in ``entity.query``; a longer one is cut there and
 its description gives the full length and SHA-256, so the cost of an event is bounded
@@ -665,10 +673,13 @@ def _identity_from(data: Mapping[str, Any]) -> Identity:
 
 
 def build_unknown_outcome_events(
-    summary: Mapping[str, Any], ctx: AuditContext, now: datetime
+    summary: Mapping[str, Any],
+    ctx: AuditContext,
+    now: datetime,
+    description: str = UNKNOWN_OUTCOME_DESC,
 ) -> list[dict[str, Any]]:
     """Events for a write whose intent was never completed: outcome 8, and a description
-    saying the outcome is unknown because the proxy stopped."""
+    saying why the outcome is unknown (by default: the proxy stopped)."""
     interaction = _interaction_from(summary["interaction"])
     exchange = Exchange(
         request_id=summary["request_id"],
@@ -681,12 +692,12 @@ def build_unknown_outcome_events(
         base_url=summary["base_url"],
         interaction=interaction,
         identity=_identity_from(summary["identity"]),
-        error=UNKNOWN_OUTCOME_DESC,
+        error=description,
     )
     happening = _Happening(
         interaction=interaction,
         status=None,
-        error=UNKNOWN_OUTCOME_DESC,
+        error=description,
         request_resource=None,
         response_resource=None,
         location=None,
@@ -695,7 +706,7 @@ def build_unknown_outcome_events(
     events = _events_for(exchange, happening, ctx, now)
     for event in events:
         event["outcome"] = "8"
-        event["outcomeDesc"] = UNKNOWN_OUTCOME_DESC
+        event["outcomeDesc"] = description
     if ctx.fhir_version == "R5":
         return [to_r5(e) for e in events]
     return events
