@@ -25,7 +25,12 @@ from proxy.audit.identity import JwksCache
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
-from proxy.forward import ForwardConfig, ForwardHandler
+from proxy.forward import (
+    AccessLogWithoutQuery,
+    ForwardConfig,
+    ForwardHandler,
+    audit_protocol_errors,
+)
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError
 
@@ -37,6 +42,7 @@ QUEUE = web.AppKey("queue", AuditQueue)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 JWKS = web.AppKey("jwks", JwksCache)
 INTENTS_IN_FLIGHT = web.AppKey("intents_in_flight", set[int])
+ABANDONED_INTENTS = web.AppKey("abandoned_intents", dict[int, str])
 HANDLER = web.AppKey("forward_handler", ForwardHandler)
 FLUSHER = web.AppKey("flusher", Flusher)
 ADMIN_URL = web.AppKey("admin_url", str)
@@ -53,20 +59,27 @@ async def recover_intents(
     *,
     older_than: datetime | None = None,
     in_flight: set[int] | frozenset[int] = frozenset(),
+    reasons: dict[int, str] | None = None,
 ) -> int:
     """Turn intents that never completed into outcome-unknown AuditEvents (invariant 3).
-    At start-up every intent is an orphan; later, only old ones no request still owns."""
+    At start-up every intent is an orphan; later, only old ones no request still owns.
+    ``reasons`` gives the description of intents abandoned because the store refused
+    their events (taken out once recorded); any other's says the proxy stopped."""
     recovered = 0
+    reasons = reasons if reasons is not None else {}
     for intent in await queue.orphan_intents():
         if intent.id in in_flight or (older_than is not None and intent.created_at > older_than):
             continue
-        events = build_unknown_outcome_events(intent.summary, ctx, now)
+        why = reasons.get(intent.id)
+        if why is None:
+            events = build_unknown_outcome_events(intent.summary, ctx, now)
+        else:
+            events = build_unknown_outcome_events(intent.summary, ctx, now, why)
         await queue.append(events, complete_intent=intent.id)
+        reasons.pop(intent.id, None)
         recovered += 1
     if recovered:
-        log.warning(
-            "recorded %d interaction(s) whose outcome is unknown (proxy stopped)", recovered
-        )
+        log.warning("recorded %d interaction(s) whose outcome is unknown", recovered)
     return recovered
 
 
@@ -78,8 +91,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         commit_batch_max=settings.store.commit_batch_max,
     )
     app[QUEUE] = queue
+    app[ABANDONED_INTENTS] = {}
     try:
-        await recover_intents(queue, app[AUDIT_CONTEXT], datetime.now(UTC))
+        try:
+            await recover_intents(queue, app[AUDIT_CONTEXT], datetime.now(UTC))
+        except StoreError as exc:
+            # A full disk must not stop the proxy from starting: it fails requests closed
+            # (507, not ready) and maintenance recovers the intents once there is room.
+            log.error("intents not recovered at start-up, retried later: %s", exc)
         yield
     finally:
         await queue.close()
@@ -161,6 +180,7 @@ async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
         jwks=app.get(JWKS),
         intents_in_flight=app[INTENTS_IN_FLIGHT],
         on_events=_sampled_validation(app),
+        abandoned_intents=app[ABANDONED_INTENTS],
     )
     yield
 
@@ -208,6 +228,7 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
                     now,
                     older_than=now - orphan_age,
                     in_flight=app[INTENTS_IN_FLIGHT],
+                    reasons=app[ABANDONED_INTENTS],
                 )
                 mono = asyncio.get_running_loop().time()
                 if mono - last_prune >= PRUNE_EVERY_S:
@@ -234,9 +255,22 @@ def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def check() -> dict[str, Any]:
         checks: dict[str, Any] = {}
         try:
-            stats = await app[QUEUE].stats()
+            queue = app[QUEUE]
+            stats = await queue.stats()
+            path = settings.store.path
+            on_disk = sum(
+                p.stat().st_size
+                for p in (
+                    path,
+                    path.with_name(path.name + "-wal"),
+                    path.with_name(path.name + "-shm"),
+                )
+                if p.exists()
+            )
             checks["store"] = {
-                "ok": stats.size_bytes < settings.store.max_bytes,
+                "ok": queue.refusing is None and on_disk < settings.store.max_bytes,
+                "failing_closed": queue.refusing,
+                "bytes_on_disk": on_disk,
                 **dataclasses.asdict(stats),
             }
         except Exception as exc:  # readiness reports, it does not fail
@@ -294,7 +328,7 @@ def build_proxy_app(settings: Settings) -> web.Application:
     """The proxy listener's application, with every background part owned by it."""
     # Request bodies are read through request.content with the audit buffer limit, so
     # aiohttp's client_max_size (which applies to request.read()) never comes into play.
-    app = web.Application()
+    app = web.Application(handler_args={"access_log_class": AccessLogWithoutQuery})
     app[SETTINGS] = settings
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
     app.cleanup_ctx.extend(
@@ -310,4 +344,11 @@ def build_proxy_app(settings: Settings) -> web.Application:
         ]
     )
     app.router.add_route("*", "/{tail:.*}", _dispatch)
+
+    async def refuse_malformed(
+        request: web.BaseRequest, status: int, reason: str
+    ) -> web.StreamResponse:
+        return await app[HANDLER].refuse_malformed(request, status, reason)
+
+    audit_protocol_errors(app, refuse_malformed)
     return app

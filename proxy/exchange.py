@@ -31,9 +31,11 @@ class Exchange:
     path: str
     """The path below the FHIR base, without leading slash (``Patient/1/_history/2``)."""
     query_string: str
-    """The raw query string, undecoded, without ``?``."""
+    """The query string as recorded: raw, undecoded, without ``?``, with the values of
+    credential parameters (``access_token``...) replaced by ``REDACTED``."""
     request_headers: Mapping[str, str]
-    """Request headers with lower-case names. Holds ``authorization``: never copy it out."""
+    """Request headers with lower-case names, valid UTF-8 (undecodable bytes replaced).
+    Holds ``authorization``: never copy it out."""
     client_address: str
     """The client's network address (``X-Forwarded-For`` only through trusted proxies)."""
     started_at: datetime
@@ -41,7 +43,8 @@ class Exchange:
     base_url: str = ""
     """The FHIR base as the client addressed it (``http://host/fhir``)."""
     request_body: bytes | None = None
-    """The request body when buffered; None when absent or streamed."""
+    """The request body when buffered, as recorded (a form body's credential parameters
+    redacted); None when absent or streamed."""
     request_content_type: str = ""
     interaction: Interaction | None = None
     """The classification, set before forwarding."""
@@ -63,6 +66,8 @@ class Exchange:
     finished_at: datetime | None = None
     intent_id: int | None = None
     """The durable intent record written before forwarding a state-changing request."""
+    upstream_path: str = ""
+    """The normalized absolute path the request is forwarded to (``/fhir/Patient/1``)."""
     _request_json: Any = _UNPARSED
     _response_json: Any = _UNPARSED
 

@@ -13,27 +13,45 @@ Order of work for one request (DESIGN.md, invariants 1-3):
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, build_events, intent_summary
-from proxy.audit.identity import JwksCache, identity_from_headers
+from proxy.audit.balp import (
+    STORE_ERROR_OUTCOME_DESC,
+    STORE_FULL_OUTCOME_DESC,
+    AuditContext,
+    build_events,
+    intent_summary,
+)
+from proxy.audit.identity import JwksCache, identity_from_headers, load_token_key
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
-from proxy.fhir.interaction import Interaction, InteractionKind, classify, parse_json_object
-from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+from proxy.fhir.interaction import (
+    CREDENTIAL_PARAMS,
+    Interaction,
+    InteractionKind,
+    classify,
+    parse_json_object,
+    redact_params,
+    redact_query,
+)
+from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
 from proxy.fhir.patients import patients_in_resource
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
@@ -59,6 +77,11 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that cannot change server state (RFC 9110 §9.2.1). Every other request gets a
+durable intent before it is forwarded, whatever it was classified as."""
+_FORM = "application/x-www-form-urlencoded"
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -76,10 +99,19 @@ class ForwardConfig:
     timeout: aiohttp.ClientTimeout
     trusted_proxies: tuple[Network, ...]
     read_before_delete: bool
+    redact_params: frozenset[str] = CREDENTIAL_PARAMS
+    """Parameter names (lower case) whose values are never recorded."""
+    outside_base: tuple[str, ...] = ()
+    """Path prefixes outside the base that are forwarded all the same."""
+    token_key: bytes = b""
+    """The key opaque bearer tokens are hashed under."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ForwardConfig:
+        """Reads (or, on first start, creates) the token key file beside the store."""
         upstream = URL(settings.upstream.url)
+        configured_key = settings.audit.token_hash_key
+        store = settings.store.path
         return cls(
             upstream_origin=upstream.origin(),
             upstream_base=str(upstream).rstrip("/"),
@@ -92,12 +124,25 @@ class ForwardConfig:
                 ipaddress.ip_network(n, strict=False) for n in settings.audit.trusted_proxies
             ),
             read_before_delete=settings.audit.read_before_delete,
+            redact_params=CREDENTIAL_PARAMS
+            | {name.strip().lower() for name in settings.audit.redact_params},
+            outside_base=tuple(p.rstrip("/") for p in settings.audit.forward_outside_base),
+            token_key=load_token_key(
+                configured_key.get_secret_value() if configured_key else None,
+                store.with_name(store.name + ".token-key"),
+            ),
         )
+
+    def forwards_outside_base(self, path: str) -> bool:
+        """Whether ``path`` (normalized, outside the base) is in ``forward_outside_base``."""
+        return any(path == p or path.startswith(p + "/") for p in self.outside_base if p)
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: Iterable[Network]) -> str:
     """The client's address: the peer, unless the peer is a trusted proxy, in which case the
-    right-most ``X-Forwarded-For`` hop that is not itself a trusted proxy."""
+    right-most ``X-Forwarded-For`` hop that is not itself a trusted proxy. Hops that are not
+    IP addresses are skipped (and counted in ``fhir_audit_forwarded_for_invalid``): a
+    trusted proxy passes on whatever its client wrote there."""
     nets = tuple(trusted)
 
     def is_trusted(addr: str) -> bool:
@@ -111,10 +156,59 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Iterabl
     if not forwarded_for or not is_trusted(address):
         return address
     for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            telemetry.FORWARDED_FOR_INVALID.inc()
+            continue
         address = hop
         if not is_trusted(hop):
             break
     return address
+
+
+class PathRefused(ValueError):
+    """A request path that cannot be normalized to one unambiguous resource path."""
+
+
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_AMBIGUOUS = frozenset({"%2F", "%5C", "%00"})
+"""Escapes a server may decode into a path separator (or a string end) after the proxy
+classified the path without one."""
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def normalize_path(raw_path: str) -> str:
+    """The one form of a raw (percent-encoded) request path that is both classified and
+    forwarded: RFC 3986 §6.2.2 normalization (escapes of unreserved characters decoded, so
+    ``%2e`` is a dot and ``%64`` a ``d``; other escapes upper-cased), empty segments
+    dropped, dot-segments removed (§5.2.4, never climbing above the root). Raises
+    :class:`PathRefused` for an encoded slash, backslash or NUL, a raw backslash, or
+    characters that are not valid UTF-8."""
+    try:
+        raw_path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathRefused("the path is not valid UTF-8") from None
+    if "\\" in raw_path:
+        raise PathRefused("the path holds a backslash")
+    path = _PERCENT.sub(_decode_unreserved, raw_path) if "%" in raw_path else raw_path
+    if any(escape in path for escape in _AMBIGUOUS):
+        raise PathRefused("the path holds an encoded slash, backslash or NUL")
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
 
 
 def relative_path(raw_path: str, base_path: str) -> str | None:
@@ -191,6 +285,22 @@ def _deletes_a_patients_resource(interaction: Interaction) -> bool:
     )
 
 
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def _recordable(value: str) -> str:
+    """``value`` itself when it is valid UTF-8 (the usual case, checked cheaply), else a
+    copy with each undecodable byte (carried by aiohttp as a lone surrogate) replaced by
+    U+FFFD, which JSON and the store accept."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
 def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -209,6 +319,7 @@ class ForwardHandler:
         jwks: JwksCache | None,
         intents_in_flight: set[int],
         on_events: Any = None,
+        abandoned_intents: dict[int, str] | None = None,
     ) -> None:
         self._cfg = cfg
         self._identity_settings = settings.audit.identity
@@ -217,41 +328,39 @@ class ForwardHandler:
         self._queue = queue
         self._jwks = jwks
         self._in_flight = intents_in_flight
+        self._abandoned = abandoned_intents if abandoned_intents is not None else {}
+        """Intents whose events the store refused, with the outcome description their
+        recovery records (the proxy did not stop: the store failed)."""
         self._on_events = on_events
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = datetime.now(UTC)
-        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        public_base = f"{request.scheme}://{request.host}{self._cfg.base_path}"
-        path = relative_path(request.rel_url.raw_path, self._cfg.base_path)
-        body, body_stream = await self._read_request_body(request)
-
-        ex = Exchange(
-            request_id=request_id,
-            method=request.method.upper(),
-            path=path if path is not None else request.rel_url.raw_path,
-            query_string=request.rel_url.raw_query_string,
-            request_headers=headers,
-            client_address=client_address(
-                request.remote, request.headers.get("X-Forwarded-For"), self._cfg.trusted_proxies
-            ),
-            started_at=started,
-            base_url=public_base,
-            request_body=body,
-            request_content_type=request.headers.get("Content-Type", ""),
-        )
+        ex, refusal = self._exchange_of(request, started)
         telemetry.exchange_started(ex)
+        if refusal is not None:
+            return await self._refuse(ex, *refusal)
+        body, body_stream = await self._read_request_body(request)
+        if body is not None:
+            ex.request_body = self._recorded_body(body, ex.request_content_type)
         try:
-            ex.interaction = classify(ex.method, ex.path, ex.query_string, headers, body)
-            if path is None:
-                ex.interaction = Interaction(
+            interaction = classify(
+                ex.method, ex.path, ex.query_string, ex.request_headers, ex.request_body
+            )
+            if ex.path.startswith("/"):
+                interaction = Interaction(
                     kind=InteractionKind.UNKNOWN,
                     method=ex.method,
                     detail=f"path outside the FHIR base {self._cfg.base_path or '/'}",
                 )
+            if interaction.search:
+                interaction = dataclasses.replace(
+                    interaction, search=redact_params(interaction.search, self._cfg.redact_params)
+                )
+            ex.interaction = interaction
             keys = self._jwks.keys() if self._jwks is not None else None
-            ex.identity = identity_from_headers(headers, self._identity_settings, keys)
+            ex.identity = identity_from_headers(
+                ex.request_headers, self._identity_settings, keys, token_key=self._cfg.token_key
+            )
         except Exception:
             log.exception("classification failed for %s %s", ex.method, ex.path)
             telemetry.AUDIT_FAILURES.labels(reason="classify").inc()
@@ -262,15 +371,122 @@ class ForwardHandler:
         if self._cfg.read_before_delete and _deletes_a_patients_resource(ex.interaction):
             # Before the intent, so an outcome-unknown event names the patient too.
             ex.prior_patients = await self._patients_before_delete(request, ex)
-        if ex.interaction.is_write:
+        if ex.method not in SAFE_METHODS or ex.interaction.is_write:
             failure = await self._record_intent(ex)
             if failure is not None:
                 return failure
         try:
-            return await self._forward(request, ex, body, body_stream, public_base)
+            return await self._forward(request, ex, body, body_stream, ex.base_url)
         finally:
             if ex.intent_id is not None:
                 self._in_flight.discard(ex.intent_id)
+
+    def _exchange_of(
+        self, request: web.Request, started: datetime
+    ) -> tuple[Exchange, tuple[int, str, str] | None]:
+        """The exchange as it may be recorded, made once at the boundary: header values
+        and the path valid UTF-8 (or the request refused), the path normalized, the query
+        redacted. Returns the refusal ``(status, issue code, diagnostics)`` for a request
+        that must not be forwarded."""
+        refusal: tuple[int, str, str] | None = None
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            clean = _recordable(value)
+            if clean is not value and refusal is None:
+                refusal = (400, "invalid", f"the {name[:64]} header is not valid UTF-8")
+            headers[_recordable(name).lower()] = clean
+        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = str(uuid.uuid4())
+            if refusal is None:
+                refusal = (400, "invalid", "X-Request-Id must be 1-200 printable ASCII characters")
+        raw_path = request.rel_url.raw_path
+        try:
+            normalized = normalize_path(raw_path)
+        except PathRefused as exc:
+            normalized = _recordable(raw_path)[:2048]
+            refusal = refusal or (400, "invalid", f"{exc}; the request was not forwarded")
+        path = relative_path(normalized, self._cfg.base_path)
+        if path is None:
+            path = normalized  # an absolute path marks it as outside the base
+            if refusal is None and not self._cfg.forwards_outside_base(normalized):
+                refusal = (
+                    404,
+                    "not-found",
+                    f"{normalized[:200]} is outside the FHIR base {self._cfg.base_path or '/'}",
+                )
+        raw_query = request.rel_url.raw_query_string
+        query = _recordable(raw_query)
+        if query is not raw_query and refusal is None:
+            refusal = (400, "invalid", "the query string is not valid UTF-8")
+        host = headers.get("host") or request.host
+        ex = Exchange(
+            request_id=request_id,
+            method=_recordable(request.method.upper())[:32],
+            path=path,
+            query_string=redact_query(query, self._cfg.redact_params),
+            request_headers=headers,
+            client_address=client_address(
+                request.remote, headers.get("x-forwarded-for"), self._cfg.trusted_proxies
+            ),
+            started_at=started,
+            base_url=f"{request.scheme}://{host}{self._cfg.base_path}",
+            request_content_type=headers.get("content-type", ""),
+            upstream_path=normalized,
+        )
+        return ex, refusal
+
+    def _recorded_body(self, body: bytes, content_type: str) -> bytes:
+        """The request body as it may be recorded: a form body with its credential
+        parameters redacted (latin-1 maps every byte to one character and back)."""
+        if not content_type.startswith(_FORM):
+            return body
+        return redact_query(body.decode("latin-1"), self._cfg.redact_params).encode("latin-1")
+
+    async def _refuse(
+        self, ex: Exchange, status: int, code: str, diagnostics: str
+    ) -> web.StreamResponse:
+        """Answer ``status`` with an OperationOutcome, without forwarding, and audit it."""
+        if ex.interaction is None:
+            ex.interaction = Interaction(
+                kind=InteractionKind.UNKNOWN, method=ex.method, detail=diagnostics
+            )
+        body = orjson.dumps(operation_outcome(code, diagnostics))
+        ex.status = status
+        ex.response_headers = {"content-type": FHIR_JSON}
+        ex.response_body = body
+        failure = await self._persist(ex)
+        if failure is not None:
+            return failure
+        return web.Response(
+            status=status,
+            body=body,
+            content_type=FHIR_JSON,
+            headers={"X-Request-Id": ex.request_id},
+        )
+
+    async def refuse_malformed(
+        self, request: web.BaseRequest, status: int, reason: str
+    ) -> web.StreamResponse:
+        """Answer and audit a request aiohttp's HTTP parser refused. Nothing of the raw
+        request is known or kept but its peer: ``reason`` is the parser's category of
+        error, never the offending bytes (they may be a credential)."""
+        ex = Exchange(
+            request_id=str(uuid.uuid4()),
+            method="UNKNOWN",
+            path="",
+            query_string="",
+            request_headers={},
+            client_address=request.remote or "unknown",
+            started_at=datetime.now(UTC),
+            base_url=self._cfg.base_path,
+        )
+        log.warning("malformed HTTP request from %s refused: %s", ex.client_address, reason)
+        response = await self._refuse(
+            ex, status, "invalid", f"malformed HTTP request ({reason}); not forwarded"
+        )
+        response.force_close()
+        return response
 
     async def _patients_before_delete(self, request: web.Request, ex: Exchange) -> tuple[str, ...]:
         """The patients of the resource about to be deleted, read from the upstream with
@@ -278,7 +494,7 @@ class ForwardHandler:
         failure (not found, forbidden, unreachable, not JSON) means no patient is known;
         the DELETE goes ahead either way. The resource itself is not kept."""
         assert ex.interaction is not None
-        url = self._cfg.upstream_origin.join(URL(request.rel_url.raw_path, encoded=True))
+        url = self._cfg.upstream_origin.join(URL(ex.upstream_path, encoded=True))
         headers = _upstream_headers(request, ex.request_id)
         for name in _PRE_READ_DROP:
             headers.pop(name, None)
@@ -357,7 +573,10 @@ class ForwardHandler:
         body_stream: Any,
         public_base: str,
     ) -> web.StreamResponse:
-        url = self._cfg.upstream_origin.join(URL(request.rel_url.raw_path_qs, encoded=True))
+        # What is forwarded is what was classified: the normalized path, the query as sent.
+        query = request.rel_url.raw_query_string
+        target = ex.upstream_path + (f"?{query}" if query else "")
+        url = self._cfg.upstream_origin.join(URL(target, encoded=True))
         data: Any = body_stream if body_stream is not None else body
         t0 = time.perf_counter()
         try:
@@ -422,6 +641,12 @@ class ForwardHandler:
             with telemetry.audit_write_span(events, self._ctx.fhir_version):
                 await self._queue.append(events, complete_intent=ex.intent_id)
         except StoreError as exc:
+            if ex.intent_id is not None:
+                self._abandoned[ex.intent_id] = (
+                    STORE_FULL_OUTCOME_DESC
+                    if isinstance(exc, StoreFull)
+                    else STORE_ERROR_OUTCOME_DESC
+                )
             return self._fail_closed(exc, "event")
         for event in events:
             telemetry.EVENTS_BUILT.labels(outcome=str(event.get("outcome", "?"))).inc()
@@ -480,4 +705,89 @@ class ForwardHandler:
             code,
             f"The FHIR server could not be reached: {error}",
             headers={"X-Request-Id": ex.request_id},
+        )
+
+
+# --- requests aiohttp's own parser refuses -------------------------------------------------
+
+ProtocolErrorHook = Callable[[web.BaseRequest, int, str], Awaitable[web.StreamResponse]]
+"""Answers (and audits) a request the HTTP parser refused: ``(request, status, reason)``."""
+
+_PARSER_REASON = re.compile(r"[A-Za-z][A-Za-z ]{0,79}")
+
+
+def parser_error_reason(exc: BaseException) -> str:
+    """A description of a parser error that cannot hold the request's bytes: the error's
+    class, and its message's first line only when that is plain words (llhttp's fixed
+    reasons, ``Invalid header value char``). The rest of the message quotes the offending
+    line, which may be an ``Authorization`` header."""
+    first = str(getattr(exc, "message", "")).strip().split("\n", 1)[0].rstrip(":").strip()
+    kind = type(exc).__name__
+    return f"{kind}: {first}" if _PARSER_REASON.fullmatch(first) else kind
+
+
+class _AuditingRequestHandler(web.RequestHandler):
+    """aiohttp's protocol with one change: a request its parser refuses is answered by
+    the proxy's hook (an OperationOutcome, audited, logged without the request's bytes)
+    instead of aiohttp's plain-text 400 that quotes the offending header, and its
+    ``aiohttp.server`` error log line that does the same."""
+
+    def __init__(self, manager: web.Server, hook: ProtocolErrorHook, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._protocol_error = hook
+
+    def _make_error_handler(
+        self, err_info: Any
+    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        hook = self._protocol_error
+        status = int(err_info.status)
+        reason = parser_error_reason(err_info.exc)
+
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            return await hook(request, status, reason)
+
+        return handler
+
+
+class _AuditingServer(web.Server):
+    """``web.Server`` making :class:`_AuditingRequestHandler` protocols; it only ever
+    replaces the class of a server aiohttp built (it adds no state of its own)."""
+
+    _protocol_error: ProtocolErrorHook
+
+    def __call__(self) -> web.RequestHandler:
+        return _AuditingRequestHandler(self, self._protocol_error, loop=self._loop, **self._kwargs)
+
+
+def audit_protocol_errors(app: web.Application, hook: ProtocolErrorHook) -> None:
+    """Make every server built for ``app`` (``run_app``, ``AppRunner``, ``TestServer``)
+    answer parser-refused requests through ``hook``. aiohttp has no public seam for
+    this answer, so this wraps ``Application._make_handler`` and overrides
+    ``RequestHandler._make_error_handler`` (aiohttp is pinned; tests/test_security.py
+    fails if either changes)."""
+    build = app._make_handler
+
+    def make_handler(**kwargs: Any) -> web.Server:
+        server = build(**kwargs)
+        server.__class__ = _AuditingServer
+        assert isinstance(server, _AuditingServer)
+        server._protocol_error = hook
+        return server
+
+    app._make_handler = make_handler  # type: ignore[method-assign]
+
+
+class AccessLogWithoutQuery(AbstractAccessLogger):
+    """The proxy listener's access log line: peer, method, path, status, size, seconds.
+    Never the query string (it can carry ``access_token``) nor any header."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
         )

@@ -149,7 +149,7 @@ class IdentitySettings(_Frozen):
     purpose_of_use_claim: str = "purpose_of_use"
     fhir_user_claim: str = "fhirUser"
     token_pattern: Literal["opaque", "minimal", "comprehensive"] = "comprehensive"
-    """BALP OAuth pattern: opaque keeps the last 32 characters, minimal the ``jti``,
+    """BALP OAuth pattern: opaque keeps a keyed hash of the token, minimal the ``jti``,
     comprehensive adds issuer, client, name, role and purpose of use."""
     jwks_url: str | None = None
     """When set, signatures are verified; events say whether a token was verified."""
@@ -181,6 +181,24 @@ class AuditSettings(_Frozen):
     without this read the event names no patient. Costs one GET per such DELETE."""
     validate_sample_rate: float = 0.0
     """Share of events validated with fhir.resources off the request path (0 disables)."""
+    redact_params: tuple[str, ...] = ()
+    """Query and form parameters whose values are never recorded, in addition to the
+    credential parameters always redacted (``access_token``, ``id_token``,
+    ``refresh_token``, ``code``, ``client_secret``, ``password``, ``api_key``)."""
+    token_hash_key: SecretStr | None = None
+    """Key of the HMAC-SHA256 an opaque bearer token is recorded as. Unset: a random key
+    kept beside the store (``<store>.token-key``). Set the same key on every proxy whose
+    events must give one token one hash."""
+    forward_outside_base: tuple[str, ...] = ()
+    """Paths outside the FHIR base that are still forwarded (and audited), each a prefix
+    matched on whole segments (``/.well-known`` allows ``/.well-known/smart-configuration``).
+    Every other path outside the base is refused with 404, audited."""
+    max_patient_events: int = Field(default=100, ge=1)
+    """Most per-patient events one interaction makes. An interaction concerning more
+    patients is recorded as one event of the basic profile listing up to
+    ``max_patients_listed`` of them and saying how many were left out."""
+    max_patients_listed: int = Field(default=1000, ge=1)
+    """Most patient entities in the one event recorded beyond ``max_patient_events``."""
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -214,7 +232,9 @@ class StoreSettings(_Frozen):
 
     path: Path = Path("./data/audit.db")
     max_bytes: PositiveInt = 1024 * 1024 * 1024
-    """Cap on the database size; when reached, requests fail closed with 507."""
+    """Cap on the store's files on disk (database, WAL and shared-memory index together);
+    when reached, or when the disk itself is full, requests fail closed with 507 and
+    ``/readyz`` says not ready until room returns."""
     retention_days: Positive = 30.0
     """Delivered events are kept this long, then pruned."""
     commit_batch_max: PositiveInt = 512

@@ -197,6 +197,10 @@ EVENTS_DEAD = _counter(
     "fhir_audit_events_dead_lettered",
     "Events moved to the dead-letter state after the repository rejected them.",
 )
+FORWARDED_FOR_INVALID = _counter(
+    "fhir_audit_forwarded_for_invalid",
+    "X-Forwarded-For entries from a trusted proxy that were not IP addresses (ignored).",
+)
 
 
 # -- traces ---------------------------------------------------------------------------

@@ -506,3 +506,29 @@ class SigningKey:
         now = int(time.time())
         body = {"iat": now, "exp": now + 300} | claims
         return jwt.encode(body, self.private, algorithm="RS256", headers={"kid": self.jwk["kid"]})
+
+
+async def raw_http(host: str, port: int | None, request: bytes, *, within_s: float = 10.0) -> bytes:
+    """Send ``request`` as bytes on a fresh connection and return everything the server
+    answers until it closes the connection (the request should say ``Connection: close``).
+    For requests no HTTP client library would send (bytes that are not UTF-8, control
+    characters in headers)."""
+    assert port is not None, "the server is not listening"
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), within_s)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def raw_status(response: bytes) -> int:
+    """The status code of a raw HTTP/1.x response."""
+    return int(response.split(b" ", 2)[1])
+
+
+def raw_body(response: bytes) -> bytes:
+    """The body of a raw HTTP/1.x response (not chunked)."""
+    return response.partition(b"\r\n\r\n")[2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import os
 import secrets
 import time
@@ -44,6 +45,18 @@ TOKEN_VERIFICATION_EXT = "urn:fhir-audit-proxy:extension:token-verification"
 UNKNOWN_OUTCOME_DESC = (
     "outcome unknown: the proxy stopped before the FHIR server's answer was recorded"
 )
+STORE_FULL_OUTCOME_DESC = (
+    "outcome unknown: the audit store was full when the FHIR server answered, so the"
+    " answer was not recorded (the client was told the request failed)"
+)
+STORE_ERROR_OUTCOME_DESC = (
+    "outcome unknown: the audit store failed when the FHIR server answered, so the"
+    " answer was not recorded (the client was told the request failed)"
+)
+QUERY_LIMIT = 4096
+"""Most bytes of the raw request kept in ``entity.query``; a longer one is cut there and
+its description gives the full length and SHA-256, so the cost of an event is bounded
+and the full request can still be matched against a client's log."""
 
 
 def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
@@ -169,6 +182,10 @@ class AuditContext:
     fhir_version: str
     source: dict[str, Any]
     token_pattern: str
+    max_patient_events: int = 100
+    """Beyond this many patients, one event lists them (see :func:`_events_for`)."""
+    max_patients_listed: int = 1000
+    """Most patient entities that one event lists."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditContext:
@@ -189,6 +206,8 @@ class AuditContext:
             fhir_version=settings.audit.fhir_version,
             source=source,
             token_pattern=settings.audit.identity.token_pattern,
+            max_patient_events=settings.audit.max_patient_events,
+            max_patients_listed=settings.audit.max_patients_listed,
         )
 
     @classmethod
@@ -320,7 +339,7 @@ def _user_agent(
             _concept("http://terminology.hl7.org/CodeSystem/v3-ActReason", p, p)
             for p in identity.purpose_of_use[:10]
         ]
-    policy = identity.token_tail if identity.token_kind == "opaque" else identity.jti
+    policy = identity.token_hash if identity.token_kind == "opaque" else identity.jti
     if policy and (token_pattern != "opaque" or identity.token_kind == "opaque"):
         agent["policy"] = [policy]
     return agent
@@ -359,10 +378,11 @@ def _raw_request(ex: Exchange) -> bytes:
 
 
 def _query_entity(ex: Exchange, interaction: Interaction) -> dict[str, Any]:
+    raw = _raw_request(ex)
     entity: dict[str, Any] = {
         "type": SYSTEM_OBJECT,
         "role": ROLE_QUERY,
-        "query": base64.b64encode(_raw_request(ex)).decode("ascii"),
+        "query": base64.b64encode(raw[:QUERY_LIMIT]).decode("ascii"),
     }
     target = interaction.resource_type or ""
     if interaction.compartment:
@@ -370,9 +390,23 @@ def _query_entity(ex: Exchange, interaction: Interaction) -> dict[str, Any]:
     if interaction.operation:
         target = f"{target}/${interaction.operation}".lstrip("/")
     if interaction.search:
-        entity["description"] = f"{target}?{urlencode(interaction.search)}"[:2000]
+        # Only as many parameters as can show in 2000 characters are encoded.
+        shown: list[tuple[str, str]] = []
+        size = 0
+        for name, value in interaction.search:
+            shown.append((name, value))
+            size += len(name) + len(value) + 2
+            if size > 2000:
+                break
+        entity["description"] = f"{target}?{urlencode(shown)}"[:2000]
     elif target:
         entity["description"] = target
+    if len(raw) > QUERY_LIMIT:
+        digest = hashlib.sha256(raw).hexdigest()
+        entity["description"] = (
+            entity.get("description", "")[:1800]
+            + f" [request cut to {QUERY_LIMIT} of {len(raw)} bytes; sha256 {digest}]"
+        ).lstrip()
     return entity
 
 
@@ -497,9 +531,29 @@ def _events_for(
             e["meta"] = {"profile": [PROFILE_BASE + str(name)]}
         return e
 
-    if happening.patients:
-        return [event(p) for p in happening.patients]
+    patients = happening.patients
+    if len(patients) > ctx.max_patient_events:
+        return [_many_patients_event(event(None), patients, ctx.max_patients_listed)]
+    if patients:
+        return [event(p) for p in patients]
     return [event(None)]
+
+
+def _many_patients_event(
+    event: dict[str, Any], patients: tuple[str, ...], listed: int
+) -> dict[str, Any]:
+    """An interaction concerning more patients than ``max_patient_events``: one event of
+    the basic profile (``Query``, not ``PatientQuery``, which names exactly one patient),
+    with a Patient entity for each of the first ``listed`` patients, and its first
+    entity's description saying how many there were and how many are not listed."""
+    main, *rest = event["entity"]
+    note = f"{len(patients)} patients" + (
+        f", {len(patients) - listed} not listed" if len(patients) > listed else ""
+    )
+    main = dict(main)
+    main["description"] = f"{main['description']} ({note})" if main.get("description") else note
+    event["entity"] = [*(_patient_entity(p) for p in patients[:listed]), main, *rest]
+    return event
 
 
 def _happening(ex: Exchange) -> _Happening:
@@ -566,23 +620,31 @@ def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[d
 # --- intents: writes whose outcome a crash may hide -------------------------------------------
 
 
+_SUMMARY_SEARCH_PARAMS = 200
+
+
 def intent_summary(exchange: Exchange) -> dict[str, Any]:
     """What is committed before a write is forwarded: enough to record the write if the
-    proxy stops before its answer is audited. Holds no credential (an opaque token's last
-    32 characters at most, as BALP's opaque pattern records)."""
+    proxy stops before its answer is audited. Holds no credential: the exchange's query
+    and form body are already redacted, and an opaque token is only its keyed hash."""
     interaction = exchange.interaction
     assert interaction is not None
     identity = exchange.identity or Identity()
     return {
         "method": exchange.method,
         "path": exchange.path,
-        "query_string": exchange.query_string,
+        "query_string": exchange.query_string[:QUERY_LIMIT],
         "request_id": exchange.request_id,
         "client_address": exchange.client_address,
         "base_url": exchange.base_url,
         "started_at": exchange.started_at.isoformat(),
         "accept": exchange.request_headers.get("accept"),
-        "interaction": dataclasses.asdict(interaction),
+        # The search as far as an event's description shows it (2000 characters), not a
+        # copy of a 10,000-parameter form.
+        "interaction": {
+            **{f.name: getattr(interaction, f.name) for f in dataclasses.fields(interaction)},
+            "search": interaction.search[:_SUMMARY_SEARCH_PARAMS],
+        },
         "identity": dataclasses.asdict(identity),
         "patients": list(
             _merged(
@@ -604,16 +666,20 @@ def _interaction_from(data: Mapping[str, Any]) -> Interaction:
 
 def _identity_from(data: Mapping[str, Any]) -> Identity:
     fields = dict(data)
+    fields.pop("token_tail", None)  # intents written before tokens were hashed: forget it
     for name in ("purpose_of_use", "roles", "scopes"):
         fields[name] = tuple(fields.get(name) or ())
     return Identity(**fields)
 
 
 def build_unknown_outcome_events(
-    summary: Mapping[str, Any], ctx: AuditContext, now: datetime
+    summary: Mapping[str, Any],
+    ctx: AuditContext,
+    now: datetime,
+    description: str = UNKNOWN_OUTCOME_DESC,
 ) -> list[dict[str, Any]]:
     """Events for a write whose intent was never completed: outcome 8, and a description
-    saying the outcome is unknown because the proxy stopped."""
+    saying why the outcome is unknown (by default: the proxy stopped)."""
     interaction = _interaction_from(summary["interaction"])
     exchange = Exchange(
         request_id=summary["request_id"],
@@ -626,12 +692,12 @@ def build_unknown_outcome_events(
         base_url=summary["base_url"],
         interaction=interaction,
         identity=_identity_from(summary["identity"]),
-        error=UNKNOWN_OUTCOME_DESC,
+        error=description,
     )
     happening = _Happening(
         interaction=interaction,
         status=None,
-        error=UNKNOWN_OUTCOME_DESC,
+        error=description,
         request_resource=None,
         response_resource=None,
         location=None,
@@ -640,7 +706,7 @@ def build_unknown_outcome_events(
     events = _events_for(exchange, happening, ctx, now)
     for event in events:
         event["outcome"] = "8"
-        event["outcomeDesc"] = UNKNOWN_OUTCOME_DESC
+        event["outcomeDesc"] = description
     if ctx.fhir_version == "R5":
         return [to_r5(e) for e in events]
     return events

@@ -2,8 +2,10 @@
 
 A bearer JWT gives its claims (names configurable). Signatures are verified when a JWKS is
 configured, and every event says whether they were. A bearer token that is not a JWT is an
-OAuth opaque token: BALP keeps only its last 32 characters. Basic credentials give the user
-name only.
+OAuth opaque token: it is recorded only as a keyed hash (HMAC-SHA256 under a key the
+deployment keeps, see :func:`load_token_key`), never as any part of itself; BALP's
+"last 32 characters" would keep the whole of a short token. Basic credentials give the
+user name only.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,7 +31,10 @@ from proxy.settings import IdentitySettings
 
 log = logging.getLogger(__name__)
 
-OPAQUE_TAIL = 32
+TOKEN_HASH_PREFIX = "hmac-sha256:"
+"""``agent.policy`` of an opaque token: this prefix and 32 hex digits (128 bits) of
+HMAC-SHA256(key, token). Whoever holds the key and a token can find its events; the
+trail alone reveals nothing of the token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +52,8 @@ class Identity:
     purpose_of_use: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()
-    token_tail: str | None = None
-    """The last 32 characters of an opaque token (BALP's opaque pattern)."""
+    token_hash: str | None = None
+    """An opaque token's keyed hash (:data:`TOKEN_HASH_PREFIX`), never the token."""
     verified: bool | None = None
     """None: not checked (no JWKS configured); True/False: the signature check's result."""
     failure: str | None = None
@@ -107,11 +117,46 @@ def _verify(token: str, settings: IdentitySettings, keys: JwksKeys) -> tuple[boo
         return False, type(exc).__name__
 
 
+def opaque_token_hash(token: str, key: bytes) -> str:
+    """The recorded form of an opaque token: :data:`TOKEN_HASH_PREFIX` + 32 hex digits."""
+    digest = hmac.new(key, token.encode("utf-8", "surrogateescape"), hashlib.sha256)
+    return TOKEN_HASH_PREFIX + digest.hexdigest()[:32]
+
+
+def load_token_key(configured: str | None, key_file: Path) -> bytes:
+    """The key opaque tokens are hashed under: ``configured`` (``audit.token_hash_key``,
+    shared by every proxy that must give a token the same hash), else 32 random bytes
+    kept in ``key_file`` beside the store (created on first start, mode 0600), so that one
+    store's hashes stay comparable across restarts."""
+    if configured:
+        return configured.encode()
+    try:
+        return key_file.read_bytes()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(32)
+    try:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:  # a full disk must not stop the proxy from starting
+        key_file.unlink(missing_ok=True)
+        log.warning("token key not kept in %s (%s): hashes change at restart", key_file, exc)
+    return key
+
+
 def identity_from_headers(
-    headers: Mapping[str, str], settings: IdentitySettings, keys: JwksKeys | None = None
+    headers: Mapping[str, str],
+    settings: IdentitySettings,
+    keys: JwksKeys | None = None,
+    *,
+    token_key: bytes = b"",
 ) -> Identity:
-    """The caller from ``headers`` (lower-case names). Pure apart from the key set passed
-    in; never raises."""
+    """The caller from ``headers`` (lower-case names). An opaque token is kept only as
+    its HMAC under ``token_key``. Pure apart from the key set passed in; never raises."""
     auth = headers.get("authorization", "").strip()
     scheme, _, credential = auth.partition(" ")
     credential = credential.strip()
@@ -128,7 +173,7 @@ def identity_from_headers(
     try:
         claims = jwt.decode(credential, options={"verify_signature": False})
     except jwt.PyJWTError:
-        return Identity(token_kind="opaque", token_tail=credential[-OPAQUE_TAIL:])
+        return Identity(token_kind="opaque", token_hash=opaque_token_hash(credential, token_key))
     verified: bool | None = None
     failure: str | None = None
     if keys is not None:

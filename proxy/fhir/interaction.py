@@ -5,11 +5,11 @@ headers and body. No I/O, no clock.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 import orjson
 
@@ -103,6 +103,38 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _DROPPED_PARAMS = frozenset({"_format", "_pretty"})
 _FORM = "application/x-www-form-urlencoded"
+
+
+CREDENTIAL_PARAMS = frozenset(
+    {"access_token", "id_token", "refresh_token", "code", "client_secret", "password", "api_key"}
+)
+"""Query and form parameters that carry a credential (OAuth 2.0 and its habits): their
+values are never recorded, whatever ``audit.redact_params`` adds."""
+REDACTED = "REDACTED"
+"""What a redacted parameter's value is replaced with."""
+
+
+def redact_query(query_string: str, names: frozenset[str]) -> str:
+    """``query_string`` (raw, ``a=1&b=2``, also a form body) with the value of every
+    parameter named in ``names`` (lower case, compared case-insensitively after decoding)
+    replaced by :data:`REDACTED`. Everything else is kept byte for byte."""
+    if not query_string or "=" not in query_string:
+        return query_string
+    pieces = query_string.split("&")
+    changed = False
+    for i, piece in enumerate(pieces):
+        name, eq, _ = piece.partition("=")
+        if eq and unquote_plus(name).strip().lower() in names:
+            pieces[i] = f"{name}={REDACTED}"
+            changed = True
+    return "&".join(pieces) if changed else query_string
+
+
+def redact_params(
+    params: Iterable[tuple[str, str]], names: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """``params`` with the values of those named in ``names`` replaced by :data:`REDACTED`."""
+    return tuple((k, REDACTED if k.strip().lower() in names else v) for k, v in params)
 
 
 def _params(query_string: str) -> list[tuple[str, str]]:

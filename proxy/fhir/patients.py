@@ -27,10 +27,12 @@ def patient_reference(reference: str) -> str | None:
     return f"Patient/{match.group(1)}" if match else None
 
 
-def _add(out: list[str], refs: Iterable[str | None]) -> None:
+def _add(out: dict[str, None], refs: Iterable[str | None]) -> None:
+    # A dict keeps first-seen order and finds duplicates in constant time: a search
+    # answer can name 10,000 patients.
     for ref in refs:
-        if ref is not None and ref not in out:
-            out.append(ref)
+        if ref is not None:
+            out.setdefault(ref)
 
 
 def _walk(value: Any, path: tuple[str, ...]) -> Iterable[Any]:
@@ -51,12 +53,12 @@ def _walk(value: Any, path: tuple[str, ...]) -> Iterable[Any]:
 def patients_in_resource(resource: Mapping[str, Any] | None) -> tuple[str, ...]:
     """Patients that put ``resource`` in the Patient compartment, in first-seen order. A
     Patient is its own patient; a Bundle is read entry by entry."""
-    out: list[str] = []
+    out: dict[str, None] = {}
     _collect(resource, out, depth=0)
     return tuple(out)
 
 
-def _collect(resource: Any, out: list[str], depth: int) -> None:
+def _collect(resource: Any, out: dict[str, None], depth: int) -> None:
     if not isinstance(resource, Mapping) or depth > 2:
         return
     rtype = resource.get("resourceType")
@@ -80,7 +82,7 @@ def _collect(resource: Any, out: list[str], depth: int) -> None:
 def patients_of_request(interaction: Interaction) -> tuple[str, ...]:
     """Patients evident from the URL and search parameters alone. Chained parameters
     (``patient.name``) and identifier forms are queries, not patients."""
-    out: list[str] = []
+    out: dict[str, None] = {}
     rtype = interaction.resource_type
     if rtype == "Patient" and interaction.resource_id and interaction.compartment is None:
         _add(out, [f"Patient/{interaction.resource_id}"])
@@ -105,7 +107,7 @@ def patients_of_request(interaction: Interaction) -> tuple[str, ...]:
 
 def patients_of_location(headers: Mapping[str, str]) -> tuple[str, ...]:
     """Patients named by ``Location`` / ``Content-Location`` (a created or updated Patient)."""
-    out: list[str] = []
+    out: dict[str, None] = {}
     for name in ("location", "content-location"):
         value = headers.get(name)
         if value:
@@ -125,7 +127,7 @@ def patients_of_exchange(
     """Every patient of an exchange: URL and parameters, the request body (creates,
     updates, operations), the response body (reads, search results, written resources)
     and ``Location`` headers. Deduplicated, in first-seen order."""
-    out = list(patients_of_request(interaction))
+    out = dict.fromkeys(patients_of_request(interaction))
     if interaction.kind in _BODY_KINDS:
         _add(out, patients_in_resource(request_resource))
     if (

@@ -253,6 +253,23 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     return int(page_size * (pages - free))
 
 
+_SHM_BUDGET = 128 * 1024
+"""Room kept for the WAL's shared-memory index (32 KiB per 4,096 WAL frames)."""
+
+
+def wal_budget(max_bytes: int) -> int:
+    """Bytes of ``max_bytes`` kept for the write-ahead log: an eighth, between 256 KiB
+    and 64 MiB. The WAL is checkpointed when it holds half of it
+    (``wal_autocheckpoint``) and truncated back to it (``journal_size_limit``)."""
+    return min(64 * 1024 * 1024, max(256 * 1024, max_bytes // 8))
+
+
+def database_budget(max_bytes: int) -> int:
+    """Bytes the database's pages may use so that database, WAL and shared-memory index
+    together stay under ``max_bytes``."""
+    return max(0, max_bytes - wal_budget(max_bytes) - _SHM_BUDGET)
+
+
 def _is_full(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
@@ -303,6 +320,10 @@ class AuditQueue:
         """Encodes on the event loop (appends) and decodes there too (reads)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-store-read")
         self._max_bytes = max_bytes
+        self._db_budget = database_budget(max_bytes)
+        self.refusing: str | None = None
+        """Why the last append or intent failed (``store full``, or the error), until one
+        succeeds again: the store is failing requests closed (readiness reads it)."""
         self._batch_max = batch_max
         self._loop = asyncio.get_running_loop()
         self._inbox: thread_queue.SimpleQueue[list[_Append] | None] = thread_queue.SimpleQueue()
@@ -342,9 +363,9 @@ class AuditQueue:
                 " -c/--config (or $FHIR_AUDIT_CONFIG)"
             )
         try:
-            writer = await asyncio.to_thread(cls._connect, path, True)
+            writer = await asyncio.to_thread(cls._connect, path, True, max_bytes)
             codec = await asyncio.to_thread(cls._load_codec, writer)
-            reader = await asyncio.to_thread(cls._connect, path, False)
+            reader = await asyncio.to_thread(cls._connect, path, False, max_bytes)
         except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: schema too new
             raise StoreError(f"cannot open the audit store at {path}: {exc}") from exc
         return cls(writer, reader, codec, max_bytes=max_bytes, batch_max=commit_batch_max)
@@ -362,7 +383,7 @@ class AuditQueue:
         return BodyCodec(shipped, known)
 
     @staticmethod
-    def _connect(path: Path, migrate_schema: bool) -> sqlite3.Connection:
+    def _connect(path: Path, migrate_schema: bool, max_bytes: int) -> sqlite3.Connection:
         _create_private(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=10000")
@@ -373,7 +394,10 @@ class AuditQueue:
         conn.execute("PRAGMA page_size=4096")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA journal_size_limit=67108864")
+        # max_bytes bounds the files, not only the pages: the WAL gets its own budget.
+        budget = wal_budget(max_bytes)
+        conn.execute(f"PRAGMA journal_size_limit={budget}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, budget // 4096 // 2)}")
         if migrate_schema:
             migrate(conn)
         return conn
@@ -406,14 +430,27 @@ class AuditQueue:
             rows = [event_row(e, self._codec) for e in events]
         except (TypeError, KeyError, orjson.JSONEncodeError) as exc:
             raise StoreError(f"event cannot be stored: {exc}") from exc
-        await self._submit(_Append(rows, complete_intent, None, self._loop.create_future()))
+        await self._tracked(_Append(rows, complete_intent, None, self._loop.create_future()))
 
     async def record_intent(self, summary: dict[str, Any]) -> int:
         """Commit an intent (before forwarding a write); returns its id."""
         item = _Append([], None, orjson.dumps(summary), self._loop.create_future())
-        intent_id = await self._submit(item)
+        intent_id = await self._tracked(item)
         assert intent_id is not None
         return intent_id
+
+    async def _tracked(self, item: _Append) -> int | None:
+        """Submit, and keep :attr:`refusing` up to date."""
+        try:
+            result = await self._submit(item)
+        except StoreFull:
+            self.refusing = "store full"
+            raise
+        except StoreError as exc:
+            self.refusing = str(exc)[:200]
+            raise
+        self.refusing = None
+        return result
 
     async def _submit(self, item: _Append) -> int | None:
         if self._closed:
@@ -594,11 +631,11 @@ class AuditQueue:
         self._commits_since_measure += 1
         if (
             self._commits_since_measure >= 256
-            or self._used_estimate + incoming > self._max_bytes * 0.9
+            or self._used_estimate + incoming > self._db_budget * 0.9
         ):
             self._used_estimate = _used_bytes(self._wconn)
             self._commits_since_measure = 0
-        return self._used_estimate + incoming <= self._max_bytes
+        return self._used_estimate + incoming <= self._db_budget
 
     # --- intents ----------------------------------------------------------------------
 

@@ -289,7 +289,9 @@ def test_no_credential_reaches_an_event(authorization: str, pattern: str) -> Non
     assert b"hunter2" not in dumped
     assert b"OPAQUE-PREFIX" not in dumped
     if authorization.startswith("Bearer OPAQUE"):
-        assert credential[-32:].encode() in dumped, "BALP's opaque pattern keeps the last 32"
+        # Not BALP's "last 32 characters": a short token would be kept whole.
+        assert credential[-32:].encode() not in dumped
+        assert b"hmac-sha256:" in dumped, "an opaque token is recorded as its keyed hash"
 
 
 # --- R5 -------------------------------------------------------------------------------------------

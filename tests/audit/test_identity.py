@@ -4,6 +4,8 @@ signatures checked against a JWKS, the three BALP OAuth patterns, opaque and Bas
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 from typing import Any
@@ -158,14 +160,24 @@ def test_minimal_pattern_keeps_identifiers_and_jti_but_not_names_or_roles() -> N
     assert "UserOauthAgent" in {c["code"] for c in user["type"]["coding"]}
 
 
-def test_opaque_token_keeps_only_its_last_32_characters() -> None:
-    token = "A" * 50 + "0123456789abcdef0123456789ABCDEF"
-    identity = identity_from_headers({"authorization": f"Bearer {token}"}, IdentitySettings())
+@pytest.mark.parametrize(
+    "token", ["OPAQUESHORT12345", "A" * 50 + "0123456789abcdef0123456789ABCDEF"]
+)
+def test_an_opaque_token_is_recorded_only_as_its_keyed_hash(token: str) -> None:
+    """BALP's opaque pattern keeps the last 32 characters, which is the whole of a token
+    of 32 or fewer: the proxy records HMAC-SHA256(key, token) instead."""
+    key = b"k" * 32
+    headers = {"authorization": f"Bearer {token}"}
+    identity = identity_from_headers(headers, IdentitySettings(), token_key=key)
     assert identity.token_kind == "opaque"
-    assert identity.token_tail == "0123456789abcdef0123456789ABCDEF"
+    expected = "hmac-sha256:" + hmac.new(key, token.encode(), hashlib.sha256).hexdigest()[:32]
+    assert identity.token_hash == expected
+    other_key = identity_from_headers(headers, IdentitySettings(), token_key=b"o" * 32)
+    assert other_key.token_hash != expected, "without the key the hash cannot be recomputed"
     event = _read(token)
-    assert _user(event)["policy"] == ["0123456789abcdef0123456789ABCDEF"]
-    assert "A" * 50 not in json.dumps(event)
+    (policy,) = _user(event)["policy"]
+    assert policy.startswith("hmac-sha256:")
+    assert token[-16:] not in json.dumps(event)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +187,7 @@ def test_opaque_token_keeps_only_its_last_32_characters() -> None:
 def test_garbage_bearer_tokens_are_opaque_and_never_raise(token: str) -> None:
     identity = identity_from_headers({"authorization": f"Bearer {token}"}, IdentitySettings())
     assert identity.token_kind == "opaque"
-    assert identity.token_tail == token[-32:]
+    assert identity.token_hash is not None and identity.token_hash.startswith("hmac-sha256:")
     assert identity.user_id is None, "no claim is read from what does not decode as a JWT"
 
 

@@ -238,7 +238,8 @@ def test_a_failing_migration_leaves_the_previous_version(
 
 
 async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_path: Path) -> None:
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=400_000)
+    # 1 MB: 256 KiB of it is the WAL's budget and 128 KiB the shared-memory index's.
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1_000_000)
     # Random text: bodies are compressed, and repeated padding would take no room.
     paddings = [secrets.token_urlsafe(3000) for _ in range(1000)]
     stored = 0
@@ -248,8 +249,8 @@ async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_pat
             stored += 1
     assert 20 < stored < 1000
     assert (await queue.stats()).pending == stored, "everything acknowledged is still there"
-    assert (await queue.stats()).size_bytes <= 400_000 * 1.05, "over by one commit at most"
-    # Intents and reads still work: only growth is refused.
+    assert (await queue.stats()).size_bytes <= 650_000, "over by one commit at most"
+    # Reads still work: only growth is refused.
     assert (await queue.claim(5, NOW))[0].event["outcomeDesc"] == paddings[0]
     seqs = [q.seq for q in await queue.claim(1000, NOW)]
     await queue.ack(seqs, NOW - timedelta(days=60))

@@ -1,0 +1,122 @@
+"""``store.max_bytes`` bounds the files on disk (database, WAL, shared-memory index), on a
+real tiny volume: the proxy starts on a full disk, fails closed (507, not ready) and
+recovers when room returns."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.store.queue import AuditQueue, StoreFull
+from tests.factories import NodeFhirServer, StartProxy
+
+
+def _event(n: int, pad: str) -> dict[str, Any]:
+    return {
+        "resourceType": "AuditEvent",
+        "id": f"00000000-0000-7000-8000-{n:012d}",
+        "type": {"code": "rest"},
+        "action": "R",
+        "recorded": datetime.now(UTC).isoformat(),
+        "outcome": "0",
+        "outcomeDesc": pad,
+        "agent": [{"who": {"display": "t"}, "requestor": True}],
+        "source": {"observer": {"display": "p"}},
+    }
+
+
+def _on_disk(path: Path) -> int:
+    return sum(
+        p.stat().st_size
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+        if p.exists()
+    )
+
+
+@pytest.fixture
+def tiny_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (root can mount one; CI runs as root)."""
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(volume)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield volume
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+async def test_database_wal_and_shm_together_stay_under_max_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    queue = await AuditQueue.open(path, max_bytes=1_500_000)
+    pads = [secrets.token_urlsafe(2000) for _ in range(2000)]
+    peak = 0
+    with pytest.raises(StoreFull):
+        for i in range(2000):
+            await queue.append([_event(i, pads[i])])
+            peak = max(peak, _on_disk(path))
+    await queue.close()
+    assert 0 < peak <= 1_500_000, f"{peak} bytes on disk"
+
+
+async def test_the_proxy_starts_on_a_full_disk_fails_closed_and_recovers(
+    tiny_volume: Path,
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    store = tiny_volume / "audit.db"
+    # An intent left by a crash, then the rest of the volume filled by something else.
+    queue = await AuditQueue.open(store, max_bytes=1 << 30)
+    await queue.record_intent(
+        {
+            "method": "POST", "path": "Patient", "query_string": "", "request_id": "crashed",
+            "client_address": "127.0.0.1", "base_url": "http://x/fhir",
+            "started_at": datetime.now(UTC).isoformat(), "accept": None,
+            "interaction": {"kind": "create", "method": "POST", "resource_type": "Patient"},
+            "identity": {}, "patients": [],
+        }
+    )  # fmt: skip
+    await queue.close()
+    filler = tiny_volume / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    # Leave room to open the store (its shared-memory index), not to write to it.
+    with filler.open("r+b") as out:
+        out.truncate(filler.stat().st_size - 40 * 1024)
+
+    proxy = await start_proxy(fhir_server.base_url, store={"path": store})  # does not crash
+    async with http.post(
+        f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers={"X-Request-Id": "w1"}
+    ) as r:
+        assert r.status == 507
+    async with http.get(f"{proxy.admin_url}/readyz") as r:
+        ready = await r.json()
+        assert r.status != 200 or ready.get("ready") is False, ready
+
+    filler.unlink()  # room returns
+    async with http.post(
+        f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers={"X-Request-Id": "w2"}
+    ) as r:
+        assert r.status == 201
+    async with http.get(f"{proxy.admin_url}/readyz") as r:
+        assert r.status == 200
+    shutil.rmtree(tiny_volume, ignore_errors=True)
