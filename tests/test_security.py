@@ -249,11 +249,17 @@ async def test_a_header_that_is_not_utf8_is_refused_with_400_and_audited(
 # --- finding 9: X-Forwarded-For from a trusted proxy ---------------------------------------
 
 
+def invalid_forwarded_for() -> float:
+    """The ``fhir_audit_forwarded_for_invalid_total`` counter's value."""
+    value = telemetry.REGISTRY.get_sample_value("fhir_audit_forwarded_for_invalid_total")
+    return value or 0.0
+
+
 async def test_forwarded_for_entries_that_are_not_ip_addresses_are_ignored_and_counted(
     fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(fhir_server.base_url)  # loopback is a trusted proxy by default
-    before = (telemetry.REGISTRY.get_sample_value("fhir_audit_forwarded_for_invalid_total") or 0.0)
+    before = invalid_forwarded_for()
     headers = {"X-Forwarded-For": "203.0.113.9, not-an-ip<script>", "X-Request-Id": "xff-1"}
     async with http.get(f"{proxy.url}/metadata", headers=headers) as r:
         assert r.status == 200
@@ -261,4 +267,4 @@ async def test_forwarded_for_entries_that_are_not_ip_addresses_are_ignored_and_c
     addresses: set[Any] = {a.get("network", {}).get("address") for a in event["agent"]}
     assert "203.0.113.9" in addresses
     assert not any("script" in str(a) for a in addresses)
-    assert (telemetry.REGISTRY.get_sample_value("fhir_audit_forwarded_for_invalid_total") or 0.0) == before + 1
+    assert invalid_forwarded_for() == before + 1
