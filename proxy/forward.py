@@ -51,6 +51,7 @@ from proxy.fhir.interaction import (
     parse_json_object,
     redact_params,
     redact_query,
+    redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
 from proxy.fhir.patients import patients_in_resource
@@ -607,8 +608,10 @@ class ForwardHandler:
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except aiohttp.ClientError as exc:
+            # Some client errors quote the URL, query included.
+            reason = redact_text(str(exc), self._cfg.redact_params)
             return await self._upstream_failure(
-                ex, 502, "transient", f"upstream unreachable: {exc}"
+                ex, 502, "transient", f"upstream unreachable: {reason}"
             )
 
     async def _read_up_to_limit(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:

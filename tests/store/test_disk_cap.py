@@ -114,7 +114,8 @@ async def test_the_proxy_starts_on_a_full_disk_fails_closed_and_recovers(
         assert r.status == 507
     async with http.get(f"{proxy.admin_url}/readyz") as r:
         ready = await r.json()
-        assert r.status != 200 or ready.get("ready") is False, ready
+        assert r.status == 503, ready
+        assert ready["checks"]["store"]["failing_closed"] == "store full"
 
     filler.unlink()  # room returns
     async with http.post(
