@@ -451,7 +451,7 @@ class ForwardHandler:
     def _recorded_body(self, body: bytes, content_type: str) -> bytes:
         """The request body as it may be recorded: a form body with its credential
         parameters redacted (latin-1 maps every byte to one character and back)."""
-        if not content_type.startswith(_FORM):
+        if not content_type.lower().startswith(_FORM):
             return body
         return redact_query(body.decode("latin-1"), self._cfg.redact_params).encode("latin-1")
 
