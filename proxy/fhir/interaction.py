@@ -136,9 +136,7 @@ def redact_text(text: str, names: frozenset[str]) -> str:
     if "=" not in text:
         return text
     pattern = "|".join(re.escape(n) for n in sorted(names))
-    return re.sub(
-        rf"(?i)\b({pattern})=[^&\s'\"]*", lambda m: f"{m.group(1)}={REDACTED}", text
-    )
+    return re.sub(rf"(?i)\b({pattern})=[^&\s'\"]*", lambda m: f"{m.group(1)}={REDACTED}", text)
 
 
 def redact_params(
