@@ -43,6 +43,8 @@ UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 JWKS = web.AppKey("jwks", JwksCache)
 INTENTS_IN_FLIGHT = web.AppKey("intents_in_flight", set[int])
 ABANDONED_INTENTS = web.AppKey("abandoned_intents", dict[int, str])
+LEFT_AT_START = web.AppKey("intents_left_at_start", int)
+"""The highest id of the intents start-up could not recover (the store was full)."""
 HANDLER = web.AppKey("forward_handler", ForwardHandler)
 FLUSHER = web.AppKey("flusher", Flusher)
 ADMIN_URL = web.AppKey("admin_url", str)
@@ -60,15 +62,19 @@ async def recover_intents(
     older_than: datetime | None = None,
     in_flight: set[int] | frozenset[int] = frozenset(),
     reasons: dict[int, str] | None = None,
+    left_at_start: int = 0,
 ) -> int:
     """Turn intents that never completed into outcome-unknown AuditEvents (invariant 3).
     At start-up every intent is an orphan; later, only old ones no request still owns.
     ``reasons`` gives the description of intents abandoned because the store refused
-    their events (taken out once recorded); any other's says the proxy stopped."""
+    their events (taken out once recorded); any other's says the proxy stopped. Intents
+    with ids up to ``left_at_start`` were orphans before this process started (start-up
+    could not record them): they are recovered whatever their age."""
     recovered = 0
     reasons = reasons if reasons is not None else {}
     for intent in await queue.orphan_intents():
-        if intent.id in in_flight or (older_than is not None and intent.created_at > older_than):
+        young = older_than is not None and intent.created_at > older_than
+        if intent.id in in_flight or (young and intent.id > left_at_start):
             continue
         why = reasons.get(intent.id)
         if why is None:
@@ -99,6 +105,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             # A full disk must not stop the proxy from starting: it fails requests closed
             # (507, not ready) and maintenance recovers the intents once there is room.
             log.error("intents not recovered at start-up, retried later: %s", exc)
+            with contextlib.suppress(StoreError):
+                orphans = await queue.orphan_intents()
+                app[LEFT_AT_START] = max((i.id for i in orphans), default=0)
         yield
     finally:
         await queue.close()
@@ -229,6 +238,7 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
                     older_than=now - orphan_age,
                     in_flight=app[INTENTS_IN_FLIGHT],
                     reasons=app[ABANDONED_INTENTS],
+                    left_at_start=app.get(LEFT_AT_START, 0),
                 )
                 mono = asyncio.get_running_loop().time()
                 if mono - last_prune >= PRUNE_EVERY_S:
@@ -238,7 +248,9 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
                         log.info("pruned %d delivered events older than %s", pruned, retention)
             except StoreError as exc:
                 log.warning("store maintenance failed: %s", exc)
-            await asyncio.sleep(30)
+            # While the store refuses (full disk), look again soon: the intents a full
+            # store left behind are recorded as soon as there is room.
+            await asyncio.sleep(2 if app[QUEUE].refusing else 30)
 
     task = asyncio.create_task(loop(), name="maintenance")
     try:

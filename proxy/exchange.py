@@ -29,7 +29,9 @@ class Exchange:
     method: str
     """HTTP method, upper case."""
     path: str
-    """The path below the FHIR base, without leading slash (``Patient/1/_history/2``)."""
+    """The normalized path below the FHIR base, without leading slash
+    (``Patient/1/_history/2``); for a path outside the base, the whole normalized path
+    with its leading slash (``/.well-known/smart-configuration``)."""
     query_string: str
     """The query string as recorded: raw, undecoded, without ``?``, with the values of
     credential parameters (``access_token``...) replaced by ``REDACTED``."""

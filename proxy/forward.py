@@ -13,6 +13,7 @@ Order of work for one request (DESIGN.md, invariants 1-3):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
@@ -50,6 +51,7 @@ from proxy.fhir.interaction import (
     parse_json_object,
     redact_params,
     redact_query,
+    redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
 from proxy.fhir.patients import patients_in_resource
@@ -285,6 +287,13 @@ def _deletes_a_patients_resource(interaction: Interaction) -> bool:
     )
 
 
+_BUILD_IN_THREAD = 256 * 1024
+"""Bodies (request and response together) above this size have their events built off
+the event loop."""
+
+_HOST = re.compile(r"(?:[A-Za-z0-9\-._~%!$&'()*+,;=]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+"""RFC 3986 ``host[:port]``: a reg-name or IPv4 address, or a bracketed IPv6 literal."""
+
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 
 
@@ -420,6 +429,10 @@ class ForwardHandler:
         if query is not raw_query and refusal is None:
             refusal = (400, "invalid", "the query string is not valid UTF-8")
         host = headers.get("host") or request.host
+        if not _HOST.fullmatch(host):
+            host = "invalid-host"
+            if refusal is None:
+                refusal = (400, "invalid", "the Host header is not a host name or address")
         ex = Exchange(
             request_id=request_id,
             method=_recordable(request.method.upper())[:32],
@@ -439,7 +452,7 @@ class ForwardHandler:
     def _recorded_body(self, body: bytes, content_type: str) -> bytes:
         """The request body as it may be recorded: a form body with its credential
         parameters redacted (latin-1 maps every byte to one character and back)."""
-        if not content_type.startswith(_FORM):
+        if not content_type.lower().startswith(_FORM):
             return body
         return redact_query(body.decode("latin-1"), self._cfg.redact_params).encode("latin-1")
 
@@ -603,8 +616,10 @@ class ForwardHandler:
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except aiohttp.ClientError as exc:
+            # Some client errors quote the URL, query included.
+            reason = redact_text(str(exc), self._cfg.redact_params)
             return await self._upstream_failure(
-                ex, 502, "transient", f"upstream unreachable: {exc}"
+                ex, 502, "transient", f"upstream unreachable: {reason}"
             )
 
     async def _read_up_to_limit(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
@@ -628,7 +643,12 @@ class ForwardHandler:
         """Build and commit the events; an OperationOutcome response when that fails."""
         ex.finished_at = datetime.now(UTC)
         try:
-            events = build_events(ex, self._ctx, ex.finished_at)
+            if len(ex.request_body or b"") + len(ex.response_body or b"") > _BUILD_IN_THREAD:
+                # Parsing a large Bundle and finding its patients takes tens of ms of
+                # Python; in a thread the loop gets the GIL back every switch interval.
+                events = await asyncio.to_thread(build_events, ex, self._ctx, ex.finished_at)
+            else:
+                events = build_events(ex, self._ctx, ex.finished_at)
         except Exception:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
             telemetry.AUDIT_FAILURES.labels(reason="build").inc()

@@ -20,7 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
+from aiohttp import web
 
+from proxy.store.queue import AuditQueue
+from proxy.store.records import EventQuery
 from tests.factories import (
     NodeFhirServer,
     ProxyProcess,
@@ -29,6 +33,7 @@ from tests.factories import (
     all_audit_events,
     free_port,
     request_id_of,
+    serving,
     start_fhir_server,
     stop_fhir_server,
 )
@@ -336,3 +341,66 @@ async def test_sigterm_finishes_in_flight_requests_and_flushes_the_queue(
     assert proxy.process is not None and proxy.process.returncode == 0
     delivered = {request_id_of(e) for e in repository.events()}
     assert delivered == {f"r{i}" for i in range(20)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        # over buffer_limit_bytes: streamed on unread, classified UNKNOWN (the 9 MiB Bundle)
+        ("POST", "", b'{"resourceType":"Bundle","type":"transaction","entry":[]}' + b" " * 70_000),
+        ("DELETE", "Patient//del2", b""),  # an empty segment: normalized to Patient/del2
+    ],
+)
+async def test_sigkill_while_the_upstream_works_on_an_unclassified_write_leaves_its_event(
+    tmp_path: Path, method: str, path: str, body: bytes
+) -> None:
+    performed: list[str] = []
+    release = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.Response:
+        await request.read()
+        performed.append(f"{request.method} {request.path}")
+        await release.wait()
+        return web.json_response({})
+
+    async with serving(("*", "/{tail:.*}", upstream)) as server:
+        config = {
+            "listen": {"host": "127.0.0.1", "port": free_port()},
+            "admin": {"host": "127.0.0.1", "port": free_port()},
+            "upstream": {"url": str(server.make_url("/fhir")), "timeout_s": 30},
+            "audit": {"buffer_limit_bytes": 65536, "read_before_delete": False},
+            "store": {"path": str(tmp_path / "store" / "audit.db")},
+            "log_level": "WARNING",
+        }
+        proxy = ProxyProcess(config, tmp_path)
+        async with aiohttp.ClientSession() as http:
+            await proxy.start(http)
+            url = yarl.URL(f"{proxy.url}/{path}", encoded=True)
+            request = asyncio.create_task(
+                http.request(method, url, data=body, headers={"X-Request-Id": "crash-w"})
+            )
+            for _ in range(200):
+                if performed:
+                    break
+                await asyncio.sleep(0.05)
+            assert performed, "the upstream received the write"
+            await proxy.kill()
+            with contextlib.suppress(aiohttp.ClientError):
+                (await request).release()
+            release.set()
+            await proxy.start(http)  # start-up turns the intent into an event
+            await proxy.stop()
+    queue = await AuditQueue.open(tmp_path / "store" / "audit.db", max_bytes=1 << 30)
+    try:
+        page, _ = await queue.search(EventQuery(newest_first=False, limit=100))
+    finally:
+        await queue.close()
+    events = [q.event for q in page if request_id_of(q.event) == "crash-w"]
+    assert len(events) == 1, "the write the upstream performed has its event"
+    assert events[0]["outcome"] == UNKNOWN_OUTCOME
+    if path == "Patient//del2":
+        assert performed == ["DELETE /fhir/Patient/del2"], "forwarded as normalized"
+        assert events[0]["action"] == "D"
+        refs = [e["what"].get("reference") for e in events[0]["entity"]]
+        assert "Patient/del2" in refs, "audited as what was forwarded"

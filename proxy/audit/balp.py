@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -143,17 +144,22 @@ class _Entropy:
     def __init__(self) -> None:
         self._pool = b""
         self._at = 0
+        self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)  # a child must not reuse them
 
     def _forget(self) -> None:
         self._pool, self._at = b"", 0
+        self._lock = threading.Lock()
 
     def take(self, n: int) -> bytes:
-        if self._at + n > len(self._pool):
-            self._pool, self._at = secrets.token_bytes(4096), 0
-        out = self._pool[self._at : self._at + n]
-        self._at += n
-        return out
+        # Events of large exchanges are built in a worker thread: two takers must never
+        # get the same bytes.
+        with self._lock:
+            if self._at + n > len(self._pool):
+                self._pool, self._at = secrets.token_bytes(4096), 0
+            out = self._pool[self._at : self._at + n]
+            self._at += n
+            return out
 
 
 _ENTROPY = _Entropy()
@@ -356,10 +362,20 @@ def _transaction_entity(request_id: str) -> dict[str, Any]:
     return {"type": XREQUEST_ID, "what": {"identifier": {"value": request_id}}}
 
 
+def _url_path(url: str) -> str:
+    """The path of ``url``; for a URL ``urlsplit`` refuses (``http://[/fhir``, from a
+    client's Host header or a server's Location), what follows the authority."""
+    try:
+        return urlsplit(url).path
+    except ValueError:
+        rest = url.split("://", 1)[-1]
+        return "/" + rest.split("/", 1)[1] if "/" in rest else ""
+
+
 def _raw_request(ex: Exchange) -> bytes:
     """The request as sent, for ``entity.query``: request line, ``Accept`` and
     ``X-Request-Id`` (never credentials), and a form body for POST searches."""
-    base_path = urlsplit(ex.base_url).path.rstrip("/") if ex.base_url else ""
+    base_path = _url_path(ex.base_url).rstrip("/") if ex.base_url else ""
     target = f"{base_path}/{ex.path}" if ex.path or base_path else "/"
     if ex.query_string:
         target += f"?{ex.query_string}"
@@ -428,7 +444,7 @@ def _location_reference(location: str | None, base_url: str) -> str | None:
     if base_url and location.startswith(base_url):
         location = location[len(base_url) :]
     else:
-        path = urlsplit(location).path if "://" in location else location
+        path = _url_path(location) if "://" in location else location
         parts = path.strip("/").split("/")
         # keep Type/id[/_history/vid] from the end of an absolute location
         for size in (4, 2):

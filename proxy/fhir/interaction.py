@@ -130,6 +130,15 @@ def redact_query(query_string: str, names: frozenset[str]) -> str:
     return "&".join(pieces) if changed else query_string
 
 
+def redact_text(text: str, names: frozenset[str]) -> str:
+    """``text`` (an error message that may quote a URL) with every ``name=value`` of a
+    parameter in ``names`` given the value :data:`REDACTED`."""
+    if "=" not in text:
+        return text
+    pattern = "|".join(re.escape(n) for n in sorted(names))
+    return re.sub(rf"(?i)\b({pattern})=[^&\s'\"]*", lambda m: f"{m.group(1)}={REDACTED}", text)
+
+
 def redact_params(
     params: Iterable[tuple[str, str]], names: frozenset[str]
 ) -> tuple[tuple[str, str], ...]:

@@ -1,0 +1,60 @@
+"""Credential parameters are redacted from every recorded form of a query (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.fhir.interaction import (
+    CREDENTIAL_PARAMS,
+    classify,
+    redact_params,
+    redact_query,
+    redact_text,
+)
+
+NAMES = CREDENTIAL_PARAMS | {"session_ref"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("name=x&access_token=SECRET", "name=x&access_token=REDACTED"),
+        ("ACCESS_TOKEN=SECRET", "ACCESS_TOKEN=REDACTED"),
+        ("access%5Ftoken=SECRET", "access%5Ftoken=REDACTED"),
+        ("code=a&code=b&_count=1", "code=REDACTED&code=REDACTED&_count=1"),
+        ("id_token=&x=1", "id_token=REDACTED&x=1"),
+        ("session_ref=s1", "session_ref=REDACTED"),
+        ("password=p%26q&name=x", "password=REDACTED&name=x"),
+        ("name=access_token%3DSECRET", "name=access_token%3DSECRET"),
+        ("", ""),
+        ("plain", "plain"),
+    ],
+)
+def test_redact_query_keeps_everything_but_credential_values(raw: str, expected: str) -> None:
+    assert redact_query(raw, NAMES) == expected
+
+
+def test_redacted_search_parameters_and_classification() -> None:
+    interaction = classify(
+        "POST",
+        "Patient/_search",
+        "",
+        {"content-type": "application/x-www-form-urlencoded"},
+        redact_query("name=x&client_secret=S&api_key=K", NAMES).encode(),
+    )
+    assert interaction.search == (
+        ("name", "x"),
+        ("client_secret", "REDACTED"),
+        ("api_key", "REDACTED"),
+    )
+    assert redact_params((("Password", "p"), ("name", "n")), NAMES) == (
+        ("Password", "REDACTED"),
+        ("name", "n"),
+    )
+
+
+def test_redact_text_in_an_error_message_quoting_a_url() -> None:
+    message = "400, url='http://up/fhir/Patient?name=a&access_token=SEC&api_key=K2'"
+    assert redact_text(message, NAMES) == (
+        "400, url='http://up/fhir/Patient?name=a&access_token=REDACTED&api_key=REDACTED'"
+    )
