@@ -83,29 +83,30 @@ def _why_no_namespaces() -> str | None:
     return None
 
 
-# Runs inside fresh mount and network namespaces: the root filesystem read-only, /tmp and
-# the store on tmpfs (the image's volumes), the proxy as UID 10001 under tini with the
-# image's environment, then SIGTERM to tini.
+# Runs inside fresh mount and network namespaces: the root filesystem read-only, a scratch
+# directory (the image's /tmp, named by TMPDIR) and the store on tmpfs (the image's
+# volumes), the proxy as UID 10001 under tini with the image's environment, then SIGTERM
+# to tini. /tmp itself is left alone: the checkout under test may live there.
 READ_ONLY_POD = r"""
 set -eu
 ip link set lo up
 mount --make-rprivate /
 mount -o remount,bind,ro /
-mount -t tmpfs tmpfs /tmp
+mount -t tmpfs -o mode=1777 tmpfs "$TMPDIR"
 mount -t tmpfs -o uid=10001,gid=10001,mode=0700 tmpfs "$STORE_DIR"
 if touch "$ROOT/.write-probe" 2>/dev/null; then echo "root is writable"; exit 3; fi
 cd "$ROOT/testserver"
-node server.mjs 8081 127.0.0.1 > /tmp/fhir.log 2>&1 &
+node server.mjs 8081 127.0.0.1 > "$TMPDIR/fhir.log" 2>&1 &
 NODE=$!
 trap 'kill "$NODE" 2>/dev/null || true' EXIT
 cd "$ROOT"
 # tini outside setpriv: this machine's Python lives under /root, which UID 10001 can
 # reach only through setpriv's own exec; in the image it is /usr/local/bin/python.
 tini -s -- setpriv --reuid=10001 --regid=10001 --clear-groups \
-  "$PYTHON" -m proxy run 2> /tmp/proxy.log &
+  "$PYTHON" -m proxy run 2> "$TMPDIR/proxy.log" &
 TINI=$!
 "$PYTHON" -m proxy.k8s.probe readyz --port 9000 --wait 30 \
-  || { cat /tmp/proxy.log /tmp/fhir.log; exit 4; }
+  || { cat "$TMPDIR/proxy.log" "$TMPDIR/fhir.log"; exit 4; }
 "$PYTHON" -c '
 import urllib.request as u
 r = u.urlopen(u.Request("http://127.0.0.1:8080/fhir/Patient", method="POST",
@@ -115,13 +116,14 @@ print("status", r.status)
 kill -TERM "$TINI"
 wait "$TINI" && echo "exit 0" || echo "exit $?"
 echo "delivered $(wc -l < "$STORE_DIR/repository.ndjson")"
-grep -c -i "read-only" /tmp/proxy.log || true
+grep -c -i "read-only" "$TMPDIR/proxy.log" || true
 """
 
 
 @pytest.mark.skipif(_why_no_namespaces() is not None, reason=_why_no_namespaces() or "")
 def test_read_only_root_under_tini_serves_and_drains_on_sigterm() -> None:
     store = Path(tempfile.mkdtemp(prefix="fap-ro-", dir="/var/tmp"))
+    scratch = Path(tempfile.mkdtemp(prefix="fap-tmp-", dir="/var/tmp"))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FHIR_AUDIT_")},
         **image_env(),
@@ -133,6 +135,7 @@ def test_read_only_root_under_tini_serves_and_drains_on_sigterm() -> None:
         "FHIR_AUDIT_REPOSITORY__FLUSH_INTERVAL_MS": "600000",
         "FHIR_AUDIT_REPOSITORY__MAX_FLUSH_INTERVAL_MS": "600000",
         "STORE_DIR": str(store),
+        "TMPDIR": str(scratch),
         "ROOT": str(ROOT),
         "PYTHON": sys.executable,
     }
@@ -146,6 +149,7 @@ def test_read_only_root_under_tini_serves_and_drains_on_sigterm() -> None:
         )
     finally:
         shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     out = result.stdout.split("\n")
     assert result.returncode == 0, result.stdout + result.stderr
     assert out[:4] == ["status 201", "exit 0", "delivered 1", "0"], result.stdout + result.stderr
