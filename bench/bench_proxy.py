@@ -248,6 +248,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--requests", nargs="+", default=["read", "search", "create"])
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a source tree of an earlier fhir-audit-proxy (its proxy/ package) to run"
+        " side by side as 'before', so a change is measured in the same run",
+    )
     parser.add_argument("--no-mitm", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-clients", type=int, default=200)
@@ -275,7 +281,9 @@ def main() -> None:
         big = json.dumps(searchset(10000, 5))
         (www / "Big").write_text(big)
         (d / "post.lua").write_text(POST_LUA.format(body=json.dumps(observation(0, 1))))
-        upstream, plain, proxy_port, admin_port, mitm_port = (free_port() for _ in range(5))
+        upstream, plain, proxy_port, admin_port, mitm_port, before_port, before_admin = (
+            free_port() for _ in range(7)
+        )
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(dir=d, upstream=upstream, created=json.dumps(CREATED))
         )
@@ -292,6 +300,20 @@ def main() -> None:
             )
         )
         targets: dict[str, int] = {"bare aiohttp": plain, "fhir-audit-proxy": proxy_port}
+        if args.before is not None:
+            before_config = d / "before.yaml"
+            before_config.write_text(
+                json.dumps(
+                    {
+                        "listen": {"host": "127.0.0.1", "port": before_port},
+                        "admin": {"host": "127.0.0.1", "port": before_admin},
+                        "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
+                        "store": {"path": str(d / "before" / "audit.db")},
+                        "log_level": "WARNING",
+                    }
+                )
+            )
+            targets["before"] = before_port
         with contextlib.ExitStack() as stack:
             stack.enter_context(running(["nginx", "-c", str(d / "nginx.conf")]))
             proxy = stack.enter_context(
@@ -307,6 +329,13 @@ def main() -> None:
                     ]
                 )
             )
+            if args.before is not None:
+                stack.enter_context(
+                    running(
+                        [sys.executable, "-m", "proxy", "-c", str(before_config), "run"],
+                        cwd=args.before,
+                    )
+                )
             if mitmdump is not None:
                 (d / "audit_addon.py").write_text(MITM_ADDON)
                 stack.enter_context(
@@ -430,6 +459,20 @@ def report(
                 f" | {ours.p50_ms - bare.p50_ms:+.1f} ms | {ours.p99_ms - bare.p99_ms:+.1f} ms"
                 f" | {mitm_cells} |" + (f" ({bad} non-2xx/errors)" if bad else "")
             )
+    if "before" in targets:
+        print()
+        print("| request | -c | before | ratio before | after | ratio after |")
+        print("|---|---|---|---|---|---|")
+        for req in chosen:
+            for c in args.connections:
+                bare = results[(req.name, c, "bare aiohttp")]
+                ours = results[(req.name, c, "fhir-audit-proxy")]
+                old = results[(req.name, c, "before")]
+                print(
+                    f"| `{req.name}` | {c} | {old.rps:,.0f}, p50 {old.p50_ms:.1f} ms"
+                    f" | {old.rps / bare.rps:.2f} | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms"
+                    f" | {ours.rps / bare.rps:.2f} |"
+                )
     print()
     print(f"events committed durably during the run: {audited}")
     if memory is not None:

@@ -13,10 +13,10 @@ Order of work for one request (DESIGN.md, invariants 1-3):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, build_events, intent_summary
+from proxy.audit.balp import AuditContext, build_events, intent_summary, new_event_id
 from proxy.audit.identity import JwksCache, identity_from_headers
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
@@ -191,8 +191,16 @@ def _deletes_a_patients_resource(interaction: Interaction) -> bool:
     )
 
 
-def _status_class(status: int) -> str:
-    return f"{status // 100}xx"
+@functools.cache
+def _requests_counter(kind: str, status_class: int) -> Any:
+    """The request counter's child for a kind and status class, looked up once:
+    ``labels()`` costs a lock and a few dict operations on every request."""
+    return telemetry.REQUESTS.labels(kind=kind, status_class=f"{status_class}xx")
+
+
+@functools.cache
+def _events_counter(outcome: str) -> Any:
+    return telemetry.EVENTS_BUILT.labels(outcome=outcome)
 
 
 class ForwardHandler:
@@ -221,7 +229,8 @@ class ForwardHandler:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = datetime.now(UTC)
-        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        # A UUIDv7 from pooled entropy: uuid4 costs a getrandom call per request.
+        request_id = request.headers.get("X-Request-Id") or new_event_id()
         headers = {k.lower(): v for k, v in request.headers.items()}
         public_base = f"{request.scheme}://{request.host}{self._cfg.base_path}"
         path = relative_path(request.rel_url.raw_path, self._cfg.base_path)
@@ -415,13 +424,11 @@ class ForwardHandler:
         except StoreError as exc:
             return self._fail_closed(exc, "event")
         for event in events:
-            telemetry.EVENTS_BUILT.labels(outcome=str(event.get("outcome", "?"))).inc()
+            _events_counter(str(event.get("outcome", "?"))).inc()
         if self._on_events is not None:
             self._on_events(events)
         assert ex.interaction is not None
-        telemetry.REQUESTS.labels(
-            kind=ex.interaction.kind.value, status_class=_status_class(ex.status or 0)
-        ).inc()
+        _requests_counter(ex.interaction.kind.value, (ex.status or 0) // 100).inc()
         return None
 
     async def _audited_response(

@@ -149,16 +149,10 @@ _ENTROPY = _Entropy()
 def new_event_id() -> str:
     """A UUID whose leading bits are the time in milliseconds (the UUIDv7 layout, RFC
     9562), so that the store's id index grows at its end instead of at random places."""
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(_ENTROPY.take(10), "big")
-    value = (
-        (millis << 80)
-        | (0x7 << 76)
-        | (((rand >> 62) & 0xFFF) << 64)
-        | (0b10 << 62)
-        | (rand & ((1 << 62) - 1))
-    )
-    h = f"{value:032x}"
+    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + _ENTROPY.take(10))
+    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
+    raw[8] = 0x80 | (raw[8] & 0x3F)  # variant 0b10
+    h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
