@@ -393,8 +393,10 @@ class ForwardHandler:
         """Read the body unless it is larger than the buffer limit; then return what was read."""
         limit = self._cfg.buffer_limit
         length = upstream.content_length
-        if length is not None and length > limit:
-            return b"", False
+        if length is not None:
+            if length > limit:
+                return b"", False
+            return await upstream.read(), True  # one await for a body of known size
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -460,7 +460,10 @@ def _events_for(
     if ex.finished_at is not None:
         period["end"] = ex.finished_at.isoformat(timespec="milliseconds")
     base["period"] = period
-    base["recorded"] = now.isoformat(timespec="milliseconds")
+    # The proxy records an exchange when it finishes: one isoformat, not two.
+    base["recorded"] = (
+        period["end"] if now is ex.finished_at else now.isoformat(timespec="milliseconds")
+    )
     base["outcome"] = outcome
     if outcome_desc:
         base["outcomeDesc"] = outcome_desc[:2000]

@@ -83,13 +83,22 @@ EventRow = tuple[str, str, float, str | None, str | None, str, str, str | None, 
 
 
 def _timestamp(value: str) -> float:
+    known = _last_timestamp.get(value)
+    if known is not None:  # every event of an exchange has the same time
+        return known
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         return 0.0
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    _last_timestamp.clear()
+    _last_timestamp[value] = timestamp = parsed.timestamp()
+    return timestamp
+
+
+_last_timestamp: dict[str, float] = {}
+"""The last ``recorded`` value parsed and its timestamp (event loop thread only)."""
 
 
 def _joined(values: Sequence[str]) -> str:
