@@ -566,7 +566,8 @@ def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[d
 def intent_summary(exchange: Exchange) -> dict[str, Any]:
     """What is committed before a write is forwarded: enough to record the write if the
     proxy stops before its answer is audited. Holds no credential (an opaque token's last
-    32 characters at most, as BALP's opaque pattern records)."""
+    32 characters at most, as BALP's opaque pattern records). For ``orjson.dumps``: the
+    interaction and identity are their dataclasses, written as objects."""
     interaction = exchange.interaction
     assert interaction is not None
     identity = exchange.identity or Identity()
@@ -579,8 +580,10 @@ def intent_summary(exchange: Exchange) -> dict[str, Any]:
         "base_url": exchange.base_url,
         "started_at": exchange.started_at.isoformat(),
         "accept": exchange.request_headers.get("accept"),
-        "interaction": dataclasses.asdict(interaction),
-        "identity": dataclasses.asdict(identity),
+        # The dataclasses themselves: orjson writes them (enums as values, tuples as
+        # arrays) as dataclasses.asdict would, without asdict's deep copy (~20 us).
+        "interaction": interaction,
+        "identity": identity,
         "patients": list(
             _merged(
                 exchange.prior_patients,
