@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -159,6 +160,53 @@ def _client_headers(
         headers.add(name, value)
     headers["X-Request-Id"] = request_id
     return headers
+
+
+SPILL_AT = 128 * 1024
+"""Bytes of one response body held in memory while its audit commits; the rest waits in
+an anonymous temporary file, as nginx's proxy buffering does, so that hundreds of large
+answers at once do not each hold their whole body in memory."""
+
+
+class _HeldBody:
+    """A response body waiting for its audit: its first :data:`SPILL_AT` bytes in memory,
+    the rest in a temporary file (created on the first byte past that)."""
+
+    __slots__ = ("_head", "file", "size")
+
+    def __init__(self) -> None:
+        self._head: list[bytes] = []
+        self.file: BinaryIO | None = None
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self.file is None and self.size + len(chunk) <= SPILL_AT:
+            self._head.append(chunk)
+        else:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the handler)
+            self.file.write(chunk)
+        self.size += len(chunk)
+
+    def value(self) -> bytes:
+        """The whole body, read back from the file if it spilled."""
+        head = b"".join(self._head)
+        if self.file is None:
+            return head
+        self.file.seek(0)
+        return head + self.file.read()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body in pieces of at most 64 KiB past the memory part, for writing."""
+        yield from self._head
+        if self.file is not None:
+            self.file.seek(0)
+            while block := self.file.read(65536):
+                yield block
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -376,12 +424,19 @@ class ForwardHandler:
                 client_headers = _client_headers(
                     upstream.headers, ex.request_id, self._cfg, public_base
                 )
-                head, complete = await self._read_up_to_limit(upstream)
-                if complete:
-                    ex.response_body = head
-                    return await self._audited_response(ex, client_headers, head)
-                ex.response_streamed = True
-                return await self._audited_stream(request, ex, client_headers, head, upstream)
+                held, complete = await self._hold_body(upstream)
+                try:
+                    if complete and held.file is None:
+                        body = held.value()
+                        ex.response_body = body
+                        return await self._audited_response(ex, client_headers, body)
+                    if complete:
+                        ex.response_body = held.value()  # for the audit, dropped once built
+                        return await self._audited_held(request, ex, client_headers, held)
+                    ex.response_streamed = True
+                    return await self._audited_stream(request, ex, client_headers, held, upstream)
+                finally:
+                    held.close()
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except aiohttp.ClientError as exc:
@@ -408,11 +463,31 @@ class ForwardHandler:
             if size > limit:
                 return b"".join(chunks), False
 
+    async def _hold_body(self, upstream: aiohttp.ClientResponse) -> tuple[_HeldBody, bool]:
+        """Hold the body for the audit unless it is larger than the buffer limit; then
+        return what was held so far, and ``False``."""
+        limit = self._cfg.buffer_limit
+        length = upstream.content_length
+        held = _HeldBody()
+        if length is not None and length > limit:
+            return held, False
+        if length is not None and length <= SPILL_AT:
+            held.add(await upstream.read())  # one await for a small body of known size
+            return held, True
+        while chunk := await upstream.content.read(65536):
+            held.add(chunk)
+            if held.size > limit:
+                return held, False
+        return held, True
+
     async def _persist(self, ex: Exchange) -> web.Response | None:
         """Build and commit the events; an OperationOutcome response when that fails."""
         ex.finished_at = datetime.now(UTC)
         try:
             events = build_events(ex, self._ctx, ex.finished_at)
+            # Parsed bodies do not wait for the commit: hundreds of large answers at once
+            # would each hold their parse in memory.
+            ex.drop_parsed()
         except Exception:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
             telemetry.AUDIT_FAILURES.labels(reason="build").inc()
@@ -442,12 +517,29 @@ class ForwardHandler:
         assert ex.status is not None
         return web.Response(status=ex.status, headers=headers, body=body)
 
+    async def _audited_held(
+        self, request: web.Request, ex: Exchange, headers: CIMultiDict[str], held: _HeldBody
+    ) -> web.StreamResponse:
+        """A whole body that spilled to its temporary file: audited from the whole body,
+        then sent from memory and the file."""
+        failure = await self._persist(ex)
+        if failure is not None:
+            return failure
+        assert ex.status is not None
+        response = web.StreamResponse(status=ex.status, headers=headers)
+        response.content_length = held.size
+        await response.prepare(request)
+        for chunk in held.chunks():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
     async def _audited_stream(
         self,
         request: web.Request,
         ex: Exchange,
         headers: CIMultiDict[str],
-        head: bytes,
+        held: _HeldBody,
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         # Invariant 1: a body too large to buffer is audited from its head before its first byte.
@@ -457,8 +549,8 @@ class ForwardHandler:
         assert ex.status is not None
         response = web.StreamResponse(status=ex.status, headers=headers)
         await response.prepare(request)
-        if head:
-            await response.write(head)
+        for chunk in held.chunks():
+            await response.write(chunk)
         async for chunk in upstream.content.iter_chunked(65536):
             await response.write(chunk)
         await response.write_eof()
