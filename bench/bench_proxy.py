@@ -17,6 +17,10 @@ Then the memory scenario: 200 concurrent clients downloading a ~5 MB search Bund
 through the proxy; the proxy's resident memory before, at its peak (``VmHWM``) and after.
 
     python bench/bench_proxy.py [--seconds 5] [--connections 32 64] [--no-mitm] [--no-memory]
+                                [--before DIR]
+
+``--before DIR`` runs a second fhir-audit-proxy from another source tree (say ``git archive
+REV proxy | tar -x -C DIR``) through the same load, so a change is measured in one run.
 
 Needs Debian's ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``). Ratios in one
 run are what count: the machine's load moves absolute figures between runs.
@@ -329,8 +333,9 @@ def main() -> None:
                     ]
                 )
             )
+            before = None
             if args.before is not None:
-                stack.enter_context(
+                before = stack.enter_context(
                     running(
                         [sys.executable, "-m", "proxy", "-c", str(before_config), "run"],
                         cwd=args.before,
@@ -377,15 +382,18 @@ def main() -> None:
             ) as r:
                 audited = json.load(r)["total"]
 
-            memory: dict[str, float] | None = None
-            if not args.no_memory:
-                memory = memory_scenario(
-                    proxy.pid,
-                    f"http://127.0.0.1:{proxy_port}/fhir/Big",
+            memory: dict[str, dict[str, float]] = {}
+            pids = {"fhir-audit-proxy": (proxy.pid, proxy_port)}
+            if before is not None:
+                pids["before"] = (before.pid, before_port)
+            for name, (pid, port) in [] if args.no_memory else pids.items():
+                memory[name] = memory_scenario(
+                    pid,
+                    f"http://127.0.0.1:{port}/fhir/Big",
                     args.memory_clients,
                     args.memory_seconds,
                 )
-                memory["size_mb"] = len(big) / 1e6
+                memory[name]["size_mb"] = len(big) / 1e6
             load_after = load_average()
 
     report(args, chosen, targets, results, audited, memory, load_before, load_after)
@@ -428,7 +436,7 @@ def report(
     targets: dict[str, int],
     results: dict[tuple[str, int, str], Result],
     audited: int,
-    memory: dict[str, float] | None,
+    memory: dict[str, dict[str, float]],
     load_before: str,
     load_after: str,
 ) -> None:
@@ -475,13 +483,13 @@ def report(
                 )
     print()
     print(f"events committed durably during the run: {audited}")
-    if memory is not None:
+    for name, m in memory.items():
         print(
-            f"memory: {args.memory_clients} clients x {memory['size_mb']:.1f} MB Bundle for"
-            f" {args.memory_seconds} s: proxy RSS {memory['before_mb']:.0f} MB before,"
-            f" peak {memory['peak_mb']:.0f} MB, {memory['after_mb']:.0f} MB after;"
-            f" {memory['rps']:.1f} req/s, p50 {memory['p50_ms']:.0f} ms,"
-            f" non-2xx {memory['non2xx']:.0f}, socket errors {memory['errors']:.0f}"
+            f"memory, {name}: {args.memory_clients} clients x {m['size_mb']:.1f} MB Bundle"
+            f" for {args.memory_seconds} s: RSS {m['before_mb']:.0f} MB at rest,"
+            f" peak {m['peak_mb']:.0f} MB, {m['after_mb']:.0f} MB after; {m['rps']:.1f} req/s,"
+            f" p50 {m['p50_ms']:.0f} ms, non-2xx {m['non2xx']:.0f},"
+            f" socket errors {m['errors']:.0f}"
         )
 
 

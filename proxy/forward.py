@@ -162,7 +162,7 @@ def _client_headers(
     return headers
 
 
-SPILL_AT = 128 * 1024
+SPILL_AT = 64 * 1024
 """Bytes of one response body held in memory while its audit commits; the rest waits in
 an anonymous temporary file, as nginx's proxy buffering does, so that hundreds of large
 answers at once do not each hold their whole body in memory."""
@@ -528,10 +528,14 @@ class ForwardHandler:
         assert ex.status is not None
         response = web.StreamResponse(status=ex.status, headers=headers)
         response.content_length = held.size
-        await response.prepare(request)
-        for chunk in held.chunks():
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for chunk in held.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client left; its exchange is already audited as the upstream answered.
+            log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         return response
 
     async def _audited_stream(
