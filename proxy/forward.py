@@ -552,12 +552,15 @@ class ForwardHandler:
             return failure
         assert ex.status is not None
         response = web.StreamResponse(status=ex.status, headers=headers)
-        await response.prepare(request)
-        for chunk in held.chunks():
-            await response.write(chunk)
-        async for chunk in upstream.content.iter_chunked(65536):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for chunk in held.chunks():
+                await response.write(chunk)
+            async for chunk in upstream.content.iter_chunked(65536):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client left (audited already, as above)
+            log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         return response
 
     async def _upstream_failure(
