@@ -533,7 +533,7 @@ class ForwardHandler:
             for chunk in held.chunks():
                 await response.write(chunk)
             await response.write_eof()
-        except ConnectionResetError:
+        except ConnectionError:
             # The client left; its exchange is already audited as the upstream answered.
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         return response
@@ -559,7 +559,7 @@ class ForwardHandler:
             async for chunk in upstream.content.iter_chunked(65536):
                 await response.write(chunk)
             await response.write_eof()
-        except ConnectionResetError:  # the client left (audited already, as above)
+        except ConnectionError:  # the client left (audited already, as above)
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         return response
 
