@@ -5,7 +5,8 @@ Order of work for one request (DESIGN.md, invariants 1-3):
 1. classify the request and read the caller's identity (never keeping the token);
    before a DELETE of a resource that can belong to a patient, read it to learn whose it is;
 2. for a state-changing request, commit an intent record before forwarding;
-3. forward upstream, buffering the response up to ``buffer_limit_bytes``;
+3. forward upstream, buffering the response up to ``buffer_limit_bytes`` (its first
+   :data:`SPILL_AT` bytes in memory, the rest in a temporary file);
 4. build the AuditEvents and commit them with fsync (group commit, completing the intent);
 5. release the response. If 2 or 4 fail, the client gets an OperationOutcome instead
    (503, or 507 when the store is full) and the upstream body is discarded.
