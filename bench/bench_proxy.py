@@ -17,6 +17,10 @@ Then the memory scenario: 200 concurrent clients downloading a ~5 MB search Bund
 through the proxy; the proxy's resident memory before, at its peak (``VmHWM``) and after.
 
     python bench/bench_proxy.py [--seconds 5] [--connections 32 64] [--no-mitm] [--no-memory]
+                                [--before DIR]
+
+``--before DIR`` runs a second fhir-audit-proxy from another source tree (say ``git archive
+REV proxy | tar -x -C DIR``) through the same load, so a change is measured in one run.
 
 Needs Debian's ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``). Ratios in one
 run are what count: the machine's load moves absolute figures between runs.
@@ -248,6 +252,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--requests", nargs="+", default=["read", "search", "create"])
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a source tree of an earlier fhir-audit-proxy (its proxy/ package) to run"
+        " side by side as 'before', so a change is measured in the same run",
+    )
     parser.add_argument("--no-mitm", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-clients", type=int, default=200)
@@ -275,7 +285,9 @@ def main() -> None:
         big = json.dumps(searchset(10000, 5))
         (www / "Big").write_text(big)
         (d / "post.lua").write_text(POST_LUA.format(body=json.dumps(observation(0, 1))))
-        upstream, plain, proxy_port, admin_port, mitm_port = (free_port() for _ in range(5))
+        upstream, plain, proxy_port, admin_port, mitm_port, before_port, before_admin = (
+            free_port() for _ in range(7)
+        )
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(dir=d, upstream=upstream, created=json.dumps(CREATED))
         )
@@ -292,6 +304,20 @@ def main() -> None:
             )
         )
         targets: dict[str, int] = {"bare aiohttp": plain, "fhir-audit-proxy": proxy_port}
+        if args.before is not None:
+            before_config = d / "before.yaml"
+            before_config.write_text(
+                json.dumps(
+                    {
+                        "listen": {"host": "127.0.0.1", "port": before_port},
+                        "admin": {"host": "127.0.0.1", "port": before_admin},
+                        "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
+                        "store": {"path": str(d / "before" / "audit.db")},
+                        "log_level": "WARNING",
+                    }
+                )
+            )
+            targets["before"] = before_port
         with contextlib.ExitStack() as stack:
             stack.enter_context(running(["nginx", "-c", str(d / "nginx.conf")]))
             proxy = stack.enter_context(
@@ -307,6 +333,14 @@ def main() -> None:
                     ]
                 )
             )
+            before = None
+            if args.before is not None:
+                before = stack.enter_context(
+                    running(
+                        [sys.executable, "-m", "proxy", "-c", str(before_config), "run"],
+                        cwd=args.before,
+                    )
+                )
             if mitmdump is not None:
                 (d / "audit_addon.py").write_text(MITM_ADDON)
                 stack.enter_context(
@@ -348,15 +382,18 @@ def main() -> None:
             ) as r:
                 audited = json.load(r)["total"]
 
-            memory: dict[str, float] | None = None
-            if not args.no_memory:
-                memory = memory_scenario(
-                    proxy.pid,
-                    f"http://127.0.0.1:{proxy_port}/fhir/Big",
+            memory: dict[str, dict[str, float]] = {}
+            pids = {"fhir-audit-proxy": (proxy.pid, proxy_port)}
+            if before is not None:
+                pids["before"] = (before.pid, before_port)
+            for name, (pid, port) in [] if args.no_memory else pids.items():
+                memory[name] = memory_scenario(
+                    pid,
+                    f"http://127.0.0.1:{port}/fhir/Big",
                     args.memory_clients,
                     args.memory_seconds,
                 )
-                memory["size_mb"] = len(big) / 1e6
+                memory[name]["size_mb"] = len(big) / 1e6
             load_after = load_average()
 
     report(args, chosen, targets, results, audited, memory, load_before, load_after)
@@ -399,7 +436,7 @@ def report(
     targets: dict[str, int],
     results: dict[tuple[str, int, str], Result],
     audited: int,
-    memory: dict[str, float] | None,
+    memory: dict[str, dict[str, float]],
     load_before: str,
     load_after: str,
 ) -> None:
@@ -430,15 +467,29 @@ def report(
                 f" | {ours.p50_ms - bare.p50_ms:+.1f} ms | {ours.p99_ms - bare.p99_ms:+.1f} ms"
                 f" | {mitm_cells} |" + (f" ({bad} non-2xx/errors)" if bad else "")
             )
+    if "before" in targets:
+        print()
+        print("| request | -c | before | ratio before | after | ratio after |")
+        print("|---|---|---|---|---|---|")
+        for req in chosen:
+            for c in args.connections:
+                bare = results[(req.name, c, "bare aiohttp")]
+                ours = results[(req.name, c, "fhir-audit-proxy")]
+                old = results[(req.name, c, "before")]
+                print(
+                    f"| `{req.name}` | {c} | {old.rps:,.0f}, p50 {old.p50_ms:.1f} ms"
+                    f" | {old.rps / bare.rps:.2f} | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms"
+                    f" | {ours.rps / bare.rps:.2f} |"
+                )
     print()
     print(f"events committed durably during the run: {audited}")
-    if memory is not None:
+    for name, m in memory.items():
         print(
-            f"memory: {args.memory_clients} clients x {memory['size_mb']:.1f} MB Bundle for"
-            f" {args.memory_seconds} s: proxy RSS {memory['before_mb']:.0f} MB before,"
-            f" peak {memory['peak_mb']:.0f} MB, {memory['after_mb']:.0f} MB after;"
-            f" {memory['rps']:.1f} req/s, p50 {memory['p50_ms']:.0f} ms,"
-            f" non-2xx {memory['non2xx']:.0f}, socket errors {memory['errors']:.0f}"
+            f"memory, {name}: {args.memory_clients} clients x {m['size_mb']:.1f} MB Bundle"
+            f" for {args.memory_seconds} s: RSS {m['before_mb']:.0f} MB at rest,"
+            f" peak {m['peak_mb']:.0f} MB, {m['after_mb']:.0f} MB after; {m['rps']:.1f} req/s,"
+            f" p50 {m['p50_ms']:.0f} ms, non-2xx {m['non2xx']:.0f},"
+            f" socket errors {m['errors']:.0f}"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -194,6 +195,26 @@ async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+GC_THRESHOLD_0 = 10_000
+"""Allocations between young-generation collections (CPython's default is 700): every
+request allocates a few hundred containers (headers, exchange, events), so the default
+runs a collection every few requests."""
+
+
+async def _gc_ctx(_: web.Application) -> AsyncIterator[None]:
+    """Last to start: what startup built (settings, schemas, pools) moves out of the
+    collector's sight, and young collections run less often; both cost the event loop
+    time on every request (about 10% of its CPU per read under load, py-spy)."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_0, thresholds[1], thresholds[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
 async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     repo = settings.repository
@@ -353,6 +374,7 @@ def build_proxy_app(settings: Settings) -> web.Application:
             _delivery_ctx,
             _maintenance_ctx,
             _admin_ctx,
+            _gc_ctx,
         ]
     )
     app.router.add_route("*", "/{tail:.*}", _dispatch)

@@ -80,6 +80,12 @@ class Exchange:
         result: dict[str, Any] | None = self._request_json
         return result
 
+    def drop_parsed(self) -> None:
+        """Let go of the parsed bodies, and of a response body held only for the audit,
+        once the events are built: they need not wait in memory for the commit."""
+        self._request_json = self._response_json = _UNPARSED
+        self.response_body = None
+
     def response_json(self) -> dict[str, Any] | None:
         """The response body as a JSON object (parsed once), or None."""
         if self._response_json is _UNPARSED:

@@ -5,7 +5,8 @@ Order of work for one request (DESIGN.md, invariants 1-3):
 1. classify the request and read the caller's identity (never keeping the token);
    before a DELETE of a resource that can belong to a patient, read it to learn whose it is;
 2. for a state-changing request, commit an intent record before forwarding;
-3. forward upstream, buffering the response up to ``buffer_limit_bytes``;
+3. forward upstream, buffering the response up to ``buffer_limit_bytes`` (its first
+   :data:`SPILL_AT` bytes in memory, the rest in a temporary file);
 4. build the AuditEvents and commit them with fsync (group commit, completing the intent);
 5. release the response. If 2 or 4 fail, the client gets an OperationOutcome instead
    (503, or 507 when the store is full) and the upstream body is discarded.
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import re
+import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import orjson
@@ -39,6 +41,7 @@ from proxy.audit.balp import (
     AuditContext,
     build_events,
     intent_summary,
+    new_event_id,
 )
 from proxy.audit.identity import JwksCache, identity_from_headers, load_token_key
 from proxy.exchange import Exchange
@@ -257,6 +260,53 @@ def _client_headers(
     return headers
 
 
+SPILL_AT = 64 * 1024
+"""Bytes of one response body held in memory while its audit commits; the rest waits in
+an anonymous temporary file, as nginx's proxy buffering does, so that hundreds of large
+answers at once do not each hold their whole body in memory."""
+
+
+class _HeldBody:
+    """A response body waiting for its audit: its first :data:`SPILL_AT` bytes in memory,
+    the rest in a temporary file (created on the first byte past that)."""
+
+    __slots__ = ("_head", "file", "size")
+
+    def __init__(self) -> None:
+        self._head: list[bytes] = []
+        self.file: BinaryIO | None = None
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self.file is None and self.size + len(chunk) <= SPILL_AT:
+            self._head.append(chunk)
+        else:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the handler)
+            self.file.write(chunk)
+        self.size += len(chunk)
+
+    def value(self) -> bytes:
+        """The whole body, read back from the file if it spilled."""
+        head = b"".join(self._head)
+        if self.file is None:
+            return head
+        self.file.seek(0)
+        return head + self.file.read()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body in pieces of at most 64 KiB past the memory part, for writing."""
+        yield from self._head
+        if self.file is not None:
+            self.file.seek(0)
+            while block := self.file.read(65536):
+                yield block
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield head
     async for chunk in rest:
@@ -310,8 +360,17 @@ def _recordable(value: str) -> str:
     return value
 
 
-def _status_class(status: int) -> str:
-    return f"{status // 100}xx"
+
+@functools.cache
+def _requests_counter(kind: str, status_class: int) -> Any:
+    """The request counter's child for a kind and status class, looked up once:
+    ``labels()`` costs a lock and a few dict operations on every request."""
+    return telemetry.REQUESTS.labels(kind=kind, status_class=f"{status_class}xx")
+
+
+@functools.cache
+def _events_counter(outcome: str) -> Any:
+    return telemetry.EVENTS_BUILT.labels(outcome=outcome)
 
 
 class ForwardHandler:
@@ -404,9 +463,9 @@ class ForwardHandler:
             if clean is not value and refusal is None:
                 refusal = (400, "invalid", f"the {name[:64]} header is not valid UTF-8")
             headers[_recordable(name).lower()] = clean
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        request_id = headers.get("x-request-id") or new_event_id()
         if not _REQUEST_ID.fullmatch(request_id):
-            request_id = str(uuid.uuid4())
+            request_id = new_event_id()
             if refusal is None:
                 refusal = (400, "invalid", "X-Request-Id must be 1-200 printable ASCII characters")
         raw_path = request.rel_url.raw_path
@@ -485,7 +544,7 @@ class ForwardHandler:
         request is known or kept but its peer: ``reason`` is the parser's category of
         error, never the offending bytes (they may be a credential)."""
         ex = Exchange(
-            request_id=str(uuid.uuid4()),
+            request_id=new_event_id(),
             method="UNKNOWN",
             path="",
             query_string="",
@@ -607,12 +666,19 @@ class ForwardHandler:
                 client_headers = _client_headers(
                     upstream.headers, ex.request_id, self._cfg, public_base
                 )
-                head, complete = await self._read_up_to_limit(upstream)
-                if complete:
-                    ex.response_body = head
-                    return await self._audited_response(ex, client_headers, head)
-                ex.response_streamed = True
-                return await self._audited_stream(request, ex, client_headers, head, upstream)
+                held, complete = await self._hold_body(upstream)
+                try:
+                    if complete and held.file is None:
+                        body = held.value()
+                        ex.response_body = body
+                        return await self._audited_response(ex, client_headers, body)
+                    if complete:
+                        ex.response_body = held.value()  # for the audit, dropped once built
+                        return await self._audited_held(request, ex, client_headers, held)
+                    ex.response_streamed = True
+                    return await self._audited_stream(request, ex, client_headers, held, upstream)
+                finally:
+                    held.close()
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except aiohttp.ClientError as exc:
@@ -626,8 +692,10 @@ class ForwardHandler:
         """Read the body unless it is larger than the buffer limit; then return what was read."""
         limit = self._cfg.buffer_limit
         length = upstream.content_length
-        if length is not None and length > limit:
-            return b"", False
+        if length is not None:
+            if length > limit:
+                return b"", False
+            return await upstream.read(), True  # one await for a body of known size
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -639,6 +707,23 @@ class ForwardHandler:
             if size > limit:
                 return b"".join(chunks), False
 
+    async def _hold_body(self, upstream: aiohttp.ClientResponse) -> tuple[_HeldBody, bool]:
+        """Hold the body for the audit unless it is larger than the buffer limit; then
+        return what was held so far, and ``False``."""
+        limit = self._cfg.buffer_limit
+        length = upstream.content_length
+        held = _HeldBody()
+        if length is not None and length > limit:
+            return held, False
+        if length is not None and length <= SPILL_AT:
+            held.add(await upstream.read())  # one await for a small body of known size
+            return held, True
+        while chunk := await upstream.content.read(65536):
+            held.add(chunk)
+            if held.size > limit:
+                return held, False
+        return held, True
+
     async def _persist(self, ex: Exchange) -> web.Response | None:
         """Build and commit the events; an OperationOutcome response when that fails."""
         ex.finished_at = datetime.now(UTC)
@@ -649,6 +734,9 @@ class ForwardHandler:
                 events = await asyncio.to_thread(build_events, ex, self._ctx, ex.finished_at)
             else:
                 events = build_events(ex, self._ctx, ex.finished_at)
+            # Parsed bodies do not wait for the commit: hundreds of large answers at once
+            # would each hold their parse in memory.
+            ex.drop_parsed()
         except Exception:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
             telemetry.AUDIT_FAILURES.labels(reason="build").inc()
@@ -669,13 +757,11 @@ class ForwardHandler:
                 )
             return self._fail_closed(exc, "event")
         for event in events:
-            telemetry.EVENTS_BUILT.labels(outcome=str(event.get("outcome", "?"))).inc()
+            _events_counter(str(event.get("outcome", "?"))).inc()
         if self._on_events is not None:
             self._on_events(events)
         assert ex.interaction is not None
-        telemetry.REQUESTS.labels(
-            kind=ex.interaction.kind.value, status_class=_status_class(ex.status or 0)
-        ).inc()
+        _requests_counter(ex.interaction.kind.value, (ex.status or 0) // 100).inc()
         return None
 
     async def _audited_response(
@@ -687,12 +773,33 @@ class ForwardHandler:
         assert ex.status is not None
         return web.Response(status=ex.status, headers=headers, body=body)
 
+    async def _audited_held(
+        self, request: web.Request, ex: Exchange, headers: CIMultiDict[str], held: _HeldBody
+    ) -> web.StreamResponse:
+        """A whole body that spilled to its temporary file: audited from the whole body,
+        then sent from memory and the file."""
+        failure = await self._persist(ex)
+        if failure is not None:
+            return failure
+        assert ex.status is not None
+        response = web.StreamResponse(status=ex.status, headers=headers)
+        response.content_length = held.size
+        try:
+            await response.prepare(request)
+            for chunk in held.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The client left; its exchange is already audited as the upstream answered.
+            log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
+        return response
+
     async def _audited_stream(
         self,
         request: web.Request,
         ex: Exchange,
         headers: CIMultiDict[str],
-        head: bytes,
+        held: _HeldBody,
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         # Invariant 1: a body too large to buffer is audited from its head before its first byte.
@@ -701,12 +808,15 @@ class ForwardHandler:
             return failure
         assert ex.status is not None
         response = web.StreamResponse(status=ex.status, headers=headers)
-        await response.prepare(request)
-        if head:
-            await response.write(head)
-        async for chunk in upstream.content.iter_chunked(65536):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for chunk in held.chunks():
+                await response.write(chunk)
+            async for chunk in upstream.content.iter_chunked(65536):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:  # the client left (audited already, as above)
+            log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         return response
 
     async def _upstream_failure(

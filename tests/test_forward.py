@@ -251,6 +251,84 @@ async def test_large_response_streams_and_is_audited_first(
     assert event["outcome"] == "0"
 
 
+def _searchset(size: int) -> bytes:
+    """A searchset Bundle of about ``size`` bytes whose first entry is Patient/first's and
+    whose last entry, far past the part of a body held in memory, is Patient/last's."""
+    entries = [
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "id": f"o{i}",
+                "status": "final",
+                "code": {"text": "x" * 200},
+                "subject": {"reference": "Patient/first" if i == 0 else "Patient/mid"},
+            }
+        }
+        for i in range(size // 300)
+    ]
+    entries.append(
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "id": "o-last",
+                "status": "final",
+                "code": {"text": "last"},
+                "subject": {"reference": "Patient/last"},
+            }
+        }
+    )
+    return orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": entries})
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("fails", [False, True])
+async def test_body_past_the_memory_part_is_audited_whole_and_sent_intact(
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    chunked: bool,
+    fails: bool,
+) -> None:
+    """A body larger than what one response holds in memory (the rest waits in a
+    temporary file) is parsed whole for its patients, released only after the commit,
+    and byte for byte what the upstream sent; when the store fails, none of it leaves."""
+    bundle = _searchset(2 * 1024 * 1024)
+
+    async def search(request: web.Request) -> web.StreamResponse:
+        if not chunked:
+            return web.Response(body=bundle, content_type="application/fhir+json")
+        response = web.StreamResponse(headers=FHIR)
+        await response.prepare(request)
+        for i in range(0, len(bundle), 50_000):
+            await response.write(bundle[i : i + 50_000])
+        await response.write_eof()
+        return response
+
+    async with serving(("GET", "/fhir/Observation", search)) as upstream:
+        proxy = await start_proxy(str(upstream.make_url("/fhir")))
+        if fails:
+
+            async def broken_append(*args: Any, **kwargs: Any) -> None:
+                raise StoreError("disk I/O error")
+
+            monkeypatch.setattr(proxy.queue, "append", broken_append)
+        async with http.get(f"{proxy.url}/Observation?status=final") as r:
+            body = await r.read()
+            if fails:
+                assert r.status == 503
+                assert b"o-last" not in body and b"Patient/first" not in body
+                return
+            assert r.status == 200
+            assert r.headers["Content-Length"] == str(len(bundle))
+        assert body == bundle
+        events = await proxy.stored_events()
+    assert sorted(p for e in events for p in patient_refs(e)) == [
+        "Patient/first",
+        "Patient/last",
+        "Patient/mid",
+    ]
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_large_request_body_streams_upstream_intact(
     echo_upstream: tuple[str, list[dict[str, Any]]],
