@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -205,19 +204,18 @@ async def test_no_response_without_a_durable_audit_store_is_fsynced_wal(
     """Durable means fsynced: every live connection the proxy holds on its store runs in
     WAL mode with ``synchronous=FULL`` (planted bug: ``PRAGMA synchronous=OFF``). The
     setting is per connection and not stored in the file, so it is read back from the
-    proxy's own connections, found among the live objects."""
+    proxy's own live connections."""
     proxy = await start_proxy(upstream.url)
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 200
     store = str(_store_path(proxy).resolve())  # sqlite reports absolute paths
+    # The connections the running queue holds (gc.get_objects cannot see them: the app
+    # freezes its start-up objects out of the collector's sight).
     live: list[sqlite3.Connection] = []
-    for obj in gc.get_objects():
+    for obj in vars(proxy.queue).values():
         if not isinstance(obj, sqlite3.Connection):
             continue
-        try:
-            databases = obj.execute("PRAGMA database_list").fetchall()
-        except sqlite3.ProgrammingError:  # closed
-            continue
+        databases = obj.execute("PRAGMA database_list").fetchall()
         if any(row[2] == store for row in databases):
             live.append(obj)
     assert len(live) >= 2, "the writer's and the reader's connections"
