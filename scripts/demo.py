@@ -139,6 +139,7 @@ def banner(args: argparse.Namespace, upstream: str, data: Path, fresh: bool) -> 
         [
             "fhir-audit-proxy demo is running:",
             f"  proxy (use this as your FHIR base):  http://{HOST}:{args.port}/fhir",
+            f"  audit trail viewer (open in a browser): {admin}/ui",
             f"  test FHIR server (in memory):        {upstream}",
             f"  audit events, FHIR search:           {admin}/fhir/AuditEvent?_sort=-date&_count=20",
             f"  audit log (Smile CDR style):         {admin}/audit-log",
