@@ -521,3 +521,24 @@ def test_a_search_body_without_content_type_is_not_read_as_form_parameters() -> 
     form: Any = classify("POST", "Patient/_search", "", FORM, b"name=x")
     assert (bare.kind, bare.search) == (K.SEARCH_TYPE, ())
     assert (form.kind, form.search) == (K.SEARCH_TYPE, (("name", "x"),))
+
+
+def test_blank_search_parameters_are_kept() -> None:
+    """``name=`` is a parameter the client sent; the event records it."""
+    got: Any = classify("GET", "Patient", "name=&_count=1", {}, None)
+    assert (got.kind, got.search) == (K.SEARCH_TYPE, (("name", ""), ("_count", "1")))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "detail"),
+    [
+        ("BREW", "Patient", "unsupported HTTP method BREW"),
+        ("GET", "Patient//1", "empty path segment"),
+        ("GET", "\x00", "unknown resource type '\\x00'"),
+    ],
+)
+def test_unknown_requests_say_why(method: str, path: str, detail: str) -> None:
+    """An UNKNOWN interaction keeps the method sent and says why it is unknown (the
+    event's description)."""
+    got: Any = classify(method, path, "", {}, None)
+    assert (got.kind, got.method, got.detail) == (K.UNKNOWN, method, detail)
