@@ -542,3 +542,46 @@ def test_unknown_requests_say_why(method: str, path: str, detail: str) -> None:
     event's description)."""
     got: Any = classify(method, path, "", {}, None)
     assert (got.kind, got.method, got.detail) == (K.UNKNOWN, method, detail)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "body", "expected"),
+    [
+        ("GET", "", "a=1", None, (K.SEARCH_SYSTEM, None, (("a", "1"),), False, None)),
+        (
+            "DELETE",
+            "",
+            "",
+            None,
+            (K.UNKNOWN, None, (), False, "DELETE on the base is not a FHIR interaction"),
+        ),
+        ("DELETE", "", "identifier=x", None, (K.DELETE, None, (("identifier", "x"),), True, None)),
+        (
+            "GET",
+            "_history",
+            "_since=2020",
+            None,
+            (K.HISTORY_SYSTEM, None, (("_since", "2020"),), False, None),
+        ),
+        (
+            "POST",
+            "_search",
+            "a=1",
+            b"b=2",
+            (K.SEARCH_SYSTEM, None, (("a", "1"), ("b", "2")), False, None),
+        ),
+        ("GET", "$x", "p=1", None, (K.OPERATION, "x", (("p", "1"),), False, None)),
+        ("GET", "$", "", None, (K.UNKNOWN, None, (), False, "malformed system operation path")),
+        ("PUT", "_history", "", None, (K.UNKNOWN, None, (), False, "PUT on _history")),
+        ("PUT", "metadata", "", None, (K.UNKNOWN, None, (), False, "PUT on metadata")),
+        ("GET", "_search", "", None, (K.UNKNOWN, None, (), False, "GET on _search")),
+    ],
+)
+def test_system_level_requests_keep_their_parameters(
+    method: str, path: str, query: str, body: bytes | None, expected: tuple[Any, ...]
+) -> None:
+    """Interactions on the base: a conditional DELETE needs parameters, a system search
+    reads form parameters too, a one-letter operation is an operation; what is none of
+    these says why."""
+    got: Any = classify(method, path, query, FORM, body)
+    assert (got.kind, got.operation, got.search, got.conditional, got.detail) == expected
