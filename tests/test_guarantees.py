@@ -24,6 +24,7 @@ from aiohttp import web
 from proxy import forward as forward_module
 from proxy.audit.balp import intent_summary
 from proxy.store.queue import AuditQueue
+from proxy.telemetry import REGISTRY
 from tests.factories import (
     FHIR,
     RecordingRepository,
@@ -294,6 +295,7 @@ async def test_fail_closed_a_refused_intent_stops_the_write_and_is_audited(
     # refusal, unrecordable, is logged.
     refuse_inserts(_store_path(proxy), "events")
     caplog.set_level(logging.ERROR)
+    failures = _store_failures()
     async with http.post(
         f"{proxy.url}/Patient",
         json={"resourceType": "Patient"},
@@ -304,6 +306,13 @@ async def test_fail_closed_a_refused_intent_stops_the_write_and_is_audited(
     assert [q["method"] for q in upstream.requests] == ["GET"], "still no write forwarded"
     assert len(await proxy.stored_events()) == 2
     assert any("could not be persisted" in rec.getMessage() for rec in caplog.records)
+    assert _store_failures() >= failures + 1, "and counted"
+
+
+def _store_failures() -> float:
+    """Requests failed closed for a store error so far (the Prometheus counter)."""
+    value = REGISTRY.get_sample_value("fhir_audit_failures_total", {"reason": "store_error"})
+    return value or 0.0
 
 
 # --- 3. No unaudited write across a crash --------------------------------------------------

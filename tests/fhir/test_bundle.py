@@ -26,7 +26,7 @@ REQUEST: dict[str, Any] = {
             "request": {"method": "put", "url": "Patient/2"},
             "resource": {"resourceType": "Patient", "id": "2"},
         },
-        {"request": {"method": "POST"}},
+        {"fullUrl": "urn:uuid:c", "request": {"method": "POST"}},
         {"fullUrl": "urn:uuid:b", "request": {"method": "POST", "url": "Observation"}},
     ],
 }
@@ -49,6 +49,7 @@ def test_each_entry_is_classified_from_its_request_and_matched_to_its_response()
     create, read, update, no_url, unanswered = bundle_entries(REQUEST, RESPONSE)
 
     assert (create.interaction.kind, create.interaction.conditional) == (K.CREATE, True)
+    assert create.interaction.search == (("identifier", "x|1"),)
     assert (create.status, create.location) == (201, "Patient/p1/_history/1")
     assert create.patients == ("Patient/p1",)
 

@@ -521,3 +521,67 @@ def test_a_search_body_without_content_type_is_not_read_as_form_parameters() -> 
     form: Any = classify("POST", "Patient/_search", "", FORM, b"name=x")
     assert (bare.kind, bare.search) == (K.SEARCH_TYPE, ())
     assert (form.kind, form.search) == (K.SEARCH_TYPE, (("name", "x"),))
+
+
+def test_blank_search_parameters_are_kept() -> None:
+    """``name=`` is a parameter the client sent; the event records it."""
+    got: Any = classify("GET", "Patient", "name=&_count=1", {}, None)
+    assert (got.kind, got.search) == (K.SEARCH_TYPE, (("name", ""), ("_count", "1")))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "detail"),
+    [
+        ("BREW", "Patient", "unsupported HTTP method BREW"),
+        ("GET", "Patient//1", "empty path segment"),
+        ("GET", "\x00", "unknown resource type '\\x00'"),
+    ],
+)
+def test_unknown_requests_say_why(method: str, path: str, detail: str) -> None:
+    """An UNKNOWN interaction keeps the method sent and says why it is unknown (the
+    event's description)."""
+    got: Any = classify(method, path, "", {}, None)
+    assert (got.kind, got.method, got.detail) == (K.UNKNOWN, method, detail)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "body", "expected"),
+    [
+        ("GET", "", "a=1", None, (K.SEARCH_SYSTEM, None, (("a", "1"),), False, None)),
+        (
+            "DELETE",
+            "",
+            "",
+            None,
+            (K.UNKNOWN, None, (), False, "DELETE on the base is not a FHIR interaction"),
+        ),
+        ("DELETE", "", "identifier=x", None, (K.DELETE, None, (("identifier", "x"),), True, None)),
+        (
+            "GET",
+            "_history",
+            "_since=2020",
+            None,
+            (K.HISTORY_SYSTEM, None, (("_since", "2020"),), False, None),
+        ),
+        (
+            "POST",
+            "_search",
+            "a=1",
+            b"b=2",
+            (K.SEARCH_SYSTEM, None, (("a", "1"), ("b", "2")), False, None),
+        ),
+        ("GET", "$x", "p=1", None, (K.OPERATION, "x", (("p", "1"),), False, None)),
+        ("GET", "$", "", None, (K.UNKNOWN, None, (), False, "malformed system operation path")),
+        ("PUT", "_history", "", None, (K.UNKNOWN, None, (), False, "PUT on _history")),
+        ("PUT", "metadata", "", None, (K.UNKNOWN, None, (), False, "PUT on metadata")),
+        ("GET", "_search", "", None, (K.UNKNOWN, None, (), False, "GET on _search")),
+    ],
+)
+def test_system_level_requests_keep_their_parameters(
+    method: str, path: str, query: str, body: bytes | None, expected: tuple[Any, ...]
+) -> None:
+    """Interactions on the base: a conditional DELETE needs parameters, a system search
+    reads form parameters too, a one-letter operation is an operation; what is none of
+    these says why."""
+    got: Any = classify(method, path, query, FORM, body)
+    assert (got.kind, got.operation, got.search, got.conditional, got.detail) == expected

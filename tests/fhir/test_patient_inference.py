@@ -30,6 +30,8 @@ from proxy.fhir.patients import (
         ("#contained-patient", None),
         # a contained or urn: reference names no server resource, whatever its tail
         ("#/Patient/1", None),
+        ("Patient/7?_format=json", "Patient/7"),
+        ("https://x/fhir/Patient/7?a=b?c", "Patient/7"),
         ("urn:example:/Patient/1", None),
         ("Patient", None),
         ("Patient/", None),

@@ -101,7 +101,9 @@ async def test_a_store_from_before_compression_is_migrated_and_read(tmp_path: Pa
     conn.close()
 
 
-async def test_a_damaged_body_goes_to_dead_letter_and_delivery_continues(tmp_path: Path) -> None:
+async def test_a_damaged_body_goes_to_dead_letter_and_delivery_continues(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "audit.db"
     events = [audit_event(i) for i in range(3)]
     queue = await AuditQueue.open(path, max_bytes=1 << 30)
@@ -118,6 +120,8 @@ async def test_a_damaged_body_goes_to_dead_letter_and_delivery_continues(tmp_pat
     assert [q.event for q in claimed] == [events[0], events[2]]
     stats = await queue.stats()
     assert (stats.pending, stats.dead) == (2, 1)
+    (logged,) = [r.getMessage() for r in caplog.records if "dead-letter" in r.getMessage()]
+    assert events[1]["id"] in logged, "the log names the event an operator must look at"
     with pytest.raises(StoreError, match=events[1]["id"]):
         await queue.get_event(events[1]["id"])
     await queue.close()

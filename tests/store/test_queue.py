@@ -285,3 +285,16 @@ async def test_a_repository_answer_is_kept_to_4096_characters(queue: AuditQueue)
     (pending,) = await queue.claim(2, NOW)
     (dead_letter,) = await queue.list_dead()
     assert pending.last_error == dead_letter.last_error == "x" * 4096
+
+
+async def test_a_dead_letter_keeps_its_last_retry_time_in_utc(queue: AuditQueue) -> None:
+    """What the DLQ shows: attempts counted, and the time of the last planned retry as an
+    aware UTC datetime (the admin API prints it as such)."""
+    await queue.append([queued_event(1)])
+    (event,) = await queue.claim(1, NOW)
+    retry_at = (NOW + timedelta(minutes=5)).replace(microsecond=0)
+    await queue.nack([event.seq], "HTTP 503", retry_at)
+    await queue.dead_letter([event.seq], "HTTP 400")
+    (dead,) = await queue.list_dead()
+    assert dead.next_attempt_at == retry_at and dead.next_attempt_at.tzinfo is UTC
+    assert (dead.attempts, dead.last_error) == (2, "HTTP 400")
