@@ -59,15 +59,20 @@ def _listeners(port: int) -> int:
     return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
 
 
-async def _spread(proxy: ProxyProcess, workers: int, tag: str) -> int:
-    """GET metadata on fresh connections (the kernel picks a listener per connection),
-    once every worker listens; the number of requests sent."""
+async def _all_listening(proxy: ProxyProcess, workers: int) -> None:
+    """Wait until every worker listens (each recovers its shard's intents before)."""
     port = proxy.config["listen"]["port"]
     for _ in range(400):
         if _listeners(port) == workers:
-            break
+            return
         await asyncio.sleep(0.05)
-    assert _listeners(port) == workers, "every worker listens on the shared port"
+    raise AssertionError("not every worker listens on the shared port")
+
+
+async def _spread(proxy: ProxyProcess, workers: int, tag: str) -> int:
+    """GET metadata on fresh connections (the kernel picks a listener per connection),
+    once every worker listens; the number of requests sent."""
+    await _all_listening(proxy, workers)
     sent = 200
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
         for n in range(sent):
@@ -106,6 +111,7 @@ async def test_two_workers_share_the_port_and_the_admin_reads_both_shards(
         finally:
             await proxy.stop()
         assert proxy.process is not None and proxy.process.returncode == 0
+    assert _listeners(proxy.config["listen"]["port"]) == 0, "SIGTERM stopped every worker"
     assert not store.exists(), "with workers the store is the shards only"
     # the admin records its own searches (in shard 0): count the proxied requests only
     in_shards = [_count(s, "request_id LIKE 'w%'") for s in shards]
@@ -166,9 +172,10 @@ async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shar
 
     async def upstream(request: web.Request) -> web.Response:
         await request.read()
-        if request.method == "POST":
-            arrived.append(request.headers["X-Request-Id"])
-            await release.wait()
+        if request.method != "POST":
+            return web.json_response({"resourceType": "CapabilityStatement"})
+        arrived.append(request.headers["X-Request-Id"])
+        await release.wait()
         return web.json_response({"resourceType": "Observation", "id": "1"}, status=201)
 
     store = tmp_path / "audit.db"
@@ -179,7 +186,11 @@ async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shar
         )
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             await proxy.start(http)
-            await _spread(proxy, 2, "r")
+            try:
+                await _spread(proxy, 2, "r")
+            except BaseException:
+                await proxy.stop()
+                raise
 
             async def write(n: int) -> None:
                 body = {"resourceType": "Observation", "status": "final"}
@@ -201,6 +212,7 @@ async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shar
             assert all(isinstance(r, aiohttp.ClientError) for r in results), results
             release.set()
             await proxy.start(http)  # each worker recovers the intents of its own shard
+            await _all_listening(proxy, 2)
             await proxy.stop()
     unknown: list[list[str]] = []
     for shard in shards:
