@@ -215,6 +215,12 @@ def supervise(args: argparse.Namespace, settings: Settings) -> int:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind((settings.listen.host, 0))
         env[f"{ENV_PREFIX}LISTEN__PORT"] = str(held.getsockname()[1])
+    if settings.audit.token_hash_key is None:
+        # Workers hash opaque tokens under one key: create it once, before they race to.
+        from proxy.audit.identity import load_token_key
+
+        store = settings.store.path
+        load_token_key(None, store.with_name(store.name + ".token-key"))
     command = [sys.executable, "-m", "proxy", "run"]
     command += ["-c", args.config] if args.config else []
     command += ["--debug"] if args.debug else []

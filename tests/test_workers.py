@@ -4,6 +4,7 @@ its own store shard, and the admin API and ``dlq`` commands read every shard as 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
@@ -76,7 +77,7 @@ async def _spread(proxy: ProxyProcess, workers: int, tag: str) -> int:
     sent = 200
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
         for n in range(sent):
-            headers = {"X-Request-Id": f"{tag}{n}"}
+            headers = {"X-Request-Id": f"{tag}{n}", "Authorization": "Bearer opaque-token-1"}
             async with fresh.get(f"{proxy.url}/metadata", headers=headers) as r:
                 assert r.status == 200
     return sent
@@ -122,6 +123,8 @@ async def test_two_workers_share_the_port_and_the_admin_reads_both_shards(
     proxied = [e for e in served if (request_id_of(e) or "").startswith("w")]
     assert sorted(request_id_of(e) or "" for e in proxied) == sorted(f"w{i}" for i in range(sent))
     assert len({e["id"] for e in served}) == len(served), "no event on two pages"
+    hashes = set(re.findall(rb"hmac-sha256:[0-9a-f]+", orjson.dumps(proxied)))
+    assert len(hashes) == 1, f"one token key for every worker: {hashes}"
     recorded = [e["recorded"] for e in served]
     assert recorded == sorted(recorded, reverse=True), "merged newest first"
     log = (tmp_path / "proxy.log").read_text()
