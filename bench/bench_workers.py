@@ -123,6 +123,16 @@ def wrk(url: str, seconds: int, connections: int, script: str | None) -> tuple[f
     return rps, failed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its children (the workers), in seconds."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0.0
+    for each in [pid, *map(int, children)]:
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 @contextlib.contextmanager
 def running(cmd: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(cmd, **kwargs)  # type: ignore[call-overload]
@@ -161,6 +171,8 @@ def main() -> None:
             ("POST Observation", "/fhir/Observation", str(d / "post.lua")),
         ]
         results: dict[tuple[str, int], tuple[float, int]] = {}
+        cores: dict[tuple[str, int], float] = {}
+        """CPU cores the proxy's processes kept busy during the measured run."""
         with running(["nginx", "-c", str(d / "nginx.conf")]):
             wait_http(f"http://127.0.0.1:{upstream}/fhir/Patient/1")
             for workers in (1, 2):
@@ -179,7 +191,7 @@ def main() -> None:
                     )
                 )
                 cmd = [sys.executable, "-m", "proxy", "-c", str(config), "run"]
-                with running(cmd, cwd=ROOT):
+                with running(cmd, cwd=ROOT) as proxy:
                     wait_http(f"http://127.0.0.1:{port}/fhir/Patient/1")
                     deadline = time.monotonic() + 30
                     while listeners(port) < workers and time.monotonic() < deadline:
@@ -187,18 +199,25 @@ def main() -> None:
                     for name, path, script in requests:
                         url = f"http://127.0.0.1:{port}{path}"
                         wrk(url, 1, args.connections, script)  # warm-up
+                        before, t0 = cpu_seconds(proxy.pid), time.monotonic()
                         results[(name, workers)] = wrk(url, args.seconds, args.connections, script)
+                        used = cpu_seconds(proxy.pid) - before
+                        cores[(name, workers)] = used / (time.monotonic() - t0)
 
     print(
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores,"
-        f" wrk -t1 -c{args.connections} -d{args.seconds}s, nginx upstream"
+        f" wrk -t1 -c{args.connections} -d{args.seconds}s, nginx upstream,"
+        f" load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
     )
-    print("| request | 1 worker req/s | 2 workers req/s | ratio |")
+    print("| request | 1 worker req/s (cores) | 2 workers req/s (cores) | ratio |")
     print("|---|---|---|---|")
     for name, _, _ in requests:
         (one, bad1), (two, bad2) = results[(name, 1)], results[(name, 2)]
         note = f" ({bad1}/{bad2} failed)" if bad1 or bad2 else ""
-        print(f"| {name} | {one:,.0f} | {two:,.0f} | {two / one:.2f}x{note} |")
+        print(
+            f"| {name} | {one:,.0f} ({cores[(name, 1)]:.2f}) | {two:,.0f} ({cores[(name, 2)]:.2f})"
+            f" | {two / one:.2f}x{note} |"
+        )
 
 
 if __name__ == "__main__":
