@@ -14,6 +14,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,6 +35,7 @@ from proxy.forward import (
 )
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError
+from proxy.store.shards import ShardedStore
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ LEFT_AT_START = web.AppKey("intents_left_at_start", int)
 HANDLER = web.AppKey("forward_handler", ForwardHandler)
 FLUSHER = web.AppKey("flusher", Flusher)
 ADMIN_URL = web.AppKey("admin_url", str)
+WORKER = web.AppKey("worker", int)
+"""This process's worker index (0 with ``workers: 1``): which store shard it owns."""
 VALIDATION = web.AppKey("validation_queue", asyncio.Queue[dict[str, Any]])
 
 PRUNE_EVERY_S = 3600.0
@@ -93,7 +97,7 @@ async def recover_intents(
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     queue = await AuditQueue.open(
-        settings.store.path,
+        settings.store_shards()[app[WORKER]],
         max_bytes=settings.store.max_bytes,
         commit_batch_max=settings.store.commit_batch_max,
     )
@@ -290,7 +294,7 @@ def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
         try:
             queue = app[QUEUE]
             stats = await queue.stats()
-            path = settings.store.path
+            path = settings.store_shards()[app[WORKER]]
             on_disk = sum(
                 p.stat().st_size
                 for p in (
@@ -321,10 +325,45 @@ def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
     return check
 
 
+def _open_shard(settings: Settings) -> Callable[[Path], Awaitable[AuditQueue]]:
+    async def open_shard(path: Path) -> AuditQueue:
+        return await AuditQueue.open(
+            path,
+            max_bytes=settings.store.max_bytes,
+            commit_batch_max=settings.store.commit_batch_max,
+            create=False,
+        )
+
+    return open_shard
+
+
 async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The admin listener, on worker 0 only: one listener, reading every shard (a second
+    one per worker on a shared port would answer from whichever worker the kernel picks,
+    with that worker's metrics)."""
+    settings = app[SETTINGS]
+    if app[WORKER] != 0:
+        yield
+        return
+    store: AuditQueue | ShardedStore = app[QUEUE]
+    if settings.workers > 1:
+        store = ShardedStore(
+            settings.store_shards(), opened={0: app[QUEUE]}, open_shard=_open_shard(settings)
+        )
+    try:
+        async for _ in _admin_listener(app, store):
+            yield
+    finally:
+        if isinstance(store, ShardedStore):
+            await store.close()
+
+
+async def _admin_listener(
+    app: web.Application, store: AuditQueue | ShardedStore
+) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     admin = build_admin_app(
-        app[QUEUE],
+        store,
         settings.admin,
         fhir_version=settings.audit.fhir_version,
         audit_context=app[AUDIT_CONTEXT],
@@ -357,12 +396,14 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         return response
 
 
-def build_proxy_app(settings: Settings) -> web.Application:
-    """The proxy listener's application, with every background part owned by it."""
+def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
+    """The proxy listener's application, with every background part owned by it;
+    ``worker`` (below ``settings.workers``) names the store shard it owns."""
     # Request bodies are read through request.content with the audit buffer limit, so
     # aiohttp's client_max_size (which applies to request.read()) never comes into play.
     app = web.Application(handler_args={"access_log_class": AccessLogWithoutQuery})
     app[SETTINGS] = settings
+    app[WORKER] = worker
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
     app.cleanup_ctx.extend(
         [

@@ -13,9 +13,13 @@ import errno
 import logging
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -34,6 +38,9 @@ from proxy.settings import (
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from proxy.store.queue import AuditQueue
+    from proxy.store.shards import ShardedStore
 
 # aiohttp, uvloop and the store are imported where they are used: `--help`, `--version` and
 # `check-config` answer in a third of the time without them.
@@ -145,9 +152,10 @@ def _bind_failure(exc: OSError, settings: Settings) -> StartupError | None:
     )
 
 
-def serve(settings: Settings, *, banner: str | None = None) -> None:
+def serve(settings: Settings, *, banner: str | None = None, worker: int = 0) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down gracefully; print ``banner`` once
-    it accepts connections. A port that cannot be bound or a store that cannot be opened
+    it accepts connections. ``worker`` is this process's index when ``settings.workers``
+    processes share the port. A port that cannot be bound or a store that cannot be opened
     raises :class:`StartupError`."""
     import uvloop
     from aiohttp import web
@@ -159,7 +167,7 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
         # too early: the proxy's own port is bound after it).
         print(banner, flush=True)
 
-    app = _build_app(settings)
+    app = _build_app(settings, worker)
     try:
         web.run_app(
             app,
@@ -169,6 +177,7 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
             access_log=None,
             print=announce if banner else None,
             loop=uvloop.new_event_loop(),
+            reuse_port=settings.workers > 1 or None,
         )
     except StoreError as exc:
         raise StartupError(f"{exc}; check store.path and the disk it is on") from exc
@@ -179,11 +188,77 @@ def serve(settings: Settings, *, banner: str | None = None) -> None:
         raise failure from exc
 
 
-def _build_app(settings: Settings) -> web.Application:
+def _build_app(settings: Settings, worker: int = 0) -> web.Application:
     """The proxy application (imported late: ``--help`` and ``check-config`` stay fast)."""
     from proxy.app import build_proxy_app
 
-    return build_proxy_app(settings)
+    return build_proxy_app(settings, worker=worker)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SI_KERNEL = 0x80
+"""``si_code`` of a signal the kernel sent, as the terminal's Ctrl-C to its process group."""
+
+
+def supervise(args: argparse.Namespace, settings: Settings) -> int:
+    """Run ``settings.workers`` worker processes (this command with a hidden ``--worker
+    N``) until they exit. SIGTERM, and a SIGINT sent to this process alone, are passed on
+    to every worker; a Ctrl-C reaches them through the process group already. When one
+    worker exits on its own the others are stopped: the proxy runs whole or not at all.
+    Returns 0 when every worker stopped cleanly, else :data:`EXIT_RUNTIME`."""
+    env = dict(os.environ)
+    held: socket.socket | None = None
+    if settings.listen.port == 0:
+        # Every worker must bind the same port: choose it here, and hold it (bound, not
+        # listening) so nothing else takes it while the workers start.
+        held = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((settings.listen.host, 0))
+        env[f"{ENV_PREFIX}LISTEN__PORT"] = str(held.getsockname()[1])
+    if settings.audit.token_hash_key is None:
+        # Workers hash opaque tokens under one key: create it once, before they race to.
+        from proxy.audit.identity import load_token_key
+
+        store = settings.store.path
+        load_token_key(None, store.with_name(store.name + ".token-key"))
+    command = [sys.executable, "-m", "proxy", "run"]
+    command += ["-c", args.config] if args.config else []
+    command += ["--debug"] if args.debug else []
+    watched = {*_STOP_SIGNALS, signal.SIGCHLD}
+    # Blocked before the workers exist, so no signal is missed; each worker unblocks its own.
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    workers = [
+        subprocess.Popen([*command, "--worker", str(n)], env=env) for n in range(settings.workers)
+    ]
+    stopping = False
+    status = 0
+    try:
+        while any(w.poll() is None for w in workers):
+            info = signal.sigtimedwait(watched, 1.0)
+            if info is not None and info.si_signo in _STOP_SIGNALS:
+                if not (info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL):
+                    _signal_all(workers, signal.SIGTERM)
+                stopping = True
+            for n, worker in enumerate(workers):
+                if worker.returncode is None or stopping:
+                    continue
+                log.error(
+                    "worker %d exited with status %d: stopping the others", n, worker.returncode
+                )
+                _signal_all(workers, signal.SIGTERM)
+                stopping = True
+        status = next((w.returncode for w in workers if w.returncode), 0)
+    finally:
+        if held is not None:
+            held.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+    return EXIT_RUNTIME if status else 0
+
+
+def _signal_all(workers: Sequence[subprocess.Popen[bytes]], signum: int) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signum)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -192,6 +267,13 @@ def _build_app(settings: Settings) -> web.Application:
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load(args)
     configure_logging(settings)
+    if args.worker is not None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if not 0 <= args.worker < settings.workers:
+            raise StartupError(f"--worker {args.worker}: workers is {settings.workers}")
+        log.info("worker %d: store %s", args.worker, settings.store_shards()[args.worker])
+        serve(settings, worker=args.worker)
+        return 0
     log.info(
         "proxy on %s:%d -> %s; admin on %s:%d; store %s; repository %s",
         settings.listen.host,
@@ -202,6 +284,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         settings.store.path,
         redact_url(settings.repository.url) if settings.repository.url else "(none: local only)",
     )
+    if settings.workers > 1:
+        log.info("%d workers share the port, one store shard each", settings.workers)
+        return supervise(args, settings)
     serve(settings)
     return 0
 
@@ -218,15 +303,33 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.store.queue import AuditQueue
+async def _open_dlq_store(settings: Settings) -> AuditQueue | ShardedStore:
+    """The store the ``dlq`` commands read: ``store.path``, or with several workers every
+    shard that exists, as one store (seqs are then global: see proxy/store/shards.py)."""
+    from proxy.store.queue import AuditQueue, StoreError
+    from proxy.store.shards import ShardedStore
 
-    queue = await AuditQueue.open(
-        settings.store.path,
-        max_bytes=settings.store.max_bytes,
-        commit_batch_max=settings.store.commit_batch_max,
-        create=False,
-    )
+    async def open_shard(path: Path) -> AuditQueue:
+        return await AuditQueue.open(
+            path,
+            max_bytes=settings.store.max_bytes,
+            commit_batch_max=settings.store.commit_batch_max,
+            create=False,
+        )
+
+    shards = settings.store_shards()
+    if len(shards) == 1:
+        return await open_shard(shards[0])
+    if not any(path.is_file() for path in shards):
+        raise StoreError(
+            f"no audit store shard at {', '.join(map(str, shards))}: check store.path and"
+            " workers in the configuration given with -c/--config (or $FHIR_AUDIT_CONFIG)"
+        )
+    return ShardedStore(shards, opened={}, open_shard=open_shard)
+
+
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    queue = await _open_dlq_store(settings)
     try:
         if args.dlq_command == "list":
             items = await queue.list_dead(limit=args.limit)
@@ -240,7 +343,8 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
                 }
                 sys.stdout.write(orjson.dumps(row).decode() + "\n")
             if not items:
-                print(f"no dead-lettered events in {settings.store.path}", file=sys.stderr)
+                where = ", ".join(str(path) for path in settings.store_shards())
+                print(f"no dead-lettered events in {where}", file=sys.stderr)
         elif args.seq:
             count = await queue.requeue_dead(args.seq)
             sys.stdout.write(f"requeued {count} event(s)\n")
@@ -337,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: more)"
     )
-    add_command(
+    run = add_command(
         commands,
         "run",
         help="serve the proxy and its admin listener until Ctrl-C or SIGTERM",
@@ -346,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
         " SIGTERM or Ctrl-C finishes in-flight requests and flushes for shutdown_grace_s.",
         func=_cmd_run,
     )
+    # A worker of `workers: N` (started by `run` itself): its index, which names its shard.
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     add_command(
         commands,
         "check-config",

@@ -463,6 +463,14 @@ class Settings(BaseSettings):
     repository: RepositorySettings = RepositorySettings()
     admin: AdminSettings = AdminSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    workers: PositiveInt = 1
+    """Processes serving the proxy port together (``SO_REUSEPORT``: the kernel spreads
+    connections over them). With more than one, each worker has its own store shard
+    (``audit.db`` becomes ``audit-0.db``, ``audit-1.db``, ...; see :meth:`store_shards`),
+    flusher and intent recovery; worker 0 alone serves the admin listener, which reads
+    every shard as one store. Events are delivered in order within a shard; across shards
+    only approximately, by time of recording. With 1 (the default) the proxy is one process
+    with ``store.path`` as its store."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """DEBUG also prints the traceback of a start-up failure."""
@@ -481,6 +489,14 @@ class Settings(BaseSettings):
                 " its own port"
             )
         return self
+
+    def store_shards(self) -> list[Path]:
+        """The store file of each worker, by worker index: ``store.path`` itself for one
+        worker, else ``audit-<n>.db`` beside it for ``audit.db``."""
+        path = self.store.path
+        if self.workers == 1:
+            return [path]
+        return [path.with_name(f"{path.stem}-{n}{path.suffix}") for n in range(self.workers)]
 
     def secret_values(self) -> set[str]:
         """Every configured secret in clear, for masking wherever text leaves the process
@@ -670,7 +686,8 @@ def check_paths(settings: Settings) -> None:
     directory must exist or be creatable, and the file must not be a directory), the
     file sink's, and ``client_secret_file``. ``run`` and ``check-config`` both call it."""
     problems: list[str] = []
-    problems += _writable_file("store.path", settings.store.path)
+    for shard in settings.store_shards():
+        problems += _writable_file("store.path", shard)
     repo = settings.repository
     if repo.url is not None and repo.mode == "file":
         problems += _writable_file("repository.url", Path(repo.url.removeprefix("file://")))

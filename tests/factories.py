@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -440,8 +441,11 @@ def free_port() -> int:
 class ProxyProcess:
     """``python -m proxy run`` with a config file, started and killed at will."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, *, own_group: bool = False) -> None:
+        """``own_group``: start it as the leader of a process group of its own, for
+        :meth:`kill_group` (a proxy with workers is several processes)."""
         self.config = config
+        self.own_group = own_group
         self.path = workdir / "config.yaml"
         self.path.write_text(yaml.safe_dump(config))
         self.log = workdir / "proxy.log"
@@ -461,6 +465,7 @@ class ProxyProcess:
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=self.own_group,
             )
         for _ in range(200):
             with contextlib.suppress(aiohttp.ClientError):
@@ -475,6 +480,12 @@ class ProxyProcess:
     async def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.process.wait(), 10)
+
+    async def kill_group(self) -> None:
+        """SIGKILL to every process of its group (``own_group`` only)."""
+        assert self.process is not None and self.own_group
+        os.killpg(self.process.pid, signal.SIGKILL)
         await asyncio.wait_for(self.process.wait(), 10)
 
     async def stop(self) -> None:

@@ -1,0 +1,163 @@
+"""Several store shards (one per worker process) read as one store, for the admin API
+and the ``dlq`` commands.
+
+Each shard numbers its events with its own ``seq``. Outside the shards an event is named by
+a *global* seq, ``seq * shards + shard``: unique, and the same as ``seq`` with one shard,
+so cursors, ``dlq list`` and ``dlq retry --seq`` keep their form. Searches ask every shard
+for a page and merge by the query's order key (recorded time, then global seq), which is a
+total order, so keyset cursors stay exact across shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy.store.queue import AuditQueue
+from proxy.store.records import Cursor, EventPage, EventQuery, QueuedEvent, QueueStats, SortKey
+
+OpenShard = Callable[[Path], Awaitable[AuditQueue]]
+
+
+class ShardedStore:
+    """The admin-facing reads and dead-letter bookkeeping of :class:`AuditQueue` over
+    every shard. Shards not yet created (a worker still starting) read as empty and are
+    opened on a later call; appends (admin ingest, access records) go to shard 0."""
+
+    def __init__(
+        self, paths: Sequence[Path], *, opened: dict[int, AuditQueue], open_shard: OpenShard
+    ) -> None:
+        self._paths = list(paths)
+        self._queues = dict(opened)
+        self._owned: list[AuditQueue] = []
+        """Shards this object opened and closes."""
+        self._open_shard = open_shard
+        self._lock = asyncio.Lock()
+
+    @property
+    def count(self) -> int:
+        return len(self._paths)
+
+    async def _shards(self) -> list[tuple[int, AuditQueue]]:
+        """Every shard that exists, opening the ones that appeared since the last call."""
+        async with self._lock:
+            for n, path in enumerate(self._paths):
+                if n not in self._queues and path.is_file():
+                    queue = await self._open_shard(path)
+                    self._queues[n] = queue
+                    self._owned.append(queue)
+        return sorted(self._queues.items())
+
+    async def close(self) -> None:
+        """Close the shards this object opened (not those it was given)."""
+        for queue in self._owned:
+            await queue.close()
+        self._owned.clear()
+
+    def _global(self, shard: int, item: QueuedEvent) -> QueuedEvent:
+        return dataclasses.replace(item, seq=item.seq * self.count + shard)
+
+    def _local_cursor(self, cursor: Cursor, shard: int, descending: bool) -> Cursor:
+        """The shard-local keyset bound equivalent to the global ``cursor``: local seqs
+        ``s`` with ``s * count + shard`` before (descending) or after the global seq."""
+        ts, global_seq = cursor
+        offset = global_seq - shard
+        local = -(-offset // self.count) if descending else offset // self.count
+        return ts, local
+
+    # --- writes ----------------------------------------------------------------------
+
+    async def append(self, events: list[dict[str, Any]]) -> None:
+        """Store ``events`` in shard 0 (the admin listener's worker's own)."""
+        await self._queues[0].append(events)
+
+    async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
+        """Dead events (by global seq; all when None) back to pending."""
+        shards = await self._shards()
+        if seqs is None:
+            return sum([await queue.requeue_dead(None) for _, queue in shards])
+        count = 0
+        for n, queue in shards:
+            local = [s // self.count for s in seqs if s % self.count == n]
+            if local:
+                count += await queue.requeue_dead(local)
+        return count
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def list_dead(self, limit: int = 100) -> list[QueuedEvent]:
+        """Dead-lettered events of every shard, oldest recorded first."""
+        found = [
+            self._global(n, item)
+            for n, queue in await self._shards()
+            for item in await queue.list_dead(limit)
+        ]
+        found.sort(key=lambda item: (item.recorded_ts, item.seq))
+        return found[:limit]
+
+    async def get_event(self, event_id: str) -> QueuedEvent | None:
+        for n, queue in await self._shards():
+            item = await queue.get_event(event_id)
+            if item is not None:
+                return self._global(n, item)
+        return None
+
+    async def search(self, query: EventQuery) -> tuple[list[QueuedEvent], int]:
+        """A page of matching events and the total number matching."""
+        page = await self.search_page(query)
+        return page.items, page.total if page.total is not None else len(page.items)
+
+    async def search_page(self, query: EventQuery) -> EventPage:
+        """As :meth:`AuditQueue.search_page`, over every shard: each gives its first
+        ``offset + limit`` rows past the cursor, and the merge keeps the page's."""
+        reverse = query.before is not None
+        descending = query.newest_first != reverse
+        cursor = query.before if reverse else query.after
+        wanted = query.offset + query.limit
+        pages: list[tuple[int, EventPage]] = []
+        for n, queue in await self._shards():
+            local = self._local_cursor(cursor, n, descending) if cursor is not None else None
+            shard_query = dataclasses.replace(
+                query,
+                offset=0,
+                limit=wanted,
+                after=None if reverse else local,
+                before=local if reverse else None,
+            )
+            pages.append((n, await queue.search_page(shard_query)))
+        walk = [self._global(n, item) for n, page in pages for item in page.items]
+        walk.sort(key=lambda item: self._key(item, query.sort), reverse=descending)
+        more = len(walk) > wanted or any(
+            page.more_before if reverse else page.more_after for _, page in pages
+        )
+        items = walk[query.offset : wanted]
+        total = sum(page.total or 0 for _, page in pages) if query.count_total else None
+        if reverse:
+            items.reverse()
+            return EventPage(items, total, more_after=True, more_before=more)
+        return EventPage(
+            items, total, more_after=more, more_before=query.after is not None or query.offset > 0
+        )
+
+    @staticmethod
+    def _key(item: QueuedEvent, sort: SortKey) -> tuple[float, int]:
+        return (item.recorded_ts if sort is SortKey.RECORDED else 0.0, item.seq)
+
+    async def oldest_pending_recorded(self) -> float | None:
+        """``recorded`` (POSIX time) of the oldest undelivered event of any shard."""
+        found = [await queue.oldest_pending_recorded() for _, queue in await self._shards()]
+        return min((ts for ts in found if ts is not None), default=None)
+
+    async def stats(self) -> QueueStats:
+        """Every shard's counts and sizes added up."""
+        each = [await queue.stats() for _, queue in await self._shards()]
+        return QueueStats(
+            pending=sum(s.pending for s in each),
+            delivered=sum(s.delivered for s in each),
+            dead=sum(s.dead for s in each),
+            intents=sum(s.intents for s in each),
+            size_bytes=sum(s.size_bytes for s in each),
+        )

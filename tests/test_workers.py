@@ -1,0 +1,234 @@
+"""``workers: N``: N processes of ``python -m proxy run`` share the listen port, each with
+its own store shard, and the admin API and ``dlq`` commands read every shard as one store."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.store.queue import AuditQueue
+from proxy.store.records import EventQuery
+from tests.factories import (
+    NodeFhirServer,
+    ProxyProcess,
+    audit_event_pages,
+    free_port,
+    request_id_of,
+    serving,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+UNKNOWN_OUTCOME = "8"
+"""AuditEvent.outcome of an interaction whose outcome is unknown (minor failure code)."""
+
+
+def _config(upstream: str, store: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "upstream": {"url": upstream, "timeout_s": 30},
+        "store": {"path": str(store)},
+        "workers": 2,
+        "log_level": "WARNING",
+        **extra,
+    }
+
+
+def _count(shard: Path, where: str = "1") -> int:
+    with sqlite3.connect(shard) as conn:
+        count: int = conn.execute(f"SELECT COUNT(*) FROM events WHERE {where}").fetchone()[0]
+    conn.close()
+    return count
+
+
+def _listeners(port: int) -> int:
+    """How many sockets listen on loopback ``port`` (from the kernel's table)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    local = f"0100007F:{port:04X}"
+    return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
+
+
+async def _all_listening(proxy: ProxyProcess, workers: int) -> None:
+    """Wait until every worker listens (each recovers its shard's intents before)."""
+    port = proxy.config["listen"]["port"]
+    for _ in range(400):
+        if _listeners(port) == workers:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not every worker listens on the shared port")
+
+
+async def _spread(proxy: ProxyProcess, workers: int, tag: str) -> int:
+    """GET metadata on fresh connections (the kernel picks a listener per connection),
+    once every worker listens; the number of requests sent."""
+    await _all_listening(proxy, workers)
+    sent = 200
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for n in range(sent):
+            headers = {"X-Request-Id": f"{tag}{n}", "Authorization": "Bearer opaque-token-1"}
+            async with fresh.get(f"{proxy.url}/metadata", headers=headers) as r:
+                assert r.status == 200
+    return sent
+
+
+def _dlq(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "-c", str(config), "dlq", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(180)
+async def test_two_workers_share_the_port_and_the_admin_reads_both_shards(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "store" / "audit.db"
+    shards = [tmp_path / "store" / "audit-0.db", tmp_path / "store" / "audit-1.db"]
+    proxy = ProxyProcess(_config(fhir_server.base_url, store), tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            sent = await _spread(proxy, 2, "w")
+            pages = [
+                page
+                async for page in audit_event_pages(http, f"{proxy.admin}/fhir/AuditEvent?_count=7")
+            ]
+        finally:
+            await proxy.stop()
+        assert proxy.process is not None and proxy.process.returncode == 0
+    assert _listeners(proxy.config["listen"]["port"]) == 0, "SIGTERM stopped every worker"
+    assert not store.exists(), "with workers the store is the shards only"
+    # the admin records its own searches (in shard 0): count the proxied requests only
+    in_shards = [_count(s, "request_id LIKE 'w%'") for s in shards]
+    assert sum(in_shards) == sent and all(in_shards), in_shards
+    served = [entry["resource"] for page in pages for entry in page.get("entry", [])]
+    assert len(pages) > 2, "the next links page through both shards"
+    assert pages[0]["total"] == sent, "the first page counts both shards"
+    proxied = [e for e in served if (request_id_of(e) or "").startswith("w")]
+    assert sorted(request_id_of(e) or "" for e in proxied) == sorted(f"w{i}" for i in range(sent))
+    assert len({e["id"] for e in served}) == len(served), "no event on two pages"
+    hashes = set(re.findall(rb"hmac-sha256:[0-9a-f]+", orjson.dumps(proxied)))
+    assert len(hashes) == 1, f"one token key for every worker: {hashes}"
+    recorded = [e["recorded"] for e in served]
+    assert recorded == sorted(recorded, reverse=True), "merged newest first"
+    log = (tmp_path / "proxy.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(180)
+async def test_dlq_list_and_retry_read_every_shard(tmp_path: Path) -> None:
+    store = tmp_path / "audit.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"store": {"path": str(store)}, "workers": 2}))
+    expected: dict[str, int] = {}
+    for n in range(2):
+        queue = await AuditQueue.open(tmp_path / f"audit-{n}.db", max_bytes=1 << 30)
+        try:
+            events = [
+                {"resourceType": "AuditEvent", "id": f"s{n}e{i}", "recorded": f"2026-01-0{i + 1}"}
+                for i in range(3)
+            ]
+            await queue.append(events)
+            claimed = await queue.claim(10, datetime.now(UTC))
+            await queue.dead_letter([e.seq for e in claimed], f"422 from shard {n}")
+            expected |= {e.event_id: n for e in claimed}
+        finally:
+            await queue.close()
+
+    listed = await asyncio.to_thread(_dlq, config, "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(expected)
+    assert len({r["seq"] for r in rows}) == 6, "seqs name one event across shards"
+    one = next(r for r in rows if r["id"] == "s1e2")
+    retried = await asyncio.to_thread(_dlq, config, "retry", "--seq", str(one["seq"]))
+    assert retried.stdout == "requeued 1 event(s)\n", retried.stderr
+    assert _count(tmp_path / "audit-1.db", "status = 'pending'") == 1
+    assert _count(tmp_path / "audit-0.db", "status = 'pending'") == 0
+    rest = await asyncio.to_thread(_dlq, config, "retry")
+    assert rest.stdout == "requeued 5 event(s)\n", rest.stderr
+    assert (await asyncio.to_thread(_dlq, config, "list")).stdout == ""
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shard(
+    tmp_path: Path,
+) -> None:
+    arrived: list[str] = []
+    release = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.Response:
+        await request.read()
+        if request.method != "POST":
+            return web.json_response({"resourceType": "CapabilityStatement"})
+        arrived.append(request.headers["X-Request-Id"])
+        await release.wait()
+        return web.json_response({"resourceType": "Observation", "id": "1"}, status=201)
+
+    store = tmp_path / "audit.db"
+    shards = [tmp_path / "audit-0.db", tmp_path / "audit-1.db"]
+    async with serving(("*", "/{tail:.*}", upstream)) as server:
+        proxy = ProxyProcess(
+            _config(str(server.make_url("/fhir")), store), tmp_path, own_group=True
+        )
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            await proxy.start(http)
+            try:
+                await _spread(proxy, 2, "r")
+            except BaseException:
+                await proxy.stop()
+                raise
+
+            async def write(n: int) -> None:
+                body = {"resourceType": "Observation", "status": "final"}
+                headers = {"X-Request-Id": f"post{n}", "Connection": "close"}
+                async with http.post(f"{proxy.url}/Observation", json=body, headers=headers):
+                    pass
+
+            writes = [asyncio.create_task(write(n)) for n in range(16)]
+            for _ in range(400):
+                if len(arrived) == 16:
+                    break
+                await asyncio.sleep(0.05)
+            if len(arrived) < 16:
+                release.set()
+                await proxy.stop()
+                raise AssertionError(f"writes at the upstream: {arrived}")
+            await proxy.kill_group()
+            results = await asyncio.gather(*writes, return_exceptions=True)
+            assert all(isinstance(r, aiohttp.ClientError) for r in results), results
+            release.set()
+            await proxy.start(http)  # each worker recovers the intents of its own shard
+            await _all_listening(proxy, 2)
+            await proxy.stop()
+    unknown: list[list[str]] = []
+    for shard in shards:
+        queue = await AuditQueue.open(shard, max_bytes=1 << 30)
+        try:
+            page, _ = await queue.search(EventQuery(limit=500))
+            assert not await queue.orphan_intents()
+        finally:
+            await queue.close()
+        unknown.append(
+            sorted(
+                request_id_of(q.event) or "" for q in page if q.event["outcome"] == UNKNOWN_OUTCOME
+            )
+        )
+    assert all(unknown), f"each shard recovered its own intents: {unknown}"
+    assert sorted(unknown[0] + unknown[1]) == sorted(f"post{n}" for n in range(16))
