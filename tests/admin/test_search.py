@@ -5,6 +5,7 @@ CDR's /audit-log parameters, and stores from before the search index."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,7 +60,9 @@ async def traffic(
     for ref in (patient, observation):
         async with http.get(f"{proxy.url}/{ref}", headers=bob) as r:
             assert r.status == 200
+    await asyncio.sleep(0.002)  # events are recorded to the millisecond
     cutoff = quote(datetime.now(UTC).isoformat(timespec="milliseconds"))
+    await asyncio.sleep(0.002)
     yield Traffic(proxy, patient, observation, cutoff)
 
 
