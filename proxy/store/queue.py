@@ -749,7 +749,7 @@ class AuditQueue:
                 (limit,),
             ).fetchall()
 
-        return [self._queued(r) for r in await self._guarded(read)]
+        return [self._queued(r, damaged_ok=True) for r in await self._guarded(read)]
 
     async def prune(self, now: datetime, retention: timedelta) -> int:
         """Delete delivered events older than ``retention``. SQLite reuses the freed pages,
@@ -883,12 +883,17 @@ class AuditQueue:
                 raise StoreFull(f"audit store disk is full: {exc}") from exc
             raise StoreError(f"audit store failed: {exc}") from exc
 
-    def _queued(self, row: tuple[Any, ...]) -> QueuedEvent:
+    def _queued(self, row: tuple[Any, ...], *, damaged_ok: bool = False) -> QueuedEvent:
+        """A row as a record. A body that cannot be decoded is a StoreError, except where
+        ``damaged_ok`` (the dead-letter list, where such events are kept): there the record
+        carries only the event's id, and its ``last_error`` says why."""
         seq, event_id, body, status, attempts, next_at, error, recorded, recorded_ts = row
         try:
             event = self._codec.decode(body)
         except CodecError as exc:
-            raise StoreError(f"audit event {event_id}: {exc}") from exc
+            if not damaged_ok:
+                raise StoreError(f"audit event {event_id}: {exc}") from exc
+            event = {"resourceType": "AuditEvent", "id": event_id}
         return QueuedEvent(
             seq=seq,
             event_id=event_id,

@@ -124,6 +124,9 @@ async def test_a_damaged_body_goes_to_dead_letter_and_delivery_continues(
     assert events[1]["id"] in logged, "the log names the event an operator must look at"
     with pytest.raises(StoreError, match=events[1]["id"]):
         await queue.get_event(events[1]["id"])
+    (dead,) = await queue.list_dead()
+    assert dead.event_id == events[1]["id"] and dead.event["id"] == events[1]["id"]
+    assert dead.last_error, "the dead-letter list still says why, so an operator can act"
     await queue.close()
 
 
