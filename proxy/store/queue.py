@@ -842,12 +842,16 @@ class AuditQueue:
                 self._conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall()
             )
             intents = self._conn.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
+            oldest = self._conn.execute(
+                "SELECT recorded_ts FROM events WHERE status = 'pending' ORDER BY seq LIMIT 1"
+            ).fetchone()
             return QueueStats(
                 pending=counts.get("pending", 0),
                 delivered=counts.get("delivered", 0),
                 dead=counts.get("dead", 0),
                 intents=intents,
                 size_bytes=_used_bytes(self._conn),
+                oldest_pending_recorded=float(oldest[0]) if oldest else None,
             )
 
         result: QueueStats = await self._guarded(read)

@@ -60,6 +60,8 @@ class QueueStats:
     intents: int
     size_bytes: int
     """Bytes in use by the database (free pages excluded)."""
+    oldest_pending_recorded: float | None = None
+    """``recorded`` (POSIX time) of the oldest undelivered event, or None when none is."""
 
 
 class SortKey(StrEnum):
