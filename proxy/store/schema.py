@@ -74,6 +74,11 @@ MIGRATIONS: tuple[str, ...] = (
             AND term IN (SELECT value FROM json_each(OLD.terms));
     END;
     """,
+    # 4: why an intent was abandoned (the store refused its events), so that the event
+    # recorded for it after a restart still says so.
+    """
+    ALTER TABLE intents ADD COLUMN reason TEXT;
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 
