@@ -72,16 +72,20 @@ async def recover_intents(
     """Turn intents that never completed into outcome-unknown AuditEvents (invariant 3).
     At start-up every intent is an orphan; later, only old ones no request still owns.
     ``reasons`` gives the description of intents abandoned because the store refused
-    their events (taken out once recorded); any other's says the proxy stopped. Intents
-    with ids up to ``left_at_start`` were orphans before this process started (start-up
-    could not record them): they are recovered whatever their age."""
+    their events (noted in the store's intents table first, and taken out once recorded;
+    a reason noted there by an earlier process counts too); any other's says the proxy
+    stopped. Intents with ids up to ``left_at_start`` were orphans before this process
+    started (start-up could not record them): they are recovered whatever their age."""
     recovered = 0
     reasons = reasons if reasons is not None else {}
+    if reasons:  # noted in the store first: a restart before recovery must not forget them
+        with contextlib.suppress(StoreError):  # a store that refuses this refuses recovery too
+            await queue.note_intent_reasons(dict(reasons))
     for intent in await queue.orphan_intents():
         young = older_than is not None and intent.created_at > older_than
         if intent.id in in_flight or (young and intent.id > left_at_start):
             continue
-        why = reasons.get(intent.id)
+        why = reasons.get(intent.id) or intent.reason
         if why is None:
             events = build_unknown_outcome_events(intent.summary, ctx, now)
         else:

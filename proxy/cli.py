@@ -376,6 +376,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     from proxy.store.queue import StoreError
 
     settings = load(args)
+    configure_logging(settings)  # a store migration run on open logs its progress
     try:
         return uvloop.run(_dlq(args, settings))
     except StoreError as exc:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from proxy.exchange import Exchange
     from proxy.settings import TelemetrySettings
     from proxy.store.queue import AuditQueue
+    from proxy.store.records import QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,16 @@ STORE_COMMIT_SIZE = _histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 QUEUE_DEPTH = _gauge("fhir_audit_queue_events", "Events in the local queue, by status.", ["status"])
+QUEUE_OLDEST_AGE = _gauge(
+    "fhir_audit_queue_oldest_pending_age_seconds",
+    "Age (from its recorded time) of the oldest undelivered event; 0 when none is pending.",
+    unit="s",
+)
+DELIVERY_LAG = _histogram(
+    "fhir_audit_delivery_lag_seconds",
+    "Time from an event's recorded time to the repository's acknowledgement of it.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
+)
 DELIVERIES = _counter(
     "fhir_audit_delivery_attempts",
     "Batches sent to the repository, by result (ok, retry, rejected).",
@@ -559,9 +570,16 @@ class Telemetry:
 async def refresh_queue_gauges(queue: AuditQueue) -> None:
     """Set the queue-depth gauge from the store (the admin ``/metrics`` does this on each
     scrape; pushed metrics need it on a timer)."""
-    stats = await queue.stats()
+    set_queue_gauges(await queue.stats(), time.time())
+
+
+def set_queue_gauges(stats: QueueStats, now: float) -> None:
+    """Set the queue-depth and oldest-pending-age gauges from one ``stats()`` read;
+    ``now`` is POSIX time."""
     for status in ("pending", "delivered", "dead"):
         QUEUE_DEPTH.labels(status=status).set(getattr(stats, status))
+    oldest = stats.oldest_pending_recorded
+    QUEUE_OLDEST_AGE.set(0.0 if oldest is None else max(0.0, now - oldest))
 
 
 TELEMETRY = web.AppKey("telemetry", Telemetry)

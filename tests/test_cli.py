@@ -26,6 +26,7 @@ import pytest
 
 from proxy import __version__
 from proxy.cli import RETRY_CHUNK, SecretMask, build_parser
+from proxy.store import schema
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
 from tests.factories import NodeFhirServer, audit_event, free_port
@@ -235,6 +236,28 @@ async def test_dlq_reads_the_configured_store_and_retry_shows_progress(tmp_path:
     empty = await asyncio.to_thread(cli, "dlq", "list", "-c", config)
     assert empty.stdout == ""
     assert f"no dead-lettered events in {store}" in empty.stderr
+
+
+def test_a_hand_command_on_an_old_store_logs_the_migration_progress(tmp_path: Path) -> None:
+    store = tmp_path / "audit.db"
+    conn = sqlite3.connect(store, isolation_level=None)
+    for script in schema.MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 2")
+    conn.executemany(
+        "INSERT INTO events (event_id, recorded, recorded_ts, patients, body)"
+        " VALUES (?, '2024-01-01T00:00:00Z', 1704067200, '|Patient/p1|', '{}')",
+        [(f"e{i}",) for i in range(5)],
+    )
+    conn.close()
+    config = _config(tmp_path, f"store:\n  path: {store}\n")
+    listed = cli("dlq", "list", "-c", config)
+    assert listed.returncode == 0, listed.stderr
+    assert "store migration 3: rewriting 5 events" in listed.stderr
+    assert "store migration 3: 5 of 5 events (100%)" in listed.stderr
+    conn = sqlite3.connect(store)
+    assert conn.execute("SELECT COUNT(*) FROM event_terms").fetchone()[0] == 5
+    conn.close()
 
 
 # --- the command line itself ---------------------------------------------------------------

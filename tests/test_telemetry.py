@@ -5,6 +5,7 @@ to a loopback collector that decodes the protobuf."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gzip
 import io
@@ -29,13 +30,20 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import telemetry
 from proxy.app import ADMIN_URL, QUEUE, build_proxy_app
 from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
 from proxy.store.records import EventQuery
-from tests.factories import serving, settings_for
+from tests.factories import (
+    NodeFhirServer,
+    RecordingRepository,
+    StartProxy,
+    serving,
+    settings_for,
+)
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -348,3 +356,62 @@ async def test_without_an_exporter_the_trace_id_still_travels_and_sampled_caller
     assert trace_id != "0" * 32
     assert sampled.startswith(f"00-{CLIENT_TRACE}-")
     assert int(sampled.rsplit("-", 1)[1], 16) & 1 == 1
+
+
+def _sample(text: str, name: str) -> float | None:
+    """The value of the unlabelled sample ``name`` in Prometheus exposition text."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
+
+
+async def test_oldest_pending_age_and_delivery_lag_on_metrics(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    repository: RecordingRepository,
+    http: aiohttp.ClientSession,
+) -> None:
+    repository.fail_next = [503] * 1000  # the repository is down until told otherwise
+    proxy = await start_proxy(
+        fhir_server.base_url,
+        repository={"url": repository.url, "flush_interval_ms": 20, "max_flush_interval_ms": 50},
+    )
+
+    async def scrape() -> str:
+        async with http.get(f"{proxy.admin_url}/metrics") as r:
+            assert r.status == 200
+            return await r.text()
+
+    lag_count = "fhir_audit_delivery_lag_seconds_count"
+    age = "fhir_audit_queue_oldest_pending_age_seconds"
+    lag_before = _sample(await scrape(), lag_count) or 0.0
+    assert _sample(await scrape(), age) == 0.0  # nothing pending yet
+    async with http.get(f"{proxy.url}/metadata") as r:
+        assert r.status == 200
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not (await proxy.queue.stats()).oldest_pending_recorded or (
+        (_sample(await scrape(), age) or 0.0) <= 0.0 or len(repository.requests) < 2
+    ):
+        assert loop.time() < deadline, "no pending age while the repository is down"
+        await asyncio.sleep(0.05)
+    text = await scrape()
+    pending_age = _sample(text, age)
+    assert pending_age is not None and 0.0 < pending_age < 60.0
+    assert _sample(text, lag_count) == lag_before  # nothing acknowledged yet
+
+    repository.fail_next.clear()  # the repository is back
+    await repository.wait_for(1)
+    deadline = loop.time() + 10
+    while (await proxy.queue.stats()).pending:
+        assert loop.time() < deadline, "the event was not acknowledged"
+        await asyncio.sleep(0.02)
+    text = await scrape()
+    assert _sample(text, age) == 0.0
+    assert _sample(text, lag_count) == lag_before + 1
+    lag_sum = _sample(text, "fhir_audit_delivery_lag_seconds_sum") or 0.0
+    assert lag_sum > 0.0
+    stats = await proxy.queue.stats()
+    assert stats.oldest_pending_recorded is None

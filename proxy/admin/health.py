@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,13 +35,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; queue depth is read fresh from the store."""
-    try:
-        stats = await request.app[QUEUE].stats()
-        for status in ("pending", "delivered", "dead"):
-            telemetry.QUEUE_DEPTH.labels(status=status).set(getattr(stats, status))
-    except StoreError:
-        pass  # the counters still tell the story; readiness reports the store
+    """Prometheus exposition; queue depth and oldest pending age are read fresh from the
+    store."""
+    # on a store error the counters still tell the story; readiness reports the store
+    with contextlib.suppress(StoreError):
+        telemetry.set_queue_gauges(await request.app[QUEUE].stats(), time.time())
     return web.Response(
         body=generate_latest(telemetry.REGISTRY),
         headers={"Content-Type": CONTENT_TYPE_LATEST},

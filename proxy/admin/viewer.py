@@ -42,7 +42,7 @@ async def queue_summary(request: web.Request) -> web.Response:
     """What the header strip shows: depth, oldest undelivered age, dead letters."""
     queue = request.app[QUEUE]
     stats = await queue.stats()
-    oldest = await queue.oldest_pending_recorded()
+    oldest = stats.oldest_pending_recorded
     return web.json_response(
         {
             "pending": stats.pending,

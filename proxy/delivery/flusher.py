@@ -150,8 +150,13 @@ class Flusher:
     async def _ack(self, batch: Sequence[QueuedEvent], settled: set[int]) -> None:
         if not batch:
             return
-        await self._queue.ack([q.seq for q in batch], datetime.now(UTC))
+        acked_at = datetime.now(UTC)
+        await self._queue.ack([q.seq for q in batch], acked_at)
         settled.update(q.seq for q in batch)
+        now = acked_at.timestamp()
+        for q in batch:
+            if q.recorded_ts > 0:  # 0.0: no parseable recorded time
+                telemetry.DELIVERY_LAG.observe(max(0.0, now - q.recorded_ts))
         telemetry.DELIVERIES.labels(result="ok").inc()
         telemetry.EVENTS_DELIVERED.inc(len(batch))
 

@@ -28,7 +28,7 @@ import queue as thread_queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -660,15 +660,28 @@ class AuditQueue:
     async def orphan_intents(self) -> list[Intent]:
         """Intents never completed, oldest first."""
 
-        def read() -> list[tuple[int, float, bytes]]:
+        def read() -> list[tuple[int, float, bytes, str | None]]:
             return self._conn.execute(
-                "SELECT id, created_at, summary FROM intents ORDER BY id"
+                "SELECT id, created_at, summary, reason FROM intents ORDER BY id"
             ).fetchall()
 
         return [
-            Intent(id=i, created_at=datetime.fromtimestamp(ts, UTC), summary=orjson.loads(s))
-            for i, ts, s in await self._guarded(read)
+            Intent(
+                id=i,
+                created_at=datetime.fromtimestamp(ts, UTC),
+                summary=orjson.loads(s),
+                reason=reason,
+            )
+            for i, ts, s, reason in await self._guarded(read)
         ]
+
+    async def note_intent_reasons(self, reasons: Mapping[int, str]) -> None:
+        """Keep why these intents were abandoned (by id), so a restart does not forget it;
+        a reason already noted stays."""
+        await self._write_many(
+            "UPDATE intents SET reason = ? WHERE id = ? AND reason IS NULL",
+            [(why, intent_id) for intent_id, why in reasons.items()],
+        )
 
     # --- delivery bookkeeping ---------------------------------------------------------
 
@@ -842,12 +855,16 @@ class AuditQueue:
                 self._conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall()
             )
             intents = self._conn.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
+            oldest = self._conn.execute(
+                "SELECT recorded_ts FROM events WHERE status = 'pending' ORDER BY seq LIMIT 1"
+            ).fetchone()
             return QueueStats(
                 pending=counts.get("pending", 0),
                 delivered=counts.get("delivered", 0),
                 dead=counts.get("dead", 0),
                 intents=intents,
                 size_bytes=_used_bytes(self._conn),
+                oldest_pending_recorded=float(oldest[0]) if oldest else None,
             )
 
         result: QueueStats = await self._guarded(read)

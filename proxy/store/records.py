@@ -50,6 +50,8 @@ class Intent:
     created_at: datetime
     summary: dict[str, Any]
     """What ``proxy.audit.balp.intent_summary`` recorded (no secrets); opaque to the store."""
+    reason: str | None = None
+    """Why the request abandoned it, when noted (:meth:`AuditQueue.note_intent_reasons`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ class QueueStats:
     intents: int
     size_bytes: int
     """Bytes in use by the database (free pages excluded)."""
+    oldest_pending_recorded: float | None = None
+    """``recorded`` (POSIX time) of the oldest undelivered event, or None when none is."""
 
 
 class SortKey(StrEnum):

@@ -7,7 +7,10 @@ version intact.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: events with their delivery state, and write intents.
@@ -49,7 +52,7 @@ MIGRATIONS: tuple[str, ...] = (
     # (term, recorded time, seq), so "this patient's or this agent's events, newest first,
     # after this cursor" is one index range however many events the store holds.
     # Rows stored before this version get their patient and user terms from the columns
-    # they already had.
+    # they already had: see BACKFILLS.
     """
     ALTER TABLE events ADD COLUMN terms TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE events ADD COLUMN type_code TEXT;
@@ -62,23 +65,6 @@ MIGRATIONS: tuple[str, ...] = (
         seq INTEGER NOT NULL,
         PRIMARY KEY (term, ts, seq)
     ) WITHOUT ROWID;
-    WITH RECURSIVE split(seq, rest, item) AS (
-        SELECT seq, substr(patients, 2), NULL FROM events WHERE patients != '|'
-        UNION ALL
-        SELECT seq, substr(rest, instr(rest, '|') + 1), substr(rest, 1, instr(rest, '|') - 1)
-        FROM split WHERE rest != ''
-    ), old_terms(seq, term) AS (
-        SELECT seq, 'e:' || item FROM split WHERE item IS NOT NULL AND item != ''
-        UNION
-        SELECT seq, 'a:' || user_id FROM events WHERE user_id IS NOT NULL
-    )
-    UPDATE events SET terms = (
-        SELECT json_group_array(term) FROM old_terms WHERE old_terms.seq = events.seq
-    ), updated_ts = recorded_ts
-    WHERE seq IN (SELECT seq FROM old_terms);
-    UPDATE events SET updated_ts = recorded_ts WHERE updated_ts IS NULL;
-    INSERT OR IGNORE INTO event_terms (term, ts, seq)
-        SELECT j.value, e.recorded_ts, e.seq FROM events e, json_each(e.terms) j;
     CREATE TRIGGER events_terms_insert AFTER INSERT ON events BEGIN
         INSERT OR IGNORE INTO event_terms (term, ts, seq)
             SELECT value, NEW.recorded_ts, NEW.seq FROM json_each(NEW.terms);
@@ -88,10 +74,48 @@ MIGRATIONS: tuple[str, ...] = (
             AND term IN (SELECT value FROM json_each(OLD.terms));
     END;
     """,
+    # 4: why an intent was abandoned (the store refused its events), so that the event
+    # recorded for it after a restart still says so.
+    """
+    ALTER TABLE intents ADD COLUMN reason TEXT;
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+BACKFILLS: dict[int, str] = {
+    # 3: search terms of the rows stored before it, from their patient and user columns.
+    3: """
+    WITH RECURSIVE split(seq, rest, item) AS (
+        SELECT seq, substr(patients, 2), NULL FROM events
+        WHERE patients != '|' AND seq > :lo AND seq <= :hi
+        UNION ALL
+        SELECT seq, substr(rest, instr(rest, '|') + 1), substr(rest, 1, instr(rest, '|') - 1)
+        FROM split WHERE rest != ''
+    ), old_terms(seq, term) AS (
+        SELECT seq, 'e:' || item FROM split WHERE item IS NOT NULL AND item != ''
+        UNION
+        SELECT seq, 'a:' || user_id FROM events
+        WHERE user_id IS NOT NULL AND seq > :lo AND seq <= :hi
+    )
+    UPDATE events SET terms = (
+        SELECT json_group_array(term) FROM old_terms WHERE old_terms.seq = events.seq
+    ), updated_ts = recorded_ts
+    WHERE seq IN (SELECT seq FROM old_terms);
+    UPDATE events SET updated_ts = recorded_ts
+        WHERE updated_ts IS NULL AND seq > :lo AND seq <= :hi;
+    INSERT OR IGNORE INTO event_terms (term, ts, seq)
+        SELECT j.value, e.recorded_ts, e.seq FROM events e, json_each(e.terms) j
+        WHERE e.seq > :lo AND e.seq <= :hi;
+    """,
+}
+"""Row rewrites that go with migration ``n``, run after its statements in the same
+transaction, over the events table ``BACKFILL_ROWS`` rows at a time (by seq, bounds
+``:lo`` exclusive and ``:hi`` inclusive) so that progress can be logged."""
+
+BACKFILL_ROWS = 10_000
+"""Rows per backfill step: one progress line each."""
 
 
 def split_statements(script: str) -> list[str]:
@@ -119,9 +143,34 @@ def migrate(conn: sqlite3.Connection) -> int:
         try:
             for statement in split_statements(MIGRATIONS[version - 1]):
                 conn.execute(statement)
+            if version in BACKFILLS:
+                _backfill(conn, version, split_statements(BACKFILLS[version]))
             conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
     return SCHEMA_VERSION
+
+
+def _backfill(conn: sqlite3.Connection, version: int, statements: list[str]) -> None:
+    """Run ``statements`` over every events row, ``BACKFILL_ROWS`` at a time, logging
+    progress at INFO after each step (a large store takes minutes)."""
+    total: int = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    if not total:
+        return
+    log.info("store migration %d: rewriting %d events", version, total)
+    done, lo = 0, -1
+    while done < total:
+        row = conn.execute(
+            "SELECT seq FROM events WHERE seq > ? ORDER BY seq LIMIT 1 OFFSET ?",
+            (lo, BACKFILL_ROWS - 1),
+        ).fetchone()
+        hi: int = row[0] if row else conn.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+        for statement in statements:
+            conn.execute(statement, {"lo": lo, "hi": hi})
+        done = min(total, done + BACKFILL_ROWS) if row else total
+        log.info(
+            "store migration %d: %d of %d events (%d%%)", version, done, total, done * 100 // total
+        )
+        lo = hi

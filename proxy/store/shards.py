@@ -160,4 +160,8 @@ class ShardedStore:
             dead=sum(s.dead for s in each),
             intents=sum(s.intents for s in each),
             size_bytes=sum(s.size_bytes for s in each),
+            oldest_pending_recorded=min(
+                (s.oldest_pending_recorded for s in each if s.oldest_pending_recorded is not None),
+                default=None,
+            ),
         )

@@ -9,7 +9,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +156,35 @@ async def test_an_intent_abandoned_because_the_store_refused_its_events_says_so(
     assert events["r-full"]["outcomeDesc"] == STORE_FULL_OUTCOME_DESC
     assert events["r-stopped"]["outcomeDesc"] == UNKNOWN_OUTCOME_DESC
     assert stopped != full
+
+
+async def test_the_store_full_reason_of_an_abandoned_intent_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.db"
+    summary = {
+        "method": "DELETE", "path": "Patient/p1", "query_string": "", "request_id": "r-full",
+        "client_address": "127.0.0.1", "base_url": "http://x/fhir",
+        "started_at": datetime.now(UTC).isoformat(), "accept": None,
+        "interaction": {"kind": "delete", "method": "DELETE", "resource_type": "Patient",
+                        "resource_id": "p1"},
+        "identity": {}, "patients": ["Patient/p1"],
+    }  # fmt: skip
+    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    full = await queue.record_intent(summary)
+    await queue.record_intent({**summary, "request_id": "r-stopped"})
+    ctx = AuditContext.default()
+    # maintenance runs while the intent is still young: it is noted, not yet recovered
+    reasons = {full: STORE_FULL_OUTCOME_DESC}
+    young = datetime.now(UTC) - timedelta(hours=1)
+    assert (
+        await recover_intents(queue, ctx, datetime.now(UTC), older_than=young, reasons=reasons) == 0
+    )
+    await queue.close()  # the process stops; its in-memory reasons are gone
+
+    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    assert await recover_intents(queue, ctx, datetime.now(UTC)) == 2
+    events = {request_id_of(q.event): q.event for q in await queue.claim(10, datetime.now(UTC))}
+    await queue.close()
+    assert events["r-full"]["outcomeDesc"] == STORE_FULL_OUTCOME_DESC
+    assert events["r-stopped"]["outcomeDesc"] == UNKNOWN_OUTCOME_DESC

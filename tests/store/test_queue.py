@@ -4,6 +4,7 @@ search, group commit, intents, migrations and the size cap."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -298,3 +299,43 @@ async def test_a_dead_letter_keeps_its_last_retry_time_in_utc(queue: AuditQueue)
     (dead,) = await queue.list_dead()
     assert dead.next_attempt_at == retry_at and dead.next_attempt_at.tzinfo is UTC
     assert (dead.attempts, dead.last_error) == (2, "HTTP 400")
+
+
+async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in schema.MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 2")
+    rows = 2500
+    conn.executemany(
+        "INSERT INTO events (event_id, recorded, recorded_ts, patients, user_id, body)"
+        " VALUES (?, '2024-01-01T00:00:00Z', ?, ?, ?, ?)",
+        [
+            (f"e{i}", 1704067200.0 + i, f"|Patient/p{i % 7}|", f"user{i % 3}", b"{}")
+            for i in range(rows)
+        ],
+    )
+    conn.close()
+    monkeypatch.setattr(schema, "BACKFILL_ROWS", 1000)
+    with caplog.at_level(logging.INFO, logger="proxy.store.schema"):
+        queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    await queue.close()
+    progress = [r.getMessage() for r in caplog.records if r.name == "proxy.store.schema"]
+    assert progress == [
+        "store migration 3: rewriting 2500 events",
+        "store migration 3: 1000 of 2500 events (40%)",
+        "store migration 3: 2000 of 2500 events (80%)",
+        "store migration 3: 2500 of 2500 events (100%)",
+    ]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM event_terms").fetchone()[0] == 2 * rows
+    assert conn.execute("SELECT COUNT(*) FROM events WHERE updated_ts IS NULL").fetchone()[0] == 0
+    (seqs,) = conn.execute(
+        "SELECT COUNT(*) FROM event_terms WHERE term = 'e:Patient/p3'"
+    ).fetchone()
+    assert seqs == len([i for i in range(rows) if i % 7 == 3])
+    conn.close()
