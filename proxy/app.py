@@ -14,7 +14,6 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,7 +34,7 @@ from proxy.forward import (
 )
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError
-from proxy.store.shards import ShardedStore
+from proxy.store.shards import ShardedStore, existing_shard_opener
 
 log = logging.getLogger(__name__)
 
@@ -329,18 +328,6 @@ def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
     return check
 
 
-def _open_shard(settings: Settings) -> Callable[[Path], Awaitable[AuditQueue]]:
-    async def open_shard(path: Path) -> AuditQueue:
-        return await AuditQueue.open(
-            path,
-            max_bytes=settings.store.max_bytes,
-            commit_batch_max=settings.store.commit_batch_max,
-            create=False,
-        )
-
-    return open_shard
-
-
 async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
     """The admin listener, on worker 0 only: one listener, reading every shard (a second
     one per worker on a shared port would answer from whichever worker the kernel picks,
@@ -352,7 +339,9 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
     store: AuditQueue | ShardedStore = app[QUEUE]
     if settings.workers > 1:
         store = ShardedStore(
-            settings.store_shards(), opened={0: app[QUEUE]}, open_shard=_open_shard(settings)
+            settings.store_shards(),
+            opened={0: app[QUEUE]},
+            open_shard=existing_shard_opener(settings.store),
         )
     try:
         async for _ in _admin_listener(app, store):

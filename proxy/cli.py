@@ -19,7 +19,6 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -306,17 +305,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 async def _open_dlq_store(settings: Settings) -> AuditQueue | ShardedStore:
     """The store the ``dlq`` commands read: ``store.path``, or with several workers every
     shard that exists, as one store (seqs are then global: see proxy/store/shards.py)."""
-    from proxy.store.queue import AuditQueue, StoreError
-    from proxy.store.shards import ShardedStore
+    from proxy.store.queue import StoreError
+    from proxy.store.shards import ShardedStore, existing_shard_opener
 
-    async def open_shard(path: Path) -> AuditQueue:
-        return await AuditQueue.open(
-            path,
-            max_bytes=settings.store.max_bytes,
-            commit_batch_max=settings.store.commit_batch_max,
-            create=False,
-        )
-
+    open_shard = existing_shard_opener(settings.store)
     shards = settings.store_shards()
     if len(shards) == 1:
         return await open_shard(shards[0])

@@ -16,10 +16,26 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from proxy.settings import StoreSettings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import Cursor, EventPage, EventQuery, QueuedEvent, QueueStats, SortKey
 
 OpenShard = Callable[[Path], Awaitable[AuditQueue]]
+
+
+def existing_shard_opener(store: StoreSettings) -> OpenShard:
+    """Opens a shard at a path with the store's settings, never creating one: a missing
+    shard is a :class:`~proxy.store.queue.StoreError` (its worker has not made it yet)."""
+
+    async def open_shard(path: Path) -> AuditQueue:
+        return await AuditQueue.open(
+            path,
+            max_bytes=store.max_bytes,
+            commit_batch_max=store.commit_batch_max,
+            create=False,
+        )
+
+    return open_shard
 
 
 class ShardedStore:
