@@ -9,6 +9,7 @@ time); the traceback follows only with ``--debug`` or ``log_level: DEBUG``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import logging
 import os
@@ -196,6 +197,24 @@ def _build_app(settings: Settings, worker: int = 0) -> web.Application:
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _SI_KERNEL = 0x80
+_SUPERVISOR_ENV = "AUDIT_PROXY_SUPERVISOR_PID"
+"""Set by ``run`` for its workers: its pid (not under ``FHIR_AUDIT_``: it is no setting)."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_supervisor() -> None:
+    """In a worker: SIGTERM (a graceful stop) when the ``run`` process that started it
+    dies, even by SIGKILL, so no worker serves on without its supervisor (Linux's
+    ``PR_SET_PDEATHSIG``). A supervisor already gone by now ends the worker at once."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("this system cannot tie a worker to its supervisor (no prctl)")
+        return
+    supervisor = os.environ.get(_SUPERVISOR_ENV)
+    if supervisor is not None and os.getppid() != int(supervisor):
+        raise StartupError("the `run` process that started this worker is gone")
 """``si_code`` of a signal the kernel sent, as the terminal's Ctrl-C to its process group."""
 
 
@@ -220,6 +239,7 @@ def supervise(args: argparse.Namespace, settings: Settings) -> int:
 
         store = settings.store.path
         load_token_key(None, store.with_name(store.name + ".token-key"))
+    env[_SUPERVISOR_ENV] = str(os.getpid())
     command = [sys.executable, "-m", "proxy", "run"]
     command += ["-c", args.config] if args.config else []
     command += ["--debug"] if args.debug else []
@@ -268,6 +288,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(settings)
     if args.worker is not None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _end_with_supervisor()
         if not 0 <= args.worker < settings.workers:
             raise StartupError(f"--worker {args.worker}: workers is {settings.workers}")
         log.info("worker %d: store %s", args.worker, settings.store_shards()[args.worker])

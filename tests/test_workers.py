@@ -131,6 +131,25 @@ async def test_two_workers_share_the_port_and_the_admin_reads_both_shards(
     assert "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.timeout(120)
+async def test_workers_stop_when_their_supervisor_is_killed(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    """SIGKILL of the `run` process alone (not its group): its workers get SIGTERM from
+    the kernel, drain and exit, so none serves on unsupervised."""
+    proxy = ProxyProcess(_config(fhir_server.base_url, tmp_path / "audit.db"), tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        await _all_listening(proxy, 2)
+        await proxy.kill()
+    port = proxy.config["listen"]["port"]
+    for _ in range(300):
+        if _listeners(port) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert _listeners(port) == 0, "a worker still listens after its supervisor died"
+
+
 @pytest.mark.timeout(180)
 async def test_dlq_list_and_retry_read_every_shard(tmp_path: Path) -> None:
     store = tmp_path / "audit.db"
