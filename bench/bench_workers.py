@@ -27,59 +27,18 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench_proxy import free_port, running, wait_http
+from bench_proxy import (
+    CREATED,
+    NGINX_CONF,
+    PATIENT,
+    POST_LUA,
+    free_port,
+    observation,
+    running,
+    wait_http,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-PATIENT = {
-    "resourceType": "Patient",
-    "id": "1",
-    "meta": {"versionId": "3", "lastUpdated": "2026-11-01T10:00:00Z"},
-    "name": [{"family": "Chalmers", "given": ["Peter", "James"]}],
-    "gender": "male",
-    "birthDate": "1974-12-25",
-}
-OBSERVATION = {
-    "resourceType": "Observation",
-    "status": "final",
-    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-    "subject": {"reference": "Patient/1"},
-    "valueQuantity": {"value": 61, "unit": "/min"},
-}
-CREATED = OBSERVATION | {"id": "new-1", "meta": {"versionId": "1"}}
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  keepalive_requests 1000000;
-  server {{
-    listen 127.0.0.1:{upstream};
-    default_type application/fhir+json;
-    location = /fhir/Observation {{
-      add_header Location "http://127.0.0.1:{upstream}/fhir/Observation/new-1/_history/1";
-      return 201 '{created}';
-    }}
-    location /fhir/ {{ alias {dir}/www/; try_files $uri =404; }}
-  }}
-}}
-"""
-
-POST_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/fhir+json"
-wrk.body = [[{body}]]
-"""
-
 
 def listeners(port: int) -> int:
     """Sockets listening on loopback ``port``: every worker has bound it once this is N."""
@@ -125,7 +84,7 @@ def main() -> None:
         d.chmod(0o755)  # nginx's workers run as another user and must read www/
         (d / "www" / "Patient").mkdir(parents=True)
         (d / "www" / "Patient" / "1").write_text(json.dumps(PATIENT))
-        (d / "post.lua").write_text(POST_LUA.format(body=json.dumps(OBSERVATION)))
+        (d / "post.lua").write_text(POST_LUA.format(body=json.dumps(observation(0, 1))))
         upstream = free_port()
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(dir=d, upstream=upstream, created=json.dumps(CREATED))
