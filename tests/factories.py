@@ -543,3 +543,26 @@ def raw_status(response: bytes) -> int:
 def raw_body(response: bytes) -> bytes:
     """The body of a raw HTTP/1.x response (not chunked)."""
     return response.partition(b"\r\n\r\n")[2]
+
+
+def why_uid_cannot_run_the_proxy(uid: int) -> str | None:
+    """Why a process running as ``uid`` (the image's non-root user) could not import the
+    proxy from this checkout, or None when it can: a checkout inside a directory only root
+    may enter (a ``mktemp -d``, ``/root``) is out of that user's reach."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return "setpriv is not installed"
+    as_uid = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    probe = subprocess.run(
+        [*as_uid, sys.executable, "-c", "import proxy.cli"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=False,
+    )
+    if probe.returncode != 0:
+        return (
+            f"UID {uid} cannot import the proxy from {ROOT} (a parent directory is closed to"
+            f" it): {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else ''}"
+        )
+    return None

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.settings import load_settings
+from tests.factories import why_uid_cannot_run_the_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -80,7 +81,7 @@ def _why_no_namespaces() -> str | None:
     for tool in ("unshare", "setpriv", "tini", "node", "ip"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (scripts/setup installs tini, iproute2)"
-    return None
+    return why_uid_cannot_run_the_proxy(10001)
 
 
 # Runs inside fresh mount and network namespaces: the root filesystem read-only, a scratch

@@ -21,6 +21,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.factories import why_uid_cannot_run_the_proxy
+
 ROOT = Path(__file__).resolve().parents[2]
 FHIR_PORT = 8080
 PROXY_PORT = 15080
@@ -48,7 +50,7 @@ def _why_not() -> str | None:
             return f"no nat table in a network namespace here: {nat.stderr.strip()}"
     finally:
         subprocess.run(["ip", "netns", "del", probe], check=False)
-    return None
+    return why_uid_cannot_run_the_proxy(PROXY_UID)
 
 
 REASON = _why_not()
