@@ -42,6 +42,7 @@ from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dict
 from proxy.store.records import (
     EventPage,
     EventQuery,
+    EventRow,
     EventStatus,
     Intent,
     QueuedEvent,
@@ -84,24 +85,6 @@ class StoreError(Exception):
 
 class StoreFull(StoreError):
     """``max_bytes`` is reached or the disk is full (the client gets 507)."""
-
-
-EventRow = tuple[
-    str,
-    str,
-    float,
-    str | None,
-    str | None,
-    str,
-    str,
-    str | None,
-    bytes,
-    str,
-    str | None,
-    str,
-    str | None,
-    float,
-]
 
 
 def _timestamp(value: str) -> float:
@@ -229,7 +212,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
         event_type = next(iter(event.get("category", ())), None)
     type_code = next(iter(_codes(event_type)), None)
     updated = (event.get("meta") or {}).get("lastUpdated")
-    return (
+    return EventRow(
         str(event["id"]),
         recorded,
         recorded_ts,
@@ -443,7 +426,13 @@ class AuditQueue:
             rows = [event_row(e) for e in events]
         except (TypeError, KeyError, orjson.JSONEncodeError) as exc:
             raise StoreError(f"event cannot be stored: {exc}") from exc
-        await self._tracked(_Append(rows, complete_intent, None, self._loop.create_future()))
+        await self.append_rows(rows, complete_intent=complete_intent)
+
+    async def append_rows(
+        self, rows: Sequence[EventRow], *, complete_intent: int | None = None
+    ) -> None:
+        """:meth:`append` for events whose rows the builder already made."""
+        await self._tracked(_Append(list(rows), complete_intent, None, self._loop.create_future()))
 
     async def record_intent(self, summary: dict[str, Any]) -> int:
         """Commit an intent (before forwarding a write); returns its id."""

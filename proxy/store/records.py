@@ -5,7 +5,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class EventRow(NamedTuple):
+    """One AuditEvent as the store writes it: the columns it indexes, and the event as
+    JSON. The builder makes it beside the event (it knows every value); events from
+    outside (ingest, tests) get it from :func:`proxy.store.queue.event_row`."""
+
+    event_id: str
+    recorded: str
+    """``AuditEvent.recorded`` as written in the event."""
+    recorded_ts: float
+    action: str | None
+    outcome: str | None
+    subtypes: str
+    """``|a|b|``: searchable with ``LIKE '%|a|%'``."""
+    patients: str
+    """``|Patient/1|Patient/2|``, in the same form as ``subtypes``."""
+    user_id: str | None
+    body: bytes
+    """The event as JSON (the writer compresses it)."""
+    terms: str
+    """A JSON array of the searchable values, each with its kind as a prefix: ``e:``
+    entity reference, ``r:`` resource type, ``a:`` an agent's id, name or address."""
+    type_code: str | None
+    entity_types: str
+    request_id: str | None
+    updated_ts: float
 
 
 class EventStatus(StrEnum):
