@@ -35,6 +35,16 @@ class EventRow(NamedTuple):
     updated_ts: float
 
 
+class Capture(NamedTuple):
+    """The bodies of one exchange, kept beside its events when ``audit.capture_bodies`` is
+    on (size-limited, secrets redacted), and returned by the Smile CDR compatible
+    ``GET /audit-log/event/{id}?includeBody=true``."""
+
+    request_id: str
+    request: bytes | None
+    response: bytes | None
+
+
 class EventStatus(StrEnum):
     """Where an event is in its life."""
 
