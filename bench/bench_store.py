@@ -26,7 +26,8 @@ from typing import Any
 
 import uvloop
 
-from proxy.audit.balp import AuditContext, build_events, new_event_id
+from proxy.audit.balp import AuditContext, build_events
+from proxy.audit.ids import new_event_id
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.store.queue import AuditQueue

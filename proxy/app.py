@@ -21,8 +21,9 @@ from aiohttp import web
 
 from proxy import telemetry
 from proxy.admin.app import build_admin_app
-from proxy.audit.balp import AuditContext, build_unknown_outcome_events
+from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
+from proxy.audit.intents import recover_intents
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
@@ -56,45 +57,6 @@ VALIDATION = web.AppKey("validation_queue", asyncio.Queue[dict[str, Any]])
 
 PRUNE_EVERY_S = 3600.0
 """How often delivered events past retention are deleted."""
-
-
-async def recover_intents(
-    queue: AuditQueue,
-    ctx: AuditContext,
-    now: datetime,
-    *,
-    older_than: datetime | None = None,
-    in_flight: set[int] | frozenset[int] = frozenset(),
-    reasons: dict[int, str] | None = None,
-    left_at_start: int = 0,
-) -> int:
-    """Turn intents that never completed into outcome-unknown AuditEvents (invariant 3).
-    At start-up every intent is an orphan; later, only old ones no request still owns.
-    ``reasons`` gives the description of intents abandoned because the store refused
-    their events (noted in the store's intents table first, and taken out once recorded;
-    a reason noted there by an earlier process counts too); any other's says the proxy
-    stopped. Intents with ids up to ``left_at_start`` were orphans before this process
-    started (start-up could not record them): they are recovered whatever their age."""
-    recovered = 0
-    reasons = reasons if reasons is not None else {}
-    if reasons:  # noted in the store first: a restart before recovery must not forget them
-        with contextlib.suppress(StoreError):  # a store that refuses this refuses recovery too
-            await queue.note_intent_reasons(dict(reasons))
-    for intent in await queue.orphan_intents():
-        young = older_than is not None and intent.created_at > older_than
-        if intent.id in in_flight or (young and intent.id > left_at_start):
-            continue
-        why = reasons.get(intent.id) or intent.reason
-        if why is None:
-            events = build_unknown_outcome_events(intent.summary, ctx, now)
-        else:
-            events = build_unknown_outcome_events(intent.summary, ctx, now, why)
-        await queue.append(events, complete_intent=intent.id)
-        reasons.pop(intent.id, None)
-        recovered += 1
-    if recovered:
-        log.warning("recorded %d interaction(s) whose outcome is unknown", recovered)
-    return recovered
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -35,15 +35,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import (
-    STORE_ERROR_OUTCOME_DESC,
-    STORE_FULL_OUTCOME_DESC,
-    AuditContext,
-    build_events,
-    intent_summary,
-    new_event_id,
-)
+from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import JwksCache, identity_from_headers, load_token_key
+from proxy.audit.ids import new_event_id
+from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
 from proxy.fhir.interaction import (

@@ -25,13 +25,9 @@ import jwt
 import orjson
 import zstandard
 
-from proxy.audit.balp import (
-    AuditContext,
-    build_events,
-    build_unknown_outcome_events,
-    intent_summary,
-)
+from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import identity_from_headers
+from proxy.audit.intents import build_unknown_outcome_events, intent_summary
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.settings import IdentitySettings

@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from proxy.app import QUEUE
-from proxy.audit.balp import AuditContext, build_events, new_event_id
+from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import JwksKeys, identity_from_headers
+from proxy.audit.ids import new_event_id
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.settings import IdentitySettings, Settings, load_settings

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.audit.balp import build_unknown_outcome_events, intent_summary
+from proxy.audit.intents import build_unknown_outcome_events, intent_summary
 from tests.factories import (
     NOW,
     NodeFhirServer,

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from proxy import forward as forward_module
-from proxy.audit.balp import intent_summary
+from proxy.audit.intents import intent_summary
 from proxy.store.queue import AuditQueue
 from proxy.telemetry import REGISTRY
 from tests.factories import (

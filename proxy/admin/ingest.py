@@ -34,7 +34,7 @@ from aiohttp import web
 
 from proxy.admin.access import ADMIN_ACCESS_TAG
 from proxy.admin.keys import CALLER, FHIR_VERSION, QUEUE, SETTINGS
-from proxy.audit.balp import new_event_id
+from proxy.audit.ids import new_event_id
 from proxy.audit.validate import validate_event
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 

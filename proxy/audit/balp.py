@@ -12,10 +12,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import os
-import secrets
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,156 +19,41 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from proxy.audit.identity import Identity
+from proxy.audit.ids import new_event_id
 from proxy.audit.r5 import to_r5
+from proxy.audit.vocabulary import (
+    ACT_REASON,
+    APPLICATION,
+    OPERATION_SYSTEM,
+    PATTERNS,
+    PERSON,
+    PROFILE_BASE,
+    RESTFUL_INTERACTION,
+    ROLE_DOMAIN_RESOURCE,
+    ROLE_PATIENT,
+    ROLE_QUERY,
+    SECURITY_SOURCE_TYPE,
+    SYSTEM_OBJECT,
+    TOKEN_VERIFICATION_EXT,
+    TYPE_REST,
+    USER_OAUTH,
+    XREQUEST_ID,
+    Pattern,
+    coding,
+    concept,
+)
 from proxy.exchange import Exchange
 from proxy.fhir.bundle import bundle_entries
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
 
-PROFILE_BASE = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
-DCM = "http://dicom.nema.org/resources/ontology/DCM"
-RESTFUL_INTERACTION = "http://hl7.org/fhir/restful-interaction"
-PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
-OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
-BALP_ENTITY_TYPE = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
-USER_AGENT_TYPES = "https://profiles.ihe.net/ITI/BALP/CodeSystem/UserAgentTypes"
-NETWORK_TYPE = "http://hl7.org/fhir/network-type"
-OPERATION_SYSTEM = "urn:fhir-audit-proxy:operation"
-"""Second subtype coding naming the operation (``$everything``); BALP has no code for it."""
-TOKEN_VERIFICATION_EXT = "urn:fhir-audit-proxy:extension:token-verification"
-"""On the user agent: whether the bearer token's signature was checked and held."""
-UNKNOWN_OUTCOME_DESC = (
-    "outcome unknown: the proxy stopped before the FHIR server's answer was recorded"
-)
-STORE_FULL_OUTCOME_DESC = (
-    "outcome unknown: the audit store was full when the FHIR server answered, so the"
-    " answer was not recorded (the client was told the request failed)"
-)
-STORE_ERROR_OUTCOME_DESC = (
-    "outcome unknown: the audit store failed when the FHIR server answered, so the"
-    " answer was not recorded (the client was told the request failed)"
-)
+K = InteractionKind
+
 QUERY_LIMIT = 4096
 """Most bytes of the raw request kept in ``entity.query``; a longer one is cut there and
 its description gives the full length and SHA-256, so the cost of an event is bounded
 and the full request can still be matched against a client's log."""
-
-
-def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
-    coding = {"system": system, "code": code}
-    if display:
-        coding["display"] = display
-    return coding
-
-
-def _concept(system: str, code: str, display: str) -> dict[str, Any]:
-    return {"coding": [_coding(system, code, display)]}
-
-
-TYPE_REST = _coding(
-    "http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation"
-)
-SOURCE_ROLE = _concept(DCM, "110153", "Source Role ID")
-DESTINATION_ROLE = _concept(DCM, "110152", "Destination Role ID")
-APPLICATION = _concept(DCM, "110150", "Application")
-CUSTODIAN = _concept(
-    "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "custodian", "Custodian"
-)
-USER_RECIPIENT = _coding(PARTICIPATION, "IRCP", "information recipient")
-USER_AUTHOR = _coding(PARTICIPATION, "AUT", "author (originator)")
-USER_OAUTH = _coding(USER_AGENT_TYPES, "UserOauthAgent", "User OAuth Agent participant")
-PERSON = _coding(ENTITY_TYPE, "1", "Person")
-SYSTEM_OBJECT = _coding(ENTITY_TYPE, "2", "System Object")
-ROLE_PATIENT = _coding(OBJECT_ROLE, "1", "Patient")
-ROLE_DOMAIN_RESOURCE = _coding(OBJECT_ROLE, "4", "Domain Resource")
-ROLE_QUERY = _coding(OBJECT_ROLE, "24", "Query")
-XREQUEST_ID = _coding(BALP_ENTITY_TYPE, "XrequestId", "X-Request-Id")
-
-
-@dataclass(frozen=True, slots=True)
-class _Pattern:
-    """How one family of interactions is recorded (the BALP per-profile table)."""
-
-    profile: str | None
-    """Basic profile name (``Read``); the Patient* variant prefixes ``Patient``."""
-    action: str
-    client_type: dict[str, Any]
-    server_type: dict[str, Any]
-    user_type: dict[str, str]
-    entity: str
-    """``data`` (the resource) or ``query`` (the raw request)."""
-
-
-CREATE = _Pattern("Create", "C", SOURCE_ROLE, DESTINATION_ROLE, USER_AUTHOR, "data")
-READ = _Pattern("Read", "R", DESTINATION_ROLE, SOURCE_ROLE, USER_RECIPIENT, "data")
-UPDATE = _Pattern("Update", "U", SOURCE_ROLE, DESTINATION_ROLE, USER_AUTHOR, "data")
-DELETE = _Pattern("Delete", "D", APPLICATION, CUSTODIAN, USER_AUTHOR, "data")
-QUERY = _Pattern("Query", "E", SOURCE_ROLE, DESTINATION_ROLE, USER_RECIPIENT, "query")
-# Not in BALP's RESTful profiles: recorded in the same shape, without a profile claim.
-HISTORY = _Pattern(None, "R", DESTINATION_ROLE, SOURCE_ROLE, USER_RECIPIENT, "query")
-CAPABILITIES = _Pattern(None, "R", DESTINATION_ROLE, SOURCE_ROLE, USER_RECIPIENT, "query")
-EXECUTE = _Pattern(None, "E", SOURCE_ROLE, DESTINATION_ROLE, USER_RECIPIENT, "query")
-
-K = InteractionKind
-PATTERNS: dict[InteractionKind, _Pattern] = {
-    K.CREATE: CREATE,
-    K.READ: READ,
-    K.VREAD: READ,
-    K.UPDATE: UPDATE,
-    K.PATCH: UPDATE,
-    K.DELETE: DELETE,
-    K.SEARCH_TYPE: QUERY,
-    K.SEARCH_SYSTEM: QUERY,
-    K.SEARCH_COMPARTMENT: QUERY,
-    K.HISTORY_INSTANCE: HISTORY,
-    K.HISTORY_TYPE: HISTORY,
-    K.HISTORY_SYSTEM: HISTORY,
-    K.CAPABILITIES: CAPABILITIES,
-    K.OPERATION: EXECUTE,
-    K.BATCH: EXECUTE,
-    K.TRANSACTION: EXECUTE,
-    K.UNKNOWN: EXECUTE,
-}
-
-
-class _Entropy:
-    """Random bytes from the OS, read 4 KiB at a time: one ``getrandom`` call per 400 ids
-    instead of one per id (an id is made for every event, on the hot path)."""
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-        self._lock = threading.Lock()
-        os.register_at_fork(after_in_child=self._forget)  # a child must not reuse them
-
-    def _forget(self) -> None:
-        self._pool, self._at = b"", 0
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bytes:
-        # Events of large exchanges are built in a worker thread: two takers must never
-        # get the same bytes.
-        with self._lock:
-            if self._at + n > len(self._pool):
-                self._pool, self._at = secrets.token_bytes(4096), 0
-            out = self._pool[self._at : self._at + n]
-            self._at += n
-            return out
-
-
-_ENTROPY = _Entropy()
-
-
-def new_event_id() -> str:
-    """A UUID whose leading bits are the time in milliseconds (the UUIDv7 layout, RFC
-    9562), so that the store's id index grows at its end instead of at random places."""
-    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + _ENTROPY.take(10))
-    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
-    raw[8] = 0x80 | (raw[8] & 0x3F)  # variant 0b10
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +64,7 @@ class AuditContext:
     source: dict[str, Any]
     token_pattern: str
     max_patient_events: int = 100
-    """Beyond this many patients, one event lists them (see :func:`_events_for`)."""
+    """Beyond this many patients, one event lists them (see :func:`events_for`)."""
     max_patients_listed: int = 1000
     """Most patient entities that one event lists."""
 
@@ -193,8 +74,8 @@ class AuditContext:
         source: dict[str, Any] = {
             "observer": {"reference": observer.reference, "display": observer.display},
             "type": [
-                _coding(
-                    "http://terminology.hl7.org/CodeSystem/security-source-type",
+                coding(
+                    SECURITY_SOURCE_TYPE,
                     observer.type_code,
                     "Application Server" if observer.type_code == "4" else None,
                 )
@@ -216,8 +97,9 @@ class AuditContext:
 
 
 @dataclass(frozen=True, slots=True)
-class _Happening:
-    """What one interaction did: the exchange itself, or one entry of a bundle."""
+class Happening:
+    """What one interaction did: the exchange itself, or one entry of a bundle (or, for a
+    recovered intent, what was known before it was forwarded)."""
 
     interaction: Interaction
     status: int | None
@@ -261,7 +143,7 @@ def outcome_of(
 # --- agents --------------------------------------------------------------------------------
 
 
-def _client_agents(ex: Exchange, pattern: _Pattern, token_pattern: str) -> list[dict[str, Any]]:
+def _client_agents(ex: Exchange, pattern: Pattern, token_pattern: str) -> list[dict[str, Any]]:
     """The network peer that sent the request (BALP's ``client`` slice) and, in the
     comprehensive OAuth pattern, the OAuth client: an Application agent (110150) with
     ``who.identifier.value`` = ``client_id``. Where the peer already is the Application
@@ -287,7 +169,7 @@ def _client_agents(ex: Exchange, pattern: _Pattern, token_pattern: str) -> list[
     return [peer, oauth_client]
 
 
-def _server_agent(ex: Exchange, pattern: _Pattern) -> dict[str, Any]:
+def _server_agent(ex: Exchange, pattern: Pattern) -> dict[str, Any]:
     base = ex.base_url or "unknown"
     return {
         "type": pattern.server_type,
@@ -306,7 +188,7 @@ def _verification(identity: Identity) -> str:
 
 
 def _user_agent(
-    identity: Identity | None, pattern: _Pattern, token_pattern: str
+    identity: Identity | None, pattern: Pattern, token_pattern: str
 ) -> dict[str, Any] | None:
     if identity is None or identity.token_kind in ("none", "other"):
         return None
@@ -335,10 +217,7 @@ def _user_agent(
     if token_pattern == "comprehensive" and identity.roles:
         agent["role"] = [{"text": role} for role in identity.roles[:20]]
     if identity.purpose_of_use:
-        agent["purposeOfUse"] = [
-            _concept("http://terminology.hl7.org/CodeSystem/v3-ActReason", p, p)
-            for p in identity.purpose_of_use[:10]
-        ]
+        agent["purposeOfUse"] = [concept(ACT_REASON, p, p) for p in identity.purpose_of_use[:10]]
     policy = identity.token_hash if identity.token_kind == "opaque" else identity.jti
     if policy and (token_pattern != "opaque" or identity.token_kind == "opaque"):
         agent["policy"] = [policy]
@@ -448,7 +327,7 @@ def _location_reference(location: str | None, base_url: str) -> str | None:
     return location.strip("/") or None
 
 
-def _data_entity(ex: Exchange, happening: _Happening) -> dict[str, Any]:
+def _data_entity(ex: Exchange, happening: Happening) -> dict[str, Any]:
     interaction = happening.interaction
     resource = happening.response_resource
     if resource is None or resource.get("resourceType") == "OperationOutcome":
@@ -484,15 +363,17 @@ def _subtypes(interaction: Interaction) -> list[dict[str, str]]:
     code = interaction.restful_code
     if code is None:
         return []
-    out = [_coding(RESTFUL_INTERACTION, code, code)]
+    out = [coding(RESTFUL_INTERACTION, code, code)]
     if interaction.operation:
-        out.append(_coding(OPERATION_SYSTEM, f"${interaction.operation}"))
+        out.append(coding(OPERATION_SYSTEM, f"${interaction.operation}"))
     return out
 
 
-def _events_for(
-    ex: Exchange, happening: _Happening, ctx: AuditContext, now: datetime
+def events_for(
+    ex: Exchange, happening: Happening, ctx: AuditContext, now: datetime
 ) -> list[dict[str, Any]]:
+    """The R4 events recording one happening of ``ex``: one per patient, or one naming no
+    patient, or one listing them all past ``ctx.max_patient_events``."""
     interaction = happening.interaction
     pattern = PATTERNS[interaction.kind]
     outcome, outcome_desc = outcome_of(
@@ -569,26 +450,27 @@ def _many_patients_event(
     return event
 
 
-def _happening(ex: Exchange) -> _Happening:
+def _happening(ex: Exchange) -> Happening:
     interaction = ex.interaction
     assert interaction is not None
     response = ex.response_json()
     request = ex.request_json()
-    return _Happening(
+    return Happening(
         interaction=interaction,
         status=ex.status,
         error=ex.error,
         request_resource=request,
         response_resource=response,
         location=ex.response_headers.get("location") or ex.response_headers.get("content-location"),
-        patients=_merged(
+        patients=merged_patients(
             ex.prior_patients,
             patients_of_exchange(interaction, request, response, ex.response_headers),
         ),
     )
 
 
-def _merged(first: tuple[str, ...], then: tuple[str, ...]) -> tuple[str, ...]:
+def merged_patients(first: tuple[str, ...], then: tuple[str, ...]) -> tuple[str, ...]:
+    """``first`` then the patients of ``then`` not already in it, in order."""
     return tuple(dict.fromkeys((*first, *then)))
 
 
@@ -602,15 +484,15 @@ def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[d
     happening = _happening(exchange)
     if exchange.interaction.kind in (K.BATCH, K.TRANSACTION):
         # The Bundle's own event names no patients: the entries' events do, one per patient.
-        events = _events_for(exchange, dataclasses.replace(happening, patients=()), ctx, now)
+        events = events_for(exchange, dataclasses.replace(happening, patients=()), ctx, now)
         for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
             status = entry.status
             if status is None and exchange.status is not None and exchange.status >= 400:
                 status = exchange.status  # a failed transaction: every entry failed with it
             events.extend(
-                _events_for(
+                events_for(
                     exchange,
-                    _Happening(
+                    Happening(
                         interaction=entry.interaction,
                         status=status,
                         error=exchange.error,
@@ -624,106 +506,7 @@ def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[d
                 )
             )
     else:
-        events = _events_for(exchange, happening, ctx, now)
-    if ctx.fhir_version == "R5":
-        return [to_r5(e) for e in events]
-    return events
-
-
-# --- intents: writes whose outcome a crash may hide -------------------------------------------
-
-
-_SUMMARY_SEARCH_PARAMS = 200
-
-
-def intent_summary(exchange: Exchange) -> dict[str, Any]:
-    """What is committed before a write is forwarded: enough to record the write if the
-    proxy stops before its answer is audited. Holds no credential: the exchange's query
-    and form body are already redacted, and an opaque token is only its keyed hash. For
-    ``orjson.dumps``: the interaction and identity are their dataclasses, written as
-    objects."""
-    interaction = exchange.interaction
-    assert interaction is not None
-    identity = exchange.identity or Identity()
-    return {
-        "method": exchange.method,
-        "path": exchange.path,
-        "query_string": exchange.query_string[:QUERY_LIMIT],
-        "request_id": exchange.request_id,
-        "client_address": exchange.client_address,
-        "base_url": exchange.base_url,
-        "started_at": exchange.started_at.isoformat(),
-        "accept": exchange.request_headers.get("accept"),
-        # The dataclasses themselves: orjson writes them (enums as values, tuples as
-        # arrays) as dataclasses.asdict would, without asdict's deep copy (~20 us). The
-        # search as far as an event's description shows it, not a 10,000-parameter form.
-        "interaction": (
-            dataclasses.replace(interaction, search=interaction.search[:_SUMMARY_SEARCH_PARAMS])
-            if len(interaction.search) > _SUMMARY_SEARCH_PARAMS
-            else interaction
-        ),
-        "identity": identity,
-        "patients": list(
-            _merged(
-                exchange.prior_patients,
-                patients_of_exchange(interaction, exchange.request_json(), None, {}),
-            )
-        ),
-    }
-
-
-def _interaction_from(data: Mapping[str, Any]) -> Interaction:
-    fields = dict(data)
-    fields["kind"] = InteractionKind(fields["kind"])
-    fields["search"] = tuple(tuple(p) for p in fields.get("search") or ())
-    if fields.get("compartment"):
-        fields["compartment"] = tuple(fields["compartment"])
-    return Interaction(**fields)
-
-
-def _identity_from(data: Mapping[str, Any]) -> Identity:
-    fields = dict(data)
-    fields.pop("token_tail", None)  # intents written before tokens were hashed: forget it
-    for name in ("purpose_of_use", "roles", "scopes"):
-        fields[name] = tuple(fields.get(name) or ())
-    return Identity(**fields)
-
-
-def build_unknown_outcome_events(
-    summary: Mapping[str, Any],
-    ctx: AuditContext,
-    now: datetime,
-    description: str = UNKNOWN_OUTCOME_DESC,
-) -> list[dict[str, Any]]:
-    """Events for a write whose intent was never completed: outcome 8, and a description
-    saying why the outcome is unknown (by default: the proxy stopped)."""
-    interaction = _interaction_from(summary["interaction"])
-    exchange = Exchange(
-        request_id=summary["request_id"],
-        method=summary["method"],
-        path=summary["path"],
-        query_string=summary["query_string"],
-        request_headers={"accept": summary["accept"]} if summary.get("accept") else {},
-        client_address=summary["client_address"],
-        started_at=datetime.fromisoformat(summary["started_at"]),
-        base_url=summary["base_url"],
-        interaction=interaction,
-        identity=_identity_from(summary["identity"]),
-        error=description,
-    )
-    happening = _Happening(
-        interaction=interaction,
-        status=None,
-        error=description,
-        request_resource=None,
-        response_resource=None,
-        location=None,
-        patients=tuple(summary.get("patients") or ()),
-    )
-    events = _events_for(exchange, happening, ctx, now)
-    for event in events:
-        event["outcome"] = "8"
-        event["outcomeDesc"] = description
+        events = events_for(exchange, happening, ctx, now)
     if ctx.fhir_version == "R5":
         return [to_r5(e) for e in events]
     return events

@@ -86,7 +86,7 @@ class Intent:
     id: int
     created_at: datetime
     summary: dict[str, Any]
-    """What ``proxy.audit.balp.intent_summary`` recorded (no secrets); opaque to the store."""
+    """What ``proxy.audit.intents.intent_summary`` recorded (no secrets); opaque to the store."""
     reason: str | None = None
     """Why the request abandoned it, when noted (:meth:`AuditQueue.note_intent_reasons`)."""
 

@@ -9,15 +9,15 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit.balp import (
-    OPERATION_SYSTEM,
+from proxy.audit.balp import outcome_of
+from proxy.audit.intents import (
     UNKNOWN_OUTCOME_DESC,
     build_unknown_outcome_events,
     intent_summary,
-    outcome_of,
 )
 from proxy.audit.r5 import to_r5
 from proxy.audit.validate import validate_event
+from proxy.audit.vocabulary import OPERATION_SYSTEM
 from tests.factories import (
     NOW,
     codes,

@@ -17,8 +17,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from proxy.audit.balp import TOKEN_VERIFICATION_EXT
 from proxy.audit.identity import identity_from_headers
+from proxy.audit.vocabulary import TOKEN_VERIFICATION_EXT
 from proxy.settings import IdentitySettings
 from tests.factories import (
     NodeFhirServer,

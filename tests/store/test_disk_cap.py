@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import recover_intents
-from proxy.audit.balp import STORE_FULL_OUTCOME_DESC, UNKNOWN_OUTCOME_DESC, AuditContext
+from proxy.audit.balp import AuditContext
+from proxy.audit.intents import STORE_FULL_OUTCOME_DESC, UNKNOWN_OUTCOME_DESC, recover_intents
 from proxy.store.queue import AuditQueue, StoreFull
 from tests.factories import NodeFhirServer, StartProxy, request_id_of
 

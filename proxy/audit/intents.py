@@ -1,0 +1,168 @@
+"""Write intents: what is committed before a state-changing request is forwarded, and how
+an intent that was never completed (the proxy stopped, or the store refused the write's
+events) is recorded as an outcome-unknown AuditEvent."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from proxy.audit.balp import QUERY_LIMIT, AuditContext, Happening, events_for, merged_patients
+from proxy.audit.identity import Identity
+from proxy.audit.r5 import to_r5
+from proxy.exchange import Exchange
+from proxy.fhir.interaction import Interaction, InteractionKind
+from proxy.fhir.patients import patients_of_exchange
+from proxy.store.queue import AuditQueue, StoreError
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_OUTCOME_DESC = (
+    "outcome unknown: the proxy stopped before the FHIR server's answer was recorded"
+)
+STORE_FULL_OUTCOME_DESC = (
+    "outcome unknown: the audit store was full when the FHIR server answered, so the"
+    " answer was not recorded (the client was told the request failed)"
+)
+STORE_ERROR_OUTCOME_DESC = (
+    "outcome unknown: the audit store failed when the FHIR server answered, so the"
+    " answer was not recorded (the client was told the request failed)"
+)
+
+_SUMMARY_SEARCH_PARAMS = 200
+
+
+def intent_summary(exchange: Exchange) -> dict[str, Any]:
+    """What is committed before a write is forwarded: enough to record the write if the
+    proxy stops before its answer is audited. Holds no credential: the exchange's query
+    and form body are already redacted, and an opaque token is only its keyed hash. For
+    ``orjson.dumps``: the interaction and identity are their dataclasses, written as
+    objects."""
+    interaction = exchange.interaction
+    assert interaction is not None
+    identity = exchange.identity or Identity()
+    return {
+        "method": exchange.method,
+        "path": exchange.path,
+        "query_string": exchange.query_string[:QUERY_LIMIT],
+        "request_id": exchange.request_id,
+        "client_address": exchange.client_address,
+        "base_url": exchange.base_url,
+        "started_at": exchange.started_at.isoformat(),
+        "accept": exchange.request_headers.get("accept"),
+        # The dataclasses themselves: orjson writes them (enums as values, tuples as
+        # arrays) as dataclasses.asdict would, without asdict's deep copy (~20 us). The
+        # search as far as an event's description shows it, not a 10,000-parameter form.
+        "interaction": (
+            dataclasses.replace(interaction, search=interaction.search[:_SUMMARY_SEARCH_PARAMS])
+            if len(interaction.search) > _SUMMARY_SEARCH_PARAMS
+            else interaction
+        ),
+        "identity": identity,
+        "patients": list(
+            merged_patients(
+                exchange.prior_patients,
+                patients_of_exchange(interaction, exchange.request_json(), None, {}),
+            )
+        ),
+    }
+
+
+def _interaction_from(data: Mapping[str, Any]) -> Interaction:
+    fields = dict(data)
+    fields["kind"] = InteractionKind(fields["kind"])
+    fields["search"] = tuple(tuple(p) for p in fields.get("search") or ())
+    if fields.get("compartment"):
+        fields["compartment"] = tuple(fields["compartment"])
+    return Interaction(**fields)
+
+
+def _identity_from(data: Mapping[str, Any]) -> Identity:
+    fields = dict(data)
+    fields.pop("token_tail", None)  # intents written before tokens were hashed: forget it
+    for name in ("purpose_of_use", "roles", "scopes"):
+        fields[name] = tuple(fields.get(name) or ())
+    return Identity(**fields)
+
+
+def build_unknown_outcome_events(
+    summary: Mapping[str, Any],
+    ctx: AuditContext,
+    now: datetime,
+    description: str = UNKNOWN_OUTCOME_DESC,
+) -> list[dict[str, Any]]:
+    """Events for a write whose intent was never completed: outcome 8, and a description
+    saying why the outcome is unknown (by default: the proxy stopped)."""
+    interaction = _interaction_from(summary["interaction"])
+    exchange = Exchange(
+        request_id=summary["request_id"],
+        method=summary["method"],
+        path=summary["path"],
+        query_string=summary["query_string"],
+        request_headers={"accept": summary["accept"]} if summary.get("accept") else {},
+        client_address=summary["client_address"],
+        started_at=datetime.fromisoformat(summary["started_at"]),
+        base_url=summary["base_url"],
+        interaction=interaction,
+        identity=_identity_from(summary["identity"]),
+        error=description,
+    )
+    happening = Happening(
+        interaction=interaction,
+        status=None,
+        error=description,
+        request_resource=None,
+        response_resource=None,
+        location=None,
+        patients=tuple(summary.get("patients") or ()),
+    )
+    events = events_for(exchange, happening, ctx, now)
+    for event in events:
+        event["outcome"] = "8"
+        event["outcomeDesc"] = description
+    if ctx.fhir_version == "R5":
+        return [to_r5(e) for e in events]
+    return events
+
+
+async def recover_intents(
+    queue: AuditQueue,
+    ctx: AuditContext,
+    now: datetime,
+    *,
+    older_than: datetime | None = None,
+    in_flight: set[int] | frozenset[int] = frozenset(),
+    reasons: dict[int, str] | None = None,
+    left_at_start: int = 0,
+) -> int:
+    """Turn intents that never completed into outcome-unknown AuditEvents.
+    At start-up every intent is an orphan; later, only old ones no request still owns.
+    ``reasons`` gives the description of intents abandoned because the store refused
+    their events (noted in the store's intents table first, and taken out once recorded;
+    a reason noted there by an earlier process counts too); any other's says the proxy
+    stopped. Intents with ids up to ``left_at_start`` were orphans before this process
+    started (start-up could not record them): they are recovered whatever their age."""
+    recovered = 0
+    reasons = reasons if reasons is not None else {}
+    if reasons:  # noted in the store first: a restart before recovery must not forget them
+        with contextlib.suppress(StoreError):  # a store that refuses this refuses recovery too
+            await queue.note_intent_reasons(dict(reasons))
+    for intent in await queue.orphan_intents():
+        young = older_than is not None and intent.created_at > older_than
+        if intent.id in in_flight or (young and intent.id > left_at_start):
+            continue
+        why = reasons.get(intent.id) or intent.reason
+        if why is None:
+            events = build_unknown_outcome_events(intent.summary, ctx, now)
+        else:
+            events = build_unknown_outcome_events(intent.summary, ctx, now, why)
+        await queue.append(events, complete_intent=intent.id)
+        reasons.pop(intent.id, None)
+        recovered += 1
+    if recovered:
+        log.warning("recorded %d interaction(s) whose outcome is unknown", recovered)
+    return recovered
