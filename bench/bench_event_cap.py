@@ -73,7 +73,7 @@ async def _stall_ms(n: int, ctx: AuditContext, in_thread: bool) -> tuple[float, 
 
     def build() -> tuple[int, int]:
         built = build_events(ex, ctx, datetime.now(UTC))
-        return len(built), sum(len(orjson.dumps(e)) for e in built)
+        return len(built), sum(len(b.row.body) for b in built)
 
     task = asyncio.create_task(ticker())
     await asyncio.sleep(0.01)

@@ -2,11 +2,11 @@
 queries, first page and a page deep in the result (keyset cursor).
 
 The store is the real one (migrations, triggers, zstd bodies), filled directly: each
-event is built by ``proxy.audit.balp.build_events`` for a ``GET Observation/{n}`` by one of
-``--users`` users about one of ``--patients`` patients, turned into its row by the queue's
-own ``event_row``, and inserted with ``executemany`` in large transactions (the bench is
-about reading; a million proxied requests would only measure the proxy). Queries go
-through ``AuditQueue.search_page``, the code the admin API runs, counting ``total``.
+event is built with its row by ``proxy.audit.balp.build_events`` for a ``GET
+Observation/{n}`` by one of ``--users`` users about one of ``--patients`` patients, and
+inserted with ``executemany`` in large transactions (the bench is about reading; a million
+proxied requests would only measure the proxy). Queries go through
+``AuditQueue.search_page``, the code the admin API runs, counting ``total``.
 
     python bench/bench_search.py [--events 1000000] [--queries 200] [--store PATH]
 
@@ -30,8 +30,8 @@ from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
-from proxy.store.queue import AuditQueue, EventRow, _insert_events_sql, event_row
-from proxy.store.records import EventQuery
+from proxy.store.queue import AuditQueue, _insert_events_sql
+from proxy.store.records import EventQuery, EventRow
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STEP_S = 2.0
@@ -64,10 +64,9 @@ def build_rows(
             b'"code":{"text":"x"},"subject":{"reference":"%s"}}' % (n, patient.encode())
         )
         exchange.finished_at = now
-        for event in build_events(exchange, ctx, now):
+        for event, row in build_events(exchange, ctx, now):
             # The writer thread compresses bodies at commit; this fill bypasses it.
-            row = event_row(event)
-            rows.append((*row[:8], queue._codec.encode(event), *row[9:]))
+            rows.append(row._replace(body=queue._codec.encode(event)))
     return rows
 
 

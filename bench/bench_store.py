@@ -54,7 +54,7 @@ def sample_event() -> dict[str, Any]:
     )
     exchange.response_headers = {"content-type": "application/fhir+json"}
     exchange.finished_at = now
-    (event,) = build_events(exchange, AuditContext.default(), now)
+    ((event, _),) = build_events(exchange, AuditContext.default(), now)
     return event
 
 

@@ -722,13 +722,17 @@ class ForwardHandler:
     async def _persist(self, ex: Exchange) -> web.Response | None:
         """Build and commit the events; an OperationOutcome response when that fails."""
         ex.finished_at = datetime.now(UTC)
+        traceparent = telemetry.current_traceparent()
         try:
             if len(ex.request_body or b"") + len(ex.response_body or b"") > _BUILD_IN_THREAD:
                 # Parsing a large Bundle and finding its patients takes tens of ms of
                 # Python; in a thread the loop gets the GIL back every switch interval.
-                events = await asyncio.to_thread(build_events, ex, self._ctx, ex.finished_at)
+                built = await asyncio.to_thread(
+                    build_events, ex, self._ctx, ex.finished_at, traceparent=traceparent
+                )
             else:
-                events = build_events(ex, self._ctx, ex.finished_at)
+                built = build_events(ex, self._ctx, ex.finished_at, traceparent=traceparent)
+            events = [b.event for b in built]
             # Parsed bodies do not wait for the commit: hundreds of large answers at once
             # would each hold their parse in memory.
             ex.drop_parsed()
@@ -742,7 +746,7 @@ class ForwardHandler:
             )
         try:
             with telemetry.audit_write_span(events, self._ctx.fhir_version):
-                await self._queue.append(events, complete_intent=ex.intent_id)
+                await self._queue.append_rows([b.row for b in built], complete_intent=ex.intent_id)
         except StoreError as exc:
             if ex.intent_id is not None:
                 self._abandoned[ex.intent_id] = (

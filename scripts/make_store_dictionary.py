@@ -139,11 +139,11 @@ def samples(count: int = 40) -> list[bytes]:
     for _ in range(count):
         for ex in _exchanges(rng):
             for ctx in (r4, r5):
-                out.extend(orjson.dumps(e) for e in build_events(ex, ctx, ex.finished_at))
+                out.extend(b.row.body for b in build_events(ex, ctx, ex.finished_at))
                 if ex.method in ("POST", "PUT", "DELETE") and ex.status is not None:
                     summary = orjson.loads(orjson.dumps(intent_summary(ex)))
                     unknown = build_unknown_outcome_events(summary, ctx, ex.finished_at)
-                    out.extend(orjson.dumps(e) for e in unknown)
+                    out.extend(b.row.body for b in unknown)
     return out
 
 

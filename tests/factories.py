@@ -338,7 +338,8 @@ def context(**audit: Any) -> AuditContext:
 
 
 def events_of(ex: Exchange, ctx: AuditContext | None = None) -> list[dict[str, Any]]:
-    return build_events(ex, ctx or AuditContext.default(), NOW)
+    """The AuditEvents the builder makes for ``ex`` (without their rows)."""
+    return [built.event for built in build_events(ex, ctx or AuditContext.default(), NOW)]
 
 
 def codes(concept: Mapping[str, Any] | None) -> set[str]:

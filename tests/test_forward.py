@@ -311,7 +311,7 @@ async def test_body_past_the_memory_part_is_audited_whole_and_sent_intact(
             async def broken_append(*args: Any, **kwargs: Any) -> None:
                 raise StoreError("disk I/O error")
 
-            monkeypatch.setattr(proxy.queue, "append", broken_append)
+            monkeypatch.setattr(proxy.queue, "append_rows", broken_append)
         async with http.get(f"{proxy.url}/Observation?status=final") as r:
             body = await r.read()
             if fails:
@@ -400,7 +400,7 @@ async def test_store_failure_fails_closed_with_503_and_withholds_the_body(
     async def broken_append(*args: Any, **kwargs: Any) -> None:
         raise StoreError("disk I/O error")
 
-    monkeypatch.setattr(proxy.queue, "append", broken_append)
+    monkeypatch.setattr(proxy.queue, "append_rows", broken_append)
     async with http.get(f"{proxy.url}/Patient/{patient['id']}") as r:
         assert r.status == 503
         body = await r.read()

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from proxy.admin.auth import AdminCaller
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, QUEUE
-from proxy.audit.balp import AuditContext, build_events
+from proxy.audit.balp import AuditContext, BuiltEvent, build_events
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.store.records import QueuedEvent
@@ -56,8 +56,9 @@ def build_access_events(
     status: int,
     ctx: AuditContext,
     now: datetime,
-) -> list[dict[str, Any]]:
-    """The events recording one admin read of the trail (pure; ``now`` passed in). Built
+) -> list[BuiltEvent]:
+    """The events (with their rows) recording one admin read of the trail (pure; ``now``
+    passed in). Built
     by the proxy's own BALP builder, so they have the shape of any other Query/Read, and
     tagged :data:`ADMIN_ACCESS_TAG`. A ``patient`` parameter makes it a PatientQuery."""
     exchange = Exchange(
@@ -74,11 +75,7 @@ def build_access_events(
         status=status,
         finished_at=now,
     )
-    events = build_events(exchange, ctx, now)
-    for event in events:
-        meta = event.setdefault("meta", {})
-        meta["tag"] = [*meta.get("tag", ()), ADMIN_ACCESS_TAG]
-    return events
+    return build_events(exchange, ctx, now, tags=(ADMIN_ACCESS_TAG,))
 
 
 def discloses(page: Sequence[QueuedEvent]) -> bool:
@@ -103,7 +100,7 @@ async def record_access(
         search=tuple(search),
     )
     peer = request.remote or "unknown"
-    events = build_access_events(
+    built = build_access_events(
         caller=request[CALLER],
         interaction=interaction,
         method=request.method,
@@ -116,4 +113,4 @@ async def record_access(
         ctx=request.app[AUDIT_CONTEXT],
         now=datetime.now(UTC),
     )
-    await request.app[QUEUE].append(events)
+    await request.app[QUEUE].append_rows([b.row for b in built])

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit
+
+import orjson
 
 from proxy.audit.identity import Identity
 from proxy.audit.ids import new_event_id
@@ -35,6 +38,7 @@ from proxy.audit.vocabulary import (
     SECURITY_SOURCE_TYPE,
     SYSTEM_OBJECT,
     TOKEN_VERIFICATION_EXT,
+    TRACEPARENT_DETAIL,
     TYPE_REST,
     USER_OAUTH,
     XREQUEST_ID,
@@ -47,6 +51,7 @@ from proxy.fhir.bundle import bundle_entries
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
+from proxy.store.records import EventRow
 
 K = InteractionKind
 
@@ -369,18 +374,145 @@ def _subtypes(interaction: Interaction) -> list[dict[str, str]]:
     return out
 
 
+class BuiltEvent(NamedTuple):
+    """One AuditEvent and the row the store writes for it."""
+
+    event: dict[str, Any]
+    """The AuditEvent (R4, or R5 when configured). Events of one exchange share their
+    constant parts (agents, entities, source, meta): read them, never change them; the
+    stored form is ``row.body``."""
+    row: EventRow
+    """The columns the store indexes, made from what the builder knows, and the event as
+    JSON: equal to what :func:`proxy.store.queue.event_row` reads back out of ``event``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """What every event of one build gets beside its content."""
+
+    r5: bool
+    """Converted to R5 (the row is the R5 event's)."""
+    traceparent: str | None
+    """Put on the X-Request-Id entity as an ``entity.detail``."""
+    tags: tuple[dict[str, str], ...]
+    """Added to ``meta.tag``."""
+
+    @classmethod
+    def of(
+        cls,
+        ctx: AuditContext,
+        traceparent: str | None = None,
+        tags: tuple[dict[str, str], ...] = (),
+    ) -> Finish:
+        r5 = ctx.fhir_version == "R5"
+        if not r5 and traceparent is None and not tags:
+            return _R4
+        return cls(r5=r5, traceparent=traceparent, tags=tags)
+
+
+_R4 = Finish(r5=False, traceparent=None, tags=())
+"""The finish of most builds, made once."""
+
+
+def _joined(values: Iterable[str]) -> str:
+    """``|a|b|``: searchable with ``LIKE '%|a|%'``."""
+    text = "|".join(values)
+    return f"|{text}|" if text else "|"
+
+
+@functools.lru_cache(maxsize=8)
+def _recorded_ts(recorded: datetime) -> float:
+    """``recorded`` as the store orders by it: the POSIX time of the millisecond written
+    in the event (naive times are UTC)."""
+    at = recorded.replace(microsecond=recorded.microsecond - recorded.microsecond % 1000)
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
+
+
+@functools.cache
+def _profile_meta(name: str) -> dict[str, Any]:
+    """``meta`` claiming a BALP profile: one dict per profile, shared by its events."""
+    return {"profile": [PROFILE_BASE + name]}
+
+
+def _entity_terms(entity: Mapping[str, Any], r5: bool) -> list[str]:
+    """The search terms of one entity that is not a patient's (see ``EventRow.terms``)."""
+    reference = (entity.get("what") or {}).get("reference")
+    if reference:
+        # Unversioned: ``Observation/1`` finds the event about its version 2.
+        unversioned = f"e:{reference.split('/_history/')[0]}"
+        if "/" not in reference:
+            return [unversioned]
+        return [unversioned, f"r:{_resource_type(reference)}"]
+    if not r5 and entity.get("query") and entity.get("description"):
+        # R5 has no entity.description.
+        return [f"r:{str(entity['description']).split('?')[0].split('/')[0]}"]
+    return []
+
+
+def _resource_type(reference: str) -> str:
+    """``Observation`` from ``Observation/1``, ``Observation/1/_history/2`` or an
+    absolute URL ending in either."""
+    parts = reference.split("/")
+    at = parts.index("_history") if "_history" in parts else len(parts)
+    return parts[max(at - 2, 0)]
+
+
+def _agent_terms(agents: Iterable[Mapping[str, Any]], r5: bool) -> list[str]:
+    """The search terms naming the agents, the FHIR server excepted (it is on every
+    event): ids, names and network addresses."""
+    terms: list[str] = []
+    for agent in agents:
+        network = agent.get("network") or {}
+        if not agent["requestor"] and network.get("type") == "5":
+            continue
+        who = agent["who"]
+        for value in (
+            (who.get("identifier") or {}).get("value"),
+            who.get("reference"),
+            who.get("display"),
+            None if r5 else agent.get("name"),  # R5 agents have no name
+            network.get("address"),
+        ):
+            if value:
+                terms.append(f"a:{value}")
+    return terms
+
+
+def _user_of(agent: Mapping[str, Any]) -> str | None:
+    who = agent["who"]
+    user: str | None = (
+        (who.get("identifier") or {}).get("value") or who.get("reference") or who.get("display")
+    )
+    return user
+
+
+def _traced(entity: dict[str, Any], traceparent: str) -> dict[str, Any]:
+    return {**entity, "detail": [{"type": TRACEPARENT_DETAIL, "valueString": traceparent}]}
+
+
 def events_for(
-    ex: Exchange, happening: Happening, ctx: AuditContext, now: datetime
-) -> list[dict[str, Any]]:
-    """The R4 events recording one happening of ``ex``: one per patient, or one naming no
-    patient, or one listing them all past ``ctx.max_patient_events``."""
+    ex: Exchange,
+    happening: Happening,
+    ctx: AuditContext,
+    now: datetime,
+    *,
+    outcome: tuple[str, str] | None = None,
+    finish: Finish,
+) -> list[BuiltEvent]:
+    """The events recording one happening of ``ex``: one per patient, or one naming no
+    patient, or one listing them all past ``ctx.max_patient_events``. ``outcome`` (code,
+    description) replaces the one the status gives."""
     interaction = happening.interaction
     pattern = PATTERNS[interaction.kind]
-    outcome, outcome_desc = outcome_of(
-        happening.status, happening.error, happening.response_resource
-    )
-    if interaction.kind is K.UNKNOWN and interaction.detail:
-        outcome_desc = f"{interaction.detail}" + (f"; {outcome_desc}" if outcome_desc else "")
+    if outcome is None:
+        code, outcome_desc = outcome_of(
+            happening.status, happening.error, happening.response_resource
+        )
+        if interaction.kind is K.UNKNOWN and interaction.detail:
+            outcome_desc = f"{interaction.detail}" + (f"; {outcome_desc}" if outcome_desc else "")
+    else:
+        code, outcome_desc = outcome
+    r5 = finish.r5
 
     base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
     subtypes = _subtypes(interaction)
@@ -392,10 +524,9 @@ def events_for(
         period["end"] = ex.finished_at.isoformat(timespec="milliseconds")
     base["period"] = period
     # The proxy records an exchange when it finishes: one isoformat, not two.
-    base["recorded"] = (
-        period["end"] if now is ex.finished_at else now.isoformat(timespec="milliseconds")
-    )
-    base["outcome"] = outcome
+    recorded = period["end"] if now is ex.finished_at else now.isoformat(timespec="milliseconds")
+    base["recorded"] = recorded
+    base["outcome"] = code
     if outcome_desc:
         base["outcomeDesc"] = outcome_desc[:2000]
     peer, *oauth_client = _client_agents(ex, pattern, ctx.token_pattern)
@@ -411,43 +542,71 @@ def events_for(
     else:
         main = _query_entity(ex, interaction)
     transaction = _transaction_entity(ex.request_id)
-    claims_profile = outcome == "0" and pattern.profile is not None
+    if finish.traceparent is not None:
+        transaction = _traced(transaction, finish.traceparent)
+    claims_profile = code == "0" and pattern.profile is not None
 
-    def event(patient: str | None) -> dict[str, Any]:
-        e = dict(base)
-        e["id"] = new_event_id()
-        entities = [main, transaction]
-        if patient is not None:
-            entities.insert(0, _patient_entity(patient))
-        e["entity"] = entities
-        if claims_profile:
-            name = f"Patient{pattern.profile}" if patient is not None else pattern.profile
-            e["meta"] = {"profile": [PROFILE_BASE + str(name)]}
-        return e
+    # The row's columns, as far as every event of this happening shares them.
+    recorded_ts = _recorded_ts(now)
+    subtype_codes = [c["code"] for c in subtypes] if subtypes or not r5 else [TYPE_REST["code"]]
+    subtypes_column = _joined(subtype_codes)
+    user_id = _user_of(user) if user is not None else None
+    agent_terms = _agent_terms(agents, r5)
+    request_id = None if r5 else ex.request_id  # R5 entities carry no type to find it by
+
+    def built(patients: tuple[str, ...], main: dict[str, Any], profile: str | None) -> BuiltEvent:
+        event = dict(base)
+        event["id"] = event_id = new_event_id()
+        entities = [_patient_entity(p) for p in patients]
+        entities.append(main)
+        entities.append(transaction)
+        event["entity"] = entities
+        if profile is not None:
+            event["meta"] = _profile_meta(profile)
+        if r5:
+            event = to_r5(event)
+        if finish.tags:
+            meta = event.get("meta") or {}
+            event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
+        terms = [f"e:{p.split('/_history/')[0]}" for p in patients]
+        terms += _entity_terms(main, r5)
+        terms += [f"e:{p}" for p in patients]
+        terms += agent_terms
+        entity_types = "|" if r5 else _joined([*("1" for _ in patients), "2", "XrequestId"])
+        row = EventRow(
+            event_id,
+            recorded,
+            recorded_ts,
+            pattern.action,
+            code,
+            subtypes_column,
+            _joined(dict.fromkeys(patients)),
+            user_id,
+            orjson.dumps(event),
+            orjson.dumps(list(dict.fromkeys(terms))).decode(),
+            TYPE_REST["code"],
+            entity_types,
+            request_id,
+            recorded_ts,
+        )
+        return BuiltEvent(event, row)
 
     patients = happening.patients
     if len(patients) > ctx.max_patient_events:
-        return [_many_patients_event(event(None), patients, ctx.max_patients_listed)]
-    if patients:
-        return [event(p) for p in patients]
-    return [event(None)]
-
-
-def _many_patients_event(
-    event: dict[str, Any], patients: tuple[str, ...], listed: int
-) -> dict[str, Any]:
-    """An interaction concerning more patients than ``max_patient_events``: one event of
-    the basic profile (``Query``, not ``PatientQuery``, which names exactly one patient),
-    with a Patient entity for each of the first ``listed`` patients, and its first
-    entity's description saying how many there were and how many are not listed."""
-    main, *rest = event["entity"]
-    note = f"{len(patients)} patients" + (
-        f", {len(patients) - listed} not listed" if len(patients) > listed else ""
-    )
-    main = dict(main)
-    main["description"] = f"{main['description']} ({note})" if main.get("description") else note
-    event["entity"] = [*(_patient_entity(p) for p in patients[:listed]), main, *rest]
-    return event
+        listed = ctx.max_patients_listed
+        note = f"{len(patients)} patients" + (
+            f", {len(patients) - listed} not listed" if len(patients) > listed else ""
+        )
+        # One event of the basic profile (``Query``, not ``PatientQuery``, which names
+        # exactly one patient) listing the first ``listed`` patients; its first entity's
+        # description says how many there were and how many are not listed.
+        main = dict(main)
+        main["description"] = f"{main['description']} ({note})" if main.get("description") else note
+        return [built(patients[:listed], main, pattern.profile if claims_profile else None)]
+    if not patients:
+        return [built((), main, pattern.profile if claims_profile else None)]
+    profile = f"Patient{pattern.profile}" if claims_profile else None
+    return [built((p,), main, profile) for p in patients]
 
 
 def _happening(ex: Exchange) -> Happening:
@@ -474,39 +633,42 @@ def merged_patients(first: tuple[str, ...], then: tuple[str, ...]) -> tuple[str,
     return tuple(dict.fromkeys((*first, *then)))
 
 
-def build_events(exchange: Exchange, ctx: AuditContext, now: datetime) -> list[dict[str, Any]]:
-    """The AuditEvents for an exchange (R4 BALP, or R5 when configured): one per patient,
-    at least one; for a batch or transaction, one for the Bundle plus the entries' own."""
+def build_events(
+    exchange: Exchange,
+    ctx: AuditContext,
+    now: datetime,
+    *,
+    traceparent: str | None = None,
+    tags: tuple[dict[str, str], ...] = (),
+) -> list[BuiltEvent]:
+    """The AuditEvents for an exchange (R4 BALP, or R5 when configured), each with its
+    store row: one per patient, at least one; for a batch or transaction, one for the
+    Bundle plus the entries' own. ``traceparent`` (the W3C trace of the request) goes on
+    each event's X-Request-Id entity; ``tags`` are added to each event's ``meta.tag``."""
     if exchange.interaction is None:
         exchange.interaction = Interaction(
             kind=K.UNKNOWN, method=exchange.method, detail="request not classified"
         )
+    finish = Finish.of(ctx, traceparent, tags)
     happening = _happening(exchange)
-    if exchange.interaction.kind in (K.BATCH, K.TRANSACTION):
-        # The Bundle's own event names no patients: the entries' events do, one per patient.
-        events = events_for(exchange, dataclasses.replace(happening, patients=()), ctx, now)
-        for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
-            status = entry.status
-            if status is None and exchange.status is not None and exchange.status >= 400:
-                status = exchange.status  # a failed transaction: every entry failed with it
-            events.extend(
-                events_for(
-                    exchange,
-                    Happening(
-                        interaction=entry.interaction,
-                        status=status,
-                        error=exchange.error,
-                        request_resource=entry.request_resource,
-                        response_resource=entry.response_resource or entry.outcome,
-                        location=entry.location,
-                        patients=entry.patients,
-                    ),
-                    ctx,
-                    now,
-                )
-            )
-    else:
-        events = events_for(exchange, happening, ctx, now)
-    if ctx.fhir_version == "R5":
-        return [to_r5(e) for e in events]
+    if exchange.interaction.kind not in (K.BATCH, K.TRANSACTION):
+        return events_for(exchange, happening, ctx, now, finish=finish)
+    # The Bundle's own event names no patients: the entries' events do, one per patient.
+    events = events_for(
+        exchange, dataclasses.replace(happening, patients=()), ctx, now, finish=finish
+    )
+    for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
+        status = entry.status
+        if status is None and exchange.status is not None and exchange.status >= 400:
+            status = exchange.status  # a failed transaction: every entry failed with it
+        entry_happening = Happening(
+            interaction=entry.interaction,
+            status=status,
+            error=exchange.error,
+            request_resource=entry.request_resource,
+            response_resource=entry.response_resource or entry.outcome,
+            location=entry.location,
+            patients=entry.patients,
+        )
+        events.extend(events_for(exchange, entry_happening, ctx, now, finish=finish))
     return events

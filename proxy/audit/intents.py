@@ -11,9 +11,16 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from proxy.audit.balp import QUERY_LIMIT, AuditContext, Happening, events_for, merged_patients
+from proxy.audit.balp import (
+    QUERY_LIMIT,
+    AuditContext,
+    BuiltEvent,
+    Finish,
+    Happening,
+    events_for,
+    merged_patients,
+)
 from proxy.audit.identity import Identity
-from proxy.audit.r5 import to_r5
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
@@ -94,9 +101,9 @@ def build_unknown_outcome_events(
     ctx: AuditContext,
     now: datetime,
     description: str = UNKNOWN_OUTCOME_DESC,
-) -> list[dict[str, Any]]:
-    """Events for a write whose intent was never completed: outcome 8, and a description
-    saying why the outcome is unknown (by default: the proxy stopped)."""
+) -> list[BuiltEvent]:
+    """Events (with their rows) for a write whose intent was never completed: outcome 8,
+    and a description saying why the outcome is unknown (by default: the proxy stopped)."""
     interaction = _interaction_from(summary["interaction"])
     exchange = Exchange(
         request_id=summary["request_id"],
@@ -120,13 +127,9 @@ def build_unknown_outcome_events(
         location=None,
         patients=tuple(summary.get("patients") or ()),
     )
-    events = events_for(exchange, happening, ctx, now)
-    for event in events:
-        event["outcome"] = "8"
-        event["outcomeDesc"] = description
-    if ctx.fhir_version == "R5":
-        return [to_r5(e) for e in events]
-    return events
+    return events_for(
+        exchange, happening, ctx, now, outcome=("8", description), finish=Finish.of(ctx)
+    )
 
 
 async def recover_intents(
@@ -157,10 +160,10 @@ async def recover_intents(
             continue
         why = reasons.get(intent.id) or intent.reason
         if why is None:
-            events = build_unknown_outcome_events(intent.summary, ctx, now)
+            built = build_unknown_outcome_events(intent.summary, ctx, now)
         else:
-            events = build_unknown_outcome_events(intent.summary, ctx, now, why)
-        await queue.append(events, complete_intent=intent.id)
+            built = build_unknown_outcome_events(intent.summary, ctx, now, why)
+        await queue.append_rows([b.row for b in built], complete_intent=intent.id)
         reasons.pop(intent.id, None)
         recovered += 1
     if recovered:

@@ -43,6 +43,9 @@ def _entity(entity: dict[str, Any]) -> dict[str, Any]:
         out["securityLabel"] = [{"coding": [label]} for label in entity["securityLabel"]]
     if "query" in entity:
         out["query"] = entity["query"]
+    if entity.get("detail"):
+        # R4's detail.type is a string, R5's a CodeableConcept.
+        out["detail"] = [{**d, "type": {"text": d["type"]}} for d in entity["detail"]]
     if entity.get("type", {}).get("code") == "XrequestId":
         # R5 has no entity.type: say what the identifier is through the role's text.
         out["role"] = {"text": "X-Request-Id"}

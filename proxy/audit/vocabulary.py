@@ -22,6 +22,9 @@ OPERATION_SYSTEM = "urn:fhir-audit-proxy:operation"
 """Second subtype coding naming the operation (``$everything``); BALP has no code for it."""
 TOKEN_VERIFICATION_EXT = "urn:fhir-audit-proxy:extension:token-verification"
 """On the user agent: whether the bearer token's signature was checked and held."""
+TRACEPARENT_DETAIL = "traceparent"
+"""``entity.detail.type`` on the X-Request-Id entity, holding the W3C traceparent of the
+request's server span."""
 
 
 def coding(system: str, code: str, display: str | None = None) -> dict[str, str]:

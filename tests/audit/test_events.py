@@ -347,9 +347,9 @@ def test_intent_without_completion_becomes_an_outcome_unknown_event(version: str
         request_id="rid-crash",
     )
     summary = orjson.loads(orjson.dumps(intent_summary(ex)))  # as stored
-    events = build_unknown_outcome_events(summary, context(fhir_version=version), NOW)
-    assert len(events) == 1
-    event = events[0]
+    built = build_unknown_outcome_events(summary, context(fhir_version=version), NOW)
+    assert len(built) == 1
+    event = built[0].event
     assert validate_event(event, version) is None, validate_event(event, version)
     if version == "R4":
         assert event["outcome"] == "8"

@@ -27,7 +27,8 @@ def _balp_events() -> list[dict[str, object]]:
         query="patient=42&code=8867-4",
         response={"resourceType": "Bundle", "type": "searchset"},
     )
-    return build_events(read, context(), NOW) + build_events(search, context(), NOW)
+    built = build_events(read, context(), NOW) + build_events(search, context(), NOW)
+    return [b.event for b in built]
 
 
 def _bodies(path: Path) -> list[tuple[str, bytes]]:

@@ -1,0 +1,283 @@
+"""The builder's rows: for every interaction kind, outcome, identity, FHIR version and
+event shape, the index columns the builder makes beside an event are the ones the store's
+own reader (``event_row``, used for events from outside) finds in that event."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.admin.access import ADMIN_ACCESS_TAG, build_access_events
+from proxy.admin.auth import AdminCaller
+from proxy.audit.balp import AuditContext, BuiltEvent, build_events
+from proxy.audit.identity import Identity
+from proxy.audit.intents import (
+    STORE_FULL_OUTCOME_DESC,
+    build_unknown_outcome_events,
+    intent_summary,
+)
+from proxy.audit.validate import validate_event
+from proxy.exchange import Exchange
+from proxy.fhir.interaction import Interaction, InteractionKind
+from proxy.store.queue import event_row
+from tests.factories import NOW, context, exchange, unsigned_jwt
+
+K = InteractionKind
+CLAIMS = {
+    "sub": "u1",
+    "name": "Ann",
+    "jti": "jti-1",
+    "client_id": "app",
+    "iss": "https://idp.example.org",
+    "fhirUser": "Practitioner/pr1",
+    "purpose_of_use": ["TREAT"],
+}
+JWT = {"Authorization": f"Bearer {unsigned_jwt(CLAIMS)}"}
+OPAQUE = {"Authorization": "Bearer opaque-token-0123456789abcdef"}
+OBS = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "meta": {"versionId": "2", "security": [{"system": "s", "code": "R", "display": "r"}]},
+    "status": "final",
+    "code": {"text": "pulse"},
+    "subject": {"reference": "Patient/p1"},
+}
+PATIENT = {"resourceType": "Patient", "id": "p1", "meta": {"versionId": "3"}}
+NOT_FOUND = {
+    "resourceType": "OperationOutcome",
+    "issue": [{"severity": "error", "code": "not-found", "diagnostics": "gone"}],
+}
+
+
+def _searchset(patients: int) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            {"resource": {**OBS, "id": f"o{n}", "subject": {"reference": f"Patient/p{n}"}}}
+            for n in range(patients)
+        ],
+    }
+
+
+def _bundle(kind: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {"request": {"method": "GET", "url": "Patient/p1"}},
+            {"resource": OBS, "request": {"method": "POST", "url": "Observation"}},
+            {"request": {"method": "DELETE", "url": "Observation/o9"}},
+        ],
+    }
+
+
+def _bundle_response(kind: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": f"{kind}-response",
+        "entry": [
+            {"resource": PATIENT, "response": {"status": "200 OK"}},
+            {"response": {"status": "201 Created", "location": "Observation/o1/_history/1"}},
+            {"response": {"status": "404 Not Found", "outcome": NOT_FOUND}},
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and the upstream's answer."""
+
+    kind: InteractionKind
+    method: str
+    path: str
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    response: Any = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    def exchange(self, **overrides: Any) -> Exchange:
+        fields: dict[str, Any] = {
+            "query": self.query,
+            "headers": {**JWT, "Accept": "application/fhir+json", **self.headers},
+            "body": self.body,
+            "response": self.response,
+            "response_headers": self.response_headers,
+            "request_id": f"rid-{self.kind.value}",
+        }
+        fields.update(overrides)
+        return exchange(self.method, self.path, **fields)
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+CASES = [
+    Case(K.READ, "GET", "Patient/p1", response=PATIENT),
+    Case(K.VREAD, "GET", "Observation/o1/_history/2", response=OBS),
+    Case(
+        K.CREATE,
+        "POST",
+        "Observation",
+        body=OBS,
+        response=OBS,
+        response_headers={"Location": "http://server.example.com/fhir/Observation/o1/_history/1"},
+    ),
+    Case(K.UPDATE, "PUT", "Observation/o1", body=OBS, response=OBS),
+    Case(
+        K.PATCH,
+        "PATCH",
+        "Patient/p1",
+        headers={"Content-Type": "application/json-patch+json"},
+        body=b'[{"op":"replace","path":"/active","value":false}]',
+        response=PATIENT,
+    ),
+    Case(K.DELETE, "DELETE", "Observation/o1"),
+    Case(K.SEARCH_TYPE, "GET", "Observation", query="code=8867-4", response=_searchset(7)),
+    Case(K.SEARCH_SYSTEM, "GET", "", query="_type=Patient", response=_searchset(2)),
+    Case(K.SEARCH_COMPARTMENT, "GET", "Patient/p1/Observation", response=_searchset(1)),
+    Case(K.HISTORY_INSTANCE, "GET", "Patient/p1/_history", response=_searchset(0)),
+    Case(K.HISTORY_TYPE, "GET", "Patient/_history", response=_searchset(0)),
+    Case(K.HISTORY_SYSTEM, "GET", "_history", response=_searchset(0)),
+    Case(K.CAPABILITIES, "GET", "metadata", response={"resourceType": "CapabilityStatement"}),
+    Case(K.OPERATION, "GET", "Patient/p1/$everything", response=_searchset(1)),
+    Case(K.BATCH, "POST", "", body=_bundle("batch"), response=_bundle_response("batch")),
+    Case(
+        K.TRANSACTION,
+        "POST",
+        "",
+        body=_bundle("transaction"),
+        response=_bundle_response("transaction"),
+    ),
+    Case(K.UNKNOWN, "GET", "Patient//p1"),
+    # A search posted as a form: its body is part of the recorded query.
+    Case(
+        K.SEARCH_TYPE,
+        "POST",
+        "Observation/_search",
+        headers=FORM,
+        body=b"patient=Patient/p1&code=8867-4",
+        response=_searchset(1),
+    ),
+    # A request longer than an entity's query keeps: cut, with its digest in the description.
+    Case(K.SEARCH_TYPE, "GET", "Observation", query="code=" + "x" * 5000, response=_searchset(1)),
+]
+FAILURES: list[dict[str, Any]] = [
+    {"status": 404, "response": NOT_FOUND},
+    {"status": 403, "response": None},
+    {"status": 502, "response": None},
+    {"status": None, "response": None, "error": "upstream timed out"},
+]
+IDENTITIES: list[dict[str, str]] = [JWT, OPAQUE, {"Authorization": ""}]
+CONTEXTS: dict[str, AuditContext] = {
+    "R4": context(),
+    "R5": context(fhir_version="R5"),
+    "R4-minimal": context(identity={"token_pattern": "minimal"}),
+    "R4-opaque": context(identity={"token_pattern": "opaque"}),
+    "R4-many-patients": context(max_patient_events=3, max_patients_listed=5),
+    "R5-many-patients": context(fhir_version="R5", max_patient_events=3, max_patients_listed=5),
+}
+
+
+def assert_rows_match(built: list[BuiltEvent]) -> None:
+    assert built
+    for event, row in built:
+        assert row._asdict() == event_row(event)._asdict()
+        assert orjson.loads(row.body) == event
+
+
+def test_the_table_covers_every_interaction_kind() -> None:
+    assert {case.kind for case in CASES} == set(InteractionKind)
+    for case in CASES:
+        interaction = case.exchange().interaction
+        assert interaction is not None and interaction.kind is case.kind, case
+
+
+def _cases() -> Iterator[Any]:
+    for case in CASES:
+        for name in CONTEXTS:
+            yield pytest.param(case, name, id=f"{case.kind.value}-{case.method}-{name}")
+
+
+@pytest.mark.parametrize(("case", "ctx_name"), list(_cases()))
+def test_rows_of_successes_failures_and_every_identity_match_the_events(
+    case: Case, ctx_name: str
+) -> None:
+    ctx = CONTEXTS[ctx_name]
+    for identity in IDENTITIES:
+        assert_rows_match(build_events(case.exchange(headers=identity), ctx, NOW))
+    for failure in FAILURES:
+        assert_rows_match(build_events(case.exchange(**failure), ctx, NOW))
+    # The trace of the request is on the stored event, and the row is still its own.
+    traced = build_events(case.exchange(), ctx, NOW, traceparent=f"00-{'1' * 32}-{'2' * 16}-01")
+    assert_rows_match(traced)
+    assert all(b"traceparent" in row.body for _, row in traced)
+
+
+def test_many_patients_make_one_event_whose_row_lists_those_it_names() -> None:
+    search = CASES[6].exchange()
+    ((event, row),) = build_events(search, CONTEXTS["R4-many-patients"], NOW)
+    assert row.patients == "|" + "|".join(f"Patient/p{n}" for n in range(5)) + "|"
+    assert_rows_match([BuiltEvent(event, row)])
+
+
+def test_events_before_now_are_recorded_at_now() -> None:
+    ex = CASES[0].exchange()
+    later = NOW.replace(microsecond=123_456)
+    (built,) = build_events(ex, context(), later)
+    assert built.row.recorded == "2020-04-29T09:49:00.123+00:00"
+    assert_rows_match([built])
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+@pytest.mark.parametrize("kind", [K.CREATE, K.UPDATE, K.PATCH, K.DELETE, K.TRANSACTION])
+def test_rows_of_outcome_unknown_events_match_the_events(
+    version: str, kind: InteractionKind
+) -> None:
+    case = next(c for c in CASES if c.kind is kind)
+    ex = case.exchange(status=None, response=None)
+    ex.prior_patients = ("Patient/p9",)
+    summary = orjson.loads(orjson.dumps(intent_summary(ex)))  # as stored
+    ctx = context(fhir_version=version)
+    for description in ({}, {"description": STORE_FULL_OUTCOME_DESC}):
+        built = build_unknown_outcome_events(summary, ctx, NOW, **description)
+        assert_rows_match(built)
+        assert {row.outcome for _, row in built} == {"8"}
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+@pytest.mark.parametrize("patient", [None, "Patient/p1"])
+def test_rows_of_admin_access_events_match_the_events(version: str, patient: str | None) -> None:
+    search = (("patient", patient),) if patient else ()
+    built = build_access_events(
+        caller=AdminCaller(identity=Identity(token_kind="jwt", user_id="auditor")),
+        interaction=Interaction(
+            kind=K.SEARCH_TYPE, method="GET", resource_type="AuditEvent", search=search
+        ),
+        method="GET",
+        path="AuditEvent",
+        query_string=f"patient={patient}" if patient else "",
+        request_id="rid-admin",
+        client_address="10.0.0.1",
+        base_url="http://admin.example.org",
+        status=200,
+        ctx=context(fhir_version=version),
+        now=NOW,
+    )
+    assert_rows_match(built)
+    for event, _ in built:
+        assert ADMIN_ACCESS_TAG in event["meta"]["tag"]
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+def test_the_trace_is_a_valid_detail_of_the_x_request_id_entity(version: str) -> None:
+    traceparent = f"00-{'1' * 32}-{'2' * 16}-01"
+    ctx = context(fhir_version=version)
+    ((event, row),) = build_events(CASES[0].exchange(), ctx, NOW, traceparent=traceparent)
+    assert validate_event(event, version) is None
+    (detail,) = [d for e in event["entity"] for d in e.get("detail", ())]
+    assert detail["valueString"] == traceparent
+    assert row.request_id == (None if version == "R5" else "rid-read")
