@@ -148,18 +148,20 @@ def outcome_of(
 # --- agents --------------------------------------------------------------------------------
 
 
-def _client_agents(ex: Exchange, pattern: Pattern, token_pattern: str) -> list[dict[str, Any]]:
+def _client_agents(
+    client_address: str, identity: Identity | None, pattern: Pattern, token_pattern: str
+) -> list[dict[str, Any]]:
     """The network peer that sent the request (BALP's ``client`` slice) and, in the
     comprehensive OAuth pattern, the OAuth client: an Application agent (110150) with
     ``who.identifier.value`` = ``client_id``. Where the peer already is the Application
     (Delete), it carries the client id itself."""
     peer: dict[str, Any] = {
         "type": pattern.client_type,
-        "who": {"display": ex.client_address},
+        "who": {"display": client_address},
         "requestor": False,
-        "network": {"address": ex.client_address, "type": "2"},
+        "network": {"address": client_address, "type": "2"},
     }
-    client_id = ex.identity.client_id if ex.identity is not None else None
+    client_id = identity.client_id if identity is not None else None
     if not client_id or token_pattern != "comprehensive":
         return [peer]
     if pattern.client_type is APPLICATION:
@@ -169,19 +171,48 @@ def _client_agents(ex: Exchange, pattern: Pattern, token_pattern: str) -> list[d
         "type": APPLICATION,
         "who": {"identifier": {"value": client_id}, "display": client_id},
         "requestor": False,
-        "network": {"address": ex.client_address, "type": "2"},
+        "network": {"address": client_address, "type": "2"},
     }
     return [peer, oauth_client]
 
 
-def _server_agent(ex: Exchange, pattern: Pattern) -> dict[str, Any]:
-    base = ex.base_url or "unknown"
+def _server_agent(base_url: str, pattern: Pattern) -> dict[str, Any]:
+    base = base_url or "unknown"
     return {
         "type": pattern.server_type,
         "who": {"display": base},
         "requestor": False,
         "network": {"address": base, "type": "5"},
     }
+
+
+class _Agents(NamedTuple):
+    """The agents of an event, and what the row keeps of them."""
+
+    agents: list[dict[str, Any]]
+    user_id: str | None
+    terms: list[str]
+
+
+@functools.lru_cache(maxsize=1024)
+def _agents(
+    client_address: str,
+    base_url: str,
+    identity: Identity | None,
+    kind: InteractionKind,
+    token_pattern: str,
+    r5: bool,
+) -> _Agents:
+    """The agents of an interaction: the peer, the FHIR server, the OAuth client, the
+    user. The same for every request of one client with one token: made once and shared
+    (read-only, as every fragment of a built event)."""
+    pattern = PATTERNS[kind]
+    peer, *oauth_client = _client_agents(client_address, identity, pattern, token_pattern)
+    agents = [peer, _server_agent(base_url, pattern), *oauth_client]
+    user = _user_agent(identity, pattern, token_pattern)
+    if user is not None:
+        agents.append(user)
+    return _Agents(agents, _user_of(user) if user is not None else None, _agent_terms(agents, r5))
 
 
 def _verification(identity: Identity) -> str:
@@ -478,6 +509,25 @@ def _agent_terms(agents: Iterable[Mapping[str, Any]], r5: bool) -> list[str]:
     return terms
 
 
+def _terms_json(patients: tuple[str, ...], main: list[str], agents: list[str]) -> str:
+    """``EventRow.terms``: the patients' entities, then the other entities', then the
+    patients again as written, then the agents' (each term once, in that order)."""
+    terms = [f"e:{p.split('/_history/')[0]}" for p in patients]
+    terms += main
+    terms += [f"e:{p}" for p in patients]
+    terms += agents
+    return orjson.dumps(list(dict.fromkeys(terms))).decode()
+
+
+_R4_ENTITY_TYPES = {0: "|2|XrequestId|", 1: "|1|2|XrequestId|"}
+"""``EventRow.entity_types`` of R4 events naming no patient or one: the patient's, the
+resource's or query's, then the X-Request-Id's."""
+
+
+def _r4_entity_types(patients: tuple[str, ...]) -> str:
+    return _joined([*("1" for _ in patients), "2", "XrequestId"])
+
+
 def _user_of(agent: Mapping[str, Any]) -> str | None:
     who = agent["who"]
     user: str | None = (
@@ -529,12 +579,10 @@ def events_for(
     base["outcome"] = code
     if outcome_desc:
         base["outcomeDesc"] = outcome_desc[:2000]
-    peer, *oauth_client = _client_agents(ex, pattern, ctx.token_pattern)
-    agents = [peer, _server_agent(ex, pattern), *oauth_client]
-    user = _user_agent(ex.identity, pattern, ctx.token_pattern)
-    if user is not None:
-        agents.append(user)
-    base["agent"] = agents
+    agents = _agents(
+        ex.client_address, ex.base_url, ex.identity, interaction.kind, ctx.token_pattern, r5
+    )
+    base["agent"] = agents.agents
     base["source"] = ctx.source
 
     if pattern.entity == "data" and interaction.kind is not K.UNKNOWN:
@@ -550,11 +598,16 @@ def events_for(
     recorded_ts = _recorded_ts(now)
     subtype_codes = [c["code"] for c in subtypes] if subtypes or not r5 else [TYPE_REST["code"]]
     subtypes_column = _joined(subtype_codes)
-    user_id = _user_of(user) if user is not None else None
-    agent_terms = _agent_terms(agents, r5)
+    user_id = agents.user_id
+    agent_terms = agents.terms
     request_id = None if r5 else ex.request_id  # R5 entities carry no type to find it by
 
-    def built(patients: tuple[str, ...], main: dict[str, Any], profile: str | None) -> BuiltEvent:
+    def built(
+        patients: tuple[str, ...],
+        main: dict[str, Any],
+        profile: str | None,
+        terms: str | None = None,
+    ) -> BuiltEvent:
         event = dict(base)
         event["id"] = event_id = new_event_id()
         entities = [_patient_entity(p) for p in patients]
@@ -568,11 +621,8 @@ def events_for(
         if finish.tags:
             meta = event.get("meta") or {}
             event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
-        terms = [f"e:{p.split('/_history/')[0]}" for p in patients]
-        terms += _entity_terms(main, r5)
-        terms += [f"e:{p}" for p in patients]
-        terms += agent_terms
-        entity_types = "|" if r5 else _joined([*("1" for _ in patients), "2", "XrequestId"])
+        if terms is None:
+            terms = _terms_json(patients, _entity_terms(main, r5), agent_terms)
         row = EventRow(
             event_id,
             recorded,
@@ -580,12 +630,12 @@ def events_for(
             pattern.action,
             code,
             subtypes_column,
-            _joined(dict.fromkeys(patients)),
+            f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients)),
             user_id,
             orjson.dumps(event),
-            orjson.dumps(list(dict.fromkeys(terms))).decode(),
+            terms,
             TYPE_REST["code"],
-            entity_types,
+            "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients),
             request_id,
             recorded_ts,
         )
@@ -606,7 +656,18 @@ def events_for(
     if not patients:
         return [built((), main, pattern.profile if claims_profile else None)]
     profile = f"Patient{pattern.profile}" if claims_profile else None
-    return [built((p,), main, profile) for p in patients]
+    # One event per patient: their terms differ only in the patient's, which comes first.
+    shared = dict.fromkeys([*_entity_terms(main, r5), *agent_terms])
+    rest = orjson.dumps(list(shared)).decode()[1:]
+    rest = f",{rest}" if shared else rest
+    events = []
+    for p in patients:
+        term = f"e:{p}"
+        if term in shared or "/_history/" in p:
+            events.append(built((p,), main, profile))
+        else:
+            events.append(built((p,), main, profile, f"[{orjson.dumps(term).decode()}{rest}"))
+    return events
 
 
 def _happening(ex: Exchange) -> Happening:
