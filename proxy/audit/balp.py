@@ -465,6 +465,16 @@ def _profile_meta(name: str) -> dict[str, Any]:
     return {"profile": [PROFILE_BASE + name]}
 
 
+@functools.cache
+def _profile_meta_json(name: str) -> bytes:
+    """The end of an event's JSON whose last key is ``meta`` claiming that profile."""
+    return b',"meta":' + orjson.dumps(_profile_meta(name)) + b"}"
+
+
+_PATIENT_ENTITY_JSON = orjson.dumps(_patient_entity("%s")).replace(b'"%s"', b"%s") + b","
+"""A patient's entity as JSON, for ``%`` with the reference as JSON, and a comma."""
+
+
 def _entity_terms(entity: Mapping[str, Any], r5: bool) -> list[str]:
     """The search terms of one entity that is not a patient's (see ``EventRow.terms``)."""
     reference = (entity.get("what") or {}).get("reference")
@@ -607,6 +617,7 @@ def events_for(
         main: dict[str, Any],
         profile: str | None,
         terms: str | None = None,
+        spliced: bool = False,
     ) -> BuiltEvent:
         event = dict(base)
         event["id"] = event_id = new_event_id()
@@ -623,6 +634,20 @@ def events_for(
             event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
         if terms is None:
             terms = _terms_json(patients, _entity_terms(main, r5), agent_terms)
+        if spliced:
+            # orjson.dumps(event), from the parts serialized once per happening.
+            body = b"".join(
+                [
+                    head,
+                    event_id.encode(),
+                    b'","entity":[',
+                    *[_PATIENT_ENTITY_JSON % orjson.dumps(p) for p in patients],
+                    shared_entities,
+                    _profile_meta_json(profile) if profile is not None else b"}",
+                ]
+            )
+        else:
+            body = orjson.dumps(event)
         row = EventRow(
             event_id,
             recorded,
@@ -632,7 +657,7 @@ def events_for(
             subtypes_column,
             f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients)),
             user_id,
-            orjson.dumps(event),
+            body,
             terms,
             TYPE_REST["code"],
             "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients),
@@ -641,6 +666,12 @@ def events_for(
         )
         return BuiltEvent(event, row)
 
+    # R4 events without tags are serialized by splicing: what they share is serialized
+    # once, and each event adds its id, its patient and its meta.
+    spliced = not r5 and not finish.tags
+    if spliced:
+        head = orjson.dumps(base)[:-1] + b',"id":"'
+        shared_entities = orjson.dumps([main, transaction])[1:]
     patients = happening.patients
     if len(patients) > ctx.max_patient_events:
         listed = ctx.max_patients_listed
@@ -654,7 +685,7 @@ def events_for(
         main["description"] = f"{main['description']} ({note})" if main.get("description") else note
         return [built(patients[:listed], main, pattern.profile if claims_profile else None)]
     if not patients:
-        return [built((), main, pattern.profile if claims_profile else None)]
+        return [built((), main, pattern.profile if claims_profile else None, spliced=spliced)]
     profile = f"Patient{pattern.profile}" if claims_profile else None
     # One event per patient: their terms differ only in the patient's, which comes first.
     shared = dict.fromkeys([*_entity_terms(main, r5), *agent_terms])
@@ -664,9 +695,10 @@ def events_for(
     for p in patients:
         term = f"e:{p}"
         if term in shared or "/_history/" in p:
-            events.append(built((p,), main, profile))
+            events.append(built((p,), main, profile, spliced=spliced))
         else:
-            events.append(built((p,), main, profile, f"[{orjson.dumps(term).decode()}{rest}"))
+            terms = f"[{orjson.dumps(term).decode()}{rest}"
+            events.append(built((p,), main, profile, terms, spliced=spliced))
     return events
 
 
