@@ -666,12 +666,6 @@ def events_for(
         )
         return BuiltEvent(event, row)
 
-    # R4 events without tags are serialized by splicing: what they share is serialized
-    # once, and each event adds its id, its patient and its meta.
-    spliced = not r5 and not finish.tags
-    if spliced:
-        head = orjson.dumps(base)[:-1] + b',"id":"'
-        shared_entities = orjson.dumps([main, transaction])[1:]
     patients = happening.patients
     if len(patients) > ctx.max_patient_events:
         listed = ctx.max_patients_listed
@@ -685,8 +679,16 @@ def events_for(
         main["description"] = f"{main['description']} ({note})" if main.get("description") else note
         return [built(patients[:listed], main, pattern.profile if claims_profile else None)]
     if not patients:
-        return [built((), main, pattern.profile if claims_profile else None, spliced=spliced)]
+        return [built((), main, pattern.profile if claims_profile else None)]
     profile = f"Patient{pattern.profile}" if claims_profile else None
+    if len(patients) == 1:
+        return [built(patients, main, profile)]
+    # The R4 events of several patients (without tags) are serialized by splicing: what
+    # they share is serialized once, and each event adds its id, its patient and its meta.
+    spliced = not r5 and not finish.tags
+    if spliced:
+        head = orjson.dumps(base)[:-1] + b',"id":"'
+        shared_entities = orjson.dumps([main, transaction])[1:]
     # One event per patient: their terms differ only in the patient's, which comes first.
     shared = dict.fromkeys([*_entity_terms(main, r5), *agent_terms])
     rest = orjson.dumps(list(shared)).decode()[1:]
