@@ -1,10 +1,13 @@
-"""IHE BALP 1.1.4 AuditEvents (FHIR R4) for an exchange: pure, no I/O, clock passed in.
+"""IHE BALP 1.1.4 AuditEvents (FHIR R4, or R5) for an exchange, each with the row the
+store writes for it: pure, no I/O, clock passed in.
 
 One exchange gives one event per patient (the Patient* profiles) or one basic event when
 no patient is known; a batch or transaction gives one event for the Bundle and events for
 each entry. Failures are recorded with their outcome but claim no BALP profile, because
-the RESTful profiles fix ``outcome`` to success. Events are plain dicts built from static
-fragments computed once per configuration (:class:`AuditContext`).
+the RESTful profiles fix ``outcome`` to success. Events are plain dicts that share their
+constant fragments (codings, agents, the entities of one exchange) and are never changed
+once built: the row's JSON body is made with them, and its index columns from what the
+builder knows, not read back out of the JSON.
 """
 
 from __future__ import annotations

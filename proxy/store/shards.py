@@ -18,7 +18,15 @@ from typing import Any
 
 from proxy.settings import StoreSettings
 from proxy.store.queue import AuditQueue
-from proxy.store.records import Cursor, EventPage, EventQuery, QueuedEvent, QueueStats, SortKey
+from proxy.store.records import (
+    Cursor,
+    EventPage,
+    EventQuery,
+    EventRow,
+    QueuedEvent,
+    QueueStats,
+    SortKey,
+)
 
 OpenShard = Callable[[Path], Awaitable[AuditQueue]]
 
@@ -89,6 +97,10 @@ class ShardedStore:
     async def append(self, events: list[dict[str, Any]]) -> None:
         """Store ``events`` in shard 0 (the admin listener's worker's own)."""
         await self._queues[0].append(events)
+
+    async def append_rows(self, rows: Sequence[EventRow]) -> None:
+        """Store the rows the builder made in shard 0, as :meth:`append`."""
+        await self._queues[0].append_rows(rows)
 
     async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
         """Dead events (by global seq; all when None) back to pending."""
