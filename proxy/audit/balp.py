@@ -454,7 +454,6 @@ def _joined(values: Iterable[str]) -> str:
     return f"|{text}|" if text else "|"
 
 
-@functools.lru_cache(maxsize=8)
 def _recorded_ts(recorded: datetime) -> float:
     """``recorded`` as the store orders by it: the POSIX time of the millisecond written
     in the event (naive times are UTC)."""
