@@ -281,3 +281,18 @@ def test_the_trace_is_a_valid_detail_of_the_x_request_id_entity(version: str) ->
     (detail,) = [d for e in event["entity"] for d in e.get("detail", ())]
     assert detail["valueString"] == traceparent
     assert row.request_id == (None if version == "R5" else "rid-read")
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+def test_validating_events_leaves_the_fragments_they_share_as_built(version: str) -> None:
+    """Events of one exchange, and of one client's exchanges, share fragments (agents,
+    entities): the sampled validation reads them after the rows are made, and must not
+    change what the next event is built from."""
+    ctx = context(fhir_version=version)
+    first = build_events(CASES[6].exchange(), ctx, NOW)
+    for event, _ in first:
+        assert validate_event(event, version) is None
+    second = build_events(CASES[6].exchange(), ctx, NOW)
+    for (event, row), (again, _) in zip(first, second, strict=True):
+        assert orjson.loads(row.body) == event
+        assert event["agent"] == again["agent"]
