@@ -398,14 +398,16 @@ def _data_entity(ex: Exchange, happening: Happening) -> dict[str, Any]:
 # --- events --------------------------------------------------------------------------------
 
 
-def _subtypes(interaction: Interaction) -> list[dict[str, str]]:
-    code = interaction.restful_code
-    if code is None:
-        return []
-    out = [coding(RESTFUL_INTERACTION, code, code)]
-    if interaction.operation:
-        out.append(coding(OPERATION_SYSTEM, f"${interaction.operation}"))
-    return out
+@functools.lru_cache(maxsize=256)  # bounded: operation names come from clients
+def _subtypes(restful_code: str | None, operation: str | None) -> tuple[list[dict[str, str]], str]:
+    """``AuditEvent.subtype`` for an interaction (shared by every event of its kind), and
+    its codes as ``EventRow.subtypes``."""
+    if restful_code is None:
+        return [], _joined(())
+    out = [coding(RESTFUL_INTERACTION, restful_code, restful_code)]
+    if operation:
+        out.append(coding(OPERATION_SYSTEM, f"${operation}"))
+    return out, _joined(c["code"] for c in out)
 
 
 class BuiltEvent(NamedTuple):
@@ -577,7 +579,7 @@ def events_for(
     r5 = finish.r5
 
     base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
-    subtypes = _subtypes(interaction)
+    subtypes, subtypes_column = _subtypes(interaction.restful_code, interaction.operation)
     if subtypes:
         base["subtype"] = subtypes
     base["action"] = pattern.action
@@ -608,8 +610,8 @@ def events_for(
 
     # The row's columns, as far as every event of this happening shares them.
     recorded_ts = _recorded_ts(now)
-    subtype_codes = [c["code"] for c in subtypes] if subtypes or not r5 else [TYPE_REST["code"]]
-    subtypes_column = _joined(subtype_codes)
+    if r5 and not subtypes:  # R5's AuditEvent.code is then the event type
+        subtypes_column = _joined([TYPE_REST["code"]])
     user_id = agents.user_id
     agent_terms = agents.terms
     request_id = None if r5 else ex.request_id  # R5 entities carry no type to find it by
