@@ -414,9 +414,9 @@ class BuiltEvent(NamedTuple):
     """One AuditEvent and the row the store writes for it."""
 
     event: dict[str, Any]
-    """The AuditEvent (R4, or R5 when configured). Events of one exchange share their
-    constant parts (agents, entities, source, meta): read them, never change them; the
-    stored form is ``row.body``."""
+    """The AuditEvent (R4, or R5 when configured). Events share their constant parts
+    (codings, meta, source, the entities of one exchange, the agents of one client and
+    token): read them, never change them; the stored form is ``row.body``."""
     row: EventRow
     """The columns the store indexes, made from what the builder knows, and the event as
     JSON: equal to what :func:`proxy.store.queue.event_row` reads back out of ``event``."""
@@ -440,6 +440,7 @@ class Finish:
         traceparent: str | None = None,
         tags: tuple[dict[str, str], ...] = (),
     ) -> Finish:
+        """The finish of a build under ``ctx``."""
         r5 = ctx.fhir_version == "R5"
         if not r5 and traceparent is None and not tags:
             return _R4
