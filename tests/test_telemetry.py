@@ -416,3 +416,47 @@ async def test_oldest_pending_age_and_delivery_lag_on_metrics(
     assert lag_sum > 0.0
     stats = await proxy.queue.stats()
     assert stats.oldest_pending_recorded is None
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    return points
+
+
+def test_opentelemetry_readers_count_from_their_telemetrys_start(tmp_path: Path) -> None:
+    """The metric cells count for the whole process; each Telemetry's readers see what
+    was recorded since that Telemetry was made, read from the cells when they collect."""
+    reads = telemetry.REQUESTS.labels(kind="read", status_class="2xx")
+    reads.inc()
+    telemetry.UPSTREAM_SECONDS.observe(0.3)
+    reader = InMemoryMetricReader()
+    running = telemetry.Telemetry(
+        settings_for("http://127.0.0.1:1/fhir", tmp_path).telemetry, metric_readers=[reader]
+    )
+    try:
+        reads.inc()
+        reads.inc()
+        telemetry.UPSTREAM_SECONDS.observe(0.02)
+        telemetry.UPSTREAM_SECONDS.observe(3.0)
+        points = _points(reader)
+    finally:
+        running.stop()
+    (requests,) = [
+        p
+        for p in points["fhir_audit_requests"]
+        if dict(p.attributes) == {"kind": "read", "status_class": "2xx"}
+    ]
+    assert requests.value == 2
+    (upstream,) = points["fhir_audit_upstream_seconds"]
+    assert upstream.count == 2
+    assert upstream.sum == pytest.approx(3.02)
+    by_bound = dict(zip([*upstream.explicit_bounds, "+Inf"], upstream.bucket_counts, strict=True))
+    assert by_bound[0.025] == 1 and by_bound[5.0] == 1
+    assert sum(upstream.bucket_counts) == 2
+
