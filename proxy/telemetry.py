@@ -6,7 +6,7 @@ and read from there by two places when they ask: the Prometheus registry below (
 running :class:`Telemetry` (exported over OTLP/HTTP when ``telemetry.otlp_endpoint`` is set).
 
 Traces: a server span per proxied request (:func:`server_span`), a client span for each
-upstream call (:func:`upstream_trace_config`, which also sends W3C ``traceparent``), and a
+upstream call (:func:`trace_upstream`, which also sends W3C ``traceparent``), and a
 child span for the durable audit write (:func:`audit_write_span`), which records the
 request's ``traceparent`` on its AuditEvents. Span attributes name the FHIR interaction,
 the resource type, the status and the request id; never a URL, a resource id, a query,
@@ -25,7 +25,6 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -547,21 +546,43 @@ def _tracer() -> trace.Tracer:
     return _TRACER[0]
 
 
-@contextlib.contextmanager
-def server_span(request: web.Request) -> Iterator[trace.Span]:
+def traces(request: web.BaseRequest) -> bool:
+    """Whether a request is traced: something exports spans (a span processor is
+    registered) or the caller sent a ``traceparent`` to continue. An untraced request
+    makes no span and sends no ``traceparent`` upstream or onto its AuditEvents: spans
+    nobody records cost about a sixth of an audited request's throughput."""
+    return bool(SPAN_PROCESSORS.processors) or "traceparent" in request.headers
+
+
+class _Untraced:
+    """The context of an untraced request's server span: nothing to do, shared."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> trace.Span:
+        return trace.INVALID_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_UNTRACED = _Untraced()
+
+
+def server_span(request: web.Request) -> contextlib.AbstractContextManager[trace.Span]:
     """The server span of one proxied request, child of the caller's ``traceparent``.
     Named and described from the request's Exchange when the handler has made one.
+    Made only when the request is traced (:func:`traces`); otherwise the context is
+    a shared no-op that gives ``INVALID_SPAN``."""
+    if not traces(request):
+        return _UNTRACED
+    return _server_span(request)
 
-    Made only when something can use it: a span processor is registered (an exporter is
-    configured) or the caller sent a ``traceparent`` to continue. Otherwise the request is
-    not traced at all (no span, no ``traceparent`` upstream or on the AuditEvent): the
-    spans cost about a sixth of an audited request's throughput, for a trace nobody
-    records."""
+
+@contextlib.contextmanager
+def _server_span(request: web.Request) -> Iterator[trace.Span]:
     token = _EXCHANGE.set(None)
     try:
-        if not SPAN_PROCESSORS.processors and "traceparent" not in request.headers:
-            yield trace.INVALID_SPAN
-            return
         parent = propagate.extract(request.headers)
         with _tracer().start_as_current_span(
             f"FHIR {request.method}",
@@ -633,71 +654,70 @@ def _with_traceparent(
                 entities[i] = {**entity, "detail": [*entity.get("detail", []), detail]}
 
 
-@contextlib.contextmanager
-def audit_write_span(events: Sequence[dict[str, Any]], fhir_version: str) -> Iterator[None]:
-    """The durable write of one request's events: stamps the trace on them, then times
-    the write as a child span and in ``fhir_audit_write_seconds``."""
-    t0 = time.perf_counter()
+class _TimedWrite:
+    """An untraced request's durable write: timed in ``fhir_audit_write_seconds``."""
+
+    __slots__ = ("_t0",)
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        AUDIT_WRITE_SECONDS.observe(time.perf_counter() - self._t0)
+
+
+def audit_write_span(
+    events: Sequence[dict[str, Any]], fhir_version: str
+) -> contextlib.AbstractContextManager[None]:
+    """The durable write of one request's events, timed in ``fhir_audit_write_seconds``;
+    inside a trace, also stamped with the trace (see :func:`_with_traceparent`) and made a
+    child span."""
     if not trace.get_current_span().get_span_context().is_valid:
-        yield  # the request is not traced (see server_span)
-    else:
-        traceparent = current_traceparent()
-        if traceparent is not None:
-            _with_traceparent(events, traceparent, fhir_version)
-        with _tracer().start_as_current_span(
-            "audit write", kind=SpanKind.INTERNAL, attributes={"fhir_audit.events": len(events)}
-        ):
-            yield
+        return _TimedWrite()  # the request is not traced (see server_span)
+    return _traced_write(events, fhir_version)
+
+
+@contextlib.contextmanager
+def _traced_write(events: Sequence[dict[str, Any]], fhir_version: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    traceparent = current_traceparent()
+    if traceparent is not None:
+        _with_traceparent(events, traceparent, fhir_version)
+    with _tracer().start_as_current_span(
+        "audit write", kind=SpanKind.INTERNAL, attributes={"fhir_audit.events": len(events)}
+    ):
+        yield
     AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
 
 
-def upstream_trace_config() -> aiohttp.TraceConfig:
-    """For the upstream ``ClientSession``: a client span per request made inside a traced
-    request (named by method only: the URL can identify a patient), with the W3C
-    ``traceparent`` of that span added to the upstream request's headers."""
-    config = aiohttp.TraceConfig()
-
-    async def start(
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestStartParams,
-    ) -> None:
-        if not trace.get_current_span().get_span_context().is_valid:
-            ctx.span = None
-            return
-        span = _tracer().start_span(
-            f"upstream {params.method}",
-            kind=SpanKind.CLIENT,
-            attributes={"http.request.method": params.method, "server.port": params.url.port or 0},
-        )
-        ctx.span = span
-        propagate.inject(params.headers, context=trace.set_span_in_context(span))
-
-    async def end(
-        session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        span: Span | None = getattr(ctx, "span", None)
-        if span is not None:
-            span.set_attribute("http.response.status_code", params.response.status)
-            if params.response.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            span.end()
-
-    async def failed(
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestExceptionParams,
-    ) -> None:
-        span: Span | None = getattr(ctx, "span", None)
-        if span is not None:
-            span.set_attribute("error.type", type(params.exception).__name__)
-            span.set_status(Status(StatusCode.ERROR))
-            span.end()
-
-    config.on_request_start.append(start)
-    config.on_request_end.append(end)
-    config.on_request_exception.append(failed)
-    return config
+async def trace_upstream(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware for the upstream ``ClientSession``: inside a traced request, a
+    client span per upstream request (named by method only: the URL can identify a
+    patient), ended when the response head arrives, with the W3C ``traceparent`` of that
+    span added to the request's headers. Outside a trace it only passes the request on
+    (aiohttp's TraceConfig would run its callbacks on every request and body chunk)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return await handler(request)
+    span = _tracer().start_span(
+        f"upstream {request.method}",
+        kind=SpanKind.CLIENT,
+        attributes={"http.request.method": request.method, "server.port": request.url.port or 0},
+    )
+    propagate.inject(request.headers, context=trace.set_span_in_context(span))
+    try:
+        response = await handler(request)
+    except BaseException as exc:
+        span.set_attribute("error.type", type(exc).__name__)
+        span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        raise
+    span.set_attribute("http.response.status_code", response.status)
+    if response.status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+    return response
 
 
 # -- delivery timing --------------------------------------------------------------------
