@@ -128,6 +128,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     async with aiohttp.ClientSession(
         connector=connector,
+        # A proxy is no browser: a cookie an answer sets belongs to that answer's client;
+        # a jar would send it upstream with every other client's requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
         middlewares=(telemetry.trace_upstream,),
