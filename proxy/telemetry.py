@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class _CounterCell:
     """One label set of a counter: a float the loop thread adds to."""
 

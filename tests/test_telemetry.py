@@ -461,7 +461,6 @@ def test_opentelemetry_readers_count_from_their_telemetrys_start(tmp_path: Path)
     assert sum(upstream.bucket_counts) == 2
 
 
-
 async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
