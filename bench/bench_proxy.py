@@ -17,10 +17,13 @@ Then the memory scenario: 200 concurrent clients downloading a ~5 MB search Bund
 through the proxy; the proxy's resident memory before, at its peak (``VmHWM``) and after.
 
     python bench/bench_proxy.py [--seconds 5] [--connections 32 64] [--no-mitm] [--no-memory]
-                                [--before DIR]
+                                [--before DIR] [--workers N]
 
 ``--before DIR`` runs a second fhir-audit-proxy from another source tree (say ``git archive
 REV proxy | tar -x -C DIR``) through the same load, so a change is measured in one run.
+``--workers N`` runs fhir-audit-proxy a second time with ``workers: N`` in its configuration
+(N processes on one port, a store shard each) through the same load, and reports its
+scaling over the one-worker proxy.
 
 Needs Debian's ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``). Ratios in one
 run are what count: the machine's load moves absolute figures between runs.
@@ -213,6 +216,31 @@ def wrk(url: str, seconds: int, connections: int, script: str | None = None) -> 
     )
 
 
+def listeners(port: int) -> int:
+    """Sockets listening on loopback ``port``: every worker has bound it once this is N."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1] == f"0100007F:{port:04X}" and r.split()[3] == "0A")
+
+
+def proxy_config(
+    path: Path, port: int, admin: int, upstream: int, store: Path, **more: object
+) -> Path:
+    """Write a fhir-audit-proxy configuration for the bench (JSON is YAML) to ``path``."""
+    path.write_text(
+        json.dumps(
+            {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "admin": {"host": "127.0.0.1", "port": admin},
+                "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
+                "store": {"path": str(store / "audit.db")},
+                "log_level": "WARNING",
+                **more,
+            }
+        )
+    )
+    return path
+
+
 def rss_kib(pid: int, field: str) -> int:
     """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -258,6 +286,12 @@ def main() -> None:
         help="a source tree of an earlier fhir-audit-proxy (its proxy/ package) to run"
         " side by side as 'before', so a change is measured in the same run",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also run fhir-audit-proxy with 'workers: N' through the same load (N >= 2)",
+    )
     parser.add_argument("--no-mitm", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-clients", type=int, default=200)
@@ -288,36 +322,27 @@ def main() -> None:
         upstream, plain, proxy_port, admin_port, mitm_port, before_port, before_admin = (
             free_port() for _ in range(7)
         )
+        workers_port, workers_admin = free_port(), free_port()
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(dir=d, upstream=upstream, created=json.dumps(CREATED))
         )
-        config = d / "proxy.yaml"
-        config.write_text(
-            json.dumps(
-                {
-                    "listen": {"host": "127.0.0.1", "port": proxy_port},
-                    "admin": {"host": "127.0.0.1", "port": admin_port},
-                    "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
-                    "store": {"path": str(d / "store" / "audit.db")},
-                    "log_level": "WARNING",
-                }
-            )
-        )
+        config = proxy_config(d / "proxy.yaml", proxy_port, admin_port, upstream, d / "store")
         targets: dict[str, int] = {"bare aiohttp": plain, "fhir-audit-proxy": proxy_port}
         if args.before is not None:
-            before_config = d / "before.yaml"
-            before_config.write_text(
-                json.dumps(
-                    {
-                        "listen": {"host": "127.0.0.1", "port": before_port},
-                        "admin": {"host": "127.0.0.1", "port": before_admin},
-                        "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
-                        "store": {"path": str(d / "before" / "audit.db")},
-                        "log_level": "WARNING",
-                    }
-                )
+            before_config = proxy_config(
+                d / "before.yaml", before_port, before_admin, upstream, d / "before"
             )
             targets["before"] = before_port
+        if args.workers:
+            workers_config = proxy_config(
+                d / "workers.yaml",
+                workers_port,
+                workers_admin,
+                upstream,
+                d / "workers",
+                workers=args.workers,
+            )
+            targets["workers"] = workers_port
         with contextlib.ExitStack() as stack:
             stack.enter_context(running(["nginx", "-c", str(d / "nginx.conf")]))
             proxy = stack.enter_context(
@@ -339,6 +364,12 @@ def main() -> None:
                     running(
                         [sys.executable, "-m", "proxy", "-c", str(before_config), "run"],
                         cwd=args.before,
+                    )
+                )
+            if args.workers:
+                stack.enter_context(
+                    running(
+                        [sys.executable, "-m", "proxy", "-c", str(workers_config), "run"], cwd=ROOT
                     )
                 )
             if mitmdump is not None:
@@ -365,6 +396,11 @@ def main() -> None:
                 targets["mitmproxy reverse+audit"] = mitm_port
             for port in targets.values():
                 wait_http(f"http://127.0.0.1:{port}/fhir/Patient/1")
+            deadline = time.monotonic() + 30
+            while args.workers and listeners(workers_port) < args.workers:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{args.workers} workers did not all listen")
+                time.sleep(0.1)
 
             load_before = load_average()
             results: dict[tuple[str, int, str], Result] = {}
@@ -480,6 +516,24 @@ def report(
                     f"| `{req.name}` | {c} | {old.rps:,.0f}, p50 {old.p50_ms:.1f} ms"
                     f" | {old.rps / bare.rps:.2f} | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms"
                     f" | {ours.rps / bare.rps:.2f} |"
+                )
+    if "workers" in targets:
+        print()
+        print(
+            f"| request | -c | 1 worker | {args.workers} workers | scaling"
+            f" | {args.workers} workers / bare |"
+        )
+        print("|---|---|---|---|---|---|")
+        for req in chosen:
+            for c in args.connections:
+                bare = results[(req.name, c, "bare aiohttp")]
+                one = results[(req.name, c, "fhir-audit-proxy")]
+                many = results[(req.name, c, "workers")]
+                bad = many.non2xx + many.errors
+                print(
+                    f"| `{req.name}` | {c} | {one.rps:,.0f}, p50 {one.p50_ms:.1f} ms"
+                    f" | {many.rps:,.0f}, p50 {many.p50_ms:.1f} ms | {many.rps / one.rps:.2f}x"
+                    f" | {many.rps / bare.rps:.2f} |" + (f" ({bad} non-2xx/errors)" if bad else "")
                 )
     print()
     print(f"events committed durably during the run: {audited}")

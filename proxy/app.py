@@ -90,9 +90,12 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     async with aiohttp.ClientSession(
         connector=connector,
+        # A proxy is no browser: a cookie an answer sets belongs to that answer's client;
+        # a jar would send it upstream with every other client's requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
-        trace_configs=[telemetry.upstream_trace_config()],
+        middlewares=(telemetry.trace_upstream,),
     ) as session:
         app[UPSTREAM_SESSION] = session
         if settings.audit.identity.jwks_url:
@@ -345,6 +348,8 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
+    if not telemetry.traces(request):
+        return await request.app[HANDLER](request)
     with telemetry.server_span(request) as span:
         response = await request.app[HANDLER](request)
         telemetry.finish_server_span(span, response)

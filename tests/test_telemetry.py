@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import telemetry
@@ -416,3 +416,71 @@ async def test_oldest_pending_age_and_delivery_lag_on_metrics(
     assert lag_sum > 0.0
     stats = await proxy.queue.stats()
     assert stats.oldest_pending_recorded is None
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    return points
+
+
+def test_opentelemetry_readers_count_from_their_telemetrys_start(tmp_path: Path) -> None:
+    """The metric cells count for the whole process; each Telemetry's readers see what
+    was recorded since that Telemetry was made, read from the cells when they collect."""
+    reads = telemetry.REQUESTS.labels(kind="read", status_class="2xx")
+    reads.inc()
+    telemetry.UPSTREAM_SECONDS.observe(0.3)
+    reader = InMemoryMetricReader()
+    running = telemetry.Telemetry(
+        settings_for("http://127.0.0.1:1/fhir", tmp_path).telemetry, metric_readers=[reader]
+    )
+    try:
+        reads.inc()
+        reads.inc()
+        telemetry.UPSTREAM_SECONDS.observe(0.02)
+        telemetry.UPSTREAM_SECONDS.observe(3.0)
+        points = _points(reader)
+    finally:
+        running.stop()
+    (requests,) = [
+        p
+        for p in points["fhir_audit_requests"]
+        if dict(p.attributes) == {"kind": "read", "status_class": "2xx"}
+    ]
+    assert requests.value == 2
+    (upstream,) = points["fhir_audit_upstream_seconds"]
+    assert upstream.count == 2
+    assert upstream.sum == pytest.approx(3.02)
+    by_bound = dict(zip([*upstream.explicit_bounds, "+Inf"], upstream.bucket_counts, strict=True))
+    assert by_bound[0.025] == 1 and by_bound[5.0] == 1
+    assert sum(upstream.bucket_counts) == 2
+
+
+async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    spans = InMemorySpanExporter()
+    running = telemetry.Telemetry(
+        settings_for("http://127.0.0.1:1/fhir", tmp_path).telemetry,
+        span_processors=[SimpleSpanProcessor(spans)],
+    )
+    _, server = await start(tmp_path, "http://127.0.0.1:1/fhir", running)
+    try:
+        async with http.get(server.make_url("/fhir/Patient/1")) as response:
+            assert response.status == 502
+    finally:
+        await server.close()
+    finished = spans.get_finished_spans()
+    (client,) = [s for s in finished if s.kind is SpanKind.CLIENT]
+    (server_span,) = [s for s in finished if s.kind is SpanKind.SERVER]
+    assert client.name == "upstream GET"
+    assert client.status.status_code is StatusCode.ERROR
+    assert (client.attributes or {})["error.type"] == "ClientConnectorError"
+    assert client.parent is not None and server_span.context is not None
+    assert client.parent.span_id == server_span.context.span_id
+    assert (server_span.attributes or {})["http.response.status_code"] == 502
