@@ -11,8 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +23,7 @@ from proxy.admin.app import build_admin_app
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
 from proxy.audit.intents import recover_intents
+from proxy.audit.pipeline import AuditPipeline, AuditPolicy, standard_hooks
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
@@ -32,6 +32,7 @@ from proxy.forward import (
     ForwardConfig,
     ForwardHandler,
     audit_protocol_errors,
+    resource_reader,
 )
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue, StoreError
@@ -110,21 +111,6 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
 
 
-def _sampled_validation(app: web.Application) -> Callable[[Sequence[dict[str, Any]]], None] | None:
-    rate = app[SETTINGS].audit.validate_sample_rate
-    if rate <= 0:
-        return None
-    pending = app[VALIDATION]
-
-    def offer(events: Sequence[dict[str, Any]]) -> None:
-        for event in events:
-            if random.random() < rate:
-                with contextlib.suppress(asyncio.QueueFull):
-                    pending.put_nowait(event)
-
-    return offer
-
-
 async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
     """Invariant 7: sampled events are validated off the request path; an invalid one is
     already stored and will be forwarded, so all this does is warn and count."""
@@ -152,18 +138,28 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    cfg = ForwardConfig.from_settings(settings)
+    session = app[UPSTREAM_SESSION]
     app[INTENTS_IN_FLIGHT] = set()
-    app[HANDLER] = ForwardHandler(
-        cfg=ForwardConfig.from_settings(settings),
-        settings=settings,
+    hooks = standard_hooks(
+        read_before_delete=resource_reader(cfg, session) if cfg.read_before_delete else None,
+        validation=(settings.audit.validate_sample_rate, app[VALIDATION]),
+    )
+    pipeline = AuditPipeline(
+        policy=AuditPolicy(
+            identity=settings.audit.identity,
+            redact_params=cfg.redact_params,
+            token_key=cfg.token_key,
+            base_path=cfg.base_path,
+        ),
         ctx=app[AUDIT_CONTEXT],
-        session=app[UPSTREAM_SESSION],
         queue=app[QUEUE],
         jwks=app.get(JWKS),
         intents_in_flight=app[INTENTS_IN_FLIGHT],
-        on_events=_sampled_validation(app),
         abandoned_intents=app[ABANDONED_INTENTS],
+        hooks=hooks,
     )
+    app[HANDLER] = ForwardHandler(cfg=cfg, session=session, pipeline=pipeline)
     yield
 
 

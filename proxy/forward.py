@@ -1,22 +1,15 @@
-"""The reverse-proxy handler: forward, audit, persist, and only then release the response.
+"""The reverse proxy's HTTP mechanics: the handler for every path of the proxy listener.
 
-Order of work for one request (DESIGN.md, invariants 1-3):
-
-1. classify the request and read the caller's identity (never keeping the token);
-   before a DELETE of a resource that can belong to a patient, read it to learn whose it is;
-2. for a state-changing request, commit an intent record before forwarding;
-3. forward upstream, buffering the response up to ``buffer_limit_bytes`` (its first
-   :data:`SPILL_AT` bytes in memory, the rest in a temporary file);
-4. build the AuditEvents and commit them with fsync (group commit, completing the intent);
-5. release the response. If 2 or 4 fail, the client gets an OperationOutcome instead
-   (503, or 507 when the store is full) and the upstream body is discarded.
+It turns each request into an :class:`~proxy.exchange.Exchange` (header values and the path
+checked and normalized once, at the boundary), reads the request body, forwards it upstream
+with the headers a proxy sets, holds the answer (up to ``buffer_limit_bytes``: its first
+:data:`SPILL_AT` bytes in memory, the rest in a temporary file) and releases it to the
+client only once :class:`~proxy.audit.pipeline.AuditPipeline` has made its audit durable.
+What is audited, and when the client gets an OperationOutcome instead, is the pipeline's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import functools
 import ipaddress
 import logging
 import re
@@ -35,26 +28,17 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, build_events
-from proxy.audit.identity import JwksCache, identity_from_headers, load_token_key
+from proxy.audit.identity import load_token_key
 from proxy.audit.ids import new_event_id
-from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
+from proxy.audit.pipeline import AuditPipeline, ReadResource
 from proxy.exchange import Exchange
-from proxy.fhir.compartment import PATIENT_PATHS
 from proxy.fhir.interaction import (
     CREDENTIAL_PARAMS,
-    Interaction,
-    InteractionKind,
-    classify,
-    parse_json_object,
-    redact_params,
     redact_query,
     redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
-from proxy.fhir.patients import patients_in_resource
 from proxy.settings import Settings
-from proxy.store.queue import AuditQueue, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +61,6 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-"""Methods that cannot change server state (RFC 9110 §9.2.1). Every other request gets a
-durable intent before it is forwarded, whatever it was classified as."""
 _FORM = "application/x-www-form-urlencoded"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -320,22 +301,6 @@ _PRE_READ_DROP = (
 """Headers of the DELETE that must not shape the read made before it."""
 
 
-def _deletes_a_patients_resource(interaction: Interaction) -> bool:
-    """A DELETE of one resource whose type can belong to a patient. A Patient's own
-    delete names the patient in its URL; a conditional delete names no single resource."""
-    return (
-        interaction.kind is InteractionKind.DELETE
-        and not interaction.conditional
-        and interaction.resource_id is not None
-        and interaction.resource_type != "Patient"
-        and interaction.resource_type in PATIENT_PATHS
-    )
-
-
-_BUILD_IN_THREAD = 256 * 1024
-"""Bodies (request and response together) above this size have their events built off
-the event loop."""
-
 _HOST = re.compile(r"(?:[A-Za-z0-9\-._~%!$&'()*+,;=]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 """RFC 3986 ``host[:port]``: a reg-name or IPv4 address, or a bracketed IPv6 literal."""
 
@@ -355,94 +320,82 @@ def _recordable(value: str) -> str:
     return value
 
 
+async def read_up_to_limit(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Read the body unless it is larger than the buffer limit; then return what was read."""
+    length = upstream.content_length
+    if length is not None:
+        if length > limit:
+            return b"", False
+        return await upstream.read(), True  # one await for a body of known size
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await upstream.content.read(65536)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks), False
 
-@functools.cache
-def _requests_counter(kind: str, status_class: int) -> Any:
-    """The request counter's child for a kind and status class, looked up once:
-    ``labels()`` costs a lock and a few dict operations on every request."""
-    return telemetry.REQUESTS.labels(kind=kind, status_class=f"{status_class}xx")
 
+def resource_reader(cfg: ForwardConfig, session: aiohttp.ClientSession) -> ReadResource:
+    """A reader of the resource an exchange addresses, from the upstream, with the
+    caller's own headers (so the server applies the caller's access rights) minus those
+    that would shape the read (preconditions, body headers); it gives None on any failure
+    (not found, forbidden, unreachable, larger than the buffer limit)."""
 
-@functools.cache
-def _events_counter(outcome: str) -> Any:
-    return telemetry.EVENTS_BUILT.labels(outcome=outcome)
+    async def read(request: web.Request, ex: Exchange) -> bytes | None:
+        url = cfg.upstream_origin.join(URL(ex.upstream_path, encoded=True))
+        headers = _upstream_headers(request, ex.request_id)
+        for name in _PRE_READ_DROP:
+            headers.pop(name, None)
+        headers["Accept"] = FHIR_JSON
+        try:
+            async with session.get(
+                url, headers=headers, allow_redirects=False, timeout=cfg.timeout
+            ) as upstream:
+                if upstream.status != 200:
+                    log.debug("read of %s: HTTP %s", ex.path, upstream.status)
+                    return None
+                body, complete = await read_up_to_limit(upstream, cfg.buffer_limit)
+                return body if complete else None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.debug("read of %s failed: %s", ex.path, exc)
+            return None
+
+    return read
 
 
 class ForwardHandler:
     """The aiohttp handler for every path of the proxy listener."""
 
     def __init__(
-        self,
-        *,
-        cfg: ForwardConfig,
-        settings: Settings,
-        ctx: AuditContext,
-        session: aiohttp.ClientSession,
-        queue: AuditQueue,
-        jwks: JwksCache | None,
-        intents_in_flight: set[int],
-        on_events: Any = None,
-        abandoned_intents: dict[int, str] | None = None,
+        self, *, cfg: ForwardConfig, session: aiohttp.ClientSession, pipeline: AuditPipeline
     ) -> None:
         self._cfg = cfg
-        self._identity_settings = settings.audit.identity
-        self._ctx = ctx
         self._session = session
-        self._queue = queue
-        self._jwks = jwks
-        self._in_flight = intents_in_flight
-        self._abandoned = abandoned_intents if abandoned_intents is not None else {}
-        """Intents whose events the store refused, with the outcome description their
-        recovery records (the proxy did not stop: the store failed)."""
-        self._on_events = on_events
+        self._pipeline = pipeline
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        started = datetime.now(UTC)
-        ex, refusal = self._exchange_of(request, started)
-        telemetry.exchange_started(ex)
+        pipeline = self._pipeline
+        ex, refusal = self._exchange_of(request, datetime.now(UTC))
+        pipeline.started(ex)
         if refusal is not None:
             return await self._refuse(ex, *refusal)
         body, body_stream = await self._read_request_body(request)
         if body is not None:
             ex.request_body = self._recorded_body(body, ex.request_content_type)
+        failure = pipeline.admit(ex)
+        if failure is not None:
+            return failure
         try:
-            interaction = classify(
-                ex.method, ex.path, ex.query_string, ex.request_headers, ex.request_body
-            )
-            if ex.path.startswith("/"):
-                interaction = Interaction(
-                    kind=InteractionKind.UNKNOWN,
-                    method=ex.method,
-                    detail=f"path outside the FHIR base {self._cfg.base_path or '/'}",
-                )
-            if interaction.search:
-                interaction = dataclasses.replace(
-                    interaction, search=redact_params(interaction.search, self._cfg.redact_params)
-                )
-            ex.interaction = interaction
-            keys = self._jwks.keys() if self._jwks is not None else None
-            ex.identity = identity_from_headers(
-                ex.request_headers, self._identity_settings, keys, token_key=self._cfg.token_key
-            )
-        except Exception:
-            log.exception("classification failed for %s %s", ex.method, ex.path)
-            telemetry.AUDIT_FAILURES.labels(reason="classify").inc()
-            return outcome_response(
-                500, "exception", "The request could not be classified for audit."
-            )
-
-        if self._cfg.read_before_delete and _deletes_a_patients_resource(ex.interaction):
-            # Before the intent, so an outcome-unknown event names the patient too.
-            ex.prior_patients = await self._patients_before_delete(request, ex)
-        if ex.method not in SAFE_METHODS or ex.interaction.is_write:
-            failure = await self._record_intent(ex)
+            failure = await pipeline.before_forward(ex, request)
             if failure is not None:
                 return failure
-        try:
             return await self._forward(request, ex, body, body_stream, ex.base_url)
         finally:
-            if ex.intent_id is not None:
-                self._in_flight.discard(ex.intent_id)
+            pipeline.finished(ex)
 
     def _exchange_of(
         self, request: web.Request, started: datetime
@@ -514,15 +467,12 @@ class ForwardHandler:
         self, ex: Exchange, status: int, code: str, diagnostics: str
     ) -> web.StreamResponse:
         """Answer ``status`` with an OperationOutcome, without forwarding, and audit it."""
-        if ex.interaction is None:
-            ex.interaction = Interaction(
-                kind=InteractionKind.UNKNOWN, method=ex.method, detail=diagnostics
-            )
+        self._pipeline.refused(ex, diagnostics)
         body = orjson.dumps(operation_outcome(code, diagnostics))
         ex.status = status
         ex.response_headers = {"content-type": FHIR_JSON}
         ex.response_body = body
-        failure = await self._persist(ex)
+        failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         return web.Response(
@@ -555,35 +505,6 @@ class ForwardHandler:
         response.force_close()
         return response
 
-    async def _patients_before_delete(self, request: web.Request, ex: Exchange) -> tuple[str, ...]:
-        """The patients of the resource about to be deleted, read from the upstream with
-        the caller's own headers (so the server applies the caller's access rights). Any
-        failure (not found, forbidden, unreachable, not JSON) means no patient is known;
-        the DELETE goes ahead either way. The resource itself is not kept."""
-        assert ex.interaction is not None
-        url = self._cfg.upstream_origin.join(URL(ex.upstream_path, encoded=True))
-        headers = _upstream_headers(request, ex.request_id)
-        for name in _PRE_READ_DROP:
-            headers.pop(name, None)
-        headers["Accept"] = FHIR_JSON
-        try:
-            async with self._session.get(
-                url, headers=headers, allow_redirects=False, timeout=self._cfg.timeout
-            ) as upstream:
-                if upstream.status != 200:
-                    log.debug("read before delete of %s: HTTP %s", ex.path, upstream.status)
-                    return ()
-                body, complete = await self._read_up_to_limit(upstream)
-                if not complete:
-                    return ()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            log.debug("read before delete of %s failed: %s", ex.path, exc)
-            return ()
-        resource = parse_json_object(body)
-        if resource is None or resource.get("resourceType") != ex.interaction.resource_type:
-            return ()
-        return patients_in_resource(resource)
-
     async def _read_request_body(self, request: web.Request) -> tuple[bytes | None, Any]:
         """Buffer the request body up to the limit. A larger body streams on to the upstream
         (the head already read, then the rest) and is audited from the URL and headers.
@@ -602,35 +523,6 @@ class ForwardHandler:
             if size > limit:
                 return None, _prepend(b"".join(chunks), request.content.iter_chunked(65536))
         return b"".join(chunks), None
-
-    async def _record_intent(self, ex: Exchange) -> web.Response | None:
-        try:
-            ex.intent_id = await self._queue.record_intent(intent_summary(ex))
-        except StoreError as exc:
-            refused = self._fail_closed(exc, "intent")
-            # The write is refused unforwarded; record that (invariant 9). The store that
-            # refused the intent may refuse this event too: the answer is the same.
-            ex.status = refused.status
-            ex.error = f"not forwarded: the audit intent could not be persisted ({exc})"
-            ex.response_headers = {"content-type": FHIR_JSON}
-            await self._persist(ex)
-            return refused
-        self._in_flight.add(ex.intent_id)
-        return None
-
-    def _fail_closed(self, exc: Exception, stage: str) -> web.Response:
-        full = isinstance(exc, StoreFull)
-        reason = "store_full" if full else "store_error"
-        telemetry.AUDIT_FAILURES.labels(reason=reason).inc()
-        log.error("audit %s could not be persisted (%s): failing the request closed", stage, exc)
-        return outcome_response(
-            507 if full else 503,
-            "transient",
-            "The audit record could not be persisted"
-            + (" (audit store full)" if full else "")
-            + "; the request was not completed.",
-            headers={"Retry-After": "5"},
-        )
 
     async def _forward(
         self,
@@ -683,25 +575,6 @@ class ForwardHandler:
                 ex, 502, "transient", f"upstream unreachable: {reason}"
             )
 
-    async def _read_up_to_limit(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-        """Read the body unless it is larger than the buffer limit; then return what was read."""
-        limit = self._cfg.buffer_limit
-        length = upstream.content_length
-        if length is not None:
-            if length > limit:
-                return b"", False
-            return await upstream.read(), True  # one await for a body of known size
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await upstream.content.read(65536)
-            if not chunk:
-                return b"".join(chunks), True
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return b"".join(chunks), False
-
     async def _hold_body(self, upstream: aiohttp.ClientResponse) -> tuple[_HeldBody, bool]:
         """Hold the body for the audit unless it is larger than the buffer limit; then
         return what was held so far, and ``False``."""
@@ -719,54 +592,10 @@ class ForwardHandler:
                 return held, False
         return held, True
 
-    async def _persist(self, ex: Exchange) -> web.Response | None:
-        """Build and commit the events; an OperationOutcome response when that fails."""
-        ex.finished_at = datetime.now(UTC)
-        traceparent = telemetry.current_traceparent()
-        try:
-            if len(ex.request_body or b"") + len(ex.response_body or b"") > _BUILD_IN_THREAD:
-                # Parsing a large Bundle and finding its patients takes tens of ms of
-                # Python; in a thread the loop gets the GIL back every switch interval.
-                built = await asyncio.to_thread(
-                    build_events, ex, self._ctx, ex.finished_at, traceparent=traceparent
-                )
-            else:
-                built = build_events(ex, self._ctx, ex.finished_at, traceparent=traceparent)
-            events = [b.event for b in built]
-            # Parsed bodies do not wait for the commit: hundreds of large answers at once
-            # would each hold their parse in memory.
-            ex.drop_parsed()
-        except Exception:
-            log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
-            telemetry.AUDIT_FAILURES.labels(reason="build").inc()
-            return outcome_response(
-                500,
-                "exception",
-                "The audit record could not be built; the request was not completed.",
-            )
-        try:
-            with telemetry.audit_write_span(events, self._ctx.fhir_version):
-                await self._queue.append_rows([b.row for b in built], complete_intent=ex.intent_id)
-        except StoreError as exc:
-            if ex.intent_id is not None:
-                self._abandoned[ex.intent_id] = (
-                    STORE_FULL_OUTCOME_DESC
-                    if isinstance(exc, StoreFull)
-                    else STORE_ERROR_OUTCOME_DESC
-                )
-            return self._fail_closed(exc, "event")
-        for event in events:
-            _events_counter(str(event.get("outcome", "?"))).inc()
-        if self._on_events is not None:
-            self._on_events(events)
-        assert ex.interaction is not None
-        _requests_counter(ex.interaction.kind.value, (ex.status or 0) // 100).inc()
-        return None
-
     async def _audited_response(
         self, ex: Exchange, headers: CIMultiDict[str], body: bytes
     ) -> web.StreamResponse:
-        failure = await self._persist(ex)
+        failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         assert ex.status is not None
@@ -777,7 +606,7 @@ class ForwardHandler:
     ) -> web.StreamResponse:
         """A whole body that spilled to its temporary file: audited from the whole body,
         then sent from memory and the file."""
-        failure = await self._persist(ex)
+        failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         assert ex.status is not None
@@ -802,7 +631,7 @@ class ForwardHandler:
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         # Invariant 1: a body too large to buffer is audited from its head before its first byte.
-        failure = await self._persist(ex)
+        failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         assert ex.status is not None
@@ -826,7 +655,7 @@ class ForwardHandler:
         ex.error = error
         ex.response_headers = {"content-type": FHIR_JSON}
         ex.response_body = None
-        failure = await self._persist(ex)
+        failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         return outcome_response(

@@ -7,8 +7,8 @@ running :class:`Telemetry` (exported over OTLP/HTTP when ``telemetry.otlp_endpoi
 
 Traces: a server span per proxied request (:func:`server_span`), a client span for each
 upstream call (:func:`trace_upstream`, which also sends W3C ``traceparent``), and a
-child span for the durable audit write (:func:`audit_write_span`), which records the
-request's ``traceparent`` on its AuditEvents. Span attributes name the FHIR interaction,
+child span for the durable audit write (:func:`record_audit_write`); the builder records
+the request's ``traceparent`` on its AuditEvents. Span attributes name the FHIR interaction,
 the resource type, the status and the request id; never a URL, a resource id, a query,
 a header value or a token: those can identify a patient or grant access.
 """
@@ -459,10 +459,6 @@ class _OtelCells:
 
 # -- traces ---------------------------------------------------------------------------
 
-TRACEPARENT_DETAIL = "traceparent"
-"""``AuditEvent.entity.detail.type`` on the X-Request-Id entity, holding the W3C
-traceparent of the request's server span."""
-
 _EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
     "fhir_audit_exchange", default=None
 )
@@ -636,59 +632,19 @@ def current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
-def _with_traceparent(
-    events: Sequence[dict[str, Any]], traceparent: str, fhir_version: str
-) -> None:
-    """Put ``traceparent`` on each event's X-Request-Id entity (BALP's transaction
-    entity) as an ``entity.detail``: the audit record can then be joined to its trace."""
-    detail_type: Any = TRACEPARENT_DETAIL if fhir_version == "R4" else {"text": TRACEPARENT_DETAIL}
-    detail = {"type": detail_type, "valueString": traceparent}
-    for event in events:
-        entities = event.get("entity") or []
-        for i, entity in enumerate(entities):
-            # R4 types the entity (BALP XrequestId); R5 has no entity.type and says it in
-            # the role's text.
-            if (entity.get("type") or {}).get("code") == "XrequestId" or (
-                entity.get("role") or {}
-            ).get("text") == "X-Request-Id":
-                # A copy: one entity dict is shared by the events of one exchange.
-                entities[i] = {**entity, "detail": [*entity.get("detail", []), detail]}
-
-
-class _TimedWrite:
-    """An untraced request's durable write: timed in ``fhir_audit_write_seconds``."""
-
-    __slots__ = ("_t0",)
-
-    def __enter__(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        AUDIT_WRITE_SECONDS.observe(time.perf_counter() - self._t0)
-
-
-def audit_write_span(
-    events: Sequence[dict[str, Any]], fhir_version: str
-) -> contextlib.AbstractContextManager[None]:
-    """The durable write of one request's events, timed in ``fhir_audit_write_seconds``;
-    inside a trace, also stamped with the trace (see :func:`_with_traceparent`) and made a
-    child span."""
+def record_audit_write(count: int, started_ns: int, ended_ns: int) -> None:
+    """The durable write of a traced request's ``count`` events, as a child span of its
+    server span (made after the fact, from the write's times: the write itself pays
+    nothing for tracing)."""
     if not trace.get_current_span().get_span_context().is_valid:
-        return _TimedWrite()  # the request is not traced (see server_span)
-    return _traced_write(events, fhir_version)
-
-
-@contextlib.contextmanager
-def _traced_write(events: Sequence[dict[str, Any]], fhir_version: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    traceparent = current_traceparent()
-    if traceparent is not None:
-        _with_traceparent(events, traceparent, fhir_version)
-    with _tracer().start_as_current_span(
-        "audit write", kind=SpanKind.INTERNAL, attributes={"fhir_audit.events": len(events)}
-    ):
-        yield
-    AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
+        return  # the request is not traced (see server_span)
+    span = _tracer().start_span(
+        "audit write",
+        kind=SpanKind.INTERNAL,
+        attributes={"fhir_audit.events": count},
+        start_time=started_ns,
+    )
+    span.end(end_time=ended_ns)
 
 
 async def trace_upstream(

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy import forward as forward_module
+from proxy.audit import pipeline as pipeline_module
 from proxy.audit.intents import intent_summary
 from proxy.store.queue import AuditQueue
 from proxy.telemetry import REGISTRY
@@ -545,9 +545,9 @@ async def test_secrets_never_reach_the_store_the_logs_or_the_events(
     if failure == "store_error":
         refuse_inserts(_store_path(proxy), "events")
     elif failure == "classification_error":
-        monkeypatch.setattr(forward_module, "classify", _raises("classification"))
+        monkeypatch.setattr(pipeline_module, "classify", _raises("classification"))
     elif failure == "build_error":
-        monkeypatch.setattr(forward_module, "build_events", _raises("event build"))
+        monkeypatch.setattr(pipeline_module, "build_events", _raises("event build"))
     headers = {
         "Authorization": f"Bearer {SECRET_TOKEN}",
         "Cookie": SECRET_COOKIE,

@@ -20,7 +20,6 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from fhir.resources.auditevent import AuditEventEntity as R5AuditEventEntity
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
@@ -165,21 +164,6 @@ async def test_spans_metrics_and_the_trace_on_the_audit_event(
     assert points["fhir_audit_write_seconds"][0].count == 1
     assert sum(p.count for p in points["fhir_audit_store_commit_records"]) >= 1
     assert 'fhir_audit_requests_total{kind="read",status_class="2xx"}' in prometheus
-
-
-def test_r5_events_carry_the_traceparent_as_a_codeable_detail() -> None:
-    events: list[dict[str, Any]] = [
-        {"entity": [{"role": {"text": "X-Request-Id"}, "what": {"identifier": {"value": "r"}}}]}
-    ]
-    with telemetry.tracer_provider().get_tracer("test").start_as_current_span("s") as span:
-        with telemetry.audit_write_span(events, "R5"):
-            pass
-        expected = f"00-{format(span.get_span_context().trace_id, '032x')}-"
-    (detail,) = events[0]["entity"][0]["detail"]
-    entity = R5AuditEventEntity.model_validate(events[0]["entity"][0])
-    assert [d.valueString for d in entity.detail or []] == [detail["valueString"]]
-    assert detail["type"] == {"text": "traceparent"}
-    assert detail["valueString"].startswith(expected)
 
 
 async def test_prometheus_false_removes_metrics_page(

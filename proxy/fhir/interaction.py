@@ -5,7 +5,7 @@ headers and body. No I/O, no clock.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -174,8 +174,8 @@ def parse_json_object(body: bytes | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _bundle_type(body: bytes | None) -> str | None:
-    value = parse_json_object(body)
+def _bundle_type(parsed: Callable[[], dict[str, Any] | None]) -> str | None:
+    value = parsed()
     if value is not None and value.get("resourceType") == "Bundle":
         kind = value.get("type")
         return kind if isinstance(kind, str) else None
@@ -192,18 +192,28 @@ def classify(
     query_string: str,
     headers: Mapping[str, str],
     body: bytes | None,
+    *,
+    parsed_body: Callable[[], dict[str, Any] | None] | None = None,
 ) -> Interaction:
     """Classify a request. ``path`` is below the FHIR base without leading slash (``''`` for
     the base); ``query_string`` is raw; ``headers`` have lower-case names; ``body`` is the
-    raw request body. Pure, and never raises: what is not FHIR is UNKNOWN with a detail."""
+    raw request body. ``parsed_body`` gives the body as a JSON object when it is needed
+    (an exchange's cached parse, so the body is parsed once per exchange); without it the
+    body is parsed here. Pure, and never raises: what is not FHIR is UNKNOWN with a detail."""
+    parsed = parsed_body or (lambda: parse_json_object(body))
     try:
-        return _classify(method.upper(), path, query_string, headers, body)
+        return _classify(method.upper(), path, query_string, headers, body, parsed)
     except Exception as exc:  # classification must never break the audit path
         return _unknown(method.upper(), f"unclassifiable request: {type(exc).__name__}")
 
 
 def _classify(
-    method: str, path: str, query_string: str, headers: Mapping[str, str], body: bytes | None
+    method: str,
+    path: str,
+    query_string: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    parsed: Callable[[], dict[str, Any] | None],
 ) -> Interaction:
     verb = "GET" if method == "HEAD" else method
     if verb not in _METHODS:
@@ -216,7 +226,7 @@ def _classify(
 
     if not segments:
         if verb == "POST":
-            bundle_type = _bundle_type(body)
+            bundle_type = _bundle_type(parsed)
             if bundle_type == "batch":
                 return Interaction(kind=K.BATCH, method=method)
             if bundle_type == "transaction":
