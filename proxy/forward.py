@@ -1,11 +1,11 @@
 """The reverse proxy's HTTP mechanics: the handler for every path of the proxy listener.
 
-It turns each request into an :class:`~proxy.exchange.Exchange` (header values and the path
-checked and normalized once, at the boundary), reads the request body, forwards it upstream
-with the headers a proxy sets, holds the answer (up to ``buffer_limit_bytes``: its first
-:data:`SPILL_AT` bytes in memory, the rest in a temporary file) and releases it to the
-client only once :class:`~proxy.audit.pipeline.AuditPipeline` has made its audit durable.
-What is audited, and when the client gets an OperationOutcome instead, is the pipeline's.
+It turns each request into an :class:`~proxy.exchange.Exchange` (header values and the
+path checked and normalized once, at the boundary), reads the request body, forwards it
+upstream with the headers a proxy sets, holds the answer (up to ``buffer_limit_bytes``,
+within a memory budget: :mod:`proxy.buffering`) and releases it to the client only once
+:class:`~proxy.audit.pipeline.AuditPipeline` has made its audit durable. What is audited,
+and when the client gets an OperationOutcome instead, is the pipeline's.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 import orjson
@@ -31,6 +30,7 @@ from proxy import telemetry
 from proxy.audit.identity import load_token_key
 from proxy.audit.ids import new_event_id
 from proxy.audit.pipeline import AuditPipeline, ReadResource
+from proxy.buffering import HeldBody, MemoryBudget, hold_body, prepend, read_up_to_limit
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import (
     CREDENTIAL_PARAMS,
@@ -77,6 +77,8 @@ class ForwardConfig:
     base_path: str
     """The FHIR base path (``/fhir``), served unchanged by the proxy."""
     buffer_limit: int
+    buffer_memory: int
+    """``audit.buffer_memory_bytes``: what all held answers may take in memory together."""
     timeout: aiohttp.ClientTimeout
     trusted_proxies: tuple[Network, ...]
     read_before_delete: bool
@@ -98,6 +100,7 @@ class ForwardConfig:
             upstream_base=str(upstream).rstrip("/"),
             base_path=upstream.path.rstrip("/"),
             buffer_limit=settings.audit.buffer_limit_bytes,
+            buffer_memory=settings.audit.buffer_memory_bytes,
             timeout=aiohttp.ClientTimeout(
                 total=settings.upstream.timeout_s, connect=settings.upstream.connect_timeout_s
             ),
@@ -236,59 +239,6 @@ def _client_headers(
     return headers
 
 
-SPILL_AT = 64 * 1024
-"""Bytes of one response body held in memory while its audit commits; the rest waits in
-an anonymous temporary file, as nginx's proxy buffering does, so that hundreds of large
-answers at once do not each hold their whole body in memory."""
-
-
-class _HeldBody:
-    """A response body waiting for its audit: its first :data:`SPILL_AT` bytes in memory,
-    the rest in a temporary file (created on the first byte past that)."""
-
-    __slots__ = ("_head", "file", "size")
-
-    def __init__(self) -> None:
-        self._head: list[bytes] = []
-        self.file: BinaryIO | None = None
-        self.size = 0
-
-    def add(self, chunk: bytes) -> None:
-        if self.file is None and self.size + len(chunk) <= SPILL_AT:
-            self._head.append(chunk)
-        else:
-            if self.file is None:
-                self.file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the handler)
-            self.file.write(chunk)
-        self.size += len(chunk)
-
-    def value(self) -> bytes:
-        """The whole body, read back from the file if it spilled."""
-        head = b"".join(self._head)
-        if self.file is None:
-            return head
-        self.file.seek(0)
-        return head + self.file.read()
-
-    def chunks(self) -> Iterator[bytes]:
-        """The body in pieces of at most 64 KiB past the memory part, for writing."""
-        yield from self._head
-        if self.file is not None:
-            self.file.seek(0)
-            while block := self.file.read(65536):
-                yield block
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-async def _prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield head
-    async for chunk in rest:
-        yield chunk
-
-
 _PRE_READ_DROP = (
     "Content-Type",
     "Content-Length",
@@ -318,25 +268,6 @@ def _recordable(value: str) -> str:
     except UnicodeEncodeError:
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return value
-
-
-async def read_up_to_limit(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """Read the body unless it is larger than the buffer limit; then return what was read."""
-    length = upstream.content_length
-    if length is not None:
-        if length > limit:
-            return b"", False
-        return await upstream.read(), True  # one await for a body of known size
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await upstream.content.read(65536)
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return b"".join(chunks), False
 
 
 def resource_reader(cfg: ForwardConfig, session: aiohttp.ClientSession) -> ReadResource:
@@ -376,6 +307,8 @@ class ForwardHandler:
         self._cfg = cfg
         self._session = session
         self._pipeline = pipeline
+        self.budget = MemoryBudget(cfg.buffer_memory)
+        """Memory of the answers waiting for their audit, across requests."""
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         pipeline = self._pipeline
@@ -521,7 +454,7 @@ class ForwardHandler:
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                return None, _prepend(b"".join(chunks), request.content.iter_chunked(65536))
+                return None, prepend(b"".join(chunks), request.content.iter_chunked(65536))
         return b"".join(chunks), None
 
     async def _forward(
@@ -553,14 +486,13 @@ class ForwardHandler:
                 client_headers = _client_headers(
                     upstream.headers, ex.request_id, self._cfg, public_base
                 )
-                held, complete = await self._hold_body(upstream)
+                held, complete = await hold_body(upstream, self._cfg.buffer_limit, self.budget)
                 try:
                     if complete and held.file is None:
                         body = held.value()
                         ex.response_body = body
                         return await self._audited_response(ex, client_headers, body)
                     if complete:
-                        ex.response_body = held.value()  # for the audit, dropped once built
                         return await self._audited_held(request, ex, client_headers, held)
                     ex.response_streamed = True
                     return await self._audited_stream(request, ex, client_headers, held, upstream)
@@ -575,23 +507,6 @@ class ForwardHandler:
                 ex, 502, "transient", f"upstream unreachable: {reason}"
             )
 
-    async def _hold_body(self, upstream: aiohttp.ClientResponse) -> tuple[_HeldBody, bool]:
-        """Hold the body for the audit unless it is larger than the buffer limit; then
-        return what was held so far, and ``False``."""
-        limit = self._cfg.buffer_limit
-        length = upstream.content_length
-        held = _HeldBody()
-        if length is not None and length > limit:
-            return held, False
-        if length is not None and length <= SPILL_AT:
-            held.add(await upstream.read())  # one await for a small body of known size
-            return held, True
-        while chunk := await upstream.content.read(65536):
-            held.add(chunk)
-            if held.size > limit:
-                return held, False
-        return held, True
-
     async def _audited_response(
         self, ex: Exchange, headers: CIMultiDict[str], body: bytes
     ) -> web.StreamResponse:
@@ -602,11 +517,12 @@ class ForwardHandler:
         return web.Response(status=ex.status, headers=headers, body=body)
 
     async def _audited_held(
-        self, request: web.Request, ex: Exchange, headers: CIMultiDict[str], held: _HeldBody
+        self, request: web.Request, ex: Exchange, headers: CIMultiDict[str], held: HeldBody
     ) -> web.StreamResponse:
         """A whole body that spilled to its temporary file: audited from the whole body,
-        then sent from memory and the file."""
-        failure = await self._pipeline.persist(ex)
+        then sent from memory and the file. The whole body is read back only for the
+        build, one large body at a time (see :meth:`AuditPipeline.persist`)."""
+        failure = await self._pipeline.persist(ex, load_response=held.value)
         if failure is not None:
             return failure
         assert ex.status is not None
@@ -627,7 +543,7 @@ class ForwardHandler:
         request: web.Request,
         ex: Exchange,
         headers: CIMultiDict[str],
-        held: _HeldBody,
+        held: HeldBody,
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         # Invariant 1: a body too large to buffer is audited from its head before its first byte.

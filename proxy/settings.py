@@ -173,6 +173,9 @@ class AuditSettings(_Frozen):
     identity: IdentitySettings = IdentitySettings()
     buffer_limit_bytes: int = 8 * 1024 * 1024
     """Responses larger than this stream through and are audited from their head."""
+    buffer_memory_bytes: int = 32 * 1024 * 1024
+    """Memory that all answers waiting for their audit may take together; past it (and for
+    any answer over 64 KiB) they wait in temporary files."""
     capture_bodies: bool = False
     read_before_delete: bool = True
     """Before a DELETE of one resource that can belong to a patient (an Observation, not a
@@ -212,7 +215,7 @@ class AuditSettings(_Frozen):
                 ) from None
         return value
 
-    @field_validator("buffer_limit_bytes")
+    @field_validator("buffer_limit_bytes", "buffer_memory_bytes")
     @classmethod
     def _buffer_limit_positive(cls, value: int) -> int:
         if value <= 0:

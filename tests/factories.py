@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -568,3 +569,16 @@ def why_uid_cannot_run_the_proxy(uid: int) -> str | None:
             f" it): {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else ''}"
         )
     return None
+
+
+def refuse_inserts(path: Path, table: str) -> None:
+    """Make every INSERT into ``table`` of the store fail, as a broken disk would: a
+    trigger added from another connection, which the proxy's connections pick up."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(
+            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
+            " BEGIN SELECT RAISE(ABORT, 'planted store failure'); END"
+        )
+    finally:
+        conn.close()

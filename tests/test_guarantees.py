@@ -32,6 +32,7 @@ from tests.factories import (
     ScriptedRepository,
     StartProxy,
     exchange,
+    refuse_inserts,
     request_id_of,
     serving,
     subtypes,
@@ -131,19 +132,6 @@ def store_held(path: Path) -> Iterator[None]:
         yield
     finally:
         conn.execute("ROLLBACK")
-        conn.close()
-
-
-def refuse_inserts(path: Path, table: str) -> None:
-    """Make every INSERT into ``table`` of the store fail, as a broken disk would: a
-    trigger added from another connection, which the proxy's connections pick up."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute(
-            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
-            " BEGIN SELECT RAISE(ABORT, 'planted store failure'); END"
-        )
-    finally:
         conn.close()
 
 

@@ -59,8 +59,10 @@ durable intent before it is forwarded, whatever it was classified as."""
 
 BUILD_IN_THREAD = 256 * 1024
 """Bodies (request and response together) above this size have their events built off
-the event loop: parsing a large Bundle and finding its patients takes tens of ms of
-Python; in a thread the loop gets the GIL back every switch interval."""
+the event loop, one exchange at a time: parsing a large Bundle and finding its patients
+takes tens of ms of Python (in a thread the loop gets the GIL back every switch
+interval), and its parse takes several times the body's size in memory, so hundreds of
+large answers at once must not each be read back and parsed at the same time."""
 
 ReadResource = Callable[[web.Request, Exchange], Awaitable[bytes | None]]
 """Reads, from the upstream and with the caller's own headers, the resource an exchange
@@ -229,6 +231,8 @@ class AuditPipeline:
         self._abandoned = abandoned_intents
         """Intents whose events the store refused, with the outcome description their
         recovery records (the proxy did not stop: the store failed)."""
+        self._large_build = asyncio.Semaphore(1)
+        """Held while a large body is read back, parsed and built (see BUILD_IN_THREAD)."""
         self.hooks = tuple(hooks)
         pick = [h for h in hooks if _overrides(h, "exchange_started")]
         self._on_started = tuple(h.exchange_started for h in pick)
@@ -320,21 +324,27 @@ class AuditPipeline:
 
     # --- 4. build and commit ---------------------------------------------------------------
 
-    async def persist(self, ex: Exchange) -> web.Response | None:
+    async def persist(
+        self, ex: Exchange, *, load_response: Callable[[], bytes] | None = None
+    ) -> web.Response | None:
         """Build and commit the events of ``ex`` (completing its intent); the
-        OperationOutcome to answer instead when that fails."""
+        OperationOutcome to answer instead when that fails. ``load_response`` reads back
+        a large response body held outside memory: it is called only for the build, and
+        the body and its parse are let go before the commit."""
         ex.finished_at = now = datetime.now(UTC)
         traceparent = telemetry.current_traceparent()
         try:
-            if len(ex.request_body or b"") + len(ex.response_body or b"") > BUILD_IN_THREAD:
-                built = await asyncio.to_thread(
-                    build_events, ex, self._ctx, now, traceparent=traceparent
-                )
+            large = load_response is not None or (
+                len(ex.request_body or b"") + len(ex.response_body or b"") > BUILD_IN_THREAD
+            )
+            if large:
+                async with self._large_build:
+                    built = await asyncio.to_thread(
+                        self._build_large, ex, now, traceparent, load_response
+                    )
             else:
                 built = build_events(ex, self._ctx, now, traceparent=traceparent)
-            # Parsed bodies do not wait for the commit: hundreds of large answers at once
-            # would each hold their parse in memory.
-            ex.drop_parsed()
+                ex.drop_parsed()
         except Exception:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
             self._failed(ex, "build")
@@ -360,6 +370,22 @@ class AuditPipeline:
         for on_stored in self._on_stored:
             on_stored(ex, built, started_ns, ended_ns)
         return None
+
+    def _build_large(
+        self,
+        ex: Exchange,
+        now: datetime,
+        traceparent: str | None,
+        load_response: Callable[[], bytes] | None,
+    ) -> list[BuiltEvent]:
+        """In a worker thread: read the body back if it was held outside memory, build,
+        and let go of the body and its parse (they need not wait for the commit)."""
+        try:
+            if load_response is not None:
+                ex.response_body = load_response()
+            return build_events(ex, self._ctx, now, traceparent=traceparent)
+        finally:
+            ex.drop_parsed()
 
     def _failed(self, ex: Exchange | None, reason: str) -> None:
         for on_failed in self._on_failed:
