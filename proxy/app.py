@@ -151,6 +151,9 @@ async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
             redact_params=cfg.redact_params,
             token_key=cfg.token_key,
             base_path=cfg.base_path,
+            capture_max_bytes=(
+                settings.audit.capture_max_bytes if settings.audit.capture_bodies else None
+            ),
         ),
         ctx=app[AUDIT_CONTEXT],
         queue=app[QUEUE],

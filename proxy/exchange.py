@@ -16,6 +16,7 @@ from proxy.fhir.interaction import Interaction, parse_json_object
 
 if TYPE_CHECKING:
     from proxy.audit.identity import Identity
+    from proxy.store.records import Capture
 
 _UNPARSED: Any = object()
 
@@ -69,6 +70,8 @@ class Exchange:
     intent_id: int | None = None
     """The durable intent record written before forwarding a state-changing request."""
     upstream_path: str = ""
+    capture: Capture | None = None
+    """The bodies as kept with ``audit.capture_bodies``, taken before they are let go."""
     """The normalized absolute path the request is forwarded to (``/fhir/Patient/1``)."""
     _request_json: Any = _UNPARSED
     _response_json: Any = _UNPARSED

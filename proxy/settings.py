@@ -177,6 +177,11 @@ class AuditSettings(_Frozen):
     """Memory that all answers waiting for their audit may take together; past it (and for
     any answer over 64 KiB) they wait in temporary files."""
     capture_bodies: bool = False
+    """Keep each exchange's request and response bodies beside its events (off by default:
+    they hold patient data), returned by ``GET /audit-log/event/{id}?includeBody=true``.
+    Form bodies are kept with their credential parameters redacted."""
+    capture_max_bytes: int = 64 * 1024
+    """Bytes kept of each captured body; a longer one is cut and says so at its end."""
     read_before_delete: bool = True
     """Before a DELETE of one resource that can belong to a patient (an Observation, not a
     Patient), read it from the FHIR server with the caller's own headers, so the event
@@ -215,7 +220,7 @@ class AuditSettings(_Frozen):
                 ) from None
         return value
 
-    @field_validator("buffer_limit_bytes", "buffer_memory_bytes")
+    @field_validator("buffer_limit_bytes", "buffer_memory_bytes", "capture_max_bytes")
     @classmethod
     def _buffer_limit_positive(cls, value: int) -> int:
         if value <= 0:

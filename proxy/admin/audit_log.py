@@ -124,7 +124,42 @@ async def audit_log_event(request: web.Request) -> web.Response:
     body = summary(item)
     if request.query.get("includeBody", "false").lower() == "true":
         body["body"] = item.event
+        request_id = _request_id(item.event)
+        capture = (
+            await request.app[QUEUE].get_capture(request_id) if request_id is not None else None
+        )
+        body["capturedBodies"] = (
+            {"request": _shown(capture.request), "response": _shown(capture.response)}
+            if capture is not None
+            else None
+        )
+        if capture is None:
+            body["capturedBodiesNote"] = (
+                "no bodies were captured for this exchange (audit.capture_bodies is off,"
+                " or the exchange had none)"
+            )
     return _json(body)
+
+
+def _request_id(event: dict[str, Any]) -> str | None:
+    """The X-Request-Id of the exchange an event records (R4: the entity typed
+    ``XrequestId``; R5: the entity whose role says ``X-Request-Id``)."""
+    for entity in event.get("entity", ()):
+        typed = (entity.get("type") or {}).get("code") == "XrequestId"
+        if typed or (entity.get("role") or {}).get("text") == "X-Request-Id":
+            value = ((entity.get("what") or {}).get("identifier") or {}).get("value")
+            return str(value) if value is not None else None
+    return None
+
+
+def _shown(body: bytes | None) -> Any:
+    """A captured body as JSON when it is JSON, else as text."""
+    if body is None:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
 
 
 async def dlq_list(request: web.Request) -> web.Response:

@@ -50,6 +50,7 @@ from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.fhir.patients import patients_in_resource
 from proxy.settings import IdentitySettings
 from proxy.store.queue import AuditQueue, StoreError, StoreFull
+from proxy.store.records import Capture
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,12 @@ class ReadBeforeDelete(Hook):
         ex.prior_patients = patients_in_resource(resource)
 
 
+def _clipped(body: bytes | None, limit: int) -> bytes | None:
+    if body is None or len(body) <= limit:
+        return body
+    return body[:limit] + f"\n[cut: {len(body)} bytes, the first {limit} kept]".encode()
+
+
 def standard_hooks(
     *,
     read_before_delete: ReadResource | None,
@@ -207,6 +214,8 @@ class AuditPolicy:
     redact_params: frozenset[str]
     token_key: bytes
     base_path: str
+    capture_max_bytes: int | None = None
+    """Bytes kept of each body with ``audit.capture_bodies``; None: bodies not captured."""
 
 
 class AuditPipeline:
@@ -344,6 +353,7 @@ class AuditPipeline:
                     )
             else:
                 built = build_events(ex, self._ctx, now, traceparent=traceparent)
+                self._capture(ex)
                 ex.drop_parsed()
         except Exception:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
@@ -355,9 +365,12 @@ class AuditPipeline:
             )
         for on_built in self._on_built:
             on_built(ex, built)
+        capture = ex.capture
         started_ns = time.time_ns()
         try:
-            await self._queue.append_rows([b.row for b in built], complete_intent=ex.intent_id)
+            await self._queue.append_rows(
+                [b.row for b in built], complete_intent=ex.intent_id, capture=capture
+            )
         except StoreError as exc:
             if ex.intent_id is not None:
                 self._abandoned[ex.intent_id] = (
@@ -383,9 +396,22 @@ class AuditPipeline:
         try:
             if load_response is not None:
                 ex.response_body = load_response()
-            return build_events(ex, self._ctx, now, traceparent=traceparent)
+            built = build_events(ex, self._ctx, now, traceparent=traceparent)
+            self._capture(ex)
+            return built
         finally:
             ex.drop_parsed()
+
+    def _capture(self, ex: Exchange) -> None:
+        """With ``audit.capture_bodies``: keep the bodies, cut to the limit, on ``ex``
+        before they are let go. The request body is the recorded one (a form's
+        credentials redacted)."""
+        limit = self._policy.capture_max_bytes
+        if limit is None or (ex.request_body is None and ex.response_body is None):
+            return
+        ex.capture = Capture(
+            ex.request_id, _clipped(ex.request_body, limit), _clipped(ex.response_body, limit)
+        )
 
     def _failed(self, ex: Exchange | None, reason: str) -> None:
         for on_failed in self._on_failed:

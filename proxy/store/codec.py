@@ -78,15 +78,23 @@ class BodyCodec:
             decoded: dict[str, Any] = orjson.loads(body)
             return decoded
         try:
-            dict_id = zstandard.get_frame_parameters(body).dict_id
+            decoded = orjson.loads(self.decompress(body))
+        except orjson.JSONDecodeError as exc:
+            raise CodecError(f"stored event cannot be decoded: {exc}") from exc
+        return decoded
+
+    def decompress(self, frame: bytes) -> bytes:
+        """The bytes of one frame made by :meth:`compress_many`."""
+        try:
+            dict_id = zstandard.get_frame_parameters(frame).dict_id
             decompressor = self._decompressors.get(dict_id)
             if decompressor is None:
                 if dict_id not in self._known:
-                    raise CodecError(f"stored event uses unknown dictionary {dict_id}")
+                    raise CodecError(f"stored body uses unknown dictionary {dict_id}")
                 data = zstandard.ZstdCompressionDict(self._known[dict_id])
                 decompressor = zstandard.ZstdDecompressor(dict_data=data)
                 self._decompressors[dict_id] = decompressor
-            decoded = orjson.loads(decompressor.decompress(body))
-        except (zstandard.ZstdError, orjson.JSONDecodeError) as exc:
-            raise CodecError(f"stored event cannot be decoded: {exc}") from exc
-        return decoded
+            data_out: bytes = decompressor.decompress(frame)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"stored body cannot be decoded: {exc}") from exc
+        return data_out

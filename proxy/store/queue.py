@@ -40,6 +40,7 @@ import orjson
 from proxy import telemetry
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
 from proxy.store.records import (
+    Capture,
     EventPage,
     EventQuery,
     EventRow,
@@ -238,6 +239,7 @@ class _Append:
     complete_intent: int | None
     intent: bytes | None
     future: asyncio.Future[int | None] = field(repr=False)
+    capture: Capture | None = None
 
 
 def _used_bytes(conn: sqlite3.Connection) -> int:
@@ -429,10 +431,17 @@ class AuditQueue:
         await self.append_rows(rows, complete_intent=complete_intent)
 
     async def append_rows(
-        self, rows: Sequence[EventRow], *, complete_intent: int | None = None
+        self,
+        rows: Sequence[EventRow],
+        *,
+        complete_intent: int | None = None,
+        capture: Capture | None = None,
     ) -> None:
-        """:meth:`append` for events whose rows the builder already made."""
-        await self._tracked(_Append(list(rows), complete_intent, None, self._loop.create_future()))
+        """:meth:`append` for events whose rows the builder already made; ``capture``
+        (the exchange's bodies) is committed with them."""
+        await self._tracked(
+            _Append(list(rows), complete_intent, None, self._loop.create_future(), capture)
+        )
 
     async def record_intent(self, summary: dict[str, Any]) -> int:
         """Commit an intent (before forwarding a write); returns its id."""
@@ -577,13 +586,15 @@ class AuditQueue:
         n_rows = len(rows) // _EVENT_ARITY
         intents = [i.intent for i in batch if i.intent is not None]
         done = [i.complete_intent for i in batch if i.complete_intent is not None]
+        captures = [self._capture_row(i.capture) for i in batch if i.capture is not None]
         incoming = sum(map(len, frames)) + _ROW_OVERHEAD * n_rows
         incoming += sum(len(i) + 50 for i in intents)
+        incoming += sum(len(c[2] or b"") + len(c[3] or b"") + 80 for c in captures)
         try:
             # Intents count too: a write whose intent fits no more must not be forwarded.
             if (n_rows or intents) and not self._has_room(incoming):
                 raise StoreFull(f"audit store is full (max_bytes={self._max_bytes})")
-            if not intents and not done and n_rows <= _ROWS_PER_STATEMENT:
+            if not intents and not done and not captures and n_rows <= _ROWS_PER_STATEMENT:
                 # The common batch, events only: one statement is its own transaction
                 # (autocommit), so the writer retakes the GIL once, not three times.
                 conn.execute(_insert_events_sql(n_rows), rows)
@@ -596,6 +607,12 @@ class AuditQueue:
                         offset * _EVENT_ARITY : (offset + _ROWS_PER_STATEMENT) * _EVENT_ARITY
                     ]
                     conn.execute(_insert_events_sql(len(chunk) // _EVENT_ARITY), chunk)
+                if captures:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO captures (request_id, created_at, request,"
+                        " response) VALUES (?, ?, ?, ?)",
+                        captures,
+                    )
                 if done:
                     marks = ",".join("?" * len(done))
                     conn.execute(f"DELETE FROM intents WHERE id IN ({marks})", done)
@@ -629,6 +646,14 @@ class AuditQueue:
             else:
                 results.append(None)
         return results
+
+    def _capture_row(self, capture: Capture) -> tuple[str, float, bytes | None, bytes | None]:
+        """On the writer thread: a capture as its row, bodies compressed."""
+        request, response = (
+            None if body is None else self._codec.compress_many([body])[0]
+            for body in (capture.request, capture.response)
+        )
+        return capture.request_id, time.time(), request, response
 
     def _has_room(self, incoming: int) -> bool:
         """Whether ``incoming`` bytes fit under ``max_bytes``. Far from the limit, the pages
@@ -763,12 +788,36 @@ class AuditQueue:
                 cur = self._conn.execute(
                     "DELETE FROM events WHERE status = 'delivered' AND delivered_at < ?", (cutoff,)
                 )
+                # Captured bodies are kept as long as delivered events are, and for as
+                # long as an event of their exchange is undelivered (those are few: the
+                # status index finds them).
+                self._conn.execute(
+                    "DELETE FROM captures WHERE created_at < ? AND request_id NOT IN"
+                    " (SELECT request_id FROM events WHERE status IN ('pending', 'dead')"
+                    " AND request_id IS NOT NULL)",
+                    (cutoff,),
+                )
                 return cur.rowcount
 
         result: int = await self._guarded(write)
         return result
 
     # --- reads for the admin API --------------------------------------------------------
+
+    async def get_capture(self, request_id: str) -> Capture | None:
+        """The bodies captured for the exchange ``request_id``, or None."""
+
+        def read() -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = self._conn.execute(
+                "SELECT request, response FROM captures WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return row
+
+        row = await self._guarded(read)
+        if row is None:
+            return None
+        request, response = (None if b is None else self._codec.decompress(b) for b in row)
+        return Capture(request_id, request, response)
 
     async def get_event(self, event_id: str) -> QueuedEvent | None:
         def read() -> tuple[Any, ...] | None:

@@ -79,6 +79,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE intents ADD COLUMN reason TEXT;
     """,
+    # 5: the bodies of an exchange (``audit.capture_bodies``), compressed like event
+    # bodies, by the exchange's request id; pruned as delivered events are.
+    """
+    CREATE TABLE captures (
+        request_id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        request BLOB,
+        response BLOB
+    );
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 

@@ -19,6 +19,7 @@ from typing import Any
 from proxy.settings import StoreSettings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import (
+    Capture,
     Cursor,
     EventPage,
     EventQuery,
@@ -98,9 +99,23 @@ class ShardedStore:
         """Store ``events`` in shard 0 (the admin listener's worker's own)."""
         await self._queues[0].append(events)
 
-    async def append_rows(self, rows: Sequence[EventRow]) -> None:
+    async def append_rows(
+        self,
+        rows: Sequence[EventRow],
+        *,
+        complete_intent: int | None = None,
+        capture: Capture | None = None,
+    ) -> None:
         """Store the rows the builder made in shard 0, as :meth:`append`."""
-        await self._queues[0].append_rows(rows)
+        await self._queues[0].append_rows(rows, complete_intent=complete_intent, capture=capture)
+
+    async def get_capture(self, request_id: str) -> Capture | None:
+        """The bodies captured for the exchange ``request_id``, from whichever shard has them."""
+        for _, queue in await self._shards():
+            capture = await queue.get_capture(request_id)
+            if capture is not None:
+                return capture
+        return None
 
     async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
         """Dead events (by global seq; all when None) back to pending."""
