@@ -122,7 +122,10 @@ def measure(exchanges: int) -> dict[str, float]:
             return [built.row for built in build(ex, ctx, now)]
 
     else:
-        from proxy.store.queue import event_row
+        try:
+            from proxy.store.index import event_row
+        except ImportError:  # a revision from before the store's index module
+            from proxy.store.queue import event_row  # type: ignore[attr-defined]
 
         def rows_of(ex: Any, now: datetime) -> list[Any]:
             return [event_row(event) for event in build(ex, ctx, now)]

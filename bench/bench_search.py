@@ -30,8 +30,9 @@ from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
-from proxy.store.queue import AuditQueue, _insert_events_sql
+from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventRow
+from proxy.store.writer import _insert_events_sql
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STEP_S = 2.0
@@ -74,7 +75,7 @@ async def fill(queue: AuditQueue, total: int, users: int, patients: int) -> floa
     existing = (await queue.stats()).pending
     if existing >= total:
         return 0.0
-    conn = queue._wconn
+    conn = queue._engine._wconn
     t = time.perf_counter()
     chunk = 20_000
     for start in range(existing, total, chunk):

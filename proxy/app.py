@@ -35,8 +35,9 @@ from proxy.forward import (
     resource_reader,
 )
 from proxy.settings import Settings
-from proxy.store.queue import AuditQueue, StoreError
+from proxy.store.queue import AuditQueue
 from proxy.store.shards import ShardedStore, existing_shard_opener
+from proxy.store.writer import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,7 @@ def serve(settings: Settings, *, banner: str | None = None, worker: int = 0) -> 
     import uvloop
     from aiohttp import web
 
-    from proxy.store.queue import StoreError
+    from proxy.store.writer import StoreError
 
     def announce(_: str) -> None:
         # aiohttp calls this once every listener accepts connections (on_startup would be
@@ -326,8 +326,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 async def _open_dlq_store(settings: Settings) -> AuditQueue | ShardedStore:
     """The store the ``dlq`` commands read: ``store.path``, or with several workers every
     shard that exists, as one store (seqs are then global: see proxy/store/shards.py)."""
-    from proxy.store.queue import StoreError
     from proxy.store.shards import ShardedStore, existing_shard_opener
+    from proxy.store.writer import StoreError
 
     open_shard = existing_shard_opener(settings.store)
     shards = settings.store_shards()
@@ -386,7 +386,7 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import uvloop
 
-    from proxy.store.queue import StoreError
+    from proxy.store.writer import StoreError
 
     settings = load(args)
     configure_logging(settings)  # a store migration run on open logs its progress

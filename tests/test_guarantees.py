@@ -201,7 +201,8 @@ async def test_no_response_without_a_durable_audit_store_is_fsynced_wal(
     # The connections the running queue holds (gc.get_objects cannot see them: the app
     # freezes its start-up objects out of the collector's sight).
     live: list[sqlite3.Connection] = []
-    for obj in vars(proxy.queue).values():
+    holders = [proxy.queue, proxy.queue._engine]  # the queue's reader, the engine's writer
+    for obj in (value for holder in holders for value in vars(holder).values()):
         if not isinstance(obj, sqlite3.Connection):
             continue
         databases = obj.execute("PRAGMA database_list").fetchall()

@@ -21,7 +21,7 @@ from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.settings import AdminSettings, IdentitySettings
-from proxy.store.queue import StoreError, StoreFull
+from proxy.store.writer import StoreError, StoreFull
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

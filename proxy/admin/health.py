@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import telemetry
 from proxy.admin.keys import QUEUE, READINESS
-from proxy.store.queue import StoreError
+from proxy.store.writer import StoreError
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -24,7 +24,8 @@ from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
-from proxy.store.queue import AuditQueue, StoreError
+from proxy.store.queue import AuditQueue
+from proxy.store.writer import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,9 @@ from proxy.fhir.interaction import (
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.fhir.patients import patients_in_resource
 from proxy.settings import IdentitySettings
-from proxy.store.queue import AuditQueue, StoreError, StoreFull
+from proxy.store.queue import AuditQueue
 from proxy.store.records import Capture
+from proxy.store.writer import StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from proxy.delivery.sinks import (
     Sink,
 )
 from proxy.settings import RepositorySettings
-from proxy.store.queue import AuditQueue, StoreError
+from proxy.store.queue import AuditQueue
 from proxy.store.records import QueuedEvent
+from proxy.store.writer import StoreError
 
 log = logging.getLogger(__name__)
 

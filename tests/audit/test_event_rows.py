@@ -23,7 +23,7 @@ from proxy.audit.intents import (
 from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
-from proxy.store.queue import event_row
+from proxy.store.index import event_row
 from tests.factories import NOW, context, exchange, unsigned_jwt
 
 K = InteractionKind

@@ -15,7 +15,8 @@ from proxy.audit.balp import build_events
 from proxy.store import queue as queue_module
 from proxy.store import schema
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
-from proxy.store.queue import AuditQueue, StoreError
+from proxy.store.queue import AuditQueue
+from proxy.store.writer import StoreError
 from tests.factories import NOW, audit_event, context, exchange
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from proxy.store import schema
-from proxy.store.queue import AuditQueue, StoreError, StoreFull
+from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventStatus
+from proxy.store.writer import StoreError, StoreFull
 from proxy.telemetry import REGISTRY
 from tests.factories import queued_event
 

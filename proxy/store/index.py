@@ -1,0 +1,159 @@
+"""The columns the store indexes, read back out of an AuditEvent made elsewhere.
+
+Events the proxy builds come with their row (:class:`~proxy.store.records.EventRow`) from
+the builder; events that arrive from outside (the Auditbox-compatible ingest, the tests)
+get it here, from the R4 or R5 JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from proxy.store.records import EventRow
+
+
+def _timestamp(value: str) -> float:
+    known = _last_timestamp.get(value)
+    if known is not None:  # every event of an exchange has the same time
+        return known
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return 0.0
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    _last_timestamp.clear()
+    _last_timestamp[value] = timestamp = parsed.timestamp()
+    return timestamp
+
+
+_last_timestamp: dict[str, float] = {}
+"""The last ``recorded`` value parsed and its timestamp (event loop thread only)."""
+
+
+def joined(values: Sequence[str]) -> str:
+    """``|a|b|``: searchable with ``LIKE '%|a|%'``."""
+    return "|" + "|".join(values) + "|" if values else "|"
+
+
+def _codes(value: Any) -> list[str]:
+    """The codes of a Coding (R4) or a CodeableConcept (R5)."""
+    if not isinstance(value, dict):
+        return []
+    if "code" in value:
+        return [str(value["code"])]
+    return [str(c["code"]) for c in value.get("coding", ()) if isinstance(c, dict) and "code" in c]
+
+
+def _resource_type(reference: str) -> str:
+    """``Observation`` from ``Observation/1``, ``Observation/1/_history/2`` or an
+    absolute URL ending in either."""
+    parts = reference.split("/")
+    at = parts.index("_history") if "_history" in parts else len(parts)
+    return parts[max(at - 2, 0)]
+
+
+def _is_patient_role(entity: dict[str, Any]) -> bool:
+    return "1" in _codes(entity.get("role"))
+
+
+def _is_server_agent(agent: dict[str, Any]) -> bool:
+    """The FHIR server the proxy records for: on every proxied event, so not worth an
+    index entry each."""
+    network = agent.get("network") or {}
+    return not agent.get("requestor") and (network.get("type") == "5" or "networkUri" in agent)
+
+
+def event_row(event: dict[str, Any]) -> EventRow:
+    """The columns the queue indexes, read from an R4 or R5 AuditEvent, and the body as
+    JSON (the writer thread compresses it). Runs on the event loop for every event, so it
+    reads only what it indexes.
+
+    ``terms`` (a JSON array) lists the event's searchable values, each with its kind as a
+    prefix: ``e:`` entity reference (a patient is an entity referencing a Patient, as
+    FHIR's ``patient`` search parameter defines it), ``r:`` resource type, ``a:`` any
+    agent's id, name or network address. A trigger copies them into the ``event_terms``
+    index (proxy/store/schema.py). Every term is an index entry written with the event,
+    so there are as few kinds as the searches need."""
+    recorded = str(event.get("recorded", ""))
+    recorded_ts = _timestamp(recorded)
+    outcome = event.get("outcome")
+    if isinstance(outcome, dict):  # R5: outcome.code.code
+        outcome = outcome.get("code", {}).get("code")
+    subtype_codings = event.get("subtype")
+    if subtype_codings is None:  # R5: code.coding
+        subtype_codings = event.get("code", {}).get("coding", ())
+    subtypes = [str(c["code"]) for c in subtype_codings if isinstance(c, dict) and "code" in c]
+    terms: dict[str, None] = {}
+    patients: list[str] = []
+    r5_patient = event.get("patient")
+    if isinstance(r5_patient, dict) and r5_patient.get("reference"):
+        patients.append(str(r5_patient["reference"]))
+    entity_types: list[str] = []
+    request_id: str | None = None
+    for entity in event.get("entity", ()):
+        what = entity.get("what") or {}
+        reference = what.get("reference")
+        entity_types.extend(_codes(entity.get("type")))
+        if reference:
+            # Unversioned: ``Observation/1`` finds the event about its version 2.
+            terms[f"e:{str(reference).split('/_history/')[0]}"] = None
+        if _is_patient_role(entity):
+            if reference and reference not in patients:
+                patients.append(str(reference))
+        elif reference and "/" in reference:
+            terms[f"r:{_resource_type(reference)}"] = None
+        elif entity.get("query") and entity.get("description"):
+            terms[f"r:{str(entity['description']).split('?')[0].split('/')[0]}"] = None
+        if "XrequestId" in _codes(entity.get("type")):
+            request_id = what.get("identifier", {}).get("value")
+    for patient in patients:  # R5's AuditEvent.patient is not an entity
+        terms[f"e:{patient}"] = None
+    user: str | None = None
+    for agent in event.get("agent", ()):
+        who = agent.get("who") or {}
+        if agent.get("requestor") and user is None:
+            user = (
+                who.get("identifier", {}).get("value")
+                or who.get("reference")
+                or who.get("display")
+                or agent.get("altId")
+            )
+        if _is_server_agent(agent):
+            continue
+        address = (agent.get("network") or {}).get("address") or agent.get("networkString")
+        for value in (
+            who.get("identifier", {}).get("value"),
+            who.get("reference"),
+            who.get("display"),
+            agent.get("altId"),
+            agent.get("name"),
+            address,
+        ):
+            if value:
+                terms[f"a:{value}"] = None
+    event_type = event.get("type")
+    if event_type is None:  # R5: category
+        event_type = next(iter(event.get("category", ())), None)
+    type_code = next(iter(_codes(event_type)), None)
+    updated = (event.get("meta") or {}).get("lastUpdated")
+    return EventRow(
+        str(event["id"]),
+        recorded,
+        recorded_ts,
+        event.get("action"),
+        str(outcome) if outcome is not None else None,
+        joined(subtypes),
+        joined(patients),
+        user,
+        orjson.dumps(event),
+        orjson.dumps(list(terms)).decode(),
+        type_code,
+        joined(entity_types),
+        str(request_id) if request_id is not None else None,
+        _timestamp(str(updated)) if updated else recorded_ts,
+    )
