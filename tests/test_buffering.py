@@ -59,6 +59,17 @@ def _deleted_files() -> int:
     return count
 
 
+async def _fetch_concurrently(http: aiohttp.ClientSession, url: str, n: int) -> list[bytes]:
+    """``n`` GETs of ``url`` at once; each must succeed."""
+
+    async def fetch() -> bytes:
+        async with http.get(url) as r:
+            assert r.status == 200
+            return await r.read()
+
+    return list(await asyncio.gather(*(fetch() for _ in range(n))))
+
+
 async def _upstream_answering(body: bytes) -> Any:
     async def answer(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/fhir+json")
@@ -75,13 +86,7 @@ async def test_small_answers_past_the_memory_budget_wait_in_files_and_arrive_who
         )
         budget = proxy.app[HANDLER].budget
         open_before = _deleted_files()
-
-        async def fetch() -> bytes:
-            async with http.get(f"{proxy.url}/Observation?code=x") as r:
-                assert r.status == 200
-                return await r.read()
-
-        answers = await asyncio.gather(*(fetch() for _ in range(12)))
+        answers = await _fetch_concurrently(http, f"{proxy.url}/Observation?code=x", 12)
     assert all(a == SMALL for a in answers)
     assert 0 < budget.peak <= 2 * len(SMALL)
     assert budget.used == 0
@@ -115,13 +120,7 @@ async def test_large_answers_are_parsed_for_their_audit_one_at_a_time(
     async with await _upstream_answering(LARGE) as upstream:
         proxy = await start_proxy(str(upstream.make_url("/fhir")))
         open_before = _deleted_files()
-
-        async def fetch() -> bytes:
-            async with http.get(f"{proxy.url}/Observation?code=x") as r:
-                assert r.status == 200
-                return await r.read()
-
-        answers = await asyncio.gather(*(fetch() for _ in range(6)))
+        answers = await _fetch_concurrently(http, f"{proxy.url}/Observation?code=x", 6)
     assert all(a == LARGE for a in answers)
     assert most == 1
     budget = proxy.app[HANDLER].budget
