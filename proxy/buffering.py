@@ -9,6 +9,7 @@ temporary file. Memory therefore stays bounded however many large answers are in
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
@@ -81,6 +82,17 @@ class HeldBody:
             return b"".join(self._head)
         self.file.seek(0)
         return self.file.read()
+
+    def reader(self) -> BinaryIO:
+        """The body as a file positioned at its start (read by one reader at a time)."""
+        if self.file is None:
+            return io.BytesIO(b"".join(self._head))
+        self.file.seek(0)
+        return self.file
+
+    def head(self, n: int) -> bytes:
+        """The body's first ``n`` bytes."""
+        return self.reader().read(n)
 
     def chunks(self) -> Iterator[bytes]:
         """The body in pieces of at most :data:`CHUNK` bytes, for writing."""

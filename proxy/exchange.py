@@ -89,6 +89,11 @@ class Exchange:
         self._request_json = self._response_json = _UNPARSED
         self.response_body = None
 
+    def use_response_json(self, parsed: dict[str, Any]) -> None:
+        """The response as the audit reads it, made without :attr:`response_body` (a
+        large Bundle read entry by entry)."""
+        self._response_json = parsed
+
     def response_json(self) -> dict[str, Any] | None:
         """The response body as a JSON object (parsed once), or None."""
         if self._response_json is _UNPARSED:

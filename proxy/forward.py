@@ -522,7 +522,7 @@ class ForwardHandler:
         """A whole body that spilled to its temporary file: audited from the whole body,
         then sent from memory and the file. The whole body is read back only for the
         build, one large body at a time (see :meth:`AuditPipeline.persist`)."""
-        failure = await self._pipeline.persist(ex, load_response=held.value)
+        failure = await self._pipeline.persist(ex, held_response=held)
         if failure is not None:
             return failure
         assert ex.status is not None

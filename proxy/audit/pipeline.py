@@ -37,6 +37,7 @@ from proxy import telemetry
 from proxy.audit.balp import AuditContext, BuiltEvent, build_events
 from proxy.audit.identity import JwksCache, identity_from_headers
 from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
+from proxy.buffering import HeldBody
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
 from proxy.fhir.interaction import (
@@ -46,6 +47,7 @@ from proxy.fhir.interaction import (
     parse_json_object,
     redact_params,
 )
+from proxy.fhir.large_bundle import audit_view
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.fhir.patients import patients_in_resource
 from proxy.settings import IdentitySettings
@@ -187,10 +189,13 @@ class ReadBeforeDelete(Hook):
         ex.prior_patients = patients_in_resource(resource)
 
 
-def _clipped(body: bytes | None, limit: int) -> bytes | None:
-    if body is None or len(body) <= limit:
+def _clipped(body: bytes | None, limit: int, *, size: int | None = None) -> bytes | None:
+    """``body`` cut to ``limit`` bytes, saying so; ``size`` is the whole body's when
+    ``body`` is only its head."""
+    whole = len(body) if size is None and body is not None else size
+    if body is None or whole is None or whole <= limit:
         return body
-    return body[:limit] + f"\n[cut: {len(body)} bytes, the first {limit} kept]".encode()
+    return body[:limit] + f"\n[cut: {whole} bytes, the first {limit} kept]".encode()
 
 
 def standard_hooks(
@@ -335,22 +340,22 @@ class AuditPipeline:
     # --- 4. build and commit ---------------------------------------------------------------
 
     async def persist(
-        self, ex: Exchange, *, load_response: Callable[[], bytes] | None = None
+        self, ex: Exchange, *, held_response: HeldBody | None = None
     ) -> web.Response | None:
         """Build and commit the events of ``ex`` (completing its intent); the
-        OperationOutcome to answer instead when that fails. ``load_response`` reads back
-        a large response body held outside memory: it is called only for the build, and
-        the body and its parse are let go before the commit."""
+        OperationOutcome to answer instead when that fails. ``held_response`` is a large
+        response body waiting in its file: read for the build only (a Bundle entry by
+        entry), and let go of, with its parse, before the commit."""
         ex.finished_at = now = datetime.now(UTC)
         traceparent = telemetry.current_traceparent()
         try:
-            large = load_response is not None or (
+            large = held_response is not None or (
                 len(ex.request_body or b"") + len(ex.response_body or b"") > BUILD_IN_THREAD
             )
             if large:
                 async with self._large_build:
                     built = await asyncio.to_thread(
-                        self._build_large, ex, now, traceparent, load_response
+                        self._build_large, ex, now, traceparent, held_response
                     )
             else:
                 built = build_events(ex, self._ctx, now, traceparent=traceparent)
@@ -390,29 +395,39 @@ class AuditPipeline:
         ex: Exchange,
         now: datetime,
         traceparent: str | None,
-        load_response: Callable[[], bytes] | None,
+        held: HeldBody | None,
     ) -> list[BuiltEvent]:
-        """In a worker thread: read the body back if it was held outside memory, build,
-        and let go of the body and its parse (they need not wait for the commit)."""
+        """In a worker thread: read a held body (a Bundle entry by entry, cut to what the
+        audit reads; anything else whole), build, and let go of the body and its parse
+        (they need not wait for the commit)."""
         try:
-            if load_response is not None:
-                ex.response_body = load_response()
+            if held is not None:
+                view = audit_view(held.reader())
+                if view is None:
+                    ex.response_body = held.value()
+                else:
+                    ex.use_response_json(view)
             built = build_events(ex, self._ctx, now, traceparent=traceparent)
-            self._capture(ex)
+            self._capture(ex, held)
             return built
         finally:
             ex.drop_parsed()
 
-    def _capture(self, ex: Exchange) -> None:
+    def _capture(self, ex: Exchange, held: HeldBody | None = None) -> None:
         """With ``audit.capture_bodies``: keep the bodies, cut to the limit, on ``ex``
         before they are let go. The request body is the recorded one (a form's
         credentials redacted)."""
         limit = self._policy.capture_max_bytes
-        if limit is None or (ex.request_body is None and ex.response_body is None):
+        if limit is None:
             return
-        ex.capture = Capture(
-            ex.request_id, _clipped(ex.request_body, limit), _clipped(ex.response_body, limit)
-        )
+        response = ex.response_body
+        if response is None and held is not None:
+            response = _clipped(held.head(limit + 1), limit, size=held.size)
+        else:
+            response = _clipped(response, limit)
+        if ex.request_body is None and response is None:
+            return
+        ex.capture = Capture(ex.request_id, _clipped(ex.request_body, limit), response)
 
     def _failed(self, ex: Exchange | None, reason: str) -> None:
         for on_failed in self._on_failed:
