@@ -322,7 +322,7 @@ def main() -> None:
         upstream, plain, proxy_port, admin_port, mitm_port, before_port, before_admin = (
             free_port() for _ in range(7)
         )
-        workers_port, workers_admin = free_port(), free_port()
+        workers_port, workers_admin, plain_many = free_port(), free_port(), free_port()
         (d / "nginx.conf").write_text(
             NGINX_CONF.format(dir=d, upstream=upstream, created=json.dumps(CREATED))
         )
@@ -343,6 +343,7 @@ def main() -> None:
                 workers=args.workers,
             )
             targets["workers"] = workers_port
+            targets["bare aiohttp, N processes"] = plain_many
         with contextlib.ExitStack() as stack:
             stack.enter_context(running(["nginx", "-c", str(d / "nginx.conf")]))
             proxy = stack.enter_context(
@@ -372,6 +373,17 @@ def main() -> None:
                         [sys.executable, "-m", "proxy", "-c", str(workers_config), "run"], cwd=ROOT
                     )
                 )
+                for _ in range(args.workers):  # the bare stack scaled the same way
+                    stack.enter_context(
+                        running(
+                            [
+                                sys.executable,
+                                str(ROOT / "bench" / "plain_proxy.py"),
+                                f"http://127.0.0.1:{upstream}",
+                                str(plain_many),
+                            ]
+                        )
+                    )
             if mitmdump is not None:
                 (d / "audit_addon.py").write_text(MITM_ADDON)
                 stack.enter_context(
@@ -397,7 +409,9 @@ def main() -> None:
             for port in targets.values():
                 wait_http(f"http://127.0.0.1:{port}/fhir/Patient/1")
             deadline = time.monotonic() + 30
-            while args.workers and listeners(workers_port) < args.workers:
+            while (
+                args.workers and min(listeners(workers_port), listeners(plain_many)) < args.workers
+            ):
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{args.workers} workers did not all listen")
                 time.sleep(0.1)
@@ -519,20 +533,23 @@ def report(
                 )
     if "workers" in targets:
         print()
+        n = args.workers
         print(
-            f"| request | -c | 1 worker | {args.workers} workers | scaling"
-            f" | {args.workers} workers / bare |"
+            f"| request | -c | 1 worker | {n} workers | scaling | bare, {n} processes"
+            f" | {n} workers / bare {n} processes | {n} workers / bare 1 process |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for req in chosen:
             for c in args.connections:
                 bare = results[(req.name, c, "bare aiohttp")]
+                bare_many = results[(req.name, c, "bare aiohttp, N processes")]
                 one = results[(req.name, c, "fhir-audit-proxy")]
                 many = results[(req.name, c, "workers")]
                 bad = many.non2xx + many.errors
                 print(
                     f"| `{req.name}` | {c} | {one.rps:,.0f}, p50 {one.p50_ms:.1f} ms"
                     f" | {many.rps:,.0f}, p50 {many.p50_ms:.1f} ms | {many.rps / one.rps:.2f}x"
+                    f" | {bare_many.rps:,.0f} | {many.rps / bare_many.rps:.2f}"
                     f" | {many.rps / bare.rps:.2f} |" + (f" ({bad} non-2xx/errors)" if bad else "")
                 )
     print()

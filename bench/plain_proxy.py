@@ -4,6 +4,9 @@ It passes the method, the request body and the headers a FHIR client needs throu
 buffers each response whole, as fhir-audit-proxy does below its buffer limit.
 
     python bench/plain_proxy.py UPSTREAM_ORIGIN PORT
+
+The port is bound with SO_REUSEPORT: N of these on one port are the bare stack with N
+processes, what ``bench_proxy.py --workers N`` compares N workers with.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ async def main(origin: URL, port: int) -> None:
     app.router.add_route("*", "/{tail:.*}", forward)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
     await asyncio.Event().wait()
 
 
