@@ -242,11 +242,17 @@ def proxy_config(
 
 
 def rss_kib(pid: int, field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process, in KiB."""
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process and its children (the proxy's
+    store writer process), in KiB: peaks are summed, so ``VmHWM`` may overstate."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+            total += int(line.split()[1])
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else ():
+        with contextlib.suppress(OSError):
+            total += rss_kib(int(child), field)
+    return total
 
 
 def ensure_mitmproxy() -> Path:

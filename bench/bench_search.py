@@ -32,7 +32,7 @@ from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventRow
-from proxy.store.writer import _insert_events_sql
+from proxy.store.writer_process import _insert_events_sql
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STEP_S = 2.0

@@ -287,7 +287,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load(args)
     configure_logging(settings)
     if args.worker is not None:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        # The supervisor's mask is inherited: the stop signals, and SIGCHLD (the worker's
+        # event loop learns from it that its store's writer process exited).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_STOP_SIGNALS, signal.SIGCHLD})
         _end_with_supervisor()
         if not 0 <= args.worker < settings.workers:
             raise StartupError(f"--worker {args.worker}: workers is {settings.workers}")

@@ -277,7 +277,8 @@ async def test_full_disk_fails_closed_and_recovers(
             assert r.status == 200
             acknowledged.append(rid)
     filler = small_disk / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    # Unbuffered: a write the full disk cut short leaves nothing for close() to flush.
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 65536)
             f.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -190,10 +191,10 @@ async def test_no_response_without_a_durable_audit(
 async def test_no_response_without_a_durable_audit_store_is_fsynced_wal(
     upstream: RecordingUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    """Durable means fsynced: every live connection the proxy holds on its store runs in
-    WAL mode with ``synchronous=FULL`` (planted bug: ``PRAGMA synchronous=OFF``). The
-    setting is per connection and not stored in the file, so it is read back from the
-    proxy's own live connections."""
+    """Durable means fsynced: every live connection on the store runs in WAL mode with
+    ``synchronous=FULL`` (planted bug: ``PRAGMA synchronous=OFF``). The setting is per
+    connection and not stored in the file, so it is read back from the live connections:
+    the proxy's own reader, and the writer process's, as that process reports it."""
     proxy = await start_proxy(upstream.url)
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 200
@@ -201,17 +202,20 @@ async def test_no_response_without_a_durable_audit_store_is_fsynced_wal(
     # The connections the running queue holds (gc.get_objects cannot see them: the app
     # freezes its start-up objects out of the collector's sight).
     live: list[sqlite3.Connection] = []
-    holders = [proxy.queue, proxy.queue._engine]  # the queue's reader, the engine's writer
-    for obj in (value for holder in holders for value in vars(holder).values()):
+    for obj in vars(proxy.queue).values():
         if not isinstance(obj, sqlite3.Connection):
             continue
         databases = obj.execute("PRAGMA database_list").fetchall()
         if any(row[2] == store for row in databases):
             live.append(obj)
-    assert len(live) >= 2, "the writer's and the reader's connections"
-    for conn in live:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2, "FULL"
+    assert live, "the reader's connection"
+    pragmas = ("PRAGMA journal_mode", "PRAGMA synchronous")
+    settings = [tuple(conn.execute(p).fetchone()[0] for p in pragmas) for conn in live]
+    engine = proxy.queue._engine
+    assert engine.writer_pid is not None and engine.writer_pid != os.getpid()
+    assert engine.writer_settings is not None
+    settings.append(engine.writer_settings)
+    assert settings == [("wal", 2)] * len(settings), "WAL and FULL (2) on every connection"
 
 
 # --- 2. Fail closed -------------------------------------------------------------------------

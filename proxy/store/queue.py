@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
+from proxy.store.codec import BodyCodec, CodecError
 from proxy.store.index import event_row
 from proxy.store.records import (
     Capture,
@@ -34,17 +33,9 @@ from proxy.store.records import (
     QueuedEvent,
     QueueStats,
 )
-from proxy.store.schema import migrate
 from proxy.store.search import SearchSql
-from proxy.store.writer import (
-    Append,
-    CommitEngine,
-    StoreError,
-    StoreFull,
-    is_full,
-    used_bytes,
-    wal_budget,
-)
+from proxy.store.writer import Append, CommitEngine, StoreError, StoreFull, is_full, used_bytes
+from proxy.store.writer_process import connect, load_codec
 
 log = logging.getLogger(__name__)
 
@@ -56,51 +47,18 @@ _EVENT_COLUMNS = (
 _EVENT_COLUMNS_E = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
 
 
-def _create_private(path: Path) -> None:
-    """Create the store's missing directories (0700) and its file (0600), and take group and
-    other access away from an existing store and its ``-wal``/``-shm``: they hold PHI. The
-    modes are set explicitly, whatever the umask; SQLite gives ``-wal`` and ``-shm`` the
-    database file's mode when it creates them."""
-    missing = []
-    parent = path.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another opener got there first
-            directory.mkdir(mode=0o700)
-            os.chmod(directory, 0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        companion = path.with_name(path.name + suffix)
-        with contextlib.suppress(FileNotFoundError):
-            if companion.stat().st_mode & 0o077:
-                os.chmod(companion, 0o600)
-
-
 class AuditQueue:
     """The queue. Open it with :meth:`open`; one instance per store file."""
 
     def __init__(
-        self,
-        writer_conn: sqlite3.Connection,
-        reader_conn: sqlite3.Connection,
-        codec: BodyCodec,
-        *,
-        max_bytes: int,
-        batch_max: int,
+        self, engine: CommitEngine, reader_conn: sqlite3.Connection, codec: BodyCodec
     ) -> None:
         self._conn = reader_conn
         self._codec = codec
         """Decodes on the reader thread and the event loop (the engine has its own use)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-store-read")
         self._loop = asyncio.get_running_loop()
-        self._engine = CommitEngine(writer_conn, codec, max_bytes=max_bytes, batch_max=batch_max)
+        self._engine = engine
         self.refusing: str | None = None
         """Why the last append or intent failed (``store full``, or the error), until one
         succeeds again: the store is failing requests closed (readiness reads it)."""
@@ -129,44 +87,20 @@ class AuditQueue:
                 " -c/--config (or $FHIR_AUDIT_CONFIG)"
             )
         try:
-            writer = await asyncio.to_thread(cls._connect, path, True, max_bytes)
-            codec = await asyncio.to_thread(cls._load_codec, writer)
-            reader = await asyncio.to_thread(cls._connect, path, False, max_bytes)
+            setup = await asyncio.to_thread(connect, path, True, max_bytes)
+            try:
+                codec = await asyncio.to_thread(load_codec, setup)
+            finally:
+                setup.close()
+            reader = await asyncio.to_thread(connect, path, False, max_bytes)
         except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: schema too new
             raise StoreError(f"cannot open the audit store at {path}: {exc}") from exc
-        return cls(writer, reader, codec, max_bytes=max_bytes, batch_max=commit_batch_max)
-
-    @staticmethod
-    def _load_codec(conn: sqlite3.Connection) -> BodyCodec:
-        """The shipped dictionary, recorded in the store before any row uses it, and every
-        dictionary older rows were written with."""
-        shipped = shipped_dictionary()
-        conn.execute(
-            "INSERT OR IGNORE INTO dictionaries (id, data) VALUES (?, ?)",
-            (dictionary_id(shipped), shipped),
-        )
-        known = dict(conn.execute("SELECT id, data FROM dictionaries").fetchall())
-        return BodyCodec(shipped, known)
-
-    @staticmethod
-    def _connect(path: Path, migrate_schema: bool, max_bytes: int) -> sqlite3.Connection:
-        _create_private(path)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=10000")
-        # Only takes effect when the file is created. Compressed events are ~200 bytes, so
-        # a group commit of 64 fills a few pages, and each of the three indexes rewrites
-        # its last page per commit: with 4 KiB pages that is 4x fewer bytes to fsync than
-        # with 16 KiB (raw SQLite, 64 rows/commit: 60k/s against 42k/s).
-        conn.execute("PRAGMA page_size=4096")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        # max_bytes bounds the files, not only the pages: the WAL gets its own budget.
-        budget = wal_budget(max_bytes)
-        conn.execute(f"PRAGMA journal_size_limit={budget}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, budget // 4096 // 2)}")
-        if migrate_schema:
-            migrate(conn)
-        return conn
+        try:
+            engine = await CommitEngine.start(path, max_bytes=max_bytes, batch_max=commit_batch_max)
+        except BaseException:
+            reader.close()
+            raise
+        return cls(engine, reader, codec)
 
     async def close(self) -> None:
         """Finish pending appends, checkpoint the WAL and close."""

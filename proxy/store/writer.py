@@ -1,54 +1,77 @@
-"""The commit engine: appends made durable by group commit, on a writer thread.
+"""The commit engine: appends made durable by group commit, in a writer process.
 
-One dedicated thread with its own ``sqlite3`` connection commits. Appends collect on the
-event loop while the writer is busy; when it is free, everything collected is handed over
-at once and committed in one transaction (a few multi-row statements, one fsync), and one
-callback into the loop releases all their callers. Durability per event gets cheaper as
-load rises: two thread hand-overs per commit, not two per append.
+Appends collect on the event loop while the writer is busy; when it is free, everything
+collected is sent at once to the writer process (:mod:`proxy.store.writer_process`), which
+commits it in one transaction (one fsync) and answers once for the whole batch, releasing
+all its callers. Durability per event gets cheaper as load rises: one message each way per
+commit, not per append.
+
+The writer is a process rather than a thread of the proxy: a writer thread takes the GIL
+back after every SQLite statement and every compression, each time from the busy event
+loop, and that cost the proxy a fifth to a half of its audited requests per second
+(``bench/bench_proxy.py``). If the writer process dies, the batch it held fails (its
+callers get 503: their events may or may not be stored) and a new writer is started for
+the appends that follow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import queue as thread_queue
-import sqlite3
-import threading
-import time
+import logging
+import os
+import pickle
+import socket
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Final
+from pathlib import Path
+from typing import Any
 
 from proxy import telemetry
-from proxy.store.codec import BodyCodec
 from proxy.store.records import Capture, EventRow
+from proxy.store.writer_process import (
+    FRAME,
+    StoreError,
+    StoreFull,
+    WireAppend,
+    database_budget,
+    is_full,
+    used_bytes,
+    wal_budget,
+)
 
-_EVENT_ARITY = 14
-_BODY: Final = 8
-"""Where the body is in an :data:`EventRow`: JSON from the event loop, a zstd frame once
-the writer has compressed it."""
-_ROWS_PER_STATEMENT = 256
-"""Rows per multi-row INSERT: 256 x 14 parameters stays far below SQLite's 32766 limit."""
-_ROW_OVERHEAD = 300
-"""Bytes a row takes beside its body (columns and three index entries), overestimated."""
+__all__ = [
+    "Append",
+    "CommitEngine",
+    "StoreError",
+    "StoreFull",
+    "database_budget",
+    "is_full",
+    "used_bytes",
+    "wal_budget",
+]
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+"""The directory the ``proxy`` package is imported from: the writer imports the same."""
 
 
-@functools.cache
-def _insert_events_sql(n_rows: int) -> str:
-    values = ",".join(["(" + ", ".join("?" * _EVENT_ARITY) + ")"] * n_rows)
-    return (
-        "INSERT INTO events (event_id, recorded, recorded_ts, action, outcome, subtypes,"
-        " patients, user_id, body, terms, type_code, entity_types, request_id, updated_ts)"
-        f" VALUES {values}"
-    )
+def _interpreter() -> str:
+    """This interpreter, to run the writer with. ``sys.executable`` may be a path this
+    user cannot execute (a virtualenv's link into a directory closed to it, when the
+    proxy was started under another user id); the running binary itself then serves."""
+    if os.access(sys.executable, os.X_OK) or not os.path.exists("/proc/self/exe"):
+        return sys.executable
+    return "/proc/self/exe"
 
+_WRITER_MAIN = (
+    "import sys; from proxy.store.writer_process import main; sys.exit(main(sys.argv[1:]))"
+)
+"""The writer's command (not ``-m``: its exceptions must pickle as the module's own)."""
 
-class StoreError(Exception):
-    """The audit could not be made durable (the client gets 503)."""
-
-
-class StoreFull(StoreError):
-    """``max_bytes`` is reached or the disk is full (the client gets 507)."""
+START_TIMEOUT_S = 60.0
+"""How long a new writer process may take to open the store."""
 
 
 @dataclass(eq=False)
@@ -61,90 +84,185 @@ class Append:
     future: asyncio.Future[int | None] = field(repr=False)
     capture: Capture | None = None
 
-
-def used_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes in pages that hold data (free pages are reused before the file grows)."""
-    page_size, pages, free = conn.execute(
-        "SELECT page_size, page_count, freelist_count"
-        " FROM pragma_page_size, pragma_page_count, pragma_freelist_count"
-    ).fetchone()
-    return int(page_size * (pages - free))
+    def wire(self) -> WireAppend:
+        return (self.rows, self.complete_intent, self.intent, self.capture)
 
 
-_SHM_BUDGET = 128 * 1024
-"""Room kept for the WAL's shared-memory index (32 KiB per 4,096 WAL frames)."""
+class _WriterLink(asyncio.Protocol):
+    """The event loop's end of the socket to the writer process: whole messages to the
+    engine, end of file or an error as the writer lost."""
 
+    def __init__(self, engine: CommitEngine) -> None:
+        self._engine = engine
+        self._buffer = bytearray()
 
-def wal_budget(max_bytes: int) -> int:
-    """Bytes of ``max_bytes`` kept for the write-ahead log: an eighth, between 256 KiB
-    and 64 MiB. The WAL is checkpointed when it holds half of it
-    (``wal_autocheckpoint``) and truncated back to it (``journal_size_limit``)."""
-    return min(64 * 1024 * 1024, max(256 * 1024, max_bytes // 8))
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= FRAME.size:
+            (length,) = FRAME.unpack_from(buffer)
+            end = FRAME.size + length
+            if len(buffer) < end:
+                return
+            message = pickle.loads(buffer[FRAME.size : end])
+            del buffer[:end]
+            self._engine._received(message)
 
-
-def database_budget(max_bytes: int) -> int:
-    """Bytes the database's pages may use so that database, WAL and shared-memory index
-    together stay under ``max_bytes``."""
-    return max(0, max_bytes - wal_budget(max_bytes) - _SHM_BUDGET)
-
-
-def is_full(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._engine._writer_lost()
 
 
 class CommitEngine:
-    """Group commits of appends, intents and captures on one writer thread."""
+    """Group commits of appends, intents and captures, made by one writer process."""
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        codec: BodyCodec,
-        *,
-        max_bytes: int,
-        batch_max: int,
-    ) -> None:
-        self._wconn = conn
-        self._codec = codec
-        """Compresses bodies on the writer thread."""
+    def __init__(self, path: Path, *, max_bytes: int, batch_max: int) -> None:
+        """Use :meth:`start`."""
+        self._path = path
         self._max_bytes = max_bytes
-        self._db_budget = database_budget(max_bytes)
         self._batch_max = batch_max
         self._loop = asyncio.get_running_loop()
-        self._inbox: thread_queue.SimpleQueue[list[Append] | None] = thread_queue.SimpleQueue()
         self._pending: list[Append] = []
-        """Appends waiting for the writer (event loop thread only)."""
-        self._writer_busy = False
-        """A batch is with the writer thread (event loop thread only)."""
+        """Appends waiting for the writer."""
+        self._in_flight: list[Append] | None = None
+        """The batch the writer is committing."""
         self._kick_scheduled = False
         self._kick_at = 1
         """Pending appends that start a commit without waiting for the loop iteration."""
         self._idle = asyncio.Event()
         self._idle.set()
         self.closed = False
-        self._used_estimate = 0
-        """Bytes in use as last measured, plus what was committed since (writer only)."""
-        self._commits_since_measure = 256
         self.commits = 0
         """Group commits done (tests and the benchmark read it)."""
         self.commit_seconds = 0.0
         """Time the writer spent committing (the benchmark reads it)."""
-        self._writer = threading.Thread(
-            target=self._write_loop, name="audit-store-writer", daemon=True
-        )
-        self._writer.start()
+        self.writer_settings: tuple[str, int] | None = None
+        """``(journal_mode, synchronous)`` as the writer's connection reports them."""
+        self._process: asyncio.subprocess.Process | None = None
+        self._transport: asyncio.Transport | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, path: Path, *, max_bytes: int, batch_max: int) -> CommitEngine:
+        """The engine with its writer process running (the store must exist, migrated).
+        Raises :class:`StoreError` when the writer cannot open the store."""
+        engine = cls(path, max_bytes=max_bytes, batch_max=batch_max)
+        await engine._start_writer()
+        return engine
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def _start_writer(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            # The writer imports what this process imports, from where it imports it.
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *(p for p in sys.path if p)])
+            self._process = await asyncio.create_subprocess_exec(
+                _interpreter(),
+                "-c",
+                _WRITER_MAIN,
+                str(theirs.fileno()),
+                str(self._path),
+                str(self._max_bytes),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            ours.close()
+            raise StoreError(f"cannot start the audit store's writer process: {exc}") from exc
+        finally:
+            theirs.close()
+        self._ready = self._loop.create_future()
+        transport, _ = await self._loop.create_unix_connection(lambda: _WriterLink(self), sock=ours)
+        self._transport = transport
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_S)
+        except BaseException:
+            await self._stop_writer()
+            raise
+
+    def _received(self, message: Any) -> None:
+        """On the event loop: the writer's answer to a batch, or its first word."""
+        ready = self._ready
+        if ready is not None and not ready.done():
+            if message[0] == "ready":
+                self.writer_settings = (message[1], message[2])
+                ready.set_result(None)
+            else:
+                ready.set_exception(StoreError(message[1]))
+            return
+        results, seconds, size = message
+        batch, self._in_flight = self._in_flight, None
+        assert batch is not None
+        self.commits += 1
+        self.commit_seconds += seconds
+        telemetry.STORE_COMMIT_SECONDS.observe(seconds)
+        telemetry.STORE_COMMIT_SIZE.observe(size)
+        self._resolve(batch, results)
+        # The callers just released are about to append again (under load they are most
+        # of the traffic). Start the next commit once half as many are waiting, rather
+        # than at the end of the loop iteration: the writer commits one half while the
+        # loop serves the other, so the disk does not wait for the loop. Under light
+        # load the threshold is 1: no waiting.
+        self._kick_at = max(1, len(batch) // 2)
+        self._after_commit()
+
+    def _writer_lost(self) -> None:
+        """On the event loop: the writer's socket closed (it exited, or we closed it)."""
+        self._transport = None
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_exception(StoreError("the audit store's writer process exited at start"))
+        batch, self._in_flight = self._in_flight, None
+        if batch is not None:
+            log.error("the audit store's writer process exited during a commit")
+            self._resolve(
+                batch,
+                [StoreError("the audit store's writer process exited during the commit")]
+                * len(batch),
+            )
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        if self._pending:
+            self._hand_over()
+        else:
+            self._idle.set()
 
     async def close(self) -> None:
-        """Commit what was accepted, checkpoint the WAL, stop the writer."""
+        """Commit what was accepted, then stop the writer (it checkpoints the WAL)."""
         if self.closed:
             return
         self.closed = True
-        while self._pending or self._writer_busy:  # appends already accepted still commit
-            await self._idle.wait()
-            if self._pending and not self._writer_busy:
+        while self._pending or self._in_flight is not None or self._starting is not None:
+            self._idle.clear()
+            if self._pending and self._in_flight is None:
                 self._kick()
-        self._inbox.put(None)
-        await asyncio.to_thread(self._writer.join)
+            if self._starting is not None:
+                with contextlib.suppress(Exception):
+                    await self._starting
+                continue
+            await self._idle.wait()
+        await self._stop_writer()
+
+    async def _stop_writer(self) -> None:
+        if self._transport is not None:
+            self._transport.close()  # end of file: the writer checkpoints and exits
+            self._transport = None
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            await asyncio.wait_for(process.wait(), START_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the audit store's writer process did not stop: killing it")
+            process.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
 
     async def submit(self, item: Append) -> int | None:
         """Return once ``item`` is committed: its intent id, or None."""
@@ -159,7 +277,7 @@ class CommitEngine:
         them are waiting, else at the end of this loop iteration at the latest, so every
         append made by the callbacks now ready joins the same commit. A busy writer takes
         everything pending when it is done."""
-        if self._writer_busy:
+        if self._in_flight is not None:
             return
         if len(self._pending) >= self._kick_at:
             self._kick()
@@ -168,12 +286,13 @@ class CommitEngine:
             self._loop.call_soon(self._kick)
 
     def _kick(self) -> None:
-        """On the event loop: give the writer everything pending (up to ``batch_max`` rows).
-        Batching happens here, not per item across threads: each hand-over between the
-        loop and the writer thread costs a GIL round trip, so there are two per commit
-        rather than two per append."""
+        """On the event loop: send the writer everything pending (up to ``batch_max``
+        rows), in one message."""
         self._kick_scheduled = False
-        if self._writer_busy or not self._pending:
+        if self._in_flight is not None or not self._pending:
+            return
+        if self._transport is None:
+            self._restart_writer()
             return
         size = 0
         take = 0
@@ -183,48 +302,31 @@ class CommitEngine:
             if size >= self._batch_max:
                 break
         batch, self._pending = self._pending[:take], self._pending[take:]
-        self._writer_busy = True
+        self._in_flight = batch
         self._idle.clear()
-        self._inbox.put(batch)
+        data = pickle.dumps([item.wire() for item in batch], protocol=5)
+        self._transport.write(FRAME.pack(len(data)) + data)
 
-    def _committed(self, batch: list[Append], results: list[int | Exception | None]) -> None:
-        """On the event loop: release the batch's callers, then hand over the next one."""
-        self._writer_busy = False
-        self._resolve(batch, results)
-        # The callers just released are about to append again (under load they are most
-        # of the traffic). Start the next commit once half as many are waiting, rather
-        # than at the end of the loop iteration: the writer commits one half while the
-        # loop serves the other, so the disk does not wait for the loop (64 writers:
-        # alternating commits of 32, ~1.3x the appends/s of serial commits of 64 in
-        # bench/bench_store.py). Under light load the threshold is 1: no waiting.
-        self._kick_at = max(1, len(batch) // 2)
-        if self._pending:
-            self._hand_over()
-        else:
-            self._idle.set()
+    def _restart_writer(self) -> None:
+        """A writer for the pending appends, after the last one exited; if none can be
+        started, the pending appends fail."""
+        if self._starting is not None:
+            return
 
-    def _write_loop(self) -> None:
-        """The writer thread: commit each batch it is given in one transaction."""
-        while True:
-            batch = self._inbox.get()
-            if batch is None:
-                break
-            t0 = time.perf_counter()
+        async def restart() -> None:
+            log.warning("starting a new audit store writer process")
             try:
-                results = self._commit_batch(batch)
-            except BaseException as exc:  # never leave callers hanging
-                results = [StoreError(f"audit store write failed: {exc}")] * len(batch)
-            spent = time.perf_counter() - t0
-            self.commit_seconds += spent
-            telemetry.STORE_COMMIT_SECONDS.observe(spent)
-            telemetry.STORE_COMMIT_SIZE.observe(sum(len(i.rows) + 1 for i in batch))
-            try:
-                self._loop.call_soon_threadsafe(self._committed, batch, results)
-            except RuntimeError:  # the loop is gone (interpreter shutdown)
-                return
-        with contextlib.suppress(sqlite3.Error):
-            self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._wconn.close()
+                await self._stop_writer()
+                await self._start_writer()
+            except (StoreError, OSError) as exc:
+                pending, self._pending = self._pending, []
+                self._resolve(pending, [StoreError(str(exc))] * len(pending))
+            finally:
+                self._starting = None
+            self._after_commit()
+
+        self._idle.clear()
+        self._starting = self._loop.create_task(restart())
 
     @staticmethod
     def _resolve(batch: list[Append], results: list[int | Exception | None]) -> None:
@@ -235,120 +337,3 @@ class CommitEngine:
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
-
-    def _commit_batch(self, batch: list[Append]) -> list[int | Exception | None]:
-        """On the writer thread: one transaction for the whole batch. If it fails for a
-        reason one caller brought (a duplicate id), each caller is retried alone."""
-        try:
-            results = self._transaction(batch)
-            self.commits += 1
-            return list(results)
-        except StoreError as exc:
-            if isinstance(exc, StoreFull) or len(batch) == 1:
-                return [exc] * len(batch)
-        out: list[int | Exception | None] = []
-        for item in batch:
-            try:
-                out.extend(self._transaction([item]))
-                self.commits += 1
-            except StoreError as exc:
-                out.append(exc)
-        return out
-
-    def _transaction(self, batch: list[Append]) -> list[int | None]:
-        """One transaction for the batch, in as few statements as possible: the sqlite3
-        module gives up and retakes the GIL around every statement step, and each retake
-        waits for the busy event loop thread, so per-row statements made commits of 32
-        events take 3 ms instead of 1 (bench/bench_store.py)."""
-        conn = self._wconn
-        rows: list[Any] = [value for item in batch for row in item.rows for value in row]
-        # Compressed here, off the event loop (10-30 us per body there, cold zstd tables),
-        # all in one call that lets go of the GIL once, and put back in place by one
-        # slice assignment: Python work on this thread holds the GIL the loop needs.
-        frames = self._codec.compress_many(rows[_BODY::_EVENT_ARITY])
-        rows[_BODY::_EVENT_ARITY] = frames
-        n_rows = len(rows) // _EVENT_ARITY
-        intents = [i.intent for i in batch if i.intent is not None]
-        done = [i.complete_intent for i in batch if i.complete_intent is not None]
-        captures = [self._capture_row(i.capture) for i in batch if i.capture is not None]
-        incoming = sum(map(len, frames)) + _ROW_OVERHEAD * n_rows
-        incoming += sum(len(i) + 50 for i in intents)
-        incoming += sum(len(c[2] or b"") + len(c[3] or b"") + 80 for c in captures)
-        try:
-            # Intents count too: a write whose intent fits no more must not be forwarded.
-            if (n_rows or intents) and not self._has_room(incoming):
-                raise StoreFull(f"audit store is full (max_bytes={self._max_bytes})")
-            if not intents and not done and not captures and n_rows <= _ROWS_PER_STATEMENT:
-                # The common batch, events only: one statement is its own transaction
-                # (autocommit), so the writer retakes the GIL once, not three times.
-                conn.execute(_insert_events_sql(n_rows), rows)
-                self._used_estimate += incoming
-                return [None] * len(batch)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for offset in range(0, n_rows, _ROWS_PER_STATEMENT):
-                    chunk = rows[
-                        offset * _EVENT_ARITY : (offset + _ROWS_PER_STATEMENT) * _EVENT_ARITY
-                    ]
-                    conn.execute(_insert_events_sql(len(chunk) // _EVENT_ARITY), chunk)
-                if captures:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO captures (request_id, created_at, request,"
-                        " response) VALUES (?, ?, ?, ?)",
-                        captures,
-                    )
-                if done:
-                    marks = ",".join("?" * len(done))
-                    conn.execute(f"DELETE FROM intents WHERE id IN ({marks})", done)
-                first_intent = 0
-                if intents:
-                    now = time.time()
-                    values = ",".join(["(?, ?)"] * len(intents))
-                    args = [v for summary in intents for v in (now, summary)]
-                    cur = conn.execute(
-                        f"INSERT INTO intents (created_at, summary) VALUES {values}", args
-                    )
-                    # Rowids of one multi-row insert in an exclusive transaction are
-                    # consecutive (max(rowid) + 1 each), so the first is derived.
-                    assert cur.lastrowid is not None
-                    first_intent = cur.lastrowid - len(intents) + 1
-                conn.execute("COMMIT")
-                self._used_estimate += incoming
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            if is_full(exc):
-                raise StoreFull(f"audit store disk is full: {exc}") from exc
-            raise StoreError(f"audit store write failed: {exc}") from exc
-        results: list[int | None] = []
-        for item in batch:
-            if item.intent is not None:
-                results.append(first_intent)
-                first_intent += 1
-            else:
-                results.append(None)
-        return results
-
-    def _capture_row(self, capture: Capture) -> tuple[str, float, bytes | None, bytes | None]:
-        """On the writer thread: a capture as its row, bodies compressed."""
-        request, response = (
-            None if body is None else self._codec.compress_many([body])[0]
-            for body in (capture.request, capture.response)
-        )
-        return capture.request_id, time.time(), request, response
-
-    def _has_room(self, incoming: int) -> bool:
-        """Whether ``incoming`` bytes fit under ``max_bytes``. Far from the limit, the pages
-        in use are read from SQLite only every 256 commits and a running estimate is used
-        in between (a statement per commit is a GIL round trip for the writer); within
-        10% of the limit they are read before every commit, as a full store needs."""
-        self._commits_since_measure += 1
-        if (
-            self._commits_since_measure >= 256
-            or self._used_estimate + incoming > self._db_budget * 0.9
-        ):
-            self._used_estimate = used_bytes(self._wconn)
-            self._commits_since_measure = 0
-        return self._used_estimate + incoming <= self._db_budget

@@ -12,9 +12,9 @@ import pytest
 import zstandard
 
 from proxy.audit.balp import build_events
-from proxy.store import queue as queue_module
-from proxy.store import schema
+from proxy.store import schema, writer_process
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
+from proxy.store.index import event_row
 from proxy.store.queue import AuditQueue
 from proxy.store.writer import StoreError
 from tests.factories import NOW, audit_event, context, exchange
@@ -64,12 +64,16 @@ async def test_the_store_keeps_its_dictionaries_so_old_rows_survive_a_new_one(
     queue = await AuditQueue.open(path, max_bytes=1 << 30)
     await queue.append([first])
     await queue.close()
-    # A later release ships another dictionary (same content, another id).
+    # A later release ships another dictionary (same content, another id). Its writer
+    # (the writer process's committer, run here in the test's own process) records it.
     old = shipped_dictionary()
     new = old[:4] + (4242).to_bytes(4, "little") + old[8:]
-    monkeypatch.setattr(queue_module, "shipped_dictionary", lambda: new)
+    monkeypatch.setattr(writer_process, "shipped_dictionary", lambda: new)
+    conn = writer_process.connect(path, False, 1 << 30)
+    committer = writer_process.Committer(conn, writer_process.load_codec(conn), max_bytes=1 << 30)
+    assert committer.commit_batch([([event_row(second)], None, None, None)]) == [None]
+    conn.close()
     queue = await AuditQueue.open(path, max_bytes=1 << 30)
-    await queue.append([second])
     assert [q.event for q in await queue.claim(10, NOW)] == [first, second]
     await queue.close()
     ids = [zstandard.get_frame_parameters(body).dict_id for _, body in _bodies(path)]

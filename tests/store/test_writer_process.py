@@ -1,0 +1,147 @@
+"""The store's writer process: its failures and its end (proxy.store.writer)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.store.queue import AuditQueue
+from proxy.store.writer import StoreError
+from tests.factories import NOW, audit_event
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone as far as the store is concerned.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def _gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_appends_are_committed_by_a_process_other_than_the_proxy(tmp_path: Path) -> None:
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    try:
+        pid = queue._engine.writer_pid
+        assert pid is not None and pid != os.getpid() and _alive(pid)
+        event = audit_event(1)
+        await queue.append([event])
+        assert queue.commits == 1
+        assert [q.event for q in await queue.claim(10, NOW)] == [event]
+    finally:
+        await queue.close()
+    assert await _gone(pid), "close() stops the writer"
+
+
+async def test_a_writer_killed_mid_commit_fails_that_batch_and_a_new_writer_takes_over(
+    tmp_path: Path,
+) -> None:
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    try:
+        first = queue._engine.writer_pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # the commit cannot finish...
+        append = asyncio.ensure_future(queue.append([audit_event(1)]))
+        await asyncio.sleep(0.2)
+        assert not append.done()
+        os.kill(first, signal.SIGKILL)  # ...and never will
+        with pytest.raises(StoreError, match="writer process exited"):
+            await asyncio.wait_for(append, 10)
+        assert queue.refusing is not None, "readiness says the store is failing"
+        event = audit_event(2)
+        await queue.append([event])  # a new writer commits what follows
+        second = queue._engine.writer_pid
+        assert second is not None and second != first
+        assert queue.refusing is None
+        assert [q.event for q in await queue.claim(10, NOW)] == [event]
+    finally:
+        await queue.close()
+
+
+async def test_a_writer_that_died_between_commits_is_replaced_without_failing_anyone(
+    tmp_path: Path,
+) -> None:
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    try:
+        first = queue._engine.writer_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert await _gone(first)
+        await asyncio.sleep(0.1)  # the engine hears of it
+        await asyncio.gather(*(queue.append([audit_event(n)]) for n in range(1, 4)))
+        assert queue._engine.writer_pid not in (None, first)
+        assert len(await queue.claim(10, NOW)) == 3
+    finally:
+        await queue.close()
+
+
+SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from proxy.store.queue import AuditQueue
+
+async def main():
+    queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
+    print(queue._engine.writer_pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_writer_ends_when_the_proxy_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the proxy leaves no writer behind: it reads end of file and exits."""
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SCRIPT,
+        str(tmp_path / "audit.db"),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proxy.stdout is not None
+        writer = int(await asyncio.wait_for(proxy.stdout.readline(), 30))
+        assert _alive(writer)
+        proxy.kill()
+        await proxy.wait()
+        assert await _gone(writer), "the writer outlived the proxy"
+    finally:
+        if proxy.returncode is None:
+            proxy.kill()
+            await proxy.wait()
+
+
+async def test_the_writer_ignores_the_terminal_s_ctrl_c(tmp_path: Path) -> None:
+    """SIGINT and SIGTERM to the process group do not cut a commit short: the proxy
+    decides when its writer stops."""
+    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    try:
+        pid = queue._engine.writer_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        assert _alive(pid)
+        await queue.append([audit_event(1)])
+        assert queue._engine.writer_pid == pid
+    finally:
+        await queue.close()
