@@ -241,17 +241,22 @@ def proxy_config(
     return path
 
 
-def rss_kib(pid: int, field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of a process and its children (the proxy's
-    store writer process), in KiB: peaks are summed, so ``VmHWM`` may overstate."""
-    total = 0
+def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            total += int(line.split()[1])
+            return int(line.split()[1])
+    return 0
+
+
+def rss_kib(pid: int, field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of the proxy, in KiB, plus the memory of its
+    child processes (its store's writer) that is their own (``RssAnon``, now): the
+    interpreter and libraries they map are the proxy's pages too, counted once."""
+    total = _status_kib(pid, field)
     children = Path(f"/proc/{pid}/task/{pid}/children")
     for child in children.read_text().split() if children.exists() else ():
         with contextlib.suppress(OSError):
-            total += rss_kib(int(child), field)
+            total += _status_kib(int(child), "RssAnon")
     return total
 
 

@@ -66,7 +66,7 @@ def build_rows(
         )
         exchange.finished_at = now
         for event, row in build_events(exchange, ctx, now):
-            # The writer thread compresses bodies at commit; this fill bypasses it.
+            # The writer process compresses bodies at commit; this fill bypasses it.
             rows.append(row._replace(body=queue._codec.encode(event)))
     return rows
 

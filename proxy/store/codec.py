@@ -43,8 +43,8 @@ class CodecError(Exception):
 class BodyCodec:
     """Encodes new bodies with the current dictionary; decodes with any known one.
 
-    Not thread-safe: one thread compresses (the store's writer) and one decodes (zstd
-    contexts are reused)."""
+    Not thread-safe (zstd contexts are reused): the store's writer process compresses
+    with its own codec; in the proxy one thread decodes."""
 
     def __init__(self, current: bytes, known: dict[int, bytes]) -> None:
         current_dict = zstandard.ZstdCompressionDict(current)

@@ -70,7 +70,7 @@ def _is_server_agent(agent: dict[str, Any]) -> bool:
 
 def event_row(event: dict[str, Any]) -> EventRow:
     """The columns the queue indexes, read from an R4 or R5 AuditEvent, and the body as
-    JSON (the writer thread compresses it). Runs on the event loop for every event, so it
+    JSON (the writer process compresses it). Runs on the event loop for every event, so it
     reads only what it indexes.
 
     ``terms`` (a JSON array) lists the event's searchable values, each with its kind as a
