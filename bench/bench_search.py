@@ -32,7 +32,7 @@ from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventRow
-from proxy.store.writer_process import _insert_events_sql
+from proxy.store.writer_process import _insert_events_sql, connect
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STEP_S = 2.0
@@ -71,11 +71,11 @@ def build_rows(
     return rows
 
 
-async def fill(queue: AuditQueue, total: int, users: int, patients: int) -> float:
+async def fill(queue: AuditQueue, path: Path, total: int, users: int, patients: int) -> float:
     existing = (await queue.stats()).pending
     if existing >= total:
         return 0.0
-    conn = queue._engine._wconn
+    conn = connect(path, False, 1 << 40)  # a writer of its own, beside the queue's
     t = time.perf_counter()
     chunk = 20_000
     for start in range(existing, total, chunk):
@@ -84,6 +84,7 @@ async def fill(queue: AuditQueue, total: int, users: int, patients: int) -> floa
         conn.executemany(_insert_events_sql(1), rows)
         conn.execute("COMMIT")
         print(f"  {start + len(rows):>9} events", end="\r", file=sys.stderr, flush=True)
+    conn.close()
     print(file=sys.stderr)
     return time.perf_counter() - t
 
@@ -126,7 +127,7 @@ async def main() -> int:
         path = args.store or Path(tmp) / "audit.db"
         queue = await AuditQueue.open(path, max_bytes=1 << 40)
         try:
-            spent = await fill(queue, args.events, args.users, args.patients)
+            spent = await fill(queue, path, args.events, args.users, args.patients)
             if spent:
                 print(f"filled {args.events} events in {spent:.0f} s")
             rng = random.Random(14)
