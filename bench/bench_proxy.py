@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -45,7 +46,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,6 +171,34 @@ class Result:
     p99_ms: float
     non2xx: int
     errors: int
+    cpu_us: float = float("nan")
+    """CPU time of the target's processes (every thread, and child processes such as
+    the store's writer) per request answered: it moves less with the machine's load
+    than requests/s do."""
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system CPU time so far of ``pids`` and all their descendants."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            total += cpu_seconds([int(c) for c in children])
+    return total
+
+
+def measured(
+    url: str, seconds: int, connections: int, script: str | None, pids: Sequence[int]
+) -> Result:
+    """:func:`wrk` with the CPU the target spent per request."""
+    before = cpu_seconds(pids)
+    result = wrk(url, seconds, connections, script)
+    spent = cpu_seconds(pids) - before
+    answered = result.rps * seconds
+    return dataclasses.replace(result, cpu_us=spent / answered * 1e6 if answered else float("nan"))
 
 
 def free_port() -> int:
@@ -360,7 +389,8 @@ def main() -> None:
             proxy = stack.enter_context(
                 running([sys.executable, "-m", "proxy", "-c", str(config), "run"], cwd=ROOT)
             )
-            stack.enter_context(
+            pids = {"fhir-audit-proxy": [proxy.pid]}
+            bare_one = stack.enter_context(
                 running(
                     [
                         sys.executable,
@@ -370,6 +400,7 @@ def main() -> None:
                     ]
                 )
             )
+            pids["bare aiohttp"] = [bare_one.pid]
             before = None
             if args.before is not None:
                 before = stack.enter_context(
@@ -378,14 +409,17 @@ def main() -> None:
                         cwd=args.before,
                     )
                 )
+                pids["before"] = [before.pid]
             if args.workers:
-                stack.enter_context(
+                supervisor = stack.enter_context(
                     running(
                         [sys.executable, "-m", "proxy", "-c", str(workers_config), "run"], cwd=ROOT
                     )
                 )
+                pids["workers"] = [supervisor.pid]
+                pids["bare aiohttp, N processes"] = []
                 for _ in range(args.workers):  # the bare stack scaled the same way
-                    stack.enter_context(
+                    bare_n = stack.enter_context(
                         running(
                             [
                                 sys.executable,
@@ -395,9 +429,10 @@ def main() -> None:
                             ]
                         )
                     )
+                    pids["bare aiohttp, N processes"].append(bare_n.pid)
             if mitmdump is not None:
                 (d / "audit_addon.py").write_text(MITM_ADDON)
-                stack.enter_context(
+                mitm = stack.enter_context(
                     running(
                         [
                             str(mitmdump),
@@ -417,6 +452,7 @@ def main() -> None:
                     )
                 )
                 targets["mitmproxy reverse+audit"] = mitm_port
+                pids["mitmproxy reverse+audit"] = [mitm.pid]
             for port in targets.values():
                 wait_http(f"http://127.0.0.1:{port}/fhir/Patient/1")
             deadline = time.monotonic() + 30
@@ -437,7 +473,9 @@ def main() -> None:
                             continue  # one concurrency is enough for the slow peer
                         url = f"http://127.0.0.1:{port}{req.path}"
                         wrk(url, 1, c, script)  # warm-up
-                        results[(req.name, c, name)] = wrk(url, args.seconds, c, script)
+                        results[(req.name, c, name)] = measured(
+                            url, args.seconds, c, script, pids[name]
+                        )
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{admin_port}/fhir/AuditEvent?_count=1"
             ) as r:
@@ -508,9 +546,9 @@ def report(
     print()
     print(
         "| request | -c | bare aiohttp | fhir-audit-proxy | ratio | p50 added | p99 added"
-        " | mitmproxy + audit | x mitmproxy |"
+        " | CPU µs/request, bare / proxy | mitmproxy + audit | x mitmproxy |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for req in chosen:
         mitm = results.get((req.name, args.connections[-1], "mitmproxy reverse+audit"))
         for c in args.connections:
@@ -526,12 +564,16 @@ def report(
                 f"| `{req.name}` | {c} | {bare.rps:,.0f}, p50 {bare.p50_ms:.1f} ms"
                 f" | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms | {ours.rps / bare.rps:.2f}"
                 f" | {ours.p50_ms - bare.p50_ms:+.1f} ms | {ours.p99_ms - bare.p99_ms:+.1f} ms"
+                f" | {bare.cpu_us:.0f} / {ours.cpu_us:.0f}"
                 f" | {mitm_cells} |" + (f" ({bad} non-2xx/errors)" if bad else "")
             )
     if "before" in targets:
         print()
-        print("| request | -c | before | ratio before | after | ratio after |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| request | -c | before | ratio before | after | ratio after"
+            " | CPU µs/request, before / after |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for req in chosen:
             for c in args.connections:
                 bare = results[(req.name, c, "bare aiohttp")]
@@ -540,7 +582,7 @@ def report(
                 print(
                     f"| `{req.name}` | {c} | {old.rps:,.0f}, p50 {old.p50_ms:.1f} ms"
                     f" | {old.rps / bare.rps:.2f} | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms"
-                    f" | {ours.rps / bare.rps:.2f} |"
+                    f" | {ours.rps / bare.rps:.2f} | {old.cpu_us:.0f} / {ours.cpu_us:.0f} |"
                 )
     if "workers" in targets:
         print()
