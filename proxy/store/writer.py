@@ -8,8 +8,8 @@ commit, not per append.
 
 The writer is a process rather than a thread of the proxy: a writer thread takes the GIL
 back after every SQLite statement and every compression, each time from the busy event
-loop, and that cost the proxy a fifth to a half of its audited requests per second
-(``bench/bench_proxy.py``). If the writer process dies, the batch it held fails (its
+loop, and that cost the proxy a sixth to two fifths of its audited requests per second at 32
+connections (``bench/bench_proxy.py``). If the writer process dies, the batch it held fails (its
 callers get 503: their events may or may not be stored) and a new writer is started for
 the appends that follow.
 """
