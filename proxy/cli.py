@@ -197,6 +197,7 @@ def _build_app(settings: Settings, worker: int = 0) -> web.Application:
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _SI_KERNEL = 0x80
+"""``si_code`` of a signal the kernel sent, as the terminal's Ctrl-C to its process group."""
 _SUPERVISOR_ENV = "AUDIT_PROXY_SUPERVISOR_PID"
 """Set by ``run`` for its workers: its pid (not under ``FHIR_AUDIT_``: it is no setting)."""
 _PR_SET_PDEATHSIG = 1
@@ -215,7 +216,6 @@ def _end_with_supervisor() -> None:
     supervisor = os.environ.get(_SUPERVISOR_ENV)
     if supervisor is not None and os.getppid() != int(supervisor):
         raise StartupError("the `run` process that started this worker is gone")
-"""``si_code`` of a signal the kernel sent, as the terminal's Ctrl-C to its process group."""
 
 
 def supervise(args: argparse.Namespace, settings: Settings) -> int:
