@@ -97,7 +97,6 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
-        middlewares=(telemetry.trace_upstream,),
     ) as session:
         app[UPSTREAM_SESSION] = session
         if settings.audit.identity.jwks_url:

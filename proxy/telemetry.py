@@ -6,7 +6,7 @@ and read from there by two places when they ask: the Prometheus registry below (
 running :class:`Telemetry` (exported over OTLP/HTTP when ``telemetry.otlp_endpoint`` is set).
 
 Traces: a server span per proxied request (:func:`server_span`), a client span for each
-upstream call (:func:`trace_upstream`, which also sends W3C ``traceparent``), and a
+upstream call (:func:`upstream_span`, which also sends W3C ``traceparent``), and a
 child span for the durable audit write (:func:`record_audit_write`); the builder records
 the request's ``traceparent`` on its AuditEvents. Span attributes name the FHIR interaction,
 the resource type, the status and the request id; never a URL, a resource id, a query,
@@ -24,10 +24,16 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from opentelemetry import context as otel_context
@@ -647,34 +653,49 @@ def record_audit_write(count: int, started_ns: int, ended_ns: int) -> None:
     span.end(end_time=ended_ns)
 
 
-async def trace_upstream(
-    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-) -> aiohttp.ClientResponse:
-    """Client middleware for the upstream ``ClientSession``: inside a traced request, a
-    client span per upstream request (named by method only: the URL can identify a
-    patient), ended when the response head arrives, with the W3C ``traceparent`` of that
-    span added to the request's headers. Outside a trace it only passes the request on
-    (aiohttp's TraceConfig would run its callbacks on every request and body chunk)."""
-    if not trace.get_current_span().get_span_context().is_valid:
-        return await handler(request)
-    span = _tracer().start_span(
-        f"upstream {request.method}",
-        kind=SpanKind.CLIENT,
-        attributes={"http.request.method": request.method, "server.port": request.url.port or 0},
-    )
-    propagate.inject(request.headers, context=trace.set_span_in_context(span))
-    try:
-        response = await handler(request)
-    except BaseException as exc:
+class UpstreamSpan:
+    """The client span of one upstream request of a traced exchange, named by method only
+    (the URL can identify a patient), ended when the response head arrives; the W3C
+    ``traceparent`` of this span goes upstream in the request's headers. Made by
+    :func:`upstream_span`, only inside a traced request: an untraced one pays nothing."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, method: str, port: int, headers: MutableMapping[str, str]) -> None:
+        self._span: trace.Span | None = _tracer().start_span(
+            f"upstream {method}",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": method, "server.port": port},
+        )
+        propagate.inject(headers, context=trace.set_span_in_context(self._span))
+
+    def answered(self, status: int) -> None:
+        """The response head arrived with ``status``."""
+        span, self._span = self._span, None
+        if span is None:
+            return
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    def failed(self, exc: BaseException) -> None:
+        """The request failed before an answer (nothing if it was answered already)."""
+        span, self._span = self._span, None
+        if span is None:
+            return
         span.set_attribute("error.type", type(exc).__name__)
         span.set_status(Status(StatusCode.ERROR))
         span.end()
-        raise
-    span.set_attribute("http.response.status_code", response.status)
-    if response.status >= 500:
-        span.set_status(Status(StatusCode.ERROR))
-    span.end()
-    return response
+
+
+def upstream_span(
+    method: str, port: int, headers: MutableMapping[str, str]
+) -> UpstreamSpan | None:
+    """An :class:`UpstreamSpan` when the current request is traced, else None."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    return UpstreamSpan(method, port, headers)
 
 
 # -- delivery timing --------------------------------------------------------------------
