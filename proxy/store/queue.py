@@ -75,11 +75,18 @@ class AuditQueue:
 
     @classmethod
     async def open(
-        cls, path: Path, *, max_bytes: int, commit_batch_max: int = 512, create: bool = True
+        cls,
+        path: Path,
+        *,
+        max_bytes: int,
+        commit_batch_max: int = 512,
+        create: bool = True,
+        start_writer: bool = True,
     ) -> AuditQueue:
         """Open (creating and migrating) the store at ``path`` and start the writer.
         With ``create=False`` (commands that only read or tidy a store) a missing store is
-        a :class:`StoreError` instead of a new empty one."""
+        a :class:`StoreError` instead of a new empty one; with ``start_writer=False`` the
+        writer process starts at the first append, if one comes."""
         path = Path(path)
         if not create and not path.is_file():
             raise StoreError(
@@ -96,7 +103,9 @@ class AuditQueue:
         except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: schema too new
             raise StoreError(f"cannot open the audit store at {path}: {exc}") from exc
         try:
-            engine = await CommitEngine.start(path, max_bytes=max_bytes, batch_max=commit_batch_max)
+            engine = await CommitEngine.start(
+                path, max_bytes=max_bytes, batch_max=commit_batch_max, start_writer=start_writer
+            )
         except BaseException:
             reader.close()
             raise

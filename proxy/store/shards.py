@@ -42,6 +42,7 @@ def existing_shard_opener(store: StoreSettings) -> OpenShard:
             max_bytes=store.max_bytes,
             commit_batch_max=store.commit_batch_max,
             create=False,
+            start_writer=False,  # its own worker appends; a writer starts here only if needed
         )
 
     return open_shard

@@ -65,6 +65,7 @@ def _interpreter() -> str:
         return sys.executable
     return "/proc/self/exe"
 
+
 _WRITER_MAIN = (
     "import sys; from proxy.store.writer_process import main; sys.exit(main(sys.argv[1:]))"
 )
@@ -143,11 +144,16 @@ class CommitEngine:
         self._starting: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, path: Path, *, max_bytes: int, batch_max: int) -> CommitEngine:
-        """The engine with its writer process running (the store must exist, migrated).
-        Raises :class:`StoreError` when the writer cannot open the store."""
+    async def start(
+        cls, path: Path, *, max_bytes: int, batch_max: int, start_writer: bool = True
+    ) -> CommitEngine:
+        """The engine for a store that exists, migrated, with its writer process running:
+        a :class:`StoreError` when the writer cannot open the store. With
+        ``start_writer=False`` the writer starts at the first append (for a store that is
+        mostly read, as the admin API reads other workers' shards)."""
         engine = cls(path, max_bytes=max_bytes, batch_max=batch_max)
-        await engine._start_writer()
+        if start_writer:
+            await engine._start_writer()
         return engine
 
     @property
@@ -308,13 +314,18 @@ class CommitEngine:
         self._transport.write(FRAME.pack(len(data)) + data)
 
     def _restart_writer(self) -> None:
-        """A writer for the pending appends, after the last one exited; if none can be
-        started, the pending appends fail."""
+        """A writer for the pending appends: the first, or after the last one exited; if
+        none can be started, the pending appends fail."""
         if self._starting is not None:
             return
 
+        first = self._process is None and self.commits == 0
+
         async def restart() -> None:
-            log.warning("starting a new audit store writer process")
+            if first:
+                log.debug("starting the audit store's writer process at its first append")
+            else:
+                log.warning("starting a new audit store writer process")
             try:
                 await self._stop_writer()
                 await self._start_writer()

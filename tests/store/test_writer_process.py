@@ -145,3 +145,27 @@ async def test_the_writer_ignores_the_terminal_s_ctrl_c(tmp_path: Path) -> None:
         assert queue._engine.writer_pid == pid
     finally:
         await queue.close()
+
+
+async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
+    tmp_path: Path,
+) -> None:
+    """Other workers' shards, read by the admin API and `dlq`, get no writer process
+    unless something appends to them."""
+    path = tmp_path / "audit.db"
+    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    await queue.close()
+    reader = await AuditQueue.open(path, max_bytes=1 << 30, create=False, start_writer=False)
+    try:
+        assert reader._engine.writer_pid is None
+        assert (await reader.stats()).pending == 0
+        assert reader._engine.writer_pid is None
+        event = audit_event(1)
+        await reader.append([event])
+        assert reader._engine.writer_pid is not None
+        assert [q.event for q in await reader.claim(10, NOW)] == [event]
+    finally:
+        await reader.close()
+    idle = await AuditQueue.open(path, max_bytes=1 << 30, start_writer=False)
+    await idle.close()  # nothing to stop
+    assert idle._engine.writer_pid is None
