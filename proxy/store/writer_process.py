@@ -295,12 +295,16 @@ class Committer:
 
 
 def _read_message(stream: BinaryIO) -> Any:
-    """The next message, or None at end of file."""
-    head = stream.read(FRAME.size)
-    if len(head) < FRAME.size:
+    """The next message, or None at end of file (or when the proxy's end was torn down
+    with unread answers: a reset)."""
+    try:
+        head = stream.read(FRAME.size)
+        if len(head) < FRAME.size:
+            return None
+        (length,) = FRAME.unpack(head)
+        body = stream.read(length)
+    except ConnectionError:
         return None
-    (length,) = FRAME.unpack(head)
-    body = stream.read(length)
     if len(body) < length:
         return None
     return pickle.loads(body)

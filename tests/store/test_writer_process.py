@@ -97,33 +97,45 @@ SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 from proxy.store.queue import AuditQueue
+from tests.factories import audit_event
 
 async def main():
     queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
     print(queue._engine.writer_pid, flush=True)
+    n = 0
+    while sys.argv[2] == "busy":  # appends in flight when the kill comes
+        n += 1
+        await asyncio.gather(*(queue.append([audit_event(n * 100 + i)]) for i in range(32)))
     await asyncio.sleep(3600)
 
 asyncio.run(main())
 """
 
 
-async def test_the_writer_ends_when_the_proxy_is_killed(tmp_path: Path) -> None:
-    """SIGKILL to the proxy leaves no writer behind: it reads end of file and exits."""
+@pytest.mark.parametrize("load", ["idle", "busy"])
+async def test_the_writer_ends_when_the_proxy_is_killed(tmp_path: Path, load: str) -> None:
+    """SIGKILL to the proxy leaves no writer behind: it reads end of file (or a reset,
+    when answers were still unread) and exits, without a traceback."""
     proxy = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         SCRIPT,
         str(tmp_path / "audit.db"),
+        load,
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
     )
     try:
-        assert proxy.stdout is not None
+        assert proxy.stdout is not None and proxy.stderr is not None
         writer = int(await asyncio.wait_for(proxy.stdout.readline(), 30))
         assert _alive(writer)
+        await asyncio.sleep(0.5)
         proxy.kill()
         await proxy.wait()
         assert await _gone(writer), "the writer outlived the proxy"
+        errors = (await proxy.stderr.read()).decode()
+        assert "Traceback" not in errors, errors
     finally:
         if proxy.returncode is None:
             proxy.kill()
