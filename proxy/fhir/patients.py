@@ -7,6 +7,7 @@ A patient is returned as a relative reference, ``Patient/{id}``, without version
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,10 +22,23 @@ _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 def patient_reference(reference: str) -> str | None:
     """``Patient/1`` from ``Patient/1``, ``Patient/1/_history/2`` or an absolute URL ending
     in ``/Patient/1``; None for anything else (other types, ``urn:uuid:``, contained)."""
+    if len(reference) <= _CACHED_LENGTH:
+        return _cached_patient_reference(reference)
+    return _patient_reference(reference)
+
+
+def _patient_reference(reference: str) -> str | None:
     if not reference or reference.startswith(("#", "urn:")):
         return None
     match = _PATIENT_REF.search(reference.split("?", 1)[0])
     return f"Patient/{match.group(1)}" if match else None
+
+
+_CACHED_LENGTH = 200
+"""References up to this length are remembered (a search answer names the same few
+patients in entry after entry); a longer one, which a client may make as long as it
+likes, is not."""
+_cached_patient_reference = functools.lru_cache(maxsize=4096)(_patient_reference)
 
 
 def _add(out: dict[str, None], refs: Iterable[str | None]) -> None:
@@ -36,6 +50,11 @@ def _add(out: dict[str, None], refs: Iterable[str | None]) -> None:
 
 
 def _walk(value: Any, path: tuple[str, ...]) -> Iterable[Any]:
+    if len(path) == 1:  # most compartment paths: no lists to build
+        child = value.get(path[0]) if isinstance(value, dict) else None
+        if child is None:
+            return ()
+        return child if isinstance(child, list) else (child,)
     values = [value]
     for step in path:
         following: list[Any] = []
@@ -75,8 +94,8 @@ def _collect(resource: Any, out: dict[str, None], depth: int) -> None:
         for value in _walk(resource, path):
             if isinstance(value, Mapping):
                 ref = value.get("reference")
-                if isinstance(ref, str):
-                    _add(out, [patient_reference(ref)])
+                if isinstance(ref, str) and (patient := patient_reference(ref)) is not None:
+                    out.setdefault(patient)
 
 
 def patients_of_request(interaction: Interaction) -> tuple[str, ...]:

@@ -311,7 +311,7 @@ class CommitEngine:
         self._in_flight = batch
         self._idle.clear()
         data = pickle.dumps([item.wire() for item in batch], protocol=5)
-        self._transport.write(FRAME.pack(len(data)) + data)
+        self._transport.writelines((FRAME.pack(len(data)), data))
 
     def _restart_writer(self) -> None:
         """A writer for the pending appends: the first, or after the last one exited; if

@@ -246,3 +246,17 @@ def test_bundle_without_response_or_entries() -> None:
     assert entries[1].interaction.kind is InteractionKind.UNKNOWN
     assert bundle_entries(None, None) == ()
     assert bundle_entries({"resourceType": "Bundle", "entry": "nope"}, None) == ()
+
+
+def test_long_references_are_resolved_but_never_remembered() -> None:
+    """Short references are cached (a search answer repeats its patients); one a client
+    made long is not, so the cache cannot be filled with megabytes of references."""
+    from proxy.fhir import patients
+
+    patients._cached_patient_reference.cache_clear()
+    before = patients._cached_patient_reference.cache_info().currsize
+    long_ref = "https://fhir.example.org/" + "a/" * 5_000 + "Patient/123"
+    assert patients.patient_reference(long_ref) == "Patient/123"
+    assert patients._cached_patient_reference.cache_info().currsize == before
+    assert patients.patient_reference("Patient/cached-1") == "Patient/cached-1"
+    assert patients._cached_patient_reference.cache_info().currsize == before + 1
