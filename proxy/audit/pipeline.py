@@ -113,8 +113,12 @@ class Metrics(Hook):
         self, ex: Exchange, built: Sequence[BuiltEvent], started_ns: int, ended_ns: int
     ) -> None:
         telemetry.AUDIT_WRITE_SECONDS.observe((ended_ns - started_ns) / 1e9)
+        outcomes: dict[str, int] = {}  # one label lookup per outcome, not per event
         for item in built:
-            telemetry.EVENTS_BUILT.labels(outcome=item.row.outcome or "?").inc()
+            outcome = item.row.outcome or "?"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        for outcome, count in outcomes.items():
+            telemetry.EVENTS_BUILT.labels(outcome=outcome).inc(count)
         kind = ex.interaction.kind.value if ex.interaction is not None else "unknown"
         status_class = f"{(ex.status or 0) // 100}xx"
         telemetry.REQUESTS.labels(kind=kind, status_class=status_class).inc()

@@ -126,3 +126,35 @@ def test_the_standard_hooks_are_those_the_settings_ask_for() -> None:
     assert [h.name for h in full] == ["tracing", "metrics", "read-before-delete", "validation"]
     assert isinstance(full[2], ReadBeforeDelete)
     assert isinstance(full[3], SampledValidation)
+
+
+def test_the_metrics_hook_counts_every_event_by_its_outcome() -> None:
+    """A search answer naming three patients is three events counted, each under its
+    outcome (counted once per outcome, not once per event)."""
+    from proxy import telemetry
+    from proxy.audit.balp import build_events
+    from proxy.audit.pipeline import Metrics
+    from tests.factories import NOW
+
+    entries = [
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "id": f"o{n}",
+                "subject": {"reference": f"Patient/{n}"},
+            }
+        }
+        for n in range(3)
+    ]
+    ex = exchange(
+        "GET",
+        "Observation",
+        query="code=x",
+        response={"resourceType": "Bundle", "type": "searchset", "entry": entries},
+    )
+    built = build_events(ex, AuditContext.default(), NOW)
+    assert len(built) == 3
+    cell = telemetry.EVENTS_BUILT.labels(outcome="0")
+    before = cell.value
+    Metrics().events_stored(ex, built, 0, 1)
+    assert cell.value - before == 3
