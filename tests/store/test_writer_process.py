@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,21 @@ def _alive(pid: int) -> bool:
     # A zombie is gone as far as the store is concerned.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
+    opened = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _writer(queue: AuditQueue) -> int:
+    pid = queue._engine.writer_pid
+    assert pid is not None, "a writer process runs"
+    return pid
 
 
 async def _gone(pid: int, within: float = 10.0) -> bool:
@@ -52,45 +68,34 @@ async def test_appends_are_committed_by_a_process_other_than_the_proxy(tmp_path:
 
 
 async def test_a_writer_killed_mid_commit_fails_that_batch_and_a_new_writer_takes_over(
-    tmp_path: Path,
+    queue: AuditQueue,
 ) -> None:
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    try:
-        first = queue._engine.writer_pid
-        assert first is not None
-        os.kill(first, signal.SIGSTOP)  # the commit cannot finish...
-        append = asyncio.ensure_future(queue.append([audit_event(1)]))
-        await asyncio.sleep(0.2)
-        assert not append.done()
-        os.kill(first, signal.SIGKILL)  # ...and never will
-        with pytest.raises(StoreError, match="writer process exited"):
-            await asyncio.wait_for(append, 10)
-        assert queue.refusing is not None, "readiness says the store is failing"
-        event = audit_event(2)
-        await queue.append([event])  # a new writer commits what follows
-        second = queue._engine.writer_pid
-        assert second is not None and second != first
-        assert queue.refusing is None
-        assert [q.event for q in await queue.claim(10, NOW)] == [event]
-    finally:
-        await queue.close()
+    first = _writer(queue)
+    os.kill(first, signal.SIGSTOP)  # the commit cannot finish...
+    append = asyncio.ensure_future(queue.append([audit_event(1)]))
+    await asyncio.sleep(0.2)
+    assert not append.done()
+    os.kill(first, signal.SIGKILL)  # ...and never will
+    with pytest.raises(StoreError, match="writer process exited"):
+        await asyncio.wait_for(append, 10)
+    assert queue.refusing is not None, "readiness says the store is failing"
+    event = audit_event(2)
+    await queue.append([event])  # a new writer commits what follows
+    assert _writer(queue) != first
+    assert queue.refusing is None
+    assert [q.event for q in await queue.claim(10, NOW)] == [event]
 
 
 async def test_a_writer_that_died_between_commits_is_replaced_without_failing_anyone(
-    tmp_path: Path,
+    queue: AuditQueue,
 ) -> None:
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    try:
-        first = queue._engine.writer_pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        assert await _gone(first)
-        await asyncio.sleep(0.1)  # the engine hears of it
-        await asyncio.gather(*(queue.append([audit_event(n)]) for n in range(1, 4)))
-        assert queue._engine.writer_pid not in (None, first)
-        assert len(await queue.claim(10, NOW)) == 3
-    finally:
-        await queue.close()
+    first = _writer(queue)
+    os.kill(first, signal.SIGKILL)
+    assert await _gone(first)
+    await asyncio.sleep(0.1)  # the engine hears of it
+    await asyncio.gather(*(queue.append([audit_event(n)]) for n in range(1, 4)))
+    assert _writer(queue) != first
+    assert len(await queue.claim(10, NOW)) == 3
 
 
 SCRIPT = """
@@ -142,21 +147,16 @@ async def test_the_writer_ends_when_the_proxy_is_killed(tmp_path: Path, load: st
             await proxy.wait()
 
 
-async def test_the_writer_ignores_the_terminal_s_ctrl_c(tmp_path: Path) -> None:
+async def test_the_writer_ignores_the_terminal_s_ctrl_c(queue: AuditQueue) -> None:
     """SIGINT and SIGTERM to the process group do not cut a commit short: the proxy
     decides when its writer stops."""
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    try:
-        pid = queue._engine.writer_pid
-        assert pid is not None
-        os.kill(pid, signal.SIGINT)
-        os.kill(pid, signal.SIGTERM)
-        await asyncio.sleep(0.2)
-        assert _alive(pid)
-        await queue.append([audit_event(1)])
-        assert queue._engine.writer_pid == pid
-    finally:
-        await queue.close()
+    pid = _writer(queue)
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    assert _alive(pid)
+    await queue.append([audit_event(1)])
+    assert _writer(queue) == pid
 
 
 async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
