@@ -17,7 +17,7 @@ Then the memory scenario: 200 concurrent clients downloading a ~5 MB search Bund
 through the proxy; the proxy's resident memory before, at its peak (``VmHWM``) and after.
 
     python bench/bench_proxy.py [--seconds 5] [--connections 32 64] [--no-mitm] [--no-memory]
-                                [--before DIR] [--workers N]
+                                [--before DIR] [--workers N] [--repeat N]
 
 ``--before DIR`` runs a second fhir-audit-proxy from another source tree (say ``git archive
 REV proxy | tar -x -C DIR``) through the same load, so a change is measured in one run.
@@ -26,7 +26,8 @@ REV proxy | tar -x -C DIR``) through the same load, so a change is measured in o
 scaling over the one-worker proxy.
 
 Needs Debian's ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``). Ratios in one
-run are what count: the machine's load moves absolute figures between runs.
+run are what count: the machine's load moves absolute figures between runs. ``--repeat N``
+measures every target N times, interleaved, and reports medians.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,6 +192,18 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
+def median_result(runs: Sequence[Result]) -> Result:
+    """Each figure's median over ``runs`` (non-2xx and errors: their sum)."""
+    return Result(
+        rps=statistics.median(r.rps for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        non2xx=sum(r.non2xx for r in runs),
+        errors=sum(r.errors for r in runs),
+        cpu_us=statistics.median(r.cpu_us for r in runs),
+    )
+
+
 def measured(
     url: str, seconds: int, connections: int, script: str | None, pids: Sequence[int]
 ) -> Result:
@@ -318,6 +332,13 @@ def load_average() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each target this many times, interleaved, and report the median of"
+        " each figure (this machine's speed drifts between runs)",
+    )
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--requests", nargs="+", default=["read", "search", "create"])
     parser.add_argument(
@@ -468,14 +489,18 @@ def main() -> None:
             for req in chosen:
                 script = str(d / req.script) if req.script else None
                 for c in args.connections:
-                    for name, port in targets.items():
-                        if name.startswith("mitmproxy") and c != args.connections[-1]:
-                            continue  # one concurrency is enough for the slow peer
-                        url = f"http://127.0.0.1:{port}{req.path}"
-                        wrk(url, 1, c, script)  # warm-up
-                        results[(req.name, c, name)] = measured(
-                            url, args.seconds, c, script, pids[name]
-                        )
+                    runs: dict[str, list[Result]] = {}
+                    for _ in range(args.repeat):  # interleaved: each target sees the same noise
+                        for name, port in targets.items():
+                            if name.startswith("mitmproxy") and c != args.connections[-1]:
+                                continue  # one concurrency is enough for the slow peer
+                            url = f"http://127.0.0.1:{port}{req.path}"
+                            wrk(url, 1, c, script)  # warm-up
+                            runs.setdefault(name, []).append(
+                                measured(url, args.seconds, c, script, pids[name])
+                            )
+                    for name, measured_runs in runs.items():
+                        results[(req.name, c, name)] = median_result(measured_runs)
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{admin_port}/fhir/AuditEvent?_count=1"
             ) as r:
@@ -541,7 +566,9 @@ def report(
 ) -> None:
     print(
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, wrk -t1"
-        f" -d{args.seconds}s after a 1 s warm-up; load average {load_before} -> {load_after}"
+        f" -d{args.seconds}s after a 1 s warm-up"
+        + (f", median of {args.repeat} interleaved runs" if args.repeat > 1 else "")
+        + f"; load average {load_before} -> {load_after}"
     )
     print()
     print(
