@@ -86,7 +86,8 @@ class Append:
     capture: Capture | None = None
 
     def wire(self) -> WireAppend:
-        return (self.rows, self.complete_intent, self.intent, self.capture)
+        capture = None if self.capture is None else tuple(self.capture)
+        return ([tuple(row) for row in self.rows], self.complete_intent, self.intent, capture)
 
 
 class _WriterLink(asyncio.Protocol):
