@@ -13,6 +13,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,7 +38,7 @@ from proxy.forward import (
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue
 from proxy.store.shards import ShardedStore, existing_shard_opener
-from proxy.store.writer import StoreError
+from proxy.store.writer import StoreError, database_budget
 
 log = logging.getLogger(__name__)
 
@@ -253,30 +254,61 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-def _readiness(app: web.Application) -> Callable[[], Awaitable[dict[str, Any]]]:
+def _bytes_on_disk(path: Path) -> int:
+    """A store's database, WAL and shared-memory files together."""
+    files = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return sum(p.stat().st_size for p in files if p.exists())
+
+
+FULL_MARGIN = 64 * 1024
+"""A shard with less room than this under its ``max_bytes`` budget counts as full."""
+
+
+def _readiness(
+    app: web.Application, shards: ShardedStore | None = None
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The readiness check: this worker's store (answering, not failing closed, under
+    ``max_bytes``), with ``workers`` > 1 every other worker's shard too (it exists and
+    has room: a full shard fails its worker's requests closed), and the upstream."""
     settings = app[SETTINGS]
+    max_bytes = settings.store.max_bytes
+
+    async def other_shards() -> dict[str, Any]:
+        assert shards is not None
+        report: dict[str, Any] = {}
+        for n, (path, stats) in enumerate(await shards.shard_stats()):
+            if n == app[WORKER]:
+                continue
+            if stats is None:
+                report[str(n)] = {"ok": False, "error": "not created yet"}
+                continue
+            on_disk = _bytes_on_disk(path)
+            full = stats.size_bytes >= database_budget(max_bytes) - FULL_MARGIN
+            report[str(n)] = {
+                "ok": not full and on_disk < max_bytes,
+                "full": full,
+                "bytes_on_disk": on_disk,
+            }
+        return report
 
     async def check() -> dict[str, Any]:
         checks: dict[str, Any] = {}
         try:
             queue = app[QUEUE]
             stats = await queue.stats()
-            path = settings.store_shards()[app[WORKER]]
-            on_disk = sum(
-                p.stat().st_size
-                for p in (
-                    path,
-                    path.with_name(path.name + "-wal"),
-                    path.with_name(path.name + "-shm"),
-                )
-                if p.exists()
-            )
+            on_disk = _bytes_on_disk(settings.store_shards()[app[WORKER]])
             checks["store"] = {
-                "ok": queue.refusing is None and on_disk < settings.store.max_bytes,
+                "ok": queue.refusing is None and on_disk < max_bytes,
                 "failing_closed": queue.refusing,
                 "bytes_on_disk": on_disk,
                 **dataclasses.asdict(stats),
             }
+            if shards is not None:
+                others = await other_shards()
+                checks["store"]["other_shards"] = others
+                checks["store"]["ok"] = checks["store"]["ok"] and all(
+                    shard["ok"] for shard in others.values()
+                )
         except Exception as exc:  # readiness reports, it does not fail
             checks["store"] = {"ok": False, "error": str(exc)}
         try:
@@ -324,7 +356,7 @@ async def _admin_listener(
         settings.admin,
         fhir_version=settings.audit.fhir_version,
         audit_context=app[AUDIT_CONTEXT],
-        readiness=_readiness(app),
+        readiness=_readiness(app, store if isinstance(store, ShardedStore) else None),
     )
     if not settings.telemetry.prometheus:
         admin.middlewares.append(telemetry.without_prometheus)

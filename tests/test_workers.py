@@ -35,9 +35,13 @@ UNKNOWN_OUTCOME = "8"
 
 
 def _config(upstream: str, store: Path, **extra: Any) -> dict[str, Any]:
+    listen = free_port()
+    admin = free_port()
+    while admin == listen:  # nothing holds a free port between the two calls
+        admin = free_port()
     return {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "listen": {"host": "127.0.0.1", "port": listen},
+        "admin": {"host": "127.0.0.1", "port": admin},
         "upstream": {"url": upstream, "timeout_s": 30},
         "store": {"path": str(store)},
         "workers": 2,
@@ -251,3 +255,52 @@ async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shar
         )
     assert all(unknown), f"each shard recovered its own intents: {unknown}"
     assert sorted(unknown[0] + unknown[1]) == sorted(f"post{n}" for n in range(16))
+
+
+async def _fill(shard: Path, max_bytes: int) -> None:
+    """Fill a shard until its store refuses: full, as a worker's busy shard gets."""
+    from proxy.store.writer import StoreFull
+    from tests.factories import audit_event
+
+    queue = await AuditQueue.open(shard, max_bytes=max_bytes)
+    try:
+        n = 0
+        with pytest.raises(StoreFull):
+            while True:
+                await queue.append([audit_event(n + i) for i in range(50)])
+                n += 50
+    finally:
+        await queue.close()
+
+
+@pytest.mark.timeout(120)
+async def test_readiness_reports_every_worker_s_shard(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    """Worker 0 alone answers `/readyz`: it is not ready while another worker's shard is
+    full (that worker fails its requests closed), and says which shard."""
+    store = tmp_path / "store" / "audit.db"
+    max_bytes = 1024 * 1024
+    config = _config(fhir_server.base_url, store)
+    config["store"]["max_bytes"] = max_bytes
+    proxy = ProxyProcess(config, tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            async with http.get(f"{proxy.admin}/readyz") as r:
+                report = await r.json()
+            assert r.status == 200, report
+            assert report["checks"]["store"]["other_shards"]["1"]["ok"] is True
+        finally:
+            await proxy.stop()
+        await _fill(tmp_path / "store" / "audit-1.db", max_bytes)
+        await proxy.start(http)
+        try:
+            async with http.get(f"{proxy.admin}/readyz") as r:
+                report = await r.json()
+            assert r.status == 503, report
+            shard = report["checks"]["store"]["other_shards"]["1"]
+            assert shard["ok"] is False and shard["full"] is True
+            assert report["checks"]["store"]["failing_closed"] is None, "shard 0 has room"
+        finally:
+            await proxy.stop()

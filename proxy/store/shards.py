@@ -77,6 +77,15 @@ class ShardedStore:
                     self._owned.append(queue)
         return sorted(self._queues.items())
 
+    async def shard_stats(self) -> list[tuple[Path, QueueStats | None]]:
+        """Each shard's path with its counts and sizes; None for a shard that does not
+        exist yet (its worker is starting)."""
+        opened = dict(await self._shards())
+        return [
+            (path, await opened[n].stats() if n in opened else None)
+            for n, path in enumerate(self._paths)
+        ]
+
     async def close(self) -> None:
         """Close the shards this object opened (not those it was given)."""
         for queue in self._owned:
