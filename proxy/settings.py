@@ -435,7 +435,7 @@ class WebhookSettings(BaseSettings):
     repository_url: str | None = None
     repository_mode: Literal["bundle", "single", "transaction"] = "bundle"
     cpu_request: str = "50m"
-    memory_request: str = "96Mi"
+    memory_request: str = "112Mi"
     cpu_limit: str | None = None
     memory_limit: str | None = "512Mi"
     drain_s: int = 10

@@ -124,7 +124,7 @@ def test_named_port_of_the_named_container_and_every_volume_annotation() -> None
     # The secret travels as a mounted file, never as an env value.
     assert not any("SECRET" in name and name.endswith("SECRET") for name in env)
     assert sidecar["resources"] == {
-        "requests": {"cpu": "100m", "memory": "96Mi"},
+        "requests": {"cpu": "100m", "memory": "112Mi"},
         "limits": {"memory": "1Gi"},
     }
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
