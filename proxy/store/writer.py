@@ -188,8 +188,13 @@ class CommitEngine:
         self._transport = transport
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_S)
-        except BaseException:
+        except BaseException as exc:
             await self._stop_writer()
+            if isinstance(exc, TimeoutError):
+                raise StoreError(
+                    f"the audit store's writer process did not open the store within"
+                    f" {START_TIMEOUT_S:.0f} s"
+                ) from exc
             raise
 
     def _received(self, message: Any) -> None:

@@ -181,3 +181,23 @@ async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
     idle = await AuditQueue.open(path, max_bytes=1 << 30, start_writer=False)
     await idle.close()  # nothing to stop
     assert idle._engine.writer_pid is None
+
+
+@pytest.mark.parametrize(
+    ("program", "error"),
+    [
+        ("import sys; sys.exit(3)", "exited at start"),
+        ("import time; time.sleep(60)", "did not open the store within"),
+    ],
+)
+async def test_a_writer_that_cannot_start_makes_the_store_fail_to_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, error: str
+) -> None:
+    """The proxy does not start on a store whose writer cannot run: the error is a
+    StoreError, which the CLI reports in one line."""
+    from proxy.store import writer
+
+    monkeypatch.setattr(writer, "_WRITER_MAIN", program)
+    monkeypatch.setattr(writer, "START_TIMEOUT_S", 1.0)
+    with pytest.raises(StoreError, match=error):
+        await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
