@@ -282,27 +282,20 @@ def resource_reader(cfg: ForwardConfig, session: aiohttp.ClientSession) -> ReadR
         for name in _PRE_READ_DROP:
             headers.pop(name, None)
         headers["Accept"] = FHIR_JSON
-        span = telemetry.upstream_span("GET", url.port or 0, headers)
         try:
-            async with session.get(
-                url, headers=headers, allow_redirects=False, timeout=cfg.timeout
-            ) as upstream:
-                if span is not None:
+            with telemetry.upstream_span("GET", url.port or 0, headers) as span:
+                async with session.get(
+                    url, headers=headers, allow_redirects=False, timeout=cfg.timeout
+                ) as upstream:
                     span.answered(upstream.status)
-                if upstream.status != 200:
-                    log.debug("read of %s: HTTP %s", ex.path, upstream.status)
-                    return None
-                body, complete = await read_up_to_limit(upstream, cfg.buffer_limit)
-                return body if complete else None
+                    if upstream.status != 200:
+                        log.debug("read of %s: HTTP %s", ex.path, upstream.status)
+                        return None
+                    body, complete = await read_up_to_limit(upstream, cfg.buffer_limit)
+                    return body if complete else None
         except (TimeoutError, aiohttp.ClientError) as exc:
-            if span is not None:
-                span.failed(exc)
             log.debug("read of %s failed: %s", ex.path, exc)
             return None
-        except BaseException as exc:
-            if span is not None:
-                span.failed(exc)
-            raise
 
     return read
 
@@ -480,53 +473,46 @@ class ForwardHandler:
         url = self._cfg.upstream_origin.join(URL(target, encoded=True))
         data: Any = body_stream if body_stream is not None else body
         headers = _upstream_headers(request, ex.request_id)
-        span = telemetry.upstream_span(ex.method, url.port or 0, headers)
         t0 = time.perf_counter()
         try:
-            async with self._session.request(
-                ex.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self._cfg.timeout,
-            ) as upstream:
-                telemetry.UPSTREAM_SECONDS.observe(time.perf_counter() - t0)
-                if span is not None:
+            with telemetry.upstream_span(ex.method, url.port or 0, headers) as span:
+                async with self._session.request(
+                    ex.method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self._cfg.timeout,
+                ) as upstream:
+                    telemetry.UPSTREAM_SECONDS.observe(time.perf_counter() - t0)
                     span.answered(upstream.status)
-                ex.status = upstream.status
-                ex.response_headers = {k.lower(): v for k, v in upstream.headers.items()}
-                client_headers = _client_headers(
-                    upstream.headers, ex.request_id, self._cfg, public_base
-                )
-                held, complete = await hold_body(upstream, self._cfg.buffer_limit, self.budget)
-                try:
-                    if complete and held.file is None:
-                        body = held.value()
-                        ex.response_body = body
-                        return await self._audited_response(ex, client_headers, body)
-                    if complete:
-                        return await self._audited_held(request, ex, client_headers, held)
-                    ex.response_streamed = True
-                    return await self._audited_stream(request, ex, client_headers, held, upstream)
-                finally:
-                    held.close()
-        except TimeoutError as exc:
-            if span is not None:
-                span.failed(exc)
+                    ex.status = upstream.status
+                    ex.response_headers = {k.lower(): v for k, v in upstream.headers.items()}
+                    client_headers = _client_headers(
+                        upstream.headers, ex.request_id, self._cfg, public_base
+                    )
+                    held, complete = await hold_body(upstream, self._cfg.buffer_limit, self.budget)
+                    try:
+                        if complete and held.file is None:
+                            body = held.value()
+                            ex.response_body = body
+                            return await self._audited_response(ex, client_headers, body)
+                        if complete:
+                            return await self._audited_held(request, ex, client_headers, held)
+                        ex.response_streamed = True
+                        return await self._audited_stream(
+                            request, ex, client_headers, held, upstream
+                        )
+                    finally:
+                        held.close()
+        except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except aiohttp.ClientError as exc:
-            if span is not None:
-                span.failed(exc)
             # Some client errors quote the URL, query included.
             reason = redact_text(str(exc), self._cfg.redact_params)
             return await self._upstream_failure(
                 ex, 502, "transient", f"upstream unreachable: {reason}"
             )
-        except BaseException as exc:  # cancelled: the span ends all the same
-            if span is not None:
-                span.failed(exc)
-            raise
 
     async def _audited_response(
         self, ex: Exchange, headers: CIMultiDict[str], body: bytes

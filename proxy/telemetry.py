@@ -655,19 +655,26 @@ def record_audit_write(count: int, started_ns: int, ended_ns: int) -> None:
 
 class UpstreamSpan:
     """The client span of one upstream request of a traced exchange, named by method only
-    (the URL can identify a patient), ended when the response head arrives; the W3C
-    ``traceparent`` of this span goes upstream in the request's headers. Made by
-    :func:`upstream_span`, only inside a traced request: an untraced one pays nothing."""
+    (the URL can identify a patient), ended when the response head arrives
+    (:meth:`answered`) or, as a context manager, when the request fails before that.
+    Made by :func:`upstream_span`; an untraced request gets a shared one that does
+    nothing."""
 
     __slots__ = ("_span",)
 
-    def __init__(self, method: str, port: int, headers: MutableMapping[str, str]) -> None:
-        self._span: trace.Span | None = _tracer().start_span(
-            f"upstream {method}",
-            kind=SpanKind.CLIENT,
-            attributes={"http.request.method": method, "server.port": port},
-        )
-        propagate.inject(headers, context=trace.set_span_in_context(self._span))
+    def __init__(self, span: trace.Span | None) -> None:
+        self._span = span
+
+    def __enter__(self) -> UpstreamSpan:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        span, self._span = self._span, None
+        if span is None or exc is None:
+            return
+        span.set_attribute("error.type", type(exc).__name__)
+        span.set_status(Status(StatusCode.ERROR))
+        span.end()
 
     def answered(self, status: int) -> None:
         """The response head arrived with ``status``."""
@@ -679,23 +686,23 @@ class UpstreamSpan:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
-    def failed(self, exc: BaseException) -> None:
-        """The request failed before an answer (nothing if it was answered already)."""
-        span, self._span = self._span, None
-        if span is None:
-            return
-        span.set_attribute("error.type", type(exc).__name__)
-        span.set_status(Status(StatusCode.ERROR))
-        span.end()
+
+_UNTRACED_UPSTREAM = UpstreamSpan(None)
 
 
-def upstream_span(
-    method: str, port: int, headers: MutableMapping[str, str]
-) -> UpstreamSpan | None:
-    """An :class:`UpstreamSpan` when the current request is traced, else None."""
+def upstream_span(method: str, port: int, headers: MutableMapping[str, str]) -> UpstreamSpan:
+    """The client span of an upstream request, its W3C ``traceparent`` added to
+    ``headers``, when the current request is traced; else the shared one that does
+    nothing (an untraced request pays nothing for tracing)."""
     if not trace.get_current_span().get_span_context().is_valid:
-        return None
-    return UpstreamSpan(method, port, headers)
+        return _UNTRACED_UPSTREAM
+    span = _tracer().start_span(
+        f"upstream {method}",
+        kind=SpanKind.CLIENT,
+        attributes={"http.request.method": method, "server.port": port},
+    )
+    propagate.inject(headers, context=trace.set_span_in_context(span))
+    return UpstreamSpan(span)
 
 
 # -- delivery timing --------------------------------------------------------------------
