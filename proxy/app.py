@@ -276,14 +276,12 @@ def _readiness(
     async def other_shards() -> dict[str, Any]:
         assert shards is not None
         report: dict[str, Any] = {}
-        for n, (path, stats) in enumerate(await shards.shard_stats()):
-            if n == app[WORKER]:
-                continue
-            if stats is None:
+        for n, path, in_use in await shards.shard_sizes(skip=app[WORKER]):
+            if in_use is None:
                 report[str(n)] = {"ok": False, "error": "not created yet"}
                 continue
             on_disk = _bytes_on_disk(path)
-            full = stats.size_bytes >= database_budget(max_bytes) - FULL_MARGIN
+            full = in_use >= database_budget(max_bytes) - FULL_MARGIN
             report[str(n)] = {
                 "ok": not full and on_disk < max_bytes,
                 "full": full,

@@ -386,6 +386,12 @@ class AuditQueue:
         result: float | None = await self._guarded(read)
         return result
 
+    async def bytes_in_use(self) -> int:
+        """Bytes in use by the database (free pages excluded): what ``max_bytes`` bounds,
+        read without counting the events."""
+        result: int = await self._guarded(lambda: used_bytes(self._conn))
+        return result
+
     async def stats(self) -> QueueStats:
         def read() -> QueueStats:
             counts = dict(

@@ -77,13 +77,14 @@ class ShardedStore:
                     self._owned.append(queue)
         return sorted(self._queues.items())
 
-    async def shard_stats(self) -> list[tuple[Path, QueueStats | None]]:
-        """Each shard's path with its counts and sizes; None for a shard that does not
-        exist yet (its worker is starting)."""
+    async def shard_sizes(self, skip: int) -> list[tuple[int, Path, int | None]]:
+        """Each shard but ``skip``: its number, path and bytes in use; None for a shard
+        that does not exist yet (its worker is starting)."""
         opened = dict(await self._shards())
         return [
-            (path, await opened[n].stats() if n in opened else None)
+            (n, path, await opened[n].bytes_in_use() if n in opened else None)
             for n, path in enumerate(self._paths)
+            if n != skip
         ]
 
     async def close(self) -> None:
