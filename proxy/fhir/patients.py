@@ -73,17 +73,19 @@ def patients_in_resource(resource: Mapping[str, Any] | None) -> tuple[str, ...]:
     """Patients that put ``resource`` in the Patient compartment, in first-seen order. A
     Patient is its own patient; a Bundle is read entry by entry."""
     out: dict[str, None] = {}
+    if not isinstance(resource, dict) and isinstance(resource, Mapping):
+        resource = dict(resource)  # parsed JSON is dicts; the walk checks for dict, fast
     _collect(resource, out, depth=0)
     return tuple(out)
 
 
 def _collect(resource: Any, out: dict[str, None], depth: int) -> None:
-    if not isinstance(resource, Mapping) or depth > 2:
+    if not isinstance(resource, dict) or depth > 2:
         return
     rtype = resource.get("resourceType")
     if rtype == "Bundle":
         for entry in resource.get("entry") or ():
-            if isinstance(entry, Mapping):
+            if isinstance(entry, dict):
                 _collect(entry.get("resource"), out, depth + 1)
         return
     if rtype == "Patient":
@@ -92,7 +94,7 @@ def _collect(resource: Any, out: dict[str, None], depth: int) -> None:
             _add(out, [f"Patient/{rid}"])
     for path in PATIENT_PATHS.get(str(rtype), ()):
         for value in _walk(resource, path):
-            if isinstance(value, Mapping):
+            if isinstance(value, dict):
                 ref = value.get("reference")
                 if isinstance(ref, str) and (patient := patient_reference(ref)) is not None:
                     out.setdefault(patient)

@@ -260,3 +260,14 @@ def test_long_references_are_resolved_but_never_remembered() -> None:
     assert patients._cached_patient_reference.cache_info().currsize == before
     assert patients.patient_reference("Patient/cached-1") == "Patient/cached-1"
     assert patients._cached_patient_reference.cache_info().currsize == before + 1
+
+
+def test_any_mapping_is_read_and_odd_input_names_no_patient() -> None:
+    from types import MappingProxyType
+
+    from proxy.fhir.patients import patients_in_resource
+
+    observation = {"resourceType": "Observation", "subject": {"reference": "Patient/9"}}
+    assert patients_in_resource(MappingProxyType(observation)) == ("Patient/9",)
+    for odd in ("Patient/9", ["Patient/9"], 9, None):
+        assert patients_in_resource(odd) == ()  # type: ignore[arg-type]
