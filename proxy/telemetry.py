@@ -670,11 +670,12 @@ class UpstreamSpan:
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         span, self._span = self._span, None
-        if span is None or exc is None:
-            return
-        span.set_attribute("error.type", type(exc).__name__)
-        span.set_status(Status(StatusCode.ERROR))
-        span.end()
+        if span is None:
+            return  # answered, or untraced
+        if exc is not None:
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()  # never left open, even by a block that ends without an answer
 
     def answered(self, status: int) -> None:
         """The response head arrived with ``status``."""
