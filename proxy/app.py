@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from proxy import telemetry
 from proxy.admin.app import build_admin_app
@@ -39,13 +40,17 @@ from proxy.settings import Settings
 from proxy.store.queue import AuditQueue
 from proxy.store.shards import ShardedStore, existing_shard_opener
 from proxy.store.writer import StoreError, database_budget
+from proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 AUDIT_CONTEXT = web.AppKey("audit_context", AuditContext)
 QUEUE = web.AppKey("queue", AuditQueue)
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
+"""The pool the proxied requests (and reads before deletes) go through."""
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+"""Off the request path: readiness's look at the upstream, the identity provider's keys."""
 JWKS = web.AppKey("jwks", JwksCache)
 INTENTS_IN_FLIGHT = web.AppKey("intents_in_flight", set[int])
 ABANDONED_INTENTS = web.AppKey("abandoned_intents", dict[int, str])
@@ -88,28 +93,34 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(
-        limit=settings.upstream.max_connections, keepalive_timeout=30, enable_cleanup_closed=True
+    pool = UpstreamPool(
+        URL(settings.upstream.url).origin(),
+        max_connections=settings.upstream.max_connections,
+        connect_timeout=settings.upstream.connect_timeout_s,
+        timeout=settings.upstream.timeout_s,
     )
-    async with aiohttp.ClientSession(
-        connector=connector,
-        # A proxy is no browser: a cookie an answer sets belongs to that answer's client;
-        # a jar would send it upstream with every other client's requests.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-    ) as session:
-        app[UPSTREAM_SESSION] = session
-        if settings.audit.identity.jwks_url:
-            jwks = JwksCache(settings.audit.identity, session)
-            app[JWKS] = jwks
-            await jwks.start()
-            try:
+    app[UPSTREAM] = pool
+    connector = aiohttp.TCPConnector(limit=10, keepalive_timeout=30, enable_cleanup_closed=True)
+    try:
+        async with aiohttp.ClientSession(
+            connector=connector,
+            # Never sends a cookie it was given to anyone else.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        ) as session:
+            app[UPSTREAM_SESSION] = session
+            if settings.audit.identity.jwks_url:
+                jwks = JwksCache(settings.audit.identity, session)
+                app[JWKS] = jwks
+                await jwks.start()
+                try:
+                    yield
+                finally:
+                    await jwks.close()
+            else:
                 yield
-            finally:
-                await jwks.close()
-        else:
-            yield
+    finally:
+        await pool.close()
 
 
 async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -140,10 +151,10 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cfg = ForwardConfig.from_settings(settings)
-    session = app[UPSTREAM_SESSION]
+    upstream = app[UPSTREAM]
     app[INTENTS_IN_FLIGHT] = set()
     hooks = standard_hooks(
-        read_before_delete=resource_reader(cfg, session) if cfg.read_before_delete else None,
+        read_before_delete=resource_reader(cfg, upstream) if cfg.read_before_delete else None,
         validation=(settings.audit.validate_sample_rate, app[VALIDATION]),
     )
     pipeline = AuditPipeline(
@@ -163,7 +174,7 @@ async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
         abandoned_intents=app[ABANDONED_INTENTS],
         hooks=hooks,
     )
-    app[HANDLER] = ForwardHandler(cfg=cfg, session=session, pipeline=pipeline)
+    app[HANDLER] = ForwardHandler(cfg=cfg, upstream=upstream, pipeline=pipeline)
     yield
 
 

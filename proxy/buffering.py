@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
 
-import aiohttp
+from proxy.upstream import UpstreamResponse
 
 SPILL_AT = 64 * 1024
 """The largest body held in memory; a larger one waits in its temporary file."""
@@ -115,7 +115,7 @@ class HeldBody:
 
 
 async def hold_body(
-    upstream: aiohttp.ClientResponse, limit: int, budget: MemoryBudget
+    upstream: UpstreamResponse, limit: int, budget: MemoryBudget
 ) -> tuple[HeldBody, bool]:
     """Hold ``upstream``'s body for the audit unless it is larger than ``limit``; then
     return what was held so far, and ``False`` (the rest streams on)."""
@@ -126,14 +126,14 @@ async def hold_body(
     if length is not None and length <= SPILL_AT:
         held.add(await upstream.read())  # one await for a small body of known size
         return held, True
-    while chunk := await upstream.content.read(CHUNK):
+    while chunk := await upstream.read_chunk():
         held.add(chunk)
         if held.size > limit:
             return held, False
     return held, True
 
 
-async def read_up_to_limit(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def read_up_to_limit(upstream: UpstreamResponse, limit: int) -> tuple[bytes, bool]:
     """Read the body unless it is larger than ``limit``; then return what was read."""
     length = upstream.content_length
     if length is not None:
@@ -143,7 +143,7 @@ async def read_up_to_limit(upstream: aiohttp.ClientResponse, limit: int) -> tupl
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await upstream.content.read(CHUNK)
+        chunk = await upstream.read_chunk()
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -39,6 +38,7 @@ from proxy.fhir.interaction import (
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
 from proxy.settings import Settings
+from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Recomputed by aiohttp for the hop it writes, or pinned to the upstream's own address.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+# Written by the upstream client for the hop it makes (the body it sends, identity
+# encoding, the upstream's own address); ``Expect`` was answered here.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 _FORM = "application/x-www-form-urlencoded"
@@ -79,7 +80,6 @@ class ForwardConfig:
     buffer_limit: int
     buffer_memory: int
     """``audit.buffer_memory_bytes``: what all held answers may take in memory together."""
-    timeout: aiohttp.ClientTimeout
     trusted_proxies: tuple[Network, ...]
     read_before_delete: bool
     redact_params: frozenset[str] = CREDENTIAL_PARAMS
@@ -101,9 +101,6 @@ class ForwardConfig:
             base_path=upstream.path.rstrip("/"),
             buffer_limit=settings.audit.buffer_limit_bytes,
             buffer_memory=settings.audit.buffer_memory_bytes,
-            timeout=aiohttp.ClientTimeout(
-                total=settings.upstream.timeout_s, connect=settings.upstream.connect_timeout_s
-            ),
             trusted_proxies=tuple(
                 ipaddress.ip_network(n, strict=False) for n in settings.audit.trusted_proxies
             ),
@@ -205,17 +202,19 @@ def relative_path(raw_path: str, base_path: str) -> str | None:
 
 
 def _upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
-    drop = _REQUEST_DROP | {
-        t.strip().lower() for t in request.headers.get("Connection", "").split(",") if t.strip()
-    }
+    incoming = request.headers
+    connection = incoming.get("Connection")
+    drop = _REQUEST_DROP
+    if connection:
+        drop = drop | {t.strip().lower() for t in connection.split(",") if t.strip()}
     headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in drop
+        (k, v) for k, v in incoming.items() if k.lower() not in drop
     )
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    prior = incoming.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
-    headers["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+    headers["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", request.scheme)
+    headers["X-Forwarded-Host"] = incoming.get("X-Forwarded-Host", request.host)
     headers["X-Request-Id"] = request_id
     return headers
 
@@ -270,22 +269,23 @@ def _recordable(value: str) -> str:
     return value
 
 
-def resource_reader(cfg: ForwardConfig, session: aiohttp.ClientSession) -> ReadResource:
+def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadResource:
     """A reader of the resource an exchange addresses, from the upstream, with the
     caller's own headers (so the server applies the caller's access rights) minus those
     that would shape the read (preconditions, body headers); it gives None on any failure
     (not found, forbidden, unreachable, larger than the buffer limit)."""
 
+    port = cfg.upstream_origin.port or 0
+
     async def read(request: web.Request, ex: Exchange) -> bytes | None:
-        url = cfg.upstream_origin.join(URL(ex.upstream_path, encoded=True))
         headers = _upstream_headers(request, ex.request_id)
         for name in _PRE_READ_DROP:
             headers.pop(name, None)
         headers["Accept"] = FHIR_JSON
         try:
-            with telemetry.upstream_span("GET", url.port or 0, headers) as span:
-                async with session.get(
-                    url, headers=headers, allow_redirects=False, timeout=cfg.timeout
+            with telemetry.upstream_span("GET", port, headers) as span:
+                async with upstream_pool.request(
+                    "GET", ex.upstream_path, headers.items()
                 ) as upstream:
                     span.answered(upstream.status)
                     if upstream.status != 200:
@@ -293,7 +293,7 @@ def resource_reader(cfg: ForwardConfig, session: aiohttp.ClientSession) -> ReadR
                         return None
                     body, complete = await read_up_to_limit(upstream, cfg.buffer_limit)
                     return body if complete else None
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             log.debug("read of %s failed: %s", ex.path, exc)
             return None
 
@@ -304,10 +304,10 @@ class ForwardHandler:
     """The aiohttp handler for every path of the proxy listener."""
 
     def __init__(
-        self, *, cfg: ForwardConfig, session: aiohttp.ClientSession, pipeline: AuditPipeline
+        self, *, cfg: ForwardConfig, upstream: UpstreamPool, pipeline: AuditPipeline
     ) -> None:
         self._cfg = cfg
-        self._session = session
+        self._upstream = upstream
         self._pipeline = pipeline
         self.budget = MemoryBudget(cfg.buffer_memory)
         """Memory of the answers waiting for their audit, across requests."""
@@ -470,19 +470,15 @@ class ForwardHandler:
         # What is forwarded is what was classified: the normalized path, the query as sent.
         query = request.rel_url.raw_query_string
         target = ex.upstream_path + (f"?{query}" if query else "")
-        url = self._cfg.upstream_origin.join(URL(target, encoded=True))
         data: Any = body_stream if body_stream is not None else body
         headers = _upstream_headers(request, ex.request_id)
         t0 = time.perf_counter()
         try:
-            with telemetry.upstream_span(ex.method, url.port or 0, headers) as span:
-                async with self._session.request(
-                    ex.method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self._cfg.timeout,
+            with telemetry.upstream_span(
+                ex.method, self._cfg.upstream_origin.port or 0, headers
+            ) as span:
+                async with self._upstream.request(
+                    ex.method, target, headers.items(), data
                 ) as upstream:
                     telemetry.UPSTREAM_SECONDS.observe(time.perf_counter() - t0)
                     span.answered(upstream.status)
@@ -507,8 +503,8 @@ class ForwardHandler:
                         held.close()
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
-        except aiohttp.ClientError as exc:
-            # Some client errors quote the URL, query included.
+        except UpstreamError as exc:
+            # An error may quote what was sent, query included.
             reason = redact_text(str(exc), self._cfg.redact_params)
             return await self._upstream_failure(
                 ex, 502, "transient", f"upstream unreachable: {reason}"
@@ -551,7 +547,7 @@ class ForwardHandler:
         ex: Exchange,
         headers: CIMultiDict[str],
         held: HeldBody,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
     ) -> web.StreamResponse:
         # Invariant 1: a body too large to buffer is audited from its head before its first byte.
         failure = await self._pipeline.persist(ex)
@@ -563,11 +559,16 @@ class ForwardHandler:
             await response.prepare(request)
             for chunk in held.chunks():
                 await response.write(chunk)
-            async for chunk in upstream.content.iter_chunked(65536):
+            async for chunk in upstream.iter_chunked():
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError:  # the client left (audited already, as above)
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
+        except (TimeoutError, UpstreamError) as exc:
+            # The head is audited and sent; the client sees the answer cut short.
+            log.warning("%s %s: the upstream's answer broke off: %s", ex.method, ex.path, exc)
+            if request.transport is not None:
+                request.transport.abort()
         return response
 
     async def _upstream_failure(

@@ -42,8 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN_OUTCOME = "8"
 
 
-
-
 @pytest.fixture
 def crash_fhir_server() -> Iterator[NodeFhirServer]:
     """A FHIR server of its own, so its request log holds only this test's traffic."""

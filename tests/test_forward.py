@@ -251,6 +251,60 @@ async def test_large_response_streams_and_is_audited_first(
     assert event["outcome"] == "0"
 
 
+async def test_an_upstream_that_would_compress_is_asked_for_the_body_as_is(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """The proxy audits the bodies it reads: it asks for them uncompressed, so a server
+    that compresses when allowed (nginx ``gzip on``, most cloud FHIR services) still gives
+    the client a readable body and the event its patient."""
+
+    async def patient(request: web.Request) -> web.StreamResponse:
+        response = web.json_response(
+            {"resourceType": "Observation", "id": "1", "subject": {"reference": "Patient/p7"}}
+        )
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    async with serving(("GET", "/{tail:.*}", patient)) as server:
+        proxy = await start_proxy(str(server.make_url("/fhir")))
+        async with http.get(f"{proxy.url}/Observation/1") as r:
+            assert r.status == 200
+            assert (await r.json(content_type=None))["subject"]["reference"] == "Patient/p7"
+    (event,) = await proxy.stored_events()
+    assert patient_refs(event) == ["Patient/p7"]
+
+
+async def test_an_answer_that_breaks_off_while_streaming_is_cut_short_for_the_client(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """A body past the buffer streams after its audit; if the upstream breaks off, the
+    client's answer ends unfinished (never looks whole) and the proxy keeps serving."""
+
+    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n" + b"x" * 600_000)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(breaks_off, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(
+            f"http://127.0.0.1:{port}/fhir", audit={"buffer_limit_bytes": 256 * 1024}
+        )
+        async with http.get(f"{proxy.url}/Binary/1") as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        (event,) = await proxy.stored_events()
+        assert subtypes(event) == ["read"]
+        async with http.get(f"{proxy.url}/metadata") as r:
+            assert r.status == 200, "the next request on a new connection is served"
+    finally:
+        server.close()
+
+
 def _searchset(size: int) -> bytes:
     """A searchset Bundle of about ``size`` bytes whose first entry is Patient/first's and
     whose last entry, far past the part of a body held in memory, is Patient/last's."""

@@ -464,7 +464,7 @@ async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
     (server_span,) = [s for s in finished if s.kind is SpanKind.SERVER]
     assert client.name == "upstream GET"
     assert client.status.status_code is StatusCode.ERROR
-    assert (client.attributes or {})["error.type"] == "ClientConnectorError"
+    assert (client.attributes or {})["error.type"] == "UpstreamConnectError"
     assert client.parent is not None and server_span.context is not None
     assert client.parent.span_id == server_span.context.span_id
     assert (server_span.attributes or {})["http.response.status_code"] == 502

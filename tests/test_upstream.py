@@ -1,0 +1,359 @@
+"""The upstream client (``proxy/upstream.py``) against real sockets: servers that answer
+as real ones do, and as broken ones do (closing, stalling, garbling, early hints), so each
+path of the client is met over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from proxy import upstream as upstream_module
+from proxy.upstream import (
+    HIGH_WATER,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamPool,
+    UpstreamProtocolError,
+)
+from tests.factories import free_port, serving
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Scripted:
+    """A TCP server running ``script`` for each connection; counts connections and
+    keeps the raw requests it read."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = b""
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                body = await reader.readexactly(int(line.split(b":")[1]))
+            if line.lower() == b"transfer-encoding: chunked":
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                    chunk = await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+                    body += chunk[:-2]
+        self.requests.append(head + body)
+        return head + body
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def origin(self) -> URL:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return URL(f"http://127.0.0.1:{port}")
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Callable[[Scripted], Script]) -> AsyncIterator[Scripted]:
+    holder = Scripted(lambda r, w: asyncio.sleep(0))
+    holder.script = script(holder)
+    holder.server = await asyncio.start_server(holder._handle, "127.0.0.1", 0)
+    try:
+        yield holder
+    finally:
+        holder.server.close()
+
+
+def answer(body: bytes = b"{}", *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b" % (
+        len(body),
+        b"".join(h + b"\r\n" for h in extra),
+        body,
+    )
+
+
+def keep_answering(*answers: bytes) -> Callable[[Scripted], Script]:
+    """Answers the n-th request the server reads (on any connection) with the n-th of
+    ``answers`` (the last repeated)."""
+
+    def script(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await server.read_request(reader)
+                writer.write(answers[min(len(server.requests) - 1, len(answers) - 1)])
+                await writer.drain()
+
+        return run
+
+    return script
+
+
+async def get(pool: UpstreamPool, target: str = "/fhir/Patient/1", method: str = "GET") -> bytes:
+    async with pool.request(method, target, [("Accept", "application/fhir+json")]) as answer:
+        assert answer.status == 200
+        return await answer.read()
+
+
+async def test_connections_are_kept_alive_and_requests_are_written_as_sent() -> None:
+    async with scripted(keep_answering(answer(b'{"a":1}'))) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            assert await get(pool) == b'{"a":1}'
+            assert await get(pool, "/fhir/Observation?patient=1&_count=2") == b'{"a":1}'
+        finally:
+            await pool.close()
+        assert server.connections == 1
+        first, second = server.requests
+        assert first.startswith(b"GET /fhir/Patient/1 HTTP/1.1\r\n")
+        assert second.startswith(b"GET /fhir/Observation?patient=1&_count=2 HTTP/1.1\r\n")
+        assert f"Host: 127.0.0.1:{server.origin.port}\r\n".encode() in first
+        assert b"Accept: application/fhir+json\r\n" in first
+        assert b"Accept-Encoding: identity\r\n" in first, "the proxy reads what it audits"
+
+
+async def test_bodies_are_sent_with_their_length_or_chunked() -> None:
+    async def stream() -> AsyncIterator[bytes]:
+        for part in (b'{"resourceType":', b"", b'"Patient"}'):
+            yield part
+
+    async with scripted(keep_answering(answer())) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            async with pool.request("POST", "/fhir/Patient", [], b'{"x":1}') as a:
+                await a.read()
+            async with pool.request("POST", "/fhir/Patient", [], stream()) as a:
+                await a.read()
+            async with pool.request("POST", "/fhir/Patient/$validate", []) as a:
+                await a.read()
+        finally:
+            await pool.close()
+    sized, chunked, empty = server.requests
+    assert b"Content-Length: 7\r\n" in sized and sized.endswith(b'\r\n\r\n{"x":1}')
+    assert b"Transfer-Encoding: chunked\r\n" in chunked
+    assert chunked.endswith(b'\r\n\r\n{"resourceType":"Patient"}')
+    assert b"Content-Length: 0\r\n" in empty
+
+
+async def test_chunked_answers_and_answers_ending_at_close_are_read_whole() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+
+    def until_close(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+            await writer.drain()
+
+        return run
+
+    async with scripted(keep_answering(chunked)) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            assert await get(pool) == b"hello world"
+            assert await get(pool) == b"hello world"
+        finally:
+            await pool.close()
+        assert server.connections == 1
+    async with scripted(until_close) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            assert await get(pool) == b"all of it"
+            assert await get(pool) == b"all of it"
+        finally:
+            await pool.close()
+        assert server.connections == 2, "a connection that closed is not reused"
+
+
+async def test_a_head_answer_ends_at_its_headers_and_an_early_hint_is_skipped() -> None:
+    hinted = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n" + answer(b"[1]")
+    head_answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    async with scripted(keep_answering(head_answer, hinted)) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            async with pool.request("HEAD", "/fhir/Patient/1", []) as head:
+                assert head.status == 200 and head.headers["content-length"] == "100"
+                assert await head.read() == b""
+            assert await get(pool) == b"[1]"
+        finally:
+            await pool.close()
+
+
+async def test_a_pooled_connection_the_server_closed_is_retried_only_when_idempotent() -> None:
+    def one_answer_per_connection(server: Scripted) -> Script:
+        """Answers as if keeping the connection alive, then closes it once the next
+        request arrives, unanswered: the race with a server's keep-alive timeout."""
+
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(answer(b"ok"))
+            await writer.drain()
+            await server.read_request(reader)
+
+        return run
+
+    async with scripted(one_answer_per_connection) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            assert await get(pool) == b"ok"
+            assert await get(pool) == b"ok", "the GET was sent again on a new connection"
+            assert server.connections == 2
+            with pytest.raises(UpstreamDisconnected):
+                async with pool.request("POST", "/fhir/Patient", [], b"{}"):
+                    pass
+            assert server.connections == 2, "a POST is never sent twice"
+        finally:
+            await pool.close()
+
+
+async def test_a_connection_idle_past_the_limit_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream_module, "IDLE_S", 0.05)
+    async with scripted(keep_answering(answer())) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            await get(pool)
+            await get(pool)
+            assert server.connections == 1
+            await asyncio.sleep(0.1)
+            await get(pool)
+            assert server.connections == 2
+        finally:
+            await pool.close()
+
+
+async def test_the_timeout_bounds_the_head_and_the_body() -> None:
+    def stall_head(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            await asyncio.sleep(30)
+
+        return run
+
+    def stall_body(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+            await writer.drain()
+            await asyncio.sleep(30)
+
+        return run
+
+    for script in (stall_head, stall_body):
+        async with scripted(script) as server:
+            pool = UpstreamPool(server.origin, timeout=0.3)
+            try:
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                with pytest.raises(TimeoutError):
+                    await get(pool)
+                assert loop.time() - t0 < 5
+                assert not pool._idle and not pool._open, "the timed-out connection is gone"
+            finally:
+                await pool.close()
+
+
+async def test_unreachable_garbled_and_cut_short_answers_are_errors() -> None:
+    pool = UpstreamPool(URL(f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(UpstreamConnectError):
+        await get(pool)
+    await pool.close()
+
+    def cut_short(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+            await writer.drain()
+
+        return run
+
+    for script, error in (
+        (keep_answering(b"SMTP ready\r\n\r\n"), UpstreamProtocolError),
+        (cut_short, UpstreamDisconnected),
+    ):
+        async with scripted(script) as server:
+            pool = UpstreamPool(server.origin)
+            try:
+                with pytest.raises(error):
+                    await get(pool)
+            finally:
+                await pool.close()
+
+
+async def test_a_large_answer_is_buffered_only_as_far_as_it_is_read() -> None:
+    size = 8 * 1024 * 1024
+    sent_all = asyncio.Event()
+
+    def large(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            for _ in range(size // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+            sent_all.set()
+
+        return run
+
+    async with scripted(large) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            async with pool.request("GET", "/fhir/Binary/1", []) as big:
+                await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+                assert big._buffered <= HIGH_WATER + 256 * 1024
+                assert not sent_all.is_set(), "the server is held back, not the client's memory"
+                received = 0
+                while chunk := await big.read_chunk():
+                    received += len(chunk)
+                assert received == size
+        finally:
+            await pool.close()
+
+
+async def test_an_answer_not_read_to_its_end_closes_its_connection() -> None:
+    async with scripted(keep_answering(answer(b"x" * 500_000))) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            async with pool.request("GET", "/fhir/Binary/1", []) as a:
+                assert a.status == 200
+            await get(pool)
+        finally:
+            await pool.close()
+        assert server.connections == 2
+
+
+async def test_requests_past_max_connections_wait_for_a_free_one() -> None:
+    seen: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        await asyncio.sleep(0.2)
+        return web.json_response({})
+
+    async with serving(("GET", "/{tail:.*}", slow)) as server:
+        pool = UpstreamPool(server.make_url("/").origin(), max_connections=1)
+        try:
+            first = asyncio.create_task(get(pool, "/a"))
+            second = asyncio.create_task(get(pool, "/b"))
+            await asyncio.sleep(0.1)
+            assert seen == ["/a"], "the second request waits for the only connection"
+            await asyncio.gather(first, second)
+            assert seen == ["/a", "/b"]
+        finally:
+            await pool.close()
