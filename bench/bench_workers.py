@@ -40,6 +40,7 @@ from bench_proxy import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 def listeners(port: int) -> int:
     """Sockets listening on loopback ``port``: every worker has bound it once this is N."""
     rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
