@@ -27,7 +27,7 @@ import collections
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
-from typing import Any, cast
+from typing import cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -274,11 +274,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.response is not None:
-            self.response.lost(exc)
+        response = self.response
+        if response is not None:
+            response.lost(exc)
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
-            drain.set_exception(UpstreamDisconnected("the upstream closed the connection"))
+            error = response._error if response is not None else None
+            drain.set_exception(error or UpstreamDisconnected("the upstream closed the connection"))
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -403,11 +405,10 @@ class UpstreamPool:
             self._open.discard(conn)
         return None
 
-    async def _send(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: Body
-    ) -> UpstreamResponse:
+    async def _send(self, exchange: _Exchange, deadline: float) -> UpstreamResponse:
         if self._closed:
             raise UpstreamDisconnected("the upstream client is closed")
+        method, target, headers, body = exchange._args
         loop = asyncio.get_running_loop()
         head = self._head(method, target, headers, body)
         retry = method in _IDEMPOTENT and not _streams(body)
@@ -415,8 +416,9 @@ class UpstreamPool:
             conn = self._pooled(loop.time())
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(loop)
-            response = UpstreamResponse(conn, method == "HEAD")
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connect(loop)
+            response = exchange._response = UpstreamResponse(conn, method == "HEAD")
             conn.response = response
             transport = conn.transport
             assert transport is not None
@@ -436,11 +438,13 @@ class UpstreamPool:
                     transport.write(head)
                 await response._wait_head()
             except UpstreamDisconnected:
+                exchange._response = None
                 self._drop(conn)
                 if reused and retry and not response._received:
                     continue  # the server had closed it while it was idle
                 raise
             except BaseException:
+                exchange._response = None
                 self._drop(conn)
                 raise
             return response
@@ -467,7 +471,7 @@ def _streams(body: Body) -> bool:
 class _Exchange:
     """``async with``: one request's connection slot, timer and connection."""
 
-    __slots__ = ("_args", "_pool", "_response", "_slot", "_timed_out", "_timer")
+    __slots__ = ("_args", "_pool", "_response", "_slot", "_timer")
 
     def __init__(
         self,
@@ -480,39 +484,36 @@ class _Exchange:
         self._pool = pool
         self._args = (method, target, headers, body)
         self._response: UpstreamResponse | None = None
+        """The answer in flight: awaited for its head, then read by the caller."""
         self._timer: asyncio.TimerHandle | None = None
         self._slot = False
-        self._timed_out = False
 
     async def __aenter__(self) -> UpstreamResponse:
         pool = self._pool
-        task = asyncio.current_task()
-        assert task is not None
+        loop = asyncio.get_running_loop()
         # The timeout counts from here: waiting for a free connection is part of it.
-        self._timer = asyncio.get_running_loop().call_later(pool.timeout, self._time_out, task)
+        deadline = loop.time() + pool.timeout
+        self._timer = loop.call_at(deadline, self._time_out)
         try:
-            await pool._slots.acquire()
+            if pool._slots.locked():
+                async with asyncio.timeout_at(deadline):
+                    await pool._slots.acquire()
+            else:
+                await pool._slots.acquire()
             self._slot = True
-            self._response = await pool._send(*self._args)
-        except asyncio.CancelledError:
-            self._end()
-            if self._timed_out:
-                raise TimeoutError from None
-            raise
+            return await pool._send(self, deadline)
         except BaseException:
             self._end()
             raise
-        return self._response
 
-    def _time_out(self, task: asyncio.Task[Any]) -> None:
+    def _time_out(self) -> None:
+        """Past the deadline with an answer in flight: it fails with ``TimeoutError`` and
+        its connection is aborted. (A wait for a slot or a connection has its own.)"""
         self._timer = None
         response = self._response
-        if response is None:
-            self._timed_out = True  # still connecting or sending: cancel the wait
-            task.cancel()
-            return
-        response.fail(TimeoutError())
-        response._conn.abort()
+        if response is not None:
+            response.fail(TimeoutError())
+            response._conn.abort()
 
     async def __aexit__(
         self,

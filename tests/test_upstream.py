@@ -357,3 +357,36 @@ async def test_requests_past_max_connections_wait_for_a_free_one() -> None:
             assert seen == ["/a", "/b"]
         finally:
             await pool.close()
+
+
+async def test_waiting_for_a_connection_counts_against_the_timeout() -> None:
+    def stall(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            await asyncio.sleep(30)
+
+        return run
+
+    async with scripted(stall) as server:
+        pool = UpstreamPool(server.origin, max_connections=1, timeout=1.0)
+        loop = asyncio.get_running_loop()
+        ended: list[float] = []
+
+        async def timed_get() -> BaseException | None:
+            try:
+                await get(pool)
+            except TimeoutError as exc:
+                return exc
+            finally:
+                ended.append(loop.time())
+            return None
+
+        try:
+            first, second = await asyncio.gather(timed_get(), timed_get())
+            assert isinstance(first, TimeoutError) and isinstance(second, TimeoutError)
+            assert ended[1] - ended[0] < 0.8, (
+                "the second's timeout ran from its start, not from the first's end"
+            )
+            assert not pool._slots.locked(), "every slot was given back"
+        finally:
+            await pool.close()
