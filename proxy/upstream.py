@@ -376,7 +376,13 @@ class UpstreamPool:
         elif method in _BODY_EXPECTED:
             lines.append("Content-Length: 0\r\n")
         lines.append("Accept-Encoding: identity\r\n\r\n")
-        return "".join(lines).encode("utf-8")
+        text = "".join(lines)
+        # Every line break is one this wrote: none came in with a name, value or target
+        # (the listener's parser refuses them; this keeps that true whatever calls it).
+        breaks = len(lines) + 1
+        if text.count("\n") != breaks or text.count("\r") != breaks:
+            raise UpstreamProtocolError("a line break in the request's target or headers")
+        return text.encode("utf-8")
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         try:

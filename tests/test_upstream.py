@@ -466,3 +466,27 @@ async def test_an_https_upstream_is_verified_against_the_trusted_certificates(
             await trusted.close()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/fhir/Patient/1 HTTP/1.1\r\nX-Smuggled: 1\r\n\r\nGET /admin", []),
+        ("/fhir/Patient/1", [("X-Note", "a\r\nAuthorization: Bearer stolen")]),
+        ("/fhir/Patient/1", [("X-Note\nX-Other", "b")]),
+    ],
+    ids=["target", "value", "name"],
+)
+async def test_a_line_break_never_reaches_the_upstream(
+    target: str, headers: list[tuple[str, str]]
+) -> None:
+    async with scripted(keep_answering(answer())) as server:
+        pool = UpstreamPool(server.origin)
+        try:
+            with pytest.raises(UpstreamProtocolError, match="line break"):
+                async with pool.request("GET", target, headers):
+                    pass
+            await get(pool)
+        finally:
+            await pool.close()
+        assert len(server.requests) == 1, "only the clean request was written"
