@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
-import ipaddress
 import os
 import re
 import ssl
@@ -28,49 +26,15 @@ import orjson
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from proxy.k8s.patch import Selection
 from proxy.k8s.webhook import review_response
 from proxy.settings import WebhookSettings
+from tests.factories import write_certificate
 
 ADMISSION = Path(__file__).parent / "admission"
 K8S_VERSIONS = ("1.29.0", "1.37.0")
-
-
-def write_certificate(directory: Path, common_name: str) -> Path:
-    """A self-signed server certificate for 127.0.0.1 (``cert.pem``, ``key.pem``); returns
-    the certificate's path, which is also the CA a client trusts."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    # Key first, then the certificate: the pair on disk matches once both are written.
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return directory / "cert.pem"
 
 
 @dataclass
