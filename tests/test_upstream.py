@@ -105,6 +105,23 @@ def keep_answering(*answers: bytes) -> Callable[[Scripted], Script]:
     return script
 
 
+def answer_once(data: bytes = b"", *, stall: bool) -> Callable[[Scripted], Script]:
+    """Reads one request, writes ``data`` (maybe nothing, maybe part of an answer), then
+    holds the connection open without a word (``stall``) or closes it."""
+
+    def script(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(data)
+            await writer.drain()
+            if stall:
+                await asyncio.sleep(30)
+
+        return run
+
+    return script
+
+
 async def get(pool: UpstreamPool, target: str = "/fhir/Patient/1", method: str = "GET") -> bytes:
     async with pool.request(method, target, [("Accept", "application/fhir+json")]) as answer:
         assert answer.status == 200
@@ -157,14 +174,6 @@ async def test_chunked_answers_and_answers_ending_at_close_are_read_whole() -> N
         b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     )
 
-    def until_close(server: Scripted) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-            await writer.drain()
-
-        return run
-
     async with scripted(keep_answering(chunked)) as server:
         pool = UpstreamPool(server.origin)
         try:
@@ -173,7 +182,8 @@ async def test_chunked_answers_and_answers_ending_at_close_are_read_whole() -> N
         finally:
             await pool.close()
         assert server.connections == 1
-    async with scripted(until_close) as server:
+    until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
+    async with scripted(answer_once(until_close, stall=False)) as server:
         pool = UpstreamPool(server.origin)
         try:
             assert await get(pool) == b"all of it"
@@ -242,23 +252,8 @@ async def test_a_connection_idle_past_the_limit_is_not_reused(
 
 
 async def test_the_timeout_bounds_the_head_and_the_body() -> None:
-    def stall_head(server: Scripted) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            await asyncio.sleep(30)
-
-        return run
-
-    def stall_body(server: Scripted) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
-            await writer.drain()
-            await asyncio.sleep(30)
-
-        return run
-
-    for script in (stall_head, stall_body):
+    half = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"
+    for script in (answer_once(stall=True), answer_once(half, stall=True)):
         async with scripted(script) as server:
             pool = UpstreamPool(server.origin, timeout=0.3)
             try:
@@ -278,17 +273,12 @@ async def test_unreachable_garbled_and_cut_short_answers_are_errors() -> None:
         await get(pool)
     await pool.close()
 
-    def cut_short(server: Scripted) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
-            await writer.drain()
-
-        return run
-
     for script, error in (
         (keep_answering(b"SMTP ready\r\n\r\n"), UpstreamProtocolError),
-        (cut_short, UpstreamDisconnected),
+        (
+            answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", stall=False),
+            UpstreamDisconnected,
+        ),
     ):
         async with scripted(script) as server:
             pool = UpstreamPool(server.origin)
@@ -363,14 +353,7 @@ async def test_requests_past_max_connections_wait_for_a_free_one() -> None:
 
 
 async def test_waiting_for_a_connection_counts_against_the_timeout() -> None:
-    def stall(server: Scripted) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            await asyncio.sleep(30)
-
-        return run
-
-    async with scripted(stall) as server:
+    async with scripted(answer_once(stall=True)) as server:
         pool = UpstreamPool(server.origin, max_connections=1, timeout=1.0)
         loop = asyncio.get_running_loop()
         ended: list[float] = []
