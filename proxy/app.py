@@ -98,6 +98,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         max_connections=settings.upstream.max_connections,
         connect_timeout=settings.upstream.connect_timeout_s,
         timeout=settings.upstream.timeout_s,
+        keepalive_s=settings.upstream.keepalive_s,
     )
     app[UPSTREAM] = pool
     connector = aiohttp.TCPConnector(limit=10, keepalive_timeout=30, enable_cleanup_closed=True)

@@ -14,7 +14,7 @@ content decoding), and that work was a third of the proxy's CPU per request.
 - One timer per request bounds the whole exchange (``timeout``): past it the connection
   is aborted and the waiting caller gets a ``TimeoutError``.
 - A connection goes back to the pool only when its answer was read to its end and both
-  sides keep it alive; one idle longer than :data:`IDLE_S` is closed instead of reused (a
+  sides keep it alive; one idle longer than ``keepalive_s`` is closed instead of reused (a
   server's keep-alive timeout, Node's 5 s, must not close it under a request). A request
   that meets a pooled connection the server had already closed, before any byte of an
   answer, is sent once more on a new connection when its method is idempotent.
@@ -36,8 +36,6 @@ from yarl import URL
 HIGH_WATER = 64 * 1024
 """Bytes of an answer's body buffered before the connection stops reading."""
 
-IDLE_S = 4.0
-"""Seconds a pooled connection may have been idle and still be reused."""
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
@@ -317,7 +315,8 @@ Body = bytes | AsyncIterable[bytes] | None
 
 class UpstreamPool:
     """Keep-alive connections to one origin (``http`` or ``https``), at most
-    ``max_connections`` open at once (a request waits for one beyond that)."""
+    ``max_connections`` open at once (a request waits for one beyond that), each reused
+    while it has been idle less than ``keepalive_s``."""
 
     def __init__(
         self,
@@ -326,6 +325,7 @@ class UpstreamPool:
         max_connections: int = 100,
         connect_timeout: float = 5.0,
         timeout: float = 60.0,
+        keepalive_s: float = 4.0,
     ) -> None:
         assert origin.host is not None and origin.port is not None
         self._host = origin.host
@@ -339,6 +339,7 @@ class UpstreamPool:
         )
         self._connect_timeout = connect_timeout
         self.timeout = timeout
+        self._keepalive_s = keepalive_s
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._open: set[_Connection] = set()
@@ -405,7 +406,7 @@ class UpstreamPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_S:
+            if not conn.closed and now - conn.idle_since < self._keepalive_s:
                 return conn
             conn.abort()
             self._open.discard(conn)

@@ -11,11 +11,11 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy import upstream as upstream_module
 from proxy.upstream import (
     HIGH_WATER,
     UpstreamConnectError,
@@ -23,7 +23,7 @@ from proxy.upstream import (
     UpstreamPool,
     UpstreamProtocolError,
 )
-from tests.factories import free_port, serving, write_certificate
+from tests.factories import StartProxy, free_port, serving, write_certificate
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -234,12 +234,9 @@ async def test_a_pooled_connection_the_server_closed_is_retried_only_when_idempo
             await pool.close()
 
 
-async def test_a_connection_idle_past_the_limit_is_not_reused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(upstream_module, "IDLE_S", 0.05)
+async def test_a_connection_idle_past_the_limit_is_not_reused() -> None:
     async with scripted(keep_answering(answer())) as server:
-        pool = UpstreamPool(server.origin)
+        pool = UpstreamPool(server.origin, keepalive_s=0.05)
         try:
             await get(pool)
             await get(pool)
@@ -435,3 +432,18 @@ async def test_a_line_break_never_reaches_the_upstream(
         finally:
             await pool.close()
         assert len(server.requests) == 1, "only the clean request was written"
+
+
+@pytest.mark.parametrize(("keepalive_s", "connections"), [(4.0, 1), (0.05, 2)])
+async def test_the_proxy_reuses_upstream_connections_as_upstream_keepalive_s_says(
+    keepalive_s: float, connections: int, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    patient = b'{"resourceType":"Patient","id":"1"}'
+    async with scripted(keep_answering(answer(patient))) as server:
+        url = f"{server.origin}/fhir"
+        proxy = await start_proxy(url, upstream={"url": url, "keepalive_s": keepalive_s})
+        for _ in range(2):
+            async with http.get(f"{proxy.url}/Patient/1") as r:
+                assert r.status == 200 and await r.read() == patient
+            await asyncio.sleep(0.1)
+        assert server.connections == connections
