@@ -251,6 +251,23 @@ async def test_large_response_streams_and_is_audited_first(
     assert event["outcome"] == "0"
 
 
+async def test_a_head_is_forwarded_and_answered_without_a_body(
+    echo_upstream: tuple[str, list[dict[str, Any]]],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    upstream, seen = echo_upstream
+    proxy = await start_proxy(upstream)
+    async with http.head(f"{proxy.url}/Patient/1") as r:
+        assert r.status == 200
+        assert await r.read() == b""
+    async with http.get(f"{proxy.url}/Patient/1") as r:
+        assert (await r.json(content_type=None))["id"] == "1", "the next answer is whole"
+    assert [s["path"] for s in seen] == ["/fhir/Patient/1", "/fhir/Patient/1"]
+    head, read = await proxy.stored_events()
+    assert subtypes(head) == subtypes(read) == ["read"]
+
+
 async def test_an_upstream_that_would_compress_is_asked_for_the_body_as_is(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
