@@ -198,11 +198,6 @@ class UpstreamResponse:
         while not self.status:
             await self._wait()
 
-    @property
-    def complete(self) -> bool:
-        """Whether the whole body has arrived."""
-        return self._done
-
     async def read_chunk(self) -> bytes:
         """The body bytes that arrived since the last read (waiting for some), or ``b""``
         at the end of the body."""
@@ -418,7 +413,8 @@ class UpstreamPool:
         method, target, headers, body = exchange._args
         loop = asyncio.get_running_loop()
         head = self._head(method, target, headers, body)
-        retry = method in _IDEMPOTENT and not _streams(body)
+        # A streamed body cannot be sent twice: it was consumed.
+        retry = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
         while True:
             conn = self._pooled(loop.time())
             reused = conn is not None
@@ -469,10 +465,6 @@ class UpstreamPool:
         conn.response = None
         conn.abort()
         self._open.discard(conn)
-
-
-def _streams(body: Body) -> bool:
-    return body is not None and not isinstance(body, bytes)
 
 
 class _Exchange:
