@@ -29,13 +29,8 @@ from proxy.audit.pipeline import AuditPipeline, AuditPolicy, standard_hooks
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
-from proxy.forward import (
-    AccessLogWithoutQuery,
-    ForwardConfig,
-    ForwardHandler,
-    audit_protocol_errors,
-    resource_reader,
-)
+from proxy.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
+from proxy.listener import ClientRequest, Handler, RefusalHook, serve_on
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue
 from proxy.store.shards import ShardedStore, existing_shard_opener
@@ -388,21 +383,26 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _dispatch(request: web.Request) -> web.StreamResponse:
-    if not telemetry.traces(request):
-        return await request.app[HANDLER](request)
-    with telemetry.server_span(request) as span:
-        response = await request.app[HANDLER](request)
-        telemetry.finish_server_span(span, response)
-        return response
+def _dispatcher(app: web.Application) -> Handler:
+    """The listener's handler: the forward handler, inside a server span when traced."""
+    forward = app[HANDLER]
+
+    async def dispatch(request: ClientRequest) -> Reply:
+        if not telemetry.traces(request):
+            return await forward(request)
+        with telemetry.server_span(request) as span:
+            response = await forward(request)
+            telemetry.finish_server_span(span, response.status)
+            return response
+
+    return dispatch
 
 
 def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
     """The proxy listener's application, with every background part owned by it;
-    ``worker`` (below ``settings.workers``) names the store shard it owns."""
-    # Request bodies are read through request.content with the audit buffer limit, so
-    # aiohttp's client_max_size (which applies to request.read()) never comes into play.
-    app = web.Application(handler_args={"access_log_class": AccessLogWithoutQuery})
+    ``worker`` (below ``settings.workers``) names the store shard it owns. aiohttp runs
+    its start-up and shutdown; its requests are served by :mod:`proxy.listener`."""
+    app = web.Application()
     app[SETTINGS] = settings
     app[WORKER] = worker
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
@@ -419,12 +419,9 @@ def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
             _gc_ctx,
         ]
     )
-    app.router.add_route("*", "/{tail:.*}", _dispatch)
 
-    async def refuse_malformed(
-        request: web.BaseRequest, status: int, reason: str
-    ) -> web.StreamResponse:
-        return await app[HANDLER].refuse_malformed(request, status, reason)
+    def refusal() -> RefusalHook:
+        return app[HANDLER].refuse_malformed
 
-    audit_protocol_errors(app, refuse_malformed)
+    serve_on(app, lambda: _dispatcher(app), refusal)
     return app

@@ -14,14 +14,13 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -37,6 +36,7 @@ from proxy.fhir.interaction import (
     redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
+from proxy.listener import Answer, ClientRequest, StreamedAnswer
 from proxy.settings import Settings
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -65,6 +65,8 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
 _FORM = "application/x-www-form-urlencoded"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Reply = Answer | web.Response | StreamedAnswer
+"""What the handler answers with: a whole answer, or one it has streamed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,7 @@ def relative_path(raw_path: str, base_path: str) -> str | None:
     return raw_path[len(base_path) + 1 :] if base_path else raw_path.lstrip("/")
 
 
-def _upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
+def _upstream_headers(request: ClientRequest, request_id: str) -> CIMultiDict[str]:
     incoming = request.headers
     connection = incoming.get("Connection")
     drop = _REQUEST_DROP
@@ -277,7 +279,7 @@ def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadReso
 
     port = cfg.upstream_origin.port or 0
 
-    async def read(request: web.Request, ex: Exchange) -> bytes | None:
+    async def read(request: ClientRequest, ex: Exchange) -> bytes | None:
         headers = _upstream_headers(request, ex.request_id)
         for name in _PRE_READ_DROP:
             headers.pop(name, None)
@@ -301,7 +303,7 @@ def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadReso
 
 
 class ForwardHandler:
-    """The aiohttp handler for every path of the proxy listener."""
+    """The handler of every request of the proxy listener (:mod:`proxy.listener`)."""
 
     def __init__(
         self, *, cfg: ForwardConfig, upstream: UpstreamPool, pipeline: AuditPipeline
@@ -312,7 +314,7 @@ class ForwardHandler:
         self.budget = MemoryBudget(cfg.buffer_memory)
         """Memory of the answers waiting for their audit, across requests."""
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: ClientRequest) -> Reply:
         pipeline = self._pipeline
         ex, refusal = self._exchange_of(request, datetime.now(UTC))
         pipeline.started(ex)
@@ -333,7 +335,7 @@ class ForwardHandler:
             pipeline.finished(ex)
 
     def _exchange_of(
-        self, request: web.Request, started: datetime
+        self, request: ClientRequest, started: datetime
     ) -> tuple[Exchange, tuple[int, str, str] | None]:
         """The exchange as it may be recorded, made once at the boundary: header values
         and the path valid UTF-8 (or the request refused), the path normalized, the query
@@ -351,7 +353,7 @@ class ForwardHandler:
             request_id = new_event_id()
             if refusal is None:
                 refusal = (400, "invalid", "X-Request-Id must be 1-200 printable ASCII characters")
-        raw_path = request.rel_url.raw_path
+        raw_path = request.raw_path
         try:
             normalized = normalize_path(raw_path)
         except PathRefused as exc:
@@ -366,7 +368,7 @@ class ForwardHandler:
                     "not-found",
                     f"{normalized[:200]} is outside the FHIR base {self._cfg.base_path or '/'}",
                 )
-        raw_query = request.rel_url.raw_query_string
+        raw_query = request.raw_query
         query = _recordable(raw_query)
         if query is not raw_query and refusal is None:
             refusal = (400, "invalid", "the query string is not valid UTF-8")
@@ -398,9 +400,7 @@ class ForwardHandler:
             return body
         return redact_query(body.decode("latin-1"), self._cfg.redact_params).encode("latin-1")
 
-    async def _refuse(
-        self, ex: Exchange, status: int, code: str, diagnostics: str
-    ) -> web.StreamResponse:
+    async def _refuse(self, ex: Exchange, status: int, code: str, diagnostics: str) -> Reply:
         """Answer ``status`` with an OperationOutcome, without forwarding, and audit it."""
         self._pipeline.refused(ex, diagnostics)
         body = orjson.dumps(operation_outcome(code, diagnostics))
@@ -410,18 +410,11 @@ class ForwardHandler:
         failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
-        return web.Response(
-            status=status,
-            body=body,
-            content_type=FHIR_JSON,
-            headers={"X-Request-Id": ex.request_id},
-        )
+        return Answer(status, {"Content-Type": FHIR_JSON, "X-Request-Id": ex.request_id}, body)
 
-    async def refuse_malformed(
-        self, request: web.BaseRequest, status: int, reason: str
-    ) -> web.StreamResponse:
-        """Answer and audit a request aiohttp's HTTP parser refused. Nothing of the raw
-        request is known or kept but its peer: ``reason`` is the parser's category of
+    async def refuse_malformed(self, remote: str, status: int, reason: str) -> Reply:
+        """Answer and audit a request the listener's HTTP parser refused. Nothing of the
+        raw request is known or kept but its peer: ``reason`` is the parser's category of
         error, never the offending bytes (they may be a credential)."""
         ex = Exchange(
             request_id=new_event_id(),
@@ -429,46 +422,45 @@ class ForwardHandler:
             path="",
             query_string="",
             request_headers={},
-            client_address=request.remote or "unknown",
+            client_address=remote or "unknown",
             started_at=datetime.now(UTC),
             base_url=self._cfg.base_path,
         )
         log.warning("malformed HTTP request from %s refused: %s", ex.client_address, reason)
-        response = await self._refuse(
+        return await self._refuse(
             ex, status, "invalid", f"malformed HTTP request ({reason}); not forwarded"
         )
-        response.force_close()
-        return response
 
-    async def _read_request_body(self, request: web.Request) -> tuple[bytes | None, Any]:
+    async def _read_request_body(self, request: ClientRequest) -> tuple[bytes | None, Any]:
         """Buffer the request body up to the limit. A larger body streams on to the upstream
         (the head already read, then the rest) and is audited from the URL and headers.
         Returns ``(body, None)`` when buffered, ``(None, stream)`` when streaming."""
-        if not request.body_exists:
+        content = request.body
+        if content is None:
             return None, None
         limit = self._cfg.buffer_limit
         length = request.content_length
         if length is not None and length > limit:
-            return None, request.content.iter_chunked(65536)
+            return None, content.iter_chunks()
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.read(65536):
+        while chunk := await content.read_chunk():
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                return None, prepend(b"".join(chunks), request.content.iter_chunked(65536))
+                return None, prepend(b"".join(chunks), content.iter_chunks())
         return b"".join(chunks), None
 
     async def _forward(
         self,
-        request: web.Request,
+        request: ClientRequest,
         ex: Exchange,
         body: bytes | None,
         body_stream: Any,
         public_base: str,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         # What is forwarded is what was classified: the normalized path, the query as sent.
-        query = request.rel_url.raw_query_string
+        query = request.raw_query
         target = ex.upstream_path + (f"?{query}" if query else "")
         data: Any = body_stream if body_stream is not None else body
         headers = _upstream_headers(request, ex.request_id)
@@ -512,16 +504,16 @@ class ForwardHandler:
 
     async def _audited_response(
         self, ex: Exchange, headers: CIMultiDict[str], body: bytes
-    ) -> web.StreamResponse:
+    ) -> Reply:
         failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         assert ex.status is not None
-        return web.Response(status=ex.status, headers=headers, body=body)
+        return Answer(ex.status, headers, body)
 
     async def _audited_held(
-        self, request: web.Request, ex: Exchange, headers: CIMultiDict[str], held: HeldBody
-    ) -> web.StreamResponse:
+        self, request: ClientRequest, ex: Exchange, headers: CIMultiDict[str], held: HeldBody
+    ) -> Reply:
         """A whole body that spilled to its temporary file: audited from the whole body,
         then sent from memory and the file. The whole body is read back only for the
         build, one large body at a time (see :meth:`AuditPipeline.persist`)."""
@@ -529,13 +521,13 @@ class ForwardHandler:
         if failure is not None:
             return failure
         assert ex.status is not None
-        response = web.StreamResponse(status=ex.status, headers=headers)
-        response.content_length = held.size
+        response: Reply = Answer(ex.status, headers, b"")  # if the client is gone already
         try:
-            await response.prepare(request)
+            streamed = request.start(ex.status, headers, held.size)
+            response = streamed
             for chunk in held.chunks():
-                await response.write(chunk)
-            await response.write_eof()
+                await streamed.write(chunk)
+            await streamed.finish()
         except ConnectionError:
             # The client left; its exchange is already audited as the upstream answered.
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
@@ -543,25 +535,26 @@ class ForwardHandler:
 
     async def _audited_stream(
         self,
-        request: web.Request,
+        request: ClientRequest,
         ex: Exchange,
         headers: CIMultiDict[str],
         held: HeldBody,
         upstream: UpstreamResponse,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         # Invariant 1: a body too large to buffer is audited from its head before its first byte.
         failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
         assert ex.status is not None
-        response = web.StreamResponse(status=ex.status, headers=headers)
+        response: Reply = Answer(ex.status, headers, b"")  # if the client is gone already
         try:
-            await response.prepare(request)
+            streamed = request.start(ex.status, headers)
+            response = streamed
             for chunk in held.chunks():
-                await response.write(chunk)
+                await streamed.write(chunk)
             async for chunk in upstream.iter_chunked():
-                await response.write(chunk)
-            await response.write_eof()
+                await streamed.write(chunk)
+            await streamed.finish()
         except ConnectionError:  # the client left (audited already, as above)
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         except (TimeoutError, UpstreamError) as exc:
@@ -571,9 +564,7 @@ class ForwardHandler:
                 request.transport.abort()
         return response
 
-    async def _upstream_failure(
-        self, ex: Exchange, status: int, code: str, error: str
-    ) -> web.StreamResponse:
+    async def _upstream_failure(self, ex: Exchange, status: int, code: str, error: str) -> Reply:
         log.warning("%s %s: %s", ex.method, ex.path, error)
         ex.status = status
         ex.error = error
@@ -587,89 +578,4 @@ class ForwardHandler:
             code,
             f"The FHIR server could not be reached: {error}",
             headers={"X-Request-Id": ex.request_id},
-        )
-
-
-# --- requests aiohttp's own parser refuses -------------------------------------------------
-
-ProtocolErrorHook = Callable[[web.BaseRequest, int, str], Awaitable[web.StreamResponse]]
-"""Answers (and audits) a request the HTTP parser refused: ``(request, status, reason)``."""
-
-_PARSER_REASON = re.compile(r"[A-Za-z][A-Za-z ]{0,79}")
-
-
-def parser_error_reason(exc: BaseException) -> str:
-    """A description of a parser error that cannot hold the request's bytes: the error's
-    class, and its message's first line only when that is plain words (llhttp's fixed
-    reasons, ``Invalid header value char``). The rest of the message quotes the offending
-    line, which may be an ``Authorization`` header."""
-    first = str(getattr(exc, "message", "")).strip().split("\n", 1)[0].rstrip(":").strip()
-    kind = type(exc).__name__
-    return f"{kind}: {first}" if _PARSER_REASON.fullmatch(first) else kind
-
-
-class _AuditingRequestHandler(web.RequestHandler):
-    """aiohttp's protocol with one change: a request its parser refuses is answered by
-    the proxy's hook (an OperationOutcome, audited, logged without the request's bytes)
-    instead of aiohttp's plain-text 400 that quotes the offending header, and its
-    ``aiohttp.server`` error log line that does the same."""
-
-    def __init__(self, manager: web.Server, hook: ProtocolErrorHook, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._protocol_error = hook
-
-    def _make_error_handler(
-        self, err_info: Any
-    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-        hook = self._protocol_error
-        status = int(err_info.status)
-        reason = parser_error_reason(err_info.exc)
-
-        async def handler(request: web.BaseRequest) -> web.StreamResponse:
-            return await hook(request, status, reason)
-
-        return handler
-
-
-class _AuditingServer(web.Server):
-    """``web.Server`` making :class:`_AuditingRequestHandler` protocols; it only ever
-    replaces the class of a server aiohttp built (it adds no state of its own)."""
-
-    _protocol_error: ProtocolErrorHook
-
-    def __call__(self) -> web.RequestHandler:
-        return _AuditingRequestHandler(self, self._protocol_error, loop=self._loop, **self._kwargs)
-
-
-def audit_protocol_errors(app: web.Application, hook: ProtocolErrorHook) -> None:
-    """Make every server built for ``app`` (``run_app``, ``AppRunner``, ``TestServer``)
-    answer parser-refused requests through ``hook``. aiohttp has no public seam for
-    this answer, so this wraps ``Application._make_handler`` and overrides
-    ``RequestHandler._make_error_handler`` (aiohttp is pinned; tests/test_security.py
-    fails if either changes)."""
-    build = app._make_handler
-
-    def make_handler(**kwargs: Any) -> web.Server:
-        server = build(**kwargs)
-        server.__class__ = _AuditingServer
-        assert isinstance(server, _AuditingServer)
-        server._protocol_error = hook
-        return server
-
-    app._make_handler = make_handler  # type: ignore[method-assign]
-
-
-class AccessLogWithoutQuery(AbstractAccessLogger):
-    """The proxy listener's access log line: peer, method, path, status, size, seconds.
-    Never the query string (it can carry ``access_token``) nor any header."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            '%s "%s %s" %s %s %.3fs',
-            request.remote,
-            request.method,
-            request.path,
-            response.status,
-            response.body_length,
-            time,
         )

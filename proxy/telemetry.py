@@ -79,6 +79,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from proxy.delivery.sinks import Sink
     from proxy.exchange import Exchange
+    from proxy.listener import ClientRequest
     from proxy.settings import TelemetrySettings
     from proxy.store.queue import AuditQueue
     from proxy.store.records import QueueStats
@@ -549,7 +550,7 @@ def _tracer() -> trace.Tracer:
     return _TRACER[0]
 
 
-def traces(request: web.BaseRequest) -> bool:
+def traces(request: ClientRequest) -> bool:
     """Whether a request is traced: something exports spans (a span processor is
     registered) or the caller sent a ``traceparent`` to continue. An untraced request
     makes no span and sends no ``traceparent`` upstream or onto its AuditEvents: spans
@@ -572,7 +573,7 @@ class _Untraced:
 _UNTRACED = _Untraced()
 
 
-def server_span(request: web.Request) -> contextlib.AbstractContextManager[trace.Span]:
+def server_span(request: ClientRequest) -> contextlib.AbstractContextManager[trace.Span]:
     """The server span of one proxied request, child of the caller's ``traceparent``.
     Named and described from the request's Exchange when the handler has made one.
     Made only when the request is traced (:func:`traces`); otherwise the context is
@@ -583,7 +584,7 @@ def server_span(request: web.Request) -> contextlib.AbstractContextManager[trace
 
 
 @contextlib.contextmanager
-def _server_span(request: web.Request) -> Iterator[trace.Span]:
+def _server_span(request: ClientRequest) -> Iterator[trace.Span]:
     token = _EXCHANGE.set(None)
     try:
         parent = propagate.extract(request.headers)
@@ -618,10 +619,10 @@ def _describe(span: trace.Span, ex: Exchange) -> None:
         span.set_attribute("error.type", ex.error)
 
 
-def finish_server_span(span: trace.Span, response: web.StreamResponse) -> None:
+def finish_server_span(span: trace.Span, status: int) -> None:
     """Record the status the client got; 5xx marks the span as an error."""
-    span.set_attribute("http.response.status_code", response.status)
-    if response.status >= 500:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
         span.set_status(Status(StatusCode.ERROR))
 
 

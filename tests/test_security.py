@@ -17,7 +17,7 @@ import pytest
 from yarl import URL
 
 from proxy import telemetry
-from proxy.forward import parser_error_reason
+from proxy.listener import parser_error_reason
 from tests.factories import (
     NodeFhirServer,
     RecordingRepository,
@@ -182,18 +182,20 @@ async def test_no_secret_reaches_the_store_the_logs_the_repository_or_a_response
 @pytest.mark.parametrize(
     ("message", "expected"),
     [
+        ("Invalid header value char", "HttpParserError: Invalid header value char"),
         (
             "Invalid header value char:\n\n  b'Authorization: Bearer abc\\x01'\n   ^",
-            "BadHttpMessage: Invalid header value char",
+            "HttpParserError: Invalid header value char",
         ),
-        ("Invalid HTTP header: 'Authorization: Bearer abc'", "BadHttpMessage"),
-        ("", "BadHttpMessage"),
+        ("Invalid HTTP header: 'Authorization: Bearer abc'", "HttpParserError"),
+        ("Bearer " + "a" * 90, "HttpParserError"),
+        ("", "HttpParserError"),
     ],
 )
 def test_a_parser_error_is_described_without_the_request_bytes(message: str, expected: str) -> None:
-    from aiohttp.http_exceptions import BadHttpMessage
+    import httptools
 
-    assert parser_error_reason(BadHttpMessage(message)) == expected
+    assert parser_error_reason(httptools.HttpParserError(message)) == expected
 
 
 # --- finding 5: bytes that are not UTF-8 in a header --------------------------------------

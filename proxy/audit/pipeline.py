@@ -50,6 +50,7 @@ from proxy.fhir.interaction import (
 from proxy.fhir.large_bundle import audit_view
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.fhir.patients import patients_in_resource
+from proxy.listener import ClientRequest
 from proxy.settings import IdentitySettings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import Capture
@@ -68,7 +69,7 @@ takes tens of ms of Python (in a thread the loop gets the GIL back every switch
 interval), and its parse takes several times the body's size in memory, so hundreds of
 large answers at once must not each be read back and parsed at the same time."""
 
-ReadResource = Callable[[web.Request, Exchange], Awaitable[bytes | None]]
+ReadResource = Callable[[ClientRequest, Exchange], Awaitable[bytes | None]]
 """Reads, from the upstream and with the caller's own headers, the resource an exchange
 addresses; None when it cannot (not found, forbidden, unreachable, too large)."""
 
@@ -81,7 +82,7 @@ class Hook:
     def exchange_started(self, ex: Exchange) -> None:
         """The exchange exists (before classification)."""
 
-    async def before_forward(self, ex: Exchange, request: web.Request) -> None:
+    async def before_forward(self, ex: Exchange, request: ClientRequest) -> None:
         """Classified, not yet forwarded, no intent yet (what is learnt here can reach the
         intent's outcome-unknown event)."""
 
@@ -182,7 +183,7 @@ class ReadBeforeDelete(Hook):
             and interaction.resource_type in PATIENT_PATHS
         )
 
-    async def before_forward(self, ex: Exchange, request: web.Request) -> None:
+    async def before_forward(self, ex: Exchange, request: ClientRequest) -> None:
         assert ex.interaction is not None
         if not self.applies(ex.interaction):
             return
@@ -314,7 +315,7 @@ class AuditPipeline:
 
     # --- 2. before forwarding --------------------------------------------------------------
 
-    async def before_forward(self, ex: Exchange, request: web.Request) -> web.Response | None:
+    async def before_forward(self, ex: Exchange, request: ClientRequest) -> web.Response | None:
         """Run the before-forward hooks, then commit an intent for a request that can change
         server state; the OperationOutcome to answer when the intent cannot be persisted."""
         for callback in self._before_forward:

@@ -1,0 +1,312 @@
+"""The proxy listener's HTTP/1.1 (proxy/listener.py), over real sockets, with handlers of
+the tests' own: framing, keep-alive, pipelining, bodies and flow control, limits, streamed
+answers, clients that leave, idle connections and shutdown. That the proxy audits what the
+listener refuses is tested at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.listener import Answer, ClientRequest, Listener, StreamedAnswer
+from tests.factories import StartProxy, raw_body, raw_http, raw_status
+
+Handler = Callable[[ClientRequest], Awaitable[Answer | StreamedAnswer]]
+
+
+class Refusals:
+    """The refusal hook: records what it was given, answers a 4xx."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str]] = []
+
+    async def __call__(self, peer: str, status: int, reason: str) -> Answer:
+        self.seen.append((peer, status, reason))
+        return Answer(status, {"Content-Type": "text/plain"}, reason.encode(), keep_alive=False)
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    handler: Handler, refusals: Refusals | None = None, **kwargs: Any
+) -> AsyncIterator[tuple[Listener, int]]:
+    listener = Listener(handler, refusals or Refusals(), **kwargs)
+    server = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
+    try:
+        yield listener, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await listener.shutdown(1)
+        await server.wait_closed()
+
+
+async def talk(port: int, data: bytes, *, wait: float = 5) -> bytes:
+    """Send ``data``, then read until the listener closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(wait):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def echo(request: ClientRequest) -> Answer:
+    body = b""
+    if request.body is not None:
+        body = b"".join([chunk async for chunk in request.body.iter_chunks()])
+    text = f"{request.method} {request.raw_path}?{request.raw_query} {len(body)}"
+    return Answer(200, {"X-Echo": text}, body or text.encode())
+
+
+async def test_requests_on_one_connection_are_answered_in_order_and_http_1_0_closes() -> None:
+    async with listening(echo) as (_, port):
+        raw = await talk(
+            port,
+            b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        assert raw.count(b"HTTP/1.1 200 OK") == 3
+        assert raw.index(b"X-Echo: GET /a?x=1 0") < raw.index(b"X-Echo: POST /b? 3")
+        assert raw.index(b"X-Echo: POST /b? 3") < raw.index(b"X-Echo: GET /c? 0")
+        assert raw.endswith(b"Connection: close\r\n\r\nGET /c? 0")
+        # HTTP/1.0 without keep-alive: answered, then closed (talk returns at the close).
+        raw = await talk(port, b"GET /d HTTP/1.0\r\n\r\n")
+        assert b"Connection: close" in raw and raw.endswith(b"GET /d? 0")
+        raw = await talk(
+            port,
+            b"GET /e HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /f HTTP/1.0\r\n\r\n",
+        )
+        assert b"Connection: keep-alive" in raw and raw.endswith(b"GET /f? 0")
+
+
+async def test_a_pipelined_request_waits_for_the_answer_before_it() -> None:
+    order: list[str] = []
+
+    async def slow_first(request: ClientRequest) -> Answer:
+        order.append(f"start {request.raw_path}")
+        if request.raw_path == "/slow":
+            await asyncio.sleep(0.2)
+        order.append(f"end {request.raw_path}")
+        return Answer(200, {}, request.raw_path.encode())
+
+    async with listening(slow_first) as (_, port):
+        raw = await talk(
+            port,
+            b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\nGET /fast HTTP/1.1\r\nHost: h\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    assert order == ["start /slow", "end /slow", "start /fast", "end /fast"]
+    assert raw.index(b"\r\n\r\n/slow") < raw.index(b"\r\n\r\n/fast")
+
+
+async def test_bodies_arrive_whole_chunked_or_larger_than_the_high_water_mark() -> None:
+    async with listening(echo) as (_, port):
+        raw = await talk(
+            port,
+            b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        assert raw.endswith(b"abcde")
+        big = bytes(range(256)) * 8192  # 2 MiB: reading pauses and resumes many times
+        raw = await talk(
+            port,
+            b"POST /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+            + f"Content-Length: {len(big)}\r\n\r\n".encode()
+            + big,
+        )
+        assert raw.endswith(big)
+
+
+async def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_read() -> None:
+    async with listening(echo) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"PUT /p HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"ok")
+            raw = await reader.read()
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"ok")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "reason"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414, "target is too long"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nCookie: " + b"c" * 9000 + b"\r\n\r\n", 431, "too long"),
+        (
+            b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % n for n in range(200)) + b"\r\n",
+            431,
+            "too many header lines",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nAuthorization: Bearer secret-token\x01\r\n\r\n",
+            400,
+            "HttpParserError: Invalid header value char",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "HttpParserError",
+        ),
+    ],
+)
+async def test_a_request_the_parser_refuses_goes_to_the_refusal_hook_without_its_bytes(
+    request_bytes: bytes, status: int, reason: str
+) -> None:
+    handled: list[str] = []
+
+    async def handler(request: ClientRequest) -> Answer:
+        handled.append(request.raw_path)
+        return Answer(200, {}, b"")
+
+    refusals = Refusals()
+    async with listening(handler, refusals) as (_, port):
+        raw = await talk(port, request_bytes)
+    assert raw_status(raw) == status
+    assert handled == []
+    ((peer, seen_status, seen_reason),) = refusals.seen
+    assert (peer, seen_status) == ("127.0.0.1", status)
+    assert reason in seen_reason
+    assert b"secret" not in raw and "secret" not in seen_reason
+
+
+async def test_a_streamed_answer_is_chunked_to_http_1_1_and_close_delimited_to_http_1_0() -> None:
+    async def stream(request: ClientRequest) -> StreamedAnswer:
+        answer = request.start(200, {"Content-Type": "text/plain"})
+        for part in (b"one ", b"two ", b"three"):
+            await answer.write(part)
+        await answer.finish()
+        return answer
+
+    async with listening(stream) as (_, port):
+        raw = await talk(port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert b"Transfer-Encoding: chunked" in raw
+        assert raw.endswith(b"4\r\none \r\n4\r\ntwo \r\n5\r\nthree\r\n0\r\n\r\n")
+        raw = await talk(port, b"GET / HTTP/1.0\r\n\r\n")
+        assert b"Transfer-Encoding" not in raw and raw.endswith(b"\r\n\r\none two three")
+        raw = await talk(port, b"HEAD / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert raw.endswith(b"\r\n\r\n"), "a HEAD answer has no body"
+
+
+async def test_a_client_that_leaves_does_not_cancel_the_handler() -> None:
+    finished: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def stream(request: ClientRequest) -> StreamedAnswer:
+        answer = request.start(200, {})
+        try:
+            for _ in range(10_000):
+                await answer.write(b"x" * 65536)
+                await asyncio.sleep(0)
+            finished.set_result("wrote everything")
+        except ConnectionResetError:
+            await asyncio.sleep(0.05)  # not cancelled: it can still finish its work
+            finished.set_result("saw the client leave")
+        return answer
+
+    async with listening(stream) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await reader.readexactly(1000)
+        writer.transport.abort()
+        async with asyncio.timeout(10):
+            assert await finished == "saw the client leave"
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_time() -> None:
+    async with listening(echo, keepalive_s=0.2) as (listener, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"\r\n\r\nGET /? 0")
+            assert await reader.read() == b"", "closed by the listener once idle"
+        writer.close()
+        assert listener.connections == set()
+
+
+async def test_shutdown_lets_the_answer_in_flight_finish_and_closes_idle_connections() -> None:
+    started = asyncio.Event()
+
+    async def slow(request: ClientRequest) -> Answer:
+        if request.raw_path == "/slow":
+            started.set()
+            await asyncio.sleep(0.3)
+        return Answer(200, {}, b"done")
+
+    listener = Listener(slow, Refusals())
+    server = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(b"GET /fast HTTP/1.1\r\nHost: h\r\n\r\n")
+    await idle_reader.readuntil(b"done")
+    busy = asyncio.create_task(talk(port, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n"))
+    await started.wait()
+    server.close()
+    await listener.shutdown(5)
+    raw = await busy
+    assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"done")
+    assert b"Connection: close" in raw
+    async with asyncio.timeout(5):
+        assert await idle_reader.read() == b""
+    idle_writer.close()
+    await server.wait_closed()
+
+
+async def test_a_header_that_would_add_a_line_is_never_sent() -> None:
+    async def injecting(request: ClientRequest) -> Answer:
+        return Answer(200, {"X-Bad": "a\r\nSet-Cookie: stolen=1"}, b"body")
+
+    async with listening(injecting) as (_, port):
+        raw = await talk(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert b"Set-Cookie" not in raw and b"body" not in raw
+
+
+async def test_a_handler_that_fails_answers_500_and_an_upgrade_ends_the_connection() -> None:
+    async def failing(request: ClientRequest) -> Answer:
+        if request.raw_path == "/fail":
+            raise RuntimeError("bug")
+        return Answer(200, {}, b"plain")
+
+    async with listening(failing) as (_, port):
+        raw = await talk(port, b"GET /fail HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert raw_status(raw) == 500
+        assert orjson.loads(raw_body(raw))["resourceType"] == "OperationOutcome"
+        raw = await talk(
+            port,
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            b"not http at all",
+        )
+        assert raw_status(raw) == 200 and raw.endswith(b"plain")
+
+
+# --- through the proxy: what the listener refuses is audited ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /fhir/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n", 414),
+        (b"GET /fhir/Patient HTTP/1.1\r\nHost: x\r\nCookie: session=" + b"s" * 9000 + b"\r\n", 431),
+    ],
+)
+async def test_a_head_past_the_limits_is_answered_with_an_outcome_and_audited(
+    start_proxy: StartProxy, head: bytes, status: int
+) -> None:
+    proxy = await start_proxy("http://127.0.0.1:9/fhir")
+    raw = await raw_http(proxy.server.host, proxy.server.port, head + b"Connection: close\r\n\r\n")
+    assert raw_status(raw) == status
+    assert orjson.loads(raw_body(raw))["resourceType"] == "OperationOutcome"
+    (event,) = await proxy.stored_events()
+    assert event["outcome"] == "4"
+    assert "malformed HTTP request" in event["outcomeDesc"]
+    assert b"sssss" not in orjson.dumps(event)
