@@ -348,6 +348,9 @@ class HttpConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._closed = False
         self._stopped_parsing = False
+        """Nothing more is parsed: once what was parsed is answered, the connection closes."""
+        self._refusal: tuple[int, str] | None = None
+        """A refusal to answer once the requests parsed before it are answered."""
 
     # asyncio.Protocol
 
@@ -623,7 +626,7 @@ class HttpConnection(asyncio.Protocol):
             lines.append(f"Content-Length: {length}\r\n")
         elif chunked:
             lines.append("Transfer-Encoding: chunked\r\n")
-        keep = request.keep_alive and not self.close_after and not self.listener.closing
+        keep = request.keep_alive and not self._last_answer()
         if not keep:
             self.close_after = True
             lines.append("Connection: close\r\n")
@@ -653,13 +656,25 @@ class HttpConnection(asyncio.Protocol):
             return
         if self._pending:
             self._begin(self._pending.popleft())
-        if not self._pending and self._pipeline_paused:
+        elif self._refusal is not None:
+            self._begin_refusal(*self._refusal)
+        elif self._stopped_parsing:
+            if self.transport is not None:
+                self.transport.close()
+        elif self._pipeline_paused:
             self._pipeline_paused = False
             self._resume()
 
+    def _last_answer(self) -> bool:
+        """Whether the answer being sent is the last on this connection."""
+        return (
+            self.close_after
+            or self.listener.closing
+            or (self._stopped_parsing and not self._pending and self._refusal is None)
+        )
+
     def _stop_parsing(self) -> None:
         self._stopped_parsing = True
-        self.close_after = True
         request = self._parsing
         self._parsing = None
         if request is not None and request.body is not None:
@@ -668,19 +683,23 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     def _refuse(self, status: int, reason: str) -> None:
-        """Answer a request the parser refused, then close: nothing after it on this
-        connection can be framed."""
+        """Answer a request the parser refused (after the requests parsed before it),
+        then close: nothing after it on this connection can be framed."""
         self._stopped_parsing = True
-        self.close_after = True
         request = self._parsing
         self._parsing = None
         if request is not None and request.body is not None:
-            # The head was whole and its handler runs: its body broke off.
+            # The head was whole and its handler runs or waits: its body broke off.
             request.body.fail(ConnectionResetError(f"the request body is malformed ({reason})"))
             return
         if self._active is not None:
-            return  # the answer being made is the last on this connection
-        self._pending.clear()
+            self._refusal = (status, reason)
+            return
+        self._begin_refusal(status, reason)
+
+    def _begin_refusal(self, status: int, reason: str) -> None:
+        self._refusal = None
+        self.close_after = True
         request = ClientRequest(self, "GET", "", "", "1.1", _NO_HEADERS, keep_alive=False)
         self._active = request
         self._task = self.loop.create_task(self._answer_refusal(request, status, reason))

@@ -181,6 +181,20 @@ async def test_a_request_the_parser_refuses_goes_to_the_refusal_hook_without_its
     assert b"secret" not in raw and "secret" not in seen_reason
 
 
+async def test_a_refused_request_after_good_ones_is_answered_after_them() -> None:
+    refusals = Refusals()
+    async with listening(echo, refusals) as (_, port):
+        raw = await talk(
+            port,
+            b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nGET /two HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /three HTTP/1.1\r\nBad\x01Header: x\r\n\r\n",
+        )
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+    assert raw.index(b"GET /one") < raw.index(b"GET /two") < raw.index(b"HTTP/1.1 400")
+    assert b"Connection: close" not in raw.split(b"HTTP/1.1 400")[0]
+    assert [status for _, status, _ in refusals.seen] == [400]
+
+
 async def test_a_streamed_answer_is_chunked_to_http_1_1_and_close_delimited_to_http_1_0() -> None:
     async def stream(request: ClientRequest) -> StreamedAnswer:
         answer = request.start(200, {"Content-Type": "text/plain"})
