@@ -339,6 +339,8 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._in_head = False
+        """A request's head has begun to arrive and is not whole yet."""
         self._active: ClientRequest | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: deque[ClientRequest] = deque()
@@ -418,6 +420,7 @@ class HttpConnection(asyncio.Protocol):
     # parser callbacks
 
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._url = b""
         self._raw_headers = []
         self._head_size = 0
@@ -437,6 +440,7 @@ class HttpConnection(asyncio.Protocol):
             raise ParserRefused(431, "too many header lines")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self._parser
         target = self._url.decode("utf-8", "surrogateescape")
         if "#" in target:
@@ -720,13 +724,17 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._active is None and self._parsing is None
+        return self._active is None and self._parsing is None and not self._in_head
 
     def close_if_idle(self) -> bool:
         if self.idle and self.transport is not None:
             self.transport.close()
             return True
         return False
+
+    @property
+    def answering(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def wait_answered(self) -> None:
         task = self._task
@@ -799,10 +807,10 @@ class Listener:
         """Let the requests being answered finish, for ``timeout`` seconds at most; then
         cancel what is left and close every connection."""
         self.pre_shutdown()
-        busy = [conn.wait_answered() for conn in self.connections if not conn.idle]
-        if busy:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                async with asyncio.timeout(timeout):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                # Answers begun during the grace (their head was arriving) count too.
+                while busy := [c.wait_answered() for c in self.connections if c.answering]:
                     await asyncio.gather(*busy, return_exceptions=True)
         for conn in list(self.connections):
             conn.abort()

@@ -248,11 +248,11 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_time() -> None:
         assert listener.connections == set()
 
 
-async def test_shutdown_lets_the_answer_in_flight_finish_and_closes_idle_connections() -> None:
+async def test_shutdown_lets_the_answers_in_flight_finish_and_closes_idle_connections() -> None:
     started = asyncio.Event()
 
     async def slow(request: ClientRequest) -> Answer:
-        if request.raw_path == "/slow":
+        if request.raw_path in ("/slow", "/late"):
             started.set()
             await asyncio.sleep(0.3)
         return Answer(200, {}, b"done")
@@ -263,16 +263,24 @@ async def test_shutdown_lets_the_answer_in_flight_finish_and_closes_idle_connect
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
     idle_writer.write(b"GET /fast HTTP/1.1\r\nHost: h\r\n\r\n")
     await idle_reader.readuntil(b"done")
+    late_reader, late_writer = await asyncio.open_connection("127.0.0.1", port)
+    late_writer.write(b"GET /late HTTP/1.1\r\nHost: h\r\n")  # its head is still arriving
     busy = asyncio.create_task(talk(port, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n"))
     await started.wait()
     server.close()
-    await listener.shutdown(5)
+    stopping = asyncio.create_task(listener.shutdown(5))
+    await asyncio.sleep(0.1)
+    late_writer.write(b"\r\n")  # a request begun during the grace is answered within it
     raw = await busy
     assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"done")
     assert b"Connection: close" in raw
     async with asyncio.timeout(5):
+        late = await late_reader.read()
+        assert late.startswith(b"HTTP/1.1 200 OK") and late.endswith(b"done")
         assert await idle_reader.read() == b""
+    await stopping
     idle_writer.close()
+    late_writer.close()
     await server.wait_closed()
 
 
