@@ -31,7 +31,10 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import httptools
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
@@ -218,10 +221,6 @@ class ClientRequest:
         self.expects_continue = False
         self.started = time.perf_counter()
         self._streamed: StreamedAnswer | None = None
-
-    @property
-    def path(self) -> str:
-        return self.raw_path
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -750,9 +749,8 @@ class HttpConnection(asyncio.Protocol):
 
 _HANDLER_FAILED = Answer(
     500,
-    {"Content-Type": "application/fhir+json"},
-    b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception",'
-    b'"diagnostics":"The proxy failed to answer this request."}]}',
+    {"Content-Type": FHIR_JSON},
+    orjson.dumps(operation_outcome("exception", "The proxy failed to answer this request.")),
     keep_alive=False,
 )
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
