@@ -36,7 +36,7 @@ from proxy.fhir.interaction import (
     redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
-from proxy.listener import Answer, ClientRequest, StreamedAnswer
+from proxy.listener import Answer, BodyBrokenOff, ClientRequest, StreamedAnswer
 from proxy.settings import Settings
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -493,6 +493,16 @@ class ForwardHandler:
                         )
                     finally:
                         held.close()
+        except BodyBrokenOff as exc:
+            # The client's body broke off while it streamed upstream: the server got a
+            # request cut short (its connection is dropped, so it never sees the end).
+            return await self._upstream_failure(
+                ex,
+                400,
+                "incomplete",
+                f"the request body did not arrive whole ({exc})",
+                told="The request was not forwarded whole",
+            )
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
         except UpstreamError as exc:
@@ -564,7 +574,16 @@ class ForwardHandler:
                 request.transport.abort()
         return response
 
-    async def _upstream_failure(self, ex: Exchange, status: int, code: str, error: str) -> Reply:
+    async def _upstream_failure(
+        self,
+        ex: Exchange,
+        status: int,
+        code: str,
+        error: str,
+        *,
+        told: str = "The FHIR server could not be reached",
+    ) -> Reply:
+        """Audit and answer an exchange that ended without the upstream's answer."""
         log.warning("%s %s: %s", ex.method, ex.path, error)
         ex.status = status
         ex.error = error
@@ -576,6 +595,6 @@ class ForwardHandler:
         return outcome_response(
             status,
             code,
-            f"The FHIR server could not be reached: {error}",
+            f"{told}: {error}",
             headers={"X-Request-Id": ex.request_id},
         )

@@ -85,6 +85,10 @@ RefusalHook = Callable[[str, int, str], Awaitable["WholeAnswer | StreamedAnswer"
 """Answers (and audits) a request the parser refused: ``(peer, status, reason)``."""
 
 
+class BodyBrokenOff(ConnectionResetError):
+    """A request's body did not arrive whole: the client left, or its framing broke."""
+
+
 class ParserRefused(Exception):
     """A request head past the listener's limits."""
 
@@ -369,7 +373,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.listener.connections.discard(self)
-        gone = ConnectionResetError("the client closed the connection")
+        gone = BodyBrokenOff("the client closed the connection")
         for request in (self._parsing, self._active):
             if request is not None and request.body is not None:
                 request.body.fail(gone)
@@ -412,8 +416,12 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(400, parser_error_reason(exc))
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still be waiting for its answer; nothing follows it.
+        """The client closed its side: nothing follows. A body still arriving never
+        will; an answer being made is still sent (a half-closed client may wait for it)."""
         self.close_after = True
+        request = self._parsing
+        if request is not None and request.body is not None:
+            request.body.fail(BodyBrokenOff("the client closed the connection"))
         return True if self._active is not None else None
 
     # parser callbacks
@@ -693,7 +701,7 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
         if request is not None and request.body is not None:
             # The head was whole and its handler runs or waits: its body broke off.
-            request.body.fail(ConnectionResetError(f"the request body is malformed ({reason})"))
+            request.body.fail(BodyBrokenOff(f"the request body is malformed ({reason})"))
             return
         if self._active is not None:
             self._refusal = (status, reason)

@@ -70,6 +70,7 @@ class UpstreamResponse:
         "_buffered",
         "_chunks",
         "_conn",
+        "_cut",
         "_done",
         "_error",
         "_head",
@@ -95,6 +96,8 @@ class UpstreamResponse:
         self._informational = False
         self._keep_alive = False
         self._received = False
+        self._cut = False
+        """The request's body was not sent whole (the answer came first)."""
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.status = 0
@@ -232,7 +235,13 @@ class UpstreamResponse:
 
     @property
     def reusable(self) -> bool:
-        return self._done and self._keep_alive and self._error is None and not self._chunks
+        return (
+            self._done
+            and self._keep_alive
+            and self._error is None
+            and not self._chunks
+            and not self._cut
+        )
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -284,9 +293,14 @@ class _Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
-    async def drain(self) -> None:
+    def check_open(self) -> None:
+        """Raise :class:`UpstreamDisconnected` once the connection is closed (a write to
+        it would raise ``RuntimeError``)."""
         if self.closed:
             raise UpstreamDisconnected("the upstream closed the connection")
+
+    async def drain(self) -> None:
+        self.check_open()
         if self._paused:
             self._drain = self.loop.create_future()
             await self._drain
@@ -432,15 +446,30 @@ class UpstreamPool:
                         transport.write(body)
                 elif body is not None:
                     transport.write(head)
-                    async for chunk in body:
-                        if chunk:
-                            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                            await conn.drain()
-                    transport.write(b"0\r\n\r\n")
+                    # A body that stalls is bounded by the exchange's deadline too.
+                    async with asyncio.timeout_at(deadline):
+                        async for chunk in body:
+                            if response.status:
+                                # Answered before the body was whole (a 413, a 401): RFC 9112
+                                # §9.5, stop sending it; the connection ends with this answer.
+                                response._cut = True
+                                break
+                            if chunk:
+                                conn.check_open()
+                                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                                await conn.drain()
+                        else:
+                            conn.check_open()
+                            transport.write(b"0\r\n\r\n")
                 else:
                     transport.write(head)
                 await response._wait_head()
             except UpstreamDisconnected:
+                if response.status and body is not None and not isinstance(body, bytes):
+                    # It answered early, then closed while the body was being sent: the
+                    # answer stands (read on as far as it arrived).
+                    response._cut = True
+                    return response
                 exchange._response = None
                 self._drop(conn)
                 if reused and retry and not response._received:

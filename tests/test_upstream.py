@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -447,3 +449,153 @@ async def test_the_proxy_reuses_upstream_connections_as_upstream_keepalive_s_say
                 assert r.status == 200 and await r.read() == patient
             await asyncio.sleep(0.1)
         assert server.connections == connections
+
+
+TOO_LARGE = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/fhir+json\r\n"
+    b'Content-Length: 27\r\nConnection: %b\r\n\r\n{"resourceType":"Outcome"}\n'
+)
+
+
+def answer_early(close: bool) -> Callable[[Scripted], Script]:
+    """Reads a request's head only, answers 413 at once, then closes the connection or
+    holds it open without reading on (as a server with a body limit does)."""
+
+    def script(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(TOO_LARGE % (b"close" if close else b"keep-alive"))
+            await writer.drain()
+            if not close:
+                await asyncio.sleep(30)
+
+        return run
+
+    return script
+
+
+@pytest.mark.parametrize("close", [True, False])
+async def test_an_answer_before_the_body_is_sent_whole_stops_the_body_and_stands(
+    close: bool,
+) -> None:
+    sent: list[int] = []
+
+    async def large() -> AsyncIterator[bytes]:
+        for n in range(2000):  # 128 MB, if it were all sent
+            sent.append(n)
+            yield b"x" * 65536
+            await asyncio.sleep(0.001)
+
+    async with scripted(answer_early(close)) as server:
+        pool = UpstreamPool(server.origin, timeout=20)
+        try:
+            async with pool.request("POST", "/fhir/Binary", [], large()) as a:
+                assert a.status == 413
+                assert await a.read() == b'{"resourceType":"Outcome"}\n'
+            assert len(sent) < 2000, "the body stopped once the answer came"
+            assert pool._idle == [] or all(c.closed for c in pool._idle), "not reused"
+        finally:
+            await pool.close()
+
+
+async def test_the_proxy_passes_on_an_answer_given_before_the_body_was_whole(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    async with scripted(answer_early(close=True)) as server:
+        url = f"{server.origin}/fhir"
+        proxy = await start_proxy(url, audit={"buffer_limit_bytes": 65536})
+        body = io.BytesIO(b'{"resourceType":"Binary","data":"' + b"A" * 4_000_000 + b'"}')
+        async with http.post(
+            f"{proxy.url}/Binary", data=body, headers={"Content-Type": "application/fhir+json"}
+        ) as r:
+            assert r.status == 413
+        events = await proxy.stored_events()
+        assert [e["outcome"] for e in events] == ["4"]
+
+
+def close_after_head() -> Callable[[Scripted], Script]:
+    """Reads a request's head only, then closes the connection without a word."""
+
+    def script(server: Scripted) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            await asyncio.sleep(0.05)
+
+        return run
+
+    return script
+
+
+async def test_an_upstream_that_closes_during_a_streamed_body_is_a_502_audited(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with scripted(close_after_head()) as server:
+        url = f"{server.origin}/fhir"
+        proxy = await start_proxy(url, audit={"buffer_limit_bytes": 65536})
+        body = io.BytesIO(b'{"resourceType":"Binary","data":"' + b"A" * 4_000_000 + b'"}')
+        async with http.post(
+            f"{proxy.url}/Binary", data=body, headers={"Content-Type": "application/fhir+json"}
+        ) as r:
+            assert r.status == 502
+        (event,) = await proxy.stored_events()
+        assert event["outcome"] != "0" and "upstream" in event["outcomeDesc"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "handler" in r.message]
+
+
+async def _stream_part_of_a_body(
+    start_proxy: StartProxy, *, leave: bool, **overrides: Any
+) -> tuple[dict[str, Any], bytes]:
+    """Through a proxy, send the head of a 10 MB upload and 1 MB of its body to a server
+    that reads what comes; then leave (``leave``) or stall. The one event stored, and what
+    the client was answered."""
+    received = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.Response:
+        with contextlib.suppress(aiohttp.ClientPayloadError, ConnectionError):
+            async for _ in request.content.iter_any():
+                received.set()
+        return web.json_response({"resourceType": "Binary", "id": "b"}, status=201)
+
+    async with serving(("*", "/{tail:.*}", upstream)) as server:
+        proxy = await start_proxy(
+            str(server.make_url("/fhir")), audit={"buffer_limit_bytes": 65536}, **overrides
+        )
+        reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+        writer.write(
+            b"POST /fhir/Binary HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+            b"Content-Length: 10000000\r\n\r\n" + b"A" * 1_000_000
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            await received.wait()
+        answer = b""
+        if leave:
+            writer.transport.abort()
+        else:
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+        async with asyncio.timeout(10):
+            while not (events := await proxy.stored_events()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    (event,) = events
+    return event, answer
+
+
+async def test_a_client_that_leaves_during_a_streamed_body_is_audited(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    event, _ = await _stream_part_of_a_body(start_proxy, leave=True)
+    assert event["outcome"] != "0"
+    assert "did not arrive whole" in event["outcomeDesc"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "handler" in r.message]
+
+
+async def test_a_body_that_stalls_is_bounded_by_the_upstream_timeout(
+    start_proxy: StartProxy,
+) -> None:
+    event, answer = await _stream_part_of_a_body(
+        start_proxy, leave=False, upstream={"timeout_s": 1}
+    )
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert event["outcome"] != "0" and "timed out" in event["outcomeDesc"]
