@@ -573,8 +573,10 @@ def events_for(
         code, outcome_desc = outcome_of(
             happening.status, happening.error, happening.response_resource
         )
-        if interaction.kind is K.UNKNOWN and interaction.detail:
-            outcome_desc = f"{interaction.detail}" + (f"; {outcome_desc}" if outcome_desc else "")
+        detail = interaction.detail
+        if interaction.kind is K.UNKNOWN and detail and detail not in (outcome_desc or ""):
+            # (A request the proxy refused has its own diagnostics as the detail: once.)
+            outcome_desc = detail + (f"; {outcome_desc}" if outcome_desc else "")
     else:
         code, outcome_desc = outcome
     r5 = finish.r5
