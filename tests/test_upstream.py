@@ -498,21 +498,6 @@ async def test_an_answer_before_the_body_is_sent_whole_stops_the_body_and_stands
             await pool.close()
 
 
-async def test_the_proxy_passes_on_an_answer_given_before_the_body_was_whole(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    async with scripted(answer_early(close=True)) as server:
-        url = f"{server.origin}/fhir"
-        proxy = await start_proxy(url, audit={"buffer_limit_bytes": 65536})
-        body = io.BytesIO(b'{"resourceType":"Binary","data":"' + b"A" * 4_000_000 + b'"}')
-        async with http.post(
-            f"{proxy.url}/Binary", data=body, headers={"Content-Type": "application/fhir+json"}
-        ) as r:
-            assert r.status == 413
-        events = await proxy.stored_events()
-        assert [e["outcome"] for e in events] == ["4"]
-
-
 def close_after_head() -> Callable[[Scripted], Script]:
     """Reads a request's head only, then closes the connection without a word."""
 
@@ -526,19 +511,33 @@ def close_after_head() -> Callable[[Scripted], Script]:
     return script
 
 
-async def test_an_upstream_that_closes_during_a_streamed_body_is_a_502_audited(
-    start_proxy: StartProxy, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("script", "status", "outcome", "said"),
+    [
+        (answer_early(close=True), 413, "4", "HTTP 413"),
+        (close_after_head(), 502, "12", "upstream unreachable"),
+    ],
+    ids=["answered early", "closed without an answer"],
+)
+async def test_what_the_upstream_did_with_a_streamed_body_is_passed_on_and_audited(
+    script: Callable[[Scripted], Script],
+    status: int,
+    outcome: str,
+    said: str,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async with scripted(close_after_head()) as server:
+    async with scripted(script) as server:
         url = f"{server.origin}/fhir"
         proxy = await start_proxy(url, audit={"buffer_limit_bytes": 65536})
         body = io.BytesIO(b'{"resourceType":"Binary","data":"' + b"A" * 4_000_000 + b'"}')
         async with http.post(
             f"{proxy.url}/Binary", data=body, headers={"Content-Type": "application/fhir+json"}
         ) as r:
-            assert r.status == 502
+            assert r.status == status
         (event,) = await proxy.stored_events()
-        assert event["outcome"] != "0" and "upstream" in event["outcomeDesc"]
+        assert event["outcome"] == outcome and said in event["outcomeDesc"]
     assert not [r for r in caplog.records if r.levelname == "ERROR" and "handler" in r.message]
 
 
