@@ -634,6 +634,8 @@ def exchange_started(ex: Exchange) -> None:
 
 def current_traceparent() -> str | None:
     """The W3C traceparent of the current span, or None outside a trace."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None  # what inject would find, at a quarter of its cost (every request asks)
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent")
