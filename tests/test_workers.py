@@ -287,8 +287,18 @@ async def test_readiness_reports_every_worker_s_shard(
     async with aiohttp.ClientSession() as http:
         await proxy.start(http)
         try:
-            async with http.get(f"{proxy.admin}/readyz") as r:
-                report = await r.json()
+            # Worker 1 may still be opening its shard when worker 0 answers: not ready
+            # until it has ("not created yet"), then ready.
+            for _ in range(100):
+                async with http.get(f"{proxy.admin}/readyz") as r:
+                    report = await r.json()
+                if r.status == 200:
+                    break
+                assert report["checks"]["store"]["other_shards"]["1"] == {
+                    "ok": False,
+                    "error": "not created yet",
+                }, report
+                await asyncio.sleep(0.1)
             assert r.status == 200, report
             assert report["checks"]["store"]["other_shards"]["1"]["ok"] is True
         finally:
