@@ -250,11 +250,16 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_time() -> None:
 
 async def test_shutdown_lets_the_answers_in_flight_finish_and_closes_idle_connections() -> None:
     started = asyncio.Event()
+    late_started = asyncio.Event()
 
     async def slow(request: ClientRequest) -> Answer:
-        if request.raw_path in ("/slow", "/late"):
+        if request.raw_path == "/slow":
             started.set()
-            await asyncio.sleep(0.3)
+            async with asyncio.timeout(10):  # in flight until the late one has begun
+                await late_started.wait()
+        elif request.raw_path == "/late":
+            late_started.set()
+            await asyncio.sleep(0.1)
         return Answer(200, {}, b"done")
 
     listener = Listener(slow, Refusals())
