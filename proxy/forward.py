@@ -531,17 +531,15 @@ class ForwardHandler:
         if failure is not None:
             return failure
         assert ex.status is not None
-        response: Reply = Answer(ex.status, headers, b"")  # if the client is gone already
+        streamed = request.start(ex.status, headers, held.size)
         try:
-            streamed = request.start(ex.status, headers, held.size)
-            response = streamed
             for chunk in held.chunks():
                 await streamed.write(chunk)
             await streamed.finish()
         except ConnectionError:
             # The client left; its exchange is already audited as the upstream answered.
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
-        return response
+        return streamed
 
     async def _audited_stream(
         self,
@@ -556,10 +554,8 @@ class ForwardHandler:
         if failure is not None:
             return failure
         assert ex.status is not None
-        response: Reply = Answer(ex.status, headers, b"")  # if the client is gone already
+        streamed = request.start(ex.status, headers)
         try:
-            streamed = request.start(ex.status, headers)
-            response = streamed
             for chunk in held.chunks():
                 await streamed.write(chunk)
             async for chunk in upstream.iter_chunked():
@@ -568,11 +564,9 @@ class ForwardHandler:
         except ConnectionError:  # the client left (audited already, as above)
             log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
         except (TimeoutError, UpstreamError) as exc:
-            # The head is audited and sent; the client sees the answer cut short.
+            # The head is audited and sent; the listener cuts the unfinished answer short.
             log.warning("%s %s: the upstream's answer broke off: %s", ex.method, ex.path, exc)
-            if request.transport is not None:
-                request.transport.abort()
-        return response
+        return streamed
 
     async def _upstream_failure(
         self,

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -226,15 +226,12 @@ class ClientRequest:
         self.started = time.perf_counter()
         self._streamed: StreamedAnswer | None = None
 
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        return self._conn.transport
-
     def start(
         self, status: int, headers: Mapping[str, str], length: int | None = None
     ) -> StreamedAnswer:
         """Send the head of an answer whose body follows through the returned writer;
-        with ``length`` None it is sent chunked (close-delimited to an HTTP/1.0 client)."""
+        with ``length`` None it is sent chunked (close-delimited to an HTTP/1.0 client).
+        To a client that has gone nothing is sent, and the first write raises."""
         streamed = StreamedAnswer(self._conn, self, status, headers, length)
         self._streamed = streamed
         return streamed
@@ -257,7 +254,7 @@ class StreamedAnswer:
         self.status = status
         self.body_length = 0
         self._finished = False
-        self._no_body = request.method == "HEAD" or status in (204, 304) or status < 200
+        self._no_body = _bodiless(request.method, status)
         self._chunked = length is None and not self._no_body and request.version == "1.1"
         if length is None and not self._chunked and not self._no_body:
             conn.close_after = True  # close-delimited
@@ -298,9 +295,13 @@ _STATUS_LINES = {
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def _status_line(status: int, reason: str | None = None) -> str:
-    line = _STATUS_LINES.get(status) if reason is None else None
-    return line or f"HTTP/1.1 {status} {reason or 'Status'}\r\n"
+def _status_line(status: int) -> str:
+    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Status\r\n"
+
+
+def _bodiless(method: str, status: int) -> bool:
+    """Whether an answer has no body whatever its headers say (RFC 9112 §6.3)."""
+    return method == "HEAD" or status in (204, 304) or status < 200
 
 
 class _Date:
@@ -548,7 +549,6 @@ class HttpConnection(asyncio.Protocol):
             answer = await self.listener.handler(request)
         except Exception:
             log.exception("%s %s: the handler failed", request.method, request.raw_path)
-            answer = None
         try:
             streamed = request._streamed
             if streamed is not None:
@@ -592,7 +592,7 @@ class HttpConnection(asyncio.Protocol):
         if answer.keep_alive is False:
             self.close_after = True
         status = answer.status
-        no_body = request.method == "HEAD" or status in (204, 304) or status < 200
+        no_body = _bodiless(request.method, status)
         head = self.head_bytes(request, status, answer.headers, None if no_body else len(body))
         if no_body:
             self.transport.write(head)
@@ -609,15 +609,17 @@ class HttpConnection(asyncio.Protocol):
         *,
         chunked: bool,
     ) -> None:
-        self.check_open()
-        head = self.head_bytes(request, status, headers, length, chunked=chunked)
-        self.transport.write(head)  # type: ignore[union-attr]
+        """Send the head of a streamed answer; nothing once the client has gone (the
+        first write of the body says so)."""
+        if self._closed or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(self.head_bytes(request, status, headers, length, chunked=chunked))
 
     def head_bytes(
         self,
         request: ClientRequest,
         status: int,
-        headers: Mapping[str, str] | Iterable[tuple[str, str]],
+        headers: Mapping[str, str],
         length: int | None,
         *,
         chunked: bool = False,
@@ -625,9 +627,8 @@ class HttpConnection(asyncio.Protocol):
         """The status line and header block of an answer to ``request``: ``headers`` as
         given, then ``Date`` (unless given), the framing and ``Connection``."""
         lines = [_status_line(status)]
-        items = headers.items() if isinstance(headers, Mapping) else headers
         has_date = False
-        for name, value in items:
+        for name, value in headers.items():
             lines.append(f"{name}: {value}\r\n")
             if not has_date and len(name) == 4 and name.lower() == "date":
                 has_date = True
