@@ -194,5 +194,6 @@ def test_an_interrupted_delete_still_names_the_patient_read_before_it() -> None:
     ex.prior_patients = ("Patient/p9",)
     summary = orjson.loads(orjson.dumps(intent_summary(ex)))
     assert summary["patients"] == ["Patient/p9"]
-    ((event, _),) = build_unknown_outcome_events(summary, context(), NOW)
+    (built,) = build_unknown_outcome_events(summary, context(), NOW)
+    event = built.event
     assert event["outcome"] == "8" and patient_refs(event) == ["Patient/p9"]

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from proxy.admin.auth import AdminCaller
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, QUEUE
-from proxy.audit.balp import AuditContext, BuiltEvent, build_events
+from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.store.records import QueuedEvent
@@ -56,7 +56,7 @@ def build_access_events(
     status: int,
     ctx: AuditContext,
     now: datetime,
-) -> list[BuiltEvent]:
+) -> list[Built]:
     """The events (with their rows) recording one admin read of the trail (pure; ``now``
     passed in). Built
     by the proxy's own BALP builder, so they have the shape of any other Query/Read, and
@@ -113,4 +113,4 @@ async def record_access(
         ctx=request.app[AUDIT_CONTEXT],
         now=datetime.now(UTC),
     )
-    await request.app[QUEUE].append_rows([b.row for b in built])
+    await request.app[QUEUE].append_rows(store_rows(built))

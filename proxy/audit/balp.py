@@ -54,7 +54,7 @@ from proxy.fhir.bundle import bundle_entries
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
-from proxy.store.records import EventRow
+from proxy.store.records import EventRow, FanOut
 
 K = InteractionKind
 
@@ -421,6 +421,50 @@ class BuiltEvent(NamedTuple):
     """The columns the store indexes, made from what the builder knows, and the event as
     JSON: equal to what :func:`proxy.store.queue.event_row` reads back out of ``event``."""
 
+    @property
+    def outcome(self) -> str | None:
+        return self.row.outcome
+
+
+class FannedEvent(NamedTuple):
+    """One of the events of a :class:`FanOut`: its row and its event are made when asked
+    for (the store gets the fan-out whole, see :func:`store_rows`)."""
+
+    fan: FanOut
+    position: int
+
+    @property
+    def row(self) -> EventRow:
+        return self.fan.row(self.position)
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The AuditEvent, parsed from its JSON: a new dict at each call."""
+        event: dict[str, Any] = orjson.loads(self.row.body)
+        return event
+
+    @property
+    def outcome(self) -> str | None:
+        return self.fan.columns.outcome
+
+
+Built = BuiltEvent | FannedEvent
+"""An event as the builder hands it over."""
+
+
+def store_rows(built: Iterable[Built]) -> list[EventRow | FanOut]:
+    """What the store is given for ``built``: each event's row, and each fan-out once."""
+    out: list[EventRow | FanOut] = []
+    last: FanOut | None = None
+    for item in built:
+        if type(item) is FannedEvent:
+            if item.fan is not last:
+                last = item.fan
+                out.append(last)
+        else:
+            out.append(item.row)
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class Finish:
@@ -478,6 +522,12 @@ def _profile_meta_json(name: str) -> bytes:
 
 _PATIENT_ENTITY_JSON = orjson.dumps(_patient_entity("%s")).replace(b'"%s"', b"%s") + b","
 """A patient's entity as JSON, for ``%`` with the reference as JSON, and a comma."""
+_PATIENT_ENTITY_PREFIX, _PATIENT_ENTITY_SUFFIX = (
+    b'","entity":[' + _PATIENT_ENTITY_JSON.split(b"%s")[0],
+    _PATIENT_ENTITY_JSON.split(b"%s")[1],
+)
+"""What comes between an event's id and its patient's reference, and after the reference
+up to the next entity (``FanOut.before`` and the start of its ``tail``)."""
 
 
 def _entity_terms(entity: Mapping[str, Any], r5: bool) -> list[str]:
@@ -563,7 +613,7 @@ def events_for(
     *,
     outcome: tuple[str, str] | None = None,
     finish: Finish,
-) -> list[BuiltEvent]:
+) -> list[Built]:
     """The events recording one happening of ``ex``: one per patient, or one naming no
     patient, or one listing them all past ``ctx.max_patient_events``. ``outcome`` (code,
     description) replaces the one the status gives."""
@@ -624,7 +674,6 @@ def events_for(
         main: dict[str, Any],
         profile: str | None,
         terms: str | None = None,
-        spliced: bool = False,
     ) -> BuiltEvent:
         event = dict(base)
         event["id"] = event_id = new_event_id()
@@ -641,20 +690,7 @@ def events_for(
             event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
         if terms is None:
             terms = _terms_json(patients, _entity_terms(main, r5), agent_terms)
-        if spliced:
-            # orjson.dumps(event), from the parts serialized once per happening.
-            body = b"".join(
-                [
-                    head,
-                    event_id.encode(),
-                    b'","entity":[',
-                    *[_PATIENT_ENTITY_JSON % orjson.dumps(p) for p in patients],
-                    shared_entities,
-                    _profile_meta_json(profile) if profile is not None else b"}",
-                ]
-            )
-        else:
-            body = orjson.dumps(event)
+        body = orjson.dumps(event)
         row = EventRow(
             event_id,
             recorded,
@@ -690,24 +726,54 @@ def events_for(
     profile = f"Patient{pattern.profile}" if claims_profile else None
     if len(patients) == 1:
         return [built(patients, main, profile)]
-    # The R4 events of several patients (without tags) are serialized by splicing: what
-    # they share is serialized once, and each event adds its id, its patient and its meta.
-    spliced = not r5 and not finish.tags
-    if spliced:
-        head = orjson.dumps(base)[:-1] + b',"id":"'
-        shared_entities = orjson.dumps([main, transaction])[1:]
     # One event per patient: their terms differ only in the patient's, which comes first.
     shared = dict.fromkeys([*_entity_terms(main, r5), *agent_terms])
     rest = orjson.dumps(list(shared)).decode()[1:]
     rest = f",{rest}" if shared else rest
-    events = []
+    if (
+        not r5
+        and not finish.tags
+        and not any(f"e:{p}" in shared or "/_history/" in p for p in patients)
+    ):
+        # The R4 events of several patients (without tags) go to the store as one: what
+        # they share serialized once, each event's row made by the writer (FanOut.rows).
+        head = orjson.dumps(base)[:-1] + b',"id":"'
+        shared_entities = orjson.dumps([main, transaction])[1:]
+        fan = FanOut(
+            tuple(new_event_id() for _ in patients),
+            patients,
+            head,
+            _PATIENT_ENTITY_PREFIX,
+            _PATIENT_ENTITY_SUFFIX
+            + shared_entities
+            + (_profile_meta_json(profile) if profile is not None else b"}"),
+            rest,
+            EventRow(
+                "",
+                recorded,
+                recorded_ts,
+                pattern.action,
+                code,
+                subtypes_column,
+                "",
+                user_id,
+                b"",
+                "",
+                TYPE_REST["code"],
+                _R4_ENTITY_TYPES[1],
+                request_id,
+                recorded_ts,
+            ),
+        )
+        return [FannedEvent(fan, i) for i in range(len(patients))]
+    events: list[Built] = []
     for p in patients:
         term = f"e:{p}"
         if term in shared or "/_history/" in p:
-            events.append(built((p,), main, profile, spliced=spliced))
+            events.append(built((p,), main, profile))
         else:
             terms = f"[{orjson.dumps(term).decode()}{rest}"
-            events.append(built((p,), main, profile, terms, spliced=spliced))
+            events.append(built((p,), main, profile, terms))
     return events
 
 
@@ -742,7 +808,7 @@ def build_events(
     *,
     traceparent: str | None = None,
     tags: tuple[dict[str, str], ...] = (),
-) -> list[BuiltEvent]:
+) -> list[Built]:
     """The AuditEvents for an exchange (R4 BALP, or R5 when configured), each with its
     store row: one per patient, at least one; for a batch or transaction, one for the
     Bundle plus the entries' own. ``traceparent`` (the W3C trace of the request) goes on

@@ -14,11 +14,12 @@ from typing import Any
 from proxy.audit.balp import (
     QUERY_LIMIT,
     AuditContext,
-    BuiltEvent,
+    Built,
     Finish,
     Happening,
     events_for,
     merged_patients,
+    store_rows,
 )
 from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
@@ -102,7 +103,7 @@ def build_unknown_outcome_events(
     ctx: AuditContext,
     now: datetime,
     description: str = UNKNOWN_OUTCOME_DESC,
-) -> list[BuiltEvent]:
+) -> list[Built]:
     """Events (with their rows) for a write whose intent was never completed: outcome 8,
     and a description saying why the outcome is unknown (by default: the proxy stopped)."""
     interaction = _interaction_from(summary["interaction"])
@@ -164,7 +165,7 @@ async def recover_intents(
             built = build_unknown_outcome_events(intent.summary, ctx, now)
         else:
             built = build_unknown_outcome_events(intent.summary, ctx, now, why)
-        await queue.append_rows([b.row for b in built], complete_intent=intent.id)
+        await queue.append_rows(store_rows(built), complete_intent=intent.id)
         reasons.pop(intent.id, None)
         recovered += 1
     if recovered:

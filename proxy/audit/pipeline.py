@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, BuiltEvent, build_events
+from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.audit.identity import JwksCache, identity_from_headers
 from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
 from proxy.buffering import HeldBody
@@ -86,12 +86,12 @@ class Hook:
         """Classified, not yet forwarded, no intent yet (what is learnt here can reach the
         intent's outcome-unknown event)."""
 
-    def events_built(self, ex: Exchange, built: Sequence[BuiltEvent]) -> None:
+    def events_built(self, ex: Exchange, built: Sequence[Built]) -> None:
         """The events are built, not yet durable. Must not change them: events share
         fragments with each other and with later events."""
 
     def events_stored(
-        self, ex: Exchange, built: Sequence[BuiltEvent], started_ns: int, ended_ns: int
+        self, ex: Exchange, built: Sequence[Built], started_ns: int, ended_ns: int
     ) -> None:
         """The events are durable; the write ran from ``started_ns`` to ``ended_ns``
         (``time.time_ns()``)."""
@@ -111,12 +111,12 @@ class Metrics(Hook):
     name = "metrics"
 
     def events_stored(
-        self, ex: Exchange, built: Sequence[BuiltEvent], started_ns: int, ended_ns: int
+        self, ex: Exchange, built: Sequence[Built], started_ns: int, ended_ns: int
     ) -> None:
         telemetry.AUDIT_WRITE_SECONDS.observe((ended_ns - started_ns) / 1e9)
         outcomes: dict[str, int] = {}  # one label lookup per outcome, not per event
         for item in built:
-            outcome = item.row.outcome or "?"
+            outcome = item.outcome or "?"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         for outcome, count in outcomes.items():
             telemetry.EVENTS_BUILT.labels(outcome=outcome).inc(count)
@@ -138,7 +138,7 @@ class Tracing(Hook):
         telemetry.exchange_started(ex)
 
     def events_stored(
-        self, ex: Exchange, built: Sequence[BuiltEvent], started_ns: int, ended_ns: int
+        self, ex: Exchange, built: Sequence[Built], started_ns: int, ended_ns: int
     ) -> None:
         telemetry.record_audit_write(len(built), started_ns, ended_ns)
 
@@ -153,7 +153,7 @@ class SampledValidation(Hook):
         self._rate = rate
         self._pending = pending
 
-    def events_built(self, ex: Exchange, built: Sequence[BuiltEvent]) -> None:
+    def events_built(self, ex: Exchange, built: Sequence[Built]) -> None:
         for item in built:
             if random.random() < self._rate:
                 try:
@@ -380,7 +380,7 @@ class AuditPipeline:
         started_ns = time.time_ns()
         try:
             await self._queue.append_rows(
-                [b.row for b in built], complete_intent=ex.intent_id, capture=capture
+                store_rows(built), complete_intent=ex.intent_id, capture=capture
             )
         except StoreError as exc:
             if ex.intent_id is not None:
@@ -401,7 +401,7 @@ class AuditPipeline:
         now: datetime,
         traceparent: str | None,
         held: HeldBody | None,
-    ) -> list[BuiltEvent]:
+    ) -> list[Built]:
         """In a worker thread: read a held body (a Bundle entry by entry, cut to what the
         audit reads; anything else whole), build, and let go of the body and its parse
         (they need not wait for the commit)."""

@@ -29,6 +29,7 @@ from proxy.store.records import (
     EventQuery,
     EventRow,
     EventStatus,
+    FanOut,
     Intent,
     QueuedEvent,
     QueueStats,
@@ -137,7 +138,7 @@ class AuditQueue:
 
     async def append_rows(
         self,
-        rows: Sequence[EventRow],
+        rows: Sequence[EventRow | FanOut],
         *,
         complete_intent: int | None = None,
         capture: Capture | None = None,

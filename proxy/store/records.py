@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
+
+import orjson
 
 
 class EventRow(NamedTuple):
@@ -33,6 +36,56 @@ class EventRow(NamedTuple):
     entity_types: str
     request_id: str | None
     updated_ts: float
+
+
+class FanOut(NamedTuple):
+    """Events that differ only in their id and in one patient, handed to the store as
+    one (a search answered with seven patients' resources: seven events). What they
+    share is serialized once; the writer makes each row (:meth:`rows`). Event ``i`` is
+    ``head + ids[i] + before + json(patients[i]) + tail`` as JSON, with ``|patients[i]|``
+    as its ``patients``, ``["e:patients[i]"`` then ``terms_tail`` as its ``terms``, and
+    every other column as in ``columns``."""
+
+    ids: tuple[str, ...]
+    patients: tuple[str, ...]
+    head: bytes
+    before: bytes
+    tail: bytes
+    terms_tail: str
+    """The terms after the patient's: ``,"…",…]`` or ``]``."""
+    columns: EventRow
+    """The shared columns (its ``event_id``, ``patients``, ``body`` and ``terms`` unused)."""
+
+    def row(self, index: int) -> EventRow:
+        """The row of event ``index``."""
+        c = self.columns
+        patient = self.patients[index]
+        reference = orjson.dumps(patient)
+        return EventRow(
+            self.ids[index],
+            c.recorded,
+            c.recorded_ts,
+            c.action,
+            c.outcome,
+            c.subtypes,
+            f"|{patient}|",
+            c.user_id,
+            b"".join((self.head, self.ids[index].encode(), self.before, reference, self.tail)),
+            f"[{orjson.dumps('e:' + patient).decode()}{self.terms_tail}",
+            c.type_code,
+            c.entity_types,
+            c.request_id,
+            c.updated_ts,
+        )
+
+    def rows(self) -> list[EventRow]:
+        """The row of every event, in order."""
+        return [self.row(i) for i in range(len(self.ids))]
+
+
+def events_in(rows: Sequence[EventRow | FanOut]) -> int:
+    """How many events ``rows`` holds."""
+    return sum(len(r.ids) if type(r) is FanOut else 1 for r in rows)
 
 
 class Capture(NamedTuple):

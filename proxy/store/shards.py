@@ -24,6 +24,7 @@ from proxy.store.records import (
     EventPage,
     EventQuery,
     EventRow,
+    FanOut,
     QueuedEvent,
     QueueStats,
     SortKey,
@@ -112,7 +113,7 @@ class ShardedStore:
 
     async def append_rows(
         self,
-        rows: Sequence[EventRow],
+        rows: Sequence[EventRow | FanOut],
         *,
         complete_intent: int | None = None,
         capture: Capture | None = None,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import telemetry
-from proxy.store.records import Capture, EventRow
+from proxy.store.records import Capture, EventRow, FanOut, events_in
 from proxy.store.writer_process import (
     FRAME,
     StoreError,
@@ -79,7 +79,7 @@ START_TIMEOUT_S = 60.0
 class Append:
     """One caller's share of a group commit."""
 
-    rows: list[EventRow]
+    rows: list[EventRow | FanOut]
     complete_intent: int | None
     intent: bytes | None
     future: asyncio.Future[int | None] = field(repr=False)
@@ -87,7 +87,8 @@ class Append:
 
     def wire(self) -> WireAppend:
         capture = None if self.capture is None else tuple(self.capture)
-        return ([tuple(row) for row in self.rows], self.complete_intent, self.intent, capture)
+        rows = [row if type(row) is FanOut else tuple(row) for row in self.rows]
+        return (rows, self.complete_intent, self.intent, capture)
 
 
 class _WriterLink(asyncio.Protocol):
@@ -309,7 +310,7 @@ class CommitEngine:
         size = 0
         take = 0
         for item in self._pending:
-            size += len(item.rows) + 1
+            size += events_in(item.rows) + 1
             take += 1
             if size >= self._batch_max:
                 break

@@ -29,12 +29,12 @@ import socket
 import sqlite3
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
-from proxy.store.records import Capture
+from proxy.store.records import Capture, FanOut, events_in
 from proxy.store.schema import migrate
 
 _EVENT_ARITY = 14
@@ -51,8 +51,9 @@ FRAME = struct.Struct("!I")
 
 WireAppend = tuple[Sequence[tuple[Any, ...]], int | None, bytes | None, tuple[Any, ...] | None]
 """An append as sent to the writer: its rows (each an :class:`EventRow` as a plain tuple,
-which pickles in half the time), the intent it completes, the intent it records (its
-summary), the exchange's captured bodies (a :class:`Capture` as a plain tuple)."""
+which pickles in half the time, or a :class:`FanOut` of several), the intent it
+completes, the intent it records (its summary), the exchange's captured bodies (a
+:class:`Capture` as a plain tuple)."""
 
 
 class StoreError(Exception):
@@ -64,6 +65,15 @@ class StoreFull(StoreError):
 
 
 # --- the store file --------------------------------------------------------------------
+
+
+def _expanded(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """Each row of an append, its fan-outs made into their rows."""
+    for row in rows:
+        if type(row) is FanOut:
+            yield from row.rows()
+        else:
+            yield row
 
 
 @functools.cache
@@ -203,7 +213,7 @@ class Committer:
     def _transaction(self, batch: Sequence[WireAppend]) -> list[int | None]:
         """One transaction for the batch, in as few statements as possible."""
         conn = self._conn
-        rows: list[Any] = [value for item in batch for row in item[0] for value in row]
+        rows: list[Any] = [value for item in batch for row in _expanded(item[0]) for value in row]
         frames = self._codec.compress_many(rows[_BODY::_EVENT_ARITY])
         rows[_BODY::_EVENT_ARITY] = frames
         n_rows = len(rows) // _EVENT_ARITY
@@ -338,7 +348,7 @@ def serve(sock: socket.socket, path: Path, max_bytes: int) -> None:
                 results = [StoreError(f"audit store write failed: {exc}")] * len(batch)
             spent = time.perf_counter() - t0
             try:
-                _send(sock, (results, spent, sum(len(item[0]) + 1 for item in batch)))
+                _send(sock, (results, spent, sum(events_in(item[0]) + 1 for item in batch)))
             except OSError:
                 break  # the proxy is gone
     with contextlib.suppress(sqlite3.Error):

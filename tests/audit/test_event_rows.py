@@ -4,7 +4,8 @@ own reader (``event_row``, used for events from outside) finds in that event."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,17 @@ import pytest
 
 from proxy.admin.access import ADMIN_ACCESS_TAG, build_access_events
 from proxy.admin.auth import AdminCaller
-from proxy.audit.balp import AuditContext, BuiltEvent, build_events
+from proxy.audit.balp import (
+    AuditContext,
+    Built,
+    BuiltEvent,
+    FannedEvent,
+    Finish,
+    _happening,
+    build_events,
+    events_for,
+    store_rows,
+)
 from proxy.audit.identity import Identity
 from proxy.audit.intents import (
     STORE_FULL_OUTCOME_DESC,
@@ -24,7 +35,8 @@ from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.store.index import event_row
-from tests.factories import NOW, context, exchange, unsigned_jwt
+from proxy.store.records import FanOut
+from tests.factories import NOW, context, exchange, patients_of, unsigned_jwt
 
 K = InteractionKind
 CLAIMS = {
@@ -182,9 +194,10 @@ CONTEXTS: dict[str, AuditContext] = {
 }
 
 
-def assert_rows_match(built: list[BuiltEvent]) -> None:
+def assert_rows_match(built: Sequence[Built]) -> None:
     assert built
-    for event, row in built:
+    for item in built:
+        event, row = item.event, item.row
         assert row._asdict() == event_row(event)._asdict()
         assert orjson.loads(row.body) == event
 
@@ -214,14 +227,14 @@ def test_rows_of_successes_failures_and_every_identity_match_the_events(
     # The trace of the request is on the stored event, and the row is still its own.
     traced = build_events(case.exchange(), ctx, NOW, traceparent=f"00-{'1' * 32}-{'2' * 16}-01")
     assert_rows_match(traced)
-    assert all(b"traceparent" in row.body for _, row in traced)
+    assert all(b"traceparent" in item.row.body for item in traced)
 
 
 def test_many_patients_make_one_event_whose_row_lists_those_it_names() -> None:
     search = CASES[6].exchange()
-    ((event, row),) = build_events(search, CONTEXTS["R4-many-patients"], NOW)
-    assert row.patients == "|" + "|".join(f"Patient/p{n}" for n in range(5)) + "|"
-    assert_rows_match([BuiltEvent(event, row)])
+    (built,) = build_events(search, CONTEXTS["R4-many-patients"], NOW)
+    assert built.row.patients == "|" + "|".join(f"Patient/p{n}" for n in range(5)) + "|"
+    assert_rows_match([built])
 
 
 def test_events_before_now_are_recorded_at_now() -> None:
@@ -245,7 +258,7 @@ def test_rows_of_outcome_unknown_events_match_the_events(
     for description in ({}, {"description": STORE_FULL_OUTCOME_DESC}):
         built = build_unknown_outcome_events(summary, ctx, NOW, **description)
         assert_rows_match(built)
-        assert {row.outcome for _, row in built} == {"8"}
+        assert {item.row.outcome for item in built} == {"8"}
 
 
 @pytest.mark.parametrize("version", ["R4", "R5"])
@@ -268,15 +281,16 @@ def test_rows_of_admin_access_events_match_the_events(version: str, patient: str
         now=NOW,
     )
     assert_rows_match(built)
-    for event, _ in built:
-        assert ADMIN_ACCESS_TAG in event["meta"]["tag"]
+    for item in built:
+        assert ADMIN_ACCESS_TAG in item.event["meta"]["tag"]
 
 
 @pytest.mark.parametrize("version", ["R4", "R5"])
 def test_the_trace_is_a_valid_detail_of_the_x_request_id_entity(version: str) -> None:
     traceparent = f"00-{'1' * 32}-{'2' * 16}-01"
     ctx = context(fhir_version=version)
-    ((event, row),) = build_events(CASES[0].exchange(), ctx, NOW, traceparent=traceparent)
+    (built,) = build_events(CASES[0].exchange(), ctx, NOW, traceparent=traceparent)
+    event, row = built.event, built.row
     assert validate_event(event, version) is None
     (detail,) = [d for e in event["entity"] for d in e.get("detail", ())]
     assert detail["valueString"] == traceparent
@@ -290,9 +304,38 @@ def test_validating_events_leaves_the_fragments_they_share_as_built(version: str
     change what the next event is built from."""
     ctx = context(fhir_version=version)
     first = build_events(CASES[6].exchange(), ctx, NOW)
-    for event, _ in first:
-        assert validate_event(event, version) is None
+    for item in first:
+        assert validate_event(item.event, version) is None
     second = build_events(CASES[6].exchange(), ctx, NOW)
-    for (event, row), (again, _) in zip(first, second, strict=True):
-        assert orjson.loads(row.body) == event
-        assert event["agent"] == again["agent"]
+    for item, other in zip(first, second, strict=True):
+        assert orjson.loads(item.row.body) == item.event
+        assert item.event["agent"] == other.event["agent"]
+
+
+def test_the_events_of_several_patients_reach_the_store_as_one_fan_out() -> None:
+    """An R4 search about seven patients: seven events, handed to the store as one
+    FanOut whose rows are the events' own (ids distinct, one patient each)."""
+    built = build_events(CASES[6].exchange(), context(), NOW)
+    assert len(built) == 7
+    assert {type(item) for item in built} == {FannedEvent}
+    (fan,) = store_rows(built)
+    assert isinstance(fan, FanOut) and fan.rows() == [item.row for item in built]
+    assert len({row.event_id for row in fan.rows()}) == 7
+    assert [patients_of(item.event) for item in built] == [[f"Patient/p{n}"] for n in range(7)]
+    assert_rows_match(built)
+
+
+def test_events_a_fan_out_cannot_express_are_built_one_by_one() -> None:
+    """R5 events are converted one by one, and a version-specific patient reference has
+    terms of its own: each such event is built and handed over whole."""
+    built = build_events(CASES[6].exchange(), context(fhir_version="R5"), NOW)
+    assert len(built) == 7 and {type(item) for item in built} == {BuiltEvent}
+    assert_rows_match(built)
+    ex = CASES[6].exchange()
+    versioned = dataclasses.replace(
+        _happening(ex), patients=("Patient/p1/_history/3", "Patient/p2")
+    )
+    built = events_for(ex, versioned, context(), NOW, finish=Finish.of(context()))
+    assert [patients_of(item.event) for item in built] == [[p] for p in versioned.patients]
+    assert {type(item) for item in built} == {BuiltEvent}
+    assert_rows_match(built)

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.audit.balp import AuditContext, BuiltEvent
+from proxy.audit.balp import AuditContext, Built
 from proxy.audit.pipeline import (
     AuditPipeline,
     AuditPolicy,
@@ -76,7 +76,7 @@ class _Recording(Hook):
         self.stored: list[tuple[str, int]] = []
 
     def events_stored(
-        self, ex: Exchange, built: Sequence[BuiltEvent], started_ns: int, ended_ns: int
+        self, ex: Exchange, built: Sequence[Built], started_ns: int, ended_ns: int
     ) -> None:
         assert ended_ns >= started_ns
         self.stored.append((ex.request_id, len(built)))

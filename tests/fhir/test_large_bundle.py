@@ -120,7 +120,8 @@ TRANSACTION_RESPONSE = {
 def _comparable(ex_built: list[Any]) -> list[tuple[dict[str, Any], Any, Any]]:
     """Events without their ids, rows without id and body (both hold the random id)."""
     out = []
-    for event, row in ex_built:
+    for item in ex_built:
+        event, row = item.event, item.row
         body = orjson.loads(row.body)
         body.pop("id")
         out.append(

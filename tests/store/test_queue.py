@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.store import schema
 from proxy.store.queue import AuditQueue
-from proxy.store.records import EventQuery, EventStatus
+from proxy.store.records import EventQuery, EventStatus, FanOut
 from proxy.store.writer import StoreError, StoreFull
 from proxy.telemetry import REGISTRY
-from tests.factories import queued_event
+from tests.factories import exchange, queued_event
 
 NOW = datetime.now(UTC)
 
@@ -340,3 +341,41 @@ async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
     ).fetchone()
     assert seqs == len([i for i in range(rows) if i % 7 == 3])
     conn.close()
+
+
+async def test_a_fan_out_is_stored_as_its_events_each_found_by_its_patient(
+    queue: AuditQueue,
+) -> None:
+    """The events of a search about seven patients reach the writer as one FanOut: it
+    stores seven rows, each event whole and findable by its own patient."""
+    ex = exchange(
+        "GET",
+        "Observation",
+        query="code=8867-4",
+        response={
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "Observation",
+                        "id": f"o{n}",
+                        "status": "final",
+                        "subject": {"reference": f"Patient/p{n}"},
+                    }
+                }
+                for n in range(7)
+            ],
+        },
+    )
+    built = build_events(ex, AuditContext.default(), NOW)
+    rows = store_rows(built)
+    assert len(rows) == 1 and isinstance(rows[0], FanOut)
+    await queue.append_rows(rows, capture=None)
+    claimed = await queue.claim(100, NOW)
+    assert [q.event for q in claimed] == [item.event for item in built]
+    for n in range(7):
+        page, total = await queue.search(EventQuery(patient=f"Patient/p{n}"))
+        assert total == 1 and page[0].event_id == built[n].row.event_id
+    _, total = await queue.search(EventQuery(resource_type="Observation"))
+    assert total == 7
