@@ -9,6 +9,8 @@ installed into ``bench/.venv-mitm`` on first use. Three requests, each at two
 concurrencies:
 
 - ``GET Patient/1`` (one PatientRead event),
+- the same with ``Authorization: Bearer`` an RS256 JWT, which the proxy verifies against
+  the JWKS nginx serves (``audit.identity.jwks_url``): the read of a SMART client,
 - ``GET Observation?patient=1`` answering a searchset of 10 Observations of 7 patients
   (7 events, one per patient),
 - ``POST Observation`` (an intent committed before forwarding, the event after).
@@ -152,6 +154,34 @@ class Audit:
 addons = [Audit()]
 '''
 
+JWT_LUA = """
+wrk.headers["Authorization"] = "Bearer {token}"
+"""
+
+
+def signed_token(www: Path) -> str:
+    """An RS256 JWT valid for a day, its public key written to ``www/jwks.json``."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    public |= {"kid": "bench", "alg": "RS256", "use": "sig"}
+    (www / "jwks.json").write_text(json.dumps({"keys": [public]}))
+    now = int(time.time())
+    claims = {
+        "iss": "https://idp.example.org",
+        "sub": "dr-who",
+        "name": "Dr Who",
+        "client_id": "ehr-app",
+        "scope": "user/*.read openid",
+        "iat": now,
+        "exp": now + 86400,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
+
+
 POST_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/fhir+json"
@@ -276,6 +306,10 @@ def proxy_config(
                 "admin": {"host": "127.0.0.1", "port": admin},
                 "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
                 "store": {"path": str(store / "audit.db")},
+                # The bench's tokens are checked against the key nginx serves.
+                "audit": {
+                    "identity": {"jwks_url": f"http://127.0.0.1:{upstream}/fhir/jwks.json"}
+                },
                 "log_level": "WARNING",
                 **more,
             }
@@ -340,7 +374,9 @@ def main() -> None:
         " each figure (this machine's speed drifts between runs)",
     )
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--requests", nargs="+", default=["read", "search", "create"])
+    parser.add_argument(
+        "--requests", nargs="+", default=["read", "read-jwt", "search", "create"]
+    )
     parser.add_argument(
         "--before",
         type=Path,
@@ -365,6 +401,7 @@ def main() -> None:
 
     requests = {
         "read": Request("GET Patient/1", "/fhir/Patient/1"),
+        "read-jwt": Request("GET Patient/1, RS256 JWT", "/fhir/Patient/1", "jwt.lua"),
         "search": Request("GET Observation?patient=1 (7 patients)", "/fhir/Observation?patient=1"),
         "create": Request("POST Observation", "/fhir/Observation", "post.lua"),
     }
@@ -380,6 +417,7 @@ def main() -> None:
         big = json.dumps(searchset(10000, 5))
         (www / "Big").write_text(big)
         (d / "post.lua").write_text(POST_LUA.format(body=json.dumps(observation(0, 1))))
+        (d / "jwt.lua").write_text(JWT_LUA.format(token=signed_token(www)))
         upstream, plain, proxy_port, admin_port, mitm_port, before_port, before_admin = (
             free_port() for _ in range(7)
         )

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from proxy import telemetry
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
-from proxy.audit.identity import JwksCache, identity_from_headers
+from proxy.audit.identity import IdentityCache, JwksCache
 from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
 from proxy.buffering import HeldBody
 from proxy.exchange import Exchange
@@ -247,6 +247,7 @@ class AuditPipeline:
         self._ctx = ctx
         self._queue = queue
         self._jwks = jwks
+        self._identities = IdentityCache(policy.identity, token_key=policy.token_key)
         self._in_flight = intents_in_flight
         self._abandoned = abandoned_intents
         """Intents whose events the store refused, with the outcome description their
@@ -274,9 +275,7 @@ class AuditPipeline:
         try:
             ex.interaction = self._classified(ex)
             keys = self._jwks.keys() if self._jwks is not None else None
-            ex.identity = identity_from_headers(
-                ex.request_headers, self._policy.identity, keys, token_key=self._policy.token_key
-            )
+            ex.identity = self._identities.identity(ex.request_headers, keys)
         except Exception:
             log.exception("classification failed for %s %s", ex.method, ex.path)
             self._failed(ex, "classify")

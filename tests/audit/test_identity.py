@@ -17,7 +17,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from proxy.audit.identity import identity_from_headers
+from proxy.audit.identity import IdentityCache, identity_from_headers
 from proxy.audit.vocabulary import TOKEN_VERIFICATION_EXT
 from proxy.settings import IdentitySettings
 from tests.factories import (
@@ -242,3 +242,58 @@ async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
         "user-key": "verified",
         "user-other": "verification failed: bad signature",
     }
+
+
+def _cache(**kwargs: Any) -> IdentityCache:
+    return IdentityCache(IdentitySettings(audience="fhir"), token_key=b"k" * 32, **kwargs)
+
+
+def test_the_cache_answers_a_repeated_credential_as_identity_from_headers_does(
+    idp: dict[str, Any],
+) -> None:
+    cache = _cache()
+    token = _token(idp["key"], {"sub": "dr-who"})
+    headers = {"authorization": f"Bearer {token}"}
+    first = cache.identity(headers, idp["jwks"])
+    assert first == identity_from_headers(
+        headers, IdentitySettings(audience="fhir"), idp["jwks"], token_key=b"k" * 32
+    )
+    assert first.verified is True and first.user_id == "dr-who"
+    assert cache.identity(headers, idp["jwks"]) is first, "read once"
+    assert cache.identity({}, idp["jwks"]).token_kind == "none"
+    # A forged token (same kid, other key) is its own entry, and fails.
+    forged = {"authorization": f"Bearer {_token(idp['other'], {'sub': 'dr-who'})}"}
+    assert cache.identity(forged, idp["jwks"]).failure == "bad signature"
+    # Nothing of a credential is kept: entries are found by a digest.
+    for secret in (token, forged["authorization"]):
+        assert secret.encode() not in repr(cache._entries).encode()
+        assert all(secret.encode()[:40] not in key for key in cache._entries)
+
+
+def test_a_cached_verification_ends_with_the_token_and_with_the_jwks(
+    idp: dict[str, Any],
+) -> None:
+    cache = _cache()
+    now = int(time.time())
+    expiring = {"authorization": f"Bearer {_token(idp['key'], {'exp': now + 1})}"}
+    early = {"authorization": f"Bearer {_token(idp['key'], {'nbf': now + 1})}"}
+    assert cache.identity(expiring, idp["jwks"]).verified is True
+    assert cache.identity(early, idp["jwks"]).verified is False, "not valid yet"
+    time.sleep(max(0.0, now + 1.2 - time.time()))
+    assert cache.identity(expiring, idp["jwks"]).failure == "expired"
+    assert cache.identity(early, idp["jwks"]).verified is True, "its failure was not kept"
+    # Keys rotated: the JWKS the identity provider now serves no longer has the key.
+    rotated = jwt.PyJWKSet.from_dict({"keys": [_keypair("k2")[1]]})
+    assert cache.identity(early, rotated).failure == "unknown signing key"
+
+
+def test_the_cache_is_bounded_and_lets_the_oldest_go_first(idp: dict[str, Any]) -> None:
+    cache = _cache(max_entries=2)
+    headers = [
+        {"authorization": f"Bearer {_token(idp['key'], {'sub': f'u{n}'})}"} for n in range(3)
+    ]
+    first = [cache.identity(h, None) for h in headers]
+    assert len(cache._entries) == 2
+    assert cache.identity(headers[2], None) is first[2]
+    assert cache.identity(headers[0], None) is not first[0], "let go, read again"
+    assert cache.identity(headers[0], None) == first[0]
