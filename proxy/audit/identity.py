@@ -5,7 +5,7 @@ configured, and every event says whether they were. A bearer token that is not a
 OAuth opaque token: it is recorded only as a keyed hash (HMAC-SHA256 under a key the
 deployment keeps, see :func:`load_token_key`), never as any part of itself; BALP's
 "last 32 characters" would keep the whole of a short token. Basic credentials give the
-user name only.
+user name only. A token seen again within a minute is not read again (:class:`IdentityCache`).
 """
 
 from __future__ import annotations
@@ -166,10 +166,10 @@ class IdentityCache:
     same token with each request until it expires, and reading one costs 30 us (a JWT's
     claims) to 100 us (its RS256 signature checked against the JWKS) of the event loop.
 
-    An entry is found by a digest of the ``Authorization`` header (the credential itself
-    is not kept), lives at most ``ttl_s`` and never past a verified token's ``exp``; a new
-    JWKS empties the cache; a verification that may succeed later (a token not yet
-    valid) is not kept. At most ``max_entries``, the oldest let go first."""
+    An entry is found by a keyed digest of the ``Authorization`` header (the credential
+    itself is not kept), lives at most ``ttl_s`` and never past a verified token's
+    ``exp``; a new JWKS empties the cache; a verification that may succeed later (a token
+    not valid yet) is not kept. At most ``max_entries``, the oldest let go first."""
 
     def __init__(
         self,
@@ -185,6 +185,9 @@ class IdentityCache:
         self._max_entries = max_entries
         self._keys: JwksKeys | None = None
         self._entries: dict[bytes, tuple[Identity, float]] = {}
+        self._digest_key = secrets.token_bytes(32)
+        """Keys the entries' digests: without it (it never leaves this process), what the
+        cache holds cannot be matched against a token."""
 
     def identity(self, headers: Mapping[str, str], keys: JwksKeys | None) -> Identity:
         auth = headers.get("authorization")
@@ -194,7 +197,9 @@ class IdentityCache:
         if keys is not self._keys:
             entries.clear()
             self._keys = keys
-        digest = hashlib.blake2b(auth.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        digest = hashlib.blake2b(
+            auth.encode("utf-8", "surrogateescape"), key=self._digest_key, digest_size=16
+        ).digest()
         now = time.time()
         hit = entries.get(digest)
         if hit is not None and now < hit[1]:
