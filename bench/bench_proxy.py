@@ -305,7 +305,8 @@ def proxy_config(
                 "listen": {"host": "127.0.0.1", "port": port},
                 "admin": {"host": "127.0.0.1", "port": admin},
                 "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
-                "store": {"path": str(store / "audit.db")},
+                # Room for every event of a run (millions): a full store fails requests.
+                "store": {"path": str(store / "audit.db"), "max_bytes": 32 << 30},
                 # The bench's tokens are checked against the key nginx serves.
                 "audit": {
                     "identity": {"jwks_url": f"http://127.0.0.1:{upstream}/fhir/jwks.json"}
