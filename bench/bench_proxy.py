@@ -5,7 +5,7 @@ then the same load (wrk) against (a) a bare aiohttp pass-through (``plain_proxy.
 same Python stack with no audit, so the ratio to it is what auditing costs), (b)
 fhir-audit-proxy, auditing every request with a durable fsync'd commit, and (c) mitmproxy
 11 in reverse mode with a minimal audit add-on (one JSON line per flow, flushed),
-installed into ``bench/.venv-mitm`` on first use. Three requests, each at two
+installed into ``bench/.venv-mitm`` on first use. Four requests, each at two
 concurrencies:
 
 - ``GET Patient/1`` (one PatientRead event),
