@@ -275,11 +275,12 @@ def test_a_cached_verification_ends_with_the_token_and_with_the_jwks(
 ) -> None:
     cache = _cache()
     now = int(time.time())
-    expiring = {"authorization": f"Bearer {_token(idp['key'], {'exp': now + 1})}"}
-    early = {"authorization": f"Bearer {_token(idp['key'], {'nbf': now + 1})}"}
+    # Whole seconds, as JWTs have them: at least one second of margin for the first calls.
+    expiring = {"authorization": f"Bearer {_token(idp['key'], {'exp': now + 2})}"}
+    early = {"authorization": f"Bearer {_token(idp['key'], {'nbf': now + 2})}"}
     assert cache.identity(expiring, idp["jwks"]).verified is True
     assert cache.identity(early, idp["jwks"]).verified is False, "not valid yet"
-    time.sleep(max(0.0, now + 1.2 - time.time()))
+    time.sleep(max(0.0, now + 2.2 - time.time()))
     assert cache.identity(expiring, idp["jwks"]).failure == "expired"
     assert cache.identity(early, idp["jwks"]).verified is True, "its failure was not kept"
     # Keys rotated: the JWKS the identity provider now serves no longer has the key.
