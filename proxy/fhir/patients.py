@@ -109,6 +109,8 @@ def patients_of_request(interaction: Interaction) -> tuple[str, ...]:
         _add(out, [f"Patient/{interaction.resource_id}"])
     if interaction.compartment and interaction.compartment[0] == "Patient":
         _add(out, [f"Patient/{interaction.compartment[1]}"])
+    if not interaction.search:
+        return tuple(out)
     linking = set(PATIENT_PARAMS.get(rtype or "", ())) | {"patient", "subject"}
     for name, value in interaction.search:
         base, _, modifier = name.partition(":")
