@@ -520,14 +520,11 @@ def _profile_meta_json(name: str) -> bytes:
     return b',"meta":' + orjson.dumps(_profile_meta(name)) + b"}"
 
 
-_PATIENT_ENTITY_JSON = orjson.dumps(_patient_entity("%s")).replace(b'"%s"', b"%s") + b","
-"""A patient's entity as JSON, for ``%`` with the reference as JSON, and a comma."""
-_PATIENT_ENTITY_PREFIX, _PATIENT_ENTITY_SUFFIX = (
-    b'","entity":[' + _PATIENT_ENTITY_JSON.split(b"%s")[0],
-    _PATIENT_ENTITY_JSON.split(b"%s")[1],
-)
-"""What comes between an event's id and its patient's reference, and after the reference
-up to the next entity (``FanOut.before`` and the start of its ``tail``)."""
+_BEFORE_REFERENCE, _AFTER_REFERENCE = orjson.dumps(_patient_entity("%s")).split(b'"%s"')
+_PATIENT_ENTITY_PREFIX = b'","entity":[' + _BEFORE_REFERENCE
+_PATIENT_ENTITY_SUFFIX = _AFTER_REFERENCE + b","
+"""What comes between an event's id and its patient's reference (as JSON), and after the
+reference up to the next entity (``FanOut.before`` and the start of its ``tail``)."""
 
 
 def _entity_terms(entity: Mapping[str, Any], r5: bool) -> list[str]:
