@@ -727,11 +727,13 @@ def events_for(
     shared = dict.fromkeys([*_entity_terms(main, r5), *agent_terms])
     rest = orjson.dumps(list(shared)).decode()[1:]
     rest = f",{rest}" if shared else rest
-    if (
-        not r5
-        and not finish.tags
-        and not any(f"e:{p}" in shared or "/_history/" in p for p in patients)
-    ):
+
+    def own_terms(patient: str) -> bool:
+        """Its terms are not ``e:{patient}`` then ``rest``: it is versioned, or also one
+        of the shared terms."""
+        return f"e:{patient}" in shared or "/_history/" in patient
+
+    if not r5 and not finish.tags and not any(own_terms(p) for p in patients):
         # The R4 events of several patients (without tags) go to the store as one: what
         # they share serialized once, each event's row made by the writer (FanOut.rows).
         head = orjson.dumps(base)[:-1] + b',"id":"'
@@ -765,11 +767,10 @@ def events_for(
         return [FannedEvent(fan, i) for i in range(len(patients))]
     events: list[Built] = []
     for p in patients:
-        term = f"e:{p}"
-        if term in shared or "/_history/" in p:
+        if own_terms(p):
             events.append(built((p,), main, profile))
         else:
-            terms = f"[{orjson.dumps(term).decode()}{rest}"
+            terms = f"[{orjson.dumps(f'e:{p}').decode()}{rest}"
             events.append(built((p,), main, profile, terms))
     return events
 
