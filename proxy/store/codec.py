@@ -59,19 +59,13 @@ class BodyCodec:
         return self._compressor.compress(orjson.dumps(event))
 
     def compress_many(self, bodies: Sequence[bytes]) -> list[bytes]:
-        """Each JSON body as its own frame, as :meth:`encode` makes it, in one call that
-        lets go of the GIL once for all of them rather than once per body (the writer
-        thread compresses a whole group commit; each retake of the GIL waits for the
-        event loop)."""
-        if not bodies:
-            return []
-        if len(bodies) == 1:
-            return [self._compressor.compress(bodies[0])]
-        frames = self._compressor.multi_compress_to_buffer(list(bodies), threads=0)
-        out = [frames[i].tobytes() for i in range(len(frames))]
-        if len(out) != len(bodies):
-            raise CodecError(f"{len(bodies)} bodies compressed into {len(out)} frames")
-        return out
+        """Each JSON body as its own frame, as :meth:`encode` makes it. One ``compress``
+        call each: ``multi_compress_to_buffer`` lets go of the GIL once for the lot, which
+        mattered when a writer thread shared the GIL with the event loop, but it makes a
+        compression context per call and costs 60% more per body (4.5 against 2.8 us for
+        a search's events here); the writer is now a process of its own."""
+        compress = self._compressor.compress
+        return [compress(body) for body in bodies]
 
     def decode(self, body: bytes) -> dict[str, Any]:
         if body[:1] == b"{":  # written before compression
