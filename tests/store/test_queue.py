@@ -169,6 +169,27 @@ async def test_a_lone_append_is_committed_at_once(queue: AuditQueue, tmp_path: P
         other.close()
 
 
+async def test_committed_pages_reach_the_database_file_without_waiting_for_the_wal_to_fill(
+    queue: AuditQueue, tmp_path: Path
+) -> None:
+    """The writer's checkpointer copies commits into the database file in the
+    background: SQLite alone would only do it inline, in the commit that takes the WAL
+    past ``wal_autocheckpoint`` (8,192 pages with this store's budget)."""
+    db = tmp_path / "audit.db"
+    before = db.stat().st_size
+    for i in range(0, 300, 30):
+        await queue.append(
+            [queued_event(n, outcomeDesc=secrets.token_hex(1000)) for n in range(i, i + 30)]
+        )
+    wal = db.with_name("audit.db-wal").stat().st_size
+    assert wal < 8192 * 4096 // 2, "the WAL reached the inline checkpoint: nothing shown"
+    for _ in range(100):
+        if db.stat().st_size >= before + 300 * 1000:
+            break
+        await asyncio.sleep(0.05)
+    assert db.stat().st_size >= before + 300 * 1000, (before, db.stat().st_size, wal)
+
+
 async def test_a_duplicate_id_fails_only_its_own_append(queue: AuditQueue) -> None:
     first = queued_event(1)
     await queue.append([first])
