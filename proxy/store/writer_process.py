@@ -311,17 +311,15 @@ CHECKPOINT_EVERY = 0.05
 
 class Checkpointer:
     """Copies the WAL's committed pages into the database from a thread of its own, on
-    its own connection, so that a commit seldom waits for it.
+    its own connection, so that a commit seldom waits for a checkpoint.
 
-    SQLite checkpoints inline, in the commit that takes the WAL past
-    ``wal_autocheckpoint`` pages: copying and fsyncing everything written since the last
-    one (tens of MiB under load) delayed that commit's callers by up to 100 ms. A passive
-    checkpoint here, at most every :data:`CHECKPOINT_EVERY` seconds after a commit, keeps
-    what is left to copy small. The WAL's bound is still ``wal_autocheckpoint``'s: the
-    committer's own connection checkpoints inline past it as before (a checkpoint restarts
-    the WAL only when it caught up with every commit, which a checkpoint running beside a
-    busy committer seldom does), and only the pages this thread has not yet copied are
-    left for it to copy."""
+    Left to itself, SQLite checkpoints inline, in the commit that takes the WAL past
+    ``wal_autocheckpoint`` pages, and that commit's callers wait while everything written
+    since the last checkpoint is copied and fsynced. A passive checkpoint here, at most
+    every :data:`CHECKPOINT_EVERY` seconds while commits come, leaves the inline one only
+    the last pages. ``wal_autocheckpoint`` remains the WAL's bound: a checkpoint restarts
+    the WAL only if it caught up with every commit, which one running beside a busy
+    committer seldom does, so the committer's connection still checkpoints past it."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self._conn = connect(path, False, max_bytes)
