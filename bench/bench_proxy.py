@@ -308,9 +308,7 @@ def proxy_config(
                 # Room for every event of a run (millions): a full store fails requests.
                 "store": {"path": str(store / "audit.db"), "max_bytes": 32 << 30},
                 # The bench's tokens are checked against the key nginx serves.
-                "audit": {
-                    "identity": {"jwks_url": f"http://127.0.0.1:{upstream}/fhir/jwks.json"}
-                },
+                "audit": {"identity": {"jwks_url": f"http://127.0.0.1:{upstream}/fhir/jwks.json"}},
                 "log_level": "WARNING",
                 **more,
             }
@@ -375,9 +373,7 @@ def main() -> None:
         " each figure (this machine's speed drifts between runs)",
     )
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
-    parser.add_argument(
-        "--requests", nargs="+", default=["read", "read-jwt", "search", "create"]
-    )
+    parser.add_argument("--requests", nargs="+", default=["read", "read-jwt", "search", "create"])
     parser.add_argument(
         "--before",
         type=Path,
@@ -646,8 +642,10 @@ def report(
                 ours = results[(req.name, c, "fhir-audit-proxy")]
                 old = results[(req.name, c, "before")]
                 print(
-                    f"| `{req.name}` | {c} | {old.rps:,.0f}, p50 {old.p50_ms:.1f} ms"
-                    f" | {old.rps / bare.rps:.2f} | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms"
+                    f"| `{req.name}` | {c}"
+                    f" | {old.rps:,.0f}, p50 {old.p50_ms:.1f} ms, p99 {old.p99_ms:.1f} ms"
+                    f" | {old.rps / bare.rps:.2f}"
+                    f" | {ours.rps:,.0f}, p50 {ours.p50_ms:.1f} ms, p99 {ours.p99_ms:.1f} ms"
                     f" | {ours.rps / bare.rps:.2f} | {old.cpu_us:.0f} / {ours.cpu_us:.0f} |"
                 )
     if "workers" in targets:
