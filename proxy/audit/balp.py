@@ -17,8 +17,8 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit
 
@@ -75,6 +75,11 @@ class AuditContext:
     """Beyond this many patients, one event lists them (see :func:`events_for`)."""
     max_patients_listed: int = 1000
     """Most patient entities that one event lists."""
+    source_json: bytes = field(init=False, repr=False, compare=False)
+    """``source`` serialized."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source_json", orjson.dumps(self.source))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditContext:
@@ -195,6 +200,8 @@ class _Agents(NamedTuple):
     agents: list[dict[str, Any]]
     user_id: str | None
     terms: list[str]
+    json: bytes
+    """``agents`` serialized."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -215,7 +222,12 @@ def _agents(
     user = _user_agent(identity, pattern, token_pattern)
     if user is not None:
         agents.append(user)
-    return _Agents(agents, _user_of(user) if user is not None else None, _agent_terms(agents, r5))
+    return _Agents(
+        agents,
+        _user_of(user) if user is not None else None,
+        _agent_terms(agents, r5),
+        orjson.dumps(agents),
+    )
 
 
 def _verification(identity: Identity) -> str:
@@ -398,28 +410,48 @@ def _data_entity(ex: Exchange, happening: Happening) -> dict[str, Any]:
 # --- events --------------------------------------------------------------------------------
 
 
+class _Kind(NamedTuple):
+    """What every event of one kind of interaction shares."""
+
+    subtypes: list[dict[str, str]]
+    """``AuditEvent.subtype``."""
+    column: str
+    """Their codes, as ``EventRow.subtypes``."""
+    start: bytes
+    """An R4 event's JSON up to its ``period``."""
+
+
 @functools.lru_cache(maxsize=256)  # bounded: operation names come from clients
-def _subtypes(restful_code: str | None, operation: str | None) -> tuple[list[dict[str, str]], str]:
-    """``AuditEvent.subtype`` for an interaction (shared by every event of its kind), and
-    its codes as ``EventRow.subtypes``."""
-    if restful_code is None:
-        return [], _joined(())
-    out = [coding(RESTFUL_INTERACTION, restful_code, restful_code)]
-    if operation:
-        out.append(coding(OPERATION_SYSTEM, f"${operation}"))
-    return out, _joined(c["code"] for c in out)
+def _kind(restful_code: str | None, operation: str | None, action: str) -> _Kind:
+    """The parts an interaction's kind (its RESTful code, operation and action) fixes,
+    made once."""
+    subtypes: list[dict[str, str]] = []
+    if restful_code is not None:
+        subtypes.append(coding(RESTFUL_INTERACTION, restful_code, restful_code))
+        if operation:
+            subtypes.append(coding(OPERATION_SYSTEM, f"${operation}"))
+    start: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
+    if subtypes:
+        start["subtype"] = subtypes
+    start["action"] = action
+    return _Kind(
+        subtypes, _joined(c["code"] for c in subtypes), orjson.dumps(start)[:-1] + b","
+    )
 
 
 class BuiltEvent(NamedTuple):
-    """One AuditEvent and the row the store writes for it."""
+    """One AuditEvent, as the row the store writes for it."""
 
-    event: dict[str, Any]
-    """The AuditEvent (R4, or R5 when configured). Events share their constant parts
-    (codings, meta, source, the entities of one exchange, the agents of one client and
-    token): read them, never change them; the stored form is ``row.body``."""
     row: EventRow
     """The columns the store indexes, made from what the builder knows, and the event as
-    JSON: equal to what :func:`proxy.store.queue.event_row` reads back out of ``event``."""
+    JSON: equal to what :func:`proxy.store.queue.event_row` reads back out of it."""
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The AuditEvent (R4, or R5 when configured), parsed from its JSON: a new dict
+        at each call."""
+        event: dict[str, Any] = orjson.loads(self.row.body)
+        return event
 
     @property
     def outcome(self) -> str | None:
@@ -504,8 +536,31 @@ def _joined(values: Iterable[str]) -> str:
 def _recorded_ts(recorded: datetime) -> float:
     """``recorded`` as the store orders by it: the POSIX time of the millisecond written
     in the event (naive times are UTC)."""
-    at = recorded.replace(microsecond=recorded.microsecond - recorded.microsecond % 1000)
-    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
+    if recorded.tzinfo is None:
+        recorded = recorded.replace(tzinfo=UTC)
+    # Whole milliseconds since the epoch, divided: the float nearest to that millisecond,
+    # as ``timestamp()`` of the time cut to it gives.
+    return ((recorded - _EPOCH) // _MILLISECOND) / 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+"""The last second :func:`_instant` wrote, and how it starts."""
+
+
+def _instant(at: datetime) -> str:
+    """``at.isoformat(timespec="milliseconds")``, in half the time for a UTC time: the
+    events of one second share what the second is written as."""
+    global _last_second
+    if at.tzinfo is not UTC:
+        return at.isoformat(timespec="milliseconds")
+    second, millisecond = divmod((at - _EPOCH) // _MILLISECOND, 1000)
+    last, written = _last_second
+    if second != last:
+        written = at.replace(microsecond=0, tzinfo=None).isoformat()
+        _last_second = (second, written)
+    return f"{written}.{millisecond:03d}+00:00"
 
 
 @functools.cache
@@ -628,26 +683,44 @@ def events_for(
         code, outcome_desc = outcome
     r5 = finish.r5
 
-    base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
-    subtypes, subtypes_column = _subtypes(interaction.restful_code, interaction.operation)
-    if subtypes:
-        base["subtype"] = subtypes
-    base["action"] = pattern.action
-    period: dict[str, str] = {"start": ex.started_at.isoformat(timespec="milliseconds")}
+    kind = _kind(interaction.restful_code, interaction.operation, pattern.action)
+    subtypes, subtypes_column = kind.subtypes, kind.column
+    period: dict[str, str] = {"start": _instant(ex.started_at)}
     if ex.finished_at is not None:
-        period["end"] = ex.finished_at.isoformat(timespec="milliseconds")
-    base["period"] = period
-    # The proxy records an exchange when it finishes: one isoformat, not two.
-    recorded = period["end"] if now is ex.finished_at else now.isoformat(timespec="milliseconds")
-    base["recorded"] = recorded
-    base["outcome"] = code
+        period["end"] = _instant(ex.finished_at)
+    # The proxy records an exchange when it finishes: one instant written, not two.
+    recorded = period["end"] if now is ex.finished_at else _instant(now)
+    moment: dict[str, Any] = {"period": period, "recorded": recorded, "outcome": code}
     if outcome_desc:
-        base["outcomeDesc"] = outcome_desc[:2000]
+        moment["outcomeDesc"] = outcome_desc[:2000]
     agents = _agents(
         ex.client_address, ex.base_url, ex.identity, interaction.kind, ctx.token_pattern, r5
     )
-    base["agent"] = agents.agents
-    base["source"] = ctx.source
+    # An R4 event without tags is serialized from its parts, those it shares with other
+    # events serialized once (``_Kind.start``, ``_Agents.json``, ``source_json``): the
+    # same bytes as ``orjson.dumps`` of the event, keys in the same order. R5 and tags
+    # rewrite the event, so it is made as a dict first.
+    as_json = not r5 and not finish.tags
+    if as_json:
+        head = b"".join(
+            (
+                kind.start,
+                orjson.dumps(moment)[1:-1],
+                b',"agent":',
+                agents.json,
+                b',"source":',
+                ctx.source_json,
+                b',"id":"',
+            )
+        )
+    else:
+        base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
+        if subtypes:
+            base["subtype"] = subtypes
+        base["action"] = pattern.action
+        base.update(moment)
+        base["agent"] = agents.agents
+        base["source"] = ctx.source
 
     if pattern.entity == "data" and interaction.kind is not K.UNKNOWN:
         main = _data_entity(ex, happening)
@@ -672,39 +745,49 @@ def events_for(
         profile: str | None,
         terms: str | None = None,
     ) -> BuiltEvent:
-        event = dict(base)
-        event["id"] = event_id = new_event_id()
-        entities = [_patient_entity(p) for p in patients]
-        entities.append(main)
-        entities.append(transaction)
-        event["entity"] = entities
-        if profile is not None:
-            event["meta"] = _profile_meta(profile)
-        if r5:
-            event = to_r5(event)
-        if finish.tags:
-            meta = event.get("meta") or {}
-            event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
+        event_id = new_event_id()
+        if as_json:
+            parts = [head, event_id.encode(), b'","entity":[']
+            for p in patients:
+                parts += (_BEFORE_REFERENCE, orjson.dumps(p), _PATIENT_ENTITY_SUFFIX)
+            parts.append(orjson.dumps([main, transaction])[1:])
+            parts.append(_profile_meta_json(profile) if profile is not None else b"}")
+            body = b"".join(parts)
+        else:
+            event = dict(base)
+            event["id"] = event_id
+            entities = [_patient_entity(p) for p in patients]
+            entities.append(main)
+            entities.append(transaction)
+            event["entity"] = entities
+            if profile is not None:
+                event["meta"] = _profile_meta(profile)
+            if r5:
+                event = to_r5(event)
+            if finish.tags:
+                meta = event.get("meta") or {}
+                event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
+            body = orjson.dumps(event)
         if terms is None:
             terms = _terms_json(patients, _entity_terms(main, r5), agent_terms)
-        body = orjson.dumps(event)
-        row = EventRow(
-            event_id,
-            recorded,
-            recorded_ts,
-            pattern.action,
-            code,
-            subtypes_column,
-            f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients)),
-            user_id,
-            body,
-            terms,
-            TYPE_REST["code"],
-            "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients),
-            request_id,
-            recorded_ts,
+        return BuiltEvent(
+            EventRow(
+                event_id,
+                recorded,
+                recorded_ts,
+                pattern.action,
+                code,
+                subtypes_column,
+                f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients)),
+                user_id,
+                body,
+                terms,
+                TYPE_REST["code"],
+                "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients),
+                request_id,
+                recorded_ts,
+            )
         )
-        return BuiltEvent(event, row)
 
     patients = happening.patients
     if len(patients) > ctx.max_patient_events:
@@ -733,10 +816,9 @@ def events_for(
         of the shared terms."""
         return f"e:{patient}" in shared or "/_history/" in patient
 
-    if not r5 and not finish.tags and not any(own_terms(p) for p in patients):
+    if as_json and not any(own_terms(p) for p in patients):
         # The R4 events of several patients (without tags) go to the store as one: what
         # they share serialized once, each event's row made by the writer (FanOut.rows).
-        head = orjson.dumps(base)[:-1] + b',"id":"'
         shared_entities = orjson.dumps([main, transaction])[1:]
         fan = FanOut(
             tuple(new_event_id() for _ in patients),

@@ -5,8 +5,10 @@ own reader (``event_row``, used for events from outside) finds in that event."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -21,6 +23,8 @@ from proxy.audit.balp import (
     FannedEvent,
     Finish,
     _happening,
+    _instant,
+    _recorded_ts,
     build_events,
     events_for,
     store_rows,
@@ -228,6 +232,46 @@ def test_rows_of_successes_failures_and_every_identity_match_the_events(
     traced = build_events(case.exchange(), ctx, NOW, traceparent=f"00-{'1' * 32}-{'2' * 16}-01")
     assert_rows_match(traced)
     assert all(b"traceparent" in item.row.body for item in traced)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case.kind.value}-{case.method}")
+def test_events_serialized_from_their_parts_are_those_built_as_dicts(case: Case) -> None:
+    """An R4 event without tags is written from its serialized parts; with a tag it is
+    made as a dict and serialized whole. Tag aside, the two are the same event, for
+    every kind of interaction, identity and failure."""
+    tag = {"system": "urn:test", "code": "t"}
+    variants: list[dict[str, Any]] = [{"headers": identity} for identity in IDENTITIES]
+    variants += FAILURES
+    for variant in variants:
+        plain = build_events(case.exchange(**variant), context(), NOW, traceparent=None)
+        tagged = build_events(case.exchange(**variant), context(), NOW, tags=(tag,))
+        assert len(plain) == len(tagged)
+        for one, other in zip(plain, tagged, strict=True):
+            event, dict_made = one.event, other.event
+            meta = dict_made.pop("meta")
+            assert meta.pop("tag") == [tag]
+            if meta:
+                dict_made["meta"] = meta
+            event.pop("id"), dict_made.pop("id")
+            assert event == dict_made, variant
+
+
+def test_instants_are_written_as_isoformat_writes_them() -> None:
+    """``_instant`` (one second's start written once) and ``_recorded_ts`` (integer
+    milliseconds) against ``isoformat`` and ``timestamp`` of the time cut to the
+    millisecond, for UTC, other offsets and naive times, before and after 1970."""
+    rng = random.Random(7)
+    zones = [UTC, None, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+    for _ in range(20_000):
+        at = datetime(1900, 1, 1, tzinfo=UTC) + timedelta(
+            microseconds=rng.randrange(250 * 365 * 86_400 * 10**6)
+        )
+        zone = rng.choice(zones)
+        at = at.astimezone(zone).replace(tzinfo=None) if zone is None else at.astimezone(zone)
+        assert _instant(at) == at.isoformat(timespec="milliseconds")
+        cut = at.replace(microsecond=at.microsecond - at.microsecond % 1000)
+        expected = (cut if cut.tzinfo is not None else cut.replace(tzinfo=UTC)).timestamp()
+        assert _recorded_ts(at) == expected
 
 
 def test_many_patients_make_one_event_whose_row_lists_those_it_names() -> None:
