@@ -200,8 +200,11 @@ class _Agents(NamedTuple):
     agents: list[dict[str, Any]]
     user_id: str | None
     terms: list[str]
+    """Their search terms, each once."""
     json: bytes
     """``agents`` serialized."""
+    terms_tail: str
+    """``terms`` as the end of a JSON list that entity terms began: ``,"a:x"]``."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -222,11 +225,14 @@ def _agents(
     user = _user_agent(identity, pattern, token_pattern)
     if user is not None:
         agents.append(user)
+    terms = list(dict.fromkeys(_agent_terms(agents, r5)))
+    tail = orjson.dumps(terms).decode()[1:]
     return _Agents(
         agents,
         _user_of(user) if user is not None else None,
-        _agent_terms(agents, r5),
+        terms,
         orjson.dumps(agents),
+        f",{tail}" if terms else tail,
     )
 
 
@@ -626,14 +632,16 @@ def _agent_terms(agents: Iterable[Mapping[str, Any]], r5: bool) -> list[str]:
     return terms
 
 
-def _terms_json(patients: tuple[str, ...], main: list[str], agents: list[str]) -> str:
+def _terms_json(patients: tuple[str, ...], main: list[str], agents: _Agents) -> str:
     """``EventRow.terms``: the patients' entities, then the other entities', then the
-    patients again as written, then the agents' (each term once, in that order)."""
+    patients again as written, then the agents' (each term once, in that order; an
+    agent's term is never an entity's)."""
     terms = [f"e:{p.split('/_history/')[0]}" for p in patients]
     terms += main
     terms += [f"e:{p}" for p in patients]
-    terms += agents
-    return orjson.dumps(list(dict.fromkeys(terms))).decode()
+    if not terms:
+        return f"[{agents.terms_tail[1:]}" if agents.terms else "[]"
+    return orjson.dumps(list(dict.fromkeys(terms))).decode()[:-1] + agents.terms_tail
 
 
 _R4_ENTITY_TYPES = {0: "|2|XrequestId|", 1: "|1|2|XrequestId|"}
@@ -769,7 +777,7 @@ def events_for(
                 event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
             body = orjson.dumps(event)
         if terms is None:
-            terms = _terms_json(patients, _entity_terms(main, r5), agent_terms)
+            terms = _terms_json(patients, _entity_terms(main, r5), agents)
         return BuiltEvent(
             EventRow(
                 event_id,
