@@ -13,7 +13,6 @@ builder knows, not read back out of the JSON.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
@@ -109,8 +108,7 @@ class AuditContext:
         return cls.from_settings(Settings())
 
 
-@dataclass(frozen=True, slots=True)
-class Happening:
+class Happening(NamedTuple):
     """What one interaction did: the exchange itself, or one entry of a bundle (or, for a
     recovered intent, what was known before it was forwarded)."""
 
@@ -911,7 +909,7 @@ def build_events(
         return events_for(exchange, happening, ctx, now, finish=finish)
     # The Bundle's own event names no patients: the entries' events do, one per patient.
     events = events_for(
-        exchange, dataclasses.replace(happening, patients=()), ctx, now, finish=finish
+        exchange, happening._replace(patients=()), ctx, now, finish=finish
     )
     for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
         status = entry.status

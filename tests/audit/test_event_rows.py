@@ -4,7 +4,6 @@ own reader (``event_row``, used for events from outside) finds in that event."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -376,9 +375,7 @@ def test_events_a_fan_out_cannot_express_are_built_one_by_one() -> None:
     assert len(built) == 7 and {type(item) for item in built} == {BuiltEvent}
     assert_rows_match(built)
     ex = CASES[6].exchange()
-    versioned = dataclasses.replace(
-        _happening(ex), patients=("Patient/p1/_history/3", "Patient/p2")
-    )
+    versioned = _happening(ex)._replace(patients=("Patient/p1/_history/3", "Patient/p2"))
     built = events_for(ex, versioned, context(), NOW, finish=Finish.of(context()))
     assert [patients_of(item.event) for item in built] == [[p] for p in versioned.patients]
     assert {type(item) for item in built} == {BuiltEvent}
