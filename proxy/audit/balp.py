@@ -742,7 +742,6 @@ def events_for(
     if r5 and not subtypes:  # R5's AuditEvent.code is then the event type
         subtypes_column = _joined([TYPE_REST["code"]])
     user_id = agents.user_id
-    agent_terms = agents.terms
     request_id = None if r5 else ex.request_id  # R5 entities carry no type to find it by
 
     def built(
@@ -813,14 +812,14 @@ def events_for(
     if len(patients) == 1:
         return [built(patients, main, profile)]
     # One event per patient: their terms differ only in the patient's, which comes first.
-    shared = dict.fromkeys([*_entity_terms(main, r5), *agent_terms])
-    rest = orjson.dumps(list(shared)).decode()[1:]
-    rest = f",{rest}" if shared else rest
+    main_terms = _entity_terms(main, r5)
+    rest = _terms_json((), main_terms, agents)[1:]
+    rest = rest if rest == "]" else f",{rest}"
 
     def own_terms(patient: str) -> bool:
         """Its terms are not ``e:{patient}`` then ``rest``: it is versioned, or also one
-        of the shared terms."""
-        return f"e:{patient}" in shared or "/_history/" in patient
+        of the resource's terms."""
+        return f"e:{patient}" in main_terms or "/_history/" in patient
 
     if as_json and not any(own_terms(p) for p in patients):
         # The R4 events of several patients (without tags) go to the store as one: what

@@ -87,8 +87,8 @@ class Hook:
         intent's outcome-unknown event)."""
 
     def events_built(self, ex: Exchange, built: Sequence[Built]) -> None:
-        """The events are built, not yet durable. Must not change them: events share
-        fragments with each other and with later events."""
+        """The events are built, not yet durable. Each item's ``event`` is a copy parsed
+        from its row: what a hook does to it does not reach the store."""
 
     def events_stored(
         self, ex: Exchange, built: Sequence[Built], started_ns: int, ended_ns: int
