@@ -435,14 +435,22 @@ async def new_patient(http: aiohttp.ClientSession, base: str, **extra: Any) -> d
         return result
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now, for a process that must be told its
-    port up front (a subprocess proxy or demo). Another process could take it before use;
-    on a test machine that is rare enough."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    port up front (a subprocess proxy or demo), and not one handed out before in this run:
+    the kernel may give the port of a closed probe out again at once, and two calls for
+    one process's listen and admin ports must differ. Another process could take it
+    before use; on a test machine that is rare enough."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class ProxyProcess:

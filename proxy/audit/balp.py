@@ -53,7 +53,7 @@ from proxy.fhir.bundle import bundle_entries
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
-from proxy.store.records import EventRow, FanOut
+from proxy.store.records import FAN_MAX, EventRow, FanOut, member_id
 
 K = InteractionKind
 
@@ -438,9 +438,7 @@ def _kind(restful_code: str | None, operation: str | None, action: str) -> _Kind
     if subtypes:
         start["subtype"] = subtypes
     start["action"] = action
-    return _Kind(
-        subtypes, _joined(c["code"] for c in subtypes), orjson.dumps(start)[:-1] + b","
-    )
+    return _Kind(subtypes, _joined(c["code"] for c in subtypes), orjson.dumps(start)[:-1] + b",")
 
 
 class BuiltEvent(NamedTuple):
@@ -821,12 +819,12 @@ def events_for(
         of the resource's terms."""
         return f"e:{patient}" in main_terms or "/_history/" in patient
 
-    if as_json and not any(own_terms(p) for p in patients):
-        # The R4 events of several patients (without tags) go to the store as one: what
-        # they share serialized once, each event's row made by the writer (FanOut.rows).
+    if as_json and len(patients) <= FAN_MAX and not any(own_terms(p) for p in patients):
+        # The R4 events of several patients (without tags) go to the store as one row:
+        # what they share serialized once, their ids one UUID numbered (member_id).
         shared_entities = orjson.dumps([main, transaction])[1:]
         fan = FanOut(
-            tuple(new_event_id() for _ in patients),
+            member_id(new_event_id(), 0),
             patients,
             head,
             _PATIENT_ENTITY_PREFIX,
@@ -907,9 +905,7 @@ def build_events(
     if exchange.interaction.kind not in (K.BATCH, K.TRANSACTION):
         return events_for(exchange, happening, ctx, now, finish=finish)
     # The Bundle's own event names no patients: the entries' events do, one per patient.
-    events = events_for(
-        exchange, happening._replace(patients=()), ctx, now, finish=finish
-    )
+    events = events_for(exchange, happening._replace(patients=()), ctx, now, finish=finish)
     for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
         status = entry.status
         if status is None and exchange.status is not None and exchange.status >= 400:

@@ -3,7 +3,8 @@
 :class:`AuditQueue` is the store as the rest of the proxy sees it: appends and intents
 (made durable by :class:`~proxy.store.writer.CommitEngine`), delivery bookkeeping (claim,
 ack, retry, dead letters, pruning) and the reads of the admin API (their SQL is in
-:mod:`proxy.store.search`). Reads and bookkeeping run on a second connection on a second
+:mod:`proxy.store.search`). Every method names and returns events, not rows: a row may
+hold several (:mod:`proxy.store.fans`). Reads and bookkeeping run on a second connection on a second
 thread; WAL lets them read while the writer commits.
 """
 
@@ -22,9 +23,11 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.store.codec import BodyCodec, CodecError
+from proxy.store.fans import fan_of, lookup_ids, rows_for
 from proxy.store.index import event_row
 from proxy.store.records import (
     Capture,
+    Cursor,
     EventPage,
     EventQuery,
     EventRow,
@@ -33,6 +36,7 @@ from proxy.store.records import (
     Intent,
     QueuedEvent,
     QueueStats,
+    SortKey,
 )
 from proxy.store.search import SearchSql
 from proxy.store.writer import Append, CommitEngine, StoreError, StoreFull, is_full, used_bytes
@@ -43,7 +47,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _EVENT_COLUMNS = (
-    "seq, event_id, body, status, attempts, next_attempt_at, last_error, recorded, recorded_ts"
+    "seq, event_id, body, status, attempts, next_attempt_at, last_error, recorded, recorded_ts,"
+    " fan, patients"
 )
 _EVENT_COLUMNS_E = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
 
@@ -213,37 +218,41 @@ class AuditQueue:
         cutoff = now.timestamp()
         out: list[QueuedEvent] = []
         for row in await self._guarded(read):
-            if row[5] is not None and row[5] > cutoff:
+            if (row[5] is not None and row[5] > cutoff) or len(out) >= limit:
                 break
             try:
-                out.append(self._queued(row))
+                out.extend(self._events(row))
             except StoreError as exc:  # a damaged body must not stall delivery behind it
                 log.error("audit event %s cannot be read, moved to dead-letter: %s", row[1], exc)
-                await self.dead_letter([row[0]], str(exc))
-        return out
+                await self.dead_letter(_seqs_of(row), str(exc))
+        return out[:limit]
 
     async def ack(self, seqs: Sequence[int], now: datetime) -> None:
         """Mark delivered (the repository answered 2xx)."""
-        await self._write_many(
+        await self._update_events(
             "UPDATE events SET status = 'delivered', delivered_at = ?, last_error = NULL"
             " WHERE seq = ?",
-            [(now.timestamp(), s) for s in seqs],
+            seqs,
+            now.timestamp(),
         )
 
     async def nack(self, seqs: Sequence[int], error: str, retry_at: datetime) -> None:
         """Count a failed attempt and hold the events back until ``retry_at``."""
-        await self._write_many(
+        await self._update_events(
             "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
             " WHERE seq = ? AND status = 'pending'",
-            [(retry_at.timestamp(), error[:4096], s) for s in seqs],
+            seqs,
+            retry_at.timestamp(),
+            error[:4096],
         )
 
     async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
         """Set aside events the repository rejected, with its answer."""
-        await self._write_many(
+        await self._update_events(
             "UPDATE events SET status = 'dead', attempts = attempts + 1, last_error = ?"
             " WHERE seq = ?",
-            [(error[:4096], s) for s in seqs],
+            seqs,
+            error[:4096],
         )
 
     async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
@@ -252,18 +261,23 @@ class AuditQueue:
         def write() -> int:
             with self._tx():
                 if seqs is None:
-                    cur = self._conn.execute(
+                    requeued: int = self._conn.execute(
+                        "SELECT COALESCE(SUM(COALESCE(fan, 1)), 0) FROM events"
+                        " WHERE status = 'dead'"
+                    ).fetchone()[0]
+                    self._conn.execute(
                         "UPDATE events SET status = 'pending', next_attempt_at = NULL"
                         " WHERE status = 'dead'"
                     )
-                    return cur.rowcount
+                    return requeued
                 return sum(
                     self._conn.execute(
                         "UPDATE events SET status = 'pending', next_attempt_at = NULL"
                         " WHERE status = 'dead' AND seq = ?",
                         (s,),
                     ).rowcount
-                    for s in seqs
+                    * self._events_in_row(s)
+                    for s in rows_for(self._conn, self._codec, seqs)
                 )
 
         result: int = await self._guarded(write)
@@ -276,7 +290,8 @@ class AuditQueue:
                 (limit,),
             ).fetchall()
 
-        return [self._queued(r, damaged_ok=True) for r in await self._guarded(read)]
+        found = [e for r in await self._guarded(read) for e in self._events(r, damaged_ok=True)]
+        return found[:limit]
 
     async def prune(self, now: datetime, retention: timedelta) -> int:
         """Delete delivered events older than ``retention``. SQLite reuses the freed pages,
@@ -324,10 +339,16 @@ class AuditQueue:
             row: tuple[Any, ...] | None = self._conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)
             ).fetchone()
+            if row is None and (held := lookup_ids(event_id)) is not None:
+                row = self._conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ? AND fan > ?", held
+                ).fetchone()
             return row
 
         row = await self._guarded(read)
-        return self._queued(row) if row is not None else None
+        if row is None:
+            return None
+        return next((e for e in self._events(row) if e.event_id == event_id), None)
 
     async def search(self, query: EventQuery) -> tuple[list[QueuedEvent], int]:
         """A page of matching events and the total number matching."""
@@ -337,43 +358,113 @@ class AuditQueue:
     async def search_page(self, query: EventQuery) -> EventPage:
         """A page of matching events in the query's order, with keyset paging (``after``,
         ``before``). A patient, entity, agent, address or resource type filter walks the
-        ``event_terms`` index in date order; a date range walks ``events_recorded``."""
+        ``event_terms`` index in date order; a date range walks ``events_recorded``.
+        SQL pages over rows; a fan-out row's events are then taken one by one (those
+        its patient filters name, those past the cursor), so every row fetched gives
+        at least one event but may give several: ``limit + 1 + offset`` rows suffice."""
         sql = SearchSql(query)
         reverse = query.before is not None
         descending = query.newest_first != reverse
         order = "DESC" if descending else "ASC"
-        where = list(sql.where)
-        args = list(sql.args)
         cursor = query.before if reverse else query.after
-        if cursor is not None:
-            condition, bound = sql.after(cursor, descending)
-            where.append(condition)
-            args.extend(bound)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        select = (
-            f"SELECT {_EVENT_COLUMNS_E} FROM {sql.source} {clause}"
-            f" ORDER BY {sql.order.format(order=order)} LIMIT ? OFFSET ?"
-        )
         count_clause = f"WHERE {' AND '.join(sql.where)}" if sql.where else ""
 
-        def read() -> tuple[list[tuple[Any, ...]], int | None]:
-            rows = self._conn.execute(select, [*args, query.limit + 1, query.offset]).fetchall()
+        def read() -> tuple[list[tuple[tuple[Any, ...], list[int]]], int | None]:
+            where, args = list(sql.where), list(sql.args)
+            if cursor is not None:
+                condition, bound = sql.after(self._row_bound(cursor, descending), descending)
+                where.append(condition)
+                args.extend(bound)
+            clause = f"WHERE {' AND '.join(where)}" if where else ""
+            select = (
+                f"SELECT {_EVENT_COLUMNS_E} FROM {sql.source} {clause}"
+                f" ORDER BY {sql.order.format(order=order)} LIMIT ?"
+            )
+            fetch = query.offset + query.limit + 1
+            while True:
+                rows = self._conn.execute(select, [*args, fetch]).fetchall()
+                picks = self._matching(rows, query, cursor, descending)
+                if sum(len(k) for _, k in picks) > query.limit or len(rows) < fetch:
+                    break
+                fetch *= 2  # rows whose events all failed a patient filter
             total: int | None = None
             if query.count_total:
+                count, count_args = sql.count()
                 total = self._conn.execute(
-                    f"SELECT COUNT(*) FROM {sql.source} {count_clause}", sql.args
+                    f"SELECT {count} FROM {sql.source} {count_clause}", [*count_args, *sql.args]
                 ).fetchone()[0]
-            return rows, total
+            return picks, total
 
-        rows, total = await self._guarded(read)
-        more = len(rows) > query.limit
-        items = [self._queued(r) for r in rows[: query.limit]]
+        picks, total = await self._guarded(read)
+        found = [e for row, keep in picks for e in _taken(self._events(row), keep)]
+        more = len(found) > query.limit
+        items = found[: query.limit]
         if reverse:
             items.reverse()
             return EventPage(items, total, more_after=True, more_before=more)
         return EventPage(
             items, total, more_after=more, more_before=query.after is not None or query.offset > 0
         )
+
+    def _row_bound(self, cursor: Cursor, descending: bool) -> Cursor:
+        """The keyset bound on rows for a cursor on events: going down from an event that
+        is not its fan-out's first, the bound is above its row so that the row's events
+        below it are found."""
+        if not descending:
+            return cursor
+        row = self._conn.execute(
+            "SELECT seq, fan FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (cursor[1],)
+        ).fetchone()
+        if row is not None and row[1] is not None and row[0] - row[1] + 1 < cursor[1]:
+            return (cursor[0], row[0] + 1)
+        return cursor
+
+    @staticmethod
+    def _matching(
+        rows: list[tuple[Any, ...]],
+        query: EventQuery,
+        cursor: Cursor | None,
+        descending: bool,
+    ) -> list[tuple[tuple[Any, ...], list[int]]]:
+        """Which events of ``rows`` the page holds, in the query's order, after the first
+        ``offset`` and at most ``limit + 1``: each row with the positions of its events
+        taken. Of a fan-out row, those are its events past the cursor whose patient each
+        patient or entity filter names (or that name none of the row's patients)."""
+        named = {v for v in (query.patient, query.entity) if v is not None}
+        by_date = query.sort is SortKey.RECORDED
+        picks: list[tuple[tuple[Any, ...], list[int]]] = []
+        skip, room = query.offset, query.limit + 1
+        for row in rows:
+            fan = row[9]
+            if fan is None:
+                keep = [0]
+            else:
+                patients = row[10][1:-1].split("|")
+                keep = [
+                    i
+                    for i, p in enumerate(patients)
+                    if all(v == p or v not in patients for v in named)
+                ]
+                if cursor is not None:
+                    first = row[0] - fan + 1
+                    ts = row[8] if by_date else 0.0
+                    keep = [
+                        i
+                        for i in keep
+                        if ((ts, first + i) < cursor if descending else (ts, first + i) > cursor)
+                    ]
+                if descending:
+                    keep.reverse()
+            if skip >= len(keep):
+                skip -= len(keep)
+                continue
+            keep = keep[skip : skip + room]
+            skip = 0
+            picks.append((row, keep))
+            room -= len(keep)
+            if not room:
+                break
+        return picks
 
     async def oldest_pending_recorded(self) -> float | None:
         """``recorded`` (POSIX time) of the oldest undelivered event, or None."""
@@ -396,7 +487,9 @@ class AuditQueue:
     async def stats(self) -> QueueStats:
         def read() -> QueueStats:
             counts = dict(
-                self._conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall()
+                self._conn.execute(
+                    "SELECT status, SUM(COALESCE(fan, 1)) FROM events GROUP BY status"
+                ).fetchall()
             )
             intents = self._conn.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
             oldest = self._conn.execute(
@@ -426,6 +519,23 @@ class AuditQueue:
             raise
         self._conn.execute("COMMIT")
 
+    async def _update_events(self, sql: str, seqs: Sequence[int], *values: Any) -> None:
+        """Run ``sql`` (ending in ``seq = ?``) with ``values`` for each event of ``seqs``,
+        on the rows that hold them (fan-out rows only partly named are split first)."""
+        if not seqs:
+            return
+
+        def write() -> None:
+            with self._tx():
+                rows = rows_for(self._conn, self._codec, seqs)
+                self._conn.executemany(sql, [(*values, s) for s in rows])
+
+        await self._guarded(write)
+
+    def _events_in_row(self, seq: int) -> int:
+        row = self._conn.execute("SELECT fan FROM events WHERE seq = ?", (seq,)).fetchone()
+        return int(row[0] or 1) if row else 0
+
     async def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
@@ -444,25 +554,56 @@ class AuditQueue:
                 raise StoreFull(f"audit store disk is full: {exc}") from exc
             raise StoreError(f"audit store failed: {exc}") from exc
 
-    def _queued(self, row: tuple[Any, ...], *, damaged_ok: bool = False) -> QueuedEvent:
-        """A row as a record. A body that cannot be decoded is a StoreError, except where
-        ``damaged_ok`` (the dead-letter list, where such events are kept): there the record
-        carries only the event's id, and its ``last_error`` says why."""
-        seq, event_id, body, status, attempts, next_at, error, recorded, recorded_ts = row
+    def _events(self, row: tuple[Any, ...], *, damaged_ok: bool = False) -> list[QueuedEvent]:
+        """The events of a row (several for a fan-out's). A body that cannot be decoded is
+        a StoreError, except where ``damaged_ok`` (the dead-letter list, where such events
+        are kept): there each record carries only its event's id, and ``last_error`` says
+        why."""
+        seq, event_id, body, status, attempts, next_at, error, recorded, recorded_ts = row[:9]
+        fan, patients = row[9:11]
+        state = EventStatus(status)
+        next_attempt_at = datetime.fromtimestamp(next_at, UTC) if next_at is not None else None
+        events: list[tuple[str, dict[str, Any]]]
         try:
-            event = self._codec.decode(body)
-        except CodecError as exc:
+            if fan is None:
+                events = [(event_id, self._codec.decode(body))]
+            else:
+                fanned = fan_of(event_id, patients, self._codec.decompress(body))
+                events = [
+                    (member, orjson.loads(json)) for member, json in map(fanned.event, range(fan))
+                ]
+        except (CodecError, ValueError) as exc:
             if not damaged_ok:
                 raise StoreError(f"audit event {event_id}: {exc}") from exc
-            event = {"resourceType": "AuditEvent", "id": event_id}
-        return QueuedEvent(
-            seq=seq,
-            event_id=event_id,
-            event=event,
-            status=EventStatus(status),
-            attempts=attempts,
-            next_attempt_at=datetime.fromtimestamp(next_at, UTC) if next_at is not None else None,
-            last_error=error,
-            recorded=recorded,
-            recorded_ts=recorded_ts,
-        )
+            events = [
+                (i, {"resourceType": "AuditEvent", "id": i})
+                for i in (
+                    [event_id]
+                    if fan is None
+                    else [fan_of(event_id, patients, b"\0\0").event(n)[0] for n in range(fan)]
+                )
+            ]
+        first = seq - len(events) + 1
+        return [
+            QueuedEvent(
+                seq=first + n,
+                event_id=member,
+                event=event,
+                status=state,
+                attempts=attempts,
+                next_attempt_at=next_attempt_at,
+                last_error=error,
+                recorded=recorded,
+                recorded_ts=recorded_ts,
+            )
+            for n, (member, event) in enumerate(events)
+        ]
+
+
+def _taken(events: list[QueuedEvent], positions: list[int]) -> list[QueuedEvent]:
+    return events if len(events) == 1 else [events[i] for i in positions]
+
+
+def _seqs_of(row: tuple[Any, ...]) -> list[int]:
+    """The seqs of a row's events."""
+    return list(range(row[0] - (row[9] or 1) + 1, row[0] + 1))

@@ -38,16 +38,40 @@ class EventRow(NamedTuple):
     updated_ts: float
 
 
-class FanOut(NamedTuple):
-    """Events that differ only in their id and in one patient, handed to the store as
-    one (a search answered with seven patients' resources: seven events). What they
-    share is serialized once; the writer makes each row (:meth:`rows`). Event ``i`` is
-    ``head + ids[i] + before + json(patients[i]) + tail`` as JSON, with ``|patients[i]|``
-    as its ``patients``, ``["e:patients[i]"`` then ``terms_tail`` as its ``terms``, and
-    every other column as in ``columns``."""
+FAN_MAX = 0x10000
+"""Most events in one :class:`FanOut`: the last four hex digits of an id number them."""
 
-    ids: tuple[str, ...]
+
+def member_id(first_id: str, index: int) -> str:
+    """The id of event ``index`` of a fan-out whose first event's id is ``first_id``
+    (a UUID ending in ``0000``): the same UUID ending in ``index`` as four hex digits."""
+    return f"{first_id[:-4]}{index:04x}"
+
+
+def first_member_id(event_id: str) -> tuple[str, int] | None:
+    """The first event's id and the position of ``event_id`` if it may be an event of a
+    fan-out (a UUID), else None."""
+    if len(event_id) != 36 or event_id[8] != "-":
+        return None
+    try:
+        index = int(event_id[-4:], 16)
+    except ValueError:
+        return None
+    return f"{event_id[:-4]}0000", index
+
+
+class FanOut(NamedTuple):
+    """Events that differ only in their id and in one patient (a search answered with
+    seven patients' resources: seven events), handed to the store and stored as one
+    row (:meth:`stored`); :meth:`row` makes the row of each of its events. Event ``i``
+    is ``head + member_id(first_id, i) + before + json(patients[i]) + tail`` as JSON,
+    with ``|patients[i]|`` as its ``patients``, ``["e:patients[i]"`` then ``terms_tail``
+    as its ``terms``, and every other column as in ``columns``."""
+
+    first_id: str
+    """The first event's id, ending in ``0000`` (:func:`member_id`)."""
     patients: tuple[str, ...]
+    """One per event, distinct, unversioned, none among the terms of ``terms_tail``."""
     head: bytes
     before: bytes
     tail: bytes
@@ -60,9 +84,9 @@ class FanOut(NamedTuple):
         """The row of event ``index``."""
         c = self.columns
         patient = self.patients[index]
-        reference = orjson.dumps(patient)
+        event_id, body = self.event(index)
         return EventRow(
-            self.ids[index],
+            event_id,
             c.recorded,
             c.recorded_ts,
             c.action,
@@ -70,7 +94,7 @@ class FanOut(NamedTuple):
             c.subtypes,
             f"|{patient}|",
             c.user_id,
-            b"".join((self.head, self.ids[index].encode(), self.before, reference, self.tail)),
+            body,
             f"[{orjson.dumps('e:' + patient).decode()}{self.terms_tail}",
             c.type_code,
             c.entity_types,
@@ -78,14 +102,52 @@ class FanOut(NamedTuple):
             c.updated_ts,
         )
 
+    def event(self, index: int) -> tuple[str, bytes]:
+        """The id and the JSON of event ``index``."""
+        event_id = member_id(self.first_id, index)
+        patient = orjson.dumps(self.patients[index])
+        return event_id, b"".join((self.head, event_id.encode(), self.before, patient, self.tail))
+
     def rows(self) -> list[EventRow]:
         """The row of every event, in order."""
-        return [self.row(i) for i in range(len(self.ids))]
+        return [self.row(i) for i in range(len(self.patients))]
+
+    def stored(self) -> EventRow:
+        """The one row the store keeps for all the events: the first's id, every
+        patient in ``patients`` (in order), every event's terms in ``terms``, and as its
+        body the three parts the events share, separated by NUL (which JSON text never
+        holds unescaped). :meth:`from_stored` reads it back."""
+        c = self.columns
+        patients = orjson.dumps(["e:" + p for p in self.patients]).decode()[:-1]
+        return EventRow(
+            self.first_id,
+            c.recorded,
+            c.recorded_ts,
+            c.action,
+            c.outcome,
+            c.subtypes,
+            "|" + "|".join(self.patients) + "|",
+            c.user_id,
+            b"\0".join((self.head, self.before, self.tail)),
+            patients + self.terms_tail,
+            c.type_code,
+            c.entity_types,
+            c.request_id,
+            c.updated_ts,
+        )
+
+    @classmethod
+    def from_stored(cls, row: EventRow) -> FanOut:
+        """The fan-out whose :meth:`stored` row is ``row`` (its body decompressed)."""
+        patients = tuple(row.patients[1:-1].split("|"))
+        head, before, tail = row.body.split(b"\0")
+        skip = len(orjson.dumps(["e:" + p for p in patients]).decode()) - 1
+        return cls(row.event_id, patients, head, before, tail, row.terms[skip:], row)
 
 
 def events_in(rows: Sequence[EventRow | FanOut]) -> int:
     """How many events ``rows`` holds."""
-    return sum(len(r.ids) if type(r) is FanOut else 1 for r in rows)
+    return sum(len(r.patients) if type(r) is FanOut else 1 for r in rows)
 
 
 class Capture(NamedTuple):

@@ -89,6 +89,13 @@ MIGRATIONS: tuple[str, ...] = (
         response BLOB
     );
     """,
+    # 6: a row may hold several events that differ only in their id and one patient
+    # (records.FanOut.stored): ``fan`` is how many, NULL for a row of one event. The row's
+    # seq is its last event's; the seqs below it, down to ``seq - fan + 1``, are its other
+    # events' and no row takes them (see proxy/store/fans.py).
+    """
+    ALTER TABLE events ADD COLUMN fan INTEGER;
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 

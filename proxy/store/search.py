@@ -76,6 +76,7 @@ class SearchSql:
             if high is not None:
                 self.where.append(f"{column} < ?")
                 self.args.append(high.timestamp())
+        self._named = list(dict.fromkeys(v for v in (query.patient, query.entity) if v is not None))
         self._by_date = by_date
         if by_date:
             self._key = f"({ts}, {seq})"
@@ -83,6 +84,24 @@ class SearchSql:
         else:
             self._key = seq
             self.order = f"{seq} {{order}}"
+
+    def count(self) -> tuple[str, list[Any]]:
+        """What counts the matching events, and its args (before :attr:`args`): a fan-out
+        row (``fan`` events) counts as all its events, or as its one event of a patient a
+        filter names, or as none if filters name two of its patients."""
+        patients = [f"|{v}|" for v in self._named]
+        if not patients:
+            return "COALESCE(SUM(COALESCE(e.fan, 1)), 0)", []
+        named = " OR ".join(["instr(e.patients, ?)"] * len(patients))
+        if len(patients) == 1:
+            expr = f"CASE WHEN e.fan IS NULL OR {named} THEN 1 ELSE e.fan END"
+            return f"COALESCE(SUM({expr}), 0)", patients
+        expr = (
+            "CASE WHEN e.fan IS NULL THEN 1"
+            " WHEN instr(e.patients, ?) AND instr(e.patients, ?) THEN 0"
+            f" WHEN {named} THEN 1 ELSE e.fan END"
+        )
+        return f"COALESCE(SUM({expr}), 0)", [*patients, *patients]
 
     def after(self, cursor: Cursor, descending: bool) -> tuple[str, list[Any]]:
         """The condition for rows past ``cursor`` in the given direction, and its args."""

@@ -30,7 +30,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
@@ -38,12 +38,12 @@ from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
 from proxy.store.records import Capture, FanOut, events_in
 from proxy.store.schema import migrate
 
-_EVENT_ARITY = 14
-_BODY: Final = 8
-"""Where the body is in an :data:`EventRow`: JSON from the event loop, a zstd frame once
-the writer has compressed it."""
+_EVENT_ARITY = 16
+_BODY: Final = 10
+"""Where the body is in a row as inserted (seq, fan, then an :data:`EventRow`): JSON from
+the event loop, a zstd frame once the writer has compressed it."""
 _ROWS_PER_STATEMENT = 256
-"""Rows per multi-row INSERT: 256 x 14 parameters stays far below SQLite's 32766 limit."""
+"""Rows per multi-row INSERT: 256 x 16 parameters stays far below SQLite's 32766 limit."""
 _ROW_OVERHEAD = 300
 """Bytes a row takes beside its body (columns and three index entries), overestimated."""
 
@@ -68,21 +68,33 @@ class StoreFull(StoreError):
 # --- the store file --------------------------------------------------------------------
 
 
-def _expanded(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    """Each row of an append, its fan-outs made into their rows."""
-    for row in rows:
-        if type(row) is FanOut:
-            yield from row.rows()
-        else:
-            yield row
+def _insert_rows(batch: Sequence[WireAppend], next_seq: int | None) -> list[Any]:
+    """The values of every row of ``batch`` as inserted (seq, fan, then the row), flat.
+    A :class:`FanOut` is one row whose seq is its last event's, the seqs of its other
+    events kept free below it: so from ``next_seq`` on, every row's seq is given; without
+    a fan-out (``next_seq`` None) SQLite numbers them."""
+    out: list[Any] = []
+    for item in batch:
+        for row in item[0]:
+            if type(row) is FanOut:
+                assert next_seq is not None
+                n = len(row.patients)
+                next_seq += n
+                out += (next_seq - 1, n, *row.stored())
+            else:
+                out += (next_seq, None, *row)
+                if next_seq is not None:
+                    next_seq += 1
+    return out
 
 
 @functools.cache
 def _insert_events_sql(n_rows: int) -> str:
     values = ",".join(["(" + ", ".join("?" * _EVENT_ARITY) + ")"] * n_rows)
     return (
-        "INSERT INTO events (event_id, recorded, recorded_ts, action, outcome, subtypes,"
-        " patients, user_id, body, terms, type_code, entity_types, request_id, updated_ts)"
+        "INSERT INTO events (seq, fan, event_id, recorded, recorded_ts, action, outcome,"
+        " subtypes, patients, user_id, body, terms, type_code, entity_types, request_id,"
+        " updated_ts)"
         f" VALUES {values}"
     )
 
@@ -214,63 +226,71 @@ class Committer:
     def _transaction(self, batch: Sequence[WireAppend]) -> list[int | None]:
         """One transaction for the batch, in as few statements as possible."""
         conn = self._conn
-        rows: list[Any] = [value for item in batch for row in _expanded(item[0]) for value in row]
-        frames = self._codec.compress_many(rows[_BODY::_EVENT_ARITY])
-        rows[_BODY::_EVENT_ARITY] = frames
-        n_rows = len(rows) // _EVENT_ARITY
+        fans = any(type(row) is FanOut for item in batch for row in item[0])
         intents = [item[2] for item in batch if item[2] is not None]
         done = [item[1] for item in batch if item[1] is not None]
         captures = [self._capture_row(Capture(*item[3])) for item in batch if item[3] is not None]
-        incoming = sum(map(len, frames)) + _ROW_OVERHEAD * n_rows
-        incoming += sum(len(i) + 50 for i in intents)
-        incoming += sum(len(c[2] or b"") + len(c[3] or b"") + 80 for c in captures)
         try:
+            # The common batch, plain events only, is one statement: its own transaction.
+            # A fan-out's seq is given, so its batch reads where seqs start inside one.
+            alone = not fans and not intents and not done and not captures
+            next_seq: int | None = None
+            if fans:
+                conn.execute("BEGIN IMMEDIATE")
+                next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[
+                    0
+                ]
+            rows = _insert_rows(batch, next_seq)
+            frames = self._codec.compress_many(rows[_BODY::_EVENT_ARITY])
+            rows[_BODY::_EVENT_ARITY] = frames
+            n_rows = len(rows) // _EVENT_ARITY
+            incoming = sum(map(len, frames)) + _ROW_OVERHEAD * n_rows
+            incoming += sum(len(i) + 50 for i in intents)
+            incoming += sum(len(c[2] or b"") + len(c[3] or b"") + 80 for c in captures)
             # Intents count too: a write whose intent fits no more must not be forwarded.
             if (n_rows or intents) and not self._has_room(incoming):
                 raise StoreFull(f"audit store is full (max_bytes={self._max_bytes})")
-            if not intents and not done and not captures and n_rows <= _ROWS_PER_STATEMENT:
-                # The common batch, events only: one statement is its own transaction.
+            if alone and n_rows <= _ROWS_PER_STATEMENT:
                 conn.execute(_insert_events_sql(n_rows), rows)
                 self._used_estimate += incoming
                 return [None] * len(batch)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for offset in range(0, n_rows, _ROWS_PER_STATEMENT):
-                    chunk = rows[
-                        offset * _EVENT_ARITY : (offset + _ROWS_PER_STATEMENT) * _EVENT_ARITY
-                    ]
-                    conn.execute(_insert_events_sql(len(chunk) // _EVENT_ARITY), chunk)
-                if captures:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO captures (request_id, created_at, request,"
-                        " response) VALUES (?, ?, ?, ?)",
-                        captures,
-                    )
-                if done:
-                    marks = ",".join("?" * len(done))
-                    conn.execute(f"DELETE FROM intents WHERE id IN ({marks})", done)
-                first_intent = 0
-                if intents:
-                    now = time.time()
-                    values = ",".join(["(?, ?)"] * len(intents))
-                    args = [v for summary in intents for v in (now, summary)]
-                    cur = conn.execute(
-                        f"INSERT INTO intents (created_at, summary) VALUES {values}", args
-                    )
-                    # Rowids of one multi-row insert in an exclusive transaction are
-                    # consecutive (max(rowid) + 1 each), so the first is derived.
-                    assert cur.lastrowid is not None
-                    first_intent = cur.lastrowid - len(intents) + 1
-                conn.execute("COMMIT")
-                self._used_estimate += incoming
-            except BaseException:
+            if not fans:
+                conn.execute("BEGIN IMMEDIATE")
+            for offset in range(0, n_rows, _ROWS_PER_STATEMENT):
+                chunk = rows[offset * _EVENT_ARITY : (offset + _ROWS_PER_STATEMENT) * _EVENT_ARITY]
+                conn.execute(_insert_events_sql(len(chunk) // _EVENT_ARITY), chunk)
+            if captures:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO captures (request_id, created_at, request,"
+                    " response) VALUES (?, ?, ?, ?)",
+                    captures,
+                )
+            if done:
+                marks = ",".join("?" * len(done))
+                conn.execute(f"DELETE FROM intents WHERE id IN ({marks})", done)
+            first_intent = 0
+            if intents:
+                now = time.time()
+                values = ",".join(["(?, ?)"] * len(intents))
+                args = [v for summary in intents for v in (now, summary)]
+                cur = conn.execute(
+                    f"INSERT INTO intents (created_at, summary) VALUES {values}", args
+                )
+                # Rowids of one multi-row insert in an exclusive transaction are
+                # consecutive (max(rowid) + 1 each), so the first is derived.
+                assert cur.lastrowid is not None
+                first_intent = cur.lastrowid - len(intents) + 1
+            conn.execute("COMMIT")
+            self._used_estimate += incoming
+        except BaseException as exc:
+            if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            if is_full(exc):
-                raise StoreFull(f"audit store disk is full: {exc}") from exc
-            raise StoreError(f"audit store write failed: {exc}") from exc
+            if isinstance(exc, sqlite3.Error):
+                if is_full(exc):
+                    raise StoreFull(f"audit store disk is full: {exc}") from exc
+                raise StoreError(f"audit store write failed: {exc}") from exc
+            raise
         results: list[int | None] = []
         for item in batch:
             if item[2] is not None:

@@ -368,7 +368,8 @@ async def test_a_fan_out_is_stored_as_its_events_each_found_by_its_patient(
     queue: AuditQueue,
 ) -> None:
     """The events of a search about seven patients reach the writer as one FanOut: it
-    stores seven rows, each event whole and findable by its own patient."""
+    stores them as one row (tests/store/test_fans.py), each event whole and findable by
+    its own patient."""
     ex = exchange(
         "GET",
         "Observation",

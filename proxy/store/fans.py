@@ -1,0 +1,117 @@
+"""Rows that hold several events: a :class:`~proxy.store.records.FanOut` as the store
+keeps it, and how its events are named, read and set apart.
+
+A fan-out of ``n`` events is one ``events`` row with ``fan = n`` (schema migration 6). Its
+seq is its last event's; its events' seqs are ``seq - n + 1`` to ``seq``, and no other row
+takes the ones below it (the writer gives a fan-out's seq, SQLite numbers other rows after
+the highest). Their ids are one UUID numbered in its last four hex digits
+(:func:`~proxy.store.records.member_id`). So the rest of the proxy names each event by its
+own seq and id as if it had a row, and one row costs the store one insert and one index
+entry per term instead of ``n``.
+
+The events of a row share their delivery state. When a delivery update names only some
+of them (a batch boundary, a repository that rejects one), :func:`rows_for` first splits
+the row into one row per event, at the seqs they already had, so ordering is unchanged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from proxy.store.codec import BodyCodec
+from proxy.store.records import EventRow, FanOut, first_member_id
+
+_ROW = (
+    "event_id, recorded, recorded_ts, action, outcome, subtypes, patients, user_id, body,"
+    " terms, type_code, entity_types, request_id, updated_ts"
+)
+_STATE = "status, attempts, next_attempt_at, last_error, delivered_at"
+_SPAN_SCAN = 16
+"""Seqs looked up by one range scan (rather than one lookup per row) while the span of
+the seqs named is at most this many times their number."""
+
+
+def fan_of(event_id: str, patients: str, template: bytes) -> FanOut:
+    """The fan-out of a stored row, enough of it to make its events' JSON
+    (:meth:`FanOut.event`): its first id, ``patients`` column and decompressed body."""
+    head, before, tail = template.split(b"\0")
+    row = EventRow(event_id, "", 0.0, None, None, "", patients, None, b"", "", None, "", None, 0.0)
+    return FanOut(event_id, tuple(patients[1:-1].split("|")), head, before, tail, "", row)
+
+
+def lookup_ids(event_id: str) -> tuple[str, int] | None:
+    """Where else to look for ``event_id`` when no row has it: the id of the row that
+    would hold it (its fan-out's first event's) and its position there."""
+    found = first_member_id(event_id)
+    return found if found is not None and found[1] > 0 else None
+
+
+def rows_for(conn: sqlite3.Connection, codec: BodyCodec, seqs: Sequence[int]) -> list[int]:
+    """The seqs of the rows that hold exactly the events ``seqs`` (seqs no event has are
+    left out). A fan-out row only some of whose events are named is first split into a
+    row per event. Runs inside the caller's write transaction."""
+    wanted = sorted(set(seqs))
+    if not wanted:
+        return []
+    lo, hi = wanted[0], wanted[-1]
+    if hi - lo <= _SPAN_SCAN * len(wanted):
+        rows: list[tuple[int, int | None]] = conn.execute(
+            "SELECT seq, fan FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq", (lo, hi)
+        ).fetchall()
+        if not rows or rows[-1][0] != hi:  # the last may be in a fan-out's row above it
+            after = conn.execute(
+                "SELECT seq, fan FROM events WHERE seq > ? ORDER BY seq LIMIT 1", (hi,)
+            ).fetchone()
+            rows.extend([after] if after else [])
+    else:
+        rows = []
+        for s in wanted:
+            if rows and s <= rows[-1][0]:
+                continue
+            row = conn.execute(
+                "SELECT seq, fan FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (s,)
+            ).fetchone()
+            if row is None:
+                break
+            rows.append(row)
+    out: list[int] = []
+    at = 0
+    for seq, fan in rows:
+        first = seq - (fan or 1) + 1
+        while at < len(wanted) and wanted[at] < first:
+            at += 1  # no event has it
+        named = []
+        while at < len(wanted) and wanted[at] <= seq:
+            named.append(wanted[at])
+            at += 1
+        if not named:
+            continue
+        if fan is None or len(named) == fan:
+            out.append(seq)
+        else:
+            split(conn, codec, seq)
+            out.extend(named)
+    return out
+
+
+def split(conn: sqlite3.Connection, codec: BodyCodec, seq: int) -> None:
+    """Replace the fan-out row ``seq`` by a row per event, each at its own seq, with the
+    fan-out's delivery state."""
+    found = conn.execute(f"SELECT {_ROW}, fan, {_STATE} FROM events WHERE seq = ?", (seq,))
+    values = found.fetchone()
+    stored = EventRow(*values[:14])
+    fan = FanOut.from_stored(stored._replace(body=codec.decompress(stored.body)))
+    state = values[15:]
+    conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+    first = seq - values[14] + 1
+    rows = fan.rows()
+    bodies = codec.compress_many([row.body for row in rows])
+    conn.executemany(
+        f"INSERT INTO events (seq, {_ROW}, {_STATE})"
+        f" VALUES ({', '.join('?' * (1 + len(EventRow._fields) + len(state)))})",
+        [
+            (first + i, *row._replace(body=body), *state)
+            for i, (row, body) in enumerate(zip(rows, bodies, strict=True))
+        ],
+    )
