@@ -9,9 +9,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.admin.access import ADMIN_ACCESS_TAG, build_access_events
 from proxy.admin.auth import AdminCaller
@@ -26,6 +29,7 @@ from proxy.audit.balp import (
     _recorded_ts,
     build_events,
     events_for,
+    form_encoded,
     store_rows,
 )
 from proxy.audit.identity import Identity
@@ -380,3 +384,19 @@ def test_events_a_fan_out_cannot_express_are_built_one_by_one() -> None:
     assert [patients_of(item.event) for item in built] == [[p] for p in versioned.patients]
     assert {type(item) for item in built} == {BuiltEvent}
     assert_rows_match(built)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet=st.sampled_from("aZ09_.~- &=+%/?:é€\x00\n"), max_size=8),
+            st.text(max_size=8),
+        ),
+        max_size=4,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_a_query_entity_encodes_search_parameters_as_urlencode_does(
+    pairs: list[tuple[str, str]],
+) -> None:
+    assert form_encoded(pairs) == urlencode(pairs)
