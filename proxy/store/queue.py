@@ -440,10 +440,11 @@ class AuditQueue:
                 keep = [0]
             else:
                 patients = row[10][1:-1].split("|")
+                held = set(patients)
                 keep = [
                     i
                     for i, p in enumerate(patients)
-                    if all(v == p or v not in patients for v in named)
+                    if all(v == p or v not in held for v in named)
                 ]
                 if cursor is not None:
                     first = row[0] - fan + 1

@@ -1,5 +1,7 @@
 """SIGKILL at random moments while 32 writers append: every append that returned (the
-caller was told "durable") is in the store after a restart, and the store opens cleanly."""
+caller was told "durable") is in the store after a restart, and the store opens cleanly.
+A quarter of the writers append fan-outs (a search's events about three patients, stored
+as one row whose seq the writer gives): their every event must be there too."""
 
 from __future__ import annotations
 
@@ -14,13 +16,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from proxy.store.records import member_id
 from tests.factories import queued_event
 
 WRITER = r"""
 import asyncio, sys
+from datetime import UTC, datetime
 from pathlib import Path
+from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.store.queue import AuditQueue
-from tests.factories import queued_event
+from tests.factories import exchange, queued_event
+
+def search(w: int, i: int):
+    return exchange("GET", "Observation", query=f"code={w}-{i}", response={
+        "resourceType": "Bundle", "type": "searchset",
+        "entry": [{"resource": {"resourceType": "Observation", "id": f"o{n}",
+                                "subject": {"reference": f"Patient/w{w}-{i}-{n}"}}}
+                  for n in range(3)]})
 
 async def main() -> None:
     queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
@@ -29,10 +41,16 @@ async def main() -> None:
     async def writer(w: int) -> None:
         i = 0
         while True:
-            event = queued_event(i)
-            event["id"] = f"r{round_no}-w{w}-{i}"
-            await queue.append([event])
-            sys.stdout.write(event["id"] + "\n")  # acknowledged: the caller may rely on it
+            if w % 4:
+                event = queued_event(i)
+                event["id"] = f"r{round_no}-w{w}-{i}"
+                await queue.append([event])
+                ids = [event["id"]]
+            else:
+                built = build_events(search(w, i), AuditContext.default(), datetime.now(UTC))
+                await queue.append_rows(store_rows(built))
+                ids = [b.row.event_id for b in built]
+            sys.stdout.write("".join(f"{i}\n" for i in ids))  # acknowledged: may be relied on
             sys.stdout.flush()
             i += 1
 
@@ -89,7 +107,14 @@ def test_acknowledged_appends_survive_sigkill(
         print(f"round {round_no}: {len(acked)} acknowledged before SIGKILL")
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
+        stored = {
+            member_id(event_id, n) if fan else event_id
+            for event_id, fan in conn.execute("SELECT event_id, fan FROM events")
+            for n in range(fan or 1)
+        }
+        assert any(i.startswith(f"r{round_no}-") for i in acked) and any(
+            not i.startswith("r") for i in acked
+        ), "both plain events and fan-outs were acknowledged"
         conn.close()
         missing = acknowledged - stored
         assert not missing, (
