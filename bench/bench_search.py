@@ -31,7 +31,7 @@ from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.store.queue import AuditQueue
-from proxy.store.records import EventQuery, EventRow
+from proxy.store.records import EventQuery
 from proxy.store.writer_process import _insert_events_sql, connect
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -41,9 +41,9 @@ STEP_S = 2.0
 
 def build_rows(
     queue: AuditQueue, start: int, count: int, users: int, patients: int
-) -> list[EventRow]:
+) -> list[tuple[object, ...]]:
     ctx = AuditContext.default()
-    rows: list[EventRow] = []
+    rows: list[tuple[object, ...]] = []
     for n in range(start, start + count):
         now = T0 + timedelta(seconds=n * STEP_S)
         patient = f"Patient/p{n % patients}"
@@ -65,9 +65,11 @@ def build_rows(
             b'"code":{"text":"x"},"subject":{"reference":"%s"}}' % (n, patient.encode())
         )
         exchange.finished_at = now
-        for event, row in build_events(exchange, ctx, now):
+        for built in build_events(exchange, ctx, now):
             # The writer process compresses bodies at commit; this fill bypasses it.
-            rows.append(row._replace(body=queue._codec.encode(event)))
+            row = built.row
+            (body,) = queue._codec.compress_many([row.body])
+            rows.append((None, None, *row._replace(body=body)))  # seq and fan: SQLite's
     return rows
 
 

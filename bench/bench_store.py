@@ -54,8 +54,8 @@ def sample_event() -> dict[str, Any]:
     )
     exchange.response_headers = {"content-type": "application/fhir+json"}
     exchange.finished_at = now
-    ((event, _),) = build_events(exchange, AuditContext.default(), now)
-    return event
+    (built,) = build_events(exchange, AuditContext.default(), now)
+    return built.event
 
 
 async def run(
