@@ -21,7 +21,14 @@ from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
 from proxy.store.schema import MIGRATIONS, split_statements
-from tests.factories import NodeFhirServer, RunningProxy, StartProxy, audit_event, unsigned_jwt
+from tests.factories import (
+    NodeFhirServer,
+    RunningProxy,
+    StartProxy,
+    audit_event,
+    new_patient,
+    unsigned_jwt,
+)
 
 
 @dataclass
@@ -222,3 +229,43 @@ async def test_a_store_from_before_the_index_is_searchable_after_upgrade(tmp_pat
         await queue.prune(datetime(2030, 1, 1, tzinfo=UTC), timedelta(0))
     finally:
         await queue.close()
+
+
+async def test_a_search_about_several_patients_is_read_back_one_event_per_patient(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """Its events are stored as one row (proxy/store/fans.py): the admin API still finds,
+    reads, pages and counts each as its own."""
+    proxy = await start_proxy(fhir_server.base_url)
+    family = f"Fan{datetime.now(UTC).timestamp():.0f}"
+    made = [
+        await new_patient(http, fhir_server.base_url, name=[{"family": family}]) for _ in range(3)
+    ]
+    doctor = {"Authorization": f"Bearer {unsigned_jwt({'sub': 'dr-fan'})}"}
+    async with http.get(f"{proxy.url}/Patient", params={"family": family}, headers=doctor) as r:
+        assert r.status == 200
+    with sqlite3.connect(proxy.settings.store.path) as conn:
+        assert conn.execute("SELECT fan FROM events WHERE fan IS NOT NULL").fetchall() == [(3,)]
+    admin = f"{proxy.admin_url}/fhir/AuditEvent"
+    ids = []
+    for patient in made:
+        body = await fetch(http, f"{admin}?patient=Patient/{patient['id']}")
+        assert body["total"] == 1
+        (entry,) = body["entry"]
+        event = entry["resource"]
+        named = [e.get("what", {}).get("reference") for e in event["entity"]]
+        assert [r for r in named if r and r.startswith("Patient/")] == [f"Patient/{patient['id']}"]
+        assert await fetch(http, f"{admin}/{event['id']}") == event
+        assert (await fetch(http, f"{proxy.admin_url}/audit-log/event/{event['id']}"))["id"] == (
+            event["id"]
+        )
+        ids.append(event["id"])
+    assert len(set(ids)) == 3
+    pages: list[str] = []
+    url: str | None = f"{admin}?agent=dr-fan&_count=2"
+    while url:
+        body = await fetch(http, url)
+        assert body["total"] == 3
+        pages += [e["resource"]["id"] for e in body["entry"]]
+        url = next((lk["url"] for lk in body["link"] if lk["relation"] == "next"), None)
+    assert sorted(pages) == sorted(ids) and len(pages) == 3

@@ -13,11 +13,12 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
 from proxy.settings import RepositorySettings
 from proxy.store.queue import AuditQueue
-from tests.factories import ScriptedRepository, audit_event
+from tests.factories import ScriptedRepository, audit_event, exchange
 
 
 def _flusher(
@@ -185,3 +186,51 @@ async def test_drain_stops_at_the_first_failure(
     assert await flusher.drain(timeout_s=5) == 0
     assert len(scripted_repository.requests) == 1
     assert (await queue.stats()).pending == 10, "nothing lost: it waits for the next start"
+
+
+async def test_fan_outs_are_delivered_event_by_event_in_order_across_batches_and_rejections(
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
+) -> None:
+    """Searches' events stored as one row each (tests/store/test_fans.py) go out as the
+    events they are: batches cut through them, one of them rejected and dead-lettered
+    alone, the rest delivered once each in the order they were stored."""
+    expected: list[str] = []
+    for n in range(4):
+        patients = [f"Patient/f{n}-{k}" for k in range(5)]
+        built = build_events(_search(patients), AuditContext.default(), datetime.now(UTC))
+        await queue.append_rows(store_rows(built))
+        expected += [b.row.event_id for b in built]
+        plain = audit_event(n)
+        await queue.append([plain])
+        expected.append(plain["id"])
+    poison = expected[8]
+    scripted_repository.behaviour = _reject_when({poison})
+    flusher = _flusher(queue, scripted_repository, http, batch_count=4)
+    while await flusher.flush_once():
+        pass
+    assert scripted_repository.delivered_ids() == [i for i in expected if i != poison]
+    assert [d.event_id for d in await queue.list_dead()] == [poison]
+    stats = await queue.stats()
+    assert (stats.pending, stats.delivered, stats.dead) == (0, len(expected) - 1, 1)
+
+
+def _search(patients: list[str]) -> Any:
+    return exchange(
+        "GET",
+        "Observation",
+        query="code=8867-4",
+        response={
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "Observation",
+                        "id": f"o{k}",
+                        "subject": {"reference": p},
+                    }
+                }
+                for k, p in enumerate(patients)
+            ],
+        },
+    )
