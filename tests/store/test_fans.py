@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
+from proxy.store import schema
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventRow, EventStatus, FanOut, SortKey
 from tests.factories import exchange, unsigned_jwt
@@ -279,3 +280,38 @@ def test_the_stored_row_of_a_fan_out_gives_back_the_fan_out() -> None:
     stored = fan.stored()
     assert isinstance(stored, EventRow)
     assert FanOut.from_stored(stored).rows() == fan.rows()
+
+
+async def test_a_store_from_before_fan_outs_takes_them_after_its_own_events(
+    tmp_path: Path,
+) -> None:
+    """Schema 5 had no ``fan``: migration 6 adds it, the rows stored before stay events of
+    their own, and a fan-out appended after them takes the seqs above theirs."""
+    db = tmp_path / "audit.db"
+    with sqlite3.connect(db) as conn:
+        for script in schema.MIGRATIONS[:5]:
+            for statement in schema.split_statements(script):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 5")
+        conn.execute(
+            "INSERT INTO events (event_id, recorded, recorded_ts, body) VALUES (?, ?, ?, ?)",
+            (
+                "old-1",
+                NOW.isoformat(),
+                NOW.timestamp(),
+                b'{"resourceType":"AuditEvent","id":"old-1"}',
+            ),
+        )
+    queue = await AuditQueue.open(db, max_bytes=1 << 30)
+    try:
+        built = _built(SEVEN)
+        await queue.append_rows(store_rows(built))
+        claimed = await queue.claim(100, NOW)
+        assert [(q.seq, q.event_id) for q in claimed] == [
+            (1, "old-1"),
+            *((n + 2, b.row.event_id) for n, b in enumerate(built)),
+        ]
+    finally:
+        await queue.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (schema.SCHEMA_VERSION,)
