@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -334,6 +334,35 @@ def exchange(
     ex.interaction = classify(method, path, query, request_headers, raw_body)
     ex.identity = identity_from_headers(request_headers, identity or IdentitySettings(), keys)
     return ex
+
+
+def search_exchange(
+    patients: Sequence[str], *, user: str | None = None, query: str = "code=8867-4"
+) -> Exchange:
+    """``GET Observation?{query}`` answered with an Observation about each of ``patients``,
+    by ``user`` (an unsigned JWT's ``sub``) when given: its events are one per patient, and
+    go to the store as one fan-out."""
+    return exchange(
+        "GET",
+        "Observation",
+        query=query,
+        headers={"authorization": f"Bearer {unsigned_jwt({'sub': user})}"} if user else None,
+        response={
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "Observation",
+                        "id": f"o{n}",
+                        "status": "final",
+                        "subject": {"reference": patient},
+                    }
+                }
+                for n, patient in enumerate(patients)
+            ],
+        },
+    )
 
 
 def context(**audit: Any) -> AuditContext:

@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from proxy.store.codec import BodyCodec
-from proxy.store.records import EventRow, FanOut, first_member_id
+from proxy.store.records import EventRow, FanOut, member_id
 
 _ROW = (
     "event_id, recorded, recorded_ts, action, outcome, subtypes, patients, user_id, body,"
@@ -41,10 +41,16 @@ def fan_of(event_id: str, patients: str, template: bytes) -> FanOut:
 
 
 def lookup_ids(event_id: str) -> tuple[str, int] | None:
-    """Where else to look for ``event_id`` when no row has it: the id of the row that
+    """Where else to look for ``event_id`` when no row has it, if it may be a fan-out's
+    event other than the first (a UUID not ending in ``0000``): the id of the row that
     would hold it (its fan-out's first event's) and its position there."""
-    found = first_member_id(event_id)
-    return found if found is not None and found[1] > 0 else None
+    if len(event_id) != 36 or event_id[8] != "-":
+        return None
+    try:
+        index = int(event_id[-4:], 16)
+    except ValueError:
+        return None
+    return (member_id(event_id, 0), index) if index > 0 else None
 
 
 def rows_for(conn: sqlite3.Connection, codec: BodyCodec, seqs: Sequence[int]) -> list[int]:

@@ -4,8 +4,8 @@
 (made durable by :class:`~proxy.store.writer.CommitEngine`), delivery bookkeeping (claim,
 ack, retry, dead letters, pruning) and the reads of the admin API (their SQL is in
 :mod:`proxy.store.search`). Every method names and returns events, not rows: a row may
-hold several (:mod:`proxy.store.fans`). Reads and bookkeeping run on a second connection on a second
-thread; WAL lets them read while the writer commits.
+hold several (:mod:`proxy.store.fans`). Reads and bookkeeping run on a second connection on
+a second thread; WAL lets them read while the writer commits.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from proxy.store.records import (
     QueuedEvent,
     QueueStats,
     SortKey,
+    member_id,
 )
 from proxy.store.search import SearchSql
 from proxy.store.writer import Append, CommitEngine, StoreError, StoreFull, is_full, used_bytes
@@ -270,15 +271,15 @@ class AuditQueue:
                         " WHERE status = 'dead'"
                     )
                     return requeued
-                return sum(
-                    self._conn.execute(
+                requeued = 0
+                for s in rows_for(self._conn, self._codec, seqs):
+                    for (events,) in self._conn.execute(
                         "UPDATE events SET status = 'pending', next_attempt_at = NULL"
-                        " WHERE status = 'dead' AND seq = ?",
+                        " WHERE status = 'dead' AND seq = ? RETURNING COALESCE(fan, 1)",
                         (s,),
-                    ).rowcount
-                    * self._events_in_row(s)
-                    for s in rows_for(self._conn, self._codec, seqs)
-                )
+                    ):
+                        requeued += events
+                return requeued
 
         result: int = await self._guarded(write)
         return result
@@ -442,9 +443,7 @@ class AuditQueue:
                 patients = row[10][1:-1].split("|")
                 held = set(patients)
                 keep = [
-                    i
-                    for i, p in enumerate(patients)
-                    if all(v == p or v not in held for v in named)
+                    i for i, p in enumerate(patients) if all(v == p or v not in held for v in named)
                 ]
                 if cursor is not None:
                     first = row[0] - fan + 1
@@ -533,10 +532,6 @@ class AuditQueue:
 
         await self._guarded(write)
 
-    def _events_in_row(self, seq: int) -> int:
-        row = self._conn.execute("SELECT fan FROM events WHERE seq = ?", (seq,)).fetchone()
-        return int(row[0] or 1) if row else 0
-
     async def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
@@ -576,14 +571,8 @@ class AuditQueue:
         except (CodecError, ValueError) as exc:
             if not damaged_ok:
                 raise StoreError(f"audit event {event_id}: {exc}") from exc
-            events = [
-                (i, {"resourceType": "AuditEvent", "id": i})
-                for i in (
-                    [event_id]
-                    if fan is None
-                    else [fan_of(event_id, patients, b"\0\0").event(n)[0] for n in range(fan)]
-                )
-            ]
+            ids = [event_id] if fan is None else [member_id(event_id, n) for n in range(fan)]
+            events = [(i, {"resourceType": "AuditEvent", "id": i}) for i in ids]
         first = seq - len(events) + 1
         return [
             QueuedEvent(

@@ -48,18 +48,6 @@ def member_id(first_id: str, index: int) -> str:
     return f"{first_id[:-4]}{index:04x}"
 
 
-def first_member_id(event_id: str) -> tuple[str, int] | None:
-    """The first event's id and the position of ``event_id`` if it may be an event of a
-    fan-out (a UUID), else None."""
-    if len(event_id) != 36 or event_id[8] != "-":
-        return None
-    try:
-        index = int(event_id[-4:], 16)
-    except ValueError:
-        return None
-    return f"{event_id[:-4]}0000", index
-
-
 class FanOut(NamedTuple):
     """Events that differ only in their id and in one patient (a search answered with
     seven patients' resources: seven events), handed to the store and stored as one

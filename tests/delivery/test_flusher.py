@@ -18,7 +18,7 @@ from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
 from proxy.settings import RepositorySettings
 from proxy.store.queue import AuditQueue
-from tests.factories import ScriptedRepository, audit_event, exchange
+from tests.factories import ScriptedRepository, audit_event, search_exchange
 
 
 def _flusher(
@@ -197,7 +197,7 @@ async def test_fan_outs_are_delivered_event_by_event_in_order_across_batches_and
     expected: list[str] = []
     for n in range(4):
         patients = [f"Patient/f{n}-{k}" for k in range(5)]
-        built = build_events(_search(patients), AuditContext.default(), datetime.now(UTC))
+        built = build_events(search_exchange(patients), AuditContext.default(), datetime.now(UTC))
         await queue.append_rows(store_rows(built))
         expected += [b.row.event_id for b in built]
         plain = audit_event(n)
@@ -212,25 +212,3 @@ async def test_fan_outs_are_delivered_event_by_event_in_order_across_batches_and
     assert [d.event_id for d in await queue.list_dead()] == [poison]
     stats = await queue.stats()
     assert (stats.pending, stats.delivered, stats.dead) == (0, len(expected) - 1, 1)
-
-
-def _search(patients: list[str]) -> Any:
-    return exchange(
-        "GET",
-        "Observation",
-        query="code=8867-4",
-        response={
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "entry": [
-                {
-                    "resource": {
-                        "resourceType": "Observation",
-                        "id": f"o{k}",
-                        "subject": {"reference": p},
-                    }
-                }
-                for k, p in enumerate(patients)
-            ],
-        },
-    )

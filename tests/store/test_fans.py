@@ -16,38 +16,13 @@ from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.store import schema
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventRow, EventStatus, FanOut, SortKey
-from tests.factories import exchange, unsigned_jwt
+from tests.factories import search_exchange
 
 NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
 
 
-def _search(patients: list[str], *, user: str = "dr-who", resource: str = "Observation") -> Any:
-    """A search whose answer holds a resource of each of ``patients``."""
-    return exchange(
-        "GET",
-        resource,
-        query="code=8867-4",
-        headers={"authorization": f"Bearer {unsigned_jwt({'sub': user})}"},
-        response={
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "entry": [
-                {
-                    "resource": {
-                        "resourceType": resource,
-                        "id": f"o{n}",
-                        "status": "final",
-                        "subject": {"reference": p},
-                    }
-                }
-                for n, p in enumerate(patients)
-            ],
-        },
-    )
-
-
-def _built(patients: list[str], at: datetime = NOW, **kwargs: Any) -> list[Built]:
-    return build_events(_search(patients, **kwargs), AuditContext.default(), at)
+def _built(patients: list[str], at: datetime = NOW, user: str = "dr-who") -> list[Built]:
+    return build_events(search_exchange(patients, user=user), AuditContext.default(), at)
 
 
 def _rows(db: Path) -> list[tuple[Any, ...]]:

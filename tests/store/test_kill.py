@@ -25,14 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.store.queue import AuditQueue
-from tests.factories import exchange, queued_event
-
-def search(w: int, i: int):
-    return exchange("GET", "Observation", query=f"code={w}-{i}", response={
-        "resourceType": "Bundle", "type": "searchset",
-        "entry": [{"resource": {"resourceType": "Observation", "id": f"o{n}",
-                                "subject": {"reference": f"Patient/w{w}-{i}-{n}"}}}
-                  for n in range(3)]})
+from tests.factories import queued_event, search_exchange
 
 async def main() -> None:
     queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
@@ -47,7 +40,11 @@ async def main() -> None:
                 await queue.append([event])
                 ids = [event["id"]]
             else:
-                built = build_events(search(w, i), AuditContext.default(), datetime.now(UTC))
+                built = build_events(
+                    search_exchange([f"Patient/w{w}-{i}-{n}" for n in range(3)]),
+                    AuditContext.default(),
+                    datetime.now(UTC),
+                )
                 await queue.append_rows(store_rows(built))
                 ids = [b.row.event_id for b in built]
             sys.stdout.write("".join(f"{i}\n" for i in ids))  # acknowledged: may be relied on

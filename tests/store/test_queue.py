@@ -18,7 +18,7 @@ from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventStatus, FanOut
 from proxy.store.writer import StoreError, StoreFull
 from proxy.telemetry import REGISTRY
-from tests.factories import exchange, queued_event
+from tests.factories import queued_event, search_exchange
 
 NOW = datetime.now(UTC)
 
@@ -370,26 +370,7 @@ async def test_a_fan_out_is_stored_as_its_events_each_found_by_its_patient(
     """The events of a search about seven patients reach the writer as one FanOut: it
     stores them as one row (tests/store/test_fans.py), each event whole and findable by
     its own patient."""
-    ex = exchange(
-        "GET",
-        "Observation",
-        query="code=8867-4",
-        response={
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "entry": [
-                {
-                    "resource": {
-                        "resourceType": "Observation",
-                        "id": f"o{n}",
-                        "status": "final",
-                        "subject": {"reference": f"Patient/p{n}"},
-                    }
-                }
-                for n in range(7)
-            ],
-        },
-    )
+    ex = search_exchange([f"Patient/p{n}" for n in range(7)])
     built = build_events(ex, AuditContext.default(), NOW)
     rows = store_rows(built)
     assert len(rows) == 1 and isinstance(rows[0], FanOut)
