@@ -35,9 +35,10 @@ the seqs named is at most this many times their number."""
 def fan_of(event_id: str, patients: str, template: bytes) -> FanOut:
     """The fan-out of a stored row, enough of it to make its events' JSON
     (:meth:`FanOut.event`): its first id, ``patients`` column and decompressed body."""
-    head, before, tail = template.split(b"\0")
-    row = EventRow(event_id, "", 0.0, None, None, "", patients, None, b"", "", None, "", None, 0.0)
-    return FanOut(event_id, tuple(patients[1:-1].split("|")), head, before, tail, "", row)
+    row = EventRow(
+        event_id, "", 0.0, None, None, "", patients, None, template, "", None, "", None, 0.0
+    )
+    return FanOut.from_stored(row)
 
 
 def lookup_ids(event_id: str) -> tuple[str, int] | None:

@@ -106,7 +106,6 @@ class FanOut(NamedTuple):
         body the three parts the events share, separated by NUL (which JSON text never
         holds unescaped). :meth:`from_stored` reads it back."""
         c = self.columns
-        patients = orjson.dumps(["e:" + p for p in self.patients]).decode()[:-1]
         return EventRow(
             self.first_id,
             c.recorded,
@@ -117,7 +116,7 @@ class FanOut(NamedTuple):
             "|" + "|".join(self.patients) + "|",
             c.user_id,
             b"\0".join((self.head, self.before, self.tail)),
-            patients + self.terms_tail,
+            _patient_terms(self.patients) + self.terms_tail,
             c.type_code,
             c.entity_types,
             c.request_id,
@@ -129,8 +128,13 @@ class FanOut(NamedTuple):
         """The fan-out whose :meth:`stored` row is ``row`` (its body decompressed)."""
         patients = tuple(row.patients[1:-1].split("|"))
         head, before, tail = row.body.split(b"\0")
-        skip = len(orjson.dumps(["e:" + p for p in patients]).decode()) - 1
-        return cls(row.event_id, patients, head, before, tail, row.terms[skip:], row)
+        tail_terms = row.terms[len(_patient_terms(patients)) :]
+        return cls(row.event_id, patients, head, before, tail, tail_terms, row)
+
+
+def _patient_terms(patients: Sequence[str]) -> str:
+    """The patients' terms as a stored fan-out's ``terms`` begins: ``["e:…","e:…"``."""
+    return orjson.dumps(["e:" + p for p in patients]).decode()[:-1]
 
 
 def events_in(rows: Sequence[EventRow | FanOut]) -> int:

@@ -237,9 +237,9 @@ class Committer:
             next_seq: int | None = None
             if fans:
                 conn.execute("BEGIN IMMEDIATE")
-                next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[
-                    0
-                ]
+                (next_seq,) = conn.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM events"
+                ).fetchone()
             rows = _insert_rows(batch, next_seq)
             frames = self._codec.compress_many(rows[_BODY::_EVENT_ARITY])
             rows[_BODY::_EVENT_ARITY] = frames
