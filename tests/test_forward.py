@@ -516,7 +516,13 @@ async def test_flusher_retries_after_repository_500(
     assert statuses == [500, 500, 200]
     assert all(r["headers"]["X-Tenant"] == "ward-7" for r in repository.requests)
     assert repository.requests[-1]["body"]["type"] == "collection"
-    stats = await proxy.queue.stats()
+    # The repository has the event once it answered 200; the flusher marks it delivered
+    # after reading that answer.
+    deadline = asyncio.get_running_loop().time() + 5
+    while (stats := await proxy.queue.stats()).delivered == 0:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.01)
     assert (stats.pending, stats.delivered) == (0, 1)
     assert event["id"] == (await proxy.stored_events())[0]["id"]
 
