@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from proxy import telemetry
+from proxy import telemetry, worker_metrics
 from proxy.admin.app import build_admin_app
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
@@ -379,7 +379,19 @@ async def _admin_listener(
 
 
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in telemetry.telemetry_ctx(app, app[SETTINGS].telemetry, lambda: app[QUEUE]):
+    settings = app[SETTINGS]
+    worker = app[WORKER] if settings.workers > 1 else None
+    async for _ in telemetry.telemetry_ctx(app, settings.telemetry, lambda: app[QUEUE], worker):
+        yield
+
+
+async def _worker_metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With several workers: worker 0's ``/metrics`` counts every worker's requests."""
+    settings = app[SETTINGS]
+    if settings.workers == 1:
+        yield
+        return
+    async for _ in worker_metrics.shared(settings.store_shards(), app[WORKER]):
         yield
 
 
@@ -410,6 +422,7 @@ def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
         [
             _telemetry_ctx,
             _store_ctx,
+            _worker_metrics_ctx,
             _upstream_ctx,
             _validation_ctx,
             _handler_ctx,

@@ -268,22 +268,97 @@ def _histogram(
     return metric
 
 
+WORKER_ATTRIBUTE = "fhir_audit.worker"
+"""The resource attribute naming the worker, when the proxy runs several."""
+
+_Snapshot = dict[str, list[Any]]
+"""Counters and histograms by metric name, each a list of ``[label values, value,
+created]``; a histogram's value is ``[counts, sum, min, max]`` (None for no extreme)."""
+
+
+def snapshot() -> _Snapshot:
+    """This process's counters and histograms, as JSON-ready lists (for the admin
+    ``/metrics`` of another process to add up: :mod:`proxy.worker_metrics`)."""
+    found: _Snapshot = {}
+    for metric in METRICS:
+        if metric.kind == "gauge":
+            continue
+        cells = []
+        for key, (value, created) in metric.cells():
+            if metric.kind == "histogram":
+                counts, total, low, high = value
+                value = [counts, total, _finite(low), _finite(high)]
+            cells.append([list(key), value, created])
+        found[metric.name] = cells
+    return found
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+_peer_snapshots: Callable[[], Sequence[_Snapshot]] | None = None
+
+
+def set_peer_snapshots(source: Callable[[], Sequence[_Snapshot]] | None) -> None:
+    """Where the Prometheus exposition finds other processes' counters and histograms to
+    add to this one's (``workers`` > 1, on worker 0); None: this process's only."""
+    global _peer_snapshots
+    _peer_snapshots = source
+
+
+def _added(metric: _Metric, peers: Sequence[_Snapshot]) -> list[tuple[tuple[str, ...], Any]]:
+    """``metric.cells()`` with the same metric's cells of ``peers`` added, label set by
+    label set (a histogram's buckets only where its bounds agree)."""
+    cells = dict(metric.cells())
+    for peer in peers:
+        for labels, value, created in peer.get(metric.name, ()):
+            key = tuple(labels)
+            mine = cells.get(key)
+            if metric.kind == "histogram":
+                counts, total, low, high = value
+                if len(counts) != len(metric.bounds) + 1:
+                    continue
+                low = math.inf if low is None else low
+                high = -math.inf if high is None else high
+                if mine is not None:
+                    (own, own_total, own_low, own_high), own_created = mine
+                    counts = [a + b for a, b in zip(own, counts, strict=True)]
+                    value = (counts, own_total + total, min(own_low, low), max(own_high, high))
+                    created = min(own_created, created)
+                else:
+                    value = (counts, total, low, high)
+            elif mine is not None:
+                value, created = mine[0] + value, min(mine[1], created)
+            cells[key] = (value, created)
+    return list(cells.items())
+
+
 class _PrometheusCells(Collector):
     """The Prometheus exposition of :data:`METRICS`, read from their cells at scrape time
-    (the text prometheus_client's own Counter, Gauge and Histogram would give)."""
+    (the text prometheus_client's own Counter, Gauge and Histogram would give), other
+    workers' counters and histograms added when there are (:func:`set_peer_snapshots`)."""
 
     def collect(self) -> Iterator[PromMetric]:
+        peers = _peer_snapshots() if _peer_snapshots is not None else ()
         for metric in METRICS:
-            yield self._family(metric)
+            yield self._family(metric, peers)
 
     def describe(self) -> Iterator[PromMetric]:
         for metric in METRICS:
-            yield self._family(metric, with_samples=False)
+            yield self._family(metric, (), with_samples=False)
 
     @staticmethod
-    def _family(metric: _Metric, *, with_samples: bool = True) -> PromMetric:
+    def _family(
+        metric: _Metric, peers: Sequence[_Snapshot], *, with_samples: bool = True
+    ) -> PromMetric:
         names = metric.labelnames
-        cells = metric.cells() if with_samples else []
+        if not with_samples:
+            cells = []
+        elif peers and metric.kind != "gauge":
+            cells = _added(metric, peers)
+        else:
+            cells = metric.cells()
         if metric.kind == "counter":
             counter = CounterMetricFamily(metric.name, metric.description, labels=names)
             for key, (value, created) in cells:
@@ -527,13 +602,23 @@ class _RecordWhenExported(Sampler):
         return "RecordWhenExported"
 
 
+def _resource(service_name: str, worker: int | None = None) -> Resource:
+    """This process's OpenTelemetry resource. Each process exports cumulative series of
+    its own, which a backend tells apart from another process's by the resource only: the
+    SDK gives each process a ``service.instance.id`` (unless ``OTEL_RESOURCE_ATTRIBUTES``
+    names one, which every worker of a pod then shares), and with several workers each
+    also names its index."""
+    attributes: dict[str, str | int] = {SERVICE_NAME: service_name}
+    if worker is not None:
+        attributes[WORKER_ATTRIBUTE] = worker
+    return Resource.create(attributes)
+
+
 def tracer_provider(service_name: str = "fhir-audit-proxy") -> TracerProvider:
     """The process's SDK tracer provider, made and installed globally on first use (every
     request then has a trace id, exported or not)."""
     if not _PROVIDER:
-        provider = TracerProvider(
-            resource=Resource.create({SERVICE_NAME: service_name}), sampler=_RecordWhenExported()
-        )
+        provider = TracerProvider(resource=_resource(service_name), sampler=_RecordWhenExported())
         provider.add_span_processor(SPAN_PROCESSORS)
         trace.set_tracer_provider(provider)
         _PROVIDER.append(provider)
@@ -791,7 +876,9 @@ class Telemetry:
         *,
         span_processors: Sequence[SpanProcessor] = (),
         metric_readers: Sequence[MetricReader] = (),
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this process's index when the proxy runs several workers."""
         self._settings = settings
         self._span_processors = list(span_processors)
         readers = list(metric_readers)
@@ -811,7 +898,7 @@ class Telemetry:
                     export_interval_millis=settings.metric_export_interval_s * 1000,
                 )
             )
-        resource = Resource.create({SERVICE_NAME: settings.service_name})
+        resource = _resource(settings.service_name, worker)
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         cells = _OtelCells(resource)
         for reader in readers:
@@ -851,12 +938,16 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)
 
 
 async def telemetry_ctx(
-    app: web.Application, settings: TelemetrySettings, queue: Callable[[], AuditQueue]
+    app: web.Application,
+    settings: TelemetrySettings,
+    queue: Callable[[], AuditQueue],
+    worker: int | None = None,
 ) -> AsyncIterator[None]:
     """The body of the app's telemetry ``cleanup_ctx``: start (a :class:`Telemetry` already
     in ``app[TELEMETRY]`` is used as it is), keep the gauges fresh while exporting, then
-    flush and stop. ``queue`` gives the store once it is open."""
-    telemetry = app.get(TELEMETRY) or Telemetry(settings)
+    flush and stop. ``queue`` gives the store (this worker's shard) once it is open;
+    ``worker`` is this process's index when the proxy runs several."""
+    telemetry = app.get(TELEMETRY) or Telemetry(settings, worker=worker)
     app[TELEMETRY] = telemetry
     telemetry.start()
     if settings.json_logs:

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
@@ -133,6 +134,48 @@ async def test_two_workers_share_the_port_and_the_admin_reads_both_shards(
     assert recorded == sorted(recorded, reverse=True), "merged newest first"
     log = (tmp_path / "proxy.log").read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+@pytest.mark.timeout(180)
+async def test_metrics_count_every_worker_s_requests(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    """Only worker 0 serves ``/metrics``; the requests the kernel gave worker 1 count there
+    too, with its histograms' observations."""
+    store = tmp_path / "store" / "audit.db"
+    proxy = ProxyProcess(_config(fhir_server.base_url, store), tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            sent = await _spread(proxy, 2, "m")
+            counted = upstream = 0.0
+            for _ in range(50):  # the other worker publishes once a second
+                async with http.get(f"{proxy.admin}/metrics") as r:
+                    text = await r.text()
+                counted = sum(_samples(text, "fhir_audit_requests_total").values())
+                upstream = sum(_samples(text, "fhir_audit_upstream_seconds_count").values())
+                if counted >= sent:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await proxy.stop()
+    shards = [tmp_path / "store" / f"audit-{n}.db" for n in (0, 1)]
+    in_shards = [_count(shard, "request_id LIKE 'm%'") for shard in shards]
+    assert all(in_shards), f"the kernel gave both workers requests: {in_shards}"
+    assert counted == sent, "worker 0 alone would show only its own share"
+    assert upstream == sent, "histograms add up as well"
+    published = orjson.loads((tmp_path / "store" / "audit-1.metrics.json").read_bytes())
+    assert proxy.process is not None and published["supervisor"] == proxy.process.pid
+    assert oct((tmp_path / "store" / "audit-1.metrics.json").stat().st_mode & 0o777) == "0o600"
 
 
 @pytest.mark.timeout(120)
