@@ -755,7 +755,6 @@ def events_for(
     if r5 and not subtypes:  # R5's AuditEvent.code is then the event type
         subtypes_column = _joined([TYPE_REST["code"]])
     user_id = agents.user_id
-    request_id = None if r5 else ex.request_id  # R5 entities carry no type to find it by
 
     def built(
         patients: tuple[str, ...],
@@ -802,7 +801,7 @@ def events_for(
                 terms,
                 TYPE_REST["code"],
                 "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients),
-                request_id,
+                ex.request_id,
                 recorded_ts,
             )
         )
@@ -860,7 +859,7 @@ def events_for(
                 "",
                 TYPE_REST["code"],
                 _R4_ENTITY_TYPES[1],
-                request_id,
+                ex.request_id,
                 recorded_ts,
             ),
         )

@@ -15,6 +15,8 @@ OUTCOME_DISPLAY = {
 }
 SEVERITY = {"0": "informational", "4": "warning", "8": "error", "12": "critical"}
 PATIENT_ROLE = "1"
+REQUEST_ID_ROLE_TEXT = "X-Request-Id"
+"""The role text of the entity naming the request: R5 has no ``entity.type`` to say it."""
 
 
 def _agent(agent: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def _entity(entity: dict[str, Any]) -> dict[str, Any]:
         out["detail"] = [{**d, "type": {"text": d["type"]}} for d in entity["detail"]]
     if entity.get("type", {}).get("code") == "XrequestId":
         # R5 has no entity.type: say what the identifier is through the role's text.
-        out["role"] = {"text": "X-Request-Id"}
+        out["role"] = {"text": REQUEST_ID_ROLE_TEXT}
     return out
 
 

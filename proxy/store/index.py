@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from proxy.audit.r5 import REQUEST_ID_ROLE_TEXT
 from proxy.store.records import EventRow
 
 
@@ -59,6 +60,14 @@ def _resource_type(reference: str) -> str:
 
 def _is_patient_role(entity: dict[str, Any]) -> bool:
     return "1" in _codes(entity.get("role"))
+
+
+def _is_request_id(entity: dict[str, Any]) -> bool:
+    """The entity naming the request's X-Request-Id: by its type in R4, its role in R5."""
+    return (
+        "XrequestId" in _codes(entity.get("type"))
+        or (entity.get("role") or {}).get("text") == REQUEST_ID_ROLE_TEXT
+    )
 
 
 def _is_server_agent(agent: dict[str, Any]) -> bool:
@@ -109,7 +118,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
             terms[f"r:{_resource_type(reference)}"] = None
         elif entity.get("query") and entity.get("description"):
             terms[f"r:{str(entity['description']).split('?')[0].split('/')[0]}"] = None
-        if "XrequestId" in _codes(entity.get("type")):
+        if _is_request_id(entity):
             request_id = what.get("identifier", {}).get("value")
     for patient in patients:  # R5's AuditEvent.patient is not an entity
         terms[f"e:{patient}"] = None

@@ -310,6 +310,18 @@ async def test_r5_mode_validates_against_r5(
     status, _, body = await post(http, url, GUIDE_SINGLE, {"Content-Type": "application/fhir+json"})
     assert status == 400, "the guide's R4 event is not a valid R5 AuditEvent"
 
+    # The proxy's own R5 events are found by the request's X-Request-Id, as R4 ones are.
+    async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": "r5-rid-1"}) as r:
+        assert r.status == 200
+    async with http.get(f"{proxy.admin_url}/fhir/AuditEvent?request-id=r5-rid-1") as r:
+        found = await r.json(content_type=None)
+    (entry,) = found["entry"]
+    (named,) = [e for e in entry["resource"]["entity"] if e.get("role", {}).get("text")]
+    assert named == {
+        "what": {"identifier": {"value": "r5-rid-1"}},
+        "role": {"text": "X-Request-Id"},
+    }
+
 
 async def test_a_store_that_cannot_take_them_answers_507_or_503(
     fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
