@@ -42,11 +42,8 @@ def write_snapshot(path: Path, supervisor: int) -> None:
     never sees half a file). Owner-only, as the shard beside it."""
     data = orjson.dumps({"supervisor": supervisor, "metrics": telemetry.snapshot()})
     partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+        file.write(data)
     os.replace(partial, path)
 
 
