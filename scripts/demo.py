@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config",
         metavar="FILE",
         help="a proxy configuration to start from; the demo sets the listeners, upstream,"
-        " store and repository",
+        " store and repository, and runs one worker",
     )
     return parser.parse_args(argv)
 
@@ -173,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             "repository": {"url": str(data / "audit-repository.ndjson"), "mode": "file"},
         }
         settings = load_settings(args.config, **overrides)
+        if settings.workers > 1:
+            # The demo serves in this process; `run` is what starts workers.
+            print(
+                f"{PROG}: the demo runs one worker (the configuration's workers:"
+                f" {settings.workers} is for `python -m proxy -c FILE run`)",
+                file=sys.stderr,
+            )
+            settings = load_settings(args.config, **overrides, workers=1)
         if not args.keep:
             reset(data)
         fhir, upstream = start_fhir_server(args.fhir_port, data / "fhir-server.log")

@@ -148,6 +148,23 @@ async def test_demo_serves_starts_fresh_and_refuses_a_second_one(tmp_path: Path)
             await fresh.stop()
 
 
+@pytest.mark.slow
+async def test_a_configuration_with_workers_runs_one_in_the_demo(tmp_path: Path) -> None:
+    """The demo serves in its own process: a ``workers: 2`` configuration is run as one
+    worker on the demo's one store (not as worker 0 of two, on half a sharded store)."""
+    config = tmp_path / "workers.yaml"
+    config.write_text("workers: 2\n")
+    data = tmp_path / "demo"
+    ports = (free_port(), free_port(), free_port())
+    async with aiohttp.ClientSession() as http, Demo(data, ports, "-c", str(config)) as demo:
+        async with http.get(f"http://127.0.0.1:{ports[0]}/fhir/metadata") as r:
+            assert r.status == 200
+        code, err = await demo.stop()
+    assert code == 0, err
+    assert "scripts/demo: the demo runs one worker (the configuration's workers: 2" in err
+    assert (data / "audit.db").exists() and not (data / "audit-0.db").exists()
+
+
 def _demo_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("demo_script", DEMO)
     assert spec is not None and spec.loader is not None
