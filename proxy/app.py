@@ -35,6 +35,7 @@ from proxy.settings import Settings
 from proxy.store.queue import AuditQueue
 from proxy.store.shards import ShardedStore, existing_shard_opener
 from proxy.store.writer import StoreError, database_budget
+from proxy.tasks import running
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,8 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
                     "AuditEvent %s is not valid FHIR %s: %s", event.get("id"), version, error
                 )
 
-    task = asyncio.create_task(worker(), name="validation")
-    try:
+    async with running(worker(), "validation"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -205,13 +201,10 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         sink = telemetry.TimedSink(make_sink(repo, session))
         flusher = Flusher(app[QUEUE], sink, repo)
         app[FLUSHER] = flusher
-        task = asyncio.create_task(flusher.run(), name="flusher")
         try:
-            yield
+            async with running(flusher.run(), "flusher"):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             try:
                 await flusher.drain(settings.shutdown_grace_s)
             except Exception:
@@ -252,13 +245,8 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
             # store left behind are recorded as soon as there is room.
             await asyncio.sleep(2 if app[QUEUE].refusing else 30)
 
-    task = asyncio.create_task(loop(), name="maintenance")
-    try:
+    async with running(loop(), "maintenance"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _bytes_on_disk(path: Path) -> int:

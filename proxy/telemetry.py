@@ -76,6 +76,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample as PromSample
 from prometheus_client.utils import floatToGoString
 
+from proxy.tasks import running
+
 if TYPE_CHECKING:
     from proxy.delivery.sinks import Sink
     from proxy.exchange import Exchange
@@ -959,14 +961,11 @@ async def telemetry_ctx(
             with contextlib.suppress(Exception):
                 await refresh_queue_gauges(queue())
 
-    task = (
-        asyncio.create_task(gauges(), name="telemetry-gauges") if settings.otlp_endpoint else None
-    )
     try:
-        yield
+        if settings.otlp_endpoint:
+            async with running(gauges(), "telemetry-gauges"):
+                yield
+        else:
+            yield
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await asyncio.to_thread(telemetry.stop)

@@ -16,7 +16,6 @@ earlier run is not counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 import orjson
 
 from proxy import telemetry
+from proxy.tasks import running
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,8 @@ async def shared(shards: Sequence[Path], worker: int) -> AsyncIterator[None]:
             publish()
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
-    task = asyncio.create_task(every_second(), name="publish-metrics")
     try:
-        yield
+        async with running(every_second(), "publish-metrics"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         publish()

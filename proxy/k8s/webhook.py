@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from proxy.k8s.patch import Decision, Selection, decide
 from proxy.settings import WebhookSettings
+from proxy.tasks import running
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,8 @@ class CertificateFiles:
                 await asyncio.sleep(every_s)
                 self.reload_if_changed()
 
-        task = asyncio.create_task(loop(), name="certificate-reload")
-        try:
+        async with running(loop(), "certificate-reload"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def serve_webhook(settings: WebhookSettings, cert: Path, key: Path, host: str, port: int) -> None:
