@@ -160,6 +160,9 @@ class IdentitySettings(_Frozen):
     """When set, signatures are verified; events say whether a token was verified."""
     jwks_cache_s: int = Field(default=300, ge=0)
     audience: str | None = None
+    """The ``aud`` a verified token must carry (not checked when None)."""
+    issuer: str | None = None
+    """The ``iss`` a verified token must carry (not checked when None)."""
 
     _jwks_url_is_http = field_validator("jwks_url")(_optional_http_url)
 
@@ -197,7 +200,8 @@ class AuditSettings(_Frozen):
     redact_params: tuple[str, ...] = ()
     """Query and form parameters whose values are never recorded, in addition to the
     credential parameters always redacted (``access_token``, ``id_token``,
-    ``refresh_token``, ``code``, ``client_secret``, ``password``, ``api_key``)."""
+    ``refresh_token``, ``code``, ``client_secret``, ``password``, ``api_key``, ``token``,
+    ``apikey``, ``client_assertion``, ``sig``); each also in its ``name[]`` forms."""
     token_hash_key: SecretStr | None = None
     """Key of the HMAC-SHA256 an opaque bearer token is recorded as. Unset: a random key
     kept beside the store (``<store>.token-key``). Set the same key on every proxy whose
@@ -369,11 +373,27 @@ class AdminSettings(_Frozen):
     """When set, bearer JWTs signed by a key from this JWKS are accepted, each route group
     requiring its scope (``scopes``)."""
     audience: str | None = None
-    """The ``aud`` admin JWTs must carry (not checked when None)."""
+    """The ``aud`` admin JWTs must carry. Required with ``jwks_url`` (the proxy refuses
+    to start without it: a token the IdP issued for another API would open this one),
+    unless ``any_audience`` says otherwise."""
+    any_audience: bool = False
+    """With ``jwks_url`` and no ``audience``: accept admin JWTs whatever their ``aud``
+    (an explicit choice, for an IdP that issues no audience)."""
+    issuer: str | None = None
+    """The ``iss`` admin JWTs must carry (not checked when None)."""
     jwks_cache_s: int = 300
     scopes: AdminScopes = AdminScopes()
     max_ingest_bytes: int = 5 * 1024 * 1024
     """Largest request body ``POST /fhir/AuditEvent`` and ``POST /fhir`` accept (413 above)."""
+
+    @model_validator(mode="after")
+    def _audience_with_jwks(self) -> AdminSettings:
+        if self.jwks_url and self.audience is None and not self.any_audience:
+            raise ValueError(
+                "admin.jwks_url needs admin.audience, the aud your identity provider puts in"
+                " tokens for this admin API (or admin.any_audience: true to accept any)"
+            )
+        return self
 
     @property
     def authenticates(self) -> bool:

@@ -6,7 +6,10 @@ from other test modules or from a conftest."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -561,6 +564,42 @@ class SigningKey:
         now = int(time.time())
         body = {"iat": now, "exp": now + 300} | claims
         return jwt.encode(body, self.private, algorithm="RS256", headers={"kid": self.jwk["kid"]})
+
+    def confused_tokens(self, claims: dict[str, Any]) -> dict[str, str]:
+        """Forgeries of a token with ``claims`` that play on the verifier's choice of
+        algorithm, by name: HS256 "signed" with this key's public PEM (what a verifier
+        that takes the header's word would check), ES256 and EdDSA headers on this RSA
+        key, an ``alg`` list, ``none``, and PS256 made with the private key (this key's
+        JWK says RS256)."""
+        now = int(time.time())
+        body = {"iat": now, "exp": now + 300} | claims
+        kid = self.jwk["kid"]
+        pem = self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        def forged(header: dict[str, Any], sign: Callable[[bytes], bytes]) -> str:
+            signing_input = f"{b64(orjson.dumps(header))}.{b64(orjson.dumps(body))}"
+            return f"{signing_input}.{b64(sign(signing_input.encode()))}"
+
+        def with_pem(data: bytes) -> bytes:
+            return hmac.new(pem, data, hashlib.sha256).digest()
+
+        return {
+            "HS256 with the public key": forged({"alg": "HS256", "kid": kid}, with_pem),
+            "HS256 without kid": forged({"alg": "HS256"}, with_pem),
+            "ES256 on an RSA key": forged({"alg": "ES256", "kid": kid}, lambda d: b"\x01" * 64),
+            "EdDSA on an RSA key": forged({"alg": "EdDSA", "kid": kid}, lambda d: b"\x01" * 64),
+            "alg list": forged({"alg": ["RS256", "HS256"], "kid": kid}, with_pem),
+            "alg none": forged({"alg": "none", "kid": kid}, lambda d: b""),
+            "alg object": forged({"alg": {"name": "RS256"}, "kid": kid}, with_pem),
+            "PS256 with the private key": jwt.encode(
+                body, self.private, algorithm="PS256", headers={"kid": kid}
+            ),
+        }
 
 
 async def raw_http(host: str, port: int | None, request: bytes, *, within_s: float = 10.0) -> bytes:

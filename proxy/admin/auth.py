@@ -2,8 +2,9 @@
 
 Routes fall into groups (:class:`RouteGroup`). Probes, metrics and the viewer's static
 files are open; every other route needs a static bearer token (from settings or files,
-compared in constant time) or a JWT signed by a key of the configured JWKS carrying the
-group's scope. A loopback listener with no authentication configured lets every local
+compared in constant time) or a JWT signed by a key of the configured JWKS (with the one
+algorithm that key is for), unexpired, with an ``exp``, the configured audience and issuer,
+and the group's scope. A loopback listener with no authentication configured lets every local
 caller in; a non-loopback one refuses to start (:class:`AdminExposed`).
 """
 
@@ -16,6 +17,9 @@ from enum import StrEnum
 
 from proxy.audit.identity import Identity, JwksKeys, identity_from_headers
 from proxy.settings import AdminSettings, IdentitySettings
+
+ADMIN_CLAIMS = ("exp",)
+"""Claims every admin JWT must carry: a token that never expires is a standing key."""
 
 
 class RouteGroup(StrEnum):
@@ -96,7 +100,9 @@ class AdminAuth:
         self._tokens = tokens
         self._keys = keys
         self._open = not settings.authenticates
-        self._jwt = IdentitySettings(jwks_url=settings.jwks_url, audience=settings.audience)
+        self._jwt = IdentitySettings(
+            jwks_url=settings.jwks_url, audience=settings.audience, issuer=settings.issuer
+        )
 
     def use_keys(self, keys: Callable[[], JwksKeys | None]) -> None:
         """Verify JWTs with ``keys`` from now on (the JWKS cache, once it has started)."""
@@ -133,7 +139,9 @@ class AdminAuth:
         keys = self._keys()
         if keys is None:
             return Refusal(401, "the bearer token cannot be checked: no signing keys known yet")
-        identity = identity_from_headers({"authorization": f"Bearer {credential}"}, self._jwt, keys)
+        identity = identity_from_headers(
+            {"authorization": f"Bearer {credential}"}, self._jwt, keys, require=ADMIN_CLAIMS
+        )
         if identity.token_kind != "jwt" or not identity.verified:
             why = identity.failure or "not a JWT"
             return Refusal(401, f"the bearer token was not accepted ({why})")

@@ -92,30 +92,66 @@ def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(roles)
 
 
-def _verify(token: str, settings: IdentitySettings, keys: JwksKeys) -> tuple[bool, str | None]:
+def _verify(
+    token: str, settings: IdentitySettings, keys: JwksKeys, require: tuple[str, ...] = ()
+) -> tuple[bool, str | None]:
+    """Check ``token``'s signature against ``keys``, its ``exp`` and ``nbf``, its ``aud``
+    and ``iss`` when configured, and that it has the claims in ``require``. A key
+    verifies only with the one algorithm it is for (:func:`key_algorithm`), whatever the
+    token's header names. Never raises: the token is the caller's, and anything it makes
+    the verifier do wrong is a failed verification (the reason a word or two, never the
+    token's own text)."""
     try:
         header = jwt.get_unverified_header(token)
         kid = header.get("kid")
         candidates = [k for k in keys.keys if kid is None or k.key_id == kid]
         if not candidates:
             return False, "unknown signing key"
-        key = candidates[0]
+        alg = header.get("alg")
+        key = next((k for k in candidates if key_algorithm(k) == alg), None)
+        if key is None or not isinstance(alg, str):
+            return False, "algorithm not allowed"
         jwt.decode(
             token,
-            key=key.key,
-            algorithms=[header.get("alg", "RS256")],
+            key=key,
+            algorithms=[alg],
             audience=settings.audience,
-            options={"verify_aud": settings.audience is not None},
+            issuer=settings.issuer,
+            options={
+                "verify_aud": settings.audience is not None,
+                "verify_iss": settings.issuer is not None,
+                "require": list(require),
+            },
         )
         return True, None
     except jwt.ExpiredSignatureError:
         return False, "expired"
     except jwt.InvalidAudienceError:
         return False, "wrong audience"
+    except jwt.InvalidIssuerError:
+        return False, "wrong issuer"
+    except jwt.MissingRequiredClaimError as exc:
+        return False, f"no {exc.claim} claim"
     except jwt.InvalidSignatureError:
         return False, "bad signature"
     except jwt.PyJWTError as exc:
         return False, type(exc).__name__
+    except Exception as exc:  # a malformed header or key the library did not foresee
+        log.debug("a JWT could not be verified: %s", type(exc).__name__)
+        return False, "unverifiable token"
+
+
+def key_algorithm(key: jwt.PyJWK) -> str | None:
+    """The one signature algorithm a JWKS key verifies: the ``alg`` the JWK declares,
+    else its key type's (RS256 for RSA, ES256/384/512 by an EC key's curve, EdDSA for
+    OKP). None for a symmetric (``oct``) key: a JWKS is public, so a token "signed" with
+    it proves nothing (the HS256 confusion), and ``none`` is never an algorithm."""
+    if key.key_type == "oct":
+        return None
+    name = key.algorithm_name
+    if not name or name == "none" or name.startswith("HS"):
+        return None
+    return name
 
 
 def opaque_token_hash(token: str, key: bytes) -> str:
@@ -155,10 +191,12 @@ def identity_from_headers(
     keys: JwksKeys | None = None,
     *,
     token_key: bytes = b"",
+    require: tuple[str, ...] = (),
 ) -> Identity:
     """The caller from ``headers`` (lower-case names). An opaque token is kept only as
-    its HMAC under ``token_key``. Pure apart from the key set passed in; never raises."""
-    return _identity(headers.get("authorization", ""), settings, keys, token_key)[0]
+    its HMAC under ``token_key``; a JWT verified against ``keys`` must also carry the
+    claims in ``require``. Pure apart from the key set passed in; never raises."""
+    return _identity(headers.get("authorization", ""), settings, keys, token_key, require)[0]
 
 
 class IdentityCache:
@@ -221,7 +259,11 @@ _TRANSIENT_FAILURES = frozenset({"ImmatureSignatureError"})
 
 
 def _identity(
-    auth: str, settings: IdentitySettings, keys: JwksKeys | None, token_key: bytes
+    auth: str,
+    settings: IdentitySettings,
+    keys: JwksKeys | None,
+    token_key: bytes,
+    require: tuple[str, ...] = (),
 ) -> tuple[Identity, float | None]:
     """The caller from an ``Authorization`` value, and a JWT's ``exp`` (POSIX time)."""
     auth = auth.strip()
@@ -239,13 +281,13 @@ def _identity(
         return Identity(token_kind="other"), None
     try:
         claims = jwt.decode(credential, options={"verify_signature": False})
-    except jwt.PyJWTError:
+    except Exception:  # not a JWT, or one too malformed to read: an opaque token
         hashed = opaque_token_hash(credential, token_key)
         return Identity(token_kind="opaque", token_hash=hashed), None
     verified: bool | None = None
     failure: str | None = None
     if keys is not None:
-        verified, failure = _verify(credential, settings, keys)
+        verified, failure = _verify(credential, settings, keys, require)
     exp = claims.get("exp")
     expires = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
     identity = Identity(

@@ -5,6 +5,7 @@ expose an unauthenticated admin listener; and the audit of who read the audit tr
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import jwt
 import orjson
 import pytest
 import yaml
@@ -21,7 +23,7 @@ from aiohttp import web
 from proxy.admin.access import is_admin_access
 from proxy.admin.app import build_admin_app
 from proxy.admin.auth import AdminExposed
-from proxy.settings import AdminSettings
+from proxy.settings import AdminSettings, ConfigError, load_settings
 from proxy.store.queue import AuditQueue
 from tests.factories import (
     ROOT,
@@ -34,6 +36,8 @@ from tests.factories import (
 )
 
 STATIC = "static-admin-token-for-tests"
+AUDIENCE = "fhir-audit-admin"
+ISSUER = "https://idp.example.org/realms/audit"
 
 
 @dataclass
@@ -44,7 +48,11 @@ class Secured:
     """Same ``kid``, another key: its tokens must be refused."""
 
     def jwt(self, scope: str, sub: str = "auditor-1", key: SigningKey | None = None) -> str:
-        return (key or self.idp).token({"sub": sub, "scope": scope, "name": "Ada Auditor"})
+        return (key or self.idp).token(self.claims(scope, sub))
+
+    @staticmethod
+    def claims(scope: str, sub: str = "auditor-1") -> dict[str, Any]:
+        return {"sub": sub, "scope": scope, "name": "Ada Auditor", "aud": AUDIENCE, "iss": ISSUER}
 
 
 @pytest.fixture
@@ -70,6 +78,8 @@ async def secured(
                 "tokens": [STATIC],
                 "token_files": [str(token_file)],
                 "jwks_url": str(jwks.make_url("/certs")),
+                "audience": AUDIENCE,
+                "issuer": ISSUER,
             },
         )
         async with http.get(f"{proxy.url}/metadata") as r:
@@ -128,6 +138,58 @@ async def test_each_route_group_needs_its_credential(
     for token in (secured.jwt(f"openid {scope}"), STATIC, "file-token-for-tests"):
         status, _, body = await status_of(http, method, url, token)
         assert status == ok, body
+
+
+async def test_a_jwt_playing_on_the_algorithm_is_a_401_with_no_traceback(
+    secured: Secured, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forgeries that name another algorithm than the key's are refused as any bad
+    token is: 401 with an OperationOutcome, nothing logged at ERROR (they used to be a
+    plain 500 with a traceback)."""
+    caplog.set_level(logging.DEBUG)
+    url = f"{secured.proxy.admin_url}/fhir/AuditEvent"
+    for name, token in secured.idp.confused_tokens(Secured.claims("audit.read")).items():
+        status, headers, body = await status_of(http, "GET", url, token)
+        assert status == 401, name
+        assert body["resourceType"] == "OperationOutcome", name
+        assert "algorithm not allowed" in body["issue"][0]["diagnostics"], name
+        assert headers["WWW-Authenticate"].startswith("Bearer"), name
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [e for e in await secured.proxy.stored_events() if is_admin_access(e)] == []
+
+
+async def test_an_admin_jwt_needs_exp_the_audience_and_the_issuer(
+    secured: Secured, http: aiohttp.ClientSession
+) -> None:
+    url = f"{secured.proxy.admin_url}/fhir/AuditEvent"
+    kid = {"kid": secured.idp.jwk["kid"]}
+    claims = Secured.claims("audit.read")
+    refused = {
+        "no exp": (jwt.encode(claims, secured.idp.private, "RS256", headers=kid), "no exp claim"),
+        "another audience": (secured.idp.token(claims | {"aud": "billing"}), "wrong audience"),
+        "no audience": (
+            secured.idp.token({k: v for k, v in claims.items() if k != "aud"}),
+            "no aud claim",
+        ),
+        "another issuer": (secured.idp.token(claims | {"iss": "https://evil"}), "wrong issuer"),
+    }
+    for why, (token, reason) in refused.items():
+        status, _, body = await status_of(http, "GET", url, token)
+        assert status == 401, why
+        assert reason in body["issue"][0]["diagnostics"], why
+    status, _, _ = await status_of(http, "GET", url, secured.idp.token(claims))
+    assert status == 200
+
+
+def test_a_jwks_without_an_audience_is_refused_unless_any_audience_is_chosen(
+    tmp_path: Path,
+) -> None:
+    jwks = "https://idp.example.org/certs"
+    with pytest.raises(ConfigError, match=r"admin\.jwks_url needs admin\.audience"):
+        load_settings(None, admin={"jwks_url": jwks})
+    chosen = load_settings(None, admin={"jwks_url": jwks, "any_audience": True})
+    assert chosen.admin.audience is None
+    assert load_settings(None, admin={"jwks_url": jwks, "audience": "a"}).admin.audience == "a"
 
 
 async def test_probes_stay_open_behind_authentication(

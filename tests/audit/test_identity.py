@@ -14,14 +14,15 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from proxy.audit.identity import IdentityCache, identity_from_headers
 from proxy.audit.vocabulary import TOKEN_VERIFICATION_EXT
 from proxy.settings import IdentitySettings
 from tests.factories import (
     NodeFhirServer,
+    SigningKey,
     StartProxy,
     context,
     events_of,
@@ -102,6 +103,58 @@ def test_rs256_tokens_are_verified_against_the_jwks(
     assert _verification(event) == expected
     # The claims are recorded either way: the event says how far to trust them.
     assert _user(event)["who"]["display"] == "Ann"
+
+
+def test_a_token_playing_on_the_algorithm_is_a_failed_verification_never_an_error() -> None:
+    """A key verifies only with the algorithm it is for: HS256 "signed" with the JWKS's
+    public key, another key type's algorithm, an ``alg`` list or ``none`` each fail
+    verification (and say why), where they used to raise out of the verifier."""
+    idp = SigningKey.generate("k1")
+    keys = jwt.PyJWKSet.from_dict({"keys": [idp.jwk]})
+    settings = IdentitySettings(audience="fhir")
+    for name, token in idp.confused_tokens({"sub": "mallory", "aud": "fhir"}).items():
+        identity = identity_from_headers({"authorization": f"Bearer {token}"}, settings, keys)
+        assert (identity.verified, identity.failure) == (False, "algorithm not allowed"), name
+    genuine = {"authorization": f"Bearer {idp.token({'sub': 'ada', 'aud': 'fhir'})}"}
+    assert identity_from_headers(genuine, settings, keys).verified is True
+
+
+def test_an_ec_key_verifies_its_curve_s_algorithm_only_and_a_symmetric_key_nothing() -> None:
+    ec_private = ec.generate_private_key(ec.SECP256R1())
+    ec_jwk = json.loads(ECAlgorithm.to_jwk(ec_private.public_key())) | {"kid": "e1"}
+    secret = b"a-shared-secret-published-in-a-jwks-by-mistake"
+    oct_jwk = {"kty": "oct", "kid": "s1", "k": base64.urlsafe_b64encode(secret).decode()}
+    keys = jwt.PyJWKSet.from_dict({"keys": [ec_jwk, oct_jwk]})
+    claims = {"sub": "u1", "exp": int(time.time()) + 300}
+
+    def verified(token: str) -> tuple[bool | None, str | None]:
+        identity = identity_from_headers(
+            {"authorization": f"Bearer {token}"}, IdentitySettings(), keys
+        )
+        return identity.verified, identity.failure
+
+    assert verified(jwt.encode(claims, ec_private, "ES256", headers={"kid": "e1"})) == (True, None)
+    rsa_private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert verified(jwt.encode(claims, rsa_private, "RS256", headers={"kid": "e1"})) == (
+        False,
+        "algorithm not allowed",
+    )
+    assert verified(jwt.encode(claims, secret, "HS256", headers={"kid": "s1"})) == (
+        False,
+        "algorithm not allowed",
+    )
+
+
+def test_an_issuer_when_configured_must_match(idp: dict[str, Any]) -> None:
+    settings = IdentitySettings(audience="fhir", issuer="https://idp.example.org/realms/a")
+    for iss, expected in (
+        ("https://idp.example.org/realms/a", "verified"),
+        ("https://idp.example.org/realms/b", "verification failed: wrong issuer"),
+    ):
+        event = _read(
+            _token(idp["key"], {"sub": "u1", "iss": iss}), identity=settings, keys=idp["jwks"]
+        )
+        assert _verification(event) == expected
 
 
 def test_without_a_jwks_the_event_says_the_token_was_not_verified(idp: dict[str, Any]) -> None:
@@ -242,6 +295,32 @@ async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
         "user-key": "verified",
         "user-other": "verification failed: bad signature",
     }
+
+
+async def test_a_token_playing_on_the_algorithm_is_forwarded_and_audited_as_unverified(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """Through a real proxy with a JWKS: each forgery is served as any unverified token
+    is (the FHIR server decides), and its event says the verification failed and why;
+    none is a 500 without an event."""
+    idp = SigningKey.generate("k1")
+
+    async def certs(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [idp.jwk]})
+
+    async with serving(("GET", "/certs", certs)) as jwks_server:
+        proxy = await start_proxy(
+            fhir_server.base_url,
+            audit={"identity": {"jwks_url": str(jwks_server.make_url("/certs"))}},
+        )
+        forgeries = idp.confused_tokens({"sub": "mallory"})
+        for name, token in forgeries.items():
+            headers = {"Authorization": f"Bearer {token}", "X-Request-Id": name.replace(" ", "-")}
+            async with http.get(f"{proxy.url}/metadata", headers=headers) as resp:
+                assert resp.status == 200, (name, await resp.text())
+    events = await proxy.stored_events()
+    assert len(events) == len(forgeries)
+    assert {_verification(e) for e in events} == {"verification failed: algorithm not allowed"}
 
 
 def _cache(**kwargs: Any) -> IdentityCache:
