@@ -45,6 +45,12 @@ SECRETS = {
     "query password": "qry-password-5E",
     "query api_key": "qry-api-key-6F",
     "query custom": "qry-custom-7G",
+    "query token": "qry-token-7P",
+    "query apikey": "qry-apikey-7Q",
+    "query client_assertion": "qry-client-assertion-7R",
+    "query sig": "qry-sig-7S",
+    "query access_token[]": "qry-access-tok-list-7T",
+    "query access_token%5B%5D": "qry-access-tok-list-7U",
     "form access_token": "form-access-tok-8H",
     "form password": "form-password-9J",
     "jwt": JWT,
@@ -72,7 +78,10 @@ async def _send_every_channel(
         f"name=x&access_token={s['query access_token']}&id_token={s['query id_token']}"
         f"&code={s['query code']}&client_secret={s['query client_secret']}"
         f"&PASSWORD={s['query password']}&api_key={s['query api_key']}"
-        f"&session_ref={s['query custom']}"
+        f"&session_ref={s['query custom']}&token={s['query token']}"
+        f"&apikey={s['query apikey']}&client_assertion={s['query client_assertion']}"
+        f"&sig={s['query sig']}&access_token[]={s['query access_token[]']}"
+        f"&access_token%5B%5D={s['query access_token%5B%5D']}"
     )
     basic = base64.b64encode(f"ann:{BASIC_PASSWORD}".encode()).decode()
     requests: list[tuple[str, str, dict[str, str], bytes | None]] = [

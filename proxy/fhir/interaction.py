@@ -107,9 +107,11 @@ _FORM = "application/x-www-form-urlencoded"
 
 CREDENTIAL_PARAMS = frozenset(
     {"access_token", "id_token", "refresh_token", "code", "client_secret", "password", "api_key"}
+    | {"token", "apikey", "client_assertion", "sig"}
 )
-"""Query and form parameters that carry a credential (OAuth 2.0 and its habits): their
-values are never recorded, whatever ``audit.redact_params`` adds."""
+"""Query and form parameters that carry a credential (OAuth 2.0 and its habits, signed
+URLs' ``sig``): their values are never recorded, whatever ``audit.redact_params`` adds.
+A name is matched with any ``[...]`` suffix (``access_token[]``, ``token[0]``)."""
 REDACTED = "REDACTED"
 """What a redacted parameter's value is replaced with."""
 
@@ -124,7 +126,7 @@ def redact_query(query_string: str, names: frozenset[str]) -> str:
     changed = False
     for i, piece in enumerate(pieces):
         name, eq, _ = piece.partition("=")
-        if eq and unquote_plus(name).strip().lower() in names:
+        if eq and param_name(unquote_plus(name)) in names:
             pieces[i] = f"{name}={REDACTED}"
             changed = True
     return "&".join(pieces) if changed else query_string
@@ -136,14 +138,28 @@ def redact_text(text: str, names: frozenset[str]) -> str:
     if "=" not in text:
         return text
     pattern = "|".join(re.escape(n) for n in sorted(names))
-    return re.sub(rf"(?i)\b({pattern})=[^&\s'\"]*", lambda m: f"{m.group(1)}={REDACTED}", text)
+    return re.sub(
+        rf"(?i)\b((?:{pattern})(?:\[[^\]=&\s]*\]|%5B[^=&\s]*?%5D)*)=[^&\s'\"]*",
+        lambda m: f"{m.group(1)}={REDACTED}",
+        text,
+    )
 
 
 def redact_params(
     params: Iterable[tuple[str, str]], names: frozenset[str]
 ) -> tuple[tuple[str, str], ...]:
     """``params`` with the values of those named in ``names`` replaced by :data:`REDACTED`."""
-    return tuple((k, REDACTED if k.strip().lower() in names else v) for k, v in params)
+    return tuple((k, REDACTED if param_name(k) in names else v) for k, v in params)
+
+
+def param_name(name: str) -> str:
+    """A parameter's name as :data:`CREDENTIAL_PARAMS` and ``audit.redact_params`` list
+    it: decoded, stripped, lower case, without ``[...]`` suffixes (PHP's and Rails'
+    ``name[]`` for a list, ``name[0]``)."""
+    name = name.strip().lower()
+    if name.endswith("]") and "[" in name:
+        name = name.split("[", 1)[0].rstrip()
+    return name
 
 
 def _params(query_string: str) -> list[tuple[str, str]]:

@@ -26,6 +26,13 @@ NAMES = CREDENTIAL_PARAMS | {"session_ref"}
         ("session_ref=s1", "session_ref=REDACTED"),
         ("password=p%26q&name=x", "password=REDACTED&name=x"),
         ("name=access_token%3DSECRET", "name=access_token%3DSECRET"),
+        ("access_token[]=S1&access_token[]=S2", "access_token[]=REDACTED&access_token[]=REDACTED"),
+        ("access_token%5B%5D=S&Token[0]=T", "access_token%5B%5D=REDACTED&Token[0]=REDACTED"),
+        (
+            "sig=S&apikey=A&client_assertion=C",
+            "sig=REDACTED&apikey=REDACTED&client_assertion=REDACTED",
+        ),
+        ("tokens=kept&token_type=kept", "tokens=kept&token_type=kept"),
         ("", ""),
         ("plain", "plain"),
     ],
@@ -47,9 +54,10 @@ def test_redacted_search_parameters_and_classification() -> None:
         ("client_secret", "REDACTED"),
         ("api_key", "REDACTED"),
     )
-    assert redact_params((("Password", "p"), ("name", "n")), NAMES) == (
+    assert redact_params((("Password", "p"), ("name", "n"), ("token[]", "t")), NAMES) == (
         ("Password", "REDACTED"),
         ("name", "n"),
+        ("token[]", "REDACTED"),
     )
 
 
@@ -57,4 +65,8 @@ def test_redact_text_in_an_error_message_quoting_a_url() -> None:
     message = "400, url='http://up/fhir/Patient?name=a&access_token=SEC&api_key=K2'"
     assert redact_text(message, NAMES) == (
         "400, url='http://up/fhir/Patient?name=a&access_token=REDACTED&api_key=REDACTED'"
+    )
+    listed = "url='http://up/fhir/Patient?access_token[]=S1&sig%5B%5D=S2&tokens=kept'"
+    assert redact_text(listed, NAMES) == (
+        "url='http://up/fhir/Patient?access_token[]=REDACTED&sig%5B%5D=REDACTED&tokens=kept'"
     )
