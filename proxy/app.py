@@ -424,5 +424,11 @@ def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
     def refusal() -> RefusalHook:
         return app[HANDLER].refuse_malformed
 
-    serve_on(app, lambda: _dispatcher(app), refusal)
+    serve_on(
+        app,
+        lambda: _dispatcher(app),
+        refusal,
+        header_timeout_s=settings.listen.header_timeout_s,
+        body_timeout_s=settings.listen.body_timeout_s,
+    )
     return app

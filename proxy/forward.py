@@ -36,7 +36,7 @@ from proxy.fhir.interaction import (
     redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
-from proxy.listener import Answer, BodyBrokenOff, ClientRequest, StreamedAnswer
+from proxy.listener import Answer, BodyBrokenOff, BodyTimedOut, ClientRequest, StreamedAnswer
 from proxy.settings import Settings
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -320,7 +320,10 @@ class ForwardHandler:
         pipeline.started(ex)
         if refusal is not None:
             return await self._refuse(ex, *refusal)
-        body, body_stream = await self._read_request_body(request)
+        try:
+            body, body_stream = await self._read_request_body(request)
+        except BodyBrokenOff as exc:
+            return await self._body_failed(ex, exc)
         if body is not None:
             ex.request_body = self._recorded_body(body, ex.request_content_type)
         failure = pipeline.admit(ex)
@@ -412,6 +415,19 @@ class ForwardHandler:
             return failure
         return Answer(status, {"Content-Type": FHIR_JSON, "X-Request-Id": ex.request_id}, body)
 
+    async def _body_failed(self, ex: Exchange, exc: BodyBrokenOff) -> Reply:
+        """Answer and audit a request whose body did not arrive whole before anything was
+        forwarded: 408 when it stopped arriving, else 400. The interaction is classified
+        from the head, so the event says what was attempted."""
+        if self._pipeline.admit(ex) is not None:
+            ex.interaction = None  # unclassifiable: recorded as unknown, as a refusal is
+        if isinstance(exc, BodyTimedOut):
+            status, code = 408, "timeout"
+        else:
+            status, code = 400, "incomplete"
+        log.info("%s %s: %s", ex.method, ex.path, exc)
+        return await self._refuse(ex, status, code, f"{exc}; the request was not forwarded")
+
     async def refuse_malformed(self, remote: str, status: int, reason: str) -> Reply:
         """Answer and audit a request the listener's HTTP parser refused. Nothing of the
         raw request is known or kept but its peer: ``reason`` is the parser's category of
@@ -494,12 +510,14 @@ class ForwardHandler:
                     finally:
                         held.close()
         except BodyBrokenOff as exc:
-            # The client's body broke off while it streamed upstream: the server got a
-            # request cut short (its connection is dropped, so it never sees the end).
+            # The client's body broke off (or stopped) while it streamed upstream: the
+            # server got a request cut short (its connection is dropped, so it never sees
+            # the end).
+            timed_out = isinstance(exc, BodyTimedOut)
             return await self._upstream_failure(
                 ex,
-                400,
-                "incomplete",
+                408 if timed_out else 400,
+                "timeout" if timed_out else "incomplete",
                 f"the request body did not arrive whole ({exc})",
                 told="The request was not forwarded whole",
             )

@@ -51,6 +51,13 @@ HIGH_WATER = 64 * 1024
 """Bytes of a request body received and not yet read at which reading pauses."""
 KEEPALIVE_S = 75.0
 """An idle client connection is closed after this long (aiohttp's and nginx's default)."""
+HEADER_TIMEOUT_S = 20.0
+"""Time a request head may take to arrive whole, from its first byte: past it the client
+is answered 408 and the connection closes (``listen.header_timeout_s``)."""
+BODY_TIMEOUT_S = 60.0
+"""Time a request body may go without a byte while its reader waits for one: past it the
+read fails with :class:`BodyTimedOut` (``listen.body_timeout_s``, nginx's
+``client_body_timeout``)."""
 
 
 class Answer:
@@ -87,6 +94,11 @@ RefusalHook = Callable[[str, int, str], Awaitable["WholeAnswer | StreamedAnswer"
 
 class BodyBrokenOff(ConnectionResetError):
     """A request's body did not arrive whole: the client left, or its framing broke."""
+
+
+class BodyTimedOut(BodyBrokenOff):
+    """A request's body stopped arriving: nothing for the listener's ``body_timeout_s``
+    while the handler waited for it. The connection closes after the answer."""
 
 
 class ParserRefused(Exception):
@@ -158,14 +170,21 @@ class RequestBody:
         self._wake()
 
     async def read_chunk(self) -> bytes:
-        """The next part of the body as it arrived, or ``b""`` at its end."""
+        """The next part of the body as it arrived, or ``b""`` at its end. Raises
+        :class:`BodyBrokenOff` when it cannot arrive whole, :class:`BodyTimedOut` when
+        nothing of it arrived for the listener's ``body_timeout_s``."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._eof:
                 return b""
-            self._waiter = self._conn.loop.create_future()
-            await self._waiter
+            conn = self._conn
+            self._waiter = waiter = conn.loop.create_future()
+            timer = conn.loop.call_later(conn.listener.body_timeout_s, self._timed_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
         if self._size <= HIGH_WATER // 2:
@@ -175,6 +194,11 @@ class RequestBody:
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk():
             yield chunk
+
+    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if waiter is self._waiter and not waiter.done():
+            seconds = self._conn.listener.body_timeout_s
+            self.fail(BodyTimedOut(f"no byte of the request body for {seconds:g} s"))
 
 
 class ClientRequest:
@@ -345,6 +369,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._in_head = False
         """A request's head has begun to arrive and is not whole yet."""
+        self._head_timer: asyncio.TimerHandle | None = None
+        """Answers 408 when the head being received is not whole in time."""
         self._active: ClientRequest | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: deque[ClientRequest] = deque()
@@ -373,6 +399,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._cancel_head_timer()
         self.listener.connections.discard(self)
         gone = BodyBrokenOff("the client closed the connection")
         for request in (self._parsing, self._active):
@@ -432,6 +459,9 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._raw_headers = []
         self._head_size = 0
+        self._head_timer = self.loop.call_later(
+            self.listener.header_timeout_s, self._head_timed_out
+        )
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -449,6 +479,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_timer()
         parser = self._parser
         target = self._url.decode("utf-8", "surrogateescape")
         if "#" in target:
@@ -498,6 +529,35 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
         if request is not None and request.body is not None:
             request.body.feed_eof()
+
+    # a head that does not arrive
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        """Answer 408 to a head not whole in time, and close. Nothing of it was
+        identified (no request line and headers to audit): it is logged, not audited.
+        Behind a request still being answered, the connection closes after that answer."""
+        self._head_timer = None
+        if not self._in_head or self._closed:
+            return
+        self._in_head = False
+        self._stopped_parsing = True
+        self.close_after = True
+        self._pause()
+        log.info(
+            "a request head from %s did not arrive within %g s: 408, connection closed",
+            self.remote,
+            self.listener.header_timeout_s,
+        )
+        if self._active is None and self.transport is not None:
+            request = ClientRequest(self, "GET", "", "", "1.1", _NO_HEADERS, keep_alive=False)
+            with contextlib.suppress(ConnectionError):
+                self._send_whole(request, _HEAD_TIMED_OUT)
+            self.transport.close()
 
     # flow control
 
@@ -763,6 +823,12 @@ _HANDLER_FAILED = Answer(
     keep_alive=False,
 )
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_HEAD_TIMED_OUT = Answer(
+    408,
+    {"Content-Type": FHIR_JSON},
+    orjson.dumps(operation_outcome("timeout", "The request head did not arrive in time.")),
+    keep_alive=False,
+)
 
 
 # --- the listener --------------------------------------------------------------------------
@@ -779,11 +845,15 @@ class Listener:
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.refuse = refuse
         self.loop = loop or asyncio.get_running_loop()
         self.keepalive_s = keepalive_s
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.connections: set[HttpConnection] = set()
         self.closing = False
         self._sweeper = self.loop.call_later(keepalive_s / 4, self._sweep)
@@ -824,13 +894,26 @@ class Listener:
         self.connections.clear()
 
 
-def serve_on(app: Any, handler: Callable[[], Handler], refuse: Callable[[], RefusalHook]) -> None:
+def serve_on(
+    app: Any,
+    handler: Callable[[], Handler],
+    refuse: Callable[[], RefusalHook],
+    *,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+) -> None:
     """Make every server aiohttp builds for ``app`` (``run_app``, ``AppRunner``,
     ``TestServer``) a :class:`Listener` calling ``handler()``'s result (looked up once
     start-up has run). aiohttp has no public seam for a protocol of one's own, so this
     replaces ``Application._make_handler`` (aiohttp is pinned; the suite runs through it)."""
 
     def make_handler(*, loop: asyncio.AbstractEventLoop | None = None, **_: Any) -> Listener:
-        return Listener(handler(), refuse(), loop=loop)
+        return Listener(
+            handler(),
+            refuse(),
+            loop=loop,
+            header_timeout_s=header_timeout_s,
+            body_timeout_s=body_timeout_s,
+        )
 
     app._make_handler = make_handler

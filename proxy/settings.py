@@ -104,6 +104,12 @@ class ListenSettings(_Frozen):
 
     host: str = "0.0.0.0"
     port: int = 8080
+    header_timeout_s: Positive = 20.0
+    """Time a request head may take to arrive whole, from its first byte; past it the
+    client gets 408 and the connection closes (not audited: no request was identified)."""
+    body_timeout_s: Positive = 60.0
+    """Time a request body may go without a byte while the proxy waits for it; past it
+    the client gets 408 (audited) and the connection closes."""
 
     _port_in_range = field_validator("port")(_tcp_port)
     _host_given = field_validator("host")(_host_not_empty)
@@ -385,6 +391,11 @@ class AdminSettings(_Frozen):
     scopes: AdminScopes = AdminScopes()
     max_ingest_bytes: int = 5 * 1024 * 1024
     """Largest request body ``POST /fhir/AuditEvent`` and ``POST /fhir`` accept (413 above)."""
+    header_timeout_s: Positive = 20.0
+    """Time a request head may take to arrive whole, from its first byte; past it the
+    client gets 408 and the connection closes."""
+    body_timeout_s: Positive = 60.0
+    """Time an ingestion body may go without a byte; past it the client gets 408."""
 
     @model_validator(mode="after")
     def _audience_with_jwks(self) -> AdminSettings:

@@ -12,9 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
-from proxy.listener import Answer, ClientRequest, Listener, StreamedAnswer
-from tests.factories import StartProxy, raw_body, raw_http, raw_status
+from proxy.listener import Answer, BodyTimedOut, ClientRequest, Listener, StreamedAnswer
+from tests.factories import StartProxy, raw_body, raw_http, raw_status, request_id_of, serving
 
 Handler = Callable[[ClientRequest], Awaitable[Answer | StreamedAnswer]]
 
@@ -316,6 +317,66 @@ async def test_a_handler_that_fails_answers_500_and_an_upgrade_ends_the_connecti
         assert raw_status(raw) == 200 and raw.endswith(b"plain")
 
 
+async def test_a_head_that_does_not_arrive_in_time_is_answered_408_and_closed() -> None:
+    handled: list[str] = []
+    refusals = Refusals()
+
+    async def handler(request: ClientRequest) -> Answer:
+        handled.append(request.raw_path)
+        return Answer(200, {}, b"served")
+
+    async with listening(handler, refusals, header_timeout_s=0.3) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /never HTTP/1.1\r\nHost: h\r\n")  # the head never ends
+        async with asyncio.timeout(5):
+            raw = await reader.read()
+        writer.close()
+        assert raw_status(raw) == 408
+        assert b"Connection: close" in raw
+        assert orjson.loads(raw_body(raw))["issue"][0]["code"] == "timeout"
+
+        # A head in parts, whole in time, is served; then the connection idles without a
+        # byte of another request: the keep-alive time decides about that, not this one.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\n")
+        await asyncio.sleep(0.1)
+        writer.write(b"Host: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"served")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.6):
+                await reader.read(1)
+        writer.close()
+    assert handled == ["/slow"]
+    assert refusals.seen == [], "nothing of the request was identified: not a refusal to audit"
+
+
+async def test_a_body_that_stops_arriving_fails_its_read_in_time() -> None:
+    async def reading(request: ClientRequest) -> Answer:
+        assert request.body is not None
+        try:
+            size = sum([len(chunk) async for chunk in request.body.iter_chunks()])
+        except BodyTimedOut as exc:
+            return Answer(408, {}, str(exc).encode())
+        return Answer(200, {}, f"whole {size}".encode())
+
+    async with listening(reading, body_timeout_s=0.3) as (_, port):
+        for stalled in (
+            b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc",
+            b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        ):
+            raw = await talk(port, stalled)  # returns when the listener closes
+            assert raw_status(raw) == 408, raw
+            assert raw.endswith(b"no byte of the request body for 0.3 s")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nabc")
+        await asyncio.sleep(0.1)
+        writer.write(b"def")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"whole 6")
+        writer.close()
+
+
 # --- through the proxy: what the listener refuses is audited ----------------------------------
 
 
@@ -338,3 +399,55 @@ async def test_a_head_past_the_limits_is_answered_with_an_outcome_and_audited(
     assert event["outcomeDesc"].count("malformed HTTP request") == 1, "said once"
     assert f"HTTP {status}" in event["outcomeDesc"]
     assert b"sssss" not in orjson.dumps(event)
+
+
+async def test_a_request_whose_head_or_body_does_not_arrive_is_answered_408(
+    start_proxy: StartProxy,
+) -> None:
+    """A head not whole in time: 408, nothing to audit. A body that stops arriving: 408,
+    audited as the interaction its head says, never forwarded when it was to be buffered,
+    and cut off upstream when it was streaming there."""
+    forwarded: list[tuple[str, int]] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        size = -1
+        with contextlib.suppress(Exception):  # the proxy drops a cut-off body's connection
+            size = len(await request.read())
+        forwarded.append((request.headers["X-Request-Id"], size))
+        return web.json_response({"resourceType": "Patient", "id": "p1"}, status=201)
+
+    async with serving(("*", "/{tail:.*}", upstream)) as server:
+        proxy = await start_proxy(
+            str(server.make_url("/fhir")),
+            listen={"header_timeout_s": 0.5, "body_timeout_s": 0.5},
+            audit={"buffer_limit_bytes": 1024},
+        )
+        host, port = proxy.server.host, proxy.server.port
+        raw = await raw_http(host, port, b"GET /fhir/Patient HTTP/1.1\r\nHost: x\r\n")
+        assert raw_status(raw) == 408
+        assert await proxy.stored_events() == []
+
+        head = "POST /fhir/Patient HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+        raw = await raw_http(
+            host,
+            port,
+            f"{head}X-Request-Id: buffered\r\nContent-Length: 100\r\n\r\n".encode()
+            + b'{"resourceType": "Patient"',
+        )
+        assert raw_status(raw) == 408
+        assert orjson.loads(raw_body(raw))["resourceType"] == "OperationOutcome"
+        raw = await raw_http(
+            host,
+            port,
+            f"{head}X-Request-Id: streamed\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + b"800\r\n"
+            + b" " * 2048
+            + b"\r\n",
+        )
+        assert raw_status(raw) == 408
+    events = {request_id_of(e): e for e in await proxy.stored_events()}
+    assert set(events) == {"buffered", "streamed"}
+    for event in events.values():
+        assert event["action"] == "C" and event["outcome"] != "0"
+        assert "no byte of the request body for 0.5 s" in event["outcomeDesc"]
+    assert all(rid == "streamed" and size < 2048 for rid, size in forwarded), forwarded
