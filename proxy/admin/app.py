@@ -17,6 +17,7 @@ from proxy.admin.auth import (
     load_static_tokens,
 )
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, QUEUE, READINESS, SETTINGS
+from proxy.admin.server import guard
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
 from proxy.fhir.operation_outcome import outcome_response
@@ -118,4 +119,5 @@ def build_admin_app(
         groups[app.router.add_route(method, path, handler)] = group
     app[GROUPS] = groups
     app.cleanup_ctx.append(_jwks_ctx(settings))
+    guard(app, header_timeout_s=settings.header_timeout_s)
     return app

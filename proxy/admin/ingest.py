@@ -11,8 +11,10 @@ Every event is validated with fhir.resources for the configured FHIR version; an
 else is a 400 OperationOutcome naming the entry, and nothing of that request is stored
 (a batch stores its valid entries and answers the others one by one, as batches do).
 Bodies must be ``application/fhir+json`` or ``application/json``, with a ``fhirVersion``
-parameter, if any, matching the configured version (415); bodies over
-``admin.max_ingest_bytes`` get 413. The events of one request are committed together
+parameter, if any, matching the configured version (415), plain or gzip/deflate encoded
+(another encoding: 415; one that does not decode: 400); bodies over
+``admin.max_ingest_bytes`` (decoded) get 413, and a body that goes ``admin.body_timeout_s``
+without a byte 408. The events of one request are committed together
 with fsync before the answer; a store that cannot take them gives 503 or 507, and nothing
 is acknowledged.
 
@@ -25,12 +27,16 @@ conformance. An extension adds the fact without altering the event.
 
 from __future__ import annotations
 
+import asyncio
+import zlib
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.admin.access import ADMIN_ACCESS_TAG
 from proxy.admin.keys import CALLER, FHIR_VERSION, QUEUE, SETTINGS
@@ -42,6 +48,8 @@ SUBMITTER_EXT = "urn:fhir-audit-proxy:extension:submitted-by"
 """On an ingested event: who submitted it through the admin API (``valueReference``)."""
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json"})
+CONTENT_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
+"""Body encodings ingestion takes (aiohttp decodes them); others get 415."""
 FHIR_VERSIONS = {"R4": ("4.0",), "R5": ("5.0",)}
 """``fhirVersion`` MIME parameter values accepted per configured version (``4.0``,
 ``4.0.1``: a major.minor prefix, as the FHIR versioning rules write it)."""
@@ -56,7 +64,9 @@ class Rejected(Exception):
 
 
 def _reject(status: int, code: str, diagnostics: str) -> Rejected:
-    return Rejected(outcome_response(status, code, diagnostics))
+    response = outcome_response(status, code, diagnostics)
+    response.force_close()  # the body may be left unread: nothing after it can be framed
+    return Rejected(response)
 
 
 def _content_type_problem(header: str, fhir_version: str) -> str | None:
@@ -73,23 +83,46 @@ def _content_type_problem(header: str, fhir_version: str) -> str | None:
 
 
 async def _read_body(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, after the content-type and size rules."""
+    """The request body as a JSON object, after the content-type, encoding, size and
+    time rules."""
     problem = _content_type_problem(
         request.headers.get("Content-Type", ""), request.app[FHIR_VERSION]
     )
     if problem:
         raise _reject(415, "not-supported", problem)
-    limit = request.app[SETTINGS].max_ingest_bytes
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise _reject(
+            415,
+            "not-supported",
+            f"Content-Encoding must be gzip, deflate or none, not {encoding!r}",
+        )
+    settings = request.app[SETTINGS]
+    limit = settings.max_ingest_bytes
     too_large = _reject(413, "too-costly", f"the body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        while True:
+            # The size counts decoded bytes: a small compressed body cannot unpack past it.
+            async with asyncio.timeout(settings.body_timeout_s):
+                chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except TimeoutError:
+        raise _reject(
+            408, "timeout", f"no byte of the request body for {settings.body_timeout_s:g} s"
+        ) from None
+    except (HttpProcessingError, RequestPayloadError, zlib.error) as exc:
+        raise _reject(
+            400, "structure", f"the body could not be read ({type(exc).__name__}, {encoding})"
+        ) from None
     try:
         body = orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError as exc:

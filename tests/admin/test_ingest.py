@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import io
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.admin.ingest import SUBMITTER_EXT
 from proxy.store.queue import AuditQueue
@@ -26,6 +28,7 @@ from tests.factories import (
     RunningProxy,
     StartProxy,
     free_port,
+    raw_status,
 )
 
 # The guide's single-event body, byte for byte as its curl example sends it.
@@ -268,6 +271,56 @@ async def test_content_type_and_fhir_version_rules(
         headers = FHIR | {"Content-Type": accepted}
         status, _, _ = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE, headers)
         assert status == 201, accepted
+
+
+async def test_a_body_that_cannot_be_decoded_or_stops_arriving_gets_an_outcome(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """Junk under ``Content-Encoding: deflate`` or ``gzip`` is a 400 OperationOutcome
+    (it was a plain 500), as is one aiohttp cannot decode (br without Brotli installed); an
+    encoding it passes on undecoded is a 415; a gzip body is taken,
+    and a body that stops arriving a 408; nothing of the refused ones is stored."""
+    proxy = await start_proxy(
+        fhir_server.base_url, admin={"tokens": [TOKEN], "body_timeout_s": 0.3}
+    )
+    url = f"{proxy.admin_url}/fhir/AuditEvent"
+    junk = b"\x78\x9c" + bytes(range(256)) * 4
+    for encoding, body, status in (
+        ("deflate", junk, 400),
+        ("deflate", b"junkjunkjunk", 400),
+        ("gzip", junk, 400),
+        ("br", junk, 400),
+        ("compress", junk, 415),
+    ):
+        got, _, outcome = await post(http, url, body, FHIR | {"Content-Encoding": encoding})
+        assert got == status, (encoding, outcome)
+        assert outcome["resourceType"] == "OperationOutcome", encoding
+    assert (await proxy.queue.stats()).pending == 0
+    got, _, _ = await post(
+        http, url, gzip.compress(GUIDE_SINGLE), FHIR | {"Content-Encoding": "gzip"}
+    )
+    assert got == 201
+    # A body that stops: answered at once, though aiohttp keeps reading it a little
+    # longer (its lingering time) before it closes the connection.
+    reader, writer = await asyncio.open_connection(
+        URL(proxy.admin_url).host, URL(proxy.admin_url).port
+    )
+    try:
+        writer.write(
+            b"POST /fhir/AuditEvent HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + f"Content-Length: {len(GUIDE_SINGLE)}\r\n\r\n".encode()
+            + GUIDE_SINGLE[:20]
+        )
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            outcome = orjson.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert raw_status(head) == 408 and b"Connection: close" in head
+    assert outcome["issue"][0]["code"] == "timeout"
+    assert (await proxy.queue.stats()).pending == 1
 
 
 async def test_r5_mode_validates_against_r5(
