@@ -64,6 +64,12 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 _FORM = "application/x-www-form-urlencoded"
 
+FHIR_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""The methods of the FHIR REST API (with HEAD and OPTIONS, which HTTP gives every
+resource). Any other (TRACE, which would echo the request's credentials back, CONNECT,
+WebDAV's PROPFIND...) is answered 405, audited, and never forwarded."""
+_ALLOW = ", ".join(FHIR_METHODS)
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Reply = Answer | web.Response | StreamedAnswer
 """What the handler answers with: a whole answer, or one it has streamed."""
@@ -90,6 +96,8 @@ class ForwardConfig:
     """Path prefixes outside the base that are forwarded all the same."""
     token_key: bytes = b""
     """The key opaque bearer tokens are hashed under."""
+    public_url: str | None = None
+    """``listen.public_url`` without a trailing slash: the FHIR base clients reach."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ForwardConfig:
@@ -114,7 +122,16 @@ class ForwardConfig:
                 configured_key.get_secret_value() if configured_key else None,
                 store.with_name(store.name + ".token-key"),
             ),
+            public_url=(settings.listen.public_url or "").rstrip("/") or None,
         )
+
+    def public_base(self, request: ClientRequest) -> str:
+        """The FHIR base as the client reaches it: ``public_url``, else the address it
+        connected to; never its ``Host`` header, so no client can point another's
+        ``Location`` elsewhere."""
+        if self.public_url is not None:
+            return self.public_url
+        return f"{request.scheme}://{request.local_address}{self.base_path}"
 
     def forwards_outside_base(self, path: str) -> bool:
         """Whether ``path`` (normalized, outside the base) is in ``forward_outside_base``."""
@@ -333,7 +350,9 @@ class ForwardHandler:
             failure = await pipeline.before_forward(ex, request)
             if failure is not None:
                 return failure
-            return await self._forward(request, ex, body, body_stream, ex.base_url)
+            return await self._forward(
+                request, ex, body, body_stream, self._cfg.public_base(request)
+            )
         finally:
             pipeline.finished(ex)
 
@@ -356,6 +375,14 @@ class ForwardHandler:
             request_id = new_event_id()
             if refusal is None:
                 refusal = (400, "invalid", "X-Request-Id must be 1-200 printable ASCII characters")
+        method = request.method.upper()
+        if method not in FHIR_METHODS and refusal is None:
+            refusal = (
+                405,
+                "not-supported",
+                f"{_recordable(method)[:32]} is not a method of the FHIR REST API;"
+                " the request was not forwarded",
+            )
         raw_path = request.raw_path
         try:
             normalized = normalize_path(raw_path)
@@ -382,7 +409,7 @@ class ForwardHandler:
                 refusal = (400, "invalid", "the Host header is not a host name or address")
         ex = Exchange(
             request_id=request_id,
-            method=_recordable(request.method.upper())[:32],
+            method=_recordable(method)[:32],
             path=path,
             query_string=redact_query(query, self._cfg.redact_params),
             request_headers=headers,
@@ -413,7 +440,10 @@ class ForwardHandler:
         failure = await self._pipeline.persist(ex)
         if failure is not None:
             return failure
-        return Answer(status, {"Content-Type": FHIR_JSON, "X-Request-Id": ex.request_id}, body)
+        headers = {"Content-Type": FHIR_JSON, "X-Request-Id": ex.request_id}
+        if status == 405:
+            headers["Allow"] = _ALLOW
+        return Answer(status, headers, body)
 
     async def _body_failed(self, ex: Exchange, exc: BodyBrokenOff) -> Reply:
         """Answer and audit a request whose body did not arrive whole before anything was

@@ -250,6 +250,11 @@ class ClientRequest:
         self.started = time.perf_counter()
         self._streamed: StreamedAnswer | None = None
 
+    @property
+    def local_address(self) -> str:
+        """``host:port`` of the listener as this client connected to it (``[v6]:port``)."""
+        return self._conn.local_host
+
     def start(
         self, status: int, headers: Mapping[str, str], length: int | None = None
     ) -> StreamedAnswer:

@@ -104,6 +104,10 @@ class ListenSettings(_Frozen):
 
     host: str = "0.0.0.0"
     port: int = 8080
+    public_url: str | None = None
+    """The proxy's FHIR base as clients reach it (``https://fhir.example.org/fhir``): what
+    an upstream ``Location`` or ``Content-Location`` is rewritten to. Unset: the address
+    the client connected to. Never the request's ``Host`` header, which the client writes."""
     header_timeout_s: Positive = 20.0
     """Time a request head may take to arrive whole, from its first byte; past it the
     client gets 408 and the connection closes (not audited: no request was identified)."""
@@ -113,6 +117,7 @@ class ListenSettings(_Frozen):
 
     _port_in_range = field_validator("port")(_tcp_port)
     _host_given = field_validator("host")(_host_not_empty)
+    _public_url_is_http = field_validator("public_url")(_optional_http_url)
 
 
 class UpstreamSettings(_Frozen):
@@ -370,6 +375,10 @@ class AdminSettings(_Frozen):
 
     host: str = "127.0.0.1"
     port: int = 9000
+    public_url: str | None = None
+    """The admin listener as clients reach it (``https://audit.example.org``): the base of
+    the links, ``fullUrl`` and ``Location`` values its answers hold. Unset: the address
+    the client connected to. Never the request's ``Host`` header, which the client writes."""
     tokens: tuple[SecretStr, ...] = ()
     """Static bearer tokens accepted for every admin route group."""
     token_files: tuple[Path, ...] = ()
@@ -423,6 +432,7 @@ class AdminSettings(_Frozen):
 
     _port_in_range = field_validator("port")(_tcp_port)
     _host_given = field_validator("host")(_host_not_empty)
+    _public_url_is_http = field_validator("public_url")(_optional_http_url)
 
 
 class TelemetrySettings(_Frozen):

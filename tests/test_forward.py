@@ -26,6 +26,9 @@ from tests.factories import (
     new_patient,
     patient_refs,
     profile,
+    raw_body,
+    raw_http,
+    raw_status,
     request_id_of,
     serving,
     subtypes,
@@ -543,3 +546,68 @@ async def test_admin_lists_recent_events_and_is_healthy(
     assert len(bundle["entry"]) == 2
     recorded = [e["resource"]["recorded"] for e in bundle["entry"]]
     assert recorded == sorted(recorded, reverse=True)
+
+
+# --- hardening ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT", "MKCOL", "LOCK"])
+async def test_a_method_outside_the_fhir_api_is_refused_405_and_audited(
+    echo_upstream: tuple[str, list[dict[str, Any]]], start_proxy: StartProxy, method: str
+) -> None:
+    """TRACE would echo the request (its Authorization header too) back; WebDAV's methods
+    and CONNECT mean nothing to a FHIR server. None is forwarded; each is answered 405
+    with ``Allow`` and an OperationOutcome, and audited."""
+    upstream, seen = echo_upstream
+    proxy = await start_proxy(upstream)
+    target = f"127.0.0.1:{proxy.server.port}" if method == "CONNECT" else "/fhir/Patient"
+    raw = await raw_http(
+        proxy.server.host,
+        proxy.server.port,
+        f"{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer trace-me\r\n"
+        f"X-Request-Id: m-{method}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert raw_status(raw) == 405
+    assert b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" in raw
+    outcome = orjson.loads(raw_body(raw))
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert f"{method} is not a method of the FHIR REST API" in outcome["issue"][0]["diagnostics"]
+    assert b"trace-me" not in raw
+    assert seen == []
+    (event,) = await proxy.stored_events()
+    assert request_id_of(event) == f"m-{method}"
+    assert event["outcome"] == "4"
+
+
+async def test_location_is_never_built_from_the_host_header(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """An upstream Location is rewritten to the proxy's public URL when configured, else
+    to the address the client connected to, whatever ``Host`` says."""
+
+    async def created(request: web.Request) -> web.Response:
+        base = f"http://{request.host}/fhir"
+        return web.json_response(
+            {"resourceType": "Patient", "id": "p1"},
+            status=201,
+            headers={
+                "Location": f"{base}/Patient/p1/_history/1",
+                "Content-Location": f"{base}/Patient/p1/_history/1",
+            },
+        )
+
+    async with serving(("*", "/{tail:.*}", created)) as server:
+        upstream = str(server.make_url("/fhir"))
+        plain = await start_proxy(upstream)
+        public = await start_proxy(upstream, listen={"public_url": "https://fhir.example.org/r4/"})
+        for proxy, base in (
+            (plain, plain.url),
+            (public, "https://fhir.example.org/r4"),
+        ):
+            for host in ("evil.example", f"127.0.0.1:{proxy.server.port}"):
+                async with http.post(
+                    f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers={"Host": host}
+                ) as r:
+                    assert r.status == 201
+                    assert r.headers["Location"] == f"{base}/Patient/p1/_history/1", host
+                    assert r.headers["Content-Location"] == r.headers["Location"]

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy.admin.auth import AdminCaller
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, QUEUE
+from proxy.admin.links import public_base
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
@@ -108,7 +109,7 @@ async def record_access(
         query_string=request.query_string,
         request_id=request.headers.get("X-Request-Id") or str(uuid.uuid4()),
         client_address=peer,
-        base_url=f"{request.scheme}://{request.host}",
+        base_url=public_base(request),
         status=200,
         ctx=request.app[AUDIT_CONTEXT],
         now=datetime.now(UTC),

@@ -76,6 +76,14 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
         return outcome_response(503, "transient", f"the audit store is unavailable: {exc}")
 
 
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer: no content sniffing (a JSON body is never run as a page), and,
+    unless the route said otherwise (the viewer's files), nothing kept by any cache: the
+    answers hold the audit trail."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Cache-Control", "no-store")
+
+
 def _jwks_ctx(settings: AdminSettings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def jwks(app: web.Application) -> AsyncIterator[None]:
         if not settings.jwks_url:
@@ -107,6 +115,7 @@ def build_admin_app(
     authentication."""
     check_exposure(settings)
     app = web.Application(middlewares=[_authenticate])
+    app.on_response_prepare.append(_security_headers)
     app[QUEUE] = queue
     app[SETTINGS] = settings
     app[FHIR_VERSION] = fhir_version

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy.admin.access import discloses, record_access
 from proxy.admin.keys import FHIR_VERSION, QUEUE
+from proxy.admin.links import public_base
 from proxy.admin.query import BadQuery, date_bounds, parse_count
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.store.records import Cursor, EventQuery, SortKey
@@ -153,7 +154,7 @@ async def search(request: web.Request) -> web.Response:
     page = await request.app[QUEUE].search_page(query)
     if discloses(page.items) or (query.limit == 0 and page.total):
         await record_access(request, search=echo)
-    base = f"{request.scheme}://{request.host}/fhir"
+    base = f"{public_base(request)}/fhir"
     count = query.limit
 
     def link(cursor: str | None) -> str:

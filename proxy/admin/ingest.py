@@ -40,6 +40,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.admin.access import ADMIN_ACCESS_TAG
 from proxy.admin.keys import CALLER, FHIR_VERSION, QUEUE, SETTINGS
+from proxy.admin.links import public_base
 from proxy.audit.ids import new_event_id
 from proxy.audit.validate import validate_event
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
@@ -204,7 +205,7 @@ async def post_audit_event(request: web.Request) -> web.Response:
         return outcome_response(400, "invalid", f"AuditEvent: {problem}")
     event = _stamped(resource, _submitter(request), datetime.now(UTC))
     await request.app[QUEUE].append([event])
-    base = f"{request.scheme}://{request.host}/fhir"
+    base = f"{public_base(request)}/fhir"
     return _fhir(event, 201, _entry_headers(base, event))
 
 
@@ -268,7 +269,7 @@ async def post_bundle(request: web.Request) -> web.Response:
     }
     if stored:
         await request.app[QUEUE].append(list(stored.values()))
-    base = f"{request.scheme}://{request.host}/fhir"
+    base = f"{public_base(request)}/fhir"
     if kind == "collection":
         answer = {
             "resourceType": "Bundle",

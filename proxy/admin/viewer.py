@@ -29,7 +29,10 @@ async def page(request: web.Request) -> web.StreamResponse:
         headers={
             "Content-Type": f"{FILES[name]}; charset=utf-8",
             "Cache-Control": "no-cache",
-            "Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'",
+            "Content-Security-Policy": (
+                "default-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+            ),
+            "X-Frame-Options": "DENY",
         },
     )
 

@@ -295,3 +295,54 @@ async def test_dlq_cli_lists_and_requeues(
     assert cli("list") == ""
     stats = await queue.stats()
     assert stats.dead == 0
+
+
+async def test_admin_answers_are_neither_sniffed_nor_kept_nor_framed_nor_pointed_by_host(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """Every API answer says ``nosniff`` and ``no-store``; the viewer may not be framed;
+    links, ``fullUrl`` and ``Location`` use ``admin.public_url`` (else the address the
+    client connected to), never the ``Host`` header."""
+    plain = await start_proxy(fhir_server.base_url, admin={"tokens": [ADMIN_TOKEN]})
+    public = await start_proxy(
+        fhir_server.base_url,
+        admin={"tokens": [ADMIN_TOKEN], "public_url": "https://audit.example.org/"},
+    )
+    for proxy in (plain, public):
+        async with http.get(f"{proxy.url}/metadata") as r:
+            assert r.status == 200
+    evil = AUTH | {"Host": "evil.example"}
+    event = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
+        "action": "E",
+        "recorded": "2026-01-16T16:03:16Z",
+        "outcome": "0",
+        "agent": [{"requestor": True, "altId": "app"}],
+        "source": {"observer": {"display": "My System"}},
+    }
+    for proxy, base in ((plain, plain.admin_url), (public, "https://audit.example.org")):
+        async with http.get(f"{proxy.admin_url}/fhir/AuditEvent?_count=1", headers=evil) as r:
+            assert r.status == 200
+            bundle = await r.json(content_type=None)
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            assert r.headers["Cache-Control"] == "no-store"
+        urls = [link["url"] for link in bundle["link"]] + [e["fullUrl"] for e in bundle["entry"]]
+        assert urls and all(u.startswith(f"{base}/fhir/AuditEvent") for u in urls), urls
+        async with http.post(
+            f"{proxy.admin_url}/fhir/AuditEvent",
+            json=event,
+            headers=evil | {"Content-Type": "application/fhir+json"},
+        ) as r:
+            assert r.status == 201
+            assert r.headers["Location"].startswith(f"{base}/fhir/AuditEvent/")
+    for path, headers in (("/fhir/AuditEvent/nope", AUTH), ("/api/queue", {}), ("/readyz", {})):
+        async with http.get(f"{plain.admin_url}{path}", headers=headers) as r:
+            assert r.status in (200, 401, 404)
+            assert r.headers["X-Content-Type-Options"] == "nosniff", path
+            assert r.headers["Cache-Control"] == "no-store", path
+    async with http.get(f"{plain.admin_url}/ui/") as r:
+        assert r.status == 200
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
