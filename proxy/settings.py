@@ -400,6 +400,12 @@ class AdminSettings(_Frozen):
     scopes: AdminScopes = AdminScopes()
     max_ingest_bytes: int = 5 * 1024 * 1024
     """Largest request body ``POST /fhir/AuditEvent`` and ``POST /fhir`` accept (413 above)."""
+    max_ingest_events: PositiveInt = 1000
+    """Most events one ingestion request may carry (413 above)."""
+    max_event_parts: PositiveInt = 5000
+    """Most agents and entities together in one ingested event (413 above): what its
+    validation and indexing cost grows with. The proxy's own largest events list
+    ``audit.max_patients_listed`` patients."""
     header_timeout_s: Positive = 20.0
     """Time a request head may take to arrive whole, from its first byte; past it the
     client gets 408 and the connection closes."""

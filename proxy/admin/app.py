@@ -16,10 +16,19 @@ from proxy.admin.auth import (
     check_exposure,
     load_static_tokens,
 )
-from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, QUEUE, READINESS, SETTINGS
+from proxy.admin.keys import (
+    AUDIT_CONTEXT,
+    CALLER,
+    FHIR_VERSION,
+    QUEUE,
+    READINESS,
+    SETTINGS,
+    VALIDATION,
+)
 from proxy.admin.server import guard
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
+from proxy.audit.validate import ValidationPool
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.settings import AdminSettings, IdentitySettings
 from proxy.store.writer import StoreError, StoreFull
@@ -102,6 +111,16 @@ def _jwks_ctx(settings: AdminSettings) -> Callable[[web.Application], AsyncItera
     return jwks
 
 
+async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process that validates large ingestion requests (started at first need)."""
+    pool = ValidationPool(app[FHIR_VERSION])
+    app[VALIDATION] = pool
+    try:
+        yield
+    finally:
+        pool.close()
+
+
 def build_admin_app(
     queue: Any,
     settings: AdminSettings,
@@ -128,5 +147,6 @@ def build_admin_app(
         groups[app.router.add_route(method, path, handler)] = group
     app[GROUPS] = groups
     app.cleanup_ctx.append(_jwks_ctx(settings))
+    app.cleanup_ctx.append(_validation_ctx)
     guard(app, header_timeout_s=settings.header_timeout_s)
     return app

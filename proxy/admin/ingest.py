@@ -23,12 +23,27 @@ The authenticated caller is recorded on each stored event in the extension
 activity, which the submitting application usually is not, and BALP profiles constrain
 the agent slices, so an extra agent would change what the event says and could break its
 conformance. An extension adds the fact without altering the event.
+
+An ingested event cannot pass as the proxy's own: any extension in the proxy's namespace
+(a forged ``submitted-by``, a token verification) and any tag of the proxy's system (its
+``admin-access``) are removed, the proxy's ``submitted-by`` put in their place, and the
+event tagged :data:`INGESTED_TAG`; one whose ``source.observer`` names this proxy is
+refused (400). Nor can it be backdated in the trail: it is indexed, sorted and found by
+``date`` at the time the proxy received it (its ``meta.lastUpdated``), its ``recorded``
+kept as the submitter claimed it.
+
+The work of one request is bounded (``admin.max_ingest_bytes``, ``max_ingest_events``
+events, ``max_event_parts`` agents and entities in one event: 413 past them), and the
+validation of a large one runs in a process of its own (:class:`ValidationPool`), so that
+ingestion never holds up the proxy's own traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -39,14 +54,27 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.admin.access import ADMIN_ACCESS_TAG
-from proxy.admin.keys import CALLER, FHIR_VERSION, QUEUE, SETTINGS
+from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, QUEUE, SETTINGS, VALIDATION
 from proxy.admin.links import public_base
 from proxy.audit.ids import new_event_id
 from proxy.audit.validate import validate_event
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+from proxy.store.index import event_row
+from proxy.store.records import EventRow
 
 SUBMITTER_EXT = "urn:fhir-audit-proxy:extension:submitted-by"
 """On an ingested event: who submitted it through the admin API (``valueReference``)."""
+PROXY_EXTENSIONS = "urn:fhir-audit-proxy:extension:"
+"""The prefix of every extension the proxy writes: only the proxy may write one."""
+INGESTED_TAG = {
+    "system": ADMIN_ACCESS_TAG["system"],
+    "code": "ingested",
+    "display": "submitted through the admin API, not recorded by this proxy",
+}
+"""In ``meta.tag`` of every ingested event (and of no event the proxy records itself)."""
+VALIDATE_INLINE_BYTES = 16 * 1024
+"""A request body up to this size has its events validated on the event loop (a few
+ms); a larger one in the admin app's :class:`~proxy.audit.validate.ValidationPool`."""
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json"})
 CONTENT_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
@@ -83,9 +111,9 @@ def _content_type_problem(header: str, fhir_version: str) -> str | None:
     return None
 
 
-async def _read_body(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, after the content-type, encoding, size and
-    time rules."""
+async def _read_body(request: web.Request) -> tuple[dict[str, Any], int]:
+    """The request body as a JSON object, and its size decoded, after the content-type,
+    encoding, size and time rules."""
     problem = _content_type_problem(
         request.headers.get("Content-Type", ""), request.app[FHIR_VERSION]
     )
@@ -130,21 +158,91 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         raise _reject(400, "structure", f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise _reject(400, "structure", "the body must be a JSON object (a FHIR resource)")
-    return body
+    return body, size
 
 
-def _problem(resource: Any, fhir_version: str) -> str | None:
-    """Why ``resource`` is not a valid AuditEvent of ``fhir_version``, or None."""
+def _shape_problem(resource: Any, observer: dict[str, Any]) -> str | None:
+    """Why ``resource`` cannot be ingested, seen before any validation: not an
+    AuditEvent, or one whose ``source.observer`` names this proxy (``observer``)."""
     if not isinstance(resource, dict):
         return "not a resource"
     kind = resource.get("resourceType")
     if kind != "AuditEvent":
         return f"resourceType must be AuditEvent, not {kind!r}"
-    errors = validate_event(resource, fhir_version)
-    if errors is None:
-        return None
+    source = resource.get("source")
+    claimed = source.get("observer") if isinstance(source, dict) else None
+    if isinstance(claimed, dict) and any(
+        claimed.get(name) is not None
+        and str(claimed.get(name)).strip().lower() == str(observer.get(name)).strip().lower()
+        for name in ("reference", "display")
+    ):
+        return (
+            f"source.observer names this proxy ({observer.get('reference')}); an ingested"
+            " event names its own observer: only the proxy records as itself"
+        )
+    return None
+
+
+def _parts(resource: Any) -> int:
+    """Agents and entities of an event (what its validation and indexing cost grows with)."""
+    if not isinstance(resource, dict):
+        return 0
+    return sum(
+        len(value)
+        for value in (resource.get("agent"), resource.get("entity"))
+        if isinstance(value, list)
+    )
+
+
+def _check_cost(request: web.Request, resources: Sequence[tuple[str, Any]]) -> None:
+    """Raise a 413 when the events of a request (``(where, resource)``) are more than
+    ``admin.max_ingest_events`` or one has more than ``admin.max_event_parts`` agents and
+    entities: bounds on the work one request makes."""
+    settings = request.app[SETTINGS]
+    if len(resources) > settings.max_ingest_events:
+        raise _reject(
+            413,
+            "too-costly",
+            f"{len(resources)} events in one request; at most {settings.max_ingest_events}"
+            " (admin.max_ingest_events)",
+        )
+    for where, resource in resources:
+        parts = _parts(resource)
+        if parts > settings.max_event_parts:
+            raise _reject(
+                413,
+                "too-costly",
+                f"{where}: {parts} agents and entities; at most {settings.max_event_parts}"
+                " in one event (admin.max_event_parts)",
+            )
+
+
+def _validation_text(errors: str) -> str:
     lines = [ln for ln in errors.splitlines() if not ln.strip().startswith("For further info")]
     return " ".join(ln.strip() for ln in lines)[:2000]
+
+
+async def _problems(request: web.Request, resources: Sequence[Any], size: int) -> list[str | None]:
+    """Why each of ``resources`` cannot be ingested, or None: the shape rules, then
+    fhir.resources validation, on the event loop for a small request (``size``, its body
+    decoded) and in the validation pool for a larger one."""
+    observer = request.app[AUDIT_CONTEXT].source.get("observer", {})
+    problems = [_shape_problem(r, observer) for r in resources]
+    to_validate = [i for i, problem in enumerate(problems) if problem is None]
+    version = request.app[FHIR_VERSION]
+    if size <= VALIDATE_INLINE_BYTES:
+        errors = [validate_event(resources[i], version) for i in to_validate]
+    else:
+        try:
+            errors = await request.app[VALIDATION].problems([resources[i] for i in to_validate])
+        except BrokenProcessPool:
+            raise _reject(
+                503, "transient", "the events could not be validated now; send them again"
+            ) from None
+    for i, error in zip(to_validate, errors, strict=True):
+        if error is not None:
+            problems[i] = _validation_text(error)
+    return problems
 
 
 def _submitter(request: web.Request) -> dict[str, Any]:
@@ -161,21 +259,53 @@ def _submitter(request: web.Request) -> dict[str, Any]:
 
 def _stamped(resource: dict[str, Any], submitter: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The event as stored: a new id, ``meta.lastUpdated`` and ``versionId`` set, the
-    submitter recorded, and the proxy's own admin-access tag removed (only the proxy may
-    claim it)."""
+    proxy's own tags and extensions (only the proxy may write them) replaced by its
+    :data:`INGESTED_TAG` and ``submitter``."""
     event = dict(resource)
     event["id"] = new_event_id()
     meta = dict(event.get("meta") or {})
     meta["versionId"] = "1"
     meta["lastUpdated"] = now.isoformat(timespec="milliseconds")
-    tags = [t for t in meta.get("tag", ()) if t.get("system") != ADMIN_ACCESS_TAG["system"]]
-    if tags:
-        meta["tag"] = tags
-    else:
-        meta.pop("tag", None)
+    tags = [
+        t
+        for t in meta.get("tag", ())
+        if not (isinstance(t, dict) and t.get("system") == ADMIN_ACCESS_TAG["system"])
+    ]
+    meta["tag"] = [*tags, INGESTED_TAG]
     event["meta"] = meta
-    event["extension"] = [*event.get("extension", ()), submitter]
+    event["extension"] = [*_not_the_proxys(event.get("extension")), submitter]
+    if isinstance(event.get("agent"), list):
+        event["agent"] = [_agent_without_proxy_claims(a) for a in event["agent"]]
     return event
+
+
+def _not_the_proxys(extensions: Any) -> list[Any]:
+    """``extensions`` without those in the proxy's namespace."""
+    if not isinstance(extensions, list):
+        return []
+    return [
+        e
+        for e in extensions
+        if not (isinstance(e, dict) and str(e.get("url", "")).startswith(PROXY_EXTENSIONS))
+    ]
+
+
+def _agent_without_proxy_claims(agent: Any) -> Any:
+    """An agent without extensions in the proxy's namespace (such as its record of a
+    token's verification, which the proxy never made for an ingested event)."""
+    if not isinstance(agent, dict) or "extension" not in agent:
+        return agent
+    kept = _not_the_proxys(agent["extension"])
+    trimmed = {k: v for k, v in agent.items() if k != "extension"}
+    return {**trimmed, "extension": kept} if kept else trimmed
+
+
+def _rows(events: Sequence[dict[str, Any]], received: datetime) -> list[EventRow]:
+    """The store rows of ingested events: indexed at the time they were ``received``, not
+    at the ``recorded`` they claim, so no submitter can place an event in the trail's
+    past (or future)."""
+    at = received.timestamp()
+    return [event_row(event)._replace(recorded_ts=at) for event in events]
 
 
 def _fhir(body: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -197,14 +327,16 @@ def _entry_headers(base: str, event: dict[str, Any]) -> dict[str, str]:
 async def post_audit_event(request: web.Request) -> web.Response:
     """``POST /fhir/AuditEvent``."""
     try:
-        resource = await _read_body(request)
+        resource, size = await _read_body(request)
+        _check_cost(request, [("AuditEvent", resource)])
+        (problem,) = await _problems(request, [resource], size)
     except Rejected as rejected:
         return rejected.response
-    problem = _problem(resource, request.app[FHIR_VERSION])
     if problem:
         return outcome_response(400, "invalid", f"AuditEvent: {problem}")
-    event = _stamped(resource, _submitter(request), datetime.now(UTC))
-    await request.app[QUEUE].append([event])
+    now = datetime.now(UTC)
+    event = _stamped(resource, _submitter(request), now)
+    await request.app[QUEUE].append_rows(_rows([event], now))
     base = f"{public_base(request)}/fhir"
     return _fhir(event, 201, _entry_headers(base, event))
 
@@ -219,10 +351,9 @@ def _is_audit_event_post(request_part: Any) -> bool:
 async def post_bundle(request: web.Request) -> web.Response:
     """``POST /fhir``: a collection, batch or transaction Bundle of AuditEvents."""
     try:
-        bundle = await _read_body(request)
+        bundle, size = await _read_body(request)
     except Rejected as rejected:
         return rejected.response
-    version = request.app[FHIR_VERSION]
     if bundle.get("resourceType") != "Bundle":
         return outcome_response(
             400, "invalid", f"POST /fhir takes a Bundle, not {bundle.get('resourceType')!r}"
@@ -236,14 +367,23 @@ async def post_bundle(request: web.Request) -> web.Response:
     if not isinstance(entries, list):
         return outcome_response(400, "structure", "Bundle.entry must be a list")
     problems: dict[int, str] = {}
+    candidates: list[int] = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             problems[index] = "not an object"
-            continue
-        if kind != "collection" and not _is_audit_event_post(entry.get("request")):
+        elif kind != "collection" and not _is_audit_event_post(entry.get("request")):
             problems[index] = "request must be POST AuditEvent"
-            continue
-        problem = _problem(entry.get("resource"), version)
+        else:
+            candidates.append(index)
+    resources = [entries[i].get("resource") for i in candidates]
+    try:
+        _check_cost(
+            request, [(f"Bundle.entry[{i}]", entries[i].get("resource")) for i in candidates]
+        )
+        found = await _problems(request, resources, size)
+    except Rejected as rejected:
+        return rejected.response
+    for index, problem in zip(candidates, found, strict=True):
         if problem:
             problems[index] = f"resource: {problem}"
     if problems and kind != "batch":
@@ -268,7 +408,7 @@ async def post_bundle(request: web.Request) -> web.Response:
         if i not in problems
     }
     if stored:
-        await request.app[QUEUE].append(list(stored.values()))
+        await request.app[QUEUE].append_rows(_rows(list(stored.values()), now))
     base = f"{public_base(request)}/fhir"
     if kind == "collection":
         answer = {

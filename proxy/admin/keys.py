@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from proxy.audit.balp import AuditContext
+from proxy.audit.validate import ValidationPool
 from proxy.settings import AdminSettings
 from proxy.store.queue import AuditQueue
 
@@ -20,5 +21,7 @@ AUDIT_CONTEXT = web.AppKey("audit_context", AuditContext)
 SETTINGS = web.AppKey("admin_settings", AdminSettings)
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+VALIDATION = web.AppKey("validation_pool", ValidationPool)
+"""Validates the events of large ingestion requests off the event loop."""
 CALLER: web.RequestKey[AdminCaller] = web.RequestKey("admin_caller")
 """The authenticated caller of an admin request (set by the auth middleware)."""

@@ -1,12 +1,22 @@
-"""Validation of built events with fhir.resources: R4 through the R4B models (R4 and R4B
-AuditEvent have the same elements), R5 through the default models. Used in tests and,
-sampled, off the request path: an invalid event is still stored and forwarded."""
+"""Validation of AuditEvents with fhir.resources: R4 through the R4B models (R4 and R4B
+AuditEvent have the same elements), R5 through the default models. Used in tests,
+sampled off the request path (an invalid event is still stored and forwarded), and for
+events ingested through the admin API (:class:`ValidationPool` for large requests)."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
+
+MODEL_MODULES = {"R4": "fhir.resources.R4B.auditevent", "R5": "fhir.resources.auditevent"}
+"""The module of each FHIR version's AuditEvent model."""
 
 
 def validate_event(event: dict[str, Any], fhir_version: str) -> str | None:
@@ -23,3 +33,54 @@ def validate_event(event: dict[str, Any], fhir_version: str) -> str | None:
     except (TypeError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"[:4000]
     return None
+
+
+def validate_all(events_json: bytes, fhir_version: str) -> list[str | None]:
+    """:func:`validate_event` of each event of a JSON array, in order (what the pool's
+    process runs)."""
+    return [validate_event(event, fhir_version) for event in orjson.loads(events_json)]
+
+
+class ValidationPool:
+    """Validates AuditEvents in a process of its own, so that validating megabytes of
+    them (seconds of Python) never holds up the event loop and the traffic it serves.
+
+    One worker process, started at first use, forked from multiprocessing's forkserver
+    with the version's model already imported; at most ``max_waiting`` calls wait for it
+    at once, the others wait their turn on the event loop. A worker that dies is replaced
+    at the next call. :meth:`close` stops it."""
+
+    def __init__(self, fhir_version: str, *, max_waiting: int = 2) -> None:
+        self._fhir_version = fhir_version
+        self._executor: ProcessPoolExecutor | None = None
+        self._turns = asyncio.Semaphore(max_waiting)
+
+    async def problems(self, events: Sequence[Any]) -> list[str | None]:
+        """:func:`validate_event` of each of ``events``, in order."""
+        payload = orjson.dumps(list(events))
+        async with self._turns:
+            executor = self._running()
+            try:
+                # Submitting may start the worker, and the forkserver first: seconds of
+                # waiting that must not be the event loop's.
+                future = await asyncio.to_thread(
+                    executor.submit, validate_all, payload, self._fhir_version
+                )
+                return await asyncio.wrap_future(future)
+            except BrokenProcessPool:
+                self.close()
+                raise
+
+    def _running(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([MODEL_MODULES[self._fhir_version]])
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the worker (after the validation it runs, if any); a later call starts
+        another."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)

@@ -9,7 +9,7 @@ import asyncio
 import copy
 import gzip
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.admin.ingest import SUBMITTER_EXT
+from proxy.admin.access import ADMIN_ACCESS_TAG, discloses, is_admin_access
+from proxy.admin.ingest import INGESTED_TAG, SUBMITTER_EXT
+from proxy.audit.vocabulary import TOKEN_VERIFICATION_EXT
 from proxy.store.queue import AuditQueue
 from tests.factories import (
     NodeFhirServer,
@@ -29,6 +31,7 @@ from tests.factories import (
     StartProxy,
     free_port,
     raw_status,
+    request_id_of,
 )
 
 # The guide's single-event body, byte for byte as its curl example sends it.
@@ -449,3 +452,170 @@ async def test_sigkill_right_after_201_loses_nothing(
         await queue.close()
     assert len(acknowledged) == 21
     assert missing == []
+
+
+PROXY_TAG = "urn:fhir-audit-proxy:tag"
+
+
+async def test_an_ingested_admin_access_tag_is_removed_whatever_its_display(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    """Only the proxy records accesses to the trail: the ``admin-access`` tag of an
+    ingested event goes, with the proxy's display, another or none; a tag of another
+    system stays."""
+    foreign = {"system": "urn:example:tag", "code": "admin-access"}
+    for tag in (
+        {"system": PROXY_TAG, "code": "admin-access", "display": "something else"},
+        {"system": PROXY_TAG, "code": "admin-access"},
+        {"system": PROXY_TAG, "code": "admin-access", "display": ADMIN_ACCESS_TAG["display"]},
+    ):
+        sent = orjson.loads(GUIDE_SINGLE) | {"meta": {"tag": [tag, foreign]}}
+        status, _, body = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", orjson.dumps(sent))
+        assert status == 201, body
+        stored = await proxy.queue.get_event(body["id"])
+        assert stored is not None
+        assert stored.event["meta"]["tag"] == [foreign, INGESTED_TAG], tag
+        assert not is_admin_access(stored.event)
+        assert discloses([stored]), "an ingested event is part of the trail a reader sees"
+
+
+async def test_an_ingested_event_cannot_pass_as_the_proxys_or_be_backdated(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    """A forged ``submitted-by`` and token verification, and the proxy's tag, are
+    replaced by the proxy's own; an event naming the proxy as its observer is refused;
+    an event claiming a ``recorded`` in 2001 keeps the claim but takes its place in the
+    trail (date order, date search) at the time it was received, marked as ingested."""
+    async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": "own-1"}) as r:
+        assert r.status == 200
+    forged_submitter = {
+        "url": SUBMITTER_EXT,
+        "valueReference": {"display": "fhir-audit-proxy", "identifier": {"value": "proxy"}},
+    }
+    theirs = {"url": "urn:example:ext", "valueString": "kept"}
+    sent = orjson.loads(GUIDE_SINGLE) | {
+        "recorded": "2001-01-01T00:00:00Z",
+        "extension": [forged_submitter, theirs],
+        "agent": [
+            {
+                "requestor": True,
+                "altId": "mallory",
+                "extension": [{"url": TOKEN_VERIFICATION_EXT, "valueString": "verified"}],
+            }
+        ],
+    }
+    received = datetime.now(UTC)
+    status, _, body = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", orjson.dumps(sent))
+    assert status == 201, body
+    ingested_id = body["id"]
+    stored = await proxy.queue.get_event(ingested_id)
+    assert stored is not None
+    event = stored.event
+    assert event["recorded"] == "2001-01-01T00:00:00Z", "the claim is kept as claimed"
+    submitters = [e for e in event["extension"] if e["url"] == SUBMITTER_EXT]
+    assert [s["valueReference"]["identifier"]["value"] for s in submitters] == ["token:1"]
+    assert theirs in event["extension"]
+    assert event["agent"] == [{"requestor": True, "altId": "mallory"}]
+    assert event["meta"]["tag"] == [INGESTED_TAG]
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def ids(query: str) -> list[str]:
+        async with http.get(f"{proxy.admin_url}/fhir/AuditEvent?{query}", headers=auth) as r:
+            assert r.status == 200
+            page = await r.json(content_type=None)
+        return [e["resource"]["id"] for e in page.get("entry", [])]
+
+    oldest_first = await ids("_sort=date&_count=100")
+    (own_id,) = [e["id"] for e in await proxy.stored_events() if request_id_of(e) == "own-1"]
+    assert oldest_first.index(own_id) < oldest_first.index(ingested_id), "not placed in 2001"
+    newest_first = await ids("_sort=-date&_count=100")
+    assert newest_first.index(ingested_id) < newest_first.index(own_id), "received last"
+    assert ingested_id not in await ids("date=lt2002-01-01")
+    since = (received - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    assert ingested_id in await ids(f"date=ge{since}&agent=mallory")
+    async with http.get(f"{proxy.admin_url}/fhir/AuditEvent?agent=mallory", headers=auth) as r:
+        (entry,) = (await r.json(content_type=None))["entry"]
+    assert INGESTED_TAG in entry["resource"]["meta"]["tag"], "marked in search results"
+
+    for observer in (
+        {"reference": "Device/fhir-audit-proxy", "display": "fhir-audit-proxy"},
+        {"display": "fhir-audit-proxy"},
+        {"reference": "device/FHIR-audit-proxy "},
+    ):
+        claim = orjson.loads(GUIDE_SINGLE) | {"source": {"observer": observer}}
+        status, _, outcome = await post(
+            http, f"{proxy.admin_url}/fhir/AuditEvent", orjson.dumps(claim)
+        )
+        assert status == 400, observer
+        assert "source.observer names this proxy" in outcome["issue"][0]["diagnostics"]
+        status, _, answer = await post(
+            http,
+            f"{proxy.admin_url}/fhir",
+            post_entries("batch", claim, orjson.loads(GUIDE_SINGLE)),
+        )
+        assert status == 200
+        assert [e["response"]["status"] for e in answer["entry"]] == [
+            "400 Bad Request",
+            "201 Created",
+        ]
+
+
+def crowded_event(agents: int) -> dict[str, Any]:
+    """The guide's event with ``agents`` agents (what validation's cost grows with)."""
+    event: dict[str, Any] = orjson.loads(GUIDE_SINGLE)
+    event["agent"] = [
+        {"requestor": n == 0, "who": {"display": f"agent {n}"}, "altId": f"a-{n}"}
+        for n in range(agents)
+    ]
+    return event
+
+
+async def test_the_work_of_one_ingestion_request_is_bounded(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    too_many_parts = orjson.dumps(crowded_event(5001))
+    status, _, outcome = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", too_many_parts)
+    assert status == 413
+    assert "5001 agents and entities; at most 5000" in outcome["issue"][0]["diagnostics"]
+    too_many_events = orjson.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": orjson.loads(GUIDE_SINGLE)}] * 1001,
+        }
+    )
+    status, _, outcome = await post(http, f"{proxy.admin_url}/fhir", too_many_events)
+    assert status == 413
+    assert "1001 events in one request; at most 1000" in outcome["issue"][0]["diagnostics"]
+    assert (await proxy.queue.stats()).pending == 0
+
+
+async def test_a_large_ingestion_does_not_hold_up_proxied_traffic(
+    proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    """While a request of 20 events of 1000 agents each is validated (seconds of CPU),
+    GETs through the proxy to the FHIR server keep being answered: each in a small part
+    of the ingestion's own time. (Validated on the event loop, a GET waited for it.)"""
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": crowded_event(1000)} for _ in range(20)],
+    }
+    body = orjson.dumps(bundle)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ingest = asyncio.create_task(post(http, f"{proxy.admin_url}/fhir", body))
+    latencies: list[float] = []
+    while not ingest.done():
+        sent = loop.time()
+        async with http.get(f"{proxy.url}/metadata") as r:
+            assert r.status == 200
+            await r.read()
+        latencies.append(loop.time() - sent)
+    status, _, answer = await ingest
+    took = loop.time() - started
+    assert status == 201, answer
+    assert len(answer["entry"]) == 20
+    assert len(latencies) >= 3, (latencies, took)
+    assert max(latencies) < took / 4, (latencies, took)

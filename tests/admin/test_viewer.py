@@ -164,3 +164,56 @@ async def test_the_viewer_finds_pages_opens_and_follows_events(
     await page.goto(f"{proxy.admin_url}/ui/?patient={ben}&action=R")
     await expect(page.locator("#events tbody tr")).to_have_count(3)
     assert errors == []
+
+
+XSS = '<img src=x onerror="window.__pwned = 1">'
+
+
+async def test_an_ingested_event_shows_as_literal_text_marked_as_ingested(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    browser: Browser,
+) -> None:
+    """Markup in an ingested event's fields is shown as the text it is: no ``img`` in
+    the table or the detail, nothing run. The row says the event was ingested and sits at
+    the time it was received, not at the ``recorded`` its submitter claims."""
+    proxy = await start_proxy(fhir_server.base_url, admin={"tokens": [TOKEN]})
+    event = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
+        "subtype": [{"system": "urn:example", "code": XSS}],
+        "action": "E",
+        "recorded": "2001-01-01T00:00:00Z",
+        "outcome": "0",
+        "agent": [{"requestor": True, "who": {"display": XSS}}],
+        "source": {"observer": {"display": XSS}},
+        "entity": [
+            {"what": {"reference": "Patient/p-x"}, "role": {"code": "1"}, "type": {"code": "1"}}
+        ],
+    }
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+    async with http.post(f"{proxy.admin_url}/fhir/AuditEvent", json=event, headers=headers) as r:
+        assert r.status == 201, await r.text()
+        received = (await r.json(content_type=None))["meta"]["lastUpdated"]
+
+    page = await browser.new_page()
+    errors: list[Any] = []
+    page.on("pageerror", lambda error: errors.append(error))
+    page.on("dialog", lambda dialog: errors.append(dialog.message))
+    await page.goto(f"{proxy.admin_url}/ui/?patient=Patient/p-x")
+    await page.fill("#token", TOKEN)
+    await page.click("#login-form button")
+    await expect(page.locator("#events tbody tr")).to_have_count(1)
+    assert await cells(page, 4) == [XSS], "the user cell holds the markup as text"
+    assert await cells(page, 3) == [f"ingested · {XSS}"]
+    assert await cells(page, 1) == [received.replace("T", " ")[:23]], "placed when received"
+    assert "2001-01-01" in (
+        await page.locator("#events tbody td").first.get_attribute("title") or ""
+    )
+    await page.locator("#events tbody tr").first.click()
+    await expect(page.locator("#detail")).to_be_visible()
+    assert "<img src=x onerror=" in await page.locator("#detail-json").inner_text()
+    assert await page.locator("#events img, #detail img").count() == 0
+    assert await page.evaluate("window.__pwned") is None
+    assert errors == []

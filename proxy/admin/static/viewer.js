@@ -9,6 +9,7 @@ const HEALTH_POLL_MS = 5000;
 const FILTERS = ["patient", "agent", "from", "to", "action", "outcome", "subtype",
   "resource-type", "request-id"];
 const $ = (id) => document.getElementById(id);
+const PROXY_TAGS = "urn:fhir-audit-proxy:tag";
 
 let liveUrl = null;      // the top page's "previous" link: where newer events appear
 let pageLinks = {};
@@ -76,10 +77,17 @@ function describe(event) {
   const subtypes = (event.subtype || (event.code && event.code.coding) || []).map((c) => c.code);
   const profile = ((event.meta && event.meta.profile) || [])[0] || "";
   const outcome = typeof event.outcome === "object" ? codes(event.outcome.code)[0] : event.outcome;
+  const meta = event.meta || {};
+  // Submitted through the admin API: it sits in the trail at the time it was received
+  // (meta.lastUpdated); its recorded is what the submitter claimed.
+  const ingested = (meta.tag || []).some((t) => t.system === PROXY_TAGS && t.code === "ingested");
   return {
-    time: event.recorded || "",
+    time: (ingested ? meta.lastUpdated : event.recorded) || "",
+    claimed: ingested ? (event.recorded || "") : "",
+    ingested,
     action: event.action || "",
-    interaction: subtypes.join(", ") + (profile ? " · " + profile.split("IHE.BasicAudit.")[1] : ""),
+    interaction: (ingested ? "ingested · " : "") + subtypes.join(", ")
+      + (profile ? " · " + profile.split("IHE.BasicAudit.")[1] : ""),
     user: user ? whoOf(user) : "",
     client: client ? client.who.identifier.value : "",
     patients,
@@ -95,7 +103,8 @@ function row(event, isNew) {
   const d = describe(event);
   const tr = document.createElement("tr");
   tr.dataset.id = event.id;
-  if (isNew) tr.className = "new";
+  if (isNew) tr.classList.add("new");
+  if (d.ingested) tr.classList.add("ingested");
   const cells = [d.time.replace("T", " ").slice(0, 23), d.action, d.interaction, d.user,
     d.client, d.patients.join(" "), d.outcome, d.address, d.requestId];
   cells.forEach((text, i) => {
@@ -105,6 +114,9 @@ function row(event, isNew) {
     if (i === 6 && text && text !== "0") td.className = "fail";
     tr.appendChild(td);
   });
+  if (d.ingested) {
+    tr.cells[0].title = "received " + d.time + "; recorded " + d.claimed + " as its submitter claims";
+  }
   tr.addEventListener("click", () => showDetail(event.id));
   return tr;
 }
