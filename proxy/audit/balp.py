@@ -60,8 +60,9 @@ K = InteractionKind
 
 QUERY_LIMIT = 4096
 """Most bytes of the raw request kept in ``entity.query``; a longer one is cut there and
-its description gives the full length and SHA-256, so the cost of an event is bounded
-and the full request can still be matched against a client's log."""
+its description gives the full length and the SHA-256 of the whole (labelled so), so the
+cost of an event is bounded and the full request can still be matched against a
+client's log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,10 +362,13 @@ def _query_entity(ex: Exchange, interaction: Interaction) -> dict[str, Any]:
     elif target:
         entity["description"] = target
     if len(raw) > QUERY_LIMIT:
+        # Of the whole request: the kept bytes are in ``query`` for anyone to hash; the
+        # whole one's digest is what ties the event to the request a client logged.
         digest = hashlib.sha256(raw).hexdigest()
         entity["description"] = (
             entity.get("description", "")[:1800]
-            + f" [request cut to {QUERY_LIMIT} of {len(raw)} bytes; sha256 {digest}]"
+            + f" [request cut to {QUERY_LIMIT} of {len(raw)} bytes;"
+            f" sha256 of all {len(raw)} bytes: {digest}]"
         ).lstrip()
     return entity
 

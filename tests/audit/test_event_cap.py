@@ -4,6 +4,7 @@ bounded size (not 10,000 copies of its query), still conformant to BALP's basic 
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 from urllib.parse import urlencode
 
@@ -12,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from proxy.audit.validate import validate_event
-from tests.factories import StartProxy, request_id_of, serving
+from tests.factories import StartProxy, events_of, exchange, request_id_of, serving
 
 BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
 
@@ -75,3 +76,27 @@ async def test_up_to_the_cap_each_patient_gets_its_own_patient_query_event(
     (capped,) = await _search(start_proxy, http, 4, max_patient_events=3)
     assert capped["meta"]["profile"] == [BALP + "Query"]
     assert len([e for e in capped["entity"] if e.get("role", {}).get("code") == "1"]) == 4
+
+
+def test_a_cut_request_gives_the_sha256_of_the_whole_request_labelled_so() -> None:
+    """``entity.query`` keeps the first 4096 bytes of the request; the description gives
+    the SHA-256 of all of it (what ties the event to the request a client logged; the
+    kept bytes anyone can hash from ``query``), and says that is what it is."""
+    query = urlencode([("_id", f"p{n}") for n in range(1000)])
+    ex = exchange(
+        "GET",
+        "Patient",
+        query=query,
+        request_id="cut-1",
+        response={"resourceType": "Bundle", "type": "searchset"},
+    )
+    (event,) = events_of(ex)
+    (entity,) = [e for e in event["entity"] if e.get("role", {}).get("code") == "24"]
+    whole = f"GET /fhir/Patient?{query} HTTP/1.1\r\nX-Request-Id: cut-1\r\n".encode()
+    kept = base64.b64decode(entity["query"])
+    assert kept == whole[:4096]
+    assert (
+        f" [request cut to 4096 of {len(whole)} bytes;"
+        f" sha256 of all {len(whole)} bytes: {hashlib.sha256(whole).hexdigest()}]"
+    ) in entity["description"]
+    assert hashlib.sha256(kept).hexdigest() not in entity["description"]
