@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,8 +22,8 @@ import yaml
 from aiohttp import web
 
 from proxy.admin.access import is_admin_access
-from proxy.admin.app import build_admin_app
-from proxy.admin.auth import AdminExposed
+from proxy.admin.app import ROUTES, build_admin_app
+from proxy.admin.auth import AdminExposed, RouteGroup
 from proxy.settings import AdminSettings, ConfigError, load_settings
 from proxy.store.queue import AuditQueue
 from tests.factories import (
@@ -302,3 +303,79 @@ async def test_non_loopback_admin_without_auth_refuses_to_start(
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1, err.decode()
     assert "admin listener on '0.0.0.0' is not loopback and has no authentication" in lines[0]
+
+
+SCOPE_OF = {
+    RouteGroup.READ: "audit.read",
+    RouteGroup.WRITE: "audit.write",
+    RouteGroup.ADMIN: "audit.admin",
+}
+
+
+def requests_for_routes(
+    event_id: str,
+) -> dict[tuple[str, str], tuple[RouteGroup, str, bytes | None]]:
+    """The policy, written out apart from ``ROUTES``: for each guarded admin route (method,
+    pattern), the group whose scope it needs, and a request (path, body) that does the
+    route's work when the scope is right."""
+    bundle = orjson.dumps(
+        {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": EVENT}]}
+    )
+    read, write, admin = RouteGroup.READ, RouteGroup.WRITE, RouteGroup.ADMIN
+    return {
+        ("GET", "/api/queue"): (read, "/api/queue", None),
+        ("GET", "/fhir/metadata"): (read, "/fhir/metadata", None),
+        ("GET", "/fhir/AuditEvent"): (read, "/fhir/AuditEvent", None),
+        ("GET", "/fhir/AuditEvent/{id}"): (read, f"/fhir/AuditEvent/{event_id}", None),
+        ("GET", "/audit-log"): (read, "/audit-log", None),
+        ("GET", "/audit-log/event/{id}"): (read, f"/audit-log/event/{event_id}", None),
+        ("POST", "/fhir/AuditEvent"): (write, "/fhir/AuditEvent", orjson.dumps(EVENT)),
+        ("POST", "/fhir"): (write, "/fhir", bundle),
+        ("POST", "/fhir/"): (write, "/fhir/", bundle),
+        ("GET", "/dlq"): (admin, "/dlq", None),
+        ("POST", "/dlq/retry"): (admin, "/dlq/retry", b"{}"),
+    }
+
+
+async def test_every_route_refuses_a_token_of_each_other_scope_group_and_does_nothing(
+    secured: Secured, http: aiohttp.ClientSession
+) -> None:
+    """Every guarded route of ``ROUTES``, with a JWT carrying only the scope of each other
+    group: 403 ``insufficient_scope`` and no effect (no event read and recorded, none
+    ingested, no dead letter requeued). With its own scope each then does its work."""
+    proxy = secured.proxy
+    (dead,) = await proxy.queue.claim(1, datetime.now(UTC))
+    await proxy.queue.dead_letter([dead.seq], "422 Unprocessable: test")
+    policy = requests_for_routes(dead.event_id)
+    guarded = {(m, p) for m, p, _, g in ROUTES if g is not RouteGroup.OPEN}
+    assert guarded == set(policy), "the policy of every guarded route is written out here"
+
+    async def call(method: str, path: str, body: bytes | None, scope: str) -> tuple[int, str]:
+        headers = {
+            "Authorization": f"Bearer {secured.jwt(scope)}",
+            "Content-Type": "application/fhir+json",
+        }
+        async with http.request(
+            method, f"{proxy.admin_url}{path}", headers=headers, data=body
+        ) as r:
+            await r.read()
+            return r.status, r.headers.get("WWW-Authenticate", "")
+
+    async def state() -> tuple[list[str], int, int]:
+        stats = await proxy.queue.stats()
+        return [e["id"] for e in await proxy.stored_events()], stats.dead, stats.pending
+
+    before = await state()
+    for (method, pattern), (group, path, body) in policy.items():
+        for other, scope in SCOPE_OF.items():
+            if other is group:
+                continue
+            status, challenge = await call(method, path, body, scope)
+            assert status == 403, (method, pattern, scope)
+            assert 'error="insufficient_scope"' in challenge, (method, pattern, scope)
+    assert await state() == before, "a refused request changes nothing"
+    assert before[1] == 1
+    for (method, pattern), (group, path, body) in policy.items():
+        status, _ = await call(method, path, body, SCOPE_OF[group])
+        assert status < 300, (method, pattern, status)
+    assert (await proxy.queue.stats()).dead == 0, "the right scope retried the dead letter"

@@ -6,6 +6,7 @@ CDR's /audit-log parameters, and stores from before the search index."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from proxy.admin.access import is_admin_access
 from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
@@ -27,6 +29,8 @@ from tests.factories import (
     StartProxy,
     audit_event,
     new_patient,
+    patient_refs,
+    profile,
     unsigned_jwt,
 )
 
@@ -140,6 +144,30 @@ async def test_elements_summary_count_and_aidbox_sort(
     bad = await fetch(http, f"{admin}/fhir/AuditEvent?_summary=text", 400)
     assert bad["resourceType"] == "OperationOutcome"
     await fetch(http, f"{admin}/fhir/AuditEvent?_cursor=zzz", 400)
+
+
+async def test_counting_a_patients_events_is_a_read_of_them_audited_as_such(
+    traffic: Traffic, http: aiohttp.ClientSession
+) -> None:
+    """``_summary=count&patient=X`` discloses how many events X has: when it finds any, it
+    commits an admin-access PatientQuery naming X, as the search returning them would;
+    when it finds none, nothing (as an empty page is not recorded)."""
+    admin = traffic.proxy.admin_url
+
+    async def access_events() -> list[dict[str, Any]]:
+        return [e for e in await traffic.proxy.stored_events() if is_admin_access(e)]
+
+    count = await fetch(http, f"{admin}/fhir/AuditEvent?_summary=count&patient={traffic.patient}")
+    assert count["total"] == 4 and count["entry"] == []
+    (access,) = await access_events()
+    assert access["subtype"][0]["code"] == "search-type"
+    assert profile(access) == "PatientQuery"
+    assert patient_refs(access) == [traffic.patient]
+    query = next(e for e in access["entity"] if e.get("role", {}).get("code") == "24")
+    assert "_summary=count" in base64.b64decode(query["query"]).decode()
+    none = await fetch(http, f"{admin}/fhir/AuditEvent?_summary=count&patient=Patient/nobody")
+    assert none["total"] == 0
+    assert await access_events() == [access], "a count that finds nothing discloses nothing"
 
 
 async def test_keyset_links_walk_forward_and_back(
