@@ -374,8 +374,9 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._in_head = False
         """A request's head has begun to arrive and is not whole yet."""
-        self._head_timer: asyncio.TimerHandle | None = None
-        """Answers 408 when the head being received is not whole in time."""
+        self.head_started = 0.0
+        """When the head being received began to arrive (``loop.time()``), while
+        ``_in_head``: the listener's sweep answers 408 to one not whole in time."""
         self._active: ClientRequest | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: deque[ClientRequest] = deque()
@@ -404,7 +405,6 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._cancel_head_timer()
         self.listener.connections.discard(self)
         gone = BodyBrokenOff("the client closed the connection")
         for request in (self._parsing, self._active):
@@ -464,9 +464,7 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._raw_headers = []
         self._head_size = 0
-        self._head_timer = self.loop.call_later(
-            self.listener.header_timeout_s, self._head_timed_out
-        )
+        self.head_started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -484,7 +482,6 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._cancel_head_timer()
         parser = self._parser
         target = self._url.decode("utf-8", "surrogateescape")
         if "#" in target:
@@ -537,16 +534,14 @@ class HttpConnection(asyncio.Protocol):
 
     # a head that does not arrive
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def head_late(self, horizon: float) -> bool:
+        """Whether a head is arriving that began before ``horizon`` (``loop.time()``)."""
+        return self._in_head and self.head_started < horizon and not self._closed
 
-    def _head_timed_out(self) -> None:
+    def head_timed_out(self) -> None:
         """Answer 408 to a head not whole in time, and close. Nothing of it was
         identified (no request line and headers to audit): it is logged, not audited.
         Behind a request still being answered, the connection closes after that answer."""
-        self._head_timer = None
         if not self._in_head or self._closed:
             return
         self._in_head = False
@@ -861,21 +856,27 @@ class Listener:
         self.body_timeout_s = body_timeout_s
         self.connections: set[HttpConnection] = set()
         self.closing = False
-        self._sweeper = self.loop.call_later(keepalive_s / 4, self._sweep)
+        self._sweep_every_s = min(keepalive_s, header_timeout_s) / 4
+        self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep)
 
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)
 
     def _sweep(self) -> None:
-        """Close the connections idle past ``keepalive_s`` (one timer for all of them)."""
-        horizon = self.loop.time() - self.keepalive_s
+        """Answer 408 to the heads not whole ``header_timeout_s`` after they began, and
+        close the connections idle past ``keepalive_s`` (one timer for all of them)."""
+        now = self.loop.time()
+        idle_horizon = now - self.keepalive_s
+        head_horizon = now - self.header_timeout_s
         for conn in list(self.connections):
-            if conn.idle_since < horizon and conn._active is None:
+            if conn.head_late(head_horizon):
+                conn.head_timed_out()
+            elif conn.idle_since < idle_horizon and conn._active is None:
                 conn.close_after = True
                 if conn.transport is not None:
                     conn.transport.close()
         if not self.closing:
-            self._sweeper = self.loop.call_later(self.keepalive_s / 4, self._sweep)
+            self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep)
 
     def pre_shutdown(self) -> None:
         """The listening sockets are closed: no new request starts; idle connections close."""

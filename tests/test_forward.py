@@ -551,7 +551,7 @@ async def test_admin_lists_recent_events_and_is_healthy(
 # --- hardening ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT", "MKCOL", "LOCK"])
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT", "MKCOL", "LOCK", "PURGE"])
 async def test_a_method_outside_the_fhir_api_is_refused_405_and_audited(
     echo_upstream: tuple[str, list[dict[str, Any]]], start_proxy: StartProxy, method: str
 ) -> None:

@@ -139,7 +139,8 @@ async def test_an_allowed_path_outside_the_base_is_forwarded_and_audited(
             1024,
         ),
         ("DELETE", "Patient//x1", None, None),
-        ("PURGE", "Patient/x1", None, None),
+        # a PATCH no FHIR interaction matches: UNKNOWN (a PURGE is refused, never forwarded)
+        ("PATCH", "Patient/x1/not/an/interaction", b"[]", None),
         ("POST", "Patient/_search", b"name=x", None),
     ],
 )
