@@ -270,6 +270,21 @@ def audit_event(n: int, **extra: Any) -> dict[str, Any]:
     }
 
 
+def guide_event(**extra: Any) -> dict[str, Any]:
+    """The single AuditEvent of Auditbox's ingestion guide: what an application beside the
+    FHIR server submits through the admin API."""
+    return {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
+        "action": "E",
+        "recorded": "2026-01-16T16:03:16Z",
+        "outcome": "0",
+        "agent": [{"requestor": True, "altId": "user@example.com"}],
+        "source": {"observer": {"display": "My System"}},
+        **extra,
+    }
+
+
 def queued_event(
     n: int, *, patient: str | None = None, user: str = "u", **extra: Any
 ) -> dict[str, Any]:

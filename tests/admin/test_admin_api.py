@@ -25,6 +25,7 @@ from tests.factories import (
     RunningProxy,
     StartProxy,
     audit_event_pages,
+    guide_event,
     serving,
     unsigned_jwt,
 )
@@ -312,15 +313,7 @@ async def test_admin_answers_are_neither_sniffed_nor_kept_nor_framed_nor_pointed
         async with http.get(f"{proxy.url}/metadata") as r:
             assert r.status == 200
     evil = AUTH | {"Host": "evil.example"}
-    event = {
-        "resourceType": "AuditEvent",
-        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
-        "action": "E",
-        "recorded": "2026-01-16T16:03:16Z",
-        "outcome": "0",
-        "agent": [{"requestor": True, "altId": "app"}],
-        "source": {"observer": {"display": "My System"}},
-    }
+    event = guide_event()
     for proxy, base in ((plain, plain.admin_url), (public, "https://audit.example.org")):
         async with http.get(f"{proxy.admin_url}/fhir/AuditEvent?_count=1", headers=evil) as r:
             assert r.status == 200

@@ -33,6 +33,7 @@ from tests.factories import (
     SigningKey,
     StartProxy,
     free_port,
+    guide_event,
     serving,
 )
 
@@ -88,15 +89,7 @@ async def secured(
         yield Secured(proxy, idp, forger)
 
 
-EVENT = {
-    "resourceType": "AuditEvent",
-    "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
-    "action": "E",
-    "recorded": "2026-01-16T16:03:16Z",
-    "outcome": "0",
-    "agent": [{"requestor": True, "altId": "user@example.com"}],
-    "source": {"observer": {"display": "My System"}},
-}
+EVENT = guide_event()
 GROUPS: dict[str, tuple[str, str, str, int]] = {
     "read": ("GET", "/fhir/AuditEvent", "audit.read", 200),
     "write": ("POST", "/fhir/AuditEvent", "audit.write", 201),
