@@ -33,6 +33,7 @@ from proxy.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
 from proxy.listener import ClientRequest, Handler, RefusalHook, serve_on
 from proxy.settings import Settings
 from proxy.store.queue import AuditQueue
+from proxy.store.records import QueueStats
 from proxy.store.shards import ShardedStore, existing_shard_opener
 from proxy.store.writer import StoreError, database_budget
 from proxy.tasks import running
@@ -69,6 +70,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.store_shards()[app[WORKER]],
         max_bytes=settings.store.max_bytes,
         commit_batch_max=settings.store.commit_batch_max,
+        on_commit=telemetry.observe_store_commit,
     )
     app[QUEUE] = queue
     app[ABANDONED_INTENTS] = {}
@@ -369,7 +371,11 @@ async def _admin_listener(
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     worker = app[WORKER] if settings.workers > 1 else None
-    async for _ in telemetry.telemetry_ctx(app, settings.telemetry, lambda: app[QUEUE], worker):
+
+    async def queue_stats() -> QueueStats:
+        return await app[QUEUE].stats()
+
+    async for _ in telemetry.telemetry_ctx(app, settings.telemetry, queue_stats, worker):
         yield
 
 

@@ -32,7 +32,7 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -83,8 +83,6 @@ if TYPE_CHECKING:
     from proxy.exchange import Exchange
     from proxy.listener import ClientRequest
     from proxy.settings import TelemetrySettings
-    from proxy.store.queue import AuditQueue
-    from proxy.store.records import QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -921,13 +919,28 @@ class Telemetry:
         self.meter_provider.shutdown()
 
 
-async def refresh_queue_gauges(queue: AuditQueue) -> None:
-    """Set the queue-depth gauge from the store (the admin ``/metrics`` does this on each
-    scrape; pushed metrics need it on a timer)."""
-    set_queue_gauges(await queue.stats(), time.time())
+def observe_store_commit(seconds: float, records: int) -> None:
+    """Record one group commit of the store: the writer's time on it and the records it
+    wrote (the store's commit engine calls this, as ``app.py`` wires it)."""
+    STORE_COMMIT_SECONDS.observe(seconds)
+    STORE_COMMIT_SIZE.observe(records)
 
 
-def set_queue_gauges(stats: QueueStats, now: float) -> None:
+class QueueDepth(Protocol):
+    """What the queue gauges read: the counts of the store's ``stats()``."""
+
+    @property
+    def pending(self) -> int: ...
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def dead(self) -> int: ...
+    @property
+    def oldest_pending_recorded(self) -> float | None:
+        """``recorded`` (POSIX time) of the oldest undelivered event, or None."""
+
+
+def set_queue_gauges(stats: QueueDepth, now: float) -> None:
     """Set the queue-depth and oldest-pending-age gauges from one ``stats()`` read;
     ``now`` is POSIX time."""
     for status in ("pending", "delivered", "dead"):
@@ -942,13 +955,14 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)
 async def telemetry_ctx(
     app: web.Application,
     settings: TelemetrySettings,
-    queue: Callable[[], AuditQueue],
+    queue_stats: Callable[[], Awaitable[QueueDepth]],
     worker: int | None = None,
 ) -> AsyncIterator[None]:
     """The body of the app's telemetry ``cleanup_ctx``: start (a :class:`Telemetry` already
     in ``app[TELEMETRY]`` is used as it is), keep the gauges fresh while exporting, then
-    flush and stop. ``queue`` gives the store (this worker's shard) once it is open;
-    ``worker`` is this process's index when the proxy runs several."""
+    flush and stop. ``queue_stats`` reads this worker's store (it may fail while the store
+    is not open yet: the gauges then wait for the next round); ``worker`` is this
+    process's index when the proxy runs several."""
     telemetry = app.get(TELEMETRY) or Telemetry(settings, worker=worker)
     app[TELEMETRY] = telemetry
     telemetry.start()
@@ -959,7 +973,7 @@ async def telemetry_ctx(
         while True:
             await asyncio.sleep(settings.metric_export_interval_s / 2)
             with contextlib.suppress(Exception):
-                await refresh_queue_gauges(queue())
+                set_queue_gauges(await queue_stats(), time.time())
 
     try:
         if settings.otlp_endpoint:

@@ -40,7 +40,15 @@ from proxy.store.records import (
     member_id,
 )
 from proxy.store.search import SearchSql
-from proxy.store.writer import Append, CommitEngine, StoreError, StoreFull, is_full, used_bytes
+from proxy.store.writer import (
+    Append,
+    CommitEngine,
+    CommitReport,
+    StoreError,
+    StoreFull,
+    is_full,
+    used_bytes,
+)
 from proxy.store.writer_process import connect, load_codec
 
 log = logging.getLogger(__name__)
@@ -89,11 +97,13 @@ class AuditQueue:
         commit_batch_max: int = 512,
         create: bool = True,
         start_writer: bool = True,
+        on_commit: CommitReport | None = None,
     ) -> AuditQueue:
         """Open (creating and migrating) the store at ``path`` and start the writer.
         With ``create=False`` (commands that only read or tidy a store) a missing store is
         a :class:`StoreError` instead of a new empty one; with ``start_writer=False`` the
-        writer process starts at the first append, if one comes."""
+        writer process starts at the first append, if one comes. ``on_commit`` is told of
+        every group commit (the proxy's metrics)."""
         path = Path(path)
         if not create and not path.is_file():
             raise StoreError(
@@ -111,7 +121,11 @@ class AuditQueue:
             raise StoreError(f"cannot open the audit store at {path}: {exc}") from exc
         try:
             engine = await CommitEngine.start(
-                path, max_bytes=max_bytes, batch_max=commit_batch_max, start_writer=start_writer
+                path,
+                max_bytes=max_bytes,
+                batch_max=commit_batch_max,
+                start_writer=start_writer,
+                on_commit=on_commit,
             )
         except BaseException:
             reader.close()

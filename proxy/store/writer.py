@@ -23,11 +23,11 @@ import os
 import pickle
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy import telemetry
 from proxy.store.records import Capture, EventRow, FanOut, events_in
 from proxy.store.writer_process import (
     FRAME,
@@ -74,6 +74,10 @@ _WRITER_MAIN = (
 START_TIMEOUT_S = 60.0
 """How long a new writer process may take to open the store."""
 
+CommitReport = Callable[[float, int], None]
+"""Told of each group commit, on the event loop: the seconds the writer spent on it and
+the records (events and intents) it wrote. It must not raise."""
+
 
 @dataclass(eq=False)
 class Append:
@@ -118,9 +122,12 @@ class _WriterLink(asyncio.Protocol):
 class CommitEngine:
     """Group commits of appends, intents and captures, made by one writer process."""
 
-    def __init__(self, path: Path, *, max_bytes: int, batch_max: int) -> None:
+    def __init__(
+        self, path: Path, *, max_bytes: int, batch_max: int, on_commit: CommitReport | None
+    ) -> None:
         """Use :meth:`start`."""
         self._path = path
+        self._on_commit = on_commit
         self._max_bytes = max_bytes
         self._batch_max = batch_max
         self._loop = asyncio.get_running_loop()
@@ -147,13 +154,20 @@ class CommitEngine:
 
     @classmethod
     async def start(
-        cls, path: Path, *, max_bytes: int, batch_max: int, start_writer: bool = True
+        cls,
+        path: Path,
+        *,
+        max_bytes: int,
+        batch_max: int,
+        start_writer: bool = True,
+        on_commit: CommitReport | None = None,
     ) -> CommitEngine:
         """The engine for a store that exists, migrated, with its writer process running:
         a :class:`StoreError` when the writer cannot open the store. With
         ``start_writer=False`` the writer starts at the first append (for a store that is
-        mostly read, as the admin API reads other workers' shards)."""
-        engine = cls(path, max_bytes=max_bytes, batch_max=batch_max)
+        mostly read, as the admin API reads other workers' shards). ``on_commit`` is told
+        of every group commit."""
+        engine = cls(path, max_bytes=max_bytes, batch_max=batch_max, on_commit=on_commit)
         if start_writer:
             await engine._start_writer()
         return engine
@@ -213,8 +227,8 @@ class CommitEngine:
         assert batch is not None
         self.commits += 1
         self.commit_seconds += seconds
-        telemetry.STORE_COMMIT_SECONDS.observe(seconds)
-        telemetry.STORE_COMMIT_SIZE.observe(size)
+        if self._on_commit is not None:
+            self._on_commit(seconds, size)
         self._resolve(batch, results)
         # The callers just released are about to append again (under load they are most
         # of the traffic). Start the next commit once half as many are waiting, rather
