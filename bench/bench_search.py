@@ -30,9 +30,11 @@ from proxy.audit.balp import AuditContext, build_events
 from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
+from proxy.store.codec import BodyCodec
+from proxy.store.database import connect, load_codec
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
-from proxy.store.writer_process import _insert_events_sql, connect
+from proxy.store.tables import insert_events_sql
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STEP_S = 2.0
@@ -40,7 +42,7 @@ STEP_S = 2.0
 
 
 def build_rows(
-    queue: AuditQueue, start: int, count: int, users: int, patients: int
+    codec: BodyCodec, start: int, count: int, users: int, patients: int
 ) -> list[tuple[object, ...]]:
     ctx = AuditContext.default()
     rows: list[tuple[object, ...]] = []
@@ -68,7 +70,7 @@ def build_rows(
         for built in build_events(exchange, ctx, now):
             # The writer process compresses bodies at commit; this fill bypasses it.
             row = built.row
-            (body,) = queue._codec.compress_many([row.body])
+            (body,) = codec.compress_many([row.body])
             rows.append((None, None, *row._replace(body=body)))  # seq and fan: SQLite's
     return rows
 
@@ -78,12 +80,13 @@ async def fill(queue: AuditQueue, path: Path, total: int, users: int, patients: 
     if existing >= total:
         return 0.0
     conn = connect(path, False, 1 << 40)  # a writer of its own, beside the queue's
+    codec = load_codec(conn)
     t = time.perf_counter()
     chunk = 20_000
     for start in range(existing, total, chunk):
-        rows = build_rows(queue, start, min(chunk, total - start), users, patients)
+        rows = build_rows(codec, start, min(chunk, total - start), users, patients)
         conn.execute("BEGIN")
-        conn.executemany(_insert_events_sql(1), rows)
+        conn.executemany(insert_events_sql(1), rows)
         conn.execute("COMMIT")
         print(f"  {start + len(rows):>9} events", end="\r", file=sys.stderr, flush=True)
     conn.close()

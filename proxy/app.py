@@ -32,10 +32,11 @@ from proxy.delivery.sinks import make_sink
 from proxy.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
 from proxy.listener import ClientRequest, Handler, RefusalHook, serve_on
 from proxy.settings import Settings
+from proxy.store.database import database_budget
+from proxy.store.faces import AdminStore, StoreError
 from proxy.store.queue import AuditQueue
 from proxy.store.records import QueueStats
 from proxy.store.shards import ShardedStore, existing_shard_opener
-from proxy.store.writer import StoreError, database_budget
 from proxy.tasks import running
 from proxy.upstream import UpstreamPool
 
@@ -327,7 +328,7 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[WORKER] != 0:
         yield
         return
-    store: AuditQueue | ShardedStore = app[QUEUE]
+    store: AdminStore = app[QUEUE]
     if settings.workers > 1:
         store = ShardedStore(
             settings.store_shards(),
@@ -342,13 +343,12 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
             await store.close()
 
 
-async def _admin_listener(
-    app: web.Application, store: AuditQueue | ShardedStore
-) -> AsyncIterator[None]:
+async def _admin_listener(app: web.Application, store: AdminStore) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     admin = build_admin_app(
         store,
         settings.admin,
+        writer=app[QUEUE],
         fhir_version=settings.audit.fhir_version,
         audit_context=app[AUDIT_CONTEXT],
         readiness=_readiness(app, store if isinstance(store, ShardedStore) else None),

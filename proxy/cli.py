@@ -9,6 +9,7 @@ time); the traceback follows only with ``--debug`` or ``log_level: DEBUG``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import logging
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -39,8 +40,7 @@ from proxy.settings import (
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.store.queue import AuditQueue
-    from proxy.store.shards import ShardedStore
+    from proxy.store.faces import AdminStore
 
 # aiohttp, uvloop and the store are imported where they are used: `--help`, `--version` and
 # `check-config` answer in a third of the time without them.
@@ -160,7 +160,7 @@ def serve(settings: Settings, *, banner: str | None = None, worker: int = 0) -> 
     import uvloop
     from aiohttp import web
 
-    from proxy.store.writer import StoreError
+    from proxy.store.faces import StoreError
 
     def announce(_: str) -> None:
         # aiohttp calls this once every listener accepts connections (on_startup would be
@@ -325,27 +325,37 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _open_dlq_store(settings: Settings) -> AuditQueue | ShardedStore:
-    """The store the ``dlq`` commands read: ``store.path``, or with several workers every
-    shard that exists, as one store (seqs are then global: see proxy/store/shards.py)."""
+@contextlib.asynccontextmanager
+async def _dlq_store(settings: Settings) -> AsyncIterator[AdminStore]:
+    """The store the ``dlq`` commands read, open while in use: ``store.path``, or with
+    several workers every shard that exists, as one store (seqs are then global: see
+    proxy/store/shards.py)."""
+    from proxy.store.faces import StoreError
     from proxy.store.shards import ShardedStore, existing_shard_opener
-    from proxy.store.writer import StoreError
 
     open_shard = existing_shard_opener(settings.store)
     shards = settings.store_shards()
     if len(shards) == 1:
-        return await open_shard(shards[0])
+        queue = await open_shard(shards[0])
+        try:
+            yield queue
+        finally:
+            await queue.close()
+        return
     if not any(path.is_file() for path in shards):
         raise StoreError(
             f"no audit store shard at {', '.join(map(str, shards))}: check store.path and"
             " workers in the configuration given with -c/--config (or $FHIR_AUDIT_CONFIG)"
         )
-    return ShardedStore(shards, opened={}, open_shard=open_shard)
+    store = ShardedStore(shards, opened={}, open_shard=open_shard)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
-    queue = await _open_dlq_store(settings)
-    try:
+    async with _dlq_store(settings) as queue:
         if args.dlq_command == "list":
             items = await queue.list_dead(limit=args.limit)
             for item in items:
@@ -374,8 +384,6 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
                 count += done
                 print(f"requeued {count} of {total} event(s)", file=sys.stderr, flush=True)
             sys.stdout.write(f"requeued {count} event(s)\n")
-    finally:
-        await queue.close()
     return 0
 
 
@@ -388,7 +396,7 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import uvloop
 
-    from proxy.store.writer import StoreError
+    from proxy.store.faces import StoreError
 
     settings = load(args)
     configure_logging(settings)  # a store migration run on open logs its progress

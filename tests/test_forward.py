@@ -17,7 +17,7 @@ from yarl import URL
 
 from proxy.audit.validate import validate_event
 from proxy.forward import client_address, relative_path
-from proxy.store.writer import StoreError
+from proxy.store.faces import StoreError
 from tests.factories import (
     FHIR,
     NodeFhirServer,

@@ -199,10 +199,10 @@ async def test_no_response_without_a_durable_audit_store_is_fsynced_wal(
     async with http.get(f"{proxy.url}/Patient/1") as r:
         assert r.status == 200
     store = str(_store_path(proxy).resolve())  # sqlite reports absolute paths
-    # The connections the running queue holds (gc.get_objects cannot see them: the app
+    # The connections the running queue's shard holds (gc.get_objects cannot see them: the app
     # freezes its start-up objects out of the collector's sight).
     live: list[sqlite3.Connection] = []
-    for obj in vars(proxy.queue).values():
+    for obj in vars(proxy.queue._shard).values():
         if not isinstance(obj, sqlite3.Connection):
             continue
         databases = obj.execute("PRAGMA database_list").fetchall()
@@ -211,7 +211,7 @@ async def test_no_response_without_a_durable_audit_store_is_fsynced_wal(
     assert live, "the reader's connection"
     pragmas = ("PRAGMA journal_mode", "PRAGMA synchronous")
     settings = [tuple(conn.execute(p).fetchone()[0] for p in pragmas) for conn in live]
-    engine = proxy.queue._engine
+    engine = proxy.queue.engine
     assert engine.writer_pid is not None and engine.writer_pid != os.getpid()
     assert engine.writer_settings is not None
     settings.append(engine.writer_settings)

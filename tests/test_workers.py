@@ -302,7 +302,7 @@ async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shar
 
 async def _fill(shard: Path, max_bytes: int) -> None:
     """Fill a shard until its store refuses: full, as a worker's busy shard gets."""
-    from proxy.store.writer import StoreFull
+    from proxy.store.faces import StoreFull
     from tests.factories import audit_event
 
     queue = await AuditQueue.open(shard, max_bytes=max_bytes)

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin.auth import AdminCaller
-from proxy.admin.keys import AUDIT_CONTEXT, CALLER, QUEUE
+from proxy.admin.keys import AUDIT_CONTEXT, CALLER, WRITER
 from proxy.admin.links import public_base
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.exchange import Exchange
@@ -114,4 +114,4 @@ async def record_access(
         ctx=request.app[AUDIT_CONTEXT],
         now=datetime.now(UTC),
     )
-    await request.app[QUEUE].append_rows(store_rows(built))
+    await request.app[WRITER].append_rows(store_rows(built))

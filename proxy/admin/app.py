@@ -20,10 +20,11 @@ from proxy.admin.keys import (
     AUDIT_CONTEXT,
     CALLER,
     FHIR_VERSION,
-    QUEUE,
     READINESS,
     SETTINGS,
+    STORE,
     VALIDATION,
+    WRITER,
 )
 from proxy.admin.server import guard
 from proxy.audit.balp import AuditContext
@@ -31,7 +32,7 @@ from proxy.audit.identity import JwksCache
 from proxy.audit.validate import ValidationPool
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.settings import AdminSettings, IdentitySettings
-from proxy.store.writer import StoreError, StoreFull
+from proxy.store.faces import AdminStore, EventWriter, StoreError, StoreFull
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -122,20 +123,23 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_admin_app(
-    queue: Any,
+    store: AdminStore,
     settings: AdminSettings,
     *,
+    writer: EventWriter,
     fhir_version: str = "R4",
     audit_context: AuditContext | None = None,
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> web.Application:
-    """The admin application over ``queue`` (an ``AuditQueue``). Raises
+    """The admin application over ``store`` (one shard or every shard as one), appending
+    to ``writer`` (its worker's shard). Raises
     :class:`~proxy.admin.auth.AdminExposed` for a non-loopback listener with no
     authentication."""
     check_exposure(settings)
     app = web.Application(middlewares=[_authenticate])
     app.on_response_prepare.append(_security_headers)
-    app[QUEUE] = queue
+    app[STORE] = store
+    app[WRITER] = writer
     app[SETTINGS] = settings
     app[FHIR_VERSION] = fhir_version
     app[AUDIT_CONTEXT] = audit_context or AuditContext.default()

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.access import discloses, record_access
-from proxy.admin.keys import QUEUE
+from proxy.admin.keys import STORE
 from proxy.admin.query import BadQuery, parse_count, parse_instant
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.store.records import EventQuery, QueuedEvent
@@ -102,7 +102,7 @@ async def audit_log(request: web.Request) -> web.Response:
         limit=page_size,
         offset=page_index * page_size,
     )
-    page, total = await request.app[QUEUE].search(query)
+    page, total = await request.app[STORE].search(query)
     if discloses(page):
         await record_access(request, search=list(params.items()))
     return _json(
@@ -116,7 +116,7 @@ async def audit_log(request: web.Request) -> web.Response:
 
 
 async def audit_log_event(request: web.Request) -> web.Response:
-    item = await request.app[QUEUE].get_event(request.match_info["id"])
+    item = await request.app[STORE].get_event(request.match_info["id"])
     if item is None:
         return outcome_response(404, "not-found", "no such audit event")
     if discloses([item]):
@@ -126,7 +126,7 @@ async def audit_log_event(request: web.Request) -> web.Response:
         body["body"] = item.event
         request_id = _request_id(item.event)
         capture = (
-            await request.app[QUEUE].get_capture(request_id) if request_id is not None else None
+            await request.app[STORE].get_capture(request_id) if request_id is not None else None
         )
         body["capturedBodies"] = (
             {"request": _shown(capture.request), "response": _shown(capture.response)}
@@ -167,7 +167,7 @@ async def dlq_list(request: web.Request) -> web.Response:
         limit = parse_count(request.query.get("limit"), "limit", 100) or 100
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
-    dead = await request.app[QUEUE].list_dead(limit)
+    dead = await request.app[STORE].list_dead(limit)
     if discloses(dead):  # dead letters are events of the trail too
         await record_access(request, search=list(request.query.items()))
     return _json([{"seq": d.seq, **summary(d)} for d in dead])
@@ -187,5 +187,5 @@ async def dlq_retry(request: web.Request) -> web.Response:
                 seqs = raw
         except ValueError:
             return outcome_response(400, "invalid", 'body must be {"seqs": [integers]} or empty')
-    count = await request.app[QUEUE].requeue_dead(seqs)
+    count = await request.app[STORE].requeue_dead(seqs)
     return _json({"requeued": count})

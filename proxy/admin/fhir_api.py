@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.access import discloses, record_access
-from proxy.admin.keys import FHIR_VERSION, QUEUE
+from proxy.admin.keys import FHIR_VERSION, STORE
 from proxy.admin.links import public_base
 from proxy.admin.query import BadQuery, date_bounds, parse_count
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
@@ -151,7 +151,7 @@ async def search(request: web.Request) -> web.Response:
         query, echo = event_query(request.query)
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
-    page = await request.app[QUEUE].search_page(query)
+    page = await request.app[STORE].search_page(query)
     if discloses(page.items) or (query.limit == 0 and page.total):
         await record_access(request, search=echo)
     base = f"{public_base(request)}/fhir"
@@ -193,7 +193,7 @@ async def search(request: web.Request) -> web.Response:
 
 async def read(request: web.Request) -> web.Response:
     event_id = request.match_info["id"]
-    item = await request.app[QUEUE].get_event(event_id)
+    item = await request.app[STORE].get_event(event_id)
     if item is None:
         return outcome_response(
             404, "not-found", f"AuditEvent/{event_id} is not in the local store"

@@ -10,8 +10,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import telemetry
-from proxy.admin.keys import QUEUE, READINESS
-from proxy.store.writer import StoreError
+from proxy.admin.keys import READINESS, STORE
+from proxy.store.faces import StoreError
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -23,7 +23,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when the store answers and the app's own checks (upstream, space) pass."""
     app = request.app
     try:
-        await app[QUEUE].stats()
+        await app[STORE].stats()
     except StoreError as exc:
         return web.json_response({"ready": False, "checks": {"store": str(exc)}}, status=503)
     report = await app[READINESS]() if READINESS in app else {"ready": True, "checks": {}}
@@ -39,7 +39,7 @@ async def metrics(request: web.Request) -> web.Response:
     store."""
     # on a store error the counters still tell the story; readiness reports the store
     with contextlib.suppress(StoreError):
-        telemetry.set_queue_gauges(await request.app[QUEUE].stats(), time.time())
+        telemetry.set_queue_gauges(await request.app[STORE].stats(), time.time())
     return web.Response(
         body=generate_latest(telemetry.REGISTRY),
         headers={"Content-Type": CONTENT_TYPE_LATEST},

@@ -54,7 +54,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.admin.access import ADMIN_ACCESS_TAG
-from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, QUEUE, SETTINGS, VALIDATION
+from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, SETTINGS, VALIDATION, WRITER
 from proxy.admin.links import public_base
 from proxy.audit.ids import new_event_id
 from proxy.audit.validate import validate_event
@@ -336,7 +336,7 @@ async def post_audit_event(request: web.Request) -> web.Response:
         return outcome_response(400, "invalid", f"AuditEvent: {problem}")
     now = datetime.now(UTC)
     event = _stamped(resource, _submitter(request), now)
-    await request.app[QUEUE].append_rows(_rows([event], now))
+    await request.app[WRITER].append_rows(_rows([event], now))
     base = f"{public_base(request)}/fhir"
     return _fhir(event, 201, _entry_headers(base, event))
 
@@ -408,7 +408,7 @@ async def post_bundle(request: web.Request) -> web.Response:
         if i not in problems
     }
     if stored:
-        await request.app[QUEUE].append_rows(_rows(list(stored.values()), now))
+        await request.app[WRITER].append_rows(_rows(list(stored.values()), now))
     base = f"{public_base(request)}/fhir"
     if kind == "collection":
         answer = {

@@ -10,12 +10,15 @@ from aiohttp import web
 from proxy.audit.balp import AuditContext
 from proxy.audit.validate import ValidationPool
 from proxy.settings import AdminSettings
-from proxy.store.queue import AuditQueue
+from proxy.store.faces import AdminStore, EventWriter
 
 if TYPE_CHECKING:
     from proxy.admin.auth import AdminCaller
 
-QUEUE = web.AppKey("queue", AuditQueue)
+STORE: web.AppKey[AdminStore] = web.AppKey("store")
+"""The store the admin API reads (every shard as one) and requeues dead letters in."""
+WRITER: web.AppKey[EventWriter] = web.AppKey("store_writer")
+"""Where the admin API appends (ingested events, access records): its worker's shard."""
 FHIR_VERSION = web.AppKey("fhir_version", str)
 AUDIT_CONTEXT = web.AppKey("audit_context", AuditContext)
 SETTINGS = web.AppKey("admin_settings", AdminSettings)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.admin.keys import QUEUE
+from proxy.admin.keys import STORE
 
 STATIC = Path(__file__).resolve().parent / "static"
 FILES = {
@@ -43,7 +43,7 @@ async def redirect(request: web.Request) -> web.StreamResponse:
 
 async def queue_summary(request: web.Request) -> web.Response:
     """What the header strip shows: depth, oldest undelivered age, dead letters."""
-    queue = request.app[QUEUE]
+    queue = request.app[STORE]
     stats = await queue.stats()
     oldest = stats.oldest_pending_recorded
     return web.json_response(

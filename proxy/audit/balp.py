@@ -465,7 +465,7 @@ class BuiltEvent(NamedTuple):
 
     row: EventRow
     """The columns the store indexes, made from what the builder knows, and the event as
-    JSON: equal to what :func:`proxy.store.queue.event_row` reads back out of it."""
+    JSON: equal to what :func:`proxy.store.index.event_row` reads back out of it."""
 
     @property
     def event(self) -> dict[str, Any]:
@@ -793,20 +793,24 @@ def events_for(
             terms = _terms_json(patients, _entity_terms(main, r5), agents)
         return BuiltEvent(
             EventRow(
-                event_id,
-                recorded,
-                recorded_ts,
-                pattern.action,
-                code,
-                subtypes_column,
-                f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients)),
-                user_id,
-                body,
-                terms,
-                TYPE_REST["code"],
-                "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients),
-                ex.request_id,
-                recorded_ts,
+                event_id=event_id,
+                recorded=recorded,
+                recorded_ts=recorded_ts,
+                action=pattern.action,
+                outcome=code,
+                subtypes=subtypes_column,
+                patients=(
+                    f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients))
+                ),
+                user_id=user_id,
+                body=body,
+                terms=terms,
+                type_code=TYPE_REST["code"],
+                entity_types=(
+                    "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients)
+                ),
+                request_id=ex.request_id,
+                updated_ts=recorded_ts,
             )
         )
 
@@ -842,29 +846,29 @@ def events_for(
         # what they share serialized once, their ids one UUID numbered (member_id).
         shared_entities = orjson.dumps([main, transaction])[1:]
         fan = FanOut(
-            member_id(new_event_id(), 0),
-            patients,
-            head,
-            _PATIENT_ENTITY_PREFIX,
-            _PATIENT_ENTITY_SUFFIX
+            first_id=member_id(new_event_id(), 0),
+            patients=patients,
+            head=head,
+            before=_PATIENT_ENTITY_PREFIX,
+            tail=_PATIENT_ENTITY_SUFFIX
             + shared_entities
             + (_profile_meta_json(profile) if profile is not None else b"}"),
-            rest,
-            EventRow(
-                "",
-                recorded,
-                recorded_ts,
-                pattern.action,
-                code,
-                subtypes_column,
-                "",
-                user_id,
-                b"",
-                "",
-                TYPE_REST["code"],
-                _R4_ENTITY_TYPES[1],
-                ex.request_id,
-                recorded_ts,
+            terms_tail=rest,
+            columns=EventRow(
+                event_id="",
+                recorded=recorded,
+                recorded_ts=recorded_ts,
+                action=pattern.action,
+                outcome=code,
+                subtypes=subtypes_column,
+                patients="",
+                user_id=user_id,
+                body=b"",
+                terms="",
+                type_code=TYPE_REST["code"],
+                entity_types=_R4_ENTITY_TYPES[1],
+                request_id=ex.request_id,
+                updated_ts=recorded_ts,
             ),
         )
         return [FannedEvent(fan, i) for i in range(len(patients))]

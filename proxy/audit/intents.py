@@ -25,8 +25,7 @@ from proxy.audit.identity import Identity
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
-from proxy.store.queue import AuditQueue
-from proxy.store.writer import StoreError
+from proxy.store.faces import EventWriter, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def build_unknown_outcome_events(
 
 
 async def recover_intents(
-    queue: AuditQueue,
+    queue: EventWriter,
     ctx: AuditContext,
     now: datetime,
     *,

@@ -52,9 +52,8 @@ from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.fhir.patients import patients_in_resource
 from proxy.listener import ClientRequest
 from proxy.settings import IdentitySettings
-from proxy.store.queue import AuditQueue
+from proxy.store.faces import EventWriter, StoreError, StoreFull
 from proxy.store.records import Capture
-from proxy.store.writer import StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,7 @@ class AuditPipeline:
         *,
         policy: AuditPolicy,
         ctx: AuditContext,
-        queue: AuditQueue,
+        queue: EventWriter,
         jwks: JwksCache | None,
         intents_in_flight: set[int],
         abandoned_intents: dict[int, str],

@@ -25,9 +25,8 @@ from proxy.delivery.sinks import (
     Sink,
 )
 from proxy.settings import RepositorySettings
-from proxy.store.queue import AuditQueue
+from proxy.store.faces import DeliveryQueue, StoreError
 from proxy.store.records import QueuedEvent
-from proxy.store.writer import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class Flusher:
 
     def __init__(
         self,
-        queue: AuditQueue,
+        queue: DeliveryQueue,
         sink: Sink,
         settings: RepositorySettings,
         *,

@@ -21,12 +21,8 @@ from collections.abc import Sequence
 
 from proxy.store.codec import BodyCodec
 from proxy.store.records import EventRow, FanOut, member_id
+from proxy.store.tables import SELECT_ROW, SELECT_STATE, SPLIT_INSERT, DeliveryState
 
-_ROW = (
-    "event_id, recorded, recorded_ts, action, outcome, subtypes, patients, user_id, body,"
-    " terms, type_code, entity_types, request_id, updated_ts"
-)
-_STATE = "status, attempts, next_attempt_at, last_error, delivered_at"
 _SPAN_SCAN = 16
 """Seqs looked up by one range scan (rather than one lookup per row) while the span of
 the seqs named is at most this many times their number."""
@@ -36,7 +32,20 @@ def fan_of(event_id: str, patients: str, template: bytes) -> FanOut:
     """The fan-out of a stored row, enough of it to make its events' JSON
     (:meth:`FanOut.event`): its first id, ``patients`` column and decompressed body."""
     row = EventRow(
-        event_id, "", 0.0, None, None, "", patients, None, template, "", None, "", None, 0.0
+        event_id=event_id,
+        recorded="",
+        recorded_ts=0.0,
+        action=None,
+        outcome=None,
+        subtypes="",
+        patients=patients,
+        user_id=None,
+        body=template,
+        terms="",
+        type_code=None,
+        entity_types="",
+        request_id=None,
+        updated_ts=0.0,
     )
     return FanOut.from_stored(row)
 
@@ -105,18 +114,15 @@ def rows_for(conn: sqlite3.Connection, codec: BodyCodec, seqs: Sequence[int]) ->
 def split(conn: sqlite3.Connection, codec: BodyCodec, seq: int) -> None:
     """Replace the fan-out row ``seq`` by a row per event, each at its own seq, with the
     fan-out's delivery state."""
-    found = conn.execute(f"SELECT {_ROW}, fan, {_STATE} FROM events WHERE seq = ?", (seq,))
-    values = found.fetchone()
-    stored = EventRow(*values[:14])
+    stored = EventRow._make(conn.execute(SELECT_ROW, (seq,)).fetchone())
+    state = DeliveryState._make(conn.execute(SELECT_STATE, (seq,)).fetchone())
     fan = FanOut.from_stored(stored._replace(body=codec.decompress(stored.body)))
-    state = values[15:]
     conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
-    first = seq - values[14] + 1
+    first = seq - len(fan.patients) + 1
     rows = fan.rows()
     bodies = codec.compress_many([row.body for row in rows])
     conn.executemany(
-        f"INSERT INTO events (seq, {_ROW}, {_STATE})"
-        f" VALUES ({', '.join('?' * (1 + len(EventRow._fields) + len(state)))})",
+        SPLIT_INSERT,
         [
             (first + i, *row._replace(body=body), *state)
             for i, (row, body) in enumerate(zip(rows, bodies, strict=True))

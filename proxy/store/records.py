@@ -14,7 +14,14 @@ import orjson
 class EventRow(NamedTuple):
     """One AuditEvent as the store writes it: the columns it indexes, and the event as
     JSON. The builder makes it beside the event (it knows every value); events from
-    outside (ingest, tests) get it from :func:`proxy.store.queue.event_row`."""
+    outside (ingest, tests) get it from :func:`proxy.store.index.event_row`.
+
+    Its fields are the ``events`` table's columns that describe the event, declared here
+    once: the SQL that inserts and reads them (:mod:`proxy.store.tables`) and the message
+    to the writer process (:mod:`proxy.store.wire`) follow this declaration. Construct it
+    with keywords (or ``_replace``), never by position. A NamedTuple rather than a frozen
+    dataclass because one is made and pickled for every event on the request path, and
+    it is the named record cheapest to make and to send (``bench/RESULTS.md``)."""
 
     event_id: str
     recorded: str
@@ -70,24 +77,13 @@ class FanOut(NamedTuple):
 
     def row(self, index: int) -> EventRow:
         """The row of event ``index``."""
-        c = self.columns
         patient = self.patients[index]
         event_id, body = self.event(index)
-        return EventRow(
-            event_id,
-            c.recorded,
-            c.recorded_ts,
-            c.action,
-            c.outcome,
-            c.subtypes,
-            f"|{patient}|",
-            c.user_id,
-            body,
-            f"[{orjson.dumps('e:' + patient).decode()}{self.terms_tail}",
-            c.type_code,
-            c.entity_types,
-            c.request_id,
-            c.updated_ts,
+        return self.columns._replace(
+            event_id=event_id,
+            patients=f"|{patient}|",
+            body=body,
+            terms=f"[{orjson.dumps('e:' + patient).decode()}{self.terms_tail}",
         )
 
     def event(self, index: int) -> tuple[str, bytes]:
@@ -105,22 +101,11 @@ class FanOut(NamedTuple):
         patient in ``patients`` (in order), every event's terms in ``terms``, and as its
         body the three parts the events share, separated by NUL (which JSON text never
         holds unescaped). :meth:`from_stored` reads it back."""
-        c = self.columns
-        return EventRow(
-            self.first_id,
-            c.recorded,
-            c.recorded_ts,
-            c.action,
-            c.outcome,
-            c.subtypes,
-            "|" + "|".join(self.patients) + "|",
-            c.user_id,
-            b"\0".join((self.head, self.before, self.tail)),
-            _patient_terms(self.patients) + self.terms_tail,
-            c.type_code,
-            c.entity_types,
-            c.request_id,
-            c.updated_ts,
+        return self.columns._replace(
+            event_id=self.first_id,
+            patients="|" + "|".join(self.patients) + "|",
+            body=b"\0".join((self.head, self.before, self.tail)),
+            terms=_patient_terms(self.patients) + self.terms_tail,
         )
 
     @classmethod
@@ -128,8 +113,15 @@ class FanOut(NamedTuple):
         """The fan-out whose :meth:`stored` row is ``row`` (its body decompressed)."""
         patients = tuple(row.patients[1:-1].split("|"))
         head, before, tail = row.body.split(b"\0")
-        tail_terms = row.terms[len(_patient_terms(patients)) :]
-        return cls(row.event_id, patients, head, before, tail, tail_terms, row)
+        return cls(
+            first_id=row.event_id,
+            patients=patients,
+            head=head,
+            before=before,
+            tail=tail,
+            terms_tail=row.terms[len(_patient_terms(patients)) :],
+            columns=row,
+        )
 
 
 def _patient_terms(patients: Sequence[str]) -> str:
@@ -163,7 +155,7 @@ class EventStatus(StrEnum):
     """Rejected by the repository (4xx after bisection); waits for ``dlq retry``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueuedEvent:
     """One AuditEvent in the queue, with its delivery bookkeeping."""
 
@@ -186,7 +178,7 @@ class QueuedEvent:
     """``recorded`` as a POSIX timestamp, as the queue orders and pages by it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Intent:
     """A state-changing request committed before it was forwarded."""
 
@@ -195,10 +187,11 @@ class Intent:
     summary: dict[str, Any]
     """What ``proxy.audit.intents.intent_summary`` recorded (no secrets); opaque to the store."""
     reason: str | None = None
-    """Why the request abandoned it, when noted (:meth:`AuditQueue.note_intent_reasons`)."""
+    """Why the request abandoned it, when noted
+    (:meth:`~proxy.store.faces.EventWriter.note_intent_reasons`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     pending: int
     delivered: int
@@ -223,7 +216,7 @@ Cursor = tuple[float, int]
 """A keyset position: (recorded time, seq) for RECORDED, (0.0, seq) for STORED."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EventQuery:
     """A search over stored events (the admin API). Every filter given must hold."""
 
@@ -269,7 +262,7 @@ class EventQuery:
     """Whether to count every match (``total``); a count is one more index range walk."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EventPage:
     """One page of a search."""
 

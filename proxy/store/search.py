@@ -1,6 +1,6 @@
 """The SQL of an admin search over the queue's tables (``events`` and the ``event_terms``
 index kept by triggers, proxy/store/schema.py), before keyset bounds and paging, which
-``AuditQueue.search_page`` adds."""
+``ShardReader.search_page`` (proxy/store/reads.py) adds."""
 
 from __future__ import annotations
 

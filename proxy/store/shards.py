@@ -14,17 +14,15 @@ import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from proxy.settings import StoreSettings
+from proxy.store.faces import EventReader, Requeue
 from proxy.store.queue import AuditQueue
 from proxy.store.records import (
     Capture,
     Cursor,
     EventPage,
     EventQuery,
-    EventRow,
-    FanOut,
     QueuedEvent,
     QueueStats,
     SortKey,
@@ -35,7 +33,7 @@ OpenShard = Callable[[Path], Awaitable[AuditQueue]]
 
 def existing_shard_opener(store: StoreSettings) -> OpenShard:
     """Opens a shard at a path with the store's settings, never creating one: a missing
-    shard is a :class:`~proxy.store.queue.StoreError` (its worker has not made it yet)."""
+    shard is a :class:`~proxy.store.faces.StoreError` (its worker has not made it yet)."""
 
     async def open_shard(path: Path) -> AuditQueue:
         return await AuditQueue.open(
@@ -49,10 +47,12 @@ def existing_shard_opener(store: StoreSettings) -> OpenShard:
     return open_shard
 
 
-class ShardedStore:
-    """The admin-facing reads and dead-letter bookkeeping of :class:`AuditQueue` over
-    every shard. Shards not yet created (a worker still starting) read as empty and are
-    opened on a later call; appends (admin ingest, access records) go to shard 0."""
+class ShardedStore(EventReader, Requeue):
+    """Every shard read as one store: the reader face and the requeue of dead letters
+    (:class:`~proxy.store.faces.AdminStore`), for the admin API and the ``dlq``
+    commands. Shards not yet created (a worker still starting) read as empty and are
+    opened on a later call. It writes no events: the admin API appends to its own
+    worker's shard."""
 
     def __init__(
         self, paths: Sequence[Path], *, opened: dict[int, AuditQueue], open_shard: OpenShard
@@ -105,21 +105,7 @@ class ShardedStore:
         local = -(-offset // self.count) if descending else offset // self.count
         return ts, local
 
-    # --- writes ----------------------------------------------------------------------
-
-    async def append(self, events: list[dict[str, Any]]) -> None:
-        """Store ``events`` in shard 0 (the admin listener's worker's own)."""
-        await self._queues[0].append(events)
-
-    async def append_rows(
-        self,
-        rows: Sequence[EventRow | FanOut],
-        *,
-        complete_intent: int | None = None,
-        capture: Capture | None = None,
-    ) -> None:
-        """Store the rows the builder made in shard 0, as :meth:`append`."""
-        await self._queues[0].append_rows(rows, complete_intent=complete_intent, capture=capture)
+    # --- the reader face -------------------------------------------------------------
 
     async def get_capture(self, request_id: str) -> Capture | None:
         """The bodies captured for the exchange ``request_id``, from whichever shard has them."""
@@ -128,20 +114,6 @@ class ShardedStore:
             if capture is not None:
                 return capture
         return None
-
-    async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
-        """Dead events (by global seq; all when None) back to pending."""
-        shards = await self._shards()
-        if seqs is None:
-            return sum([await queue.requeue_dead(None) for _, queue in shards])
-        count = 0
-        for n, queue in shards:
-            local = [s // self.count for s in seqs if s % self.count == n]
-            if local:
-                count += await queue.requeue_dead(local)
-        return count
-
-    # --- reads -----------------------------------------------------------------------
 
     async def list_dead(self, limit: int = 100) -> list[QueuedEvent]:
         """Dead-lettered events of every shard, oldest recorded first."""
@@ -160,14 +132,9 @@ class ShardedStore:
                 return self._global(n, item)
         return None
 
-    async def search(self, query: EventQuery) -> tuple[list[QueuedEvent], int]:
-        """A page of matching events and the total number matching."""
-        page = await self.search_page(query)
-        return page.items, page.total if page.total is not None else len(page.items)
-
     async def search_page(self, query: EventQuery) -> EventPage:
-        """As :meth:`AuditQueue.search_page`, over every shard: each gives its first
-        ``offset + limit`` rows past the cursor, and the merge keeps the page's."""
+        """:meth:`EventReader.search_page` over every shard: each gives its first
+        ``offset + limit`` events past the cursor, and the merge keeps the page's."""
         reverse = query.before is not None
         descending = query.newest_first != reverse
         cursor = query.before if reverse else query.after
@@ -192,19 +159,17 @@ class ShardedStore:
         total = sum(page.total or 0 for _, page in pages) if query.count_total else None
         if reverse:
             items.reverse()
-            return EventPage(items, total, more_after=True, more_before=more)
+            return EventPage(items=items, total=total, more_after=True, more_before=more)
         return EventPage(
-            items, total, more_after=more, more_before=query.after is not None or query.offset > 0
+            items=items,
+            total=total,
+            more_after=more,
+            more_before=query.after is not None or query.offset > 0,
         )
 
     @staticmethod
     def _key(item: QueuedEvent, sort: SortKey) -> tuple[float, int]:
         return (item.recorded_ts if sort is SortKey.RECORDED else 0.0, item.seq)
-
-    async def oldest_pending_recorded(self) -> float | None:
-        """``recorded`` (POSIX time) of the oldest undelivered event of any shard."""
-        found = [await queue.oldest_pending_recorded() for _, queue in await self._shards()]
-        return min((ts for ts in found if ts is not None), default=None)
 
     async def stats(self) -> QueueStats:
         """Every shard's counts and sizes added up."""
@@ -220,3 +185,17 @@ class ShardedStore:
                 default=None,
             ),
         )
+
+    # --- the requeue of the delivery face ------------------------------------------------
+
+    async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
+        """Dead events (by global seq; all when None) back to pending."""
+        shards = await self._shards()
+        if seqs is None:
+            return sum([await queue.requeue_dead(None) for _, queue in shards])
+        count = 0
+        for n, queue in shards:
+            local = [s // self.count for s in seqs if s % self.count == n]
+            if local:
+                count += await queue.requeue_dead(local)
+        return count

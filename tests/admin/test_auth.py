@@ -265,9 +265,9 @@ async def test_non_loopback_admin_without_auth_refuses_to_start(
     tmp_path: Path, queue: AuditQueue
 ) -> None:
     with pytest.raises(AdminExposed, match="refusing to start"):
-        build_admin_app(queue, AdminSettings(host="0.0.0.0"))
-    build_admin_app(queue, AdminSettings(host="0.0.0.0", tokens=["t"]))
-    build_admin_app(queue, AdminSettings(host="::1"))
+        build_admin_app(queue, AdminSettings(host="0.0.0.0"), writer=queue)
+    build_admin_app(queue, AdminSettings(host="0.0.0.0", tokens=["t"]), writer=queue)
+    build_admin_app(queue, AdminSettings(host="::1"), writer=queue)
     config = tmp_path / "exposed.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -23,7 +23,7 @@ TOKEN = "admin-token-for-server-tests"
 @pytest.fixture
 async def admin(queue: AuditQueue) -> AsyncIterator[TestServer]:
     settings = AdminSettings(tokens=[TOKEN], header_timeout_s=0.3, body_timeout_s=0.3)
-    server = TestServer(build_admin_app(queue, settings), host="127.0.0.1", port=0)
+    server = TestServer(build_admin_app(queue, settings, writer=queue), host="127.0.0.1", port=0)
     await server.start_server()
     try:
         yield server

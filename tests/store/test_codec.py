@@ -12,11 +12,13 @@ import pytest
 import zstandard
 
 from proxy.audit.balp import build_events
-from proxy.store import schema, writer_process
+from proxy.store import database, schema
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
+from proxy.store.faces import StoreError
 from proxy.store.index import event_row
 from proxy.store.queue import AuditQueue
-from proxy.store.writer import StoreError
+from proxy.store.transaction import Committer
+from proxy.store.wire import Submission
 from tests.factories import NOW, audit_event, context, exchange
 
 
@@ -68,10 +70,13 @@ async def test_the_store_keeps_its_dictionaries_so_old_rows_survive_a_new_one(
     # (the writer process's committer, run here in the test's own process) records it.
     old = shipped_dictionary()
     new = old[:4] + (4242).to_bytes(4, "little") + old[8:]
-    monkeypatch.setattr(writer_process, "shipped_dictionary", lambda: new)
-    conn = writer_process.connect(path, False, 1 << 30)
-    committer = writer_process.Committer(conn, writer_process.load_codec(conn), max_bytes=1 << 30)
-    assert committer.commit_batch([([event_row(second)], None, None, None)]) == [None]
+    monkeypatch.setattr(database, "shipped_dictionary", lambda: new)
+    conn = database.connect(path, False, 1 << 30)
+    committer = Committer(conn, database.load_codec(conn), max_bytes=1 << 30)
+    submission = Submission(
+        rows=[event_row(second)], complete_intent=None, intent=None, capture=None
+    )
+    assert committer.commit_batch([submission]) == [None]
     conn.close()
     queue = await AuditQueue.open(path, max_bytes=1 << 30)
     assert [q.event for q in await queue.claim(10, NOW)] == [first, second]

@@ -18,8 +18,8 @@ import pytest
 
 from proxy.audit.balp import AuditContext
 from proxy.audit.intents import STORE_FULL_OUTCOME_DESC, UNKNOWN_OUTCOME_DESC, recover_intents
+from proxy.store.faces import StoreFull
 from proxy.store.queue import AuditQueue
-from proxy.store.writer import StoreFull
 from tests.factories import NodeFhirServer, StartProxy, request_id_of
 
 

@@ -14,9 +14,9 @@ import pytest
 
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.store import schema
+from proxy.store.faces import StoreError, StoreFull
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventStatus, FanOut
-from proxy.store.writer import StoreError, StoreFull
 from tests.factories import queued_event, search_exchange
 
 NOW = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""The store's writer process: its failures and its end (proxy.store.writer)."""
+"""The store's writer process: its failures and its end (proxy.store.engine)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.store.faces import StoreError
 from proxy.store.queue import AuditQueue
-from proxy.store.writer import StoreError
 from tests.factories import NOW, audit_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
 
 
 def _writer(queue: AuditQueue) -> int:
-    pid = queue._engine.writer_pid
+    pid = queue.engine.writer_pid
     assert pid is not None, "a writer process runs"
     return pid
 
@@ -56,7 +56,7 @@ async def _gone(pid: int, within: float = 10.0) -> bool:
 async def test_appends_are_committed_by_a_process_other_than_the_proxy(tmp_path: Path) -> None:
     queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
     try:
-        pid = queue._engine.writer_pid
+        pid = queue.engine.writer_pid
         assert pid is not None and pid != os.getpid() and _alive(pid)
         event = audit_event(1)
         await queue.append([event])
@@ -106,7 +106,7 @@ from tests.factories import audit_event
 
 async def main():
     queue = await AuditQueue.open(Path(sys.argv[1]), max_bytes=1 << 30)
-    print(queue._engine.writer_pid, flush=True)
+    print(queue.engine.writer_pid, flush=True)
     n = 0
     while sys.argv[2] == "busy":  # appends in flight when the kill comes
         n += 1
@@ -169,18 +169,18 @@ async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
     await queue.close()
     reader = await AuditQueue.open(path, max_bytes=1 << 30, create=False, start_writer=False)
     try:
-        assert reader._engine.writer_pid is None
+        assert reader.engine.writer_pid is None
         assert (await reader.stats()).pending == 0
-        assert reader._engine.writer_pid is None
+        assert reader.engine.writer_pid is None
         event = audit_event(1)
         await reader.append([event])
-        assert reader._engine.writer_pid is not None
+        assert reader.engine.writer_pid is not None
         assert [q.event for q in await reader.claim(10, NOW)] == [event]
     finally:
         await reader.close()
     idle = await AuditQueue.open(path, max_bytes=1 << 30, start_writer=False)
     await idle.close()  # nothing to stop
-    assert idle._engine.writer_pid is None
+    assert idle.engine.writer_pid is None
 
 
 @pytest.mark.parametrize(
@@ -195,9 +195,9 @@ async def test_a_writer_that_cannot_start_makes_the_store_fail_to_open(
 ) -> None:
     """The proxy does not start on a store whose writer cannot run: the error is a
     StoreError, which the CLI reports in one line."""
-    from proxy.store import writer
+    from proxy.store import engine
 
-    monkeypatch.setattr(writer, "_WRITER_MAIN", program)
-    monkeypatch.setattr(writer, "START_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(engine, "_WRITER_MAIN", program)
+    monkeypatch.setattr(engine, "START_TIMEOUT_S", 1.0)
     with pytest.raises(StoreError, match=error):
         await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)

@@ -6,12 +6,12 @@ commits it in one transaction (one fsync) and answers once for the whole batch, 
 all its callers. Durability per event gets cheaper as load rises: one message each way per
 commit, not per append.
 
-The writer is a process rather than a thread of the proxy: a writer thread takes the GIL
-back after every SQLite statement and every compression, each time from the busy event
-loop, and that cost the proxy a sixth to two fifths of its audited requests per second at 32
-connections (``bench/bench_proxy.py``). If the writer process dies, the batch it held fails (its
-callers get 503: their events may or may not be stored) and a new writer is started for
-the appends that follow.
+The writer is a process, not a thread of the proxy, so that its Python work (SQLite
+statements, compression) never takes the GIL from the event loop. If it dies, the batch
+it held fails (its callers get 503: their events may or may not be stored) and a new
+writer is started for the appends that follow. The engine knows nothing of what a commit
+writes (:mod:`proxy.store.transaction` does) and reports each commit to the callback it
+is given (:data:`CommitReport`).
 """
 
 from __future__ import annotations
@@ -20,36 +20,23 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from proxy.store.records import Capture, EventRow, FanOut, events_in
-from proxy.store.writer_process import (
+from proxy.store.faces import StoreError
+from proxy.store.records import events_in
+from proxy.store.wire import (
     FRAME,
-    StoreError,
-    StoreFull,
-    WireAppend,
-    database_budget,
-    is_full,
-    used_bytes,
-    wal_budget,
+    Committed,
+    Failed,
+    Ready,
+    Submission,
+    decode_answer,
+    encode_batch,
 )
-
-__all__ = [
-    "Append",
-    "CommitEngine",
-    "StoreError",
-    "StoreFull",
-    "database_budget",
-    "is_full",
-    "used_bytes",
-    "wal_budget",
-]
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +66,14 @@ CommitReport = Callable[[float, int], None]
 the records (events and intents) it wrote. It must not raise."""
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True, eq=False)
 class Append:
-    """One caller's share of a group commit."""
+    """One caller's share of a group commit, waiting on the event loop."""
 
-    rows: list[EventRow | FanOut]
-    complete_intent: int | None
-    intent: bytes | None
+    submission: Submission
+    """What the writer process commits for it."""
     future: asyncio.Future[int | None] = field(repr=False)
-    capture: Capture | None = None
-
-    def wire(self) -> WireAppend:
-        capture = None if self.capture is None else tuple(self.capture)
-        rows = [row if type(row) is FanOut else tuple(row) for row in self.rows]
-        return (rows, self.complete_intent, self.intent, capture)
+    """Resolved with its result (the id of the intent it recorded, or None) or its error."""
 
 
 class _WriterLink(asyncio.Protocol):
@@ -111,7 +92,7 @@ class _WriterLink(asyncio.Protocol):
             end = FRAME.size + length
             if len(buffer) < end:
                 return
-            message = pickle.loads(buffer[FRAME.size : end])
+            message = decode_answer(buffer[FRAME.size : end])
             del buffer[:end]
             self._engine._received(message)
 
@@ -212,24 +193,28 @@ class CommitEngine:
                 ) from exc
             raise
 
-    def _received(self, message: Any) -> None:
+    def new_future(self) -> asyncio.Future[int | None]:
+        """A future for an :class:`Append`, on the engine's loop."""
+        return self._loop.create_future()
+
+    def _received(self, message: Ready | Failed | Committed) -> None:
         """On the event loop: the writer's answer to a batch, or its first word."""
         ready = self._ready
         if ready is not None and not ready.done():
-            if message[0] == "ready":
-                self.writer_settings = (message[1], message[2])
+            if isinstance(message, Ready):
+                self.writer_settings = (message.journal_mode, message.synchronous)
                 ready.set_result(None)
-            else:
-                ready.set_exception(StoreError(message[1]))
+            elif isinstance(message, Failed):
+                ready.set_exception(StoreError(message.reason))
             return
-        results, seconds, size = message
+        assert isinstance(message, Committed)
         batch, self._in_flight = self._in_flight, None
         assert batch is not None
         self.commits += 1
-        self.commit_seconds += seconds
+        self.commit_seconds += message.seconds
         if self._on_commit is not None:
-            self._on_commit(seconds, size)
-        self._resolve(batch, results)
+            self._on_commit(message.seconds, message.records)
+        self._resolve(batch, message.results)
         # The callers just released are about to append again (under load they are most
         # of the traffic). Start the next commit once half as many are waiting, rather
         # than at the end of the loop iteration: the writer commits one half while the
@@ -324,14 +309,14 @@ class CommitEngine:
         size = 0
         take = 0
         for item in self._pending:
-            size += events_in(item.rows) + 1
+            size += events_in(item.submission.rows) + 1
             take += 1
             if size >= self._batch_max:
                 break
         batch, self._pending = self._pending[:take], self._pending[take:]
         self._in_flight = batch
         self._idle.clear()
-        data = pickle.dumps([item.wire() for item in batch], protocol=5)
+        data = encode_batch([item.submission for item in batch])
         self._transport.writelines((FRAME.pack(len(data)), data))
 
     def _restart_writer(self) -> None:

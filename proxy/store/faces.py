@@ -1,0 +1,153 @@
+"""The store as its users see it: three faces, and the errors they raise.
+
+- :class:`EventWriter`, the writer face: what the audit pipeline writes (events, with the
+  captured bodies of their exchange) and the write intents it records and settles.
+- :class:`DeliveryQueue`, the delivery face: what a flusher claims and acknowledges, the
+  dead letters, pruning; :class:`Requeue` is its part an operator uses.
+- :class:`EventReader`, the reader face: what the admin API, the ``dlq`` commands and
+  telemetry read.
+
+One store file implements each face in a module of its own (:mod:`proxy.store.appends`,
+:mod:`proxy.store.delivery`, :mod:`proxy.store.reads`), and the object the proxy opens,
+:class:`~proxy.store.queue.AuditQueue`, is all three. Several shards read as one,
+:class:`~proxy.store.shards.ShardedStore`, serve :class:`AdminStore`. Code that uses the
+store takes the face it uses, so that what it may do to the store is in its signature.
+
+Every method of every face that touches the store raises :class:`StoreError` when the
+store cannot do it, and :class:`StoreFull` when that is for want of room. Events are named
+by their seq (queue order, unique in one store; global across shards, see
+:mod:`proxy.store.shards`) and their id; what each method returns or changes is events,
+never rows (a row may hold several events: :mod:`proxy.store.fans`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from proxy.store.records import (
+    Capture,
+    EventPage,
+    EventQuery,
+    EventRow,
+    FanOut,
+    Intent,
+    QueuedEvent,
+    QueueStats,
+)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked: for an append, the audit could not be made
+    durable (the client gets 503)."""
+
+
+class StoreFull(StoreError):
+    """``max_bytes`` is reached or the disk is full (the client gets 507)."""
+
+
+class EventWriter(Protocol):
+    """The writer face: appends made durable (group commit, fsync) before they return, and
+    the intents of state-changing requests. An append either commits every event it was
+    given, with the completion of its intent and its capture, or none of them."""
+
+    @property
+    def refusing(self) -> str | None:
+        """Why the last append or intent failed (``store full``, or the error), until one
+        succeeds again: the store is failing requests closed (readiness reads it)."""
+
+    async def append(
+        self, events: Sequence[dict[str, Any]], *, complete_intent: int | None = None
+    ) -> None:
+        """Commit AuditEvents made elsewhere (their indexed columns are read out of them);
+        ``complete_intent`` is settled in the same commit. An event that cannot be stored
+        as it is (no id, not JSON) is a :class:`StoreError`."""
+
+    async def append_rows(
+        self,
+        rows: Sequence[EventRow | FanOut],
+        *,
+        complete_intent: int | None = None,
+        capture: Capture | None = None,
+    ) -> None:
+        """Commit the events whose rows the builder made, the completion of
+        ``complete_intent`` and the exchange's captured bodies, in one commit."""
+
+    async def record_intent(self, summary: dict[str, Any]) -> int:
+        """Commit an intent (before a write is forwarded); returns its id, which the
+        append of the write's events completes."""
+
+    async def orphan_intents(self) -> list[Intent]:
+        """Intents never completed, oldest first (a restart, or a request whose events the
+        store refused, left them)."""
+
+    async def note_intent_reasons(self, reasons: Mapping[int, str]) -> None:
+        """Keep why these intents (by id) were abandoned, so that a restart does not
+        forget it; a reason already noted stays."""
+
+
+class Requeue(Protocol):
+    """The part of the delivery face an operator uses (``dlq retry``, the admin API)."""
+
+    async def requeue_dead(self, seqs: Sequence[int] | None = None) -> int:
+        """Dead events back to pending (every one when ``seqs`` is None); returns how
+        many."""
+
+
+class DeliveryQueue(Requeue, Protocol):
+    """The delivery face: events leave in queue order, each acknowledged, retried or set
+    aside by its seq."""
+
+    async def claim(self, limit: int, now: datetime) -> list[QueuedEvent]:
+        """The oldest pending events, in queue order, up to ``limit``, stopping at the
+        first one still in backoff at ``now`` (delivery stays in order). An event whose
+        body cannot be read is dead-lettered rather than returned."""
+
+    async def ack(self, seqs: Sequence[int], now: datetime) -> None:
+        """Mark delivered (the repository answered 2xx) at ``now``."""
+
+    async def nack(self, seqs: Sequence[int], error: str, retry_at: datetime) -> None:
+        """Count a failed attempt and hold the events back until ``retry_at``."""
+
+    async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
+        """Set aside events the repository rejected, with its answer."""
+
+    async def prune(self, now: datetime, retention: timedelta) -> int:
+        """Delete events delivered longer than ``retention`` ago (and the captures no
+        undelivered event needs); returns how many events. The room they took is reused."""
+
+    async def oldest_pending_recorded(self) -> float | None:
+        """``recorded`` (POSIX time) of the oldest undelivered event, or None."""
+
+
+class EventReader(Protocol):
+    """The reader face: searches and reads of stored events, for the admin API, the
+    ``dlq`` commands and telemetry."""
+
+    async def search_page(self, query: EventQuery) -> EventPage:
+        """A page of the events matching ``query``, in its order, with keyset paging
+        (``after``, ``before``) and the total when asked for."""
+
+    async def search(self, query: EventQuery) -> tuple[list[QueuedEvent], int]:
+        """A page of matching events and the total number matching."""
+        page = await self.search_page(query)
+        return page.items, page.total if page.total is not None else len(page.items)
+
+    async def get_event(self, event_id: str) -> QueuedEvent | None:
+        """The event with this id, or None."""
+
+    async def get_capture(self, request_id: str) -> Capture | None:
+        """The bodies captured for the exchange ``request_id``, or None."""
+
+    async def list_dead(self, limit: int = 100) -> list[QueuedEvent]:
+        """Dead-lettered events, at most ``limit``; one whose body cannot be read is
+        listed with its id alone and its ``last_error``."""
+
+    async def stats(self) -> QueueStats:
+        """Events by status, intents, bytes in use and the oldest pending event's time."""
+
+
+class AdminStore(EventReader, Requeue, Protocol):
+    """What the admin API and the ``dlq`` commands use of a store or of every shard as
+    one: the reader face, and the requeue of dead letters."""

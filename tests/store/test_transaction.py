@@ -1,0 +1,167 @@
+"""The writer process's transaction as named steps, run here on the test's own connection
+(the writer process runs the same committer): what a batch costs in statements, and that
+a new step slots into the same transaction as one more entry."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from proxy.audit.balp import AuditContext, build_events, store_rows
+from proxy.store.database import connect, load_codec
+from proxy.store.faces import StoreError
+from proxy.store.index import event_row
+from proxy.store.records import Capture
+from proxy.store.tables import INSERTED, DeliveryState
+from proxy.store.transaction import STEPS, Committer, Step, Transaction
+from proxy.store.wire import Submission
+from tests.factories import queued_event, search_exchange
+
+NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    opened = connect(tmp_path / "audit.db", True, 1 << 30)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _submission(
+    *events: int, complete: int | None = None, intent: bytes | None = None
+) -> Submission:
+    return Submission(
+        rows=[event_row(queued_event(n)) for n in events],
+        complete_intent=complete,
+        intent=intent,
+        capture=None,
+    )
+
+
+def _traced(conn: sqlite3.Connection) -> list[str]:
+    """The first word of each statement run from now on, but the disk budget's reads of
+    the pages in use (every 256 commits, and near the limit). SQLite reports a statement
+    again as each of its triggers starts: once is counted."""
+    statements: list[str] = []
+    last = [""]
+
+    def trace(sql: str) -> None:
+        if sql != last[0] and not sql.startswith("--") and "pragma_page_count" not in sql:
+            statements.append(sql.split()[0].upper())
+        last[0] = sql
+
+    conn.set_trace_callback(trace)
+    return statements
+
+
+def test_a_batch_of_plain_events_is_one_insert_without_begin(conn: sqlite3.Connection) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    statements = _traced(conn)
+    assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
+    assert statements == ["INSERT"]
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
+
+
+def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
+    conn: sqlite3.Connection,
+) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    (first,) = committer.commit_batch([_submission(intent=b'{"n":1}')])
+    assert isinstance(first, int)
+    statements = _traced(conn)
+    results = committer.commit_batch(
+        [_submission(1, complete=first), _submission(intent=b'{"n":2}'), _submission(2)]
+    )
+    assert statements == ["BEGIN", "INSERT", "DELETE", "INSERT", "COMMIT"]
+    assert results[0] is None and results[2] is None
+    assert conn.execute("SELECT id FROM intents").fetchall() == [(results[1],)]
+
+
+def test_a_fan_out_gets_its_seqs_from_the_first_free_one(conn: sqlite3.Connection) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    committer.commit_batch([_submission(1)])
+    built = build_events(
+        search_exchange(["Patient/a", "Patient/b", "Patient/c"]), AuditContext.default(), NOW
+    )
+    fan_out = Submission(rows=store_rows(built), complete_intent=None, intent=None, capture=None)
+    committer.commit_batch([fan_out, _submission(2)])
+    rows = conn.execute("SELECT seq, fan FROM events ORDER BY seq").fetchall()
+    assert rows == [(1, None), (4, 3), (5, None)]
+
+
+class _Leaves:
+    """A step as the Merkle log's will be: one row per event, by seq, in the same
+    transaction as the events."""
+
+    name: ClassVar[str] = "test leaves"
+
+    def __init__(self, tx: Transaction) -> None:
+        self._events = [(new.fan or 1) for new in tx.rows]
+        if self._events:
+            tx.want_seqs()
+            tx.plan(statements=1, incoming=32 * sum(self._events))
+
+    def write(self, tx: Transaction) -> None:
+        if not self._events:
+            return
+        assert tx.seqs is not None, "assign seqs ran first"
+        leaves = [
+            (s,)
+            for seq, n in zip(tx.seqs, self._events, strict=True)
+            for s in range(seq - n + 1, seq + 1)
+        ]
+        tx.conn.executemany("INSERT INTO leaves (seq) VALUES (?)", leaves)
+
+
+def test_a_new_step_slots_in_and_shares_the_transaction(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE leaves (seq INTEGER PRIMARY KEY)")
+    steps: list[type[Step]] = [*STEPS]
+    steps.insert(2, _Leaves)
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30, steps=steps)
+    statements = _traced(conn)
+    assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
+    assert statements[0] == "BEGIN" and statements[-1] == "COMMIT", "one transaction"
+    leaves = [s for (s,) in conn.execute("SELECT seq FROM leaves ORDER BY seq")]
+    assert leaves == [s for (s,) in conn.execute("SELECT seq FROM events ORDER BY seq")]
+    assert leaves == [1, 2, 3]
+
+    # A step that fails takes the whole batch with it, and says which step it was.
+    conn.execute(
+        "CREATE TRIGGER no_leaf BEFORE INSERT ON leaves BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    (failed,) = committer.commit_batch([_submission(4)])
+    assert isinstance(failed, StoreError) and "(test leaves)" in str(failed)
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
+
+
+def test_a_capture_is_committed_with_its_events(conn: sqlite3.Connection) -> None:
+    codec = load_codec(conn)
+    committer = Committer(conn, codec, max_bytes=1 << 30)
+    capture = Capture(request_id="r-1", request=b'{"a":1}', response=None)
+    submission = _submission(1)._replace(capture=capture)
+    assert committer.commit_batch([submission]) == [None]
+    request, response = conn.execute(
+        "SELECT request, response FROM captures WHERE request_id = 'r-1'"
+    ).fetchone()
+    assert codec.decompress(request) == b'{"a":1}' and response is None
+
+
+def test_the_declared_columns_are_the_events_table(conn: sqlite3.Connection) -> None:
+    """Migrations and the records' declarations describe the same table: every column is
+    inserted (where the writer places a row, and the builder's row) or delivery state."""
+    columns = [name for _, name, *_ in conn.execute("PRAGMA table_info(events)")]
+    assert sorted(columns) == sorted([*INSERTED, *DeliveryState._fields])
+    assert {step.name for step in STEPS} == {
+        "assign seqs",
+        "insert events",
+        "settle intents",
+        "record intents",
+        "insert captures",
+    }
