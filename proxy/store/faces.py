@@ -12,6 +12,10 @@ One store file implements each face in a module of its own (:mod:`proxy.store.ap
 :class:`~proxy.store.queue.AuditQueue`, is all three. Several shards read as one,
 :class:`~proxy.store.shards.ShardedStore`, serve :class:`AdminStore`. Code that uses the
 store takes the face it uses, so that what it may do to the store is in its signature.
+A new kind of read (the Merkle log's tiles and checkpoints, say) is a face of its own
+declared here, implemented in a module of its own over a :class:`~proxy.store.shard.Shard`
+and served by ``AuditQueue`` as one more base; its writes are one more step of the
+writer's transaction (:mod:`proxy.store.transaction`).
 
 Every method of every face that touches the store raises :class:`StoreError` when the
 store cannot do it, and :class:`StoreFull` when that is for want of room. Events are named

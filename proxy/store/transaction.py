@@ -31,13 +31,13 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from proxy.store.codec import BodyCodec
 from proxy.store.database import database_budget, is_full, used_bytes
 from proxy.store.faces import StoreError, StoreFull
-from proxy.store.records import EventRow, FanOut
+from proxy.store.records import Capture, EventRow, FanOut
 from proxy.store.tables import (
     BODY_AT,
     INSERT_CAPTURE,
@@ -79,20 +79,22 @@ class Transaction:
     incoming: int = 0
     """Bytes the steps will add (:meth:`plan`)."""
     seqs_wanted: bool = False
+    """A step called :meth:`want_seqs`."""
     seqs: list[int] | None = None
     """Each row's seq, as ``assign seqs`` placed them; None where SQLite numbers them
     (no step wanted them)."""
-    intent_ids: list[int | None] = field(default_factory=list)
-    """Each submission's recorded intent's id, or None (``record intents``)."""
+    intent_ids: list[int | None] | None = None
+    """Each submission's recorded intent's id, or None (``record intents``); None when
+    the batch recorded no intent."""
 
     @classmethod
     def of(
         cls, conn: sqlite3.Connection, codec: BodyCodec, batch: Sequence[Submission]
     ) -> Transaction:
         rows = [
-            NewRow(len(row.patients), row.stored())
+            NewRow(fan=len(row.patients), row=row.stored())
             if isinstance(row, FanOut)
-            else NewRow(None, row)
+            else NewRow(fan=None, row=row)
             for submission in batch
             for row in submission.rows
         ]
@@ -158,19 +160,23 @@ class InsertEvents:
 
     def __init__(self, tx: Transaction) -> None:
         self._frames = tx.codec.compress_many([new.row.body for new in tx.rows])
-        n_rows = len(tx.rows)
-        tx.plan(
-            statements=-(-n_rows // ROWS_PER_STATEMENT),
-            incoming=sum(map(len, self._frames)) + _ROW_OVERHEAD * n_rows,
-        )
+        if self._frames:
+            n_rows = len(tx.rows)
+            tx.plan(
+                statements=-(-n_rows // ROWS_PER_STATEMENT),
+                incoming=sum(map(len, self._frames)) + _ROW_OVERHEAD * n_rows,
+            )
 
     def write(self, tx: Transaction) -> None:
         if not tx.rows:
             return
-        seqs: Sequence[int | None] = tx.seqs or [None] * len(tx.rows)
         values: list[Any] = []
-        for seq, new in zip(seqs, tx.rows, strict=True):
-            values += (seq, new.fan, *new.row)
+        if tx.seqs is None:
+            for new in tx.rows:
+                values += (None, new.fan, *new.row)
+        else:
+            for seq, new in zip(tx.seqs, tx.rows, strict=True):
+                values += (seq, new.fan, *new.row)
         values[BODY_AT::ROW_WIDTH] = self._frames
         width = ROWS_PER_STATEMENT * ROW_WIDTH
         for start in range(0, len(values), width):
@@ -185,7 +191,8 @@ class SettleIntents:
 
     def __init__(self, tx: Transaction) -> None:
         self._done = [s.complete_intent for s in tx.submissions if s.complete_intent is not None]
-        tx.plan(statements=1 if self._done else 0)
+        if self._done:
+            tx.plan(statements=1)
 
     def write(self, tx: Transaction) -> None:
         if self._done:
@@ -200,10 +207,8 @@ class RecordIntents:
 
     def __init__(self, tx: Transaction) -> None:
         self._summaries = [s.intent for s in tx.submissions if s.intent is not None]
-        tx.plan(
-            statements=1 if self._summaries else 0,
-            incoming=sum(len(summary) + 50 for summary in self._summaries),
-        )
+        if self._summaries:
+            tx.plan(statements=1, incoming=sum(len(summary) + 50 for summary in self._summaries))
 
     def write(self, tx: Transaction) -> None:
         if not self._summaries:
@@ -215,12 +220,14 @@ class RecordIntents:
         # its last, are consecutive (max(rowid) + 1 each), so the first is derived.
         assert cur.lastrowid is not None
         next_id = cur.lastrowid - len(self._summaries) + 1
+        ids: list[int | None] = []
         for submission in tx.submissions:
             if submission.intent is None:
-                tx.intent_ids.append(None)
+                ids.append(None)
             else:
-                tx.intent_ids.append(next_id)
+                ids.append(next_id)
                 next_id += 1
+        tx.intent_ids = ids
 
 
 class InsertCaptures:
@@ -229,20 +236,24 @@ class InsertCaptures:
     name: ClassVar[str] = "insert captures"
 
     def __init__(self, tx: Transaction) -> None:
-        compress = tx.codec.compress_many
-        self._rows = [
-            StoredCapture(
-                request_id=capture.request_id,
-                created_at=tx.now,
-                request=None if capture.request is None else compress([capture.request])[0],
-                response=None if capture.response is None else compress([capture.response])[0],
+        captures = [s.capture for s in tx.submissions if s.capture is not None]
+        self._rows = [self._row(capture, tx) for capture in captures]
+        if self._rows:
+            tx.plan(
+                statements=1,
+                incoming=sum(
+                    len(c.request or b"") + len(c.response or b"") + 80 for c in self._rows
+                ),
             )
-            for capture in (s.capture for s in tx.submissions)
-            if capture is not None
-        ]
-        tx.plan(
-            statements=1 if self._rows else 0,
-            incoming=sum(len(c.request or b"") + len(c.response or b"") + 80 for c in self._rows),
+
+    @staticmethod
+    def _row(capture: Capture, tx: Transaction) -> StoredCapture:
+        compress = tx.codec.compress_many
+        return StoredCapture(
+            request_id=capture.request_id,
+            created_at=tx.now,
+            request=None if capture.request is None else compress([capture.request])[0],
+            response=None if capture.response is None else compress([capture.response])[0],
         )
 
     def write(self, tx: Transaction) -> None:
