@@ -110,17 +110,7 @@ class ShardReader(ShardPart, EventReader):
 
         picks, total = await self._shard.run(read)
         found = [e for row, keep in picks for e in _taken(self._shard.events(row), keep)]
-        more = len(found) > query.limit
-        items = found[: query.limit]
-        if reverse:
-            items.reverse()
-            return EventPage(items=items, total=total, more_after=True, more_before=more)
-        return EventPage(
-            items=items,
-            total=total,
-            more_after=more,
-            more_before=query.after is not None or query.offset > 0,
-        )
+        return EventPage.walked(query, found[: query.limit], total, more=len(found) > query.limit)
 
     def _row_bound(self, cursor: Cursor, descending: bool) -> Cursor:
         """The keyset bound on rows for a cursor on events: going down from an event that

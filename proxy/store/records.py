@@ -274,6 +274,22 @@ class EventPage:
     more_before: bool
     """Rows precede the first item (known for ``after``/``before`` pages)."""
 
+    @classmethod
+    def walked(
+        cls, query: EventQuery, items: list[QueuedEvent], total: int | None, *, more: bool
+    ) -> EventPage:
+        """The page of ``query`` whose events are ``items`` in the order they were walked
+        from its cursor (backwards from ``before``: the page then turns them round),
+        ``more`` saying whether the walk went on past them."""
+        if query.before is not None:
+            return cls(items=items[::-1], total=total, more_after=True, more_before=more)
+        return cls(
+            items=items,
+            total=total,
+            more_after=more,
+            more_before=query.after is not None or query.offset > 0,
+        )
+
     def cursor_of(self, item: QueuedEvent, sort: SortKey) -> Cursor:
         """The keyset position of ``item``."""
         return (item.recorded_ts if sort is SortKey.RECORDED else 0.0, item.seq)

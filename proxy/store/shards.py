@@ -155,17 +155,8 @@ class ShardedStore(EventReader, Requeue):
         more = len(walk) > wanted or any(
             page.more_before if reverse else page.more_after for _, page in pages
         )
-        items = walk[query.offset : wanted]
         total = sum(page.total or 0 for _, page in pages) if query.count_total else None
-        if reverse:
-            items.reverse()
-            return EventPage(items=items, total=total, more_after=True, more_before=more)
-        return EventPage(
-            items=items,
-            total=total,
-            more_after=more,
-            more_before=query.after is not None or query.offset > 0,
-        )
+        return EventPage.walked(query, walk[query.offset : wanted], total, more=more)
 
     @staticmethod
     def _key(item: QueuedEvent, sort: SortKey) -> tuple[float, int]:
