@@ -211,7 +211,7 @@ class AuditSettings(_Frozen):
     redact_params: tuple[str, ...] = ()
     """Query and form parameters whose values are never recorded, in addition to the
     credential parameters always redacted (``access_token``, ``id_token``,
-    ``refresh_token``, ``code``, ``client_secret``, ``password``, ``api_key``, ``token``,
+    ``refresh_token``, ``client_secret``, ``password``, ``api_key``, ``token``,
     ``apikey``, ``client_assertion``, ``sig``); each also in its ``name[]`` forms."""
     token_hash_key: SecretStr | None = None
     """Key of the HMAC-SHA256 an opaque bearer token is recorded as. Unset: a random key

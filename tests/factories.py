@@ -444,6 +444,19 @@ def patient_refs(event: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def query_entity(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The query entity (R4 role ``24``) of an event."""
+    entity: dict[str, Any] = next(
+        e for e in event["entity"] if (e.get("role") or {}).get("code") == "24"
+    )
+    return entity
+
+
+def recorded_request(event: Mapping[str, Any]) -> bytes:
+    """The raw request an event's query entity holds (base64-decoded)."""
+    return base64.b64decode(query_entity(event)["query"])
+
+
 def subtypes(event: Mapping[str, Any]) -> list[str]:
     return [c["code"] for c in event.get("subtype", [])]
 

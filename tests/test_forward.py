@@ -26,9 +26,11 @@ from tests.factories import (
     new_patient,
     patient_refs,
     profile,
+    query_entity,
     raw_body,
     raw_http,
     raw_status,
+    recorded_request,
     request_id_of,
     serving,
     subtypes,
@@ -155,6 +157,21 @@ async def test_each_interaction_is_proxied_and_audited(
     assert {"110150", "custodian"} <= agent_codes(patient_delete)
     # the request id is recorded in every event
     assert all(request_id_of(event) for event in events)
+
+
+async def test_a_search_by_code_is_recorded_as_sent(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(fhir_server.base_url)
+    query = "patient=p-code-1&code=http%3A%2F%2Floinc.org%7C8867-4"
+    async with http.get(
+        URL(f"{proxy.url}/Observation?{query}", encoded=True), headers={"X-Request-Id": "by-code"}
+    ) as r:
+        assert r.status == 200
+    (event,) = [e for e in await proxy.stored_events() if request_id_of(e) == "by-code"]
+    assert recorded_request(event).startswith(f"GET /fhir/Observation?{query} HTTP/1.1".encode())
+    assert query_entity(event)["description"] == f"Observation?{query}"
+    assert profile(event) == "PatientQuery" and patient_refs(event) == ["Patient/p-code-1"]
 
 
 async def test_request_id_is_kept_or_generated_and_returned(

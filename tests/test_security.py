@@ -40,7 +40,6 @@ BASIC_PASSWORD = "basic-pass-9Xw"
 SECRETS = {
     "query access_token": "qry-access-tok-1A",
     "query id_token": "qry-id-tok-2B",
-    "query code": "qry-auth-code-3C",
     "query client_secret": "qry-client-sec-4D",
     "query password": "qry-password-5E",
     "query api_key": "qry-api-key-6F",
@@ -76,7 +75,7 @@ async def _send_every_channel(
     s = SECRETS
     query = (
         f"name=x&access_token={s['query access_token']}&id_token={s['query id_token']}"
-        f"&code={s['query code']}&client_secret={s['query client_secret']}"
+        f"&client_secret={s['query client_secret']}"
         f"&PASSWORD={s['query password']}&api_key={s['query api_key']}"
         f"&session_ref={s['query custom']}&token={s['query token']}"
         f"&apikey={s['query apikey']}&client_assertion={s['query client_assertion']}"

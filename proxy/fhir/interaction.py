@@ -106,12 +106,16 @@ _FORM = "application/x-www-form-urlencoded"
 
 
 CREDENTIAL_PARAMS = frozenset(
-    {"access_token", "id_token", "refresh_token", "code", "client_secret", "password", "api_key"}
+    {"access_token", "id_token", "refresh_token", "client_secret", "password", "api_key"}
     | {"token", "apikey", "client_assertion", "sig"}
 )
 """Query and form parameters that carry a credential (OAuth 2.0 and its habits, signed
 URLs' ``sig``): their values are never recorded, whatever ``audit.redact_params`` adds.
-A name is matched with any ``[...]`` suffix (``access_token[]``, ``token[0]``)."""
+A name is matched with any ``[...]`` suffix (``access_token[]``, ``token[0]``). Not
+``code``: it is the search parameter of Observation, Condition, Procedure and more, and
+OAuth's authorization code goes to the client's redirect URI and the token endpoint,
+never to a resource server (an operator who needs it redacted adds it to
+``redact_params``)."""
 REDACTED = "REDACTED"
 """What a redacted parameter's value is replaced with."""
 

@@ -21,7 +21,8 @@ NAMES = CREDENTIAL_PARAMS | {"session_ref"}
         ("name=x&access_token=SECRET", "name=x&access_token=REDACTED"),
         ("ACCESS_TOKEN=SECRET", "ACCESS_TOKEN=REDACTED"),
         ("access%5Ftoken=SECRET", "access%5Ftoken=REDACTED"),
-        ("code=a&code=b&_count=1", "code=REDACTED&code=REDACTED&_count=1"),
+        ("password=a&password=b&_count=1", "password=REDACTED&password=REDACTED&_count=1"),
+        ("patient=x&code=8867-4", "patient=x&code=8867-4"),
         ("id_token=&x=1", "id_token=REDACTED&x=1"),
         ("session_ref=s1", "session_ref=REDACTED"),
         ("password=p%26q&name=x", "password=REDACTED&name=x"),
@@ -69,4 +70,15 @@ def test_redact_text_in_an_error_message_quoting_a_url() -> None:
     listed = "url='http://up/fhir/Patient?access_token[]=S1&sig%5B%5D=S2&tokens=kept'"
     assert redact_text(listed, NAMES) == (
         "url='http://up/fhir/Patient?access_token[]=REDACTED&sig%5B%5D=REDACTED&tokens=kept'"
+    )
+
+
+def test_code_is_a_search_parameter_not_a_credential() -> None:
+    """``code`` is Observation's (Condition's, Procedure's...) most used search parameter;
+    OAuth's authorization code never goes to a resource server."""
+    assert "code" not in CREDENTIAL_PARAMS
+    query = "patient=x&code=http%3A%2F%2Floinc.org%7C8867-4&code:text=heart"
+    assert redact_query(query, CREDENTIAL_PARAMS) == query
+    assert redact_query("code=8867-4", CREDENTIAL_PARAMS | {"code"}) == "code=REDACTED", (
+        "an operator can still have it redacted"
     )
