@@ -2,7 +2,8 @@
 
 The forward handler fills it as the request travels (request, interaction, identity,
 response, timings); ``fhir.classify`` and ``audit.build`` read it. Bodies are parsed at most
-once, lazily, through :meth:`Exchange.request_json` and :meth:`Exchange.response_json`.
+once, lazily, through :meth:`Exchange.request_json` and :meth:`Exchange.response_json`,
+from JSON, FHIR XML or YAML as their content types say (:mod:`proxy.fhir.formats`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from proxy.fhir.interaction import Interaction, parse_json_object
+from proxy.fhir.formats import parse_resource
+from proxy.fhir.interaction import Interaction
 
 if TYPE_CHECKING:
     from proxy.audit.identity import Identity
@@ -77,9 +79,10 @@ class Exchange:
     _response_json: Any = _UNPARSED
 
     def request_json(self) -> dict[str, Any] | None:
-        """The request body as a JSON object (parsed once), or None."""
+        """The request body's resource in its JSON form (parsed once, from JSON, FHIR XML
+        or YAML), or None."""
         if self._request_json is _UNPARSED:
-            self._request_json = parse_json_object(self.request_body)
+            self._request_json = parse_resource(self.request_body, self.request_content_type)
         result: dict[str, Any] | None = self._request_json
         return result
 
@@ -95,8 +98,11 @@ class Exchange:
         self._response_json = parsed
 
     def response_json(self) -> dict[str, Any] | None:
-        """The response body as a JSON object (parsed once), or None."""
+        """The response body's resource in its JSON form (parsed once, from JSON, FHIR
+        XML or YAML), or None."""
         if self._response_json is _UNPARSED:
-            self._response_json = parse_json_object(self.response_body)
+            self._response_json = parse_resource(
+                self.response_body, self.response_headers.get("content-type", "")
+            )
         result: dict[str, Any] | None = self._response_json
         return result

@@ -17,11 +17,13 @@ from yarl import URL
 from proxy.app import ADMIN_URL, build_proxy_app
 from proxy.store.queue import AuditQueue
 from tests.factories import (
+    FormatUpstream,
     NodeFhirServer,
     RecordingRepository,
     RunningProxy,
     ScriptedRepository,
     StartProxy,
+    format_upstream,
     serving,
     settings_for,
     start_fhir_server,
@@ -40,6 +42,13 @@ def fhir_server() -> Iterator[NodeFhirServer]:
     server = start_fhir_server()
     yield server
     stop_fhir_server(server)
+
+
+@pytest.fixture
+async def fhir_formats(fhir_server: NodeFhirServer) -> AsyncIterator[FormatUpstream]:
+    """The test FHIR server speaking JSON, XML and YAML (:class:`FormatUpstream`)."""
+    async with format_upstream(fhir_server.base_url) as upstream:
+        yield upstream
 
 
 @pytest.fixture

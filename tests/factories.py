@@ -38,7 +38,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from fhir.resources.R4B import get_fhir_model_class
 from jwt.algorithms import RSAAlgorithm
+from yarl import URL
 
 from proxy.app import QUEUE
 from proxy.audit.balp import AuditContext, build_events
@@ -243,6 +245,152 @@ def settings_for(upstream_url: str, store_dir: Path, **overrides: Any) -> Settin
     return load_settings(None, **base)
 
 
+# --- FHIR in XML and YAML -----------------------------------------------------------------
+
+FORMATS = ("json", "xml", "yaml")
+"""The body formats the inference scenarios run in."""
+CONTENT_TYPES = {
+    "json": "application/fhir+json",
+    "xml": "application/fhir+xml",
+    "yaml": "application/x-yaml",
+}
+_R4_META = frozenset({"versionId", "lastUpdated", "source", "profile", "security", "tag"})
+
+
+def r4_resource(resource: Any) -> Any:
+    """``resource`` without what Medplum adds beyond FHIR R4 (``meta.author``,
+    ``meta.project``, ``meta.compartment``...), at any depth, so that a strict R4 model
+    takes it."""
+    if isinstance(resource, list):
+        return [r4_resource(item) for item in resource]
+    if not isinstance(resource, dict):
+        return resource
+    out = {k: r4_resource(v) for k, v in resource.items()}
+    if isinstance(out.get("meta"), dict) and "resourceType" in out:
+        out["meta"] = {k: v for k, v in out["meta"].items() if k in _R4_META}
+        if not out["meta"]:
+            del out["meta"]
+    return out
+
+
+def fhir_body(resource: Mapping[str, Any], fmt: str) -> bytes:
+    """``resource`` (a valid R4 resource in its JSON form) written in ``fmt`` (``json``,
+    ``xml`` or ``yaml``) by fhir.resources, a writer independent of the proxy's reader."""
+    if fmt == "json":
+        return orjson.dumps(resource)
+    model = get_fhir_model_class(resource["resourceType"]).model_validate(r4_resource(resource))
+    assert fmt in ("xml", "yaml"), fmt
+    written: str | bytes = model.model_dump_xml() if fmt == "xml" else model.model_dump_yaml()
+    return written if isinstance(written, bytes) else written.encode()
+
+
+def fhir_resource(body: bytes, content_type: str) -> dict[str, Any]:
+    """The JSON form of a JSON, XML or YAML body, read by fhir.resources (XML, YAML)."""
+    media = content_type.split(";")[0].strip()
+    if media.endswith("json"):
+        parsed: dict[str, Any] = orjson.loads(body)
+        return parsed
+    if media.endswith("xml"):
+        root = body.split(b"<", 2)[1 if not body.startswith(b"<?") else 2]
+        root_name = root.split(b" ", 1)[0].split(b">", 1)[0].decode()
+        model = get_fhir_model_class(root_name).model_validate_xml(body)
+    else:
+        rtype: str = yaml.safe_load(body)["resourceType"]
+        model = get_fhir_model_class(rtype).model_validate_yaml(body)
+    loaded: dict[str, Any] = orjson.loads(model.model_dump_json())
+    return loaded
+
+
+def _format_asked(request: web.Request) -> str:
+    """The format a client asks for: ``_format``, else ``Accept``; JSON by default."""
+    asked = (request.query.get("_format") or request.headers.get("Accept") or "").lower()
+    if "xml" in asked:
+        return "xml"
+    if "yaml" in asked:
+        return "yaml"
+    return "json"
+
+
+@dataclass
+class FormatUpstream:
+    """A FHIR server that speaks JSON, XML and YAML: a thin layer over the test server
+    (which speaks JSON only) that turns XML and YAML request bodies into JSON and
+    answers in the format asked for (``_format`` or ``Accept``), written by fhir.resources.
+    Everything else (method, path, query, status, ``Location``, ``ETag``) passes through."""
+
+    fhir_base: str
+    """The JSON server's base (``http://127.0.0.1:port/fhir``)."""
+    url: str = ""
+    """This server's base, once started."""
+    session: aiohttp.ClientSession | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self.session is not None
+        body: bytes | None = await request.read() or None
+        headers = {
+            name: value
+            for name, value in request.headers.items()
+            if name.lower() in ("x-request-id", "if-none-exist", "if-match", "prefer")
+        }
+        content_type = request.headers.get("Content-Type", "")
+        if body is not None:
+            if "xml" in content_type or "yaml" in content_type:
+                try:
+                    body = orjson.dumps(fhir_resource(body, content_type))
+                except Exception as exc:  # what the real servers answer an unreadable body
+                    return web.json_response(
+                        {
+                            "resourceType": "OperationOutcome",
+                            "issue": [
+                                {"severity": "error", "code": "invalid", "diagnostics": str(exc)}
+                            ],
+                        },
+                        status=400,
+                        content_type="application/fhir+json",
+                    )
+                content_type = "application/fhir+json"
+            headers["Content-Type"] = content_type
+        query = [(k, v) for k, v in request.query.items() if k != "_format"]
+        tail = request.match_info["tail"].lstrip("/")
+        async with self.session.request(
+            request.method,
+            URL(f"{self.fhir_base}/{tail}").with_query(query),
+            data=body,
+            headers=headers,
+        ) as upstream:
+            answer = await upstream.read()
+            status = upstream.status
+            passed = {
+                name: value.replace(self.fhir_base, self.url)
+                for name, value in upstream.headers.items()
+                if name.lower() in ("location", "content-location", "etag")
+            }
+        fmt = _format_asked(request)
+        if not answer or fmt == "json":
+            return web.Response(
+                status=status,
+                body=answer,
+                headers=passed,
+                content_type="application/fhir+json" if answer else None,
+            )
+        written = fhir_body(orjson.loads(answer), fmt)
+        passed["Content-Type"] = CONTENT_TYPES[fmt]
+        return web.Response(status=status, body=written, headers=passed)
+
+
+@contextlib.asynccontextmanager
+async def format_upstream(fhir_base: str) -> AsyncIterator[FormatUpstream]:
+    """A :class:`FormatUpstream` over ``fhir_base``, on loopback, closed on exit."""
+    upstream = FormatUpstream(fhir_base)
+    async with (
+        aiohttp.ClientSession() as session,
+        serving(("*", "/fhir{tail:(/.*)?}", upstream.handle)) as server,
+    ):
+        upstream.session = session
+        upstream.url = str(server.make_url("/fhir"))
+        yield upstream
+
+
 # --- credentials, events, exchanges -------------------------------------------------------
 
 
@@ -349,7 +497,9 @@ def exchange(
         error=error,
         finished_at=NOW,
     )
-    ex.interaction = classify(method, path, query, request_headers, raw_body)
+    ex.interaction = classify(
+        method, path, query, request_headers, raw_body, parsed_body=ex.request_json
+    )
     ex.identity = identity_from_headers(request_headers, identity or IdentitySettings(), keys)
     return ex
 

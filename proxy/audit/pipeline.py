@@ -405,7 +405,7 @@ class AuditPipeline:
         (they need not wait for the commit)."""
         try:
             if held is not None:
-                view = audit_view(held.reader())
+                view = audit_view(held.reader(), ex.response_headers.get("content-type", ""))
                 if view is None:
                     ex.response_body = held.value()
                 else:

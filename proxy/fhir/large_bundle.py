@@ -6,7 +6,9 @@ resource the type, id, meta and the elements that put it in the Patient compartm
 the Bundle is read incrementally (ijson, C backend), one entry at a time, and each entry
 is kept cut down to that. Of the Bundle itself the audit reads only its type of resource.
 What cannot be read this way (not JSON, not a Bundle, a ``resourceType`` written after the
-entries, no entries) gives None, and the body is parsed whole as before.
+entries, no entries) gives None, and the body is parsed whole as before. A FHIR XML Bundle
+is read the same way, element by element (:func:`proxy.fhir.formats.xml_resource`), each
+entry cut once read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, BinaryIO
 import ijson
 
 from proxy.fhir.compartment import PATIENT_PATHS
+from proxy.fhir.formats import BodyFormat, body_format, xml_resource
 
 _TOP = frozenset({"resourceType", "id", "type", "total"})
 """The Bundle's own fields kept (when written before its entries, as servers do)."""
@@ -27,9 +30,17 @@ read as one)."""
 _SCALARS = frozenset({"string", "number", "boolean", "null"})
 
 
-def audit_view(stream: BinaryIO) -> dict[str, Any] | None:
-    """The Bundle in ``stream`` (positioned at its start) with each entry cut to what the
-    audit reads, or None when it must be parsed whole."""
+def audit_view(stream: BinaryIO, content_type: str = "") -> dict[str, Any] | None:
+    """The Bundle in ``stream`` (positioned at its start; JSON, or FHIR XML as
+    ``content_type`` says) with each entry cut to what the audit reads, or None when it
+    must be parsed whole. (An XML resource that is no Bundle is given whole: reading it
+    is parsing it.)"""
+    fmt = body_format(content_type, stream.read(64))
+    stream.seek(0)
+    if fmt is BodyFormat.XML:
+        return xml_resource(stream, on_entry=_entry)
+    if fmt is not BodyFormat.JSON:
+        return None
     try:
         head = _fields_before_entries(stream)
         if head is None or head.get("resourceType") != "Bundle":
