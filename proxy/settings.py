@@ -212,7 +212,14 @@ class AuditSettings(_Frozen):
     """Query and form parameters whose values are never recorded, in addition to the
     credential parameters always redacted (``access_token``, ``id_token``,
     ``refresh_token``, ``client_secret``, ``password``, ``api_key``, ``token``,
-    ``apikey``, ``client_assertion``, ``sig``); each also in its ``name[]`` forms."""
+    ``apikey``, ``client_assertion``, ``sig``); each also in its ``name[]`` forms. Also
+    applied to the body of an operation recorded in the query entity (form fields, JSON
+    members, ``Parameters`` parameters, GraphQL arguments)."""
+    max_query_bytes: int = Field(default=4096, ge=256)
+    """Most bytes of the raw request (request line, ``Accept``, ``X-Request-Id``, and the
+    body of a form search or of an operation, credentials redacted) kept in a query
+    entity. A longer one is cut there, and the entity's description gives its whole length
+    and the SHA-256 of all of it as recorded."""
     token_hash_key: SecretStr | None = None
     """Key of the HMAC-SHA256 an opaque bearer token is recorded as. Unset: a random key
     kept beside the store (``<store>.token-key``). Set the same key on every proxy whose

@@ -174,6 +174,25 @@ async def test_a_search_by_code_is_recorded_as_sent(
     assert profile(event) == "PatientQuery" and patient_refs(event) == ["Patient/p-code-1"]
 
 
+async def test_an_operation_body_is_recorded_in_the_query_entity(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(fhir_server.base_url)
+    query = b'{"query":"{ PatientList(name: \\"Nobody-graphql\\") { id } }"}'
+    async with http.post(
+        f"{proxy.url}/$graphql",
+        data=query,
+        headers={"Content-Type": "application/json", "X-Request-Id": "gql"},
+    ) as r:
+        assert r.status == 200, await r.text()
+    (event,) = [e for e in await proxy.stored_events() if request_id_of(e) == "gql"]
+    assert recorded_request(event) == (
+        b"POST /fhir/$graphql HTTP/1.1\r\nAccept: */*\r\nX-Request-Id: gql\r\n"
+        b"Content-Type: application/json\r\n\r\n" + query
+    )
+    assert subtypes(event) == ["operation", "$graphql"]
+
+
 async def test_request_id_is_kept_or_generated_and_returned(
     fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:

@@ -52,6 +52,8 @@ SECRETS = {
     "query access_token%5B%5D": "qry-access-tok-list-7U",
     "form access_token": "form-access-tok-8H",
     "form password": "form-password-9J",
+    "operation parameter": "op-client-secret-1P",
+    "graphql variable": "gql-access-token-2Q",
     "jwt": JWT,
     "jwt signature": JWT_SIGNATURE,
     "opaque short": OPAQUE_SHORT,
@@ -102,6 +104,30 @@ async def _send_every_channel(
             "Patient",
             {"Authorization": f"Bearer {OPAQUE_SHORT}", "Content-Type": "application/fhir+json"},
             orjson.dumps({"resourceType": "Patient", "active": True}),
+        ),
+        (
+            "POST",
+            "Patient/$everything",
+            {"Content-Type": "application/fhir+json"},
+            orjson.dumps(
+                {
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {"name": "client_secret", "valueString": s["operation parameter"]}
+                    ],
+                }
+            ),
+        ),
+        (
+            "POST",
+            "$graphql",
+            {"Content-Type": "application/json"},
+            orjson.dumps(
+                {
+                    "query": "{ PatientList(name: \"x\") { id } }",
+                    "variables": {"access_token": s["graphql variable"]},
+                }
+            ),
         ),
     ]
     ids = []

@@ -51,7 +51,8 @@ from proxy.audit.vocabulary import (
 )
 from proxy.exchange import Exchange
 from proxy.fhir.bundle import bundle_entries
-from proxy.fhir.interaction import Interaction, InteractionKind
+from proxy.fhir.formats import redacted_body
+from proxy.fhir.interaction import CREDENTIAL_PARAMS, Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
 from proxy.store.records import FAN_MAX, EventRow, FanOut, member_id
@@ -59,10 +60,8 @@ from proxy.store.records import FAN_MAX, EventRow, FanOut, member_id
 K = InteractionKind
 
 QUERY_LIMIT = 4096
-"""Most bytes of the raw request kept in ``entity.query``; a longer one is cut there and
-its description gives the full length and the SHA-256 of the whole (labelled so), so the
-cost of an event is bounded and the full request can still be matched against a
-client's log."""
+"""The default of ``audit.max_query_bytes``: most bytes of the raw request kept in
+``entity.query``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +75,11 @@ class AuditContext:
     """Beyond this many patients, one event lists them (see :func:`events_for`)."""
     max_patients_listed: int = 1000
     """Most patient entities that one event lists."""
+    max_query_bytes: int = QUERY_LIMIT
+    """Most bytes of the raw request kept in a query entity (see :func:`_query_entity`)."""
+    redact_params: frozenset[str] = CREDENTIAL_PARAMS
+    """Parameter names (lower case) whose values an operation's recorded body never
+    holds (the query string and a form body come redacted in the exchange)."""
     source_json: bytes = field(init=False, repr=False, compare=False)
     """``source`` serialized."""
 
@@ -103,6 +107,9 @@ class AuditContext:
             token_pattern=settings.audit.identity.token_pattern,
             max_patient_events=settings.audit.max_patient_events,
             max_patients_listed=settings.audit.max_patients_listed,
+            max_query_bytes=settings.audit.max_query_bytes,
+            redact_params=CREDENTIAL_PARAMS
+            | {name.strip().lower() for name in settings.audit.redact_params},
         )
 
     @classmethod
@@ -302,9 +309,15 @@ def _url_path(url: str) -> str:
         return "/" + rest.split("/", 1)[1] if "/" in rest else ""
 
 
-def _raw_request(ex: Exchange) -> bytes:
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _raw_request(ex: Exchange, redact: frozenset[str]) -> tuple[bytes, str | None]:
     """The request as sent, for ``entity.query``: request line, ``Accept`` and
-    ``X-Request-Id`` (never credentials), and a form body for POST searches."""
+    ``X-Request-Id`` (never credentials), and the body of a form POST (a search) or of an
+    operation (``Parameters``, GraphQL, a form; JSON, XML or YAML) with the values of the
+    parameters named in ``redact`` replaced; and, for an operation's body in a format in
+    which credentials cannot be found, why it is not recorded."""
     base_path = _url_path(ex.base_url).rstrip("/") if ex.base_url else ""
     target = f"{base_path}/{ex.path}" if ex.path or base_path else "/"
     if ex.query_string:
@@ -316,11 +329,17 @@ def _raw_request(ex: Exchange) -> bytes:
     lines.append(f"X-Request-Id: {ex.request_id}")
     head = "\r\n".join(lines).encode()
     content_type = ex.request_headers.get("content-type", "")
-    if ex.method == "POST" and content_type.startswith("application/x-www-form-urlencoded"):
-        return (
-            head + f"\r\nContent-Type: {content_type}\r\n\r\n".encode() + (ex.request_body or b"")
-        )
-    return head + b"\r\n"
+    body = ex.request_body
+    form = ex.method == "POST" and content_type.startswith(_FORM)
+    operation = ex.interaction is not None and ex.interaction.kind is K.OPERATION
+    if not form and (not operation or not body):
+        return head + b"\r\n", None
+    body = body or b""
+    recorded = redacted_body(body, content_type, redact) if body else body
+    if recorded is None:
+        kind = content_type.split(";", 1)[0].strip() or "no content type"
+        return head + b"\r\n", f"[body of {len(body)} bytes ({kind}) not recorded]"
+    return head + f"\r\nContent-Type: {content_type}\r\n\r\n".encode() + recorded, None
 
 
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
@@ -337,12 +356,17 @@ def form_encoded(pairs: Iterable[tuple[str, str]]) -> str:
     )
 
 
-def _query_entity(ex: Exchange, interaction: Interaction) -> dict[str, Any]:
-    raw = _raw_request(ex)
+def _query_entity(ex: Exchange, interaction: Interaction, ctx: AuditContext) -> dict[str, Any]:
+    """The query entity: the raw request in ``query``, cut at ``ctx.max_query_bytes`` (its
+    description then gives the whole request's length and the SHA-256 of the whole
+    request as recorded, credentials redacted, so the event's cost is bounded and the
+    request can still be matched), and the search in ``description``."""
+    raw, unrecorded = _raw_request(ex, ctx.redact_params)
+    limit = ctx.max_query_bytes
     entity: dict[str, Any] = {
         "type": SYSTEM_OBJECT,
         "role": ROLE_QUERY,
-        "query": base64.b64encode(raw[:QUERY_LIMIT]).decode("ascii"),
+        "query": base64.b64encode(raw[:limit]).decode("ascii"),
     }
     target = interaction.resource_type or ""
     if interaction.compartment:
@@ -361,13 +385,16 @@ def _query_entity(ex: Exchange, interaction: Interaction) -> dict[str, Any]:
         entity["description"] = f"{target}?{form_encoded(shown)}"[:2000]
     elif target:
         entity["description"] = target
-    if len(raw) > QUERY_LIMIT:
-        # Of the whole request: the kept bytes are in ``query`` for anyone to hash; the
-        # whole one's digest is what ties the event to the request a client logged.
+    if unrecorded is not None:
+        entity["description"] = f"{entity.get('description', '')[:1800]} {unrecorded}".lstrip()
+    if len(raw) > limit:
+        # Of the whole request (as recorded, credentials redacted): the kept bytes are in
+        # ``query`` for anyone to hash; the whole one's digest is what ties the event to
+        # the request a client logged.
         digest = hashlib.sha256(raw).hexdigest()
         entity["description"] = (
             entity.get("description", "")[:1800]
-            + f" [request cut to {QUERY_LIMIT} of {len(raw)} bytes;"
+            + f" [request cut to {limit} of {len(raw)} bytes;"
             f" sha256 of all {len(raw)} bytes: {digest}]"
         ).lstrip()
     return entity
@@ -748,7 +775,7 @@ def events_for(
     if pattern.entity == "data" and interaction.kind is not K.UNKNOWN:
         main = _data_entity(ex, happening)
     else:
-        main = _query_entity(ex, interaction)
+        main = _query_entity(ex, interaction, ctx)
     transaction = _transaction_entity(ex.request_id)
     if finish.traceparent is not None:
         transaction = _traced(transaction, finish.traceparent)

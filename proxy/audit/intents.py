@@ -44,7 +44,7 @@ STORE_ERROR_OUTCOME_DESC = (
 _SUMMARY_SEARCH_PARAMS = 200
 
 
-def intent_summary(exchange: Exchange) -> dict[str, Any]:
+def intent_summary(exchange: Exchange, *, max_query_bytes: int = QUERY_LIMIT) -> dict[str, Any]:
     """What is committed before a write is forwarded: enough to record the write if the
     proxy stops before its answer is audited. Holds no credential: the exchange's query
     and form body are already redacted, and an opaque token is only its keyed hash. For
@@ -56,7 +56,7 @@ def intent_summary(exchange: Exchange) -> dict[str, Any]:
     return {
         "method": exchange.method,
         "path": exchange.path,
-        "query_string": exchange.query_string[:QUERY_LIMIT],
+        "query_string": exchange.query_string[:max_query_bytes],
         "request_id": exchange.request_id,
         "client_address": exchange.client_address,
         "base_url": exchange.base_url,

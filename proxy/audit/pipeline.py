@@ -322,7 +322,9 @@ class AuditPipeline:
         if ex.method in SAFE_METHODS and not ex.interaction.is_write:
             return None
         try:
-            ex.intent_id = await self._queue.record_intent(intent_summary(ex))
+            ex.intent_id = await self._queue.record_intent(
+                intent_summary(ex, max_query_bytes=self._ctx.max_query_bytes)
+            )
         except StoreError as exc:
             refused = self._fail_closed(ex, exc, "intent")
             # The write is refused unforwarded; that is recorded too. The store that

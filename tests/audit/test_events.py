@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 import orjson
@@ -26,6 +27,8 @@ from tests.factories import (
     exchange,
     patients_of,
     profile_of,
+    query_entity,
+    recorded_request,
     request_id_of,
     unsigned_jwt,
 )
@@ -243,6 +246,146 @@ def test_query_entity_is_the_raw_request_without_credentials() -> None:
         b"patient=p1&code=x"
     )
     assert request_id_of(event) == "rid-1"
+
+
+PARAMETERS_WITH_A_SECRET = {
+    "resourceType": "Parameters",
+    "parameter": [
+        {"name": "start", "valueDate": "2020-01-01"},
+        {"name": "client_secret", "valueString": "op-secret-1"},
+    ],
+}
+PARAMETERS_XML = (
+    b'<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="start"/>'
+    b'<valueDate value="2020-01-01"/></parameter><parameter><name value="client_secret"/>'
+    b'<valueString value="op-secret-1"/></parameter></Parameters>'
+)
+PARAMETERS_YAML = (
+    b"resourceType: Parameters\nparameter:\n- name: start\n  valueDate: '2020-01-01'\n"
+    b"- name: client_secret\n  valueString: op-secret-1\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/fhir+json", orjson.dumps(PARAMETERS_WITH_A_SECRET)),
+        ("application/fhir+xml", PARAMETERS_XML),
+        ("application/x-yaml", PARAMETERS_YAML),
+        ("application/x-www-form-urlencoded", b"start=2020-01-01&client_secret=op-secret-1"),
+    ],
+    ids=["json", "xml", "yaml", "form"],
+)
+def test_an_operation_body_is_recorded_with_its_credentials_redacted(
+    content_type: str, body: bytes
+) -> None:
+    ex = exchange(
+        "POST",
+        "Patient/p1/$everything",
+        body=body,
+        headers={"Content-Type": content_type},
+        request_id="rid-op",
+        response={"resourceType": "Bundle", "type": "searchset"},
+    )
+    (event,) = events_of(ex)
+    head, _, recorded = recorded_request(event).partition(b"\r\n\r\n")
+    assert head == (
+        b"POST /fhir/Patient/p1/$everything HTTP/1.1\r\nX-Request-Id: rid-op\r\n"
+        + f"Content-Type: {content_type}".encode()
+    )
+    assert b"op-secret-1" not in recorded
+    assert b"REDACTED" in recorded
+    assert b"2020-01-01" in recorded, "everything else is recorded as sent"
+
+
+def test_a_graphql_body_is_recorded_as_sent() -> None:
+    query = b'{"query":"{ PatientList(name: \\"Smith\\") { id name { family } } }"}'
+    ex = exchange(
+        "POST",
+        "$graphql",
+        body=query,
+        headers={"Content-Type": "application/json"},
+        response={"data": {"PatientList": []}},
+    )
+    (event,) = events_of(ex)
+    assert recorded_request(event).endswith(b"\r\n\r\n" + query)
+    assert event["subtype"][1]["code"] == "$graphql"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "secret"),
+    [
+        (
+            "application/json",
+            b'{"query":"{ x(access_token: \\"gq-secret-2\\") { id } }","variables":'
+            b'{"password":"gq-secret-3"}}',
+            b"gq-secret",
+        ),
+        ("application/graphql", b'{ x(api_key: "gq-secret-4") { id } }', b"gq-secret"),
+    ],
+)
+def test_graphql_arguments_and_variables_that_are_credentials_are_redacted(
+    content_type: str, body: bytes, secret: bytes
+) -> None:
+    ex = exchange(
+        "POST", "$graphql", body=body, headers={"Content-Type": content_type}, response={}
+    )
+    (event,) = events_of(ex)
+    recorded = recorded_request(event)
+    assert secret not in recorded
+    assert recorded.count(b"REDACTED") == body.count(secret)
+
+
+def test_an_operation_body_in_a_format_that_hides_credentials_is_not_recorded() -> None:
+    ex = exchange(
+        "POST",
+        "Binary/$upload",
+        body=b"\x00\x01opaque-bytes-password=x",
+        headers={"Content-Type": "application/octet-stream"},
+        response={},
+    )
+    (event,) = events_of(ex)
+    assert b"opaque-bytes" not in recorded_request(event)
+    query = query_entity(event)
+    assert "[body of 25 bytes (application/octet-stream) not recorded]" in query["description"]
+
+
+def test_a_long_operation_body_is_cut_at_max_query_bytes_with_its_length_and_digest() -> None:
+    parameters = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": f"p{i}", "valueString": "x" * 50} for i in range(40)],
+    }
+    body = orjson.dumps(parameters)
+    ex = exchange("POST", "$process-message", body=body, request_id="rid-cut", response={})
+    (event,) = events_of(ex, context(max_query_bytes=1024))
+    query = query_entity(event)
+    kept = base64.b64decode(query["query"])
+    assert len(kept) == 1024
+    whole = (
+        b"POST /fhir/$process-message HTTP/1.1\r\nX-Request-Id: rid-cut\r\n"
+        b"Content-Type: application/fhir+json\r\n\r\n" + body
+    )
+    assert whole.startswith(kept)
+    digest = hashlib.sha256(whole).hexdigest()
+    assert query["description"].endswith(
+        f"[request cut to 1024 of {len(whole)} bytes; sha256 of all {len(whole)} bytes: {digest}]"
+    )
+
+
+def test_the_body_of_a_write_or_a_batch_is_not_put_in_a_query_entity() -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": "Patient?name=secretive"}}],
+    }
+    rid = b"rid-batch"
+    ex = exchange(
+        "POST", "", body=bundle, request_id=rid.decode(), response={"resourceType": "Bundle"}
+    )
+    queries = [e for e in events_of(ex) if any("24" in codes(x.get("role")) for x in e["entity"])]
+    assert len(queries) == 2, "the batch's own event and its search entry's"
+    for event in queries:
+        assert recorded_request(event).endswith(b"HTTP/1.1\r\nX-Request-Id: " + rid + b"\r\n")
 
 
 def test_source_comes_from_settings() -> None:
