@@ -1,21 +1,32 @@
 """Shared fixtures: a real upstream FHIR server (Medplum's engine on Node), a running proxy
 in front of it, and a recording audit repository. What they are built from lives in
-``tests/factories.py``."""
+``tests/factories.py``.
+
+Every AuditEvent a test produces (built in this process, or delivered to a test
+repository by a proxy in another) is checked against the BALP profile it claims, or the
+base AuditEvent, by one validator for the session (``tests/conformance.py``); a test
+during which an event fails the check fails, unless it is marked ``invalid_events`` with
+the reason it makes invalid events on purpose."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import uvloop
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.app import ADMIN_URL, build_proxy_app
+from proxy.audit import balp
 from proxy.store.queue import AuditQueue
+from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     FormatUpstream,
     NodeFhirServer,
@@ -30,10 +41,95 @@ from tests.factories import (
     stop_fhir_server,
 )
 
+VALIDATOR = pytest.StashKey[ProfileValidator]()
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Run every async test on uvloop, as the proxy runs in production."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def _delivered(body: Any) -> list[dict[str, Any]]:
+    """The AuditEvents in what a repository received (a Bundle of them, or one)."""
+    if not isinstance(body, dict):
+        return []
+    if body.get("resourceType") == "Bundle":
+        return [
+            e["resource"]
+            for e in body.get("entry") or ()
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        ]
+    return [body] if body.get("resourceType") == "AuditEvent" else []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def balp_validator(pytestconfig: pytest.Config) -> Iterator[ProfileValidator]:
+    """The session's BALP conformance check, fed every event the builder makes in this
+    process and every event a test repository receives."""
+    validator = ProfileValidator.start()
+    pytestconfig.stash[VALIDATOR] = validator
+    original = balp.events_for
+
+    def checked_events_for(*args: Any, **kwargs: Any) -> Sequence[Any]:
+        built = original(*args, **kwargs)
+        for item in built:
+            row = item.row
+            validator.submit(row.event_id, row.body)
+        return built
+
+    def checked_handle(handle: Any) -> Any:
+        async def handle_and_check(self: Any, request: web.Request) -> web.StreamResponse:
+            response: web.StreamResponse = await handle(self, request)
+            raw = await request.read()  # (aiohttp keeps the body read)
+            if response.status < 300 and raw:
+                for event in _delivered(orjson.loads(raw)):
+                    validator.submit_event(event)
+            return response
+
+        return handle_and_check
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Wherever the builder is imported by name (the pipeline's build_events calls it
+        # through balp; the intents' recovery imports it).
+        for module in list(sys.modules.values()):
+            name = getattr(module, "__name__", "")
+            if name.startswith("proxy.") and getattr(module, "events_for", None) is original:
+                patch.setattr(module, "events_for", checked_events_for)
+        for repository in (RecordingRepository, ScriptedRepository):
+            patch.setattr(repository, "handle", checked_handle(repository.handle))
+        try:
+            yield validator
+        finally:
+            validator.close()
+
+
+@pytest.fixture(autouse=True)
+def balp_conformance(
+    request: pytest.FixtureRequest, balp_validator: ProfileValidator
+) -> Iterator[None]:
+    """Fails the test when an event produced during it breaks its profile (set up before
+    and torn down after the test's other fixtures, so every event is in)."""
+    balp_validator.owner = request.node.nodeid
+    yield
+    failed = balp_validator.settle()
+    balp_validator.owner = "(between tests)"
+    expected = request.node.get_closest_marker("invalid_events")
+    if expected is not None and not failed:
+        pytest.fail("marked invalid_events, but every AuditEvent kept its profile", False)
+    if failed and expected is None:
+        shown = "\n".join(
+            f"- event {v.event_id} ({', '.join(v.profiles) or 'no profile'}, produced during"
+            f" {v.owner}):\n    " + "\n    ".join(v.errors[:10])
+            for v in failed[:10]
+        )
+        pytest.fail(f"{len(failed)} AuditEvents break their BALP profile:\n{shown}", False)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    validator = config.stash.get(VALIDATOR, None)
+    if validator is not None:
+        for line in summary(validator.counts):
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ def _invalid_count(metrics: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.invalid_events("the upstream's security label is not a valid FHIR code, on purpose")
 async def test_invalid_event_is_stored_forwarded_warned_and_counted(
     labelling_upstream: str,
     start_proxy: StartProxy,
