@@ -504,6 +504,40 @@ def exchange(
     return ex
 
 
+OBSERVATION = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "status": "final",
+    "code": {"text": "weight"},
+    "subject": {"reference": "Patient/p1"},
+}
+"""An Observation about ``Patient/p1``, as a server returns it."""
+NEW_PATIENT_URN = "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"
+TRANSACTION_BY_URN = {
+    "resourceType": "Bundle",
+    "type": "transaction",
+    "entry": [
+        {
+            "fullUrl": NEW_PATIENT_URN,
+            "resource": {"resourceType": "Patient", "name": [{"family": "T"}]},
+            "request": {"method": "POST", "url": "Patient"},
+        },
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"text": "x"},
+                "subject": {"reference": NEW_PATIENT_URN},
+            },
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {"request": {"method": "DELETE", "url": "Observation/old-1"}},
+    ],
+}
+"""A transaction creating a Patient and an Observation about it (linked by ``urn:uuid``),
+and deleting an Observation."""
+
+
 def search_exchange(
     patients: Sequence[str], *, user: str | None = None, query: str = "code=8867-4"
 ) -> Exchange:

@@ -11,15 +11,9 @@ from typing import Any
 import pytest
 
 from tests.conformance import ProfileValidator
-from tests.factories import BALP, context, events_of, exchange, unsigned_jwt
+from tests.factories import BALP, OBSERVATION, context, events_of, exchange, unsigned_jwt
 
-OBS = {
-    "resourceType": "Observation",
-    "id": "o1",
-    "status": "final",
-    "code": {"text": "weight"},
-    "subject": {"reference": "Patient/p1"},
-}
+OBS = OBSERVATION
 CLIENT_JWT = unsigned_jwt({"sub": "u1", "name": "Ann", "client_id": "app-1", "jti": "j1"})
 
 

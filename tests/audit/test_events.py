@@ -21,6 +21,7 @@ from proxy.audit.validate import validate_event
 from proxy.audit.vocabulary import OPERATION_SYSTEM
 from tests.factories import (
     NOW,
+    OBSERVATION,
     codes,
     context,
     events_of,
@@ -33,13 +34,7 @@ from tests.factories import (
     unsigned_jwt,
 )
 
-OBS = {
-    "resourceType": "Observation",
-    "id": "o1",
-    "status": "final",
-    "code": {"text": "weight"},
-    "subject": {"reference": "Patient/p1"},
-}
+OBS = OBSERVATION
 
 
 def _outcome(diagnostics: str) -> dict[str, Any]:

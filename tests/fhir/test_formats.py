@@ -32,6 +32,7 @@ from tests.factories import (
     CONTENT_TYPES,
     FORMATS,
     NOW,
+    TRANSACTION_BY_URN,
     FormatUpstream,
     RunningProxy,
     StartProxy,
@@ -122,27 +123,6 @@ ONE_ENTRY = {
     "type": "searchset",
     "entry": [{"resource": _observation("o9", "Patient/only")}],
 }
-TRANSACTION = {
-    "resourceType": "Bundle",
-    "type": "transaction",
-    "entry": [
-        {
-            "fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
-            "resource": {"resourceType": "Patient", "name": [{"family": "T"}]},
-            "request": {"method": "POST", "url": "Patient"},
-        },
-        {
-            "resource": {
-                "resourceType": "Observation",
-                "status": "final",
-                "code": {"text": "x"},
-                "subject": {"reference": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"},
-            },
-            "request": {"method": "POST", "url": "Observation"},
-        },
-        {"request": {"method": "GET", "url": "Observation/gone"}},
-    ],
-}
 TRANSACTION_RESPONSE = {
     "resourceType": "Bundle",
     "type": "transaction-response",
@@ -154,7 +134,7 @@ TRANSACTION_RESPONSE = {
                 "status": "404 Not Found",
                 "outcome": {
                     "resourceType": "OperationOutcome",
-                    "issue": [{"severity": "error", "code": "not-found", "diagnostics": "gone"}],
+                    "issue": [{"severity": "error", "code": "not-found", "diagnostics": "old"}],
                 },
             }
         },
@@ -191,7 +171,7 @@ CASES = [
     ),
     Case("searchset", "GET", "Observation", None, SEARCHSET),
     Case("searchset of one entry", "GET", "Observation", None, ONE_ENTRY),
-    Case("transaction", "POST", "", TRANSACTION, TRANSACTION_RESPONSE),
+    Case("transaction", "POST", "", TRANSACTION_BY_URN, TRANSACTION_RESPONSE),
     Case("not found", "GET", "Observation/x", None, NOT_FOUND, 404),
 ]
 

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.audit.balp import AuditContext, build_events
 from proxy.fhir.large_bundle import audit_view
-from tests.factories import NOW, exchange
+from tests.factories import NOW, TRANSACTION_BY_URN, exchange
 
 
 def _observation(i: int, patient: str) -> dict[str, Any]:
@@ -65,27 +65,7 @@ SEARCHSET = {
     ],
 }
 
-TRANSACTION = {
-    "resourceType": "Bundle",
-    "type": "transaction",
-    "entry": [
-        {
-            "fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
-            "resource": {"resourceType": "Patient", "name": [{"family": "T"}]},
-            "request": {"method": "POST", "url": "Patient"},
-        },
-        {
-            "resource": {
-                "resourceType": "Observation",
-                "status": "final",
-                "code": {"text": "x"},
-                "subject": {"reference": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"},
-            },
-            "request": {"method": "POST", "url": "Observation"},
-        },
-        {"request": {"method": "DELETE", "url": "Observation/old-1"}},
-    ],
-}
+TRANSACTION = TRANSACTION_BY_URN
 
 TRANSACTION_RESPONSE = {
     "resourceType": "Bundle",
