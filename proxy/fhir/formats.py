@@ -207,7 +207,11 @@ def _xml_resource(
     for event, elem in _events(source):
         if event == "start":
             tag = elem.tag
-            if (stack and stack[-1] is _SKIP) or not tag.startswith(_FHIR):
+            if (
+                (stack and stack[-1] is _SKIP)
+                or not isinstance(tag, str)
+                or not tag.startswith(_FHIR)
+            ):
                 if not stack:
                     return None  # not a FHIR document
                 stack.append(_SKIP)
@@ -250,7 +254,12 @@ def _xml_resource(
         if name[:1].isupper():
             parent[3] = result  # an inline resource is the value of the element holding it
             continue
-        if on_entry is not None and name == "entry" and len(stack) == 1:
+        if (
+            on_entry is not None
+            and name == "entry"
+            and len(stack) == 1
+            and isinstance(result, dict)
+        ):
             result = on_entry(result)
         siblings = parent[1]
         existing = siblings.get(name)

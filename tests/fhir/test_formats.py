@@ -344,6 +344,19 @@ def test_what_is_not_a_readable_fhir_xml_document_names_nothing(body: bytes) -> 
     assert xml_resource(io.BytesIO(body)) is None
 
 
+def test_an_entry_that_is_a_primitive_is_read_without_error() -> None:
+    """A Bundle whose ``entry`` carries a value, as no server writes it, but a body may:
+    the large-Bundle reader keeps it as it is rather than fail the audit."""
+    body = (
+        b'<Bundle xmlns="http://hl7.org/fhir"><type value="searchset"/>'
+        b'<entry value="request"/><entry><resource><Patient><id value="p"/></Patient>'
+        b"</resource></entry></Bundle>"
+    )
+    view = audit_view(io.BytesIO(body), "application/fhir+xml")
+    assert view is not None
+    assert view["entry"] == ["request", {"resource": {"resourceType": "Patient", "id": "p"}}]
+
+
 def test_the_depth_bound_leaves_every_real_resource_readable() -> None:
     parsed = xml_resource(io.BytesIO(_nested(MAX_XML_DEPTH)))
     assert parsed is not None and parsed["id"] == "deep"
