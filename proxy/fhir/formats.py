@@ -427,10 +427,9 @@ def redacted_body(body: bytes, content_type: str, names: frozenset[str]) -> byte
         return body if redacted == text else redacted.encode()
     if fmt is BodyFormat.JSON:
         try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            new, changed = _redact_json(orjson.loads(body), names)
+        except (orjson.JSONDecodeError, RecursionError):  # (JSON nests deeper than Python)
             return None
-        new, changed = _redact_json(parsed, names)
         return orjson.dumps(new) if changed else body
     if fmt is BodyFormat.XML:
         return _redact_xml(body, names)

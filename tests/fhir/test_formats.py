@@ -412,6 +412,7 @@ def test_yaml_keeps_dates_and_ids_as_the_strings_json_has() -> None:
         ("application/graphql", b'{ a(password: "s") }', b'{ a(password: "REDACTED") }'),
         ("application/x-www-form-urlencoded", b"password=s&x=1", b"password=REDACTED&x=1"),
         ("application/json", b"{not json", None),
+        ("application/json", b'{"a":' * 1000 + b"1" + b"}" * 1000, None),
         ("application/octet-stream", b"password=s", None),
     ],
 )
