@@ -55,6 +55,7 @@ from proxy.fhir.formats import redacted_body
 from proxy.fhir.interaction import CREDENTIAL_PARAMS, Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
+from proxy.store.marks import BREAK_GLASS_PURPOSES, Mark, marks_for
 from proxy.store.records import FAN_MAX, EventRow, FanOut, member_id
 
 K = InteractionKind
@@ -207,7 +208,8 @@ class _Agents(NamedTuple):
     agents: list[dict[str, Any]]
     user_id: str | None
     terms: list[str]
-    """Their search terms, each once."""
+    """Their search terms, each once, and the break-glass mark when the user's token
+    claims an emergency purpose of use."""
     json: bytes
     """``agents`` serialized."""
     terms_tail: str
@@ -233,6 +235,9 @@ def _agents(
     if user is not None:
         agents.append(user)
     terms = list(dict.fromkeys(_agent_terms(agents, r5)))
+    claimed = identity.purpose_of_use if identity is not None and user is not None else ()
+    if not BREAK_GLASS_PURPOSES.isdisjoint(claimed):
+        terms.append(Mark.BREAK_GLASS.term)
     tail = orjson.dumps(terms).decode()[1:]
     return _Agents(
         agents,
@@ -786,6 +791,8 @@ def events_for(
     if r5 and not subtypes:  # R5's AuditEvent.code is then the event type
         subtypes_column = _joined([TYPE_REST["code"]])
     user_id = agents.user_id
+    # The admin-access and denied marks (proxy/store/marks.py) go with the entities' terms.
+    marks = [m.term for m in marks_for(tags=finish.tags, purposes=(), status=happening.status)]
 
     def built(
         patients: tuple[str, ...],
@@ -817,7 +824,7 @@ def events_for(
                 event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
             body = orjson.dumps(event)
         if terms is None:
-            terms = _terms_json(patients, _entity_terms(main, r5), agents)
+            terms = _terms_json(patients, _entity_terms(main, r5) + marks, agents)
         return BuiltEvent(
             EventRow(
                 event_id=event_id,
@@ -859,7 +866,7 @@ def events_for(
     if len(patients) == 1:
         return [built(patients, main, profile)]
     # One event per patient: their terms differ only in the patient's, which comes first.
-    main_terms = _entity_terms(main, r5)
+    main_terms = _entity_terms(main, r5) + marks
     rest = _terms_json((), main_terms, agents)[1:]
     rest = rest if rest == "]" else f",{rest}"
 

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.audit.r5 import REQUEST_ID_ROLE_TEXT
+from proxy.store.marks import Mark, marks_of_event
 from proxy.store.records import EventRow
 
 
@@ -85,9 +86,9 @@ def event_row(event: dict[str, Any]) -> EventRow:
     ``terms`` (a JSON array) lists the event's searchable values, each with its kind as a
     prefix: ``e:`` entity reference (a patient is an entity referencing a Patient, as
     FHIR's ``patient`` search parameter defines it), ``r:`` resource type, ``a:`` any
-    agent's id, name or network address. A trigger copies them into the ``event_terms``
-    index (proxy/store/schema.py). Every term is an index entry written with the event,
-    so there are as few kinds as the searches need."""
+    agent's id, name or network address, ``k:`` a mark (proxy/store/marks.py). A trigger
+    copies them into the ``event_terms`` index (proxy/store/schema.py). Every term is an
+    index entry written with the event, so there are as few kinds as the searches need."""
     recorded = str(event.get("recorded", ""))
     recorded_ts = _timestamp(recorded)
     outcome = event.get("outcome")
@@ -120,6 +121,10 @@ def event_row(event: dict[str, Any]) -> EventRow:
             terms[f"r:{str(entity['description']).split('?')[0].split('/')[0]}"] = None
         if _is_request_id(entity):
             request_id = what.get("identifier", {}).get("value")
+    marks = marks_of_event(event)
+    for mark in marks:
+        if mark is not Mark.BREAK_GLASS:
+            terms[mark.term] = None
     for patient in patients:  # R5's AuditEvent.patient is not an entity
         terms[f"e:{patient}"] = None
     user: str | None = None
@@ -145,6 +150,8 @@ def event_row(event: dict[str, Any]) -> EventRow:
         ):
             if value:
                 terms[f"a:{value}"] = None
+    if Mark.BREAK_GLASS in marks:  # the agents' mark, after their terms (as the builder)
+        terms[Mark.BREAK_GLASS.term] = None
     event_type = event.get("type")
     if event_type is None:  # R5: category
         event_type = next(iter(event.get("category", ())), None)

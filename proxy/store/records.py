@@ -241,6 +241,10 @@ class EventQuery:
     action: str | None = None
     outcome: str | None = None
     subtype: str | None = None
+    marked: tuple[str, ...] = ()
+    """Marks (``proxy.store.marks.Mark`` values) the event must carry, every one."""
+    unmarked: tuple[str, ...] = ()
+    """Marks the event must not carry (the viewer leaves out admin-access events)."""
     date_from: datetime | None = None
     """Inclusive lower bound on ``recorded``."""
     date_to: datetime | None = None

@@ -96,6 +96,63 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN fan INTEGER;
     """,
+    # 7: what the privacy reports read (proxy/store/reports.py), kept by triggers.
+    # ``access_pairs``: each (user, patient) an event names, ordered by time, so a user's
+    # first access to a patient is one index seek (admin reads of the trail are no access
+    # to a patient's record and are left out). Its patients are the unversioned ``e:``
+    # terms that the row's ``patients`` column names (a fan-out row: all its patients,
+    # under the row's seq). ``activity``: events counted per quarter hour (``slot`` =
+    # recorded_ts // 900, so that a day in any zone is whole slots), action, outcome and
+    # whether they record admin access (the ``k:admin-access`` term, proxy/store/marks.py),
+    # so an activity chart over the whole store reads a row per slot, not every event.
+    # Rows stored before this version get both from BACKFILLS.
+    """
+    CREATE TABLE access_pairs (
+        user_id TEXT NOT NULL,
+        patient TEXT NOT NULL,
+        ts REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (user_id, patient, ts, seq)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER events_pairs_insert AFTER INSERT ON events
+    WHEN NEW.user_id IS NOT NULL AND NEW.patients != '|'
+    AND instr(NEW.terms, '"k:admin-access"') = 0 BEGIN
+        INSERT OR IGNORE INTO access_pairs (user_id, patient, ts, seq)
+            SELECT NEW.user_id, substr(value, 3), NEW.recorded_ts, NEW.seq
+            FROM json_each(NEW.terms)
+            WHERE substr(value, 1, 2) = 'e:' AND instr(value, '/_history/') = 0
+            AND (instr(NEW.patients, '|' || substr(value, 3) || '|')
+                 OR instr(NEW.patients, '|' || substr(value, 3) || '/_history/'));
+    END;
+    CREATE TRIGGER events_pairs_delete AFTER DELETE ON events
+    WHEN OLD.user_id IS NOT NULL AND OLD.patients != '|' BEGIN
+        DELETE FROM access_pairs
+            WHERE user_id = OLD.user_id AND ts = OLD.recorded_ts AND seq = OLD.seq
+            AND patient IN (SELECT substr(value, 3) FROM json_each(OLD.terms)
+                            WHERE substr(value, 1, 2) = 'e:');
+    END;
+    CREATE TABLE activity (
+        slot INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        events INTEGER NOT NULL,
+        PRIMARY KEY (slot, action, outcome, admin)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER events_activity_insert AFTER INSERT ON events BEGIN
+        INSERT INTO activity (slot, action, outcome, admin, events)
+            VALUES (CAST(NEW.recorded_ts / 900 AS INTEGER), COALESCE(NEW.action, ''),
+                    COALESCE(NEW.outcome, ''), instr(NEW.terms, '"k:admin-access"') > 0,
+                    COALESCE(NEW.fan, 1))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events;
+    END;
+    CREATE TRIGGER events_activity_delete AFTER DELETE ON events BEGIN
+        UPDATE activity SET events = events - COALESCE(OLD.fan, 1)
+            WHERE slot = CAST(OLD.recorded_ts / 900 AS INTEGER)
+            AND action = COALESCE(OLD.action, '') AND outcome = COALESCE(OLD.outcome, '')
+            AND admin = (instr(OLD.terms, '"k:admin-access"') > 0);
+    END;
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 
@@ -125,6 +182,24 @@ BACKFILLS: dict[int, str] = {
     INSERT OR IGNORE INTO event_terms (term, ts, seq)
         SELECT j.value, e.recorded_ts, e.seq FROM events e, json_each(e.terms) j
         WHERE e.seq > :lo AND e.seq <= :hi;
+    """,
+    # 7: the access pairs and activity counts of the rows stored before it.
+    7: """
+    INSERT OR IGNORE INTO access_pairs (user_id, patient, ts, seq)
+        SELECT e.user_id, substr(j.value, 3), e.recorded_ts, e.seq
+        FROM events e, json_each(e.terms) j
+        WHERE e.seq > :lo AND e.seq <= :hi AND e.user_id IS NOT NULL AND e.patients != '|'
+        AND instr(e.terms, '"k:admin-access"') = 0
+        AND substr(j.value, 1, 2) = 'e:' AND instr(j.value, '/_history/') = 0
+        AND (instr(e.patients, '|' || substr(j.value, 3) || '|')
+             OR instr(e.patients, '|' || substr(j.value, 3) || '/_history/'));
+    INSERT INTO activity (slot, action, outcome, admin, events)
+        SELECT CAST(recorded_ts / 900 AS INTEGER), COALESCE(action, ''),
+               COALESCE(outcome, ''), instr(terms, '"k:admin-access"') > 0,
+               SUM(COALESCE(fan, 1))
+        FROM events WHERE seq > :lo AND seq <= :hi
+        GROUP BY 1, 2, 3, 4
+        ON CONFLICT DO UPDATE SET events = events + excluded.events;
     """,
 }
 """Row rewrites that go with migration ``n``, run after its statements in the same

@@ -30,6 +30,7 @@ class SearchSql:
             for prefix, name in _TERM_FILTERS
             if getattr(query, name) is not None
         ]
+        terms += [f"k:{mark}" for mark in query.marked]
         self.where: list[str] = []
         self.args: list[Any] = []
         by_date = query.sort is SortKey.RECORDED
@@ -41,6 +42,8 @@ class SearchSql:
         else:
             self.source = "events e"
             ts, seq = "e.recorded_ts", "e.seq"
+        self.ts = ts
+        """The column holding each row's recorded time in :attr:`source`."""
         for term in terms:
             if by_date:
                 self.where.append(
@@ -50,6 +53,15 @@ class SearchSql:
             else:  # let the planner take the term's rows first, then sort by seq
                 self.where.append("e.seq IN (SELECT seq FROM event_terms WHERE term = ?)")
             self.args.append(term)
+        for mark in query.unmarked:
+            if by_date:
+                self.where.append(
+                    "NOT EXISTS (SELECT 1 FROM event_terms x WHERE x.term = ? AND x.ts = "
+                    f"{ts} AND x.seq = {seq})"
+                )
+            else:
+                self.where.append("e.seq NOT IN (SELECT seq FROM event_terms WHERE term = ?)")
+            self.args.append(f"k:{mark}")
         for column, value in (
             ("e.user_id", query.user),
             ("e.action", query.action),

@@ -78,6 +78,10 @@ class ShardedStore(EventReader, Requeue):
                     self._owned.append(queue)
         return sorted(self._queues.items())
 
+    async def readers(self) -> list[tuple[int, AuditQueue]]:
+        """Every shard that exists, with its number (what the report queries read)."""
+        return await self._shards()
+
     async def shard_sizes(self, skip: int) -> list[tuple[int, Path, int | None]]:
         """Each shard but ``skip``: its number, path and bytes in use; None for a shard
         that does not exist yet (its worker is starting)."""

@@ -190,7 +190,9 @@ FAILURES: list[dict[str, Any]] = [
     {"status": 502, "response": None},
     {"status": None, "response": None, "error": "upstream timed out"},
 ]
-IDENTITIES: list[dict[str, str]] = [JWT, OPAQUE, {"Authorization": ""}]
+# A token claiming emergency treatment: its events carry the break-glass mark.
+BREAK_GLASS = {"Authorization": f"Bearer {unsigned_jwt({**CLAIMS, 'purpose_of_use': ['ETREAT']})}"}
+IDENTITIES: list[dict[str, str]] = [JWT, OPAQUE, {"Authorization": ""}, BREAK_GLASS]
 CONTEXTS: dict[str, AuditContext] = {
     "R4": context(),
     "R5": context(fhir_version="R5"),

@@ -350,8 +350,18 @@ async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
         "store migration 3: 1000 of 2500 events (40%)",
         "store migration 3: 2000 of 2500 events (80%)",
         "store migration 3: 2500 of 2500 events (100%)",
+        "store migration 7: rewriting 2500 events",
+        "store migration 7: 1000 of 2500 events (40%)",
+        "store migration 7: 2000 of 2500 events (80%)",
+        "store migration 7: 2500 of 2500 events (100%)",
     ]
     conn = sqlite3.connect(path)
+    # Each row's (user, patient) pair and its quarter hour, counted once.
+    assert conn.execute("SELECT COUNT(*) FROM access_pairs").fetchone()[0] == rows
+    assert conn.execute(
+        "SELECT COUNT(*) FROM access_pairs WHERE user_id = 'user1' AND patient = 'Patient/p3'"
+    ).fetchone()[0] == len([i for i in range(rows) if i % 3 == 1 and i % 7 == 3])
+    assert conn.execute("SELECT SUM(events) FROM activity").fetchone()[0] == rows
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert conn.execute("SELECT COUNT(*) FROM event_terms").fetchone()[0] == 2 * rows
     assert conn.execute("SELECT COUNT(*) FROM events WHERE updated_ts IS NULL").fetchone()[0] == 0
