@@ -14,9 +14,11 @@ import ipaddress
 import os
 import sqlite3
 from collections.abc import Iterator
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -374,6 +376,43 @@ class AdminScopes(_Frozen):
     """Dead letters and queue operations."""
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class WorkingHours(_Frozen):
+    """When access is expected; access at any other time is flagged ``after-hours``."""
+
+    days: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri")
+    start: dt_time = dt_time(7, 0)
+    """Local time of day the working day starts (inclusive)."""
+    end: dt_time = dt_time(19, 0)
+    """Local time of day it ends (exclusive); before ``start``: a night shift into the
+    next day."""
+    zone: str = "UTC"
+    """The IANA time zone the hours are in (``Europe/Berlin``)."""
+
+    @field_validator("zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not an IANA time zone (such as UTC or Europe/Berlin)"
+            ) from None
+        return value
+
+
+class SignalSettings(_Frozen):
+    """What the viewer and the reports flag as standing out (``proxy/admin/signals.py``)."""
+
+    patients_per_hour: PositiveInt = 20
+    """``many-patients``: a user touched more than this many patients in the hour up to
+    an access."""
+    working_hours: WorkingHours = WorkingHours()
+
+
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
@@ -418,6 +457,7 @@ class AdminSettings(_Frozen):
     client gets 408 and the connection closes."""
     body_timeout_s: Positive = 60.0
     """Time an ingestion body may go without a byte; past it the client gets 408."""
+    signals: SignalSettings = SignalSettings()
 
     @model_validator(mode="after")
     def _audience_with_jwks(self) -> AdminSettings:

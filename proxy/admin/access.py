@@ -26,22 +26,13 @@ from proxy.admin.links import public_base
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
+from proxy.store.marks import ADMIN_ACCESS_TAG, is_admin_access_tag
 from proxy.store.records import QueuedEvent
-
-ADMIN_ACCESS_TAG = {
-    "system": "urn:fhir-audit-proxy:tag",
-    "code": "admin-access",
-    "display": "access to the audit trail through the admin API",
-}
 
 
 def is_admin_access(event: dict[str, Any]) -> bool:
     """Whether ``event`` records an access to the audit trail through the admin API."""
-    tags = event.get("meta", {}).get("tag", ())
-    return any(
-        t.get("system") == ADMIN_ACCESS_TAG["system"] and t.get("code") == "admin-access"
-        for t in tags
-    )
+    return any(is_admin_access_tag(t) for t in event.get("meta", {}).get("tag", ()))
 
 
 def build_access_events(

@@ -1,9 +1,11 @@
 """Smile CDR style audit log (``/audit-log``) and the dead-letter queue (``/dlq``).
 
-``/audit-log`` takes the parameters Smile CDR's guide lists: ``moduleId`` (accepted; this
-proxy is one module, so it narrows nothing), ``userId``, ``from`` and ``to`` (inclusive,
-FHIR dateTime), ``pageIndex`` and ``pageSize``; it answers ``{"pageIndex", "pageSize",
-"total", "audit-events": [...]}`` with Smile's field names beside the proxy's own."""
+``/audit-log`` takes the parameters Smile CDR's guide lists: ``moduleId`` (this proxy is
+one module, :data:`MODULE_ID`: that id narrows nothing, any other is a 400, never a
+silently wider answer), ``userId``, ``from`` and ``to`` (inclusive, FHIR dateTime),
+``pageIndex`` and ``pageSize``, and ``patient``; any other parameter is a 400. It
+answers ``{"pageIndex", "pageSize", "total", "audit-events": [...]}`` with Smile's field
+names beside the proxy's own."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from proxy.admin.keys import STORE
 from proxy.admin.query import BadQuery, parse_count, parse_instant
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.store.records import EventQuery, QueuedEvent
+
+MODULE_ID = "fhir-audit-proxy"
+"""The one module whose events ``/audit-log`` holds."""
+AUDIT_LOG_PARAMS = ("moduleId", "userId", "from", "to", "pageIndex", "pageSize", "patient")
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -88,6 +94,18 @@ def summary(item: QueuedEvent) -> dict[str, Any]:
 async def audit_log(request: web.Request) -> web.Response:
     params = request.query
     try:
+        unknown = sorted({k for k in params if k not in AUDIT_LOG_PARAMS})
+        if unknown:
+            raise BadQuery(
+                f"unknown parameter(s): {', '.join(unknown)}; /audit-log takes"
+                f" {', '.join(AUDIT_LOG_PARAMS)}"
+            )
+        module = params.get("moduleId")
+        if module not in (None, "", MODULE_ID):
+            raise BadQuery(
+                f"moduleId {module!r} names no module here: every event of this proxy is"
+                f" module {MODULE_ID!r}"
+            )
         page_size = parse_count(params.get("pageSize"), "pageSize", 50) or 50
         page_index = parse_count(params.get("pageIndex"), "pageIndex", 0, cap=None)
         date_from = parse_instant(params["from"], "from")[0] if params.get("from") else None

@@ -4,6 +4,8 @@ never silently widens an audit query."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -11,11 +13,14 @@ import orjson
 from aiohttp import web
 
 from proxy.admin.access import discloses, record_access
-from proxy.admin.keys import FHIR_VERSION, STORE
+from proxy.admin.keys import FHIR_VERSION, SETTINGS, STORE
 from proxy.admin.links import public_base
 from proxy.admin.query import BadQuery, date_bounds, parse_count
+from proxy.admin.signals import INDEXED, SCAN_LIMIT, Signal, signal_page, signals_of
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+from proxy.store.marks import ADMIN_ACCESS_TAG, Mark
 from proxy.store.records import Cursor, EventQuery, SortKey
+from proxy.store.reports import StoreReports
 
 SEARCH_PARAMS = (
     "date",
@@ -32,6 +37,9 @@ SEARCH_PARAMS = (
     "resource-type",
     "request-id",
     "_lastUpdated",
+    "_tag",
+    "_tag:not",
+    "signal",
 )
 CONTROL_PARAMS = (
     "_count",
@@ -42,6 +50,7 @@ CONTROL_PARAMS = (
     "_format",
     "_pretty",
     "_total",
+    "with-signals",
 )
 DEFAULT_COUNT = 50
 SORTS = {
@@ -53,6 +62,13 @@ SORTS = {
     "_lastUpdated": (SortKey.STORED, False),
     "-_lastUpdated": (SortKey.STORED, True),
 }
+SIGNAL_EXT = "urn:fhir-audit-proxy:extension:signal"
+"""On ``entry.search`` of a search answer (``signal`` or ``with-signals=true``): one of
+the event's signals (proxy/admin/signals.py) as ``valueCode``."""
+ENTITY_TYPE_CODES = ("1", "2", "3", "4", "XrequestId")
+"""``entity.type`` codes of the events (audit-entity-type, and the X-Request-Id entity);
+R4's AuditEventEntityType also takes a resource type, searched as ``resource-type``."""
+RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "SUBSETTED",
@@ -80,8 +96,67 @@ def _cursor(value: str | None) -> tuple[str, Cursor] | None:
         raise BadQuery(f"_cursor {value!r} is not one this server gave") from None
 
 
-def event_query(params: Any) -> tuple[EventQuery, list[tuple[str, str]]]:
-    """The store query for the request's parameters, and the parameters to echo in links."""
+@dataclass(frozen=True, slots=True)
+class Search:
+    """An admin search as its parameters ask for it."""
+
+    query: EventQuery
+    echo: list[tuple[str, str]]
+    """The parameters to repeat in the answer's links."""
+    signals: frozenset[Signal]
+    """``signal``: only events with any of these (empty: no such filter)."""
+    annotate: bool
+    """Say each event's signals (``with-signals=true``, or a ``signal`` filter)."""
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the signal filter is applied to the events found (rather than being
+        a mark the index answers)."""
+        return bool(self.signals) and not (
+            len(self.signals) == 1 and next(iter(self.signals)) in INDEXED
+        )
+
+
+def _marks(params: Any, name: str) -> tuple[str, ...]:
+    """The marks ``_tag`` (or ``_tag:not``) names: only the admin-access tag is indexed."""
+    marks: list[str] = []
+    for value in params.getall(name, []):
+        for token in value.split(","):
+            system, _, code = token.rpartition("|")
+            if code != ADMIN_ACCESS_TAG["code"] or system not in ("", ADMIN_ACCESS_TAG["system"]):
+                raise BadQuery(
+                    f"{name}: only {ADMIN_ACCESS_TAG['system']}|{ADMIN_ACCESS_TAG['code']} (the"
+                    f" events recording admin reads of the trail) can be searched, not {token!r}"
+                )
+            marks.append(Mark.ADMIN_ACCESS.value)
+    return tuple(dict.fromkeys(marks))
+
+
+def _signals(params: Any) -> frozenset[Signal]:
+    wanted: set[Signal] = set()
+    for value in params.getall("signal", []):
+        for token in value.split(","):
+            try:
+                wanted.add(Signal(token))
+            except ValueError:
+                raise BadQuery(
+                    f"signal: {token!r} is not a signal; known: {', '.join(Signal)}"
+                ) from None
+    return frozenset(wanted)
+
+
+def _entity_type(value: str | None) -> tuple[str | None, str | None]:
+    """(entity type code, resource type) for an ``entity-type`` value: R4's
+    AuditEventEntityType holds both the audit-entity-type codes and the resource types,
+    and the events name a resource's type in the reference, so a resource type is
+    searched as ``resource-type``."""
+    if value is None or value in ENTITY_TYPE_CODES or not RESOURCE_TYPE.fullmatch(value):
+        return value, None
+    return None, value
+
+
+def event_query(params: Any) -> Search:
+    """The store query for the request's parameters, and what goes with it."""
     unknown = [k for k in params if k not in SEARCH_PARAMS + CONTROL_PARAMS]
     if unknown:
         raise BadQuery(f"unknown search parameter(s): {', '.join(sorted(set(unknown)))}")
@@ -102,19 +177,37 @@ def event_query(params: Any) -> tuple[EventQuery, list[tuple[str, str]]]:
     def given(name: str) -> str | None:
         return params.get(name) or None
 
+    entity_type, typed_resource = _entity_type(given("entity-type"))
+    resource_type = given("resource-type")
+    if typed_resource is not None and resource_type not in (None, typed_resource):
+        raise BadQuery(
+            f"entity-type={typed_resource} and resource-type={resource_type} cannot both hold"
+        )
+    signals = _signals(params)
+    marked = _marks(params, "_tag")
+    unmarked = _marks(params, "_tag:not")
+    if len(signals) == 1 and (only := next(iter(signals))) in INDEXED:
+        marked = (*marked, INDEXED[only].value)  # exact: the index holds it
+    if set(marked) & set(unmarked):
+        raise BadQuery("_tag and _tag:not name the same tag: no event can match")
+    annotate = params.get("with-signals", "false")
+    if annotate not in ("true", "false"):
+        raise BadQuery("with-signals takes true or false")
     query = EventQuery(
         patient=_patient(params["patient"]) if params.get("patient") else None,
         user=given("user"),
         agent=given("agent"),
         entity=given("entity"),
-        entity_type=given("entity-type"),
+        entity_type=entity_type,
         event_type=given("type"),
         address=given("address"),
-        resource_type=given("resource-type"),
+        resource_type=resource_type or typed_resource,
         request_id=given("request-id"),
         action=given("action"),
         outcome=given("outcome"),
         subtype=given("subtype"),
+        marked=marked,
+        unmarked=unmarked,
         date_from=date_from,
         date_to=date_to,
         updated_from=updated_from,
@@ -131,9 +224,9 @@ def event_query(params: Any) -> tuple[EventQuery, list[tuple[str, str]]]:
     echo = [
         (k, v)
         for k, v in params.items()
-        if k in SEARCH_PARAMS or k in ("_sort", "_elements", "_total")
+        if k in SEARCH_PARAMS or k in ("_sort", "_elements", "_total", "with-signals")
     ]
-    return query, echo
+    return Search(query, echo, signals, annotate == "true" or bool(signals))
 
 
 def _subset(event: dict[str, Any], elements: list[str]) -> dict[str, Any]:
@@ -148,46 +241,82 @@ def _subset(event: dict[str, Any], elements: list[str]) -> dict[str, Any]:
 
 async def search(request: web.Request) -> web.Response:
     try:
-        query, echo = event_query(request.query)
+        asked = event_query(request.query)
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
-    page = await request.app[STORE].search_page(query)
-    if discloses(page.items) or (query.limit == 0 and page.total):
-        await record_access(request, search=echo)
+    query = asked.query
+    store = request.app[STORE]
+    reports = StoreReports(store)
+    settings = request.app[SETTINGS].signals
+    outcome: str | None = None
+    if asked.scanned:
+        found = await signal_page(store, reports, settings, query, asked.signals)
+        items, signals, total = found.items, found.signals, None
+        after, before = found.after, found.before
+        if found.stopped:
+            outcome = (
+                f"{found.examined} events examined for the signals asked for (at most"
+                f" {SCAN_LIMIT} a page): follow the next link to examine older ones"
+            )
+    else:
+        page = await store.search_page(query)
+        items, total = page.items, page.total
+        signals = await signals_of(items, reports, settings) if asked.annotate else []
+        after = page.cursor_of(items[-1], query.sort) if items and page.more_after else None
+        before = page.cursor_of(items[0], query.sort) if items and page.more_before else None
+    if discloses(items) or (query.limit == 0 and total):
+        await record_access(request, search=asked.echo)
     base = f"{public_base(request)}/fhir"
     count = query.limit
 
     def link(cursor: str | None) -> str:
-        params = [*echo, ("_count", str(count))]
+        params = [*asked.echo, ("_count", str(count))]
         if cursor:
             params.append(("_cursor", cursor))
         return f"{base}/AuditEvent?{urlencode(params)}"
 
     own = request.query.get("_cursor")
     links = [{"relation": "self", "url": link(own)}]
-    if page.items:
-        first, last = page.items[0], page.items[-1]
-        if page.more_after:
-            ts, seq = page.cursor_of(last, query.sort)
-            links.append({"relation": "next", "url": link(f"n{ts!r}_{seq}")})
-        # Newest first, the top of a page reached without an ``after`` cursor is the live
-        # edge: its previous link is where newer events will appear (the viewer polls it).
-        if page.more_before or (query.newest_first and query.after is None):
-            ts, seq = page.cursor_of(first, query.sort)
-            links.append({"relation": "previous", "url": link(f"p{ts!r}_{seq}")})
+    # The first page has no previous link: nothing precedes it (the viewer follows new
+    # events by searching from the newest it shows, ``date=ge…&_sort=date``).
+    if after is not None:
+        links.append({"relation": "next", "url": link(f"n{after[0]!r}_{after[1]}")})
+    if before is not None:
+        links.append({"relation": "previous", "url": link(f"p{before[0]!r}_{before[1]}")})
     elements = [e for e in request.query.get("_elements", "").split(",") if e]
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-    if page.total is not None:
-        bundle["total"] = page.total
+    if total is not None:
+        bundle["total"] = total
     bundle["link"] = links
-    bundle["entry"] = [
-        {
-            "fullUrl": f"{base}/AuditEvent/{item.event_id}",
-            "resource": _subset(item.event, elements) if elements else item.event,
-            "search": {"mode": "match"},
-        }
-        for item in page.items
-    ]
+    entries = []
+    for n, item in enumerate(items):
+        entry_search: dict[str, Any] = {"mode": "match"}
+        if asked.annotate and signals[n]:
+            entry_search["extension"] = [
+                {"url": SIGNAL_EXT, "valueCode": str(signal)}
+                for signal in Signal
+                if signal in signals[n]
+            ]
+        entries.append(
+            {
+                "fullUrl": f"{base}/AuditEvent/{item.event_id}",
+                "resource": _subset(item.event, elements) if elements else item.event,
+                "search": entry_search,
+            }
+        )
+    if outcome is not None:
+        entries.append(
+            {
+                "resource": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "information", "code": "informational", "diagnostics": outcome}
+                    ],
+                },
+                "search": {"mode": "outcome"},
+            }
+        )
+    bundle["entry"] = entries
     return fhir_json(bundle)
 
 

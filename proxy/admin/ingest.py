@@ -53,13 +53,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.admin.access import ADMIN_ACCESS_TAG
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, SETTINGS, VALIDATION, WRITER
 from proxy.admin.links import public_base
 from proxy.audit.ids import new_event_id
 from proxy.audit.validate import validate_event
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.store.index import event_row
+from proxy.store.marks import ADMIN_ACCESS_TAG
 from proxy.store.records import EventRow
 
 SUBMITTER_EXT = "urn:fhir-audit-proxy:extension:submitted-by"

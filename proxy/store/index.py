@@ -78,6 +78,37 @@ def _is_server_agent(agent: dict[str, Any]) -> bool:
     return not agent.get("requestor") and (network.get("type") == "5" or "networkUri" in agent)
 
 
+def requestor_id(agent: dict[str, Any]) -> str | None:
+    """The id the store keeps for a requestor agent (``EventRow.user_id``)."""
+    who = agent.get("who") or {}
+    user: str | None = (
+        who.get("identifier", {}).get("value")
+        or who.get("reference")
+        or who.get("display")
+        or agent.get("altId")
+    )
+    return user
+
+
+def user_of(event: dict[str, Any]) -> str | None:
+    """``EventRow.user_id`` of an R4 or R5 AuditEvent: its first requestor's id."""
+    requestor = next((a for a in event.get("agent", ()) if a.get("requestor")), None)
+    return requestor_id(requestor) if requestor is not None else None
+
+
+def patients_of(event: dict[str, Any]) -> list[str]:
+    """The patients an R4 or R5 AuditEvent names (``EventRow.patients``), in order."""
+    patients: list[str] = []
+    r5_patient = event.get("patient")
+    if isinstance(r5_patient, dict) and r5_patient.get("reference"):
+        patients.append(str(r5_patient["reference"]))
+    for entity in event.get("entity", ()):
+        reference = (entity.get("what") or {}).get("reference")
+        if reference and _is_patient_role(entity) and reference not in patients:
+            patients.append(str(reference))
+    return patients
+
+
 def event_row(event: dict[str, Any]) -> EventRow:
     """The columns the queue indexes, read from an R4 or R5 AuditEvent, and the body as
     JSON (the writer process compresses it). Runs on the event loop for every event, so it
@@ -131,12 +162,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
     for agent in event.get("agent", ()):
         who = agent.get("who") or {}
         if agent.get("requestor") and user is None:
-            user = (
-                who.get("identifier", {}).get("value")
-                or who.get("reference")
-                or who.get("display")
-                or agent.get("altId")
-            )
+            user = requestor_id(agent)
         if _is_server_agent(agent):
             continue
         address = (agent.get("network") or {}).get("address") or agent.get("networkString")

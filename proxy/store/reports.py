@@ -19,24 +19,18 @@ What each costs, in index work (``n`` the events in the store):
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 from proxy.store.marks import Mark
 from proxy.store.queue import AuditQueue
 from proxy.store.records import Cursor, EventQuery
-from proxy.store.search import SearchSql
+from proxy.store.search import SLOT_S, SearchSql, rollup_edges, rollup_slots, rollup_where
 from proxy.store.shards import ShardedStore
 
 T = TypeVar("T")
-
-SLOT_S = 900
-"""The ``activity`` table's resolution, seconds: a quarter hour, so that an hour or a
-day in any time zone (offsets are whole quarter hours) is a whole number of slots."""
 
 Pair = tuple[str, str]
 """(user id, patient reference)."""
@@ -100,73 +94,22 @@ def accesses_of(
     return rows
 
 
-_ROLLUP_FREE = (
-    "patient",
-    "user",
-    "agent",
-    "entity",
-    "entity_type",
-    "event_type",
-    "address",
-    "resource_type",
-    "request_id",
-    "subtype",
-    "updated_from",
-    "updated_to",
-)
-"""Filters the ``activity`` table cannot answer: any of them sends the count to the
-search's walk."""
-
-
-def _rollup_fits(query: EventQuery) -> bool:
-    marks = {*query.marked, *query.unmarked}
-    return all(getattr(query, name) is None for name in _ROLLUP_FREE) and marks <= {
-        Mark.ADMIN_ACCESS.value
-    }
-
-
 def activity_of(conn: sqlite3.Connection, query: EventQuery) -> list[ActivityCount]:
     """The events ``query`` matches (its filters, not its order or paging), counted per
     quarter hour, action and outcome; slots with none are left out."""
-    if not _rollup_fits(query):
+    slots = rollup_slots(query)
+    if slots is None:
         return _walked_activity(conn, query)
-    low = query.date_from.timestamp() if query.date_from is not None else None
-    high = query.date_to.timestamp() if query.date_to is not None else None
-    first = math.ceil(low / SLOT_S) if low is not None else None
-    end = math.floor(high / SLOT_S) if high is not None else None
-    if first is not None and end is not None and first >= end:
-        return _walked_activity(conn, query)  # within one slot: no whole slot to read
-    where: list[str] = []
-    args: list[Any] = []
-    if first is not None:
-        where.append("slot >= ?")
-        args.append(first)
-    if end is not None:
-        where.append("slot < ?")
-        args.append(end)
-    for column, value in (("action", query.action), ("outcome", query.outcome)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if Mark.ADMIN_ACCESS.value in query.marked:
-        where.append("admin = 1")
-    if Mark.ADMIN_ACCESS.value in query.unmarked:
-        where.append("admin = 0")
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    where, args = rollup_where(query, *slots)
     counts = [
         ActivityCount(int(slot), action, outcome, int(events))
         for slot, action, outcome, events in conn.execute(
-            f"SELECT slot, action, outcome, SUM(events) FROM activity {clause}"
+            f"SELECT slot, action, outcome, SUM(events) FROM activity {where}"
             " GROUP BY slot, action, outcome HAVING SUM(events) > 0",
             args,
         )
     ]
-    # The parts of the range that are not whole slots, from the events themselves.
-    if low is not None and first is not None and low < first * SLOT_S:
-        edge = replace(query, date_to=_instant(first * SLOT_S))
-        counts = _walked_activity(conn, edge) + counts
-    if high is not None and end is not None and high > end * SLOT_S:
-        edge = replace(query, date_from=_instant(end * SLOT_S))
+    for edge in rollup_edges(query, *slots):  # the ragged ends, from the events
         counts += _walked_activity(conn, edge)
     return counts
 
@@ -181,10 +124,6 @@ def _walked_activity(conn: sqlite3.Connection, query: EventQuery) -> list[Activi
         [*count_args, *sql.args],
     )
     return [ActivityCount(int(s), a, o, int(n)) for s, a, o, n in rows if n]
-
-
-def _instant(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 # --- every shard ------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ index kept by triggers, proxy/store/schema.py), before keyset bounds and paging,
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 from proxy.store.records import Cursor, EventQuery, SortKey
@@ -17,6 +20,95 @@ _TERM_FILTERS = (
 )
 """Filters answered by ``event_terms``, most selective first: the first one present
 drives the walk, the others are checked by primary key."""
+
+
+SLOT_S = 900
+"""The ``activity`` table's resolution, seconds (schema migration 7): a quarter hour, so
+that an hour or a day in any time zone (offsets are whole quarter hours) is whole slots."""
+
+_ROLLUP_FREE = (
+    "patient",
+    "user",
+    "agent",
+    "entity",
+    "entity_type",
+    "event_type",
+    "address",
+    "resource_type",
+    "request_id",
+    "subtype",
+    "updated_from",
+    "updated_to",
+)
+"""Filters the ``activity`` table cannot answer."""
+_ROLLUP_MARK = "admin-access"
+"""The one mark ``activity`` counts apart (its ``admin`` column)."""
+
+
+def rollup_slots(query: EventQuery) -> tuple[int | None, int | None] | None:
+    """The whole quarter hours (first slot, slot past the last; None: unbounded) whose
+    matches the ``activity`` table can count for ``query``, or None when it cannot: a
+    filter it does not hold, or a date range within one slot."""
+    if any(getattr(query, name) is not None for name in _ROLLUP_FREE):
+        return None
+    if not {*query.marked, *query.unmarked} <= {_ROLLUP_MARK}:
+        return None
+    first = math.ceil(query.date_from.timestamp() / SLOT_S) if query.date_from else None
+    end = math.floor(query.date_to.timestamp() / SLOT_S) if query.date_to else None
+    if first is not None and end is not None and first >= end:
+        return None
+    return first, end
+
+
+def rollup_where(query: EventQuery, first: int | None, end: int | None) -> tuple[str, list[Any]]:
+    """The WHERE clause selecting the ``activity`` rows of ``query``'s whole slots."""
+    where: list[str] = []
+    args: list[Any] = []
+    for condition, bound in (("slot >= ?", first), ("slot < ?", end)):
+        if bound is not None:
+            where.append(condition)
+            args.append(bound)
+    for column, value in (("action", query.action), ("outcome", query.outcome)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if _ROLLUP_MARK in query.marked:
+        where.append("admin = 1")
+    if _ROLLUP_MARK in query.unmarked:
+        where.append("admin = 0")
+    return (f"WHERE {' AND '.join(where)}" if where else ""), args
+
+
+def rollup_edges(query: EventQuery, first: int | None, end: int | None) -> list[EventQuery]:
+    """The parts of ``query``'s date range outside its whole slots, as queries."""
+    edges = []
+    low = query.date_from.timestamp() if query.date_from is not None else None
+    high = query.date_to.timestamp() if query.date_to is not None else None
+    if low is not None and first is not None and low < first * SLOT_S:
+        edges.append(dataclasses.replace(query, date_to=_instant(first * SLOT_S)))
+    if high is not None and end is not None and high > end * SLOT_S:
+        edges.append(dataclasses.replace(query, date_from=_instant(end * SLOT_S)))
+    return edges
+
+
+def _instant(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def total_statement(query: EventQuery) -> tuple[str, list[Any]]:
+    """The statement counting every event ``query`` matches, and its args. Where the
+    ``activity`` counts hold the filters, whole quarter hours are read from them and
+    only the range's ragged ends from the events."""
+    slots = rollup_slots(query)
+    if slots is None:
+        return SearchSql(query).total()
+    where, args = rollup_where(query, *slots)
+    parts = [f"(SELECT COALESCE(SUM(events), 0) FROM activity {where})"]
+    for edge in rollup_edges(query, *slots):
+        sql, edge_args = SearchSql(edge).total()
+        parts.append(f"({sql})")
+        args += edge_args
+    return "SELECT " + " + ".join(parts), args
 
 
 class SearchSql:
@@ -114,6 +206,12 @@ class SearchSql:
             f" WHEN {named} THEN 1 ELSE e.fan END"
         )
         return f"COALESCE(SUM({expr}), 0)", [*patients, *patients]
+
+    def total(self) -> tuple[str, list[Any]]:
+        """The statement counting the matching events by walking them, and its args."""
+        count, count_args = self.count()
+        clause = f"WHERE {' AND '.join(self.where)}" if self.where else ""
+        return f"SELECT {count} FROM {self.source} {clause}", [*count_args, *self.args]
 
     def after(self, cursor: Cursor, descending: bool) -> tuple[str, list[Any]]:
         """The condition for rows past ``cursor`` in the given direction, and its args."""

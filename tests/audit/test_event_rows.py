@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.admin.access import ADMIN_ACCESS_TAG, build_access_events
+from proxy.admin.access import build_access_events
 from proxy.admin.auth import AdminCaller
 from proxy.audit.balp import (
     AuditContext,
@@ -42,6 +42,7 @@ from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.store.index import event_row
+from proxy.store.marks import ADMIN_ACCESS_TAG
 from proxy.store.records import FanOut
 from tests.factories import NOW, context, exchange, patients_of, unsigned_jwt
 
