@@ -388,7 +388,7 @@ class WorkingHours(_Frozen):
     """Local time of day the working day starts (inclusive)."""
     end: dt_time = dt_time(19, 0)
     """Local time of day it ends (exclusive); before ``start``: a night shift into the
-    next day."""
+    next day; equal to ``start``: round the clock."""
     zone: str = "UTC"
     """The IANA time zone the hours are in (``Europe/Berlin``)."""
 

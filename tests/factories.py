@@ -907,3 +907,74 @@ def write_certificate(directory: Path, common_name: str) -> Path:
     )
     (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return directory / "cert.pem"
+
+
+# --- a ward's day, for the privacy reports ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WardUser:
+    """A clinician (or not) as the ward traffic's tokens present them."""
+
+    sub: str
+    name: str
+    client: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        claims = {"sub": self.sub, "name": self.name, "client_id": self.client, **self.extra}
+        return {"Authorization": f"Bearer {unsigned_jwt(claims)}"}
+
+
+REGISTRAR = WardUser("registrar", "Rita Registrar", "reg-desk")
+DR_LEE = WardUser("dr.lee", "Dr Lee", "ehr-web", {"roles": ["physician"]})
+NURSE_KIM = WardUser("nurse.kim", "Nurse Kim", "ehr-web", {"purpose_of_use": ["ETREAT"]})
+MALLORY = WardUser("mallory", "Mallory", "kiosk", {"fhir_test_status": 403})
+"""The test FHIR server refuses her token (403): denied access."""
+
+
+@dataclass(frozen=True)
+class Ward:
+    """What :func:`ward_traffic` did, to count the reports by hand."""
+
+    ana: str
+    ben: str
+    nobody: str
+    """A patient that does not exist: dr.lee's read of it fails (404)."""
+
+
+async def ward_traffic(http: aiohttp.ClientSession, base: str) -> Ward:
+    """Real traffic through a proxy at ``base``, in this order:
+
+    1. registrar creates Ana, then Ben;
+    2. dr.lee reads Ana three times, then Ben, then ``Patient/nobody`` (404);
+    3. nurse.kim reads Ana once, her token claiming emergency treatment (ETREAT);
+    4. mallory tries to read Ana twice: the server refuses her token (403).
+
+    Ana's record: 7 accesses by 4 users (registrar 1, dr.lee 3, nurse.kim 1, mallory 2).
+    """
+    refs = []
+    for family in ("Ana", "Ben"):
+        async with http.post(
+            f"{base}/Patient",
+            json={"resourceType": "Patient", "name": [{"family": family}]},
+            headers=REGISTRAR.headers,
+        ) as r:
+            assert r.status == 201, await r.text()
+            refs.append(f"Patient/{(await r.json(content_type=None))['id']}")
+    ana, ben = refs
+    nobody = "Patient/nobody"
+
+    async def read(user: WardUser, ref: str, status: int) -> None:
+        async with http.get(f"{base}/{ref}", headers=user.headers) as r:
+            assert r.status == status, await r.text()
+
+    for _ in range(3):
+        await read(DR_LEE, ana, 200)
+    await read(DR_LEE, ben, 200)
+    await read(DR_LEE, nobody, 404)
+    await read(NURSE_KIM, ana, 200)
+    for _ in range(2):
+        await read(MALLORY, ana, 403)
+    return Ward(ana=ana, ben=ben, nobody=nobody)

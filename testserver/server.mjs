@@ -32,6 +32,18 @@ function send(res, status, body, contentType = 'application/fhir+json', extraHea
   res.end(text);
 }
 
+function refusal(authorization) {
+  const token = (authorization ?? '').replace(/^Bearer\s+/i, '');
+  const payload = token.split('.')[1];
+  if (!payload) return null;
+  try {
+    const status = JSON.parse(Buffer.from(payload, 'base64url').toString('utf8')).fhir_test_status;
+    return status === 401 || status === 403 ? status : null;
+  } catch {
+    return null;
+  }
+}
+
 function parseBody(raw, contentType) {
   if (!raw.length) return undefined;
   const text = raw.toString('utf8');
@@ -75,6 +87,14 @@ const server = http.createServer(async (req, res) => {
   const logEntry = { method: req.method, path: url.pathname + url.search, requestId: req.headers['x-request-id'] ?? null, status: null };
   requestLog.push(logEntry);
   res.on('finish', () => { logEntry.status = res.statusCode; });
+  // Test hook: a server's authorization decision. A bearer JWT carrying the claim
+  // fhir_test_status (401 or 403) is refused with it, as a server refuses a token
+  // without the access asked for (the proxy records such refusals as denied access).
+  const refused = refusal(req.headers.authorization);
+  if (refused) {
+    return send(res, refused, { resourceType: 'OperationOutcome', issue: [{ severity: 'error',
+      code: refused === 401 ? 'login' : 'forbidden', diagnostics: 'access to this record is not permitted for this token' }] });
+  }
   if (path === '/metadata' && req.method === 'GET') {
     return send(res, 200, { resourceType: 'CapabilityStatement', status: 'active', kind: 'instance', date: '2026-01-01',
       fhirVersion: '4.0.1', format: ['json'], software: { name: 'fhir-audit-proxy test server (Medplum fhir-router)' },

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.admin import audit_log, fhir_api, health, ingest, viewer
+from proxy.admin import audit_log, fhir_api, health, ingest, reports, viewer
 from proxy.admin.auth import (
     AdminAuth,
     Refusal,
@@ -49,6 +49,10 @@ ROUTES: tuple[tuple[str, str, Handler, RouteGroup], ...] = (
     ("GET", "/fhir/metadata", fhir_api.metadata, RouteGroup.READ),
     ("GET", "/fhir/AuditEvent", fhir_api.search, RouteGroup.READ),
     ("GET", "/fhir/AuditEvent/{id}", fhir_api.read, RouteGroup.READ),
+    ("GET", "/api/reports/patient-access", reports.patient_access, RouteGroup.READ),
+    ("GET", "/api/reports/user-activity", reports.user_activity, RouteGroup.READ),
+    ("GET", "/api/activity", reports.activity, RouteGroup.READ),
+    ("GET", "/api/export.csv", reports.export_csv, RouteGroup.READ),
     ("GET", "/audit-log", audit_log.audit_log, RouteGroup.READ),
     ("GET", "/audit-log/event/{id}", audit_log.audit_log_event, RouteGroup.READ),
     ("POST", "/fhir/AuditEvent", ingest.post_audit_event, RouteGroup.WRITE),

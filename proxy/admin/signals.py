@@ -91,7 +91,9 @@ def after_hours(ts: float, hours: WorkingHours) -> bool:
     """Whether POSIX time ``ts`` falls outside ``hours`` (in their zone)."""
     local = datetime.fromtimestamp(ts, ZoneInfo(hours.zone))
     day, at = WEEKDAYS[local.weekday()], local.time()
-    if hours.start <= hours.end:
+    if hours.start == hours.end:  # round the clock on the days named
+        return day not in hours.days
+    if hours.start < hours.end:
         inside = day in hours.days and hours.start <= at < hours.end
     else:  # a shift past midnight belongs to the day it started
         yesterday = WEEKDAYS[(local - timedelta(days=1)).weekday()]

@@ -109,6 +109,9 @@ async def test_every_search_parameter_narrows(
     assert await total("resource-type=Observation") == 2
     assert await total("entity-type=2") == 4
     assert await total("entity-type=9") == 0
+    # R4's AuditEventEntityType holds resource types too: the entity's type is searched.
+    assert await total("entity-type=Observation") == 2
+    assert await total("entity-type=Observation&resource-type=Observation") == 2
     assert await total("type=rest") == 4
     assert await total("type=110100") == 0
     assert await total("request-id=alice-create") == 1
@@ -218,6 +221,19 @@ async def test_audit_log_takes_smile_cdr_parameters(
     assert event["userId"] == "bob" and event["typeCode"] == "rest"
     assert event["remoteAddress"] == "127.0.0.1"
     assert event["timestamp"] == event["recorded"]
+
+
+async def test_audit_log_never_widens_a_query_it_cannot_answer(
+    traffic: Traffic, http: aiohttp.ClientSession
+) -> None:
+    """A module id this proxy is not, or a parameter it does not know, is a 400: never
+    every event of the store, as if the filter had not been given."""
+    admin = traffic.proxy.admin_url
+    refused = await fetch(http, f"{admin}/audit-log?moduleId=clustermgr&userId=bob", 400)
+    assert "fhir-audit-proxy" in refused["issue"][0]["diagnostics"]
+    await fetch(http, f"{admin}/audit-log?userid=bob", 400)
+    own = await fetch(http, f"{admin}/audit-log?moduleId=fhir-audit-proxy&userId=bob")
+    assert own["total"] == 2
 
 
 async def test_a_store_from_before_the_index_is_searchable_after_upgrade(tmp_path: Path) -> None:

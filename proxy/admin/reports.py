@@ -1,0 +1,390 @@
+"""The privacy officer's reports, as JSON (for other tools and the viewer) and CSV:
+
+- ``GET /api/reports/patient-access?patient=…&from=…&to=…``: every access to one
+  patient's record in a period, grouped by user (who, role, client, how many, first and
+  last, interactions, outcomes, signals), each group with its events: an accounting of
+  who has seen the record, as a patient may ask for it.
+- ``GET /api/reports/user-activity?user=…&from=…&to=…``: what one user did, grouped by
+  patient, and counted by day.
+- ``GET /api/activity?<search parameters>&bucket=hour|day|auto&tz=…``: the events of a
+  search counted per hour or day, by action and by outcome (the viewer's chart).
+- ``GET /api/export.csv?<search parameters>&tz=…``: every event a search matches, as CSV.
+
+``from`` and ``to`` are FHIR dates or dateTimes, both inclusive at their precision;
+``tz`` (an IANA zone, default UTC) is the zone of the CSV's times and of the days and
+hours counted. ``format=csv`` gives a report as CSV. Reports leave out admin reads of
+the trail unless ``admin-access=include``. Each answer that shows events is itself
+audited (proxy/admin/access.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy, MultiMapping
+
+from proxy.admin.access import discloses, record_access
+from proxy.admin.describe import Described, csv_rows, describe
+from proxy.admin.fhir_api import event_query
+from proxy.admin.keys import QUEUE, SETTINGS
+from proxy.admin.query import BadQuery, parse_instant
+from proxy.admin.signals import Signal, signal_page, signals_of
+from proxy.fhir.operation_outcome import outcome_response
+from proxy.store.marks import Mark
+from proxy.store.records import EventQuery, QueuedEvent
+from proxy.store.reports import StoreReports
+from proxy.store.search import SLOT_S
+
+REPORT_MAX = 100_000
+"""Most events one report lists; past it the report says it was cut."""
+EXPORT_BATCH = 1_000
+AUTO_HOURLY_S = 3 * 86_400
+"""``bucket=auto``: hours for a range up to three days, days beyond."""
+
+
+def _zone(params: MultiMapping[str]) -> ZoneInfo:
+    name = params.get("tz") or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadQuery(f"tz: {name!r} is not an IANA time zone (such as Europe/Berlin)") from None
+
+
+def _period(params: MultiMapping[str]) -> tuple[datetime | None, datetime | None]:
+    start = parse_instant(params["from"], "from")[0] if params.get("from") else None
+    end = parse_instant(params["to"], "to")[1] if params.get("to") else None
+    if start is not None and end is not None and start >= end:
+        raise BadQuery("from must be before to")
+    return start, end
+
+
+def _include_admin(params: MultiMapping[str]) -> bool:
+    value = params.get("admin-access", "exclude")
+    if value not in ("include", "exclude"):
+        raise BadQuery("admin-access takes include or exclude")
+    return value == "include"
+
+
+def _format(params: MultiMapping[str]) -> str:
+    value = params.get("format", "json")
+    if value not in ("json", "csv"):
+        raise BadQuery("format takes json or csv")
+    return value
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _known(params: MultiMapping[str], allowed: Sequence[str]) -> None:
+    unknown = sorted({k for k in params if k not in allowed})
+    if unknown:
+        raise BadQuery(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(allowed)}")
+
+
+async def _events_of(
+    request: web.Request, query: EventQuery
+) -> tuple[list[tuple[Described, frozenset[Signal]]], bool]:
+    """The events of a report, newest first, described, with their signals; and whether
+    there were more than :data:`REPORT_MAX`."""
+    store = request.app[QUEUE]
+    page = await store.search_page(
+        dataclasses.replace(query, limit=REPORT_MAX, count_total=False, newest_first=True)
+    )
+    signals = await signals_of(page.items, StoreReports(store), request.app[SETTINGS].signals)
+    found = [
+        (describe(item.event, item.recorded_ts), s)
+        for item, s in zip(page.items, signals, strict=True)
+    ]
+    if discloses(page.items):
+        await record_access(request, search=_echo(query))
+    return found, page.more_after
+
+
+def _echo(query: EventQuery) -> list[tuple[str, str]]:
+    """The report's query as search parameters, for the event recording the access."""
+    echo = [("patient", query.patient)] if query.patient else []
+    echo += [("agent", query.agent)] if query.agent else []
+    echo += [("date", f"ge{query.date_from.isoformat()}")] if query.date_from else []
+    echo += [("date", f"lt{query.date_to.isoformat()}")] if query.date_to else []
+    return echo
+
+
+def _group(
+    key: str, value: str, events: Sequence[tuple[Described, frozenset[Signal]]]
+) -> dict[str, Any]:
+    """One group of a report: its events (newest first) summed up, then listed."""
+    described = [d for d, _ in events]
+
+    def distinct(pick: Callable[[Described], Sequence[str] | str]) -> list[str]:
+        seen: dict[str, None] = {}
+        for d in described:
+            picked = pick(d)
+            for v in [picked] if isinstance(picked, str) else picked:
+                if v:
+                    seen[v] = None
+        return list(seen)
+
+    return {
+        key: value,
+        "names": distinct(lambda d: d.user_name),
+        "roles": distinct(lambda d: d.roles),
+        "clients": distinct(lambda d: d.client),
+        "addresses": distinct(lambda d: d.address),
+        "events": len(events),
+        "first": _iso(min(d.ts for d in described)),
+        "last": _iso(max(d.ts for d in described)),
+        "interactions": dict(Counter(d.interaction for d in described).most_common()),
+        "outcomes": dict(Counter(d.outcome_words for d in described).most_common()),
+        "signals": dict(Counter(str(s) for _, ss in events for s in ss).most_common()),
+        "items": [d.as_json(s) for d, s in events],
+    }
+
+
+def _report(
+    kind: str,
+    start: datetime | None,
+    end: datetime | None,
+    events: Sequence[tuple[Described, frozenset[Signal]]],
+    truncated: bool,
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "period": {
+            "start": start.isoformat() if start else None,
+            "end": end.isoformat() if end else None,
+        },
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "events": len(events),
+        "truncated": truncated,
+        "signals": dict(Counter(str(s) for _, ss in events for s in ss).most_common()),
+    }
+
+
+def _filename(kind: str, subject: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", subject)[:80]
+    return f"{kind}-{safe}-{date.today().isoformat()}.csv"
+
+
+def _csv(
+    events: Sequence[tuple[Described, frozenset[Signal]]], zone: tzinfo, filename: str
+) -> web.Response:
+    return web.Response(
+        text=csv_rows([(d, [str(s) for s in ss]) for d, ss in events], zone, header=True),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _base_query(
+    params: MultiMapping[str], **filters: Any
+) -> tuple[EventQuery, datetime | None, datetime | None]:
+    start, end = _period(params)
+    unmarked = () if _include_admin(params) else (Mark.ADMIN_ACCESS.value,)
+    return EventQuery(date_from=start, date_to=end, unmarked=unmarked, **filters), start, end
+
+
+async def patient_access(request: web.Request) -> web.Response:
+    """The patient access report."""
+    params = request.query
+    try:
+        _known(params, ("patient", "from", "to", "format", "tz", "admin-access"))
+        patient = params.get("patient", "").strip()
+        if not patient:
+            raise BadQuery("patient is required: Patient/123")
+        patient = patient if "/" in patient else f"Patient/{patient}"
+        query, start, end = _base_query(params, patient=patient)
+        zone, form = _zone(params), _format(params)
+    except BadQuery as exc:
+        return outcome_response(400, "invalid", str(exc))
+    events, truncated = await _events_of(request, query)
+    if form == "csv":
+        return _csv(events, zone, _filename("patient-access", patient))
+    by_user: dict[str, list[tuple[Described, frozenset[Signal]]]] = {}
+    for d, s in events:
+        by_user.setdefault(d.user or "(anonymous)", []).append((d, s))
+    groups = [_group("user", user, own) for user, own in by_user.items()]
+    groups.sort(key=lambda g: g["last"], reverse=True)
+    body = _report("patient-access", start, end, events, truncated)
+    body.update(patient=patient, users=len(groups), groups=groups)
+    return _json(body)
+
+
+async def user_activity(request: web.Request) -> web.Response:
+    """The user activity report."""
+    params = request.query
+    try:
+        _known(params, ("user", "from", "to", "format", "tz", "admin-access"))
+        user = params.get("user", "").strip()
+        if not user:
+            raise BadQuery("user is required: the user id the events record")
+        query, start, end = _base_query(params, agent=user, user=user)
+        zone, form = _zone(params), _format(params)
+    except BadQuery as exc:
+        return outcome_response(400, "invalid", str(exc))
+    events, truncated = await _events_of(request, query)
+    if form == "csv":
+        return _csv(events, zone, _filename("user-activity", user))
+    by_patient: dict[str, list[tuple[Described, frozenset[Signal]]]] = {}
+    days: dict[str, tuple[int, set[str]]] = {}
+    for d, s in events:
+        for patient in d.patients or ("(no patient)",):
+            by_patient.setdefault(patient, []).append((d, s))
+        day = datetime.fromtimestamp(d.ts, zone).date().isoformat()
+        count, patients = days.get(day, (0, set()))
+        days[day] = (count + 1, patients | set(d.patients))
+    groups = [_group("patient", patient, own) for patient, own in by_patient.items()]
+    groups.sort(key=lambda g: g["last"], reverse=True)
+    body = _report("user-activity", start, end, events, truncated)
+    described = [d for d, _ in events]
+    body.update(
+        user=user,
+        names=list(dict.fromkeys(d.user_name for d in described if d.user_name)),
+        patients=len([g for g in groups if g["patient"] != "(no patient)"]),
+        zone=str(zone),
+        days=[
+            {"date": day, "events": count, "patients": len(patients)}
+            for day, (count, patients) in sorted(days.items())
+        ],
+        groups=groups,
+    )
+    return _json(body)
+
+
+def _search_params(params: MultiMapping[str], own: Sequence[str]) -> MultiMapping[str]:
+    """The search parameters of a request that also has parameters of its own."""
+    return MultiDictProxy(MultiDict([(k, v) for k, v in params.items() if k not in own]))
+
+
+def _bucket_start(ts: float, hourly: bool, zone: tzinfo) -> datetime:
+    local = datetime.fromtimestamp(ts, zone)
+    if hourly:
+        return local.replace(minute=0, second=0, microsecond=0)
+    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def activity(request: web.Request) -> web.Response:
+    """Events per hour or day for a search, by action and by outcome."""
+    params = request.query
+    try:
+        zone = _zone(params)
+        bucket = params.get("bucket", "auto")
+        if bucket not in ("auto", "hour", "day"):
+            raise BadQuery("bucket takes auto, hour or day")
+        asked = event_query(_search_params(params, ("tz", "bucket")))
+    except BadQuery as exc:
+        return outcome_response(400, "invalid", str(exc))
+    if asked.signals:
+        return outcome_response(
+            400, "not-supported", "the activity chart counts by index: it takes no signal filter"
+        )
+    counts = await StoreReports(request.app[QUEUE]).activity(asked.query)
+    if counts:
+        low = (
+            asked.query.date_from.timestamp() if asked.query.date_from else counts[0].slot * SLOT_S
+        )
+        high = asked.query.date_to.timestamp() if asked.query.date_to else counts[-1].slot * SLOT_S
+    else:
+        low = high = 0.0
+    span = (high - low) if low is not None and high is not None else 0.0
+    hourly = bucket == "hour" or (bucket == "auto" and span <= AUTO_HOURLY_S)
+    starts: dict[int, datetime] = {}
+    buckets: dict[datetime, dict[str, Counter[str]]] = {}
+    for item in counts:
+        start = starts.get(item.slot)
+        if start is None:
+            start = starts[item.slot] = _bucket_start(item.slot * SLOT_S, hourly, zone)
+        tally = buckets.setdefault(start, {"action": Counter(), "outcome": Counter()})
+        tally["action"][item.action or "?"] += item.events
+        tally["outcome"][item.outcome or "?"] += item.events
+    step = timedelta(hours=1) if hourly else timedelta(days=1)
+    rows = []
+    for start, tally in sorted(buckets.items()):
+        # Wall-clock arithmetic: a day ends at the next local midnight, 23 or 25 hours
+        # later on the days daylight saving starts or ends.
+        end = start + step
+        rows.append(
+            {
+                "start": start.isoformat(),
+                "end": end.isoformat(),
+                "events": sum(tally["action"].values()),
+                "byAction": dict(tally["action"]),
+                "byOutcome": dict(tally["outcome"]),
+            }
+        )
+    return _json(
+        {
+            "bucket": "hour" if hourly else "day",
+            "zone": str(zone),
+            "events": sum(row["events"] for row in rows),
+            "buckets": rows,
+        }
+    )
+
+
+async def export_csv(request: web.Request) -> web.StreamResponse:
+    """Every event a search matches, as CSV (its order; no paging, no count)."""
+    params = request.query
+    try:
+        zone = _zone(params)
+        asked = event_query(_search_params(params, ("tz",)))
+    except BadQuery as exc:
+        return outcome_response(400, "invalid", str(exc))
+    store = request.app[QUEUE]
+    reports = StoreReports(store)
+    settings = request.app[SETTINGS].signals
+    query = dataclasses.replace(asked.query, limit=EXPORT_BATCH, count_total=False, before=None)
+
+    async def batches() -> AsyncIterator[tuple[list[QueuedEvent], list[frozenset[Signal]]]]:
+        nonlocal query
+        while True:
+            if asked.scanned:
+                found = await signal_page(store, reports, settings, query, asked.signals)
+                yield found.items, found.signals
+                if found.after is None:
+                    return
+                query = dataclasses.replace(query, after=found.after)
+            else:
+                page = await store.search_page(query)
+                yield page.items, await signals_of(page.items, reports, settings)
+                if not page.more_after or not page.items:
+                    return
+                query = dataclasses.replace(query, after=page.cursor_of(page.items[-1], query.sort))
+
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{_filename("audit-events", "search")}"',
+        }
+    )
+    recorded = False
+    header = True
+    async for items, signals in batches():
+        if not recorded and discloses(items):
+            # Before the first byte: an export that cannot be recorded is not sent.
+            await record_access(request, search=asked.echo)
+            recorded = True
+        if not response.prepared:
+            await response.prepare(request)
+        described = [
+            (describe(item.event, item.recorded_ts), [str(s) for s in ss])
+            for item, ss in zip(items, signals, strict=True)
+        ]
+        await response.write(csv_rows(described, zone, header=header).encode())
+        header = False
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    return response

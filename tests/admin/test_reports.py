@@ -1,0 +1,290 @@
+"""The privacy reports, signals, activity counts and CSV exports against a store filled by
+real traffic through the proxy in front of the real test FHIR server (``ward_traffic``),
+every expectation counted by hand from what that traffic did."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+
+from tests.factories import NodeFhirServer, RunningProxy, StartProxy, Ward, ward_traffic
+
+ALL_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+SIGNALS = {
+    # One patient an hour is already many: dr.lee's and the registrar's second patient
+    # stand out. Round the clock every day: nothing is after hours.
+    "patients_per_hour": 1,
+    "working_hours": {"days": ALL_DAYS, "start": "00:00", "end": "00:00"},
+}
+HIDE_ADMIN = "_tag:not=" + quote("urn:fhir-audit-proxy:tag|admin-access")
+ONLY_ADMIN = "_tag=" + quote("urn:fhir-audit-proxy:tag|admin-access")
+
+
+@dataclass
+class Trail:
+    proxy: RunningProxy
+    ward: Ward
+
+
+@pytest.fixture
+async def trail(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> AsyncIterator[Trail]:
+    proxy = await start_proxy(fhir_server.base_url, admin={"signals": SIGNALS})
+    yield Trail(proxy, await ward_traffic(http, proxy.url))
+
+
+async def get(http: aiohttp.ClientSession, url: str, status: int = 200) -> Any:
+    async with http.get(url) as r:
+        assert r.status == status, await r.text()
+        if r.content_type == "text/csv":
+            return await r.text()
+        return await r.json(content_type=None)
+
+
+def by(groups: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    return {g[key]: g for g in groups}
+
+
+async def test_patient_access_report_lists_who_saw_the_record(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    admin, ana = trail.proxy.admin_url, trail.ward.ana
+    report = await get(http, f"{admin}/api/reports/patient-access?patient={ana}")
+    assert report["patient"] == ana and report["events"] == 7 and report["users"] == 4
+    assert [g["user"] for g in report["groups"]] == ["mallory", "nurse.kim", "dr.lee", "registrar"]
+    groups = by(report["groups"], "user")
+    lee = groups["dr.lee"]
+    assert lee["events"] == 3 and lee["names"] == ["Dr Lee"] and lee["roles"] == ["physician"]
+    assert lee["clients"] == ["ehr-web"] and lee["addresses"] == ["127.0.0.1"]
+    assert lee["interactions"] == {"read": 3} and lee["outcomes"] == {"success": 3}
+    assert lee["signals"] == {"first-access": 1}, "only the first of the three reads"
+    assert [i["signals"] for i in lee["items"]] == [[], [], ["first-access"]], "newest first"
+    assert lee["first"] == min(i["recorded"] for i in lee["items"])
+    assert lee["last"] == max(i["recorded"] for i in lee["items"])
+    kim = groups["nurse.kim"]
+    assert kim["events"] == 1 and kim["signals"] == {"first-access": 1, "break-glass": 1}
+    assert kim["items"][0]["purposeOfUse"] == ["ETREAT"]
+    mallory = groups["mallory"]
+    assert mallory["events"] == 2 and mallory["outcomes"] == {"serious failure": 2}
+    assert mallory["signals"] == {"denied": 2, "first-access": 1}
+    assert {i["httpStatus"] for i in mallory["items"]} == {403}
+    registrar = groups["registrar"]
+    assert registrar["interactions"] == {"create": 1}
+    assert registrar["signals"] == {"first-access": 1}
+    assert report["signals"] == {"first-access": 4, "denied": 2, "break-glass": 1}
+    assert all(i["patients"] == [ana] for g in report["groups"] for i in g["items"])
+
+    # Ben's record: the registrar and dr.lee each touched two patients within the hour.
+    ben = await get(http, f"{admin}/api/reports/patient-access?patient={trail.ward.ben}")
+    assert ben["events"] == 2
+    assert {g["user"]: g["signals"] for g in ben["groups"]} == {
+        "dr.lee": {"first-access": 1, "many-patients": 1},
+        "registrar": {"first-access": 1, "many-patients": 1},
+    }
+
+
+async def test_reports_are_audited_and_leave_admin_reads_out(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    admin, ana = trail.proxy.admin_url, trail.ward.ana
+    url = f"{admin}/api/reports/patient-access?patient={ana}"
+    for _ in range(3):
+        assert (await get(http, url))["events"] == 7, "the report's own record stays out"
+    # Each report is a search of the trail about Ana: recorded, and marked.
+    found = await get(http, f"{admin}/fhir/AuditEvent?patient={ana}&{ONLY_ADMIN}")
+    assert found["total"] == 3
+    assert {e["resource"]["subtype"][0]["code"] for e in found["entry"]} == {"search-type"}
+    assert (await get(http, f"{url}&admin-access=include"))["events"] == 7 + 3
+
+
+async def test_user_activity_report_lists_the_patients_a_user_touched(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    admin, ward = trail.proxy.admin_url, trail.ward
+    report = await get(http, f"{admin}/api/reports/user-activity?user=dr.lee")
+    assert report["user"] == "dr.lee" and report["names"] == ["Dr Lee"]
+    assert report["events"] == 5 and report["patients"] == 3
+    assert [g["patient"] for g in report["groups"]] == [ward.nobody, ward.ben, ward.ana]
+    groups = by(report["groups"], "patient")
+    assert groups[ward.ana]["events"] == 3
+    assert groups[ward.nobody]["outcomes"] == {"minor failure": 1}
+    assert groups[ward.nobody]["signals"] == {
+        "failed": 1,
+        "first-access": 1,
+        "many-patients": 1,
+    }
+    assert groups[ward.ben]["signals"] == {"first-access": 1, "many-patients": 1}
+    assert report["signals"] == {"first-access": 3, "many-patients": 2, "failed": 1}
+    assert sum(d["events"] for d in report["days"]) == 5
+    assert max(d["patients"] for d in report["days"]) <= 3
+    csv_text = await get(http, f"{admin}/api/reports/user-activity?user=dr.lee&format=csv")
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert len(rows) == 5 and {r["user"] for r in rows} == {"dr.lee"}
+
+
+async def test_a_report_as_csv_has_a_row_per_access_in_the_zone_asked_for(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    admin, ana = trail.proxy.admin_url, trail.ward.ana
+    async with http.get(
+        f"{admin}/api/reports/patient-access?patient={ana}&format=csv&tz=Asia/Kolkata"
+    ) as r:
+        assert r.status == 200 and r.content_type == "text/csv"
+        assert "attachment" in r.headers["Content-Disposition"]
+        text = await r.text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 7
+    assert all(row["recorded"].endswith("+05:30") for row in rows)
+    assert sorted(row["user"] for row in rows) == [
+        "dr.lee",
+        "dr.lee",
+        "dr.lee",
+        "mallory",
+        "mallory",
+        "nurse.kim",
+        "registrar",
+    ]
+    denied = [row for row in rows if row["user"] == "mallory"]
+    assert {row["HTTP status"] for row in denied} == {"403"}
+    assert {row["outcome"] for row in denied} == {"8 serious failure"}
+    assert all("denied" in row["signals"].split() for row in denied)
+
+
+async def test_signals_filter_a_search_and_mark_its_entries(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    base = f"{trail.proxy.admin_url}/fhir/AuditEvent?{HIDE_ADMIN}&"
+
+    async def users(query: str) -> list[str]:
+        bundle = await get(http, base + query)
+        return sorted(
+            next(a for a in e["resource"]["agent"] if a.get("requestor"))["who"]["identifier"][
+                "value"
+            ]
+            for e in bundle["entry"]
+            if e["search"]["mode"] == "match"
+        )
+
+    # Indexed: denied and break-glass are marks, counted as any search.
+    denied = await get(http, base + "signal=denied")
+    assert denied["total"] == 2
+    assert await users("signal=break-glass") == ["nurse.kim"]
+    # Examined: the others are computed for each match.
+    assert await users("signal=first-access") == [
+        "dr.lee",
+        "dr.lee",
+        "dr.lee",
+        "mallory",
+        "nurse.kim",
+        "registrar",
+        "registrar",
+    ]
+    assert await users("signal=many-patients") == ["dr.lee", "dr.lee", "registrar"]
+    assert await users("signal=failed") == ["dr.lee"]
+    assert await users("signal=after-hours") == []
+    assert await users("signal=failed,denied") == ["dr.lee", "mallory", "mallory"]
+    await get(http, base + "signal=curious", 400)
+
+    # A signal-filtered search pages with its links, both ways.
+    url: str | None = base + "signal=first-access&_count=3"
+    pages = []
+    last: dict[str, Any] = {}
+    while url:
+        last = await get(http, url)
+        pages.append([e["resource"]["id"] for e in last["entry"]])
+        url = next((lk["url"] for lk in last["link"] if lk["relation"] == "next"), None)
+    assert [len(p) for p in pages] == [3, 3, 1]
+    back = []
+    prev = next((lk["url"] for lk in last["link"] if lk["relation"] == "previous"), None)
+    while prev:
+        body = await get(http, prev)
+        back.append([e["resource"]["id"] for e in body["entry"]])
+        prev = next((lk["url"] for lk in body["link"] if lk["relation"] == "previous"), None)
+    assert back == pages[-2::-1]
+
+    # Asked for, every entry says its signals.
+    marked = await get(http, base + f"patient={trail.ward.ana}&with-signals=true")
+    flagged = [
+        sorted(x["valueCode"] for x in e["search"].get("extension", ())) for e in marked["entry"]
+    ]
+    assert flagged.count(["denied"]) == 1 and flagged.count(["denied", "first-access"]) == 1
+    assert flagged.count(["break-glass", "first-access"]) == 1
+
+
+async def test_activity_counts_a_search_by_action_and_outcome(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    admin, ana = trail.proxy.admin_url, trail.ward.ana
+
+    async def totals(query: str) -> tuple[int, dict[str, int], dict[str, int]]:
+        chart = await get(http, f"{admin}/api/activity?{HIDE_ADMIN}&{query}")
+        actions: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
+        for bucket in chart["buckets"]:
+            for key, n in bucket["byAction"].items():
+                actions[key] = actions.get(key, 0) + n
+            for key, n in bucket["byOutcome"].items():
+                outcomes[key] = outcomes.get(key, 0) + n
+        return chart["events"], actions, outcomes
+
+    # The whole store: read from the quarter-hour counts (and the ragged ends).
+    assert await totals("") == (10, {"C": 2, "R": 8}, {"0": 7, "4": 1, "8": 2})
+    assert await totals("date=ge2020-01-01") == (10, {"C": 2, "R": 8}, {"0": 7, "4": 1, "8": 2})
+    # One patient: walked through the index.
+    assert await totals(f"patient={ana}") == (7, {"C": 1, "R": 6}, {"0": 5, "8": 2})
+    assert await totals("outcome=8") == (2, {"R": 2}, {"8": 2})
+    assert (await get(http, f"{admin}/api/activity"))["bucket"] == "hour", "a short range"
+    assert (await get(http, f"{admin}/api/activity?date=ge2020"))["bucket"] == "day"
+    chart = await get(http, f"{admin}/api/activity?tz=America/New_York&bucket=day")
+    assert chart["bucket"] == "day" and chart["buckets"][0]["start"].endswith("-05:00")
+    assert chart["buckets"][0]["start"][11:19] == "00:00:00", "local midnight"
+    await get(http, f"{admin}/api/activity?tz=Mars/Olympus", 400)
+
+
+async def test_any_filtered_view_exports_as_csv(trail: Trail, http: aiohttp.ClientSession) -> None:
+    admin = trail.proxy.admin_url
+    text = await get(http, f"{admin}/api/export.csv?{HIDE_ADMIN}&action=R&tz=UTC")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 8 and {r["action"] for r in rows} == {"R"}
+    assert all(r["recorded"].endswith("+00:00") for r in rows)
+    text = await get(http, f"{admin}/api/export.csv?{HIDE_ADMIN}&signal=many-patients")
+    assert len(list(csv.DictReader(io.StringIO(text)))) == 3
+    empty = await get(http, f"{admin}/api/export.csv?agent=nobody-at-all")
+    assert empty.splitlines() == [empty.splitlines()[0]] and empty.startswith("recorded,")
+
+
+async def test_admin_reads_are_marked_and_a_search_that_hides_them_keeps_its_count(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    """Three identical searches used to count 8, 9, 10: each records itself."""
+    admin = trail.proxy.admin_url
+    hidden = [(await get(http, f"{admin}/fhir/AuditEvent?{HIDE_ADMIN}"))["total"] for _ in range(3)]
+    assert hidden == [10, 10, 10]
+    shown = (await get(http, f"{admin}/fhir/AuditEvent"))["total"]
+    assert shown == 10 + 3
+    await get(http, f"{admin}/fhir/AuditEvent?_tag=urn:other|x", 400)
+
+
+async def test_reports_refuse_what_they_cannot_answer(
+    trail: Trail, http: aiohttp.ClientSession
+) -> None:
+    admin = trail.proxy.admin_url
+    for query, status in (
+        ("patient-access", 400),
+        ("patient-access?patient=Patient/1&from=yesterday", 400),
+        ("patient-access?patient=Patient/1&from=2026-02-01&to=2026-01-01", 400),
+        ("patient-access?patient=Patient/1&format=pdf", 400),
+        ("patient-access?patient=Patient/1&colour=blue", 400),
+        ("user-activity", 400),
+        ("user-activity?user=dr.lee&tz=Nowhere/Else", 400),
+    ):
+        outcome = await get(http, f"{admin}/api/reports/{query}", status)
+        assert outcome["resourceType"] == "OperationOutcome"
