@@ -43,7 +43,7 @@ from jwt.algorithms import RSAAlgorithm
 from yarl import URL
 
 from proxy.app import QUEUE
-from proxy.audit.balp import AuditContext, build_events
+from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.audit.identity import JwksKeys, identity_from_headers
 from proxy.audit.ids import new_event_id
 from proxy.exchange import Exchange
@@ -978,3 +978,27 @@ async def ward_traffic(http: aiohttp.ClientSession, base: str) -> Ward:
     for _ in range(2):
         await read(MALLORY, ana, 403)
     return Ward(ana=ana, ben=ben, nobody=nobody)
+
+
+async def earlier_day(queue: AuditQueue, now: datetime, hours: int = 30) -> int:
+    """A day of earlier reads by two other clinicians, built by the BALP builder as the
+    proxy builds them (the proxy records only the present) and stored before ``now``:
+    for the activity chart, apart from :func:`ward_traffic`'s users and patients. A few
+    are 404s. The number of events stored."""
+    ctx = AuditContext.default()
+    rows: list[Any] = []
+    for hour in range(hours, 0, -1):
+        for n in range(3 + (hour * 7) % 11):
+            at = now - timedelta(hours=hour, minutes=n * 4)
+            user = ("dr.ray", "nurse.ng")[n % 2]
+            ex = exchange(
+                "GET",
+                f"Patient/h{hour}-{n}",
+                headers={"authorization": f"Bearer {unsigned_jwt({'sub': user})}"},
+                status=404 if n == 5 else 200,
+                response={"resourceType": "Patient", "id": f"h{hour}-{n}"} if n != 5 else None,
+            )
+            ex.started_at = ex.finished_at = at
+            rows += store_rows(build_events(ex, ctx, at))
+    await queue.append_rows(rows)
+    return len(rows)

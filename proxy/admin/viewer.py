@@ -14,7 +14,11 @@ from proxy.admin.keys import STORE
 STATIC = Path(__file__).resolve().parent / "static"
 FILES = {
     "index.html": "text/html",
+    "report.html": "text/html",
+    "common.js": "text/javascript",
+    "chart.js": "text/javascript",
     "viewer.js": "text/javascript",
+    "report.js": "text/javascript",
     "viewer.css": "text/css",
 }
 

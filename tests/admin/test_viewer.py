@@ -1,9 +1,18 @@
-"""The viewer in a real browser (Debian's chromium driven by Playwright): traffic through a
-real proxy to the real FHIR server, then the page as a privacy officer uses it: token
-prompt, filter by patient and date, page back in time, open an event, watch one arrive."""
+"""The viewer in a real browser (Debian's chromium driven by Playwright), as a privacy
+officer uses it, over real traffic through a real proxy to the real FHIR server
+(``ward_traffic``) and a day of earlier events: the events with their signals, chart,
+detail and export; the patient access report, printable; the user activity report. Each
+page is checked with axe-core (no serious or critical violation).
+
+The screenshots go to ``tmp_path``; with ``FHIR_AUDIT_DOCS_SCREENSHOTS=1`` to ``docs/``,
+where the README shows them."""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,15 +23,39 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.factories import NodeFhirServer, RunningProxy, StartProxy, unsigned_jwt
+from tests.factories import (
+    DR_LEE,
+    ROOT,
+    NodeFhirServer,
+    RunningProxy,
+    StartProxy,
+    Ward,
+    earlier_day,
+    ward_traffic,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+AXE = ROOT / "testserver" / "node_modules" / "axe-core" / "axe.min.js"
 TOKEN = "viewer-token-for-tests"
+ZONE = "Asia/Kolkata"
+"""The browser's zone: not UTC, and not a whole number of hours from it."""
+SIGNALS = {
+    "patients_per_hour": 1,
+    "working_hours": {
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+        "start": "00:00",
+        "end": "00:00",
+    },
+}
+"""Round the clock (start = end): no event is after hours, whenever the test runs."""
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(),
-    reason="Debian's chromium is not installed (scripts/setup installs it with apt-get)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason="Debian's chromium is not installed (scripts/setup installs it with apt-get)",
+    ),
+    pytest.mark.timeout(240),
+]
 
 
 @pytest.fixture
@@ -43,126 +76,281 @@ async def browser() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-async def create(http: aiohttp.ClientSession, proxy: RunningProxy, family: str) -> str:
-    async with http.post(
-        f"{proxy.url}/Patient",
-        json={"resourceType": "Patient", "name": [{"family": family}]},
-        headers={"Authorization": "Bearer opaque-clerk-token-0000000000000000000000"},
-    ) as r:
-        assert r.status == 201
-        return f"Patient/{(await r.json(content_type=None))['id']}"
+@pytest.fixture
+async def ward(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> AsyncIterator[tuple[RunningProxy, Ward, int]]:
+    """A proxy with an admin token, the ward's traffic through it, and a day of earlier
+    events (their number)."""
+    proxy = await start_proxy(
+        fhir_server.base_url,
+        admin={"tokens": [TOKEN], "signals": SIGNALS},
+    )
+    ward = await ward_traffic(http, proxy.url)
+    earlier = await earlier_day(proxy.queue, datetime.now(UTC))
+    yield proxy, ward, earlier
 
 
-CLINICIAN = unsigned_jwt({"sub": "dr.lee", "name": "Dr Lee", "client_id": "ehr-web"})
+async def open_page(browser: Browser, url: str) -> tuple[Page, list[Any]]:
+    context = await browser.new_context(
+        viewport={"width": 1360, "height": 860}, timezone_id=ZONE, accept_downloads=True
+    )
+    page = await context.new_page()
+    errors: list[Any] = []
+    page.on("pageerror", lambda error: errors.append(error))
+    await page.goto(url)
+    return page, errors
 
 
-async def read(http: aiohttp.ClientSession, proxy: RunningProxy, ref: str, rid: str) -> None:
-    headers = {"X-Request-Id": rid, "Authorization": f"Bearer {CLINICIAN}"}
-    async with http.get(f"{proxy.url}/{ref}", headers=headers) as r:
-        assert r.status == 200
+async def sign_in(page: Page) -> None:
+    await expect(page.locator("#login")).to_be_visible()
+    await page.fill("#token", TOKEN)
+    await page.click("#login-form button")
+    await expect(page.locator("#login")).to_be_hidden()
 
 
-async def cells(page: Page, column: int) -> list[str]:
-    texts: list[str] = await page.locator(
-        f"#events tbody tr td:nth-child({column})"
-    ).all_inner_texts()
+async def shot(page: Page, tmp_path: Path, name: str, **options: Any) -> None:
+    """A screenshot: into docs/ for the README when asked, else beside the test."""
+    docs = os.environ.get("FHIR_AUDIT_DOCS_SCREENSHOTS") == "1"
+    await page.screenshot(path=(ROOT / "docs" if docs else tmp_path) / name, **options)
+
+
+async def accessible(page: Page) -> None:
+    """axe-core finds no serious or critical violation on the page as it is now."""
+    await page.evaluate(AXE.read_text())
+    result = await page.evaluate(
+        "axe.run(document, {runOnly: {type: 'tag', values:"
+        " ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']}})"
+    )
+    bad = [
+        (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert bad == [], bad
+
+
+async def column(page: Page, n: int) -> list[str]:
+    texts: list[str] = await page.locator(f"#events tbody tr td:nth-child({n})").all_inner_texts()
     return texts
 
 
-async def test_the_viewer_finds_pages_opens_and_follows_events(
-    fhir_server: NodeFhirServer,
-    start_proxy: StartProxy,
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+async def test_the_events_with_their_signals_chart_detail_and_export(
+    ward: tuple[RunningProxy, Ward, int],
     http: aiohttp.ClientSession,
     browser: Browser,
     tmp_path: Path,
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url, admin={"tokens": [TOKEN]})
-    ana = await create(http, proxy, "Ana")
-    ben = await create(http, proxy, "Ben")
-    for i in range(25):
-        await read(http, proxy, ana, f"ana-read-{i:02d}")
-    for i in range(3):
-        await read(http, proxy, ben, f"ben-read-{i:02d}")
+    proxy, people, earlier = ward
+    # A request the proxy cannot classify: recorded, and shown as such, not blank.
+    async with http.get(f"{proxy.url}/notAType/1", headers=DR_LEE.headers) as r:
+        assert r.status >= 400
+    proxied = 10 + 1
+    page, errors = await open_page(browser, f"{proxy.admin_url}/ui")
 
-    page = await browser.new_page(viewport={"width": 1280, "height": 760})
-    errors: list[Any] = []
-    page.on("pageerror", lambda error: errors.append(error))
-    await page.goto(f"{proxy.admin_url}/ui")
-    await expect(page.locator("#login")).to_be_visible()
-    await page.screenshot(path=tmp_path / "1-token.png")
-    await page.fill("#token", TOKEN)
+    # No token and a wrong token are told apart.
+    await expect(page.locator("#login-why")).to_have_text(re.compile("needs a token"))
+    await page.fill("#token", "not-the-token")
     await page.click("#login-form button")
-    await expect(page.locator("#events tbody tr")).to_have_count(20)
+    await expect(page.locator("#login-why")).to_have_text(re.compile("not accepted"))
+    await sign_in(page)
     assert await page.evaluate("sessionStorage.getItem('adminToken')") == TOKEN
     assert await page.evaluate("localStorage.length") == 0
-    # 30 proxied events and the record of this first look at them (the strip polls).
-    await expect(page.locator("#q-pending")).to_have_text("31", timeout=15_000)
 
-    # Filter by patient, by date (the last hour, in the browser's local time) and by
-    # interaction (the viewer's own searches for Ana are PatientQuery events about her).
-    since = (datetime.now() - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
-    await page.fill("input[name=patient]", ana)
-    await page.fill("input[name=from]", since)
-    await page.fill("input[name=subtype]", "read")
-    await page.click("#filters button[type=submit]")
-    await expect(page.locator("#total")).to_have_text("25 events")
-    assert "patient=Patient" in page.url and "from=" in page.url
-    first_page = await cells(page, 9)
-    assert first_page[:3] == ["ana-read-24", "ana-read-23", "ana-read-22"]
-    assert set(await cells(page, 6)) == {ana}
-    assert set(await cells(page, 4)) == {"dr.lee"} and set(await cells(page, 5)) == {"ehr-web"}
-    await page.screenshot(path=tmp_path / "2-filtered.png")
-
-    # Page back in time: the five oldest reads.
-    await page.click("#older")
-    await expect(page.locator("#events tbody tr")).to_have_count(5)
-    assert "cursor=" in page.url
-    assert await cells(page, 9) == [f"ana-read-{i:02d}" for i in (4, 3, 2, 1, 0)]
-    await page.click("#newer")
+    # The admin reads of the trail (this page's own among them) are hidden: the count
+    # holds however often the page asks.
+    await expect(page.locator("#total")).to_have_text(f"{proxied + earlier} events")
+    await page.reload()
+    await expect(page.locator("#total")).to_have_text(f"{proxied + earlier} events")
     await expect(page.locator("#events tbody tr")).to_have_count(20)
-    assert await cells(page, 9) == first_page
+    await expect(page.locator("#newer")).to_be_disabled()  # nothing precedes the first page
+    await page.check("input[name=admin]")
+    await page.click("#filters button[type=submit]")
+    await expect(page.locator("#events tbody .badge.admin").first).to_be_visible()
+    await page.uncheck("input[name=admin]")
 
-    # A filter in the URL is a view that can be shared: open it in a new tab.
-    shared = await browser.new_page()
-    await shared.goto(page.url)
-    await shared.fill("#token", TOKEN)
-    await shared.click("#login-form button")
-    await expect(shared.locator("#total")).to_have_text("25 events")
-    await shared.close()
+    # Times in the browser's zone, with the zone; or in UTC.
+    assert all(t.endswith("GMT+5:30") for t in await column(page, 1))
+    await page.select_option("#tz", "utc")
+    await expect(page.locator("#events tbody tr td:nth-child(1)").first).to_have_text(
+        re.compile(r"UTC$")
+    )
+    # A quick range fills the inputs in the zone shown, and the search agrees with them.
+    await page.click("button[data-range='86400']")
+    await expect(page.locator("#total")).to_have_text(re.compile("events"))
+    typed = await page.input_value("input[name=from]")
+    since = datetime.fromisoformat(typed).replace(tzinfo=UTC)
+    assert abs(since - (datetime.now(UTC) - timedelta(days=1))) < timedelta(minutes=2)
+    assert "tz=utc" in page.url and "from=" in page.url
+    await page.select_option("#tz", "")
+    local = await page.input_value("input[name=from]")
+    assert datetime.fromisoformat(local) - datetime.fromisoformat(typed) == timedelta(
+        hours=5, minutes=30
+    ), "the same instant, shown in the browser's zone"
 
-    # Open an event: the whole AuditEvent, and links to the patient's other events.
-    await page.locator("#events tbody tr").first.click()
+    # Ana's record: the signals, as badges.
+    await page.click("#clear")
+    await page.fill("#filters input[name=patient]", people.ana)
+    await page.click("#filters button[type=submit]")
+    await expect(page.locator("#total")).to_have_text("7 events")
+    badges = page.locator("#events tbody .badge")
+    assert await badges.filter(has_text="first access").count() == 4
+    assert await badges.filter(has_text="denied").count() == 2
+    assert await badges.filter(has_text="break-glass").count() == 1
+    await shot(page, tmp_path, "viewer-signals.png", clip=dict(x=0, y=0, width=1360, height=640))
+
+    # Filter on a signal; open a denied access: the detail panel says it in words.
+    await page.select_option("#filters select[name=signal]", "denied")
+    await page.click("#filters button[type=submit]")
+    await expect(page.locator("#total")).to_have_text("2 events")
+    await page.locator("#events tbody button.open").first.focus()
+    await page.keyboard.press("Enter")  # keyboard alone opens an event
     await expect(page.locator("#detail")).to_be_visible()
-    detail = await page.locator("#detail-json").inner_text()
-    assert '"resourceType": "AuditEvent"' in detail and "ana-read-24" in detail
-    await expect(page.locator("#detail-links a").first).to_have_text(f"other events of {ana}")
-    await page.screenshot(path=tmp_path / "3-detail.png")
+    facts = dict(
+        zip(
+            await page.locator("#detail-facts dt").all_inner_texts(),
+            await page.locator("#detail-facts dd").all_inner_texts(),
+            strict=True,
+        )
+    )
+    assert facts["who"] == "mallory (Mallory)" and facts["client"] == "kiosk"
+    assert facts["HTTP status"] == "403" and facts["from"] == "127.0.0.1"
+    assert facts["outcome"].startswith("serious failure (code 8): access denied (HTTP 403)")
+    assert facts["what"] == f"R read of {people.ana}"
+    assert facts["when"].endswith("GMT+5:30")
+    assert "first access" in facts["signals"] or "denied" in facts["signals"]
+    assert await page.locator("#detail-json").is_hidden(), "the JSON comes after, folded"
+    await page.click("#detail-raw summary")
+    assert '"resourceType": "AuditEvent"' in await page.locator("#detail-json").inner_text()
+    await accessible(page)
+    await shot(page, tmp_path, "viewer-detail.png")
+
+    # The request the proxy could not classify is named, not blank.
+    await page.goto(f"{proxy.admin_url}/ui/?agent=dr.lee&outcome=4")
+    await expect(page.locator("#events tbody tr")).to_have_count(2)
+    assert "not a FHIR interaction" in await column(page, 4)
+
+    # The chart: a day of events per hour, by action or outcome; a bar narrows the range.
+    await page.goto(f"{proxy.admin_url}/ui/")
+    bars = page.locator("#chart .bar")
+    await expect(bars.first).to_be_visible()
+    assert await bars.count() >= 25
+    await page.select_option("#split", "outcome")
+    await expect(page.locator("#chart .legend")).to_contain_text("minor failure")
+    await shot(page, tmp_path, "viewer-chart.png", clip=dict(x=0, y=0, width=1360, height=560))
+    await bars.nth(3).focus()
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(re.compile("from=.*to="))
+    await expect(page.locator("#total")).not_to_have_text(f"{proxied + earlier} events")
+    narrowed = int((await page.locator("#total").inner_text()).split()[0])
+    assert 0 < narrowed < proxied + earlier
+
+    # Page size and paging back in time, from the whole trail.
+    await page.goto(f"{proxy.admin_url}/ui/?count=50")
+    await expect(page.locator("#events tbody tr")).to_have_count(50)
+    first_page = await column(page, 10)
+    await page.click("#older")
+    await expect(page.locator("#newer")).to_be_enabled()
+    assert await column(page, 10) != first_page
+    await page.click("#newer")
+    await expect(page.locator("#newer")).to_be_disabled()  # back on the first page
+    assert await column(page, 10) == first_page
+
+    # Export: every event of the filtered view, not only the page shown.
+    await page.goto(f"{proxy.admin_url}/ui/?agent=dr.lee")
+    await expect(page.locator("#total")).to_have_text("6 events")
+    async with page.expect_download() as download:
+        await page.click("#export")
+    saved = tmp_path / "export.csv"
+    await (await download.value).save_as(saved)
+    rows = csv_rows(saved)
+    assert len(rows) == 6 and {r["user"] for r in rows} == {"dr.lee"}
+    assert all(r["recorded"].endswith("+05:30") for r in rows)
 
     # Live: an event made now appears at the top without a reload.
+    await page.goto(f"{proxy.admin_url}/ui/")
     await page.check("#live")
-    await read(http, proxy, ana, "ana-live-read")
-    await expect(page.locator("#events tbody tr.new td:nth-child(9)").first).to_have_text(
-        "ana-live-read", timeout=15_000
+    async with http.get(f"{proxy.url}/{people.ben}", headers=DR_LEE.headers) as r:
+        assert r.status == 200
+    await expect(page.locator("#events tbody tr.new").first).to_contain_text(
+        people.ben, timeout=15_000
     )
-    assert (await cells(page, 9))[0] == "ana-live-read"
-    await page.screenshot(path=tmp_path / "4-live.png")
-    await page.screenshot(
-        path=tmp_path / "readme.png", clip={"x": 0, "y": 0, "width": 1280, "height": 480}
+    await accessible(page)
+    await shot(page, tmp_path, "viewer.png", clip=dict(x=0, y=0, width=1360, height=700))
+    assert errors == []
+
+
+async def test_the_patient_access_report_and_its_printable_form(
+    ward: tuple[RunningProxy, Ward, int], browser: Browser, tmp_path: Path
+) -> None:
+    proxy, people, _ = ward
+    page, errors = await open_page(browser, f"{proxy.admin_url}/ui/?view=patient")
+    await sign_in(page)
+    await page.fill("#patient-form input[name=patient]", people.ana)
+    await page.click("#patient-form button[data-range='7776000']")
+    summary = page.locator("#patient-report .summary")
+    await expect(summary).to_contain_text(f"7 accesses to {people.ana} by 4 users")
+    groups = page.locator("#patient-report table.groups > tbody > tr:not(.group-items)")
+    await expect(groups).to_have_count(4)
+    assert await groups.locator("th").all_inner_texts() == [
+        "mallory",
+        "nurse.kim",
+        "dr.lee",
+        "registrar",
+    ]
+    lee = groups.nth(2)
+    await expect(lee.locator("td").nth(1)).to_have_text("physician")
+    toggle = lee.locator("button.expand")
+    await toggle.click()
+    await expect(toggle).to_have_attribute("aria-expanded", "true")
+    items = page.locator("#patient-group-2 table.items tbody tr")
+    await expect(items).to_have_count(3)
+    await accessible(page)
+    await shot(page, tmp_path, "report-patient-access.png")
+
+    async with page.expect_download() as download:
+        await page.click("#patient-form .csv")
+    saved = tmp_path / "patient.csv"
+    await (await download.value).save_as(saved)
+    assert len(csv_rows(saved)) == 7
+
+    # The printable report: the browser prints it (and saves it as PDF).
+    await page.click("#patient-form .print")
+    await expect(page).to_have_url(re.compile(r"report\.html\?"))
+    await expect(page.locator("#list tbody tr")).to_have_count(7)
+    await expect(page.locator("#intro")).to_contain_text("7 accesses by 4 people or systems")
+    await accessible(page)
+    await page.emulate_media(media="print")
+    await shot(page, tmp_path, "report-printable.png", full_page=True)
+    pdf = tmp_path / "report.pdf"
+    await page.pdf(path=pdf, format="A4")
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert errors == []
+
+
+async def test_the_user_activity_report(
+    ward: tuple[RunningProxy, Ward, int], browser: Browser, tmp_path: Path
+) -> None:
+    proxy, people, _ = ward
+    page, errors = await open_page(browser, f"{proxy.admin_url}/ui/?view=user&user=dr.lee")
+    await sign_in(page)
+    await expect(page.locator("#user-report .summary")).to_contain_text(
+        "5 events by dr.lee (Dr Lee), touching 3 patients"
     )
-
-    # Dead letters show in the strip and are retried from it.
-    claimed = await proxy.queue.claim(2, datetime.now(UTC))
-    await proxy.queue.dead_letter([c.seq for c in claimed], "422 Unprocessable: test")
-    await expect(page.locator("#q-dead")).to_have_text("2", timeout=15_000)
-    await page.screenshot(path=tmp_path / "5-dead.png")
-    await page.click("#q-retry")
-    await expect(page.locator("#q-note")).to_have_text("requeued 2")
-    await expect(page.locator("#q-dead")).to_have_text("0")
-    assert (await proxy.queue.stats()).dead == 0
-
-    # Ben's events through the URL a detail link gives.
-    await page.goto(f"{proxy.admin_url}/ui/?patient={ben}&action=R")
-    await expect(page.locator("#events tbody tr")).to_have_count(3)
+    patients = page.locator("#user-report table.groups > tbody > tr:not(.group-items) th")
+    assert await patients.all_inner_texts() == [people.nobody, people.ben, people.ana]
+    days = page.locator("#user-report table.days tbody tr")
+    counted = [int(t) for t in await days.locator("td:nth-child(2)").all_inner_texts()]
+    assert sum(counted) == 5
+    await expect(page.locator("#user-report")).to_contain_text("many patients")
+    await accessible(page)
+    await shot(page, tmp_path, "report-user-activity.png")
+    await page.click("#user-form .print")
+    await expect(page.locator("#list tbody tr")).to_have_count(5)
     assert errors == []
 
 
@@ -205,14 +393,16 @@ async def test_an_ingested_event_shows_as_literal_text_marked_as_ingested(
     await page.fill("#token", TOKEN)
     await page.click("#login-form button")
     await expect(page.locator("#events tbody tr")).to_have_count(1)
-    assert await cells(page, 4) == [XSS], "the user cell holds the markup as text"
-    assert await cells(page, 3) == [f"ingested · {XSS}"]
-    assert await cells(page, 1) == [received.replace("T", " ")[:23]], "placed when received"
+    assert await column(page, 5) == [XSS], "the user cell holds the markup as text"
+    assert await column(page, 4) == [f"ingested · {XSS}"]
+    (shown,) = await column(page, 1)
+    assert shown.startswith(received.replace("T", " ")[:23]), "placed when received"
     assert "2001-01-01" in (
         await page.locator("#events tbody td").first.get_attribute("title") or ""
     )
     await page.locator("#events tbody tr").first.click()
     await expect(page.locator("#detail")).to_be_visible()
+    await page.click("#detail-raw summary")
     assert "<img src=x onerror=" in await page.locator("#detail-json").inner_text()
     assert await page.locator("#events img, #detail img").count() == 0
     assert await page.evaluate("window.__pwned") is None

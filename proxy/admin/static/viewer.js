@@ -1,123 +1,101 @@
-// The audit trail viewer: reads /fhir/AuditEvent and /api/queue on this admin listener.
-// Filters live in the page URL, so a view can be shared and bookmarked; paging follows the
-// server's keyset links. The admin token, when one is needed, stays in sessionStorage.
+// The audit trail viewer: events (/fhir/AuditEvent, with their signals, and the activity
+// chart from /api/activity), the patient access and user activity reports (/api/reports),
+// and the queue strip (/api/queue). Everything the page shows is in its URL, so a view can
+// be shared and bookmarked; paging follows the server's keyset links.
 "use strict";
 
-const PAGE_SIZE = 20;
 const LIVE_POLL_MS = 2000;
 const HEALTH_POLL_MS = 5000;
-const FILTERS = ["patient", "agent", "from", "to", "action", "outcome", "subtype",
-  "resource-type", "request-id"];
-const $ = (id) => document.getElementById(id);
-const PROXY_TAGS = "urn:fhir-audit-proxy:tag";
+const FILTERS = ["patient", "agent", "action", "outcome", "subtype", "resource-type", "request-id", "signal"];
+const DAY_S = 86400;
 
-let liveUrl = null;      // the top page's "previous" link: where newer events appear
 let pageLinks = {};
-let shown = new Map();   // id -> AuditEvent on screen
+let shown = new Map();   // id -> { event, signals } on screen
+let newest = null;       // the newest recorded time shown: live mode searches from it
 
-function token() { return sessionStorage.getItem("adminToken"); }
-
-async function api(url, options = {}) {
-  const headers = Object.assign({ Accept: "application/fhir+json" }, options.headers || {});
-  if (token()) headers.Authorization = "Bearer " + token();
-  const response = await fetch(url, Object.assign({}, options, { headers }));
-  if (response.status === 401) {
-    $("login").hidden = false;
-    $("token").focus();
-    throw new Error("the admin API needs a token");
-  }
-  const body = await response.json();
-  if (!response.ok) {
-    const issue = body.issue && body.issue[0];
-    throw new Error((issue && issue.diagnostics) || ("HTTP " + response.status));
-  }
-  return body;
+function view() {
+  const v = pageParams().get("view");
+  return v === "patient" || v === "user" ? v : "events";
 }
 
-function pageParams() { return new URLSearchParams(location.search); }
+function navigate(params) {
+  history.pushState(null, "", "?" + params.toString());
+  route();
+}
+
+function showError(err) {
+  if (err instanceof ApiError && err.status === 401) {
+    $("login").hidden = false;
+    $("login-why").textContent = err.message;
+    $("token").focus();
+    $("status").textContent = "";
+  } else {
+    $("status").textContent = err.message;
+  }
+}
+
+// --- the events -----------------------------------------------------------------------------
+
+function pageSize() {
+  const n = Number(pageParams().get("count"));
+  return [20, 50, 100, 200].includes(n) ? n : 20;
+}
+
+// The search the page URL describes, as /fhir/AuditEvent parameters (no paging).
+function searchParams(params, { signals = true } = {}) {
+  const q = new URLSearchParams();
+  for (const name of FILTERS) {
+    if (name === "signal" && !signals) continue;
+    if (params.get(name)) q.set(name, params.get(name));
+  }
+  if (params.get("from")) q.append("date", "ge" + params.get("from"));
+  if (params.get("to")) q.append("date", "lt" + params.get("to"));
+  if (params.get("admin") !== "1") q.set("_tag:not", ADMIN_TAG);
+  return q;
+}
 
 function searchUrl(params) {
-  const q = new URLSearchParams();
-  const v = (name) => params.get(name);
-  if (v("patient")) q.set("patient", v("patient"));
-  if (v("agent")) q.set("agent", v("agent"));
-  if (v("from")) q.append("date", "ge" + new Date(v("from")).toISOString());
-  if (v("to")) q.append("date", "lt" + new Date(v("to")).toISOString());
-  for (const name of ["action", "outcome", "subtype", "resource-type", "request-id"]) {
-    if (v(name)) q.set(name, v(name));
-  }
-  if (v("cursor")) q.set("_cursor", v("cursor"));
-  q.set("_count", String(PAGE_SIZE));
+  const q = searchParams(params);
+  q.set("with-signals", "true");
+  if (params.get("cursor")) q.set("_cursor", params.get("cursor"));
+  q.set("_count", String(pageSize()));
   return "/fhir/AuditEvent?" + q.toString();
 }
 
-// --- reading an AuditEvent (R4 BALP, or R5) ----------------------------------------------
-
-function codes(value) {
-  if (!value) return [];
-  if (value.code) return [value.code];
-  return (value.coding || []).map((c) => c.code);
-}
-function whoOf(agent) {
-  const who = agent.who || {};
-  return (who.identifier && who.identifier.value) || who.reference || who.display || agent.altId || "";
-}
-function describe(event) {
-  const agents = event.agent || [];
-  const user = agents.find((a) => a.requestor);
-  const client = agents.find((a) => !a.requestor && codes(a.type).includes("110150") && a.who && a.who.identifier);
-  const peer = agents.find((a) => (a.network && a.network.type === "2") || a.networkString);
-  const patients = (event.entity || [])
-    .filter((e) => codes(e.role).includes("1") && e.what && e.what.reference)
-    .map((e) => e.what.reference);
-  if (event.patient && event.patient.reference && !patients.includes(event.patient.reference)) {
-    patients.push(event.patient.reference);
-  }
-  const requestId = (event.entity || []).find((e) => codes(e.type).includes("XrequestId"));
-  const subtypes = (event.subtype || (event.code && event.code.coding) || []).map((c) => c.code);
-  const profile = ((event.meta && event.meta.profile) || [])[0] || "";
-  const outcome = typeof event.outcome === "object" ? codes(event.outcome.code)[0] : event.outcome;
-  const meta = event.meta || {};
-  // Submitted through the admin API: it sits in the trail at the time it was received
-  // (meta.lastUpdated); its recorded is what the submitter claimed.
-  const ingested = (meta.tag || []).some((t) => t.system === PROXY_TAGS && t.code === "ingested");
-  return {
-    time: (ingested ? meta.lastUpdated : event.recorded) || "",
-    claimed: ingested ? (event.recorded || "") : "",
-    ingested,
-    action: event.action || "",
-    interaction: (ingested ? "ingested · " : "") + subtypes.join(", ")
-      + (profile ? " · " + profile.split("IHE.BasicAudit.")[1] : ""),
-    user: user ? whoOf(user) : "",
-    client: client ? client.who.identifier.value : "",
-    patients,
-    outcome: outcome || "",
-    address: peer ? ((peer.network && peer.network.address) || peer.networkString) : "",
-    requestId: requestId ? requestId.what.identifier.value : "",
-  };
+function signalsOf(entry) {
+  return ((entry.search && entry.search.extension) || [])
+    .filter((x) => x.url === SIGNAL_EXT).map((x) => x.valueCode);
 }
 
-// --- the table ------------------------------------------------------------------------------
-
-function row(event, isNew) {
+function row(event, signals, isNew) {
   const d = describe(event);
   const tr = document.createElement("tr");
   tr.dataset.id = event.id;
   if (isNew) tr.classList.add("new");
   if (d.ingested) tr.classList.add("ingested");
-  const cells = [d.time.replace("T", " ").slice(0, 23), d.action, d.interaction, d.user,
-    d.client, d.patients.join(" "), d.outcome, d.address, d.requestId];
-  cells.forEach((text, i) => {
-    const td = document.createElement("td");
-    td.textContent = text;
-    td.title = text;
-    if (i === 6 && text && text !== "0") td.className = "fail";
-    tr.appendChild(td);
-  });
-  if (d.ingested) {
-    tr.cells[0].title = "received " + d.time + "; recorded " + d.claimed + " as its submitter claims";
-  }
-  tr.addEventListener("click", () => showDetail(event.id));
+  const first = document.createElement("td");
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "open";
+  open.textContent = showTime(d.time);
+  open.setAttribute("aria-label", `open the event of ${showTime(d.time)}`);
+  open.addEventListener("click", () => showDetail(event.id));
+  first.appendChild(open);
+  if (d.ingested) first.title = `received ${d.time}; recorded ${d.claimed} as its submitter claims`;
+  tr.appendChild(first);
+  const badges = document.createElement("td");
+  if (d.adminAccess) badges.appendChild(adminBadge());
+  signals.forEach((s) => badges.appendChild(signalBadge(s)));
+  tr.appendChild(badges);
+  cell(tr, d.action);
+  cell(tr, d.interaction + (d.profile ? " · " + d.profile : ""), d.interaction.endsWith("not a FHIR interaction") ? "muted" : "");
+  cell(tr, d.user);
+  cell(tr, d.client);
+  cell(tr, d.patients.join(" "));
+  cell(tr, d.outcome ? `${d.outcome} ${d.outcomeWords}` : "", d.outcome && d.outcome !== "0" ? "fail" : "");
+  cell(tr, d.address);
+  cell(tr, d.requestId);
+  tr.addEventListener("click", (e) => { if (e.target === tr || e.target.tagName === "TD") showDetail(event.id); });
   return tr;
 }
 
@@ -127,76 +105,161 @@ function links(bundle) {
   return out;
 }
 
-// A live poll needs the new events, not a count of every match (one index walk less).
-function pollUrl(url) {
-  const u = new URL(url);
-  u.searchParams.set("_total", "none");
-  return u.pathname + u.search;
+function syncForm(form, params) {
+  for (const input of form.elements) {
+    if (!input.name) continue;
+    if (input.type === "checkbox") input.checked = params.get(input.name) === "1";
+    else if (input.type === "datetime-local") input.value = toInput(params.get(input.name));
+    else if (input.name === "count") input.value = String(pageSize());
+    else input.value = params.get(input.name) || "";
+  }
 }
 
-async function load() {
-  $("status").textContent = "";
+function formParams(form, keep) {
+  const params = new URLSearchParams();
+  for (const name of keep) if (pageParams().get(name)) params.set(name, pageParams().get(name));
+  for (const input of form.elements) {
+    if (!input.name) continue;
+    let value = input.type === "checkbox" ? (input.checked ? "1" : "") : input.value.trim();
+    if (input.type === "datetime-local") value = fromInput(value);
+    if (value && !(input.name === "count" && value === "20")) params.set(input.name, value);
+  }
+  return params;
+}
+
+async function loadEvents() {
   const params = pageParams();
-  FILTERS.forEach((name) => { $("filters").elements[name].value = params.get(name) || ""; });
+  syncForm($("filters"), params);
+  $("live").checked = params.get("live") === "1" && !params.get("cursor");
   let bundle;
   try {
     bundle = await api(searchUrl(params));
-  } catch (err) { $("status").textContent = err.message; return; }
+  } catch (err) { showError(err); return; }
   $("login").hidden = true;
   const body = $("events").tBodies[0];
   body.replaceChildren();
   shown = new Map();
+  newest = null;
+  const notes = [];
   for (const entry of bundle.entry || []) {
-    shown.set(entry.resource.id, entry.resource);
-    body.appendChild(row(entry.resource, false));
+    if (entry.search && entry.search.mode === "outcome") {
+      notes.push(entry.resource.issue.map((i) => i.diagnostics).join(" "));
+      continue;
+    }
+    const signals = signalsOf(entry);
+    shown.set(entry.resource.id, { event: entry.resource, signals });
+    body.appendChild(row(entry.resource, signals, false));
+    if (!newest || entry.resource.recorded > newest) newest = entry.resource.recorded;
   }
   pageLinks = links(bundle);
-  liveUrl = params.get("cursor") ? null : (pageLinks.previous ? pollUrl(pageLinks.previous) : null);
-  $("newer").disabled = !params.get("cursor") || !pageLinks.previous;
+  $("newer").disabled = !pageLinks.previous;
   $("older").disabled = !pageLinks.next;
-  $("total").textContent = bundle.total !== undefined ? bundle.total + " events" : "";
-  if (!bundle.entry || !bundle.entry.length) $("status").textContent = "no events match";
+  const n = shown.size;
+  $("total").textContent = bundle.total !== undefined ? `${bundle.total} events` : `${n} shown`;
+  $("status").textContent = notes.join(" ") || (n ? "" : "no events match");
+  $("detail").hidden = true;
+  loadChart(params);
+}
+
+async function loadChart(params) {
+  const q = searchParams(params, { signals: false });
+  q.set("tz", zone());
+  q.set("bucket", "auto");
+  let data;
+  try { data = await api("/api/activity?" + q.toString()); } catch (err) { return; }
+  const caption = `${data.events} events per ${data.bucket} (${zoneLabel()})` +
+    (params.get("signal") ? ", all events of the filter: the chart does not apply the signal" : "") +
+    ". Choose a bar to show only its " + data.bucket + ".";
+  $("activity-caption").textContent = caption;
+  drawChart($("chart"), data, $("split").value, (bucket) => {
+    const next = pageParams();
+    next.set("from", new Date(bucket.start).toISOString());
+    next.set("to", new Date(bucket.end).toISOString());
+    next.delete("cursor");
+    navigate(next);
+  });
 }
 
 async function poll() {
-  if (!$("live").checked || !liveUrl) return;
+  if (view() !== "events" || !$("live").checked || pageParams().get("cursor")) return;
+  const q = searchParams(pageParams());
+  q.set("with-signals", "true");
+  if (newest) q.append("date", "ge" + newest);
+  q.set("_sort", "date");
+  q.set("_total", "none");
+  q.set("_count", "100");
   let bundle;
-  try { bundle = await api(liveUrl); } catch (err) { $("status").textContent = err.message; return; }
-  const entries = bundle.entry || [];
-  if (!entries.length) return;
+  try { bundle = await api("/fhir/AuditEvent?" + q.toString()); } catch (err) { showError(err); return; }
   const body = $("events").tBodies[0];
-  for (const entry of entries.slice().reverse()) {
-    if (shown.has(entry.resource.id)) continue;
-    shown.set(entry.resource.id, entry.resource);
-    body.insertBefore(row(entry.resource, true), body.firstChild);
+  for (const entry of bundle.entry || []) {
+    if (!entry.resource || entry.resource.resourceType !== "AuditEvent" || shown.has(entry.resource.id)) continue;
+    const signals = signalsOf(entry);
+    shown.set(entry.resource.id, { event: entry.resource, signals });
+    body.insertBefore(row(entry.resource, signals, true), body.firstChild);
+    if (!newest || entry.resource.recorded > newest) newest = entry.resource.recorded;
   }
-  const next = links(bundle).previous;
-  if (next) liveUrl = pollUrl(next);
-  while (body.rows.length > PAGE_SIZE * 5) body.deleteRow(-1);
+  while (body.rows.length > pageSize() * 5) body.deleteRow(-1);
 }
 
-// --- detail ---------------------------------------------------------------------------------
+// --- the detail panel ------------------------------------------------------------------------
+
+function fact(list, term, value) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  if (value instanceof Node) dd.appendChild(value); else dd.textContent = value || "—";
+  list.append(dt, dd);
+}
 
 function showDetail(id) {
-  const event = shown.get(id);
-  if (!event) return;
+  const item = shown.get(id);
+  if (!item) return;
+  const { event, signals } = item;
   for (const tr of $("events").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.id === id);
   const d = describe(event);
   $("detail").hidden = false;
-  $("detail-title").textContent = "AuditEvent/" + id;
+  $("detail-title").textContent = `${d.interaction} · ${d.outcomeWords || "no outcome"}`;
+  const facts = $("detail-facts");
+  facts.replaceChildren();
+  fact(facts, "when", showTime(d.time) + (d.ingested ? ` (received; its submitter says ${showTime(d.claimed)})` : ""));
+  fact(facts, "who", [d.user, d.userName && d.userName !== d.user ? `(${d.userName})` : "",
+    d.roles.length ? "· role " + d.roles.join(", ") : ""].filter(Boolean).join(" ") || "anonymous");
+  fact(facts, "client", d.client);
+  fact(facts, "from", d.address);
+  fact(facts, "what", `${d.action} ${d.interaction}${d.resource ? " of " + d.resource : ""}`);
+  fact(facts, "patient(s)", d.patients.join(", "));
+  fact(facts, "outcome", `${d.outcomeWords || "not recorded"} (code ${d.outcome || "none"})` + (d.outcomeDesc ? `: ${d.outcomeDesc}` : ""));
+  fact(facts, "HTTP status", d.httpStatus ? String(d.httpStatus)
+    : d.outcome === "0" ? "2xx (a success; the exact code is not recorded)" : "not recorded");
+  fact(facts, "purpose of use", d.purposes.join(", "));
+  fact(facts, "request id", d.requestId);
+  fact(facts, "BALP profile", d.profile || "none (failures and unclassified requests claim none)");
+  const badges = document.createElement("span");
+  if (d.adminAccess) badges.appendChild(adminBadge());
+  signals.forEach((s) => {
+    badges.appendChild(signalBadge(s));
+    badges.append(" ");
+  });
+  fact(facts, "signals", badges.childNodes.length ? badges : "none");
   $("detail-json").textContent = JSON.stringify(event, null, 2);
+  $("detail-raw").open = false;
   const box = $("detail-links");
   box.replaceChildren();
-  const add = (label, name, value) => {
+  const add = (label, params) => {
     const a = document.createElement("a");
-    const q = new URLSearchParams();
-    q.set(name, value);
-    a.href = "?" + q.toString();
+    a.href = "?" + new URLSearchParams(params).toString();
     a.textContent = label;
     box.appendChild(a);
   };
-  d.patients.forEach((p) => add("other events of " + p, "patient", p));
-  if (d.user) add("other events of user " + d.user, "agent", d.user);
+  d.patients.forEach((p) => {
+    add(`other events of ${p}`, { patient: p });
+    add(`who accessed ${p}`, { view: "patient", patient: p });
+  });
+  if (d.user) {
+    add(`other events of user ${d.user}`, { agent: d.user });
+    add(`what ${d.user} did`, { view: "user", user: d.user });
+  }
+  $("close").focus();
 }
 
 async function copyJson() {
@@ -214,7 +277,171 @@ async function copyJson() {
   setTimeout(() => { $("copy").textContent = "copy JSON"; }, 2000);
 }
 
-// --- queue health ---------------------------------------------------------------------------
+// --- the reports -----------------------------------------------------------------------------
+
+const REPORTS = {
+  patient: { form: "patient-form", box: "patient-report", subject: "patient", api: "/api/reports/patient-access", group: "user" },
+  user: { form: "user-form", box: "user-report", subject: "user", api: "/api/reports/user-activity", group: "patient" },
+};
+
+function reportQuery(kind, params) {
+  const q = new URLSearchParams();
+  const r = REPORTS[kind];
+  q.set(r.subject, params.get(r.subject) || "");
+  if (params.get("from")) q.set("from", params.get("from"));
+  if (params.get("to")) q.set("to", params.get("to"));
+  q.set("tz", zone());
+  return q;
+}
+
+function period(report) {
+  const start = report.period.start ? showTime(report.period.start, false) : "the start of the retained trail";
+  const end = report.period.end ? showTime(report.period.end, false) : "now";
+  return `from ${start} to ${end}`;
+}
+
+
+function eventsTable(items, kind) {
+  const table = document.createElement("table");
+  table.className = "items";
+  const head = table.createTHead().insertRow();
+  const columns = ["time", "signals", kind === "patient" ? "interaction" : "patient(s)", "resource", "outcome", "client", "source address"];
+  for (const name of columns) {
+    const th = document.createElement("th");
+    th.scope = "col";
+    th.textContent = name;
+    head.appendChild(th);
+  }
+  const body = table.createTBody();
+  for (const item of items) {
+    const tr = body.insertRow();
+    cell(tr, showTime(item.recorded));
+    const badges = document.createElement("td");
+    item.signals.forEach((s) => badges.appendChild(signalBadge(s)));
+    tr.appendChild(badges);
+    cell(tr, kind === "patient" ? `${item.action} ${item.interaction}` : item.patients.join(" "));
+    cell(tr, item.resource);
+    cell(tr, `${item.outcomeWords}${item.httpStatus ? " (HTTP " + item.httpStatus + ")" : ""}`, item.outcome !== "0" ? "fail" : "");
+    cell(tr, item.client);
+    cell(tr, item.address);
+  }
+  return table;
+}
+
+function renderReport(kind, report) {
+  const r = REPORTS[kind];
+  const box = $(r.box);
+  box.replaceChildren();
+  const summary = document.createElement("p");
+  summary.className = "summary";
+  summary.textContent = kind === "patient"
+    ? `${report.events} accesses to ${report.patient} by ${report.users} users, ${period(report)}.`
+    : `${report.events} events by ${report.user}${report.names.length ? " (" + report.names.join(", ") + ")" : ""}, touching ${report.patients} patients, ${period(report)}.`;
+  box.appendChild(summary);
+  if (report.truncated) {
+    const warn = document.createElement("p");
+    warn.className = "fail";
+    warn.textContent = "More events match than one report lists: narrow the period.";
+    box.appendChild(warn);
+  }
+  if (Object.keys(report.signals).length) {
+    const p = document.createElement("p");
+    p.append("signals: ");
+    for (const [s, n] of Object.entries(report.signals)) { p.append(signalBadge(s), ` ${n}  `); }
+    box.appendChild(p);
+  }
+  if (kind === "user" && report.days.length) {
+    const days = document.createElement("table");
+    days.className = "days";
+    const caption = days.createCaption();
+    caption.textContent = `by day (${report.zone})`;
+    const head = days.createTHead().insertRow();
+    for (const name of ["day", "events", "patients"]) {
+      const th = document.createElement("th");
+      th.scope = "col";
+      th.textContent = name;
+      head.appendChild(th);
+    }
+    const body = days.createTBody();
+    for (const day of report.days) {
+      const tr = body.insertRow();
+      cell(tr, day.date);
+      cell(tr, String(day.events));
+      cell(tr, String(day.patients));
+    }
+    box.appendChild(days);
+  }
+  const table = document.createElement("table");
+  table.className = "groups";
+  const caption = table.createCaption();
+  caption.textContent = kind === "patient" ? "accesses by user, most recent first" : "patients touched, most recent first";
+  const head = table.createTHead().insertRow();
+  const columns = kind === "patient"
+    ? ["user", "name", "role", "client", "accesses", "first", "last", "interactions", "outcomes", "signals"]
+    : ["patient", "client", "events", "first", "last", "interactions", "outcomes", "signals"];
+  for (const name of columns) {
+    const th = document.createElement("th");
+    th.scope = "col";
+    th.textContent = name;
+    head.appendChild(th);
+  }
+  const body = table.createTBody();
+  report.groups.forEach((group, n) => {
+    const tr = body.insertRow();
+    const first = document.createElement("th");
+    first.scope = "row";
+    const toggle = document.createElement("button");
+    toggle.type = "button";
+    toggle.className = "expand";
+    toggle.textContent = group[r.group];
+    toggle.setAttribute("aria-expanded", "false");
+    toggle.setAttribute("aria-controls", `${kind}-group-${n}`);
+    first.appendChild(toggle);
+    tr.appendChild(first);
+    if (kind === "patient") {
+      cell(tr, group.names.join(", "));
+      cell(tr, group.roles.join(", "));
+    }
+    cell(tr, group.clients.join(", "));
+    cell(tr, String(group.events), "num");
+    cell(tr, showTime(group.first, false));
+    cell(tr, showTime(group.last, false));
+    cell(tr, counts(group.interactions));
+    cell(tr, counts(group.outcomes));
+    const badges = document.createElement("td");
+    for (const [s, k] of Object.entries(group.signals)) { badges.append(signalBadge(s), k > 1 ? ` ×${k} ` : " "); }
+    tr.appendChild(badges);
+    const more = body.insertRow();
+    more.id = `${kind}-group-${n}`;
+    more.hidden = true;
+    more.className = "group-items";
+    const holder = document.createElement("td");
+    holder.colSpan = columns.length;
+    holder.appendChild(eventsTable(group.items, kind));
+    more.appendChild(holder);
+    toggle.addEventListener("click", () => {
+      more.hidden = !more.hidden;
+      toggle.setAttribute("aria-expanded", String(!more.hidden));
+    });
+  });
+  box.appendChild(table);
+}
+
+async function loadReport(kind) {
+  const r = REPORTS[kind];
+  const params = pageParams();
+  syncForm($(r.form), params);
+  $(r.box).replaceChildren();
+  if (!params.get(r.subject)) { $("status").textContent = ""; return; }
+  try {
+    const report = await api(r.api + "?" + reportQuery(kind, params).toString());
+    $("login").hidden = true;
+    $("status").textContent = "";
+    renderReport(kind, report);
+  } catch (err) { showError(err); }
+}
+
+// --- queue health ----------------------------------------------------------------------------
 
 function age(seconds) {
   if (seconds === null || seconds === undefined) return "none";
@@ -226,13 +453,18 @@ function age(seconds) {
 async function health() {
   try {
     const q = await api("/api/queue");
+    $("login").hidden = true;
     $("q-pending").textContent = q.pending;
     $("q-age").textContent = age(q.oldestPendingAgeS);
     $("q-age").classList.toggle("warn", (q.oldestPendingAgeS || 0) > 60);
     $("q-dead").textContent = q.dead;
     $("q-dead").classList.toggle("warn", q.dead > 0);
     $("q-retry").hidden = q.dead === 0;
-  } catch (err) { /* the table reports errors; the strip just keeps its last values */ }
+  } catch (err) {
+    // A missing or refused token is asked for on every view; other errors the views
+    // report, and the strip keeps its last values.
+    if (err instanceof ApiError && err.status === 401) showError(err);
+  }
 }
 
 async function retryDead() {
@@ -243,26 +475,55 @@ async function retryDead() {
   health();
 }
 
-// --- navigation -----------------------------------------------------------------------------
+// --- routing and controls --------------------------------------------------------------------
 
-function navigate(params) {
-  history.pushState(null, "", "?" + params.toString());
-  load();
+function route() {
+  const v = view();
+  for (const name of ["events", "patient", "user"]) $("view-" + name).hidden = name !== v;
+  for (const a of $("views").querySelectorAll("a")) {
+    if (a.dataset.view === v) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  }
+  $("tz").value = pageParams().get("tz") === "utc" ? "utc" : "";
+  for (const span of document.querySelectorAll(".zone-name")) span.textContent = `(${zoneLabel()})`;
+  $("zone-now").textContent = `now ${showTime(new Date().toISOString(), false)}`;
+  $("status").textContent = "";
+  if (v === "events") loadEvents(); else loadReport(v);
 }
+
+function quickRanges(form, onPick) {
+  for (const button of form.querySelectorAll("[data-range]")) {
+    button.addEventListener("click", () => {
+      const now = Date.now();
+      form.elements.from.value = toInput(new Date(now - Number(button.dataset.range) * 1000).toISOString());
+      form.elements.to.value = "";
+      onPick();
+    });
+  }
+}
+
+function keep() { return ["view", "tz"].filter((k) => pageParams().get(k)); }
 
 $("filters").addEventListener("submit", (e) => {
   e.preventDefault();
-  const params = new URLSearchParams();
-  for (const name of FILTERS) {
-    const value = $("filters").elements[name].value.trim();
-    if (value) params.set(name, value);
-  }
+  const params = formParams($("filters"), keep());
+  if ($("live").checked) params.set("live", "1");
   navigate(params);
 });
-$("clear").addEventListener("click", () => navigate(new URLSearchParams()));
+quickRanges($("filters"), () => $("filters").requestSubmit());
+$("clear").addEventListener("click", () => {
+  const params = new URLSearchParams();
+  for (const k of keep()) params.set(k, pageParams().get(k));
+  navigate(params);
+});
+$("export").addEventListener("click", async () => {
+  const q = searchParams(pageParams());
+  q.set("tz", zone());
+  try { await download("/api/export.csv?" + q.toString(), "audit-events.csv"); } catch (err) { showError(err); }
+});
 $("older").addEventListener("click", () => {
   const params = pageParams();
   params.set("cursor", new URL(pageLinks.next).searchParams.get("_cursor"));
+  params.delete("live");
   navigate(params);
 });
 $("newer").addEventListener("click", () => {
@@ -270,23 +531,69 @@ $("newer").addEventListener("click", () => {
   params.set("cursor", new URL(pageLinks.previous).searchParams.get("_cursor"));
   navigate(params);
 });
+$("live").addEventListener("change", () => {
+  const params = pageParams();
+  if ($("live").checked) params.set("live", "1"); else params.delete("live");
+  if ($("live").checked && params.get("cursor")) params.delete("cursor");
+  navigate(params);
+});
+$("split").addEventListener("change", () => loadChart(pageParams()));
+
+for (const kind of ["patient", "user"]) {
+  const r = REPORTS[kind];
+  const form = $(r.form);
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    navigate(formParams(form, keep()));
+  });
+  quickRanges(form, () => form.requestSubmit());
+  form.querySelector(".csv").addEventListener("click", async () => {
+    const params = formParams(form, keep());
+    if (!params.get(r.subject)) { form.reportValidity(); return; }
+    const q = reportQuery(kind, params);
+    q.set("format", "csv");
+    try { await download(r.api + "?" + q.toString(), `${kind}-report.csv`); } catch (err) { showError(err); }
+  });
+  form.querySelector(".print").addEventListener("click", () => {
+    const params = formParams(form, keep());
+    if (!params.get(r.subject)) { form.reportValidity(); return; }
+    params.set("kind", kind);
+    params.delete("view");
+    location.href = "report.html?" + params.toString();
+  });
+}
+
+for (const a of $("views").querySelectorAll("a")) {
+  a.addEventListener("click", (e) => {
+    e.preventDefault();
+    const params = new URLSearchParams();
+    params.set("view", a.dataset.view);
+    if (pageParams().get("tz")) params.set("tz", pageParams().get("tz"));
+    navigate(params);
+  });
+}
+$("tz").addEventListener("change", () => {
+  const params = pageParams();
+  if ($("tz").value) params.set("tz", $("tz").value); else params.delete("tz");
+  navigate(params);
+});
 $("login-form").addEventListener("submit", (e) => {
   e.preventDefault();
   sessionStorage.setItem("adminToken", $("token").value);
   $("token").value = "";
-  load();
+  route();
   health();
 });
 $("copy").addEventListener("click", copyJson);
-$("close").addEventListener("click", () => { $("detail").hidden = true; });
-$("q-retry").addEventListener("click", retryDead);
-$("live").addEventListener("change", () => {
-  const params = pageParams();
-  if ($("live").checked && params.get("cursor")) { params.delete("cursor"); navigate(params); }
+$("close").addEventListener("click", () => {
+  $("detail").hidden = true;
+  const selected = $("events").querySelector("tr.selected button.open");
+  if (selected) selected.focus();
 });
-window.addEventListener("popstate", load);
+$("q-retry").addEventListener("click", retryDead);
+window.addEventListener("popstate", route);
 
-load();
+route();
 health();
 setInterval(poll, LIVE_POLL_MS);
 setInterval(health, HEALTH_POLL_MS);
