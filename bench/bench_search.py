@@ -42,13 +42,24 @@ STEP_S = 2.0
 
 
 def build_rows(
-    codec: BodyCodec, start: int, count: int, users: int, patients: int
+    codec: BodyCodec,
+    start: int,
+    count: int,
+    users: int,
+    patients: int,
+    *,
+    t0: datetime = T0,
+    step_s: float = STEP_S,
+    patient_name: str | None = None,
 ) -> list[tuple[object, ...]]:
+    """Rows of events ``start`` to ``start + count``: event ``n`` recorded at ``t0 + n *
+    step_s`` by ``user-{n % users}`` about ``Patient/p{n % patients}`` (or all about
+    ``patient_name``)."""
     ctx = AuditContext.default()
     rows: list[tuple[object, ...]] = []
     for n in range(start, start + count):
-        now = T0 + timedelta(seconds=n * STEP_S)
-        patient = f"Patient/p{n % patients}"
+        now = t0 + timedelta(seconds=n * step_s)
+        patient = patient_name or f"Patient/p{n % patients}"
         exchange = Exchange(
             request_id=f"req-{n}",
             method="GET",

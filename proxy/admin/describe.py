@@ -16,9 +16,8 @@ from typing import Any
 
 from proxy.store.index import patients_of, requestor_id
 from proxy.store.marks import (
-    Mark,
     http_status_of,
-    marks_of_event,
+    is_admin_access_tag,
     outcome_text_of,
     purposes_of,
 )
@@ -193,7 +192,11 @@ def describe(event: dict[str, Any], ts: float) -> Described:
         purposes=tuple(purposes_of(requestor)),
         request_id=request_id,
         profile=profile.rsplit("/", 1)[-1].removeprefix("IHE.BasicAudit."),
-        admin_access=Mark.ADMIN_ACCESS in marks_of_event(event),
+        admin_access=any(
+            is_admin_access_tag(t)
+            for t in (event.get("meta") or {}).get("tag", ())
+            if isinstance(t, dict)
+        ),
     )
 
 

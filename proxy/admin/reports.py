@@ -36,7 +36,7 @@ from proxy.admin.describe import Described, csv_rows, describe
 from proxy.admin.fhir_api import event_query
 from proxy.admin.keys import QUEUE, SETTINGS
 from proxy.admin.query import BadQuery, parse_instant
-from proxy.admin.signals import Signal, signal_page, signals_of
+from proxy.admin.signals import Access, Signal, signal_page, signals_for, signals_of
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.store.marks import Mark
 from proxy.store.records import EventQuery, QueuedEvent
@@ -45,6 +45,7 @@ from proxy.store.search import SLOT_S
 
 REPORT_MAX = 100_000
 """Most events one report lists; past it the report says it was cut."""
+REPORT_BATCH = 250
 EXPORT_BATCH = 1_000
 AUTO_HOURLY_S = 3 * 86_400
 """``bucket=auto``: hours for a range up to three days, days beyond."""
@@ -94,19 +95,33 @@ async def _events_of(
     request: web.Request, query: EventQuery
 ) -> tuple[list[tuple[Described, frozenset[Signal]]], bool]:
     """The events of a report, newest first, described, with their signals; and whether
-    there were more than :data:`REPORT_MAX`."""
+    there were more than :data:`REPORT_MAX`. Read :data:`REPORT_BATCH` at a time, each
+    batch's events let go once described (a report of thousands of events would
+    otherwise hold every event's JSON at once)."""
     store = request.app[QUEUE]
-    page = await store.search_page(
-        dataclasses.replace(query, limit=REPORT_MAX, count_total=False, newest_first=True)
+    reports = StoreReports(store)
+    settings = request.app[SETTINGS].signals
+    batch = dataclasses.replace(
+        query, limit=REPORT_BATCH, count_total=False, newest_first=True, after=None
     )
-    signals = await signals_of(page.items, StoreReports(store), request.app[SETTINGS].signals)
-    found = [
-        (describe(item.event, item.recorded_ts), s)
-        for item, s in zip(page.items, signals, strict=True)
-    ]
-    if discloses(page.items):
-        await record_access(request, search=_echo(query))
-    return found, page.more_after
+    found: list[tuple[Described, frozenset[Signal]]] = []
+    recorded = False
+    while True:
+        page = await store.search_page(batch)
+        if not recorded and discloses(page.items):
+            await record_access(request, search=_echo(query))
+            recorded = True
+        described = [describe(item.event, item.recorded_ts) for item in page.items]
+        accesses = [
+            Access.described(d, item.seq) for d, item in zip(described, page.items, strict=True)
+        ]
+        signals = await signals_for(accesses, reports, settings)
+        found += list(zip(described, signals, strict=True))
+        if not page.more_after or not page.items or len(found) >= REPORT_MAX:
+            return found[:REPORT_MAX], len(found) > REPORT_MAX or (
+                len(found) >= REPORT_MAX and page.more_after
+            )
+        batch = dataclasses.replace(batch, after=page.cursor_of(page.items[-1], batch.sort))
 
 
 def _echo(query: EventQuery) -> list[tuple[str, str]]:
@@ -268,11 +283,35 @@ def _search_params(params: MultiMapping[str], own: Sequence[str]) -> MultiMappin
     return MultiDictProxy(MultiDict([(k, v) for k, v in params.items() if k not in own]))
 
 
-def _bucket_start(ts: float, hourly: bool, zone: tzinfo) -> datetime:
-    local = datetime.fromtimestamp(ts, zone)
-    if hourly:
-        return local.replace(minute=0, second=0, microsecond=0)
-    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+class LocalSlots:
+    """The local hour or day of each quarter-hour slot in a zone, by integer arithmetic:
+    a zone's offset is looked up once per UTC hour, and per slot only in the hours
+    where it changes (a daylight-saving change may fall on a half hour)."""
+
+    def __init__(self, zone: tzinfo, step_s: int) -> None:
+        self._zone = zone
+        self._step_s = step_s
+        self._hours: dict[int, int | None] = {}
+
+    def _offset_at(self, ts: float) -> int:
+        offset = datetime.fromtimestamp(ts, self._zone).utcoffset()
+        return int(offset.total_seconds()) if offset is not None else 0
+
+    def bucket(self, slot: int) -> int:
+        """The local bucket (hour or day number in local wall time) of ``slot``."""
+        hour = slot * SLOT_S // 3600
+        if hour not in self._hours:
+            first, last = self._offset_at(hour * 3600), self._offset_at(hour * 3600 + 3599)
+            self._hours[hour] = first if first == last else None
+        offset = self._hours[hour]
+        if offset is None:
+            offset = self._offset_at(slot * SLOT_S)
+        return (slot * SLOT_S + offset) // self._step_s
+
+    def start(self, bucket: int) -> datetime:
+        """The bucket's first instant: its local wall time, in the zone."""
+        wall = datetime(1970, 1, 1) + timedelta(seconds=bucket * self._step_s)
+        return wall.replace(tzinfo=self._zone)
 
 
 async def activity(request: web.Request) -> web.Response:
@@ -290,38 +329,38 @@ async def activity(request: web.Request) -> web.Response:
         return outcome_response(
             400, "not-supported", "the activity chart counts by index: it takes no signal filter"
         )
-    counts = await StoreReports(request.app[QUEUE]).activity(asked.query)
+    query = asked.query
+    counts = await StoreReports(request.app[QUEUE]).activity(query)
+    span = 0.0
     if counts:
-        low = (
-            asked.query.date_from.timestamp() if asked.query.date_from else counts[0].slot * SLOT_S
-        )
-        high = asked.query.date_to.timestamp() if asked.query.date_to else counts[-1].slot * SLOT_S
-    else:
-        low = high = 0.0
-    span = (high - low) if low is not None and high is not None else 0.0
+        low = query.date_from.timestamp() if query.date_from else counts[0].slot * SLOT_S
+        high = query.date_to.timestamp() if query.date_to else (counts[-1].slot + 1) * SLOT_S
+        span = high - low
     hourly = bucket == "hour" or (bucket == "auto" and span <= AUTO_HOURLY_S)
-    starts: dict[int, datetime] = {}
-    buckets: dict[datetime, dict[str, Counter[str]]] = {}
+    local = LocalSlots(zone, 3600 if hourly else 86_400)
+    buckets: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
     for item in counts:
-        start = starts.get(item.slot)
-        if start is None:
-            start = starts[item.slot] = _bucket_start(item.slot * SLOT_S, hourly, zone)
-        tally = buckets.setdefault(start, {"action": Counter(), "outcome": Counter()})
-        tally["action"][item.action or "?"] += item.events
-        tally["outcome"][item.outcome or "?"] += item.events
+        key = local.bucket(item.slot)
+        tally = buckets.get(key)
+        if tally is None:
+            tally = buckets[key] = ({}, {})
+        by_action, by_outcome = tally
+        action, outcome = item.action or "?", item.outcome or "?"
+        by_action[action] = by_action.get(action, 0) + item.events
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + item.events
     step = timedelta(hours=1) if hourly else timedelta(days=1)
     rows = []
-    for start, tally in sorted(buckets.items()):
-        # Wall-clock arithmetic: a day ends at the next local midnight, 23 or 25 hours
-        # later on the days daylight saving starts or ends.
-        end = start + step
+    for key, (by_action, by_outcome) in sorted(buckets.items()):
+        start = local.start(key)
         rows.append(
             {
                 "start": start.isoformat(),
-                "end": end.isoformat(),
-                "events": sum(tally["action"].values()),
-                "byAction": dict(tally["action"]),
-                "byOutcome": dict(tally["outcome"]),
+                # Wall-clock arithmetic: a day ends at the next local midnight, 23 or 25
+                # hours later on the days daylight saving starts or ends.
+                "end": (start + step).isoformat(),
+                "events": sum(by_action.values()),
+                "byAction": by_action,
+                "byOutcome": by_outcome,
             }
         )
     return _json(

@@ -27,9 +27,10 @@ from enum import StrEnum
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+from proxy.admin.describe import Described
 from proxy.settings import WEEKDAYS, SignalSettings, WorkingHours
 from proxy.store.index import patients_of, user_of
-from proxy.store.marks import Mark, marks_of_event
+from proxy.store.marks import ADMIN_ACCESS_TAG, Mark, marks_for, marks_of_event
 from proxy.store.records import Cursor, EventPage, EventQuery, QueuedEvent, SortKey
 from proxy.store.reports import StoreReports, UserAccess
 
@@ -78,6 +79,24 @@ class Access:
             patients=tuple(patients_of(event)),
             outcome=str(outcome) if outcome is not None else None,
             marks=frozenset(marks_of_event(event)),
+        )
+
+    @classmethod
+    def described(cls, d: Described, seq: int) -> Access:
+        """The access an event already described is (no second reading of its JSON)."""
+        return cls(
+            ts=d.ts,
+            seq=seq,
+            user=d.user or None,
+            patients=d.patients,
+            outcome=d.outcome or None,
+            marks=frozenset(
+                marks_for(
+                    tags=[ADMIN_ACCESS_TAG] if d.admin_access else [],
+                    purposes=d.purposes,
+                    status=d.http_status,
+                )
+            ),
         )
 
     @property
@@ -140,7 +159,13 @@ async def signals_of(
     items: Sequence[QueuedEvent], reports: StoreReports, settings: SignalSettings
 ) -> list[frozenset[Signal]]:
     """The signals of each of ``items``."""
-    accesses = [Access.of(item) for item in items]
+    return await signals_for([Access.of(item) for item in items], reports, settings)
+
+
+async def signals_for(
+    accesses: Sequence[Access], reports: StoreReports, settings: SignalSettings
+) -> list[frozenset[Signal]]:
+    """The signals of each of ``accesses``."""
     of_record = [a for a in accesses if a.of_record]
     firsts = await reports.first_accesses(
         [(a.user, p) for a in of_record if a.user for p in a.patients]
@@ -150,12 +175,15 @@ async def signals_of(
     for access in of_record:
         if access.user:
             by_user.setdefault(access.user, []).append(access)
+    windows = [
+        (user, since, until)
+        for user, own in by_user.items()
+        for since, until in _spans([a.ts for a in own])
+    ]
+    around = await reports.user_accesses(windows)
     for user, own in by_user.items():
-        around: list[UserAccess] = []
-        for since, until in _spans([a.ts for a in own]):
-            around += await reports.user_accesses(user, since, until)
-        around = sorted({a.seq: a for a in around}.values(), key=lambda a: (a.ts, a.seq))
-        for access, count in zip(own, _patients_in_hour(own, around), strict=True):
+        counts = _patients_in_hour(own, around.get(user, []))
+        for access, count in zip(own, counts, strict=True):
             if count > settings.patients_per_hour:
                 crowded.add(id(access))
     out: list[frozenset[Signal]] = []

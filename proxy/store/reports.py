@@ -9,8 +9,8 @@ What each costs, in index work (``n`` the events in the store):
 
 - :meth:`StoreReports.first_accesses`: one seek into ``access_pairs`` per (user,
   patient) pair, ``O(log n)`` however long either's history.
-- :meth:`StoreReports.user_accesses`: one range of the user's ``a:`` term, a row read
-  for each of the user's events in the window.
+- :meth:`StoreReports.user_accesses`: one range of the user's ``a:`` term per window, a
+  row read for each of the user's events in it.
 - :meth:`StoreReports.activity`: with no filter but the date range, action, outcome and
   the admin-access mark, a range of ``activity`` (a row per quarter hour, action and
   outcome present); with any other filter, the search's own walk (a term's range, or the
@@ -79,19 +79,28 @@ def first_access_of(conn: sqlite3.Connection, pairs: Iterable[Pair]) -> dict[Pai
     return found
 
 
+Window = tuple[str, float, float]
+"""(user id, since, until): a user's events recorded in ``[since, until]``."""
+
+
 def accesses_of(
-    conn: sqlite3.Connection, user: str, since: float, until: float
-) -> list[tuple[float, int, str]]:
-    """(recorded time, row seq, ``patients`` column) of the events by ``user`` (the
-    requestor's id) recorded in ``[since, until]`` that name a patient, admin reads left
-    out, in time order."""
-    rows: list[tuple[float, int, str]] = conn.execute(
-        "SELECT t.ts, t.seq, e.patients FROM event_terms t JOIN events e ON e.seq = t.seq"
-        " WHERE t.term = ? AND t.ts >= ? AND t.ts <= ? AND e.user_id = ?"
-        " AND e.patients != '|' AND instr(e.terms, ?) = 0 ORDER BY t.ts, t.seq",
-        (f"a:{user}", since, until, user, f'"{Mark.ADMIN_ACCESS.term}"'),
-    ).fetchall()
-    return rows
+    conn: sqlite3.Connection, windows: Sequence[Window]
+) -> list[tuple[str, float, int, str]]:
+    """(user, recorded time, row seq, ``patients`` column) of the events in each window
+    (by that user as the requestor) that name a patient, admin reads left out."""
+    out: list[tuple[str, float, int, str]] = []
+    for user, since, until in windows:
+        out += [
+            (user, ts, seq, patients)
+            for ts, seq, patients in conn.execute(
+                "SELECT t.ts, t.seq, e.patients FROM event_terms t"
+                " JOIN events e ON e.seq = t.seq"
+                " WHERE t.term = ? AND t.ts >= ? AND t.ts <= ? AND e.user_id = ?"
+                " AND e.patients != '|' AND instr(e.terms, ?) = 0",
+                (f"a:{user}", since, until, user, f'"{Mark.ADMIN_ACCESS.term}"'),
+            )
+        ]
+    return out
 
 
 def activity_of(conn: sqlite3.Connection, query: EventQuery) -> list[ActivityCount]:
@@ -156,17 +165,20 @@ class StoreReports:
                     best[pair] = position
         return best
 
-    async def user_accesses(self, user: str, since: float, until: float) -> list[UserAccess]:
-        """The events by ``user`` recorded in ``[since, until]`` that name a patient,
-        admin reads left out, in time order."""
-        out: list[UserAccess] = []
-        for shard, count, rows in await self._each(lambda c: accesses_of(c, user, since, until)):
-            out += [
-                UserAccess(ts, seq * count + shard, tuple(patients[1:-1].split("|")))
-                for ts, seq, patients in rows
-            ]
-        out.sort(key=lambda access: (access.ts, access.seq))
-        return out
+    async def user_accesses(self, windows: Sequence[Window]) -> dict[str, list[UserAccess]]:
+        """Each user's events recorded in that user's windows that name a patient,
+        admin reads left out, each once, in time order. One read of each shard."""
+        found: dict[str, dict[int, UserAccess]] = {}
+        for shard, count, rows in await self._each(lambda c: accesses_of(c, windows)):
+            for user, ts, seq, patients in rows:
+                global_seq = seq * count + shard
+                found.setdefault(user, {})[global_seq] = UserAccess(
+                    ts, global_seq, tuple(patients[1:-1].split("|"))
+                )
+        return {
+            user: sorted(own.values(), key=lambda access: (access.ts, access.seq))
+            for user, own in found.items()
+        }
 
     async def activity(self, query: EventQuery) -> list[ActivityCount]:
         """The events ``query`` matches counted per quarter hour, action and outcome,
