@@ -21,6 +21,11 @@ RUNS = [
         "target p99 < 100 ms",
     ),
     ("bench_event_cap.py", ["--patients", "200"], "ratio before/proxy"),
+    (
+        "bench_reports.py",
+        ["--events", "2000", "--queries", "3", "--users", "10", "--patients", "50", "--hot", "100"],
+        "target: report p99 < 1000 ms",
+    ),
 ]
 
 

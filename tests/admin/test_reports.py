@@ -8,12 +8,16 @@ import csv
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
 
+from proxy.admin.reports import LocalSlots
+from proxy.store.search import SLOT_S
 from tests.factories import NodeFhirServer, RunningProxy, StartProxy, Ward, ward_traffic
 
 ALL_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -288,3 +292,21 @@ async def test_reports_refuse_what_they_cannot_answer(
     ):
         outcome = await get(http, f"{admin}/api/reports/{query}", status)
         assert outcome["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    "zone", ["Europe/Berlin", "Australia/Lord_Howe", "America/St_Johns", "Asia/Kolkata", "UTC"]
+)
+@pytest.mark.parametrize("step_s", [3600, 86_400])
+def test_local_hours_and_days_of_quarter_hours_across_daylight_saving(
+    zone: str, step_s: int
+) -> None:
+    """Each quarter hour of 2026 falls in the local hour or day zoneinfo puts it in,
+    through every change of offset (Lord Howe changes by half an hour, on a half hour)."""
+    tz = ZoneInfo(zone)
+    local = LocalSlots(tz, step_s)
+    first = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp()) // SLOT_S
+    for slot in range(first, first + 365 * 96):
+        wall = datetime.fromtimestamp(slot * SLOT_S, tz).replace(tzinfo=None)
+        expected = wall.replace(minute=0) if step_s == 3600 else wall.replace(hour=0, minute=0)
+        assert local.start(local.bucket(slot)).replace(tzinfo=None) == expected, slot
