@@ -9,9 +9,12 @@ figures include the signals, the JSON and the access record each report writes (
 durable append). Every query asks for the 90 days up to the end of the stored events.
 
     python bench/bench_reports.py [--events 1000000] [--queries 100] [--store PATH]
+    python bench/bench_reports.py --write-cost [--events 32000]
 
 An existing ``--store`` with enough events is reused (``bench_search.py --store`` makes
-one).
+one). ``--write-cost`` measures instead what schema 7's tables cost the writer: the same
+events inserted 32 to a statement, without fsync, into a store at schema 6 and one at
+schema 7, alternately, five times each (medians compared).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from bench_search import STEP_S, T0, build_rows, fill, percentile
 from proxy.admin.app import build_admin_app
 from proxy.settings import AdminSettings
 from proxy.store.queue import AuditQueue
+from proxy.store.schema import MIGRATIONS, split_statements
 from proxy.store.writer_process import _insert_events_sql, connect
 
 HOT = "Patient/hot"
+RUNS = 5
 HIDE_ADMIN = ("_tag:not", "urn:fhir-audit-proxy:tag|admin-access")
 
 
@@ -80,6 +85,51 @@ async def timed(
     return percentile(ms, 50), percentile(ms, 99), max(ms), size
 
 
+async def write_cost(events: int) -> None:
+    """Microseconds per event inserted at schema 6 and at schema 7."""
+    with tempfile.TemporaryDirectory() as tmp:
+        codec_store = Path(tmp) / "codec.db"
+
+        async def rows_for() -> list[tuple[object, ...]]:
+            queue = await AuditQueue.open(codec_store, max_bytes=1 << 40)
+            try:
+                return build_rows(queue, 0, events, 1_000, 20_000)
+            finally:
+                await queue.close()
+
+        rows = await rows_for()
+        per = 32
+        statement = _insert_events_sql(per)
+        flat = [[v for r in rows[i : i + per] for v in r] for i in range(0, len(rows), per)]
+        flat = [chunk for chunk in flat if len(chunk) == per * len(rows[0])]
+        results: dict[int, list[float]] = {6: [], 7: []}
+        for attempt in range(RUNS):
+            for version in (6, 7):
+                path = Path(tmp) / f"v{version}-{attempt}.db"
+                conn = sqlite3.connect(path, isolation_level=None)
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = OFF")
+                for migration in MIGRATIONS[:version]:
+                    for sql in split_statements(migration):
+                        conn.execute(sql)
+                t = time.perf_counter()
+                for chunk in flat:
+                    conn.execute("BEGIN")
+                    conn.execute(statement, chunk)
+                    conn.execute("COMMIT")
+                results[version].append((time.perf_counter() - t) / (len(flat) * per) * 1e6)
+                conn.close()
+        print(f"insert, 32 events a statement, no fsync ({RUNS} runs, alternating):")
+        for version, us in results.items():
+            print(f"  schema {version}: " + ", ".join(f"{u:.1f}" for u in us) + " us/event")
+        ratio = [b / a for a, b in zip(results[6], results[7], strict=True)]
+        print("  schema 7 / schema 6: " + ", ".join(f"{r:.2f}" for r in ratio))
+        medians = {v: sorted(us)[len(us) // 2] for v, us in results.items()}
+        print(
+            f"  medians: {medians[6]:.1f} -> {medians[7]:.1f} us/event ({medians[7] / medians[6]:.2f})"
+        )
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -88,7 +138,11 @@ async def main() -> int:
     parser.add_argument("--patients", type=int, default=20_000)
     parser.add_argument("--hot", type=int, default=5_000)
     parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--write-cost", action="store_true")
     args = parser.parse_args()
+    if args.write_cost:
+        await write_cost(min(args.events, 64_000))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = args.store or Path(tmp) / "audit.db"
         queue = await AuditQueue.open(path, max_bytes=1 << 40)

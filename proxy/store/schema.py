@@ -99,9 +99,10 @@ MIGRATIONS: tuple[str, ...] = (
     # 7: what the privacy reports read (proxy/store/reports.py), kept by triggers.
     # ``access_pairs``: each (user, patient) an event names, ordered by time, so a user's
     # first access to a patient is one index seek (admin reads of the trail are no access
-    # to a patient's record and are left out). Its patients are the unversioned ``e:``
-    # terms that the row's ``patients`` column names (a fan-out row: all its patients,
-    # under the row's seq). ``activity``: events counted per quarter hour (``slot`` =
+    # to a patient's record and are left out). Its patients are those of the row's
+    # ``patients`` column, unversioned: read from the column for a row naming one (most
+    # rows: no JSON to parse), from the ``e:`` terms for a row naming several (a fan-out
+    # row: all its patients, under the row's seq). ``activity``: events counted per quarter hour (``slot`` =
     # recorded_ts // 900, so that a day in any zone is whole slots), action, outcome and
     # whether they record admin access (the ``k:admin-access`` term, proxy/store/marks.py),
     # so an activity chart over the whole store reads a row per slot, not every event.
@@ -114,8 +115,21 @@ MIGRATIONS: tuple[str, ...] = (
         seq INTEGER NOT NULL,
         PRIMARY KEY (user_id, patient, ts, seq)
     ) WITHOUT ROWID;
-    CREATE TRIGGER events_pairs_insert AFTER INSERT ON events
+    CREATE TRIGGER events_pairs_insert_one AFTER INSERT ON events
     WHEN NEW.user_id IS NOT NULL AND NEW.patients != '|'
+    AND instr(substr(NEW.patients, 2), '|') = length(NEW.patients) - 1
+    AND instr(NEW.terms, '"k:admin-access"') = 0 BEGIN
+        INSERT OR IGNORE INTO access_pairs (user_id, patient, ts, seq) VALUES (
+            NEW.user_id,
+            CASE WHEN instr(NEW.patients, '/_history/')
+                THEN substr(NEW.patients, 2, instr(NEW.patients, '/_history/') - 2)
+                ELSE substr(NEW.patients, 2, length(NEW.patients) - 2) END,
+            NEW.recorded_ts,
+            NEW.seq);
+    END;
+    CREATE TRIGGER events_pairs_insert_many AFTER INSERT ON events
+    WHEN NEW.user_id IS NOT NULL
+    AND instr(substr(NEW.patients, 2), '|') < length(NEW.patients) - 1
     AND instr(NEW.terms, '"k:admin-access"') = 0 BEGIN
         INSERT OR IGNORE INTO access_pairs (user_id, patient, ts, seq)
             SELECT NEW.user_id, substr(value, 3), NEW.recorded_ts, NEW.seq
@@ -124,8 +138,18 @@ MIGRATIONS: tuple[str, ...] = (
             AND (instr(NEW.patients, '|' || substr(value, 3) || '|')
                  OR instr(NEW.patients, '|' || substr(value, 3) || '/_history/'));
     END;
-    CREATE TRIGGER events_pairs_delete AFTER DELETE ON events
-    WHEN OLD.user_id IS NOT NULL AND OLD.patients != '|' BEGIN
+    CREATE TRIGGER events_pairs_delete_one AFTER DELETE ON events
+    WHEN OLD.user_id IS NOT NULL AND OLD.patients != '|'
+    AND instr(substr(OLD.patients, 2), '|') = length(OLD.patients) - 1 BEGIN
+        DELETE FROM access_pairs WHERE user_id = OLD.user_id
+            AND patient = CASE WHEN instr(OLD.patients, '/_history/')
+                THEN substr(OLD.patients, 2, instr(OLD.patients, '/_history/') - 2)
+                ELSE substr(OLD.patients, 2, length(OLD.patients) - 2) END
+            AND ts = OLD.recorded_ts AND seq = OLD.seq;
+    END;
+    CREATE TRIGGER events_pairs_delete_many AFTER DELETE ON events
+    WHEN OLD.user_id IS NOT NULL
+    AND instr(substr(OLD.patients, 2), '|') < length(OLD.patients) - 1 BEGIN
         DELETE FROM access_pairs
             WHERE user_id = OLD.user_id AND ts = OLD.recorded_ts AND seq = OLD.seq
             AND patient IN (SELECT substr(value, 3) FROM json_each(OLD.terms)
