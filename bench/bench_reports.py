@@ -125,9 +125,8 @@ async def write_cost(events: int) -> None:
         ratio = [b / a for a, b in zip(results[6], results[7], strict=True)]
         print("  schema 7 / schema 6: " + ", ".join(f"{r:.2f}" for r in ratio))
         medians = {v: sorted(us)[len(us) // 2] for v, us in results.items()}
-        print(
-            f"  medians: {medians[6]:.1f} -> {medians[7]:.1f} us/event ({medians[7] / medians[6]:.2f})"
-        )
+        ratio_of_medians = medians[7] / medians[6]
+        print(f"  medians: {medians[6]:.1f} -> {medians[7]:.1f} us/event ({ratio_of_medians:.2f})")
 
 
 async def main() -> int:

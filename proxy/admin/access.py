@@ -26,7 +26,8 @@ from proxy.admin.links import public_base
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
-from proxy.store.marks import ADMIN_ACCESS_TAG, is_admin_access_tag
+from proxy.store.marks import ADMIN_ACCESS_TAG as ADMIN_ACCESS_TAG
+from proxy.store.marks import is_admin_access_tag
 from proxy.store.records import QueuedEvent
 
 

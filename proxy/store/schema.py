@@ -102,10 +102,11 @@ MIGRATIONS: tuple[str, ...] = (
     # to a patient's record and are left out). Its patients are those of the row's
     # ``patients`` column, unversioned: read from the column for a row naming one (most
     # rows: no JSON to parse), from the ``e:`` terms for a row naming several (a fan-out
-    # row: all its patients, under the row's seq). ``activity``: events counted per quarter hour (``slot`` =
-    # recorded_ts // 900, so that a day in any zone is whole slots), action, outcome and
-    # whether they record admin access (the ``k:admin-access`` term, proxy/store/marks.py),
-    # so an activity chart over the whole store reads a row per slot, not every event.
+    # row: all its patients, under the row's seq). ``activity``: events counted per
+    # quarter hour (``slot`` = recorded_ts // 900, so that a day in any zone is whole
+    # slots), action, outcome and whether they record admin access (the
+    # ``k:admin-access`` term, proxy/store/marks.py), so an activity chart over the whole
+    # store reads a row per slot, not every event.
     # Rows stored before this version get both from BACKFILLS.
     """
     CREATE TABLE access_pairs (
