@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
-from proxy.store.index import patients_of, requestor_id
+from proxy.store.index import codes_of, patients_of, requestor_id
 from proxy.store.marks import (
     http_status_of,
     is_admin_access_tag,
@@ -31,15 +31,6 @@ OUTCOME_WORDS = {
 """audit-event-outcome codes in words."""
 APPLICATION_AGENT = "110150"
 """DICOM's Application: the OAuth client agent."""
-
-
-def _codes(value: Any) -> list[str]:
-    """The codes of a Coding (R4) or a CodeableConcept (R5)."""
-    if not isinstance(value, dict):
-        return []
-    if "code" in value:
-        return [str(value["code"])]
-    return [str(c["code"]) for c in value.get("coding", ()) if isinstance(c, dict) and "code" in c]
 
 
 def _request_target(query: str) -> str | None:
@@ -125,7 +116,7 @@ def describe(event: dict[str, Any], ts: float) -> Described:
             a["who"]["identifier"].get("value", "")
             for a in agents
             if not a.get("requestor")
-            and APPLICATION_AGENT in _codes(a.get("type"))
+            and APPLICATION_AGENT in codes_of(a.get("type"))
             and isinstance((a.get("who") or {}).get("identifier"), dict)
         ),
         "",
@@ -150,9 +141,9 @@ def describe(event: dict[str, Any], ts: float) -> Described:
     request_id = ""
     for entity in event.get("entity", ()):
         what = entity.get("what") or {}
-        role = _codes(entity.get("role"))
+        role = codes_of(entity.get("role"))
         if (
-            "XrequestId" in _codes(entity.get("type"))
+            "XrequestId" in codes_of(entity.get("type"))
             or (entity.get("role") or {}).get("text") == "X-Request-Id"
         ):
             request_id = str((what.get("identifier") or {}).get("value", ""))
@@ -179,7 +170,7 @@ def describe(event: dict[str, Any], ts: float) -> Described:
         user=requestor_id(requestor) or "" if requestor else "",
         user_name=str(who.get("display") or requestor.get("name") or ""),
         roles=tuple(
-            str(r.get("text") or next(iter(_codes(r)), ""))
+            str(r.get("text") or next(iter(codes_of(r)), ""))
             for r in requestor.get("role", ())
             if isinstance(r, dict)
         ),

@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -203,56 +204,76 @@ def _json(body: Any) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def _base_query(
-    params: MultiMapping[str], **filters: Any
-) -> tuple[EventQuery, datetime | None, datetime | None]:
-    start, end = _period(params)
-    unmarked = () if _include_admin(params) else (Mark.ADMIN_ACCESS.value,)
-    return EventQuery(date_from=start, date_to=end, unmarked=unmarked, **filters), start, end
+@dataclass(frozen=True, slots=True)
+class ReportRequest:
+    """A report's parameters, checked."""
+
+    subject: str
+    """The patient (``Patient/…``) or the user the report is about."""
+    query: EventQuery
+    start: datetime | None
+    end: datetime | None
+    zone: ZoneInfo
+    csv: bool
+
+    @classmethod
+    def of(cls, params: MultiMapping[str], subject: str, hint: str) -> ReportRequest:
+        """The request for a report about ``params[subject]`` (``hint`` says what it is
+        when missing)."""
+        _known(params, (subject, "from", "to", "format", "tz", "admin-access"))
+        value = params.get(subject, "").strip()
+        if not value:
+            raise BadQuery(f"{subject} is required: {hint}")
+        start, end = _period(params)
+        unmarked = () if _include_admin(params) else (Mark.ADMIN_ACCESS.value,)
+        query = EventQuery(date_from=start, date_to=end, unmarked=unmarked)
+        if subject == "patient":
+            value = value if "/" in value else f"Patient/{value}"
+            query = dataclasses.replace(query, patient=value)
+        else:  # the requestor's id, its term walked
+            query = dataclasses.replace(query, agent=value, user=value)
+        return cls(value, query, start, end, _zone(params), _format(params) == "csv")
 
 
-async def patient_access(request: web.Request) -> web.Response:
-    """The patient access report."""
-    params = request.query
-    try:
-        _known(params, ("patient", "from", "to", "format", "tz", "admin-access"))
-        patient = params.get("patient", "").strip()
-        if not patient:
-            raise BadQuery("patient is required: Patient/123")
-        patient = patient if "/" in patient else f"Patient/{patient}"
-        query, start, end = _base_query(params, patient=patient)
-        zone, form = _zone(params), _format(params)
-    except BadQuery as exc:
-        return outcome_response(400, "invalid", str(exc))
-    events, truncated = await _events_of(request, query)
-    if form == "csv":
-        return _csv(events, zone, _filename("patient-access", patient))
-    by_user: dict[str, list[tuple[Described, frozenset[Signal]]]] = {}
+Found = list[tuple[Described, frozenset[Signal]]]
+"""A report's events, described, each with its signals."""
+
+
+def _report_route(
+    kind: str, subject: str, hint: str, parts: Callable[[ReportRequest, Found], dict[str, Any]]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of one report: its request checked, its events read, then CSV or the
+    JSON ``parts`` makes (beside what every report says)."""
+
+    async def report(request: web.Request) -> web.Response:
+        try:
+            asked = ReportRequest.of(request.query, subject, hint)
+        except BadQuery as exc:
+            return outcome_response(400, "invalid", str(exc))
+        events, truncated = await _events_of(request, asked.query)
+        if asked.csv:
+            return _csv(events, asked.zone, _filename(kind, asked.subject))
+        body = _report(kind, asked.start, asked.end, events, truncated)
+        body.update(parts(asked, events))
+        return _json(body)
+
+    return report
+
+
+def _patient_access(asked: ReportRequest, events: Found) -> dict[str, Any]:
+    """Every access to the patient's record, grouped by user."""
+    by_user: dict[str, Found] = {}
     for d, s in events:
         by_user.setdefault(d.user or "(anonymous)", []).append((d, s))
     groups = [_group("user", user, own) for user, own in by_user.items()]
     groups.sort(key=lambda g: g["last"], reverse=True)
-    body = _report("patient-access", start, end, events, truncated)
-    body.update(patient=patient, users=len(groups), groups=groups)
-    return _json(body)
+    return {"patient": asked.subject, "users": len(groups), "groups": groups}
 
 
-async def user_activity(request: web.Request) -> web.Response:
-    """The user activity report."""
-    params = request.query
-    try:
-        _known(params, ("user", "from", "to", "format", "tz", "admin-access"))
-        user = params.get("user", "").strip()
-        if not user:
-            raise BadQuery("user is required: the user id the events record")
-        query, start, end = _base_query(params, agent=user, user=user)
-        zone, form = _zone(params), _format(params)
-    except BadQuery as exc:
-        return outcome_response(400, "invalid", str(exc))
-    events, truncated = await _events_of(request, query)
-    if form == "csv":
-        return _csv(events, zone, _filename("user-activity", user))
-    by_patient: dict[str, list[tuple[Described, frozenset[Signal]]]] = {}
+def _user_activity(asked: ReportRequest, events: Found) -> dict[str, Any]:
+    """What the user did: by patient, and by day."""
+    zone = asked.zone
+    by_patient: dict[str, Found] = {}
     days: dict[str, tuple[int, set[str]]] = {}
     for d, s in events:
         for patient in d.patients or ("(no patient)",):
@@ -262,10 +283,9 @@ async def user_activity(request: web.Request) -> web.Response:
         days[day] = (count + 1, patients | set(d.patients))
     groups = [_group("patient", patient, own) for patient, own in by_patient.items()]
     groups.sort(key=lambda g: g["last"], reverse=True)
-    body = _report("user-activity", start, end, events, truncated)
     described = [d for d, _ in events]
-    body.update(
-        user=user,
+    return dict(
+        user=asked.subject,
         names=list(dict.fromkeys(d.user_name for d in described if d.user_name)),
         patients=len([g for g in groups if g["patient"] != "(no patient)"]),
         zone=str(zone),
@@ -275,7 +295,12 @@ async def user_activity(request: web.Request) -> web.Response:
         ],
         groups=groups,
     )
-    return _json(body)
+
+
+patient_access = _report_route("patient-access", "patient", "Patient/123", _patient_access)
+user_activity = _report_route(
+    "user-activity", "user", "the user id the events record", _user_activity
+)
 
 
 def _search_params(params: MultiMapping[str], own: Sequence[str]) -> MultiMapping[str]:

@@ -42,7 +42,7 @@ def joined(values: Sequence[str]) -> str:
     return "|" + "|".join(values) + "|" if values else "|"
 
 
-def _codes(value: Any) -> list[str]:
+def codes_of(value: Any) -> list[str]:
     """The codes of a Coding (R4) or a CodeableConcept (R5)."""
     if not isinstance(value, dict):
         return []
@@ -60,13 +60,13 @@ def _resource_type(reference: str) -> str:
 
 
 def _is_patient_role(entity: dict[str, Any]) -> bool:
-    return "1" in _codes(entity.get("role"))
+    return "1" in codes_of(entity.get("role"))
 
 
 def _is_request_id(entity: dict[str, Any]) -> bool:
     """The entity naming the request's X-Request-Id: by its type in R4, its role in R5."""
     return (
-        "XrequestId" in _codes(entity.get("type"))
+        "XrequestId" in codes_of(entity.get("type"))
         or (entity.get("role") or {}).get("text") == REQUEST_ID_ROLE_TEXT
     )
 
@@ -139,7 +139,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
     for entity in event.get("entity", ()):
         what = entity.get("what") or {}
         reference = what.get("reference")
-        entity_types.extend(_codes(entity.get("type")))
+        entity_types.extend(codes_of(entity.get("type")))
         if reference:
             # Unversioned: ``Observation/1`` finds the event about its version 2.
             terms[f"e:{str(reference).split('/_history/')[0]}"] = None
@@ -181,7 +181,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
     event_type = event.get("type")
     if event_type is None:  # R5: category
         event_type = next(iter(event.get("category", ())), None)
-    type_code = next(iter(_codes(event_type)), None)
+    type_code = next(iter(codes_of(event_type)), None)
     updated = (event.get("meta") or {}).get("lastUpdated")
     return EventRow(
         event_id=str(event["id"]),

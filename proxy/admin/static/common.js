@@ -233,3 +233,14 @@ function cell(tr, text, className) {
 function counts(obj) {
   return Object.entries(obj || {}).map(([k, n]) => `${k} ${n}`).join(", ");
 }
+
+// The header row of `table`: a column header for each name.
+function tableHead(table, columns) {
+  const head = table.createTHead().insertRow();
+  for (const name of columns) {
+    const th = document.createElement("th");
+    th.scope = "col";
+    th.textContent = name;
+    head.appendChild(th);
+  }
+}

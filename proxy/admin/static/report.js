@@ -10,13 +10,7 @@ const KINDS = {
 
 function table(node, columns, rows) {
   node.replaceChildren();
-  const head = node.createTHead().insertRow();
-  for (const name of columns) {
-    const th = document.createElement("th");
-    th.scope = "col";
-    th.textContent = name;
-    head.appendChild(th);
-  }
+  tableHead(node, columns);
   const body = node.createTBody();
   for (const values of rows) {
     const tr = body.insertRow();

@@ -300,18 +300,11 @@ function period(report) {
   return `from ${start} to ${end}`;
 }
 
-
 function eventsTable(items, kind) {
   const table = document.createElement("table");
   table.className = "items";
-  const head = table.createTHead().insertRow();
   const columns = ["time", "signals", kind === "patient" ? "interaction" : "patient(s)", "resource", "outcome", "client", "source address"];
-  for (const name of columns) {
-    const th = document.createElement("th");
-    th.scope = "col";
-    th.textContent = name;
-    head.appendChild(th);
-  }
+  tableHead(table, columns);
   const body = table.createTBody();
   for (const item of items) {
     const tr = body.insertRow();
@@ -355,13 +348,7 @@ function renderReport(kind, report) {
     days.className = "days";
     const caption = days.createCaption();
     caption.textContent = `by day (${report.zone})`;
-    const head = days.createTHead().insertRow();
-    for (const name of ["day", "events", "patients"]) {
-      const th = document.createElement("th");
-      th.scope = "col";
-      th.textContent = name;
-      head.appendChild(th);
-    }
+    tableHead(days, ["day", "events", "patients"]);
     const body = days.createTBody();
     for (const day of report.days) {
       const tr = body.insertRow();
@@ -375,16 +362,10 @@ function renderReport(kind, report) {
   table.className = "groups";
   const caption = table.createCaption();
   caption.textContent = kind === "patient" ? "accesses by user, most recent first" : "patients touched, most recent first";
-  const head = table.createTHead().insertRow();
   const columns = kind === "patient"
     ? ["user", "name", "role", "client", "accesses", "first", "last", "interactions", "outcomes", "signals"]
     : ["patient", "client", "events", "first", "last", "interactions", "outcomes", "signals"];
-  for (const name of columns) {
-    const th = document.createElement("th");
-    th.scope = "col";
-    th.textContent = name;
-    head.appendChild(th);
-  }
+  tableHead(table, columns);
   const body = table.createTBody();
   report.groups.forEach((group, n) => {
     const tr = body.insertRow();
