@@ -310,28 +310,36 @@ def _search_params(params: MultiMapping[str], own: Sequence[str]) -> MultiMappin
 
 class LocalSlots:
     """The local hour or day of each quarter-hour slot in a zone, by integer arithmetic:
-    a zone's offset is looked up once per UTC hour, and per slot only in the hours
-    where it changes (a daylight-saving change may fall on a half hour)."""
+    a zone's offset is looked up once per UTC day; in the days it changes, once per UTC
+    hour; and in the hour it changes (which may be on a half hour), per slot."""
 
     def __init__(self, zone: tzinfo, step_s: int) -> None:
         self._zone = zone
         self._step_s = step_s
+        self._days: dict[int, int | None] = {}
         self._hours: dict[int, int | None] = {}
 
     def _offset_at(self, ts: float) -> int:
         offset = datetime.fromtimestamp(ts, self._zone).utcoffset()
         return int(offset.total_seconds()) if offset is not None else 0
 
+    def _steady(self, cache: dict[int, int | None], span: int, n: int) -> int | None:
+        """The offset all through span ``n`` (``span`` seconds long), or None when it
+        changes within it."""
+        if n not in cache:
+            first, last = self._offset_at(n * span), self._offset_at(n * span + span - 1)
+            cache[n] = first if first == last else None
+        return cache[n]
+
     def bucket(self, slot: int) -> int:
         """The local bucket (hour or day number in local wall time) of ``slot``."""
-        hour = slot * SLOT_S // 3600
-        if hour not in self._hours:
-            first, last = self._offset_at(hour * 3600), self._offset_at(hour * 3600 + 3599)
-            self._hours[hour] = first if first == last else None
-        offset = self._hours[hour]
+        ts = slot * SLOT_S
+        offset = self._steady(self._days, 86_400, ts // 86_400)
         if offset is None:
-            offset = self._offset_at(slot * SLOT_S)
-        return (slot * SLOT_S + offset) // self._step_s
+            offset = self._steady(self._hours, 3600, ts // 3600)
+        if offset is None:
+            offset = self._offset_at(ts)
+        return (ts + offset) // self._step_s
 
     def start(self, bucket: int) -> datetime:
         """The bucket's first instant: its local wall time, in the zone."""
