@@ -37,9 +37,10 @@ from bench_search import STEP_S, T0, build_rows, fill, percentile
 
 from proxy.admin.app import build_admin_app
 from proxy.settings import AdminSettings
+from proxy.store.database import connect, load_codec
 from proxy.store.queue import AuditQueue
 from proxy.store.schema import MIGRATIONS, split_statements
-from proxy.store.writer_process import _insert_events_sql, connect
+from proxy.store.tables import insert_events_sql
 
 HOT = "Patient/hot"
 RUNS = 5
@@ -58,9 +59,10 @@ def fill_hot(queue: AuditQueue, path: Path, count: int, days: float) -> float:
         t = time.perf_counter()
         step = days * 86_400 / count
         start = T0 - timedelta(days=days) + timedelta(days=23)
-        rows = build_rows(queue, 0, count, 300, 1, t0=start, step_s=step, patient_name=HOT)
+        codec = load_codec(conn)
+        rows = build_rows(codec, 0, count, 300, 1, t0=start, step_s=step, patient_name=HOT)
         conn.execute("BEGIN")
-        conn.executemany(_insert_events_sql(1), [(None, None, *r[2:]) for r in rows])
+        conn.executemany(insert_events_sql(1), [(None, None, *r[2:]) for r in rows])
         conn.execute("COMMIT")
         return time.perf_counter() - t
     finally:
@@ -90,16 +92,13 @@ async def write_cost(events: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         codec_store = Path(tmp) / "codec.db"
 
-        async def rows_for() -> list[tuple[object, ...]]:
-            queue = await AuditQueue.open(codec_store, max_bytes=1 << 40)
-            try:
-                return build_rows(queue, 0, events, 1_000, 20_000)
-            finally:
-                await queue.close()
-
-        rows = await rows_for()
+        conn = connect(codec_store, True, 1 << 40)
+        try:
+            rows = build_rows(load_codec(conn), 0, events, 1_000, 20_000)
+        finally:
+            conn.close()
         per = 32
-        statement = _insert_events_sql(per)
+        statement = insert_events_sql(per)
         flat = [[v for r in rows[i : i + per] for v in r] for i in range(0, len(rows), per)]
         flat = [chunk for chunk in flat if len(chunk) == per * len(rows[0])]
         results: dict[int, list[float]] = {6: [], 7: []}
@@ -199,7 +198,7 @@ async def main() -> int:
                     for _ in range(max(n // 5, 2))
                 ],
             }
-            app = build_admin_app(queue, AdminSettings())
+            app = build_admin_app(queue, AdminSettings(), writer=queue)
             server = TestServer(app, host="127.0.0.1", port=0)
             await server.start_server()
             try:

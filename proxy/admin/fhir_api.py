@@ -20,7 +20,6 @@ from proxy.admin.signals import INDEXED, SCAN_LIMIT, Signal, signal_page, signal
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.store.marks import ADMIN_ACCESS_TAG, Mark
 from proxy.store.records import Cursor, EventQuery, SortKey
-from proxy.store.reports import StoreReports
 
 SEARCH_PARAMS = (
     "date",
@@ -246,11 +245,10 @@ async def search(request: web.Request) -> web.Response:
         return outcome_response(400, "invalid", str(exc))
     query = asked.query
     store = request.app[STORE]
-    reports = StoreReports(store)
     settings = request.app[SETTINGS].signals
     outcome: str | None = None
     if asked.scanned:
-        found = await signal_page(store, reports, settings, query, asked.signals)
+        found = await signal_page(store, settings, query, asked.signals)
         items, signals, total = found.items, found.signals, None
         after, before = found.after, found.before
         if found.stopped:
@@ -261,7 +259,7 @@ async def search(request: web.Request) -> web.Response:
     else:
         page = await store.search_page(query)
         items, total = page.items, page.total
-        signals = await signals_of(items, reports, settings) if asked.annotate else []
+        signals = await signals_of(items, store, settings) if asked.annotate else []
         after = page.cursor_of(items[-1], query.sort) if items and page.more_after else None
         before = page.cursor_of(items[0], query.sort) if items and page.more_before else None
     if discloses(items) or (query.limit == 0 and total):

@@ -35,13 +35,12 @@ from multidict import MultiDict, MultiDictProxy, MultiMapping
 from proxy.admin.access import discloses, record_access
 from proxy.admin.describe import Described, csv_rows, describe
 from proxy.admin.fhir_api import event_query
-from proxy.admin.keys import QUEUE, SETTINGS
+from proxy.admin.keys import SETTINGS, STORE
 from proxy.admin.query import BadQuery, parse_instant
 from proxy.admin.signals import Access, Signal, signal_page, signals_for, signals_of
 from proxy.fhir.operation_outcome import outcome_response
 from proxy.store.marks import Mark
 from proxy.store.records import EventQuery, QueuedEvent
-from proxy.store.reports import StoreReports
 from proxy.store.search import SLOT_S
 
 REPORT_MAX = 100_000
@@ -99,8 +98,7 @@ async def _events_of(
     there were more than :data:`REPORT_MAX`. Read :data:`REPORT_BATCH` at a time, each
     batch's events let go once described (a report of thousands of events would
     otherwise hold every event's JSON at once)."""
-    store = request.app[QUEUE]
-    reports = StoreReports(store)
+    store = request.app[STORE]
     settings = request.app[SETTINGS].signals
     batch = dataclasses.replace(
         query, limit=REPORT_BATCH, count_total=False, newest_first=True, after=None
@@ -116,7 +114,7 @@ async def _events_of(
         accesses = [
             Access.described(d, item.seq) for d, item in zip(described, page.items, strict=True)
         ]
-        signals = await signals_for(accesses, reports, settings)
+        signals = await signals_for(accesses, store, settings)
         found += list(zip(described, signals, strict=True))
         if not page.more_after or not page.items or len(found) >= REPORT_MAX:
             return found[:REPORT_MAX], len(found) > REPORT_MAX or (
@@ -363,7 +361,7 @@ async def activity(request: web.Request) -> web.Response:
             400, "not-supported", "the activity chart counts by index: it takes no signal filter"
         )
     query = asked.query
-    counts = await StoreReports(request.app[QUEUE]).activity(query)
+    counts = await request.app[STORE].activity(query)
     span = 0.0
     if counts:
         low = query.date_from.timestamp() if query.date_from else counts[0].slot * SLOT_S
@@ -414,8 +412,7 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
         asked = event_query(_search_params(params, ("tz",)))
     except BadQuery as exc:
         return outcome_response(400, "invalid", str(exc))
-    store = request.app[QUEUE]
-    reports = StoreReports(store)
+    store = request.app[STORE]
     settings = request.app[SETTINGS].signals
     query = dataclasses.replace(asked.query, limit=EXPORT_BATCH, count_total=False, before=None)
 
@@ -423,14 +420,14 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
         nonlocal query
         while True:
             if asked.scanned:
-                found = await signal_page(store, reports, settings, query, asked.signals)
+                found = await signal_page(store, settings, query, asked.signals)
                 yield found.items, found.signals
                 if found.after is None:
                     return
                 query = dataclasses.replace(query, after=found.after)
             else:
                 page = await store.search_page(query)
-                yield page.items, await signals_of(page.items, reports, settings)
+                yield page.items, await signals_of(page.items, store, settings)
                 if not page.more_after or not page.items:
                     return
                 query = dataclasses.replace(query, after=page.cursor_of(page.items[-1], query.sort))

@@ -1,7 +1,7 @@
 """Signals: what makes an access stand out to a privacy monitor, as privacy-monitoring
 products flag it. Each event gets a set of them, computed when it is shown (a page, a
 report), from the event itself, the settings (``admin.signals``) and the store's index
-(:class:`~proxy.store.reports.StoreReports`):
+(the report face, :class:`~proxy.store.faces.ReportReader`):
 
 - ``first-access``: the first event, in the retained history, by this user about this
   patient (one seek into ``access_pairs`` per user and patient shown);
@@ -24,15 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from proxy.admin.describe import Described
 from proxy.settings import WEEKDAYS, SignalSettings, WorkingHours
+from proxy.store.faces import AdminStore, ReportReader
 from proxy.store.index import patients_of, user_of
 from proxy.store.marks import ADMIN_ACCESS_TAG, Mark, marks_for, marks_of_event
-from proxy.store.records import Cursor, EventPage, EventQuery, QueuedEvent, SortKey
-from proxy.store.reports import StoreReports, UserAccess
+from proxy.store.records import Cursor, EventQuery, QueuedEvent, SortKey, UserAccess
 
 HOUR_S = 3600.0
 
@@ -156,14 +156,14 @@ def _patients_in_hour(accesses: Sequence[Access], around: Sequence[UserAccess]) 
 
 
 async def signals_of(
-    items: Sequence[QueuedEvent], reports: StoreReports, settings: SignalSettings
+    items: Sequence[QueuedEvent], reports: ReportReader, settings: SignalSettings
 ) -> list[frozenset[Signal]]:
     """The signals of each of ``items``."""
     return await signals_for([Access.of(item) for item in items], reports, settings)
 
 
 async def signals_for(
-    accesses: Sequence[Access], reports: StoreReports, settings: SignalSettings
+    accesses: Sequence[Access], reports: ReportReader, settings: SignalSettings
 ) -> list[frozenset[Signal]]:
     """The signals of each of ``accesses``."""
     of_record = [a for a in accesses if a.of_record]
@@ -218,12 +218,6 @@ link that goes on from where it stopped, so that no request walks the whole stor
 SCAN_BATCH = 500
 
 
-class Searchable(Protocol):
-    """What a signal-filtered search reads: the store's search (one store or shards)."""
-
-    async def search_page(self, query: EventQuery) -> EventPage: ...
-
-
 @dataclass(frozen=True, slots=True)
 class SignalPage:
     """A page of the events a search matches that have one of the wanted signals."""
@@ -244,8 +238,7 @@ class SignalPage:
 
 
 async def signal_page(
-    store: Searchable,
-    reports: StoreReports,
+    store: AdminStore,
     settings: SignalSettings,
     query: EventQuery,
     wanted: frozenset[Signal],
@@ -271,7 +264,7 @@ async def signal_page(
         if not page.items:
             more = False
             break
-        pairs = list(zip(page.items, await signals_of(page.items, reports, settings), strict=True))
+        pairs = list(zip(page.items, await signals_of(page.items, store, settings), strict=True))
         if reverse:
             pairs.reverse()  # walking away from the cursor
         more = page.more_before if reverse else page.more_after

@@ -5,7 +5,8 @@
 - :class:`DeliveryQueue`, the delivery face: what a flusher claims and acknowledges, the
   dead letters, pruning; :class:`Requeue` is its part an operator uses.
 - :class:`EventReader`, the reader face: what the admin API, the ``dlq`` commands and
-  telemetry read.
+  telemetry read; :class:`ReportReader`, the report face, what the privacy reports read
+  beyond it.
 
 One store file implements each face in a module of its own (:mod:`proxy.store.appends`,
 :mod:`proxy.store.delivery`, :mod:`proxy.store.reads`), and the object the proxy opens,
@@ -31,14 +32,19 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from proxy.store.records import (
+    ActivityCount,
     Capture,
+    Cursor,
     EventPage,
     EventQuery,
     EventRow,
     FanOut,
     Intent,
+    Pair,
     QueuedEvent,
     QueueStats,
+    UserAccess,
+    Window,
 )
 
 
@@ -152,6 +158,26 @@ class EventReader(Protocol):
         """Events by status, intents, bytes in use and the oldest pending event's time."""
 
 
-class AdminStore(EventReader, Requeue, Protocol):
+class ReportReader(Protocol):
+    """The report face: what the privacy reports and the activity chart read beyond a
+    search (:mod:`proxy.store.reports`), from tables triggers keep (schema 7). Events and
+    rows are named by their seq, global across shards."""
+
+    async def first_accesses(self, pairs: Sequence[Pair]) -> dict[Pair, Cursor]:
+        """For each (user, patient) pair that has any, the position (recorded time, row
+        seq) of the user's first access to the patient in the retained history, admin
+        reads of the trail left out. An event of that user about that patient is the
+        first access when no position precedes its own (recorded time, seq)."""
+
+    async def user_accesses(self, windows: Sequence[Window]) -> dict[str, list[UserAccess]]:
+        """Each user's events recorded in that user's windows that name a patient, admin
+        reads left out, each row once, in time order."""
+
+    async def activity(self, query: EventQuery) -> list[ActivityCount]:
+        """The events ``query`` matches (its filters, not its order or paging) counted per
+        quarter hour, action and outcome, in slot order; slots with none left out."""
+
+
+class AdminStore(EventReader, ReportReader, Requeue, Protocol):
     """What the admin API and the ``dlq`` commands use of a store or of every shard as
-    one: the reader face, and the requeue of dead letters."""
+    one: the reader face, the report face, and the requeue of dead letters."""

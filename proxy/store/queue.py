@@ -19,11 +19,13 @@ from proxy.store.delivery import ShardDelivery
 from proxy.store.engine import CommitEngine, CommitReport
 from proxy.store.faces import StoreError
 from proxy.store.reads import ShardReader
+from proxy.store.reports import ShardReports
 from proxy.store.shard import Shard
 
 
-class AuditQueue(ShardWriter, ShardDelivery, ShardReader):
-    """One store file's three faces. Open it with :meth:`open`; one per store file."""
+class AuditQueue(ShardWriter, ShardDelivery, ShardReader, ShardReports):
+    """One store file's three faces, and the report face. Open it with :meth:`open`; one
+    per store file."""
 
     @property
     def engine(self) -> CommitEngine:

@@ -16,7 +16,7 @@ from proxy.store.records import (
     QueueStats,
     SortKey,
 )
-from proxy.store.search import SearchSql
+from proxy.store.search import SearchSql, total_statement
 from proxy.store.shard import ShardPart
 from proxy.store.tables import STORED, STORED_E, StoredCapture, StoredRow, stored_rows
 
@@ -79,7 +79,6 @@ class ShardReader(ShardPart, EventReader):
         descending = query.newest_first != reverse
         order = "DESC" if descending else "ASC"
         cursor = query.before if reverse else query.after
-        count_clause = f"WHERE {' AND '.join(sql.where)}" if sql.where else ""
         conn = self._shard.conn
 
         def read() -> tuple[Picks, int | None]:
@@ -102,10 +101,8 @@ class ShardReader(ShardPart, EventReader):
                 fetch *= 2  # rows whose events all failed a patient filter
             total: int | None = None
             if query.count_total:
-                count, count_args = sql.count()
-                total = conn.execute(
-                    f"SELECT {count} FROM {sql.source} {count_clause}", [*count_args, *sql.args]
-                ).fetchone()[0]
+                statement, count_args = total_statement(query)
+                total = conn.execute(statement, count_args).fetchone()[0]
             return picks, total
 
         picks, total = await self._shard.run(read)

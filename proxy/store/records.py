@@ -297,3 +297,35 @@ class EventPage:
     def cursor_of(self, item: QueuedEvent, sort: SortKey) -> Cursor:
         """The keyset position of ``item``."""
         return (item.recorded_ts if sort is SortKey.RECORDED else 0.0, item.seq)
+
+
+Pair = tuple[str, str]
+"""(user id, patient reference)."""
+Window = tuple[str, float, float]
+"""(user id, since, until): a user's events recorded in ``[since, until]``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserAccess:
+    """One of a user's events, as far as counting the patients they touched needs."""
+
+    ts: float
+    """``recorded`` as a POSIX timestamp."""
+    seq: int
+    """The seq of its row (a fan-out row: its last event's)."""
+    patients: tuple[str, ...]
+    """Every patient the row names (a fan-out row: all its events' patients)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityCount:
+    """How many events of one action and outcome were recorded in one quarter hour."""
+
+    slot: int
+    """The quarter hour: its start is ``slot * SLOT_S`` (POSIX time,
+    :data:`proxy.store.search.SLOT_S`)."""
+    action: str
+    """``AuditEvent.action`` (empty when the event has none)."""
+    outcome: str
+    """The outcome code (empty when the event has none)."""
+    events: int

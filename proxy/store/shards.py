@@ -16,17 +16,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from proxy.settings import StoreSettings
-from proxy.store.faces import EventReader, Requeue
+from proxy.store.faces import EventReader, ReportReader, Requeue
 from proxy.store.queue import AuditQueue
 from proxy.store.records import (
+    ActivityCount,
     Capture,
     Cursor,
     EventPage,
     EventQuery,
+    Pair,
     QueuedEvent,
     QueueStats,
     SortKey,
+    UserAccess,
+    Window,
 )
+from proxy.store.reports import summed
 
 OpenShard = Callable[[Path], Awaitable[AuditQueue]]
 
@@ -47,9 +52,9 @@ def existing_shard_opener(store: StoreSettings) -> OpenShard:
     return open_shard
 
 
-class ShardedStore(EventReader, Requeue):
-    """Every shard read as one store: the reader face and the requeue of dead letters
-    (:class:`~proxy.store.faces.AdminStore`), for the admin API and the ``dlq``
+class ShardedStore(EventReader, ReportReader, Requeue):
+    """Every shard read as one store: the reader face, the report face and the requeue
+    of dead letters (:class:`~proxy.store.faces.AdminStore`), for the admin API and the ``dlq``
     commands. Shards not yet created (a worker still starting) read as empty and are
     opened on a later call. It writes no events: the admin API appends to its own
     worker's shard."""
@@ -77,10 +82,6 @@ class ShardedStore(EventReader, Requeue):
                     self._queues[n] = queue
                     self._owned.append(queue)
         return sorted(self._queues.items())
-
-    async def readers(self) -> list[tuple[int, AuditQueue]]:
-        """Every shard that exists, with its number (what the report queries read)."""
-        return await self._shards()
 
     async def shard_sizes(self, skip: int) -> list[tuple[int, Path, int | None]]:
         """Each shard but ``skip``: its number, path and bytes in use; None for a shard
@@ -180,6 +181,34 @@ class ShardedStore(EventReader, Requeue):
                 default=None,
             ),
         )
+
+    # --- the report face ---------------------------------------------------------------
+
+    async def first_accesses(self, pairs: Sequence[Pair]) -> dict[Pair, Cursor]:
+        """:meth:`ReportReader.first_accesses` over every shard: the earliest of theirs."""
+        best: dict[Pair, Cursor] = {}
+        for n, queue in await self._shards():
+            for pair, (ts, seq) in (await queue.first_accesses(pairs)).items():
+                position = (ts, seq * self.count + n)
+                if pair not in best or position < best[pair]:
+                    best[pair] = position
+        return best
+
+    async def user_accesses(self, windows: Sequence[Window]) -> dict[str, list[UserAccess]]:
+        """:meth:`ReportReader.user_accesses` over every shard, merged in time order."""
+        merged: dict[str, list[UserAccess]] = {}
+        for n, queue in await self._shards():
+            for user, own in (await queue.user_accesses(windows)).items():
+                merged.setdefault(user, []).extend(
+                    dataclasses.replace(a, seq=a.seq * self.count + n) for a in own
+                )
+        for own in merged.values():
+            own.sort(key=lambda access: (access.ts, access.seq))
+        return merged
+
+    async def activity(self, query: EventQuery) -> list[ActivityCount]:
+        """:meth:`ReportReader.activity` over every shard, added up."""
+        return summed([await queue.activity(query) for _, queue in await self._shards()])
 
     # --- the requeue of the delivery face ------------------------------------------------
 

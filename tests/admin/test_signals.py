@@ -16,8 +16,7 @@ from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.settings import SignalSettings, WorkingHours
 from proxy.store.marks import Mark
 from proxy.store.queue import AuditQueue
-from proxy.store.records import EventQuery, FanOut
-from proxy.store.reports import StoreReports, UserAccess
+from proxy.store.records import EventQuery, FanOut, UserAccess
 from tests.factories import queued_event, search_exchange
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -63,11 +62,11 @@ def test_patients_in_the_hour_up_to_each_access() -> None:
     """Distinct patients, the event's own included, in ``[t - 1 h, t]``; a fan-out row
     names several."""
     around = [
-        UserAccess(0.0, 1, ("P/a",)),
-        UserAccess(600.0, 2, ("P/b", "P/c")),
-        UserAccess(1200.0, 3, ("P/a",)),
-        UserAccess(3700.0, 4, ("P/d",)),
-        UserAccess(4300.0, 5, ("P/e",)),
+        UserAccess(ts=0.0, seq=1, patients=("P/a",)),
+        UserAccess(ts=600.0, seq=2, patients=("P/b", "P/c")),
+        UserAccess(ts=1200.0, seq=3, patients=("P/a",)),
+        UserAccess(ts=3700.0, seq=4, patients=("P/d",)),
+        UserAccess(ts=4300.0, seq=5, patients=("P/e",)),
     ]
     mine = [access(u.ts, u.seq, *u.patients) for u in around]
     # At 3700 s the hour reaches back to 100 s: b and c (600), a (1200), d.
@@ -102,7 +101,7 @@ async def test_signals_over_a_store_with_a_fan_out(tmp_path: Path) -> None:
         settings = SignalSettings(
             patients_per_hour=2, working_hours=WorkingHours(zone="Europe/Berlin")
         )
-        found = await signals_of(page.items, StoreReports(queue), settings)
+        found = await signals_of(page.items, queue, settings)
         F, M, D, B = (
             Signal.FIRST_ACCESS,
             Signal.MANY_PATIENTS,

@@ -20,7 +20,7 @@ from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.store.marks import Mark
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
-from proxy.store.reports import StoreReports, _walked_activity, activity_of
+from proxy.store.reports import _walked_activity, activity_of
 from proxy.store.search import SearchSql, total_statement
 from proxy.store.shards import ShardedStore
 from tests.factories import queued_event, search_exchange
@@ -124,7 +124,8 @@ async def test_activity_counts_equal_counting_the_events(tmp_path: Path) -> None
                     conn.execute(*SearchSql(q).total()).fetchone()[0],
                 )
 
-            rolled, walked, fast, slow = await queue.read(both)
+            with sqlite3.connect(tmp_path / "audit.db") as conn:
+                rolled, walked, fast, slow = both(conn)
             assert _per_key(rolled) == _per_key(walked), query
             assert fast == slow == sum(_per_key(walked).values()), query
         every = await queue.search_page(EventQuery(limit=1000, count_total=False))
@@ -142,7 +143,7 @@ async def test_first_access_follows_the_retained_history(tmp_path: Path) -> None
             return queued_event(n, patient="Patient/a", user=user, recorded=at)
 
         await queue.append([read(0, 0), read(1, 10), read(2, 20, user="dr.y")])
-        reports = StoreReports(queue)
+        reports = queue
         firsts = await reports.first_accesses([("dr.x", "Patient/a"), ("dr.y", "Patient/a")])
         assert firsts[("dr.x", "Patient/a")][0] == (T0).timestamp()
         assert firsts[("dr.y", "Patient/a")][0] == (T0 + timedelta(minutes=20)).timestamp()
@@ -174,7 +175,7 @@ async def test_shards_are_read_as_one(tmp_path: Path) -> None:
             raise AssertionError(path)
 
         store = ShardedStore(paths, opened=dict(enumerate(queues)), open_shard=never)
-        reports = StoreReports(store)
+        reports = store
         ((ts, seq),) = (await reports.first_accesses([("dr.x", "Patient/a")])).values()
         assert ts == (T0 + timedelta(minutes=5)).timestamp() and seq % 2 == 1, "shard 1's"
         around = await reports.user_accesses([("dr.x", T0.timestamp(), T0.timestamp() + 3600)])
