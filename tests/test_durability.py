@@ -404,3 +404,25 @@ async def test_sigkill_while_the_upstream_works_on_an_unclassified_write_leaves_
         assert events[0]["action"] == "D"
         refs = [e["what"].get("reference") for e in events[0]["entity"]]
         assert "Patient/del2" in refs, "audited as what was forwarded"
+
+
+async def test_a_restart_during_a_repository_outage_delivers_once_the_repository_is_back(
+    fhir_server: NodeFhirServer,
+    repository: RecordingRepository,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Repository down, one request, a graceful stop (its drain fails), a start with the
+    repository back: the event goes out at once, not after the drain's backoff."""
+    repository.fail_next = [503] * 1000
+    overrides = {"repository": {"url": repository.url, "flush_interval_ms": 100}}
+    first = await start_proxy(fhir_server.base_url, **overrides)
+    async with http.get(f"{first.url}/metadata", headers={"X-Request-Id": "held"}) as r:
+        assert r.status == 200
+    await first.server.close()  # the shutdown drain tries once more, and fails
+    assert repository.requests and repository.events() == []
+
+    repository.fail_next.clear()
+    await start_proxy(fhir_server.base_url, **overrides)
+    delivered = await repository.wait_for(1, within_s=5)
+    assert [request_id_of(e) for e in delivered] == ["held"]

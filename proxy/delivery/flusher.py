@@ -6,6 +6,11 @@ connection error holds them back with exponential backoff from ``flush_interval_
 ``max_flush_interval_ms`` (invariant 6). A 4xx rejection is bisected: halves are resent,
 left before right, until the events the repository refuses are isolated and moved to the
 dead-letter state with its answer; the rest flow on in order.
+
+A held event's ``retry_at`` in the store is never further than ``max_flush_interval_ms``
+from the failure that set it. The first flush after start and the shutdown drain ignore
+the stored backoff (the backoff belongs to the process that failed, not to the next one),
+so nothing an earlier process stored can keep the queue waiting.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from proxy.store.faces import DeliveryQueue, StoreError
 from proxy.store.records import QueuedEvent
 
 log = logging.getLogger(__name__)
+
+_ANY_RETRY_AT = datetime.max.replace(tzinfo=UTC)
+"""A claim cutoff no stored ``retry_at`` passes: claims what is pending, backoff ignored."""
 
 
 class Flusher:
@@ -66,11 +74,14 @@ class Flusher:
         return ceiling / 2 + jitter
 
     async def run(self) -> None:
-        """Flush until cancelled. Never dies of an error: it logs and backs off."""
+        """Flush until cancelled. Never dies of an error: it logs and backs off. The first
+        flush ignores the backoff stored by an earlier process (a restart retries at once)."""
+        first = True
         while True:
             delay = self._interval
             try:
-                delivered = await self.flush_once()
+                delivered = await self.flush_once(ignore_backoff=first)
+                first = False
                 if self.failures:
                     delay = self.backoff_s()
                 elif delivered >= self._batch:
@@ -90,10 +101,12 @@ class Flusher:
             else:
                 await asyncio.sleep(0)
 
-    async def flush_once(self, now: datetime | None = None) -> int:
-        """Send one batch; returns how many events the repository acknowledged."""
+    async def flush_once(self, now: datetime | None = None, *, ignore_backoff: bool = False) -> int:
+        """Send one batch; returns how many events the repository acknowledged. With
+        ``ignore_backoff`` the events held back by an earlier failure are sent too; a
+        failure holds them back from ``now`` either way."""
         now = now or datetime.now(UTC)
-        batch = await self._queue.claim(self._batch, now)
+        batch = await self._queue.claim(self._batch, _ANY_RETRY_AT if ignore_backoff else now)
         if not batch:
             return 0
         settled: set[int] = set()  # acknowledged or dead-lettered in this round
@@ -167,11 +180,10 @@ class Flusher:
         deadline = loop.time() + timeout_s
         delivered = 0
         while loop.time() < deadline:
-            ignore_backoff = datetime.now(UTC) + timedelta(days=3650)
             failures = self.failures
             try:
                 sent = await asyncio.wait_for(
-                    self.flush_once(ignore_backoff), max(deadline - loop.time(), 0.01)
+                    self.flush_once(ignore_backoff=True), max(deadline - loop.time(), 0.01)
                 )
             except TimeoutError:
                 break

@@ -3,6 +3,8 @@ outages, bisection of a rejected batch down to the poison events, and the shutdo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -212,3 +214,48 @@ async def test_fan_outs_are_delivered_event_by_event_in_order_across_batches_and
     assert [d.event_id for d in await queue.list_dead()] == [poison]
     stats = await queue.stats()
     assert (stats.pending, stats.delivered, stats.dead) == (0, len(expected) - 1, 1)
+
+
+async def _down(request: web.Request, raw: bytes) -> web.Response:
+    return web.json_response({"resourceType": "OperationOutcome"}, status=503)
+
+
+async def test_a_drain_during_an_outage_holds_events_back_no_longer_than_the_max_interval(
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
+) -> None:
+    """The shutdown drain ignores the backoff to claim, but what it stores when the
+    repository fails is an ordinary backoff: the next start is not held back for years."""
+    events = [audit_event(i) for i in range(3)]
+    await _append(queue, events)
+    scripted_repository.behaviour = _down
+    flusher = _flusher(
+        queue, scripted_repository, http, flush_interval_ms=100, max_flush_interval_ms=2000
+    )
+    assert await flusher.drain(timeout_s=5) == 0
+    assert len(scripted_repository.requests) == 1
+    later = datetime.now(UTC) + timedelta(seconds=2, milliseconds=500)
+    held = await queue.claim(10, later)
+    assert [q.event_id for q in held] == [e["id"] for e in events], "due within the max"
+
+
+async def test_a_new_flusher_sends_at_once_what_an_earlier_process_held_back_for_years(
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
+) -> None:
+    """A ``retry_at`` left far in the future (by an older version's shutdown drain, or a
+    clock set back) must not block the queue after a restart."""
+    events = [audit_event(i) for i in range(3)]
+    await _append(queue, events)
+    await queue.nack([1, 2, 3], "an older version's drain", datetime.now(UTC) + timedelta(3650))
+    flusher = _flusher(queue, scripted_repository, http, flush_interval_ms=50)
+    task = asyncio.create_task(flusher.run())
+    try:
+        for _ in range(200):
+            if (await queue.stats()).delivered == 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert scripted_repository.delivered_ids() == [e["id"] for e in events]
+    assert (await queue.stats()).pending == 0
