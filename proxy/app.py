@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +38,7 @@ from proxy.store.faces import AdminStore, StoreError
 from proxy.store.queue import AuditQueue
 from proxy.store.records import QueueStats
 from proxy.store.shards import ShardedStore, existing_shard_opener
+from proxy.supervisor import read_worker_states, status_path
 from proxy.tasks import running
 from proxy.upstream import UpstreamPool
 
@@ -262,12 +264,33 @@ FULL_MARGIN = 64 * 1024
 """A shard with less room than this under its ``max_bytes`` budget counts as full."""
 
 
+def _workers_report(settings: Settings) -> dict[str, Any]:
+    """With ``workers`` > 1: every worker as the supervisor last published it; ok while
+    every one serves. A worker restarted after it died shows how often and how it ended."""
+    states = read_worker_states(status_path(settings.store.path), os.getppid())
+    if states is None:  # not started by `run` (or it could not publish): nothing to judge
+        return {"ok": True, "known": False}
+    return {
+        "ok": all(state.serving for state in states),
+        "workers": {
+            str(state.worker): {
+                "serving": state.serving,
+                "pid": state.pid,
+                "restarts": state.restarts,
+                "last_exit": state.last_exit,
+            }
+            for state in states
+        },
+    }
+
+
 def _readiness(
     app: web.Application, shards: ShardedStore | None = None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
     """The readiness check: this worker's store (answering, not failing closed, under
     ``max_bytes``), with ``workers`` > 1 every other worker's shard too (it exists and
-    has room: a full shard fails its worker's requests closed), and the upstream."""
+    has room: a full shard fails its worker's requests closed) and every worker serving
+    (``checks.workers``), and the upstream."""
     settings = app[SETTINGS]
     max_bytes = settings.store.max_bytes
 
@@ -307,6 +330,8 @@ def _readiness(
                 )
         except Exception as exc:  # readiness reports, it does not fail
             checks["store"] = {"ok": False, "error": str(exc)}
+        if settings.workers > 1:
+            checks["workers"] = _workers_report(settings)
         try:
             async with app[UPSTREAM_SESSION].get(
                 settings.upstream.url.rstrip("/") + "/metadata",

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import logging
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -35,6 +33,14 @@ from proxy.settings import (
     check_paths,
     load_settings,
     redact_url,
+)
+from proxy.supervisor import (
+    STOP_SIGNALS,
+    announce_serving,
+    bind_listeners,
+    end_with_supervisor,
+    inherited_listener,
+    supervise,
 )
 
 if TYPE_CHECKING:
@@ -142,21 +148,34 @@ def _bind_failure(exc: OSError, settings: Settings) -> StartupError | None:
         return None
     host, port, reason = found.group(1), int(found.group(2)), found.group(3)
     setting = {settings.listen.port: "listen", settings.admin.port: "admin"}.get(port, "listen")
+    return _listen_failure(host, port, setting, reason, exc.errno)
+
+
+def _listen_failure(
+    host: str, port: int, setting: str, reason: str, code: int | None
+) -> StartupError:
     advice = {
         errno.EADDRINUSE: "stop the process that uses it or choose another port",
         errno.EACCES: "ports below 1024 need privileges; choose a higher port",
         errno.EADDRNOTAVAIL: "the host is not an address of this machine; use 0.0.0.0 or one",
-    }.get(exc.errno or 0, "choose another host or port")
+    }.get(code or 0, "choose another host or port")
     return StartupError(
         f"cannot listen on {host}:{port} ({setting}.host/{setting}.port): {reason}; {advice}"
     )
 
 
-def serve(settings: Settings, *, banner: str | None = None, worker: int = 0) -> None:
+def serve(
+    settings: Settings,
+    *,
+    banner: str | None = None,
+    worker: int = 0,
+    listener: socket.socket | None = None,
+) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down gracefully; print ``banner`` once
     it accepts connections. ``worker`` is this process's index when ``settings.workers``
-    processes share the port. A port that cannot be bound or a store that cannot be opened
-    raises :class:`StartupError`."""
+    processes share the port, each on the ``listener`` its supervisor bound (without one,
+    the proxy binds ``listen.host:listen.port`` itself). A port that cannot be bound or a
+    store that cannot be opened raises :class:`StartupError`."""
     import uvloop
     from aiohttp import web
 
@@ -165,19 +184,24 @@ def serve(settings: Settings, *, banner: str | None = None, worker: int = 0) -> 
     def announce(_: str) -> None:
         # aiohttp calls this once every listener accepts connections (on_startup would be
         # too early: the proxy's own port is bound after it).
-        print(banner, flush=True)
+        announce_serving()
+        if banner:
+            print(banner, flush=True)
 
     app = _build_app(settings, worker)
+    where: dict[str, Any] = (
+        {"sock": listener}
+        if listener is not None
+        else {"host": settings.listen.host, "port": settings.listen.port}
+    )
     try:
         web.run_app(
             app,
-            host=settings.listen.host,
-            port=settings.listen.port,
+            **where,
             shutdown_timeout=settings.shutdown_grace_s,
             access_log=None,
-            print=announce if banner else None,
+            print=announce,
             loop=uvloop.new_event_loop(),
-            reuse_port=settings.workers > 1 or None,
         )
     except StoreError as exc:
         raise StartupError(f"{exc}; check store.path and the disk it is on") from exc
@@ -195,91 +219,6 @@ def _build_app(settings: Settings, worker: int = 0) -> web.Application:
     return build_proxy_app(settings, worker=worker)
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_SI_KERNEL = 0x80
-"""``si_code`` of a signal the kernel sent, as the terminal's Ctrl-C to its process group."""
-_SUPERVISOR_ENV = "AUDIT_PROXY_SUPERVISOR_PID"
-"""Set by ``run`` for its workers: its pid (not under ``FHIR_AUDIT_``: it is no setting)."""
-_PR_SET_PDEATHSIG = 1
-
-
-def _end_with_supervisor() -> None:
-    """In a worker: SIGTERM (a graceful stop) when the ``run`` process that started it
-    dies, even by SIGKILL, so no worker serves on without its supervisor (Linux's
-    ``PR_SET_PDEATHSIG``). A supervisor already gone by now ends the worker at once."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        log.warning("this system cannot tie a worker to its supervisor (no prctl)")
-        return
-    supervisor = os.environ.get(_SUPERVISOR_ENV)
-    if supervisor is not None and os.getppid() != int(supervisor):
-        raise StartupError("the `run` process that started this worker is gone")
-
-
-def supervise(args: argparse.Namespace, settings: Settings) -> int:
-    """Run ``settings.workers`` worker processes (this command with a hidden ``--worker
-    N``) until they exit. SIGTERM, and a SIGINT sent to this process alone, are passed on
-    to every worker; a Ctrl-C reaches them through the process group already. When one
-    worker exits on its own the others are stopped: the proxy runs whole or not at all.
-    Returns 0 when every worker stopped cleanly, else :data:`EXIT_RUNTIME`."""
-    env = dict(os.environ)
-    held: socket.socket | None = None
-    if settings.listen.port == 0:
-        # Every worker must bind the same port: choose it here, and hold it (bound, not
-        # listening) so nothing else takes it while the workers start.
-        held = socket.socket(socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind((settings.listen.host, 0))
-        env[f"{ENV_PREFIX}LISTEN__PORT"] = str(held.getsockname()[1])
-    if settings.audit.token_hash_key is None:
-        # Workers hash opaque tokens under one key: create it once, before they race to.
-        from proxy.audit.identity import load_token_key
-
-        store = settings.store.path
-        load_token_key(None, store.with_name(store.name + ".token-key"))
-    env[_SUPERVISOR_ENV] = str(os.getpid())
-    command = [sys.executable, "-m", "proxy", "run"]
-    command += ["-c", args.config] if args.config else []
-    command += ["--debug"] if args.debug else []
-    watched = {*_STOP_SIGNALS, signal.SIGCHLD}
-    # Blocked before the workers exist, so no signal is missed; each worker unblocks its own.
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    workers = [
-        subprocess.Popen([*command, "--worker", str(n)], env=env) for n in range(settings.workers)
-    ]
-    stopping = False
-    status = 0
-    try:
-        while any(w.poll() is None for w in workers):
-            info = signal.sigtimedwait(watched, 1.0)
-            if info is not None and info.si_signo in _STOP_SIGNALS:
-                if not (info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL):
-                    _signal_all(workers, signal.SIGTERM)
-                stopping = True
-            for n, worker in enumerate(workers):
-                if worker.returncode is None or stopping:
-                    continue
-                log.error(
-                    "worker %d exited with status %d: stopping the others", n, worker.returncode
-                )
-                _signal_all(workers, signal.SIGTERM)
-                stopping = True
-        status = next((w.returncode for w in workers if w.returncode), 0)
-    finally:
-        if held is not None:
-            held.close()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-    return EXIT_RUNTIME if status else 0
-
-
-def _signal_all(workers: Sequence[subprocess.Popen[bytes]], signum: int) -> None:
-    for worker in workers:
-        if worker.poll() is None:
-            worker.send_signal(signum)
-
-
 # --- commands ------------------------------------------------------------------------------
 
 
@@ -289,12 +228,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.worker is not None:
         # The supervisor's mask is inherited: the stop signals, and SIGCHLD (the worker's
         # event loop learns from it that its store's writer process exited).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_STOP_SIGNALS, signal.SIGCHLD})
-        _end_with_supervisor()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*STOP_SIGNALS, signal.SIGCHLD})
+        if not end_with_supervisor():
+            raise StartupError("the `run` process that started this worker is gone")
         if not 0 <= args.worker < settings.workers:
             raise StartupError(f"--worker {args.worker}: workers is {settings.workers}")
+        listener = inherited_listener()
+        if listener is None:
+            raise StartupError("--worker is for the workers `run` starts, not to be run by hand")
         log.info("worker %d: store %s", args.worker, settings.store_shards()[args.worker])
-        serve(settings, worker=args.worker)
+        serve(settings, worker=args.worker, listener=listener)
         return 0
     log.info(
         "proxy on %s:%d -> %s; admin on %s:%d; store %s; repository %s",
@@ -308,9 +251,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if settings.workers > 1:
         log.info("%d workers share the port, one store shard each", settings.workers)
-        return supervise(args, settings)
+        return _supervise(args, settings)
     serve(settings)
     return 0
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    """Bind the port for the workers (this instance's alone), then run them."""
+    host, port = settings.listen.host, settings.listen.port
+    try:
+        listeners = bind_listeners(host, port, settings.workers)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise _listen_failure(host, port, "listen", reason, exc.errno) from exc
+    try:
+        if settings.audit.token_hash_key is None:
+            # Workers hash opaque tokens under one key: create it once, before they race to.
+            from proxy.audit.identity import load_token_key
+
+            store = settings.store.path
+            load_token_key(None, store.with_name(store.name + ".token-key"))
+        command = [sys.executable, "-m", "proxy", "run"]
+        command += ["-c", args.config] if args.config else []
+        command += ["--debug"] if args.debug else []
+        return 0 if supervise(command, settings, listeners) else EXIT_RUNTIME
+    finally:
+        for listener in listeners:
+            listener.close()
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from proxy import telemetry
+from proxy.supervisor import write_private
 from proxy.tasks import running
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,7 @@ def snapshot_path(shard: Path) -> Path:
 def write_snapshot(path: Path, supervisor: int) -> None:
     """Replace ``path`` with this process's counters and histograms, whole (a reader
     never sees half a file). Owner-only, as the shard beside it."""
-    data = orjson.dumps({"supervisor": supervisor, "metrics": telemetry.snapshot()})
-    partial = path.with_name(path.name + ".partial")
-    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
-        file.write(data)
-    os.replace(partial, path)
+    write_private(path, orjson.dumps({"supervisor": supervisor, "metrics": telemetry.snapshot()}))
 
 
 def read_snapshots(paths: Sequence[Path], supervisor: int) -> list[dict[str, Any]]:

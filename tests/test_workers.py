@@ -4,7 +4,10 @@ its own store shard, and the admin API and ``dlq`` commands read every shard as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from proxy.store.records import EventQuery
 from tests.factories import (
     NodeFhirServer,
     ProxyProcess,
+    RecordingRepository,
     audit_event_pages,
     free_port,
     request_id_of,
@@ -330,14 +334,16 @@ async def test_readiness_reports_every_worker_s_shard(
     async with aiohttp.ClientSession() as http:
         await proxy.start(http)
         try:
-            # Worker 1 may still be opening its shard when worker 0 answers: not ready
-            # until it has ("not created yet"), then ready.
+            # Worker 1 may still be starting when worker 0 answers: not ready until it
+            # serves (its shard perhaps "not created yet"), then ready.
             for _ in range(100):
                 async with http.get(f"{proxy.admin}/readyz") as r:
                     report = await r.json()
                 if r.status == 200:
                     break
-                assert report["checks"]["store"]["other_shards"]["1"] == {
+                workers = report["checks"]["workers"]["workers"].values()
+                shard = report["checks"]["store"]["other_shards"]["1"]
+                assert not all(w["serving"] for w in workers) or shard == {
                     "ok": False,
                     "error": "not created yet",
                 }, report
@@ -357,3 +363,126 @@ async def test_readiness_reports_every_worker_s_shard(
             assert report["checks"]["store"]["failing_closed"] is None, "shard 0 has room"
         finally:
             await proxy.stop()
+
+
+def _worker_pid(proxy: ProxyProcess, worker: int) -> int:
+    """The pid of the process serving as ``worker`` now (a child of the `run` process)."""
+    assert proxy.process is not None
+    supervisor = proxy.process.pid
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    for pid in map(int, children):
+        with contextlib.suppress(FileNotFoundError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[-3:-1] == [b"--worker", str(worker).encode()]:
+                return pid
+    raise AssertionError(f"no worker {worker} among {children}")
+
+
+def _request_ids(shard: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(shard)) as conn:
+        rows = conn.execute("SELECT request_id FROM events WHERE request_id LIKE 'k%'")
+        return {row[0] for row in rows}
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_killed_is_started_again_delivers_its_shard_and_shows_in_readyz(
+    fhir_server: NodeFhirServer, repository: RecordingRepository, tmp_path: Path
+) -> None:
+    """kill -9 of worker 1: the supervisor notices, says so, starts it again (it delivers
+    the events its shard holds at once), and `/readyz` shows the restart."""
+    store = tmp_path / "store" / "audit.db"
+    # Only a flush at a worker's start (or the drain at stop) can deliver within the test.
+    repo = {"url": repository.url, "flush_interval_ms": 600_000}
+    proxy = ProxyProcess(_config(fhir_server.base_url, store, repository=repo), tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            await _spread(proxy, 2, "k")
+            held = _request_ids(tmp_path / "store" / "audit-1.db")
+            assert held, "the kernel gave worker 1 some of the connections"
+            assert repository.events() == []
+            killed = _worker_pid(proxy, 1)
+            os.kill(killed, signal.SIGKILL)
+
+            delivered = await repository.wait_for(len(held), within_s=60)
+            assert {request_id_of(e) for e in delivered} == held, "shard 1, by its new worker"
+            for _ in range(200):
+                async with http.get(f"{proxy.admin}/readyz") as r:
+                    report = await r.json()
+                if r.status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status == 200, report
+            one = report["checks"]["workers"]["workers"]["1"]
+            assert one == {
+                "serving": True,
+                "pid": _worker_pid(proxy, 1),
+                "restarts": 1,
+                "last_exit": "killed by SIGKILL",
+            }
+            assert one["pid"] != killed
+            assert report["checks"]["workers"]["workers"]["0"]["restarts"] == 0
+            await _spread(proxy, 2, "after")
+        finally:
+            await proxy.stop()
+    assert proxy.process is not None and proxy.process.returncode == 0
+    log = (tmp_path / "proxy.log").read_text()
+    assert f"worker 1 (pid {killed}) killed by SIGKILL: starting it again" in log, log[-3000:]
+
+
+@pytest.mark.timeout(180)
+async def test_a_second_instance_on_the_same_port_is_refused(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    """Another proxy with the same listen port (its own upstream and store) must not
+    start and take a share of this one's connections."""
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        return web.json_response({"resourceType": "OperationOutcome"}, status=404)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = ProxyProcess(_config(fhir_server.base_url, tmp_path / "a" / "audit.db"), tmp_path / "a")
+    async with serving(("*", "/{tail:.*}", elsewhere)) as other_upstream:
+        config = _config(str(other_upstream.make_url("/fhir")), tmp_path / "b" / "audit.db")
+        config["listen"] = first.config["listen"]
+        second = tmp_path / "b" / "config.yaml"
+        second.write_text(yaml.safe_dump(config))
+        async with aiohttp.ClientSession() as http:
+            await first.start(http)
+            try:
+                await _all_listening(first, 2)
+                intruder = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "-c",
+                    str(second),
+                    "run",
+                    cwd=ROOT,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                try:
+                    _, err = await asyncio.wait_for(intruder.communicate(), 30)
+                finally:
+                    if intruder.returncode is None:
+                        intruder.kill()
+                        await intruder.wait()
+                port = first.config["listen"]["port"]
+                assert intruder.returncode == 1, err.decode()
+                assert err.decode().splitlines() == [
+                    f"fhir-audit-proxy: error: cannot listen on 127.0.0.1:{port}"
+                    " (listen.host/listen.port): address already in use; stop the process"
+                    " that uses it or choose another port"
+                ]
+                assert _listeners(port) == 2
+                statuses = []
+                connector = aiohttp.TCPConnector(force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as fresh:
+                    for _ in range(20):
+                        async with fresh.get(f"{first.url}/metadata") as r:
+                            statuses.append(r.status)
+                assert statuses == [200] * 20
+            finally:
+                await first.stop()
