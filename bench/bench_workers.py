@@ -32,6 +32,7 @@ from bench_proxy import (
     NGINX_CONF,
     PATIENT,
     POST_LUA,
+    all_serving,
     free_port,
     observation,
     running,
@@ -39,12 +40,6 @@ from bench_proxy import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def listeners(port: int) -> int:
-    """Sockets listening on loopback ``port``: every worker has bound it once this is N."""
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for r in rows if r.split()[1] == f"0100007F:{port:04X}" and r.split()[3] == "0A")
 
 
 def wrk(url: str, seconds: int, connections: int, script: str | None) -> tuple[float, int]:
@@ -118,7 +113,8 @@ def main() -> None:
                 with running(cmd, cwd=ROOT) as proxy:
                     wait_http(f"http://127.0.0.1:{port}/fhir/Patient/1")
                     deadline = time.monotonic() + 30
-                    while listeners(port) < workers and time.monotonic() < deadline:
+                    store = d / f"store-{workers}" / "audit.db"
+                    while not all_serving(port, store, workers) and time.monotonic() < deadline:
                         time.sleep(0.1)
                     for name, path, script in requests:
                         url = f"http://127.0.0.1:{port}{path}"

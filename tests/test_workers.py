@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
+from proxy.supervisor import read_worker_states, status_path
 from tests.factories import (
     NodeFhirServer,
     ProxyProcess,
@@ -69,20 +70,23 @@ def _listeners(port: int) -> int:
     return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
 
 
-async def _all_listening(proxy: ProxyProcess, workers: int) -> None:
-    """Wait until every worker listens (each recovers its shard's intents before)."""
-    port = proxy.config["listen"]["port"]
+async def _all_serving(proxy: ProxyProcess, workers: int) -> None:
+    """Wait until every worker serves (each recovers its shard's intents before), as its
+    supervisor reports it (the port listens from the start: the supervisor binds it)."""
+    assert proxy.process is not None
+    report = status_path(Path(proxy.config["store"]["path"]))
     for _ in range(400):
-        if _listeners(port) == workers:
+        states = read_worker_states(report, proxy.process.pid) or []
+        if len(states) == workers and all(state.serving for state in states):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError("not every worker listens on the shared port")
+    raise AssertionError(f"not every worker serves: {states}")
 
 
 async def _spread(proxy: ProxyProcess, workers: int, tag: str) -> int:
     """GET metadata on fresh connections (the kernel picks a listener per connection),
-    once every worker listens; the number of requests sent."""
-    await _all_listening(proxy, workers)
+    once every worker serves; the number of requests sent."""
+    await _all_serving(proxy, workers)
     sent = 200
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
         for n in range(sent):
@@ -191,7 +195,7 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     proxy = ProxyProcess(_config(fhir_server.base_url, tmp_path / "audit.db"), tmp_path)
     async with aiohttp.ClientSession() as http:
         await proxy.start(http)
-        await _all_listening(proxy, 2)
+        await _all_serving(proxy, 2)
         await proxy.kill()
     port = proxy.config["listen"]["port"]
     for _ in range(300):
@@ -285,7 +289,7 @@ async def test_kill_9_of_every_worker_then_restart_recovers_intents_in_each_shar
             assert all(isinstance(r, aiohttp.ClientError) for r in results), results
             release.set()
             await proxy.start(http)  # each worker recovers the intents of its own shard
-            await _all_listening(proxy, 2)
+            await _all_serving(proxy, 2)
             await proxy.stop()
     unknown: list[list[str]] = []
     for shard in shards:
@@ -451,7 +455,7 @@ async def test_a_second_instance_on_the_same_port_is_refused(
         async with aiohttp.ClientSession() as http:
             await first.start(http)
             try:
-                await _all_listening(first, 2)
+                await _all_serving(first, 2)
                 intruder = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
