@@ -64,7 +64,7 @@ WORKER = web.AppKey("worker", int)
 VALIDATION = web.AppKey("validation_queue", asyncio.Queue[dict[str, Any]])
 
 PRUNE_EVERY_S = 3600.0
-"""How often delivered events past retention are deleted."""
+"""How often delivered events past retention are deleted (and once at start)."""
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -218,14 +218,15 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Prune delivered events past retention, and turn intents abandoned by a failed
-    request (the store refused its events) into outcome-unknown events."""
+    """Prune delivered events past retention (at start, then every
+    :data:`PRUNE_EVERY_S`), and turn intents abandoned by a failed request (the store
+    refused its events) into outcome-unknown events."""
     settings = app[SETTINGS]
     retention = timedelta(days=settings.store.retention_days)
     orphan_age = timedelta(seconds=settings.upstream.timeout_s + 30)
 
     async def loop() -> None:
-        last_prune = 0.0
+        last_prune: float | None = None  # at start, then every PRUNE_EVERY_S
         while True:
             now = datetime.now(UTC)
             try:
@@ -239,7 +240,7 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
                     left_at_start=app.get(LEFT_AT_START, 0),
                 )
                 mono = asyncio.get_running_loop().time()
-                if mono - last_prune >= PRUNE_EVERY_S:
+                if last_prune is None or mono - last_prune >= PRUNE_EVERY_S:
                     pruned = await app[QUEUE].prune(now, retention)
                     last_prune = mono
                     if pruned:

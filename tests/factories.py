@@ -700,11 +700,20 @@ def free_port() -> int:
 class ProxyProcess:
     """``python -m proxy run`` with a config file, started and killed at will."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, *, own_group: bool = False) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        own_group: bool = False,
+        launcher: Sequence[str] = (),
+    ) -> None:
         """``own_group``: start it as the leader of a process group of its own, for
-        :meth:`kill_group` (a proxy with workers is several processes)."""
+        :meth:`kill_group` (a proxy with workers is several processes). ``launcher``: a
+        command that runs the proxy's (``unshare ...``)."""
         self.config = config
         self.own_group = own_group
+        self.launcher = list(launcher)
         self.path = workdir / "config.yaml"
         self.path.write_text(yaml.safe_dump(config))
         self.log = workdir / "proxy.log"
@@ -715,6 +724,7 @@ class ProxyProcess:
     async def start(self, http: aiohttp.ClientSession) -> None:
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
+                *self.launcher,
                 sys.executable,
                 "-m",
                 "proxy",

@@ -1,15 +1,30 @@
-"""The proxy application's wiring: what its upstream session does between requests."""
+"""The proxy application's wiring: what its upstream session does between requests, and
+its maintenance."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import build_proxy_app
-from tests.factories import serving, settings_for
+from proxy.app import PRUNE_EVERY_S, build_proxy_app
+from proxy.store.queue import AuditQueue
+from tests.factories import (
+    NodeFhirServer,
+    ProxyProcess,
+    audit_event,
+    free_port,
+    serving,
+    settings_for,
+)
 
 
 async def test_upstream_cookies_never_travel_to_another_clients_request(
@@ -40,3 +55,57 @@ async def test_upstream_cookies_never_travel_to_another_clients_request(
         finally:
             await server.close()
     assert received == [None, None]
+
+
+def _fresh_boot_launcher() -> list[str]:
+    """A command that runs another as on a host booted seconds ago: a time namespace whose
+    monotonic clock (what the event loop's ``time()`` reads) starts near zero."""
+    uptime = time.monotonic()
+    launcher = ["unshare", "--time", f"--monotonic=-{max(int(uptime) - 2, 0)}"]
+    probe = subprocess.run(
+        [*launcher, sys.executable, "-c", "import time; print(time.monotonic())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        if uptime < PRUNE_EVERY_S:
+            return []  # the host did boot recently
+        pytest.skip(f"no time namespace here: {probe.stderr.strip()}")
+    assert float(probe.stdout) < 60, probe.stdout
+    return launcher
+
+
+async def test_retention_pruning_runs_at_start_on_a_host_booted_recently(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    """Delivered events past retention are deleted when the proxy starts, whatever the
+    time since the host booted, not first an hour after boot."""
+    store = tmp_path / "audit.db"
+    queue = await AuditQueue.open(store, max_bytes=1 << 30)
+    try:
+        await queue.append([audit_event(n) for n in range(4)])
+        old = await queue.claim(3, datetime.now(UTC))
+        await queue.ack([q.seq for q in old], datetime.now(UTC) - timedelta(days=40))
+    finally:
+        await queue.close()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "upstream": {"url": fhir_server.base_url},
+        "store": {"path": str(store), "retention_days": 30},
+    }
+    proxy = ProxyProcess(config, tmp_path, launcher=_fresh_boot_launcher())
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            for _ in range(100):
+                async with http.get(f"{proxy.admin}/readyz") as r:
+                    stats = (await r.json())["checks"]["store"]
+                if stats["delivered"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await proxy.stop()
+    assert (stats["delivered"], stats["pending"]) == (0, 1), stats
+    assert "pruned 3 delivered events" in proxy.log.read_text()
