@@ -30,6 +30,7 @@ from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     FormatUpstream,
     NodeFhirServer,
+    OpenStore,
     RecordingRepository,
     RunningProxy,
     ScriptedRepository,
@@ -197,5 +198,26 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[AuditQueue]:
     q = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
-    yield q
-    await q.close()
+    try:
+        yield q
+    finally:
+        await q.close()
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[OpenStore]:
+    """Factory: ``AuditQueue.open`` whose stores are all closed when the test ends, passed
+    or failed: a store left open keeps its writer process alive, and the run hangs on it
+    instead of failing."""
+    opened: list[AuditQueue] = []
+
+    async def open_(path: Path, **options: Any) -> AuditQueue:
+        store = await AuditQueue.open(path, **options)
+        opened.append(store)
+        return store
+
+    try:
+        yield open_
+    finally:
+        for store in reversed(opened):
+            await store.close()

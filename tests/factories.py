@@ -226,6 +226,8 @@ class RunningProxy:
 
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
+OpenStore = Callable[..., Awaitable[AuditQueue]]
+"""The ``open_store`` fixture: ``AuditQueue.open``'s arguments; closed at the test's end."""
 
 
 def settings_for(upstream_url: str, store_dir: Path, **overrides: Any) -> Settings:

@@ -75,3 +75,13 @@ def test_installed_console_script_answers() -> None:
         [str(script), "--version"], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert result.stdout == f"fhir-audit-proxy {__version__}\n"
+
+
+def test_mutation_testing_covers_the_packages_that_audit_store_serve_and_deliver() -> None:
+    """`scripts/mutation` judges the suite on the code a planted bug would hide in: the
+    admin routes (auth, search, ingestion) and delivery (flusher, sinks) as much as the
+    audit path."""
+    scope = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    packages = {"audit", "fhir", "store", "admin", "delivery"}
+    assert {f"proxy/{name}/*" for name in packages} <= set(scope["only_mutate"])
+    assert all((ROOT / "proxy" / name).is_dir() for name in packages)

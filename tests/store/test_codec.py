@@ -16,10 +16,9 @@ from proxy.store import database, schema
 from proxy.store.codec import BodyCodec, CodecError, dictionary_id, shipped_dictionary
 from proxy.store.faces import StoreError
 from proxy.store.index import event_row
-from proxy.store.queue import AuditQueue
 from proxy.store.transaction import Committer
 from proxy.store.wire import Submission
-from tests.factories import NOW, audit_event, context, exchange
+from tests.factories import NOW, OpenStore, audit_event, context, exchange
 
 
 def _balp_events() -> list[dict[str, object]]:
@@ -42,10 +41,12 @@ def _bodies(path: Path) -> list[tuple[str, bytes]]:
         conn.close()
 
 
-async def test_bodies_are_stored_compressed_and_read_back_unchanged(tmp_path: Path) -> None:
+async def test_bodies_are_stored_compressed_and_read_back_unchanged(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     path = tmp_path / "audit.db"
     events = _balp_events()
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     await queue.append(events)
     claimed = await queue.claim(10, NOW)
     await queue.close()
@@ -59,11 +60,11 @@ async def test_bodies_are_stored_compressed_and_read_back_unchanged(tmp_path: Pa
 
 
 async def test_the_store_keeps_its_dictionaries_so_old_rows_survive_a_new_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, open_store: OpenStore
 ) -> None:
     path = tmp_path / "audit.db"
     first, second = _balp_events()[:2]
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     await queue.append([first])
     await queue.close()
     # A later release ships another dictionary (same content, another id). Its writer
@@ -78,7 +79,7 @@ async def test_the_store_keeps_its_dictionaries_so_old_rows_survive_a_new_one(
     )
     assert committer.commit_batch([submission]) == [None]
     conn.close()
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     assert [q.event for q in await queue.claim(10, NOW)] == [first, second]
     await queue.close()
     ids = [zstandard.get_frame_parameters(body).dict_id for _, body in _bodies(path)]
@@ -89,7 +90,9 @@ async def test_the_store_keeps_its_dictionaries_so_old_rows_survive_a_new_one(
     assert set(ids) <= stored
 
 
-async def test_a_store_from_before_compression_is_migrated_and_read(tmp_path: Path) -> None:
+async def test_a_store_from_before_compression_is_migrated_and_read(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     path = tmp_path / "audit.db"
     old_event = audit_event(1)
     conn = sqlite3.connect(path, isolation_level=None)
@@ -100,7 +103,7 @@ async def test_a_store_from_before_compression_is_migrated_and_read(tmp_path: Pa
         (old_event["id"], old_event["recorded"], orjson.dumps(old_event)),
     )
     conn.close()
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     new_event = audit_event(2)
     await queue.append([new_event])
     assert [q.event for q in await queue.claim(10, NOW)] == [old_event, new_event]
@@ -113,11 +116,11 @@ async def test_a_store_from_before_compression_is_migrated_and_read(tmp_path: Pa
 
 
 async def test_a_damaged_body_goes_to_dead_letter_and_delivery_continues(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, open_store: OpenStore
 ) -> None:
     path = tmp_path / "audit.db"
     events = [audit_event(i) for i in range(3)]
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     await queue.append(events)
     await queue.close()
     conn = sqlite3.connect(path, isolation_level=None)
@@ -126,7 +129,7 @@ async def test_a_damaged_body_goes_to_dead_letter_and_delivery_continues(
         (b"\x28\xb5\x2f\xfd" + b"\x00" * 20, events[1]["id"]),
     )
     conn.close()
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     claimed = await queue.claim(10, NOW)
     assert [q.event for q in claimed] == [events[0], events[2]]
     stats = await queue.stats()

@@ -20,7 +20,7 @@ from proxy.audit.balp import AuditContext
 from proxy.audit.intents import STORE_FULL_OUTCOME_DESC, UNKNOWN_OUTCOME_DESC, recover_intents
 from proxy.store.faces import StoreFull
 from proxy.store.queue import AuditQueue
-from tests.factories import NodeFhirServer, StartProxy, request_id_of
+from tests.factories import NodeFhirServer, OpenStore, StartProxy, request_id_of
 
 
 def _event(n: int, pad: str) -> dict[str, Any]:
@@ -63,9 +63,11 @@ def tiny_volume(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(volume)], check=False)
 
 
-async def test_database_wal_and_shm_together_stay_under_max_bytes(tmp_path: Path) -> None:
+async def test_database_wal_and_shm_together_stay_under_max_bytes(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     path = tmp_path / "audit.db"
-    queue = await AuditQueue.open(path, max_bytes=1_500_000)
+    queue = await open_store(path, max_bytes=1_500_000)
     pads = [secrets.token_urlsafe(2000) for _ in range(2000)]
     peak = 0
     with pytest.raises(StoreFull):
@@ -81,10 +83,11 @@ async def test_the_proxy_starts_on_a_full_disk_fails_closed_and_recovers(
     fhir_server: NodeFhirServer,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
+    open_store: OpenStore,
 ) -> None:
     store = tiny_volume / "audit.db"
     # An intent left by a crash, then the rest of the volume filled by something else.
-    queue = await AuditQueue.open(store, max_bytes=1 << 30)
+    queue = await open_store(store, max_bytes=1 << 30)
     await queue.record_intent(
         {
             "method": "POST", "path": "Patient", "query_string": "", "request_id": "crashed",
@@ -161,6 +164,7 @@ async def test_an_intent_abandoned_because_the_store_refused_its_events_says_so(
 
 async def test_the_store_full_reason_of_an_abandoned_intent_survives_a_restart(
     tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
     path = tmp_path / "audit.db"
     summary = {
@@ -171,7 +175,7 @@ async def test_the_store_full_reason_of_an_abandoned_intent_survives_a_restart(
                         "resource_id": "p1"},
         "identity": {}, "patients": ["Patient/p1"],
     }  # fmt: skip
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     full = await queue.record_intent(summary)
     await queue.record_intent({**summary, "request_id": "r-stopped"})
     ctx = AuditContext.default()
@@ -183,7 +187,7 @@ async def test_the_store_full_reason_of_an_abandoned_intent_survives_a_restart(
     )
     await queue.close()  # the process stops; its in-memory reasons are gone
 
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     assert await recover_intents(queue, ctx, datetime.now(UTC)) == 2
     events = {request_id_of(q.event): q.event for q in await queue.claim(10, datetime.now(UTC))}
     await queue.close()

@@ -16,7 +16,7 @@ from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.store import schema
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventRow, EventStatus, FanOut, SortKey
-from tests.factories import search_exchange
+from tests.factories import OpenStore, search_exchange
 
 NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
 
@@ -60,13 +60,14 @@ async def test_a_fan_out_is_one_row_whose_events_read_back_as_built(
 
 async def test_rows_after_a_fan_out_take_the_seqs_above_its_events_across_restarts(
     tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
     db = tmp_path / "audit.db"
-    queue = await AuditQueue.open(db, max_bytes=1 << 30)
+    queue = await open_store(db, max_bytes=1 << 30)
     await queue.append_rows(store_rows(_built(SEVEN)))
     await queue.append_rows(store_rows(_built(["Patient/a"])))
     await queue.close()
-    queue = await AuditQueue.open(db, max_bytes=1 << 30)
+    queue = await open_store(db, max_bytes=1 << 30)
     try:
         await queue.append_rows(store_rows(_built(["Patient/b"])))
         await queue.append_rows(store_rows(_built(["Patient/c", "Patient/d"])))
@@ -163,11 +164,11 @@ async def test_a_fan_out_whose_body_is_damaged_is_dead_lettered_with_every_event
 # --- search: a store of fan-out rows answers as one of a row per event ----------------
 
 
-async def _stores(tmp_path: Path) -> tuple[AuditQueue, AuditQueue]:
+async def _stores(tmp_path: Path, open_store: OpenStore) -> tuple[AuditQueue, AuditQueue]:
     """The same events in two stores: as the proxy stores them (fan-outs as one row),
     and with every event as a row of its own."""
-    fanned = await AuditQueue.open(tmp_path / "fanned.db", max_bytes=1 << 30)
-    plain = await AuditQueue.open(tmp_path / "plain.db", max_bytes=1 << 30)
+    fanned = await open_store(tmp_path / "fanned.db", max_bytes=1 << 30)
+    plain = await open_store(tmp_path / "plain.db", max_bytes=1 << 30)
     people = [f"Patient/q{n}" for n in range(6)]
     appends = [
         # recorded times tie within and across appends, and go back in time
@@ -228,9 +229,9 @@ FILTERS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f) or "all")
 async def test_searches_over_fan_out_rows_page_and_count_as_over_a_row_per_event(
-    tmp_path: Path, filters: dict[str, Any]
+    tmp_path: Path, filters: dict[str, Any], open_store: OpenStore
 ) -> None:
-    fanned, plain = await _stores(tmp_path)
+    fanned, plain = await _stores(tmp_path, open_store)
     try:
         for sort, newest_first, limit in itertools.product(
             SortKey, (True, False), (1, 2, 3, 5, 50)
@@ -259,6 +260,7 @@ def test_the_stored_row_of_a_fan_out_gives_back_the_fan_out() -> None:
 
 async def test_a_store_from_before_fan_outs_takes_them_after_its_own_events(
     tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
     """Schema 5 had no ``fan``: migration 6 adds it, the rows stored before stay events of
     their own, and a fan-out appended after them takes the seqs above theirs."""
@@ -277,7 +279,7 @@ async def test_a_store_from_before_fan_outs_takes_them_after_its_own_events(
                 b'{"resourceType":"AuditEvent","id":"old-1"}',
             ),
         )
-    queue = await AuditQueue.open(db, max_bytes=1 << 30)
+    queue = await open_store(db, max_bytes=1 << 30)
     try:
         built = _built(SEVEN)
         await queue.append_rows(store_rows(built))

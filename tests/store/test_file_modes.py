@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.delivery.sinks import FileSink
-from proxy.store.queue import AuditQueue
-from tests.factories import audit_event
+from tests.factories import OpenStore, audit_event
 
 
 def _mode(path: Path) -> int:
@@ -36,10 +35,12 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
     os.umask(previous)
 
 
-async def test_store_files_and_new_directories_are_private(tmp_path: Path, umask: int) -> None:
+async def test_store_files_and_new_directories_are_private(
+    tmp_path: Path, umask: int, open_store: OpenStore
+) -> None:
     _set_modes(tmp_path, 0o755)
     path = tmp_path / "data" / "audit" / "audit.db"
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     try:
         await queue.append([audit_event(1)])
         files = _modes(path.parent)
@@ -51,13 +52,15 @@ async def test_store_files_and_new_directories_are_private(tmp_path: Path, umask
     assert _mode(tmp_path) == 0o755, "a directory that was there is left alone"
 
 
-async def test_an_existing_readable_store_is_made_private(tmp_path: Path, umask: int) -> None:
+async def test_an_existing_readable_store_is_made_private(
+    tmp_path: Path, umask: int, open_store: OpenStore
+) -> None:
     path = tmp_path / "audit.db"
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     await queue.append([audit_event(1)])
     await queue.close()
     _set_modes(tmp_path, 0o644)
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     try:
         await queue.append([audit_event(2)])
         modes = _modes(tmp_path)

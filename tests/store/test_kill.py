@@ -123,9 +123,10 @@ def test_acknowledged_appends_survive_sigkill(
 
     async def reopen() -> int:
         queue = await AuditQueue.open(path, max_bytes=1 << 30)
-        await queue.append([queued_event(1)])
-        pending = (await queue.stats()).pending
-        await queue.close()
-        return pending
+        try:
+            await queue.append([queued_event(1)])
+            return (await queue.stats()).pending
+        finally:
+            await queue.close()
 
     assert asyncio.run(reopen()) >= len(acknowledged) + 1

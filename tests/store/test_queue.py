@@ -17,7 +17,7 @@ from proxy.store import schema
 from proxy.store.faces import StoreError, StoreFull
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventStatus, FanOut
-from tests.factories import queued_event, search_exchange
+from tests.factories import OpenStore, queued_event, search_exchange
 
 NOW = datetime.now(UTC)
 
@@ -126,14 +126,16 @@ async def test_search_filters_and_pages(queue: AuditQueue) -> None:
     assert await queue.get_event("no-such-id") is None
 
 
-async def test_concurrent_appends_share_commits_in_alternating_halves(tmp_path: Path) -> None:
+async def test_concurrent_appends_share_commits_in_alternating_halves(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     """64 writers: one fsync per batch of waiting appends, not per append (invariant 4).
     The next commit starts when half of the callers just released are back, so the
     writer commits one half while the loop serves the other; handing over whatever is
     pending (1 event) would alternate commits of 1 and 63."""
     writers, per_writer = 64, 20
     sizes: list[int] = []
-    queue = await AuditQueue.open(
+    queue = await open_store(
         tmp_path / "audit.db", max_bytes=1 << 30, on_commit=lambda _, size: sizes.append(size)
     )
 
@@ -204,9 +206,10 @@ async def test_a_duplicate_id_fails_only_its_own_append(queue: AuditQueue) -> No
 
 async def test_intents_are_completed_atomically_with_their_events(
     tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
     path = tmp_path / "audit.db"
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     a = await queue.record_intent({"method": "POST", "path": "Observation"})
     b, c = await asyncio.gather(
         queue.record_intent({"method": "PUT", "path": "Patient/1"}),
@@ -216,7 +219,7 @@ async def test_intents_are_completed_atomically_with_their_events(
     await queue.append([queued_event(1)], complete_intent=a)
     await queue.close()
 
-    reopened = await AuditQueue.open(path, max_bytes=1 << 30)
+    reopened = await open_store(path, max_bytes=1 << 30)
     orphans = await reopened.orphan_intents()
     assert [o.id for o in orphans] == sorted([b, c])
     assert {o.summary["method"] for o in orphans} == {"PUT", "DELETE"}
@@ -227,12 +230,14 @@ async def test_intents_are_completed_atomically_with_their_events(
     await reopened.close()
 
 
-async def test_migrations_run_once_and_a_newer_store_is_refused(tmp_path: Path) -> None:
+async def test_migrations_run_once_and_a_newer_store_is_refused(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     path = tmp_path / "audit.db"
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     await queue.append([queued_event(1)])
     await queue.close()
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)  # migrations already applied
+    queue = await open_store(path, max_bytes=1 << 30)  # migrations already applied
     await queue.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
@@ -241,7 +246,7 @@ async def test_migrations_run_once_and_a_newer_store_is_refused(tmp_path: Path) 
     conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(StoreError, match="newer than this proxy knows"):
-        await AuditQueue.open(path, max_bytes=1 << 30)
+        await open_store(path, max_bytes=1 << 30)
 
 
 def test_a_failing_migration_leaves_the_previous_version(
@@ -259,9 +264,11 @@ def test_a_failing_migration_leaves_the_previous_version(
     assert "extra" not in tables, "the half-done migration was rolled back"
 
 
-async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_path: Path) -> None:
+async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     # 1 MB: 256 KiB of it is the WAL's budget and 128 KiB the shared-memory index's.
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1_000_000)
+    queue = await open_store(tmp_path / "audit.db", max_bytes=1_000_000)
     # Random text: bodies are compressed, and repeated padding would take no room.
     paddings = [secrets.token_urlsafe(3000) for _ in range(1000)]
     stored = 0
@@ -282,15 +289,17 @@ async def test_max_bytes_fails_appends_closed_and_recovers_after_pruning(tmp_pat
     await queue.close()
 
 
-async def test_closed_queue_refuses_appends_but_finishes_accepted_ones(tmp_path: Path) -> None:
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+async def test_closed_queue_refuses_appends_but_finishes_accepted_ones(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    queue = await open_store(tmp_path / "audit.db", max_bytes=1 << 30)
     accepted = [asyncio.ensure_future(queue.append([queued_event(i)])) for i in range(50)]
     await asyncio.sleep(0)
     await queue.close()
     await asyncio.gather(*accepted)
     with pytest.raises(StoreError, match="closed"):
         await queue.append([queued_event(99)])
-    reopened = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+    reopened = await open_store(tmp_path / "audit.db", max_bytes=1 << 30)
     assert (await reopened.stats()).pending == 50
     await reopened.close()
 
@@ -323,7 +332,10 @@ async def test_a_dead_letter_keeps_its_last_retry_time_in_utc(queue: AuditQueue)
 
 
 async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    open_store: OpenStore,
 ) -> None:
     path = tmp_path / "audit.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -342,7 +354,7 @@ async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
     conn.close()
     monkeypatch.setattr(schema, "BACKFILL_ROWS", 1000)
     with caplog.at_level(logging.INFO, logger="proxy.store.schema"):
-        queue = await AuditQueue.open(path, max_bytes=1 << 30)
+        queue = await open_store(path, max_bytes=1 << 30)
     await queue.close()
     progress = [r.getMessage() for r in caplog.records if r.name == "proxy.store.schema"]
     assert progress == [

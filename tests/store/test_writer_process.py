@@ -14,7 +14,7 @@ import pytest
 
 from proxy.store.faces import StoreError
 from proxy.store.queue import AuditQueue
-from tests.factories import NOW, audit_event
+from tests.factories import NOW, OpenStore, audit_event
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,8 +53,10 @@ async def _gone(pid: int, within: float = 10.0) -> bool:
     return False
 
 
-async def test_appends_are_committed_by_a_process_other_than_the_proxy(tmp_path: Path) -> None:
-    queue = await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+async def test_appends_are_committed_by_a_process_other_than_the_proxy(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    queue = await open_store(tmp_path / "audit.db", max_bytes=1 << 30)
     try:
         pid = queue.engine.writer_pid
         assert pid is not None and pid != os.getpid() and _alive(pid)
@@ -161,13 +163,14 @@ async def test_the_writer_ignores_the_terminal_s_ctrl_c(queue: AuditQueue) -> No
 
 async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
     tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
     """Other workers' shards, read by the admin API and `dlq`, get no writer process
     unless something appends to them."""
     path = tmp_path / "audit.db"
-    queue = await AuditQueue.open(path, max_bytes=1 << 30)
+    queue = await open_store(path, max_bytes=1 << 30)
     await queue.close()
-    reader = await AuditQueue.open(path, max_bytes=1 << 30, create=False, start_writer=False)
+    reader = await open_store(path, max_bytes=1 << 30, create=False, start_writer=False)
     try:
         assert reader.engine.writer_pid is None
         assert (await reader.stats()).pending == 0
@@ -178,7 +181,7 @@ async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
         assert [q.event for q in await reader.claim(10, NOW)] == [event]
     finally:
         await reader.close()
-    idle = await AuditQueue.open(path, max_bytes=1 << 30, start_writer=False)
+    idle = await open_store(path, max_bytes=1 << 30, start_writer=False)
     await idle.close()  # nothing to stop
     assert idle.engine.writer_pid is None
 
@@ -191,7 +194,7 @@ async def test_a_store_opened_for_reading_starts_its_writer_only_at_an_append(
     ],
 )
 async def test_a_writer_that_cannot_start_makes_the_store_fail_to_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, error: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, error: str, open_store: OpenStore
 ) -> None:
     """The proxy does not start on a store whose writer cannot run: the error is a
     StoreError, which the CLI reports in one line."""
@@ -200,4 +203,4 @@ async def test_a_writer_that_cannot_start_makes_the_store_fail_to_open(
     monkeypatch.setattr(engine, "_WRITER_MAIN", program)
     monkeypatch.setattr(engine, "START_TIMEOUT_S", 1.0)
     with pytest.raises(StoreError, match=error):
-        await AuditQueue.open(tmp_path / "audit.db", max_bytes=1 << 30)
+        await open_store(tmp_path / "audit.db", max_bytes=1 << 30)
