@@ -262,7 +262,16 @@ def _bytes_on_disk(path: Path) -> int:
 
 
 FULL_MARGIN = 64 * 1024
-"""A shard with less room than this under its ``max_bytes`` budget counts as full."""
+"""A shard with less room than this under its ``max_bytes`` budget, or on its disk,
+counts as full."""
+
+
+def _disk_room(path: Path) -> int:
+    """Bytes this process may still write on the filesystem that holds ``path``'s
+    directory (root may use the blocks reserved for it)."""
+    st = os.statvfs(path.parent)
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
 
 
 def _workers_report(settings: Settings) -> dict[str, Any]:
@@ -289,9 +298,10 @@ def _readiness(
     app: web.Application, shards: ShardedStore | None = None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
     """The readiness check: this worker's store (answering, not failing closed, under
-    ``max_bytes``), with ``workers`` > 1 every other worker's shard too (it exists and
-    has room: a full shard fails its worker's requests closed) and every worker serving
-    (``checks.workers``), and the upstream."""
+    ``max_bytes``, its disk not full), with ``workers`` > 1 every other worker's shard too
+    (it exists and has room under its budget and on its disk: a full shard fails its
+    worker's requests closed) and every worker serving (``checks.workers``), and the
+    upstream."""
     settings = app[SETTINGS]
     max_bytes = settings.store.max_bytes
 
@@ -304,9 +314,11 @@ def _readiness(
                 continue
             on_disk = _bytes_on_disk(path)
             full = in_use >= database_budget(max_bytes) - FULL_MARGIN
+            disk_full = _disk_room(path) < FULL_MARGIN
             report[str(n)] = {
-                "ok": not full and on_disk < max_bytes,
+                "ok": not (full or disk_full) and on_disk < max_bytes,
                 "full": full,
+                "disk_full": disk_full,
                 "bytes_on_disk": on_disk,
             }
         return report
@@ -316,10 +328,13 @@ def _readiness(
         try:
             queue = app[QUEUE]
             stats = await queue.stats()
-            on_disk = _bytes_on_disk(settings.store_shards()[app[WORKER]])
+            path = settings.store_shards()[app[WORKER]]
+            on_disk = _bytes_on_disk(path)
+            disk_full = _disk_room(path) < FULL_MARGIN
             checks["store"] = {
-                "ok": queue.refusing is None and on_disk < max_bytes,
+                "ok": queue.refusing is None and not disk_full and on_disk < max_bytes,
                 "failing_closed": queue.refusing,
+                "disk_full": disk_full,
                 "bytes_on_disk": on_disk,
                 **dataclasses.asdict(stats),
             }

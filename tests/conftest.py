@@ -40,6 +40,7 @@ from tests.factories import (
     settings_for,
     start_fhir_server,
     stop_fhir_server,
+    tmpfs,
 )
 
 VALIDATOR = pytest.StashKey[ProfileValidator]()
@@ -221,3 +222,17 @@ async def open_store() -> AsyncIterator[OpenStore]:
     finally:
         for store in reversed(opened):
             await store.close()
+
+
+@pytest.fixture
+def tiny_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB filesystem of its own (a tmpfs), to fill."""
+    with tmpfs(tmp_path / "vol", "2m") as volume:
+        yield volume
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB filesystem of its own (a tmpfs), to fill."""
+    with tmpfs(tmp_path / "small", "4m") as volume:
+        yield volume

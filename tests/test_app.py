@@ -4,6 +4,7 @@ its maintenance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -19,7 +20,9 @@ from proxy.app import PRUNE_EVERY_S, build_proxy_app
 from proxy.store.queue import AuditQueue
 from tests.factories import (
     NodeFhirServer,
+    OpenStore,
     ProxyProcess,
+    StartProxy,
     audit_event,
     free_port,
     serving,
@@ -109,3 +112,36 @@ async def test_retention_pruning_runs_at_start_on_a_host_booted_recently(
             await proxy.stop()
     assert (stats["delivered"], stats["pending"]) == (0, 1), stats
     assert "pruned 3 delivered events" in proxy.log.read_text()
+
+
+async def test_readiness_says_every_shard_is_full_while_the_disk_they_share_is_full(
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tiny_volume: Path,
+    open_store: OpenStore,
+) -> None:
+    """Worker 0 cannot see another worker's writes fail, but it can see their disk: while
+    the disk the shards share is full, no shard is reported ok."""
+    await (await open_store(tiny_volume / "audit-1.db", max_bytes=1 << 30)).close()
+    proxy = await start_proxy(
+        fhir_server.base_url, store={"path": tiny_volume / "audit.db"}, workers=2
+    )
+    async with http.get(f"{proxy.admin_url}/readyz") as r:
+        assert r.status == 200, await r.text()
+    filler = tiny_volume / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+    try:
+        async with http.get(f"{proxy.admin_url}/readyz") as r:
+            report = await r.json()
+        assert r.status == 503, report
+        store = report["checks"]["store"]
+        assert (store["ok"], store["disk_full"]) == (False, True), store
+        other = store["other_shards"]["1"]
+        assert (other["ok"], other["full"], other["disk_full"]) == (False, False, True), other
+    finally:
+        filler.unlink()
+    async with http.get(f"{proxy.admin_url}/readyz") as r:
+        assert r.status == 200, await r.text()

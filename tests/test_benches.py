@@ -26,6 +26,7 @@ RUNS = [
         ["--events", "2000", "--queries", "3", "--users", "10", "--patients", "50", "--hot", "100"],
         "target: report p99 < 1000 ms",
     ),
+    ("bench_store_size.py", ["--count", "16"], "bytes per event"),
 ]
 
 

@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import os
 import random
-import shutil
 import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -237,28 +235,6 @@ async def test_repository_outage_under_load_fails_no_request_and_drains_without_
     stored = {e["id"] for e in await proxy.stored_events()}
     assert len(ids) == len(set(ids)), "no duplicates in the repository"
     assert set(ids) == stored
-
-
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None:
-        return False
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    return result.returncode == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB filesystem (tmpfs) for the store; skipped only if mounting is impossible."""
-    mount = tmp_path / "small"
-    if not _mount_tmpfs(mount, "4m"):
-        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.slow

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,24 +41,6 @@ def _on_disk(path: Path) -> int:
         for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
         if p.exists()
     )
-
-
-@pytest.fixture
-def tiny_volume(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (root can mount one; CI runs as root)."""
-    volume = tmp_path / "vol"
-    volume.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(volume)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield volume
-    finally:
-        subprocess.run(["umount", "-l", str(volume)], check=False)
 
 
 async def test_database_wal_and_shm_together_stay_under_max_bytes(
