@@ -30,7 +30,7 @@ from proxy.settings import (
     MASK,
     ConfigError,
     Settings,
-    check_paths,
+    check_startup,
     load_settings,
     redact_url,
 )
@@ -129,12 +129,13 @@ def configure_logging(settings: Settings) -> None:
 
 
 def load(args: argparse.Namespace) -> Settings:
-    """The settings named by ``-c`` (or ``$FHIR_AUDIT_CONFIG``), with every path checked.
-    Sets ``args.debug`` when the configuration asks for DEBUG logging."""
+    """The settings named by ``-c`` (or ``$FHIR_AUDIT_CONFIG``), with what ``run`` checks
+    at start-up checked (:func:`~proxy.settings.check_startup`). Sets ``args.debug`` when
+    the configuration asks for DEBUG logging."""
     settings = load_settings(args.config)
     args.secrets = settings.secret_values()
     args.debug = args.debug or settings.log_level == "DEBUG"
-    check_paths(settings)
+    check_startup(settings)
     return settings
 
 

@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from datetime import time as dt_time
 from pathlib import Path
@@ -483,6 +484,16 @@ class AdminSettings(_Frozen):
         except ValueError:
             return False  # a name that may resolve anywhere, or "" (every interface)
 
+    def exposure(self) -> str | None:
+        """Why this listener must not start (reachable from the network with no
+        authentication), or None."""
+        if self.on_loopback or self.authenticates:
+            return None
+        return (
+            f"the admin listener on {self.host!r} is not loopback and has no authentication;"
+            " set admin.tokens, admin.token_files or admin.jwks_url, or admin.host: 127.0.0.1"
+        )
+
     _port_in_range = field_validator("port")(_tcp_port)
     _host_given = field_validator("host")(_host_not_empty)
     _public_url_is_http = field_validator("public_url")(_optional_http_url)
@@ -788,27 +799,53 @@ def _describe(error: Any, path: str | Path | None, document: yaml.Node | None) -
     return f"{where}{dotted}: {message}{shown}"
 
 
-def check_paths(settings: Settings) -> None:
-    """Raise :class:`ConfigError` for a path the proxy could not use: the store's (its
-    directory must exist or be creatable, and the file must not be a directory), the
-    file sink's, and ``client_secret_file``. ``run`` and ``check-config`` both call it."""
+def check_startup(settings: Settings) -> None:
+    """Raise :class:`ConfigError` for what ``run`` would refuse at start-up, one line per
+    problem: a path the proxy could not use (the store's: its directory must exist or be
+    creatable and the file openable for writing, not a directory; the file sink's; the
+    ``client_secret_file``; every ``admin.token_files``), and an admin listener reachable
+    from the network with no authentication. ``run`` and ``check-config`` both call it,
+    so ``check-config`` accepts exactly what ``run`` starts with."""
     problems: list[str] = []
     for shard in settings.store_shards():
-        problems += _writable_file("store.path", shard)
+        problems += _writable_file("store.path", shard, os.O_RDWR)
     repo = settings.repository
     if repo.url is not None and repo.mode == "file":
-        problems += _writable_file("repository.url", Path(repo.url.removeprefix("file://")))
+        path = Path(repo.url.removeprefix("file://"))
+        problems += _writable_file("repository.url", path, os.O_WRONLY | os.O_APPEND)
     secret_file = repo.auth.client_secret_file
-    if secret_file is not None and not (secret_file.is_file() and os.access(secret_file, os.R_OK)):
+    if secret_file is not None and _unreadable(secret_file):
         problems.append(
             f"repository.auth.client_secret_file: {secret_file} is not a readable file;"
             " mount the secret there or set client_secret"
         )
+    for token_file in settings.admin.token_files:
+        if _unreadable(token_file):
+            problems.append(
+                f"admin.token_files: {token_file} is not a readable file; mount the token"
+                " file there or take it out of admin.token_files"
+            )
+    exposure = settings.admin.exposure()
+    if exposure is not None:
+        problems.append(f"admin.host: {exposure}")
     if problems:
         raise ConfigError("\n".join(problems))
 
 
-def _writable_file(setting: str, path: Path) -> Iterator[str]:
+def _unreadable(path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            return not path.is_file()
+    except OSError:
+        return True
+
+
+def _writable_file(setting: str, path: Path, flags: int) -> Iterator[str]:
+    """Why the proxy could not open ``path`` with ``flags`` as it does at run time, tried
+    for real rather than judged from permission bits (which miss read-only mounts as seen
+    by root, append-only or immutable files, root-squashed network mounts): an existing
+    file is opened (never created), a missing one tried by creating and removing a file in
+    the nearest directory that exists."""
     if path.is_dir():
         yield f"{setting}: {path} is a directory; give the path of a file inside it"
         return
@@ -827,10 +864,21 @@ def _writable_file(setting: str, path: Path) -> Iterator[str]:
             f"{setting}: {path} cannot be created because {ancestor} is a file, not a directory;"
             " choose another path"
         )
-    elif not os.access(ancestor, os.W_OK | os.X_OK) and not path.exists():
-        yield f"{setting}: {path} cannot be created: {ancestor} is not writable by this user"
-    elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        yield f"{setting}: {path} is not readable and writable by this user"
+    elif path.exists():
+        try:
+            os.close(os.open(path, flags))
+        except OSError as exc:
+            yield f"{setting}: {path} cannot be opened for writing by this user: {exc.strerror}"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".fhir-audit-proxy-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            yield (
+                f"{setting}: {path} cannot be created: {ancestor} is not writable by this"
+                f" user ({exc.strerror})"
+            )
 
 
 def _store_problem(path: Path) -> str | None:

@@ -140,6 +140,60 @@ def test_traceback_only_with_debug_or_log_level_debug(tmp_path: Path) -> None:
     ]
 
 
+@contextlib.contextmanager
+def _file_attribute(path: Path, attribute: str) -> Iterator[None]:
+    """``chattr +{attribute}`` on ``path`` (``a``: append only, ``i``: immutable): a file
+    even root cannot open for writing as the proxy does. Skips where chattr cannot."""
+    done = subprocess.run(["chattr", f"+{attribute}", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +{attribute} is not possible here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", f"-{attribute}", str(path)], check=False)
+
+
+START_UP_REFUSALS = {
+    "exposed admin": (
+        "admin:\n  host: 0.0.0.0\n",
+        "admin.host: the admin listener on '0.0.0.0' is not loopback and has no authentication",
+    ),
+    "missing token file": (
+        "admin:\n  token_files: [{dir}/absent.txt]\n",
+        "admin.token_files: {dir}/absent.txt is not a readable file",
+    ),
+    "store not writable": (
+        "store:\n  path: {dir}/locked/audit.db\n",
+        "store.path: {dir}/locked/audit.db cannot be opened for writing by this user",
+    ),
+    "file repository not writable": (
+        "repository:\n  url: {dir}/locked/events.ndjson\n  mode: file\n",
+        "repository.url: {dir}/locked/events.ndjson cannot be opened for writing by this user",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(START_UP_REFUSALS))
+def test_check_config_refuses_what_run_refuses_at_start_up(tmp_path: Path, case: str) -> None:
+    """`check-config` runs the start-up checks of `run`: each problem one line, exit 2
+    from both, and nothing started."""
+    text, expected = (part.format(dir=tmp_path) for part in START_UP_REFUSALS[case])
+    config = _config(tmp_path, f"store:\n  path: {tmp_path}/audit.db\n{text}")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "audit.db").touch()  # append only: SQLite cannot open it for writing
+    (locked / "events.ndjson").touch()
+    env = {"FHIR_AUDIT_LISTEN__PORT": "0", "FHIR_AUDIT_ADMIN__PORT": "0"}
+    with (
+        _file_attribute(locked / "audit.db", "a"),
+        _file_attribute(locked / "events.ndjson", "i"),
+    ):
+        for command in ("check-config", "run"):
+            outcome = cli(command, "-c", config, cwd=tmp_path, env=env)
+            assert_one_line_error(outcome, 2, expected)
+            assert outcome.stdout == ""
+
+
 # --- start-up failures: exit 1, one line ---------------------------------------------------
 
 

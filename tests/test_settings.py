@@ -17,7 +17,7 @@ from proxy.settings import (
     ConfigError,
     RepositorySettings,
     Settings,
-    check_paths,
+    check_startup,
     load_settings,
     redact_url,
 )
@@ -93,7 +93,7 @@ def test_a_store_written_by_a_newer_proxy_is_refused(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(store)) as db:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(ConfigError, match=r"schema version 99, newer than this proxy knows"):
-        check_paths(load_settings(None, store={"path": store}))
+        check_startup(load_settings(None, store={"path": store}))
 
 
 def test_listeners_on_different_hosts_may_share_a_port() -> None:
@@ -155,11 +155,11 @@ def test_unusable_paths_are_reported(tmp_path: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"because .*blocker is a file, not a directory"):
-        check_paths(load_settings(None, store={"path": blocker / "audit.db"}))
+        check_startup(load_settings(None, store={"path": blocker / "audit.db"}))
     with pytest.raises(ConfigError, match=r"store.path: .* is a directory"):
-        check_paths(load_settings(None, store={"path": tmp_path}))
+        check_startup(load_settings(None, store={"path": tmp_path}))
     with pytest.raises(ConfigError, match=r"repository.url: .* is a directory"):
-        check_paths(
+        check_startup(
             load_settings(
                 None,
                 store={"path": tmp_path / "a.db"},
@@ -174,10 +174,10 @@ def test_unusable_paths_are_reported(tmp_path: Path) -> None:
         "client_secret_file": missing,
     }
     with pytest.raises(ConfigError, match=r"client_secret_file: .*secret is not a readable file"):
-        check_paths(
+        check_startup(
             load_settings(None, store={"path": tmp_path / "a.db"}, repository={"auth": auth})
         )
-    check_paths(load_settings(None, store={"path": tmp_path / "new" / "dir" / "audit.db"}))
+    check_startup(load_settings(None, store={"path": tmp_path / "new" / "dir" / "audit.db"}))
 
 
 @pytest.mark.parametrize(

@@ -77,13 +77,11 @@ def load_static_tokens(settings: AdminSettings) -> tuple[StaticToken, ...]:
 
 
 def check_exposure(settings: AdminSettings) -> None:
-    """Raise :class:`AdminExposed` for a non-loopback listener with no authentication."""
-    if not settings.on_loopback and not settings.authenticates:
-        raise AdminExposed(
-            f"fhir-audit-proxy: refusing to start: the admin listener on {settings.host!r} is"
-            " not loopback and has no authentication; set admin.tokens, admin.token_files or"
-            " admin.jwks_url, or admin.host: 127.0.0.1"
-        )
+    """Raise :class:`AdminExposed` for a non-loopback listener with no authentication
+    (``run`` refuses such a configuration before, with ``check-config``'s error)."""
+    exposure = settings.exposure()
+    if exposure is not None:
+        raise AdminExposed(f"fhir-audit-proxy: refusing to start: {exposure}")
 
 
 class AdminAuth:

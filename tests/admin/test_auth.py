@@ -292,7 +292,7 @@ async def test_non_loopback_admin_without_auth_refuses_to_start(
         stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 1
+    assert process.returncode == 2, "a configuration error, as check-config reports it"
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1, err.decode()
     assert "admin listener on '0.0.0.0' is not loopback and has no authentication" in lines[0]
