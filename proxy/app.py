@@ -67,10 +67,39 @@ PRUNE_EVERY_S = 3600.0
 """How often delivered events past retention are deleted (and once at start)."""
 
 
+def stop_summary(stats: QueueStats, store: Path, *, repository: bool) -> str:
+    """The line the proxy logs last when it stops, after the shutdown drain: how many
+    events it leaves undelivered and where. Other parts (a Kubernetes drain hook) rely on
+    its first words: ``stopped: all events delivered`` when nothing waits, else
+    ``stopped: N event(s) left undelivered in STORE; ...``."""
+
+    def events(n: int) -> str:
+        return f"{n} event{'s' if n != 1 else ''}"
+
+    dead = (
+        f"; {events(stats.dead)} the repository refused wait in its dead-letter queue"
+        f" (fhir-audit-proxy dlq list)"
+        if stats.dead
+        else ""
+    )
+    if not stats.pending:
+        return f"stopped: all events delivered{dead}"
+    if not repository:
+        return (
+            f"stopped: {events(stats.pending)} left undelivered in {store}; no repository is"
+            f" configured, so they stay there{dead}"
+        )
+    return (
+        f"stopped: {events(stats.pending)} left undelivered in {store}; they are delivered"
+        f" at the next start{dead}"
+    )
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    path = settings.store_shards()[app[WORKER]]
     queue = await AuditQueue.open(
-        settings.store_shards()[app[WORKER]],
+        path,
         max_bytes=settings.store.max_bytes,
         commit_batch_max=settings.store.commit_batch_max,
         on_commit=telemetry.observe_store_commit,
@@ -89,6 +118,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
                 app[LEFT_AT_START] = max((i.id for i in orphans), default=0)
         yield
     finally:
+        # Last: the flusher's shutdown drain has run (contexts stop in reverse order).
+        try:
+            summary = stop_summary(
+                await queue.stats(), path, repository=bool(settings.repository.url)
+            )
+            log.info("%s", summary)
+        except StoreError as exc:
+            log.warning("stopped: the events left in %s could not be counted: %s", path, exc)
         await queue.close()
 
 
@@ -467,6 +504,14 @@ def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
             _gc_ctx,
         ]
     )
+
+    async def stopping(app: web.Application) -> None:
+        log.info(
+            "stopping: finishing the requests in flight, then delivering for up to %g s",
+            settings.shutdown_grace_s,
+        )
+
+    app.on_shutdown.append(stopping)
 
     def refusal() -> RefusalHook:
         return app[HANDLER].refuse_malformed

@@ -33,6 +33,7 @@ from proxy.settings import (
     check_startup,
     load_settings,
     redact_url,
+    unknown_environment,
 )
 from proxy.supervisor import (
     STOP_SIGNALS,
@@ -111,8 +112,10 @@ class SecretMask(logging.Filter):
         return True
 
 
-def configure_logging(settings: Settings) -> None:
-    """Log to stderr at ``log_level``, with every configured secret masked."""
+def configure_logging(settings: Settings, warnings: Iterable[str] = ()) -> None:
+    """Log to stderr at ``log_level`` (JSON lines from the first with
+    ``telemetry.json_logs``), with every configured secret masked; then log ``warnings``
+    (about the configuration)."""
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -121,8 +124,14 @@ def configure_logging(settings: Settings) -> None:
     mask = SecretMask(settings.secret_values())
     for handler in logging.getLogger().handlers:
         handler.addFilter(mask)
+    if settings.telemetry.json_logs:
+        from proxy.telemetry import use_json_logs
+
+        use_json_logs()
     # aiohttp's access log would print every URL; keep it at warning unless asked.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for warning in warnings:
+        log.warning("%s", warning)
 
 
 # --- loading and serving -------------------------------------------------------------------
@@ -136,6 +145,7 @@ def load(args: argparse.Namespace) -> Settings:
     args.secrets = settings.secret_values()
     args.debug = args.debug or settings.log_level == "DEBUG"
     check_startup(settings)
+    args.warnings = unknown_environment(os.environ)
     return settings
 
 
@@ -182,9 +192,15 @@ def serve(
 
     from proxy.store.faces import StoreError
 
-    def announce(_: str) -> None:
+    def announce(running: str) -> None:
         # aiohttp calls this once every listener accepts connections (on_startup would be
-        # too early: the proxy's own port is bound after it).
+        # too early: the proxy's own port is bound after it), with their URLs.
+        from proxy.app import ADMIN_URL
+
+        urls = ", ".join(re.findall(r"https?://[^\s,)]+", running)) or "its port"
+        admin = f"; admin on {app[ADMIN_URL]}" if ADMIN_URL in app else ""
+        who = f"worker {worker} " if settings.workers > 1 else ""
+        log.info("ready: %sserving on %s%s", who, urls, admin)
         announce_serving()
         if banner:
             print(banner, flush=True)
@@ -225,7 +241,7 @@ def _build_app(settings: Settings, worker: int = 0) -> web.Application:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load(args)
-    configure_logging(settings)
+    configure_logging(settings, args.warnings if args.worker is None else ())
     if args.worker is not None:
         # The supervisor's mask is inherited: the stop signals, and SIGCHLD (the worker's
         # event loop learns from it that its store's writer process exited).
@@ -240,15 +256,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.info("worker %d: store %s", args.worker, settings.store_shards()[args.worker])
         serve(settings, worker=args.worker, listener=listener)
         return 0
+    repo = settings.repository
     log.info(
-        "proxy on %s:%d -> %s; admin on %s:%d; store %s; repository %s",
+        "starting %s %s: proxy on %s:%d -> upstream %s; admin on %s:%d; repository %s;"
+        " store %s; workers %d",
+        PROG,
+        __version__,
         settings.listen.host,
         settings.listen.port,
         redact_url(settings.upstream.url),
         settings.admin.host,
         settings.admin.port,
+        f"{redact_url(repo.url)} ({repo.mode})" if repo.url else "none (events stay local)",
         settings.store.path,
-        redact_url(settings.repository.url) if settings.repository.url else "(none: local only)",
+        settings.workers,
     )
     if settings.workers > 1:
         log.info("%d workers share the port, one store shard each", settings.workers)
@@ -283,6 +304,7 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     settings = load(args)
+    configure_logging(settings, args.warnings)
     # The serializers mask secrets: SecretStr, credential headers, URL userinfo.
     sys.stdout.write(
         orjson.dumps(settings.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode()
@@ -367,7 +389,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     from proxy.store.faces import StoreError
 
     settings = load(args)
-    configure_logging(settings)  # a store migration run on open logs its progress
+    configure_logging(settings, args.warnings)  # a store migration run on open logs progress
     try:
         return uvloop.run(_dlq(args, settings))
     except StoreError as exc:

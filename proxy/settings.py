@@ -14,7 +14,7 @@ import ipaddress
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import time as dt_time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -689,6 +689,39 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         lines = [_describe(error, path, document) for error in exc.errors()]
         raise ConfigError("\n".join(lines)) from exc
     return settings
+
+
+WEBHOOK_ENV_PREFIX = "FHIR_AUDIT_WEBHOOK_"
+"""The ``webhook`` command's variables: no settings of the proxy's."""
+
+
+def _environment_names(model: type[BaseModel], prefix: str) -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        here = f"{prefix}{name.upper()}"
+        yield here
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _environment_names(annotation, here + "__")
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``FHIR_AUDIT_*`` variable in ``environ`` that names no setting
+    and is therefore ignored (``FHIR_AUDIT_LISTN__PORT``), with the closest name that
+    does. (A variable under a known section with an unknown name is an error of
+    :func:`load_settings` instead.)"""
+    sections = {name.upper() for name in Settings.model_fields}
+    known = sorted(_environment_names(Settings, ENV_PREFIX))
+    warnings = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name.startswith(WEBHOOK_ENV_PREFIX):
+            continue
+        if name == CONFIG_ENV or name.removeprefix(ENV_PREFIX).split("__")[0] in sections:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"environment {variable}: no such setting, ignored{hint}")
+    return warnings
 
 
 def _read_yaml(path: Path) -> yaml.Node | None:

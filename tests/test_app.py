@@ -16,8 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import PRUNE_EVERY_S, build_proxy_app
+from proxy.app import PRUNE_EVERY_S, build_proxy_app, stop_summary
 from proxy.store.queue import AuditQueue
+from proxy.store.records import QueueStats
 from tests.factories import (
     NodeFhirServer,
     OpenStore,
@@ -145,3 +146,37 @@ async def test_readiness_says_every_shard_is_full_while_the_disk_they_share_is_f
         filler.unlink()
     async with http.get(f"{proxy.admin_url}/readyz") as r:
         assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize(
+    ("pending", "dead", "repository", "said"),
+    [
+        (0, 0, True, "stopped: all events delivered"),
+        (
+            1,
+            0,
+            True,
+            "stopped: 1 event left undelivered in /d/audit.db; they are delivered at the next"
+            " start",
+        ),
+        (
+            12,
+            0,
+            False,
+            "stopped: 12 events left undelivered in /d/audit.db; no repository is configured,"
+            " so they stay there",
+        ),
+        (
+            0,
+            2,
+            True,
+            "stopped: all events delivered; 2 events the repository refused wait in its"
+            " dead-letter queue (fhir-audit-proxy dlq list)",
+        ),
+    ],
+)
+def test_the_stop_summary_says_what_is_left_undelivered_and_where(
+    pending: int, dead: int, repository: bool, said: str
+) -> None:
+    stats = QueueStats(pending=pending, delivered=5, dead=dead, intents=0, size_bytes=0)
+    assert stop_summary(stats, Path("/d/audit.db"), repository=repository) == said

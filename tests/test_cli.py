@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -29,7 +30,13 @@ from proxy.cli import RETRY_CHUNK, SecretMask, build_parser
 from proxy.store import schema
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
-from tests.factories import NodeFhirServer, audit_event, free_port
+from tests.factories import (
+    NodeFhirServer,
+    ProxyProcess,
+    RecordingRepository,
+    audit_event,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +121,27 @@ def test_unknown_key_from_the_environment_names_the_variable(tmp_path: Path) -> 
     assert_one_line_error(
         outcome, 2, "environment FHIR_AUDIT_ADMIN__PROT: admin.prot: unknown", "'port'?"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("FHIR_AUDIT_LISTN__PORT", "FHIR_AUDIT_LISTEN__PORT"),
+        ("FHIR_AUDIT_LISTEN_PORT", "FHIR_AUDIT_LISTEN__PORT"),
+        ("FHIR_AUDIT_WORKRS", "FHIR_AUDIT_WORKERS"),
+    ],
+)
+def test_a_misspelt_environment_variable_is_warned_about_with_the_name_meant(
+    tmp_path: Path, variable: str, meant: str
+) -> None:
+    """A variable under the prefix that names no setting would be ignored in silence: the
+    proxy says so and which name was probably meant, and still starts."""
+    outcome = cli("check-config", cwd=tmp_path, env={variable: "2", "FHIR_AUDIT_CONFIG": ""})
+    assert outcome.returncode == 0, outcome.stderr
+    assert (
+        f"environment {variable}: no such setting, ignored; did you mean {meant}?" in outcome.stderr
+    )
+    assert "FHIR_AUDIT_CONFIG" not in outcome.stderr, "the configuration file's variable is known"
 
 
 def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
@@ -536,3 +564,52 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == 141, err
     assert err == ""
+
+
+async def test_json_logs_from_the_first_line_and_start_ready_and_stop_said_at_info(
+    tmp_path: Path, fhir_server: NodeFhirServer, repository: RecordingRepository
+) -> None:
+    """With ``json_logs`` every line is JSON, the start-up line included; at INFO the log
+    says what starts (listeners, upstream, repository, store, workers), when it is ready,
+    and at stop how many events it leaves undelivered and where."""
+    store = tmp_path / "store" / "audit.db"
+    port, admin = free_port(), free_port()
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": admin},
+        "upstream": {"url": fhir_server.base_url},
+        "store": {"path": str(store)},
+        "repository": {"url": repository.url, "flush_interval_ms": 600_000},
+        "telemetry": {"json_logs": True},
+        "log_level": "INFO",
+    }
+    repository.fail_next = [503] * 100  # down: what is stored stays undelivered
+    proxy = ProxyProcess(config, tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            for n in range(2):
+                async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": f"j{n}"}):
+                    pass
+        finally:
+            await proxy.stop()
+        repository.fail_next.clear()
+        await proxy.start(http)  # the repository is back: all goes out
+        try:
+            await repository.wait_for(2)
+        finally:
+            await proxy.stop()
+    lines = proxy.log.read_text().splitlines()
+    entries = [orjson.loads(line) for line in lines]  # every line, or this fails
+    said = [e["message"] for e in entries if e["level"] == "INFO"]
+    assert said[0] == (
+        f"starting fhir-audit-proxy {__version__}: proxy on 127.0.0.1:{port} -> upstream"
+        f" {fhir_server.base_url}; admin on 127.0.0.1:{admin}; repository {repository.url}"
+        f" (bundle); store {store}; workers 1"
+    )
+    assert f"ready: serving on http://127.0.0.1:{port}; admin on http://127.0.0.1:{admin}" in said
+    stops = [m for m in said if m.startswith("stopped: ")]
+    assert stops == [
+        f"stopped: 2 events left undelivered in {store}; they are delivered at the next start",
+        "stopped: all events delivered",
+    ]
