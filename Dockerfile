@@ -8,7 +8,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e6468
 
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md config.example.yaml ./
 COPY proxy ./proxy
 RUN pip install --no-cache-dir --prefix=/install . \
     && python -m compileall -q /install

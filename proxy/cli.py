@@ -66,11 +66,12 @@ that passes through it, commits it durably to a local store before releasing the
 and ships the events to an audit repository.
 
 Configuration comes from a YAML file (-c FILE or $FHIR_AUDIT_CONFIG; start from
-config.example.yaml) and FHIR_AUDIT_* environment variables, which win
-(FHIR_AUDIT_REPOSITORY__URL=... sets repository.url)."""
+`fhir-audit-proxy config example > config.yaml`) and FHIR_AUDIT_* environment variables,
+which win (FHIR_AUDIT_REPOSITORY__URL=... sets repository.url)."""
 
 EPILOG = """\
 examples:
+  fhir-audit-proxy config example > config.yaml
   fhir-audit-proxy check-config -c config.yaml
   fhir-audit-proxy run -c config.yaml
   fhir-audit-proxy dlq list -c config.yaml
@@ -377,6 +378,13 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    sys.stdout.write(files("proxy").joinpath("config.example.yaml").read_text(encoding="utf-8"))
+    return 0
+
+
 def _cmd_webhook(args: argparse.Namespace) -> int:
     from proxy.k8s.webhook import run_webhook_command
 
@@ -474,6 +482,24 @@ def build_parser() -> argparse.ArgumentParser:
         " defaults), check every value and path, and print the effective settings as JSON"
         " with secrets masked. Exit 0 if `run` would accept it, 2 if not.",
         func=_cmd_check_config,
+    )
+    config = add_command(
+        commands,
+        "config",
+        help="print an example configuration",
+        description="Configuration helpers.",
+        func=_cmd_config,
+    )
+    config_commands = config.add_subparsers(
+        dest="config_command", required=True, metavar="ACTION", help="example"
+    )
+    add_command(
+        config_commands,
+        "example",
+        help="print an example configuration file: every setting, its default, what it does",
+        description="Print config.example.yaml (shipped with the proxy): every setting with its"
+        " default and a comment. Start a configuration with"
+        " `fhir-audit-proxy config example > config.yaml`.",
     )
     dlq = add_command(
         commands,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import orjson
 
+from proxy.private_files import write_private
 from proxy.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -150,15 +151,6 @@ def status_path(store: Path) -> Path:
     """Where the supervisor of the workers of ``store`` (``store.path``) publishes their
     states."""
     return store.with_suffix(".workers.json")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``, whole (a reader never sees half a file), readable by
-    its owner only."""
-    partial = path.with_name(path.name + ".partial")
-    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
-        file.write(data)
-    os.replace(partial, path)
 
 
 def read_worker_states(path: Path, supervisor: int) -> list[WorkerState] | None:

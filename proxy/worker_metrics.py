@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from proxy import telemetry
-from proxy.supervisor import write_private
+from proxy.private_files import write_private
 from proxy.tasks import running
 
 log = logging.getLogger(__name__)

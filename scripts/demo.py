@@ -132,6 +132,13 @@ def start_fhir_server(port: int, log_path: Path) -> tuple[subprocess.Popen[str],
     raise DemoError(f"the test FHIR server did not start: {reason} (log: {log_path})")
 
 
+def proxy_command() -> str:
+    """The proxy's command as this shell can run it: the console script beside this
+    Python (the venv's), else ``python -m proxy``."""
+    script = Path(sys.executable).parent / "fhir-audit-proxy"
+    return str(script) if script.exists() else f"{sys.executable} -m proxy"
+
+
 def banner(args: argparse.Namespace, upstream: str, data: Path, fresh: bool) -> str:
     admin = f"http://{HOST}:{args.admin_port}"
     stored = "emptied at this start; --keep keeps it" if fresh else "kept from earlier demos"
@@ -147,6 +154,8 @@ def banner(args: argparse.Namespace, upstream: str, data: Path, fresh: bool) -> 
             "  audit.db                 the proxy's store (the durable queue)",
             "  audit-repository.ndjson  the events shipped to the repository",
             "  fhir-server.log          the test FHIR server's log",
+            "events the repository refused (dead letters), from another terminal:",
+            f"  FHIR_AUDIT_STORE__PATH={data / 'audit.db'} {proxy_command()} dlq list",
             "The FHIR server keeps its resources in memory: they are gone when the demo stops.",
             "try: curl -X POST -H 'content-type: application/fhir+json' "
             f'-d \'{{"resourceType":"Patient"}}\' http://{HOST}:{args.port}/fhir/Patient',

@@ -186,3 +186,23 @@ def test_a_fhir_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) ->
     assert message.startswith("the test FHIR server did not start: Error: listen EADDRINUSE")
     assert f"127.0.0.1:{port}" in message and f"(log: {log})" in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+async def test_the_banner_gives_the_dlq_command_for_the_demo_s_store(tmp_path: Path) -> None:
+    """`dlq list` alone looks for data/audit.db; the banner prints the command that reads
+    the demo's store, and it does, from any directory."""
+    data = tmp_path / "demo"
+    async with Demo(data, (free_port(), free_port(), free_port())) as demo:
+        (command,) = [line.strip() for line in demo.banner if line.endswith(" dlq list")]
+        assert command.startswith(f"FHIR_AUDIT_STORE__PATH={data / 'audit.db'} ")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        listing = await asyncio.create_subprocess_shell(
+            command, stdout=-1, stderr=-1, env=_env(), cwd=elsewhere
+        )
+        out, err = await listing.communicate()
+        await demo.stop()
+    assert listing.returncode == 0, err.decode()
+    assert err.decode() == f"no dead-lettered events in {data / 'audit.db'}\n"
+    assert out == b""

@@ -85,3 +85,22 @@ def test_mutation_testing_covers_the_packages_that_audit_store_serve_and_deliver
     packages = {"audit", "fhir", "store", "admin", "delivery"}
     assert {f"proxy/{name}/*" for name in packages} <= set(scope["only_mutate"])
     assert all((ROOT / "proxy" / name).is_dir() for name in packages)
+
+
+def test_the_example_configuration_ships_with_the_package(tmp_path: Path) -> None:
+    """`--help` says to start from config.example.yaml: an installed proxy has it (package
+    data, a link to the file at the top of the repository) and prints it."""
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "config.example.yaml" in package_data["package-data"]["proxy"]
+    assert (ROOT / "proxy" / "config.example.yaml").resolve() == ROOT / "config.example.yaml"
+    script = Path(sys.executable).parent / "fhir-audit-proxy"
+    result = subprocess.run(
+        [str(script), "config", "example"], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert result.stdout == (ROOT / "config.example.yaml").read_text()
+    assert (
+        "config example"
+        in subprocess.run(
+            [str(script), "--help"], capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout
+    )

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from proxy.private_files import create_private_parents
 from proxy.settings import IdentitySettings
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def load_token_key(configured: str | None, key_file: Path) -> bytes:
         pass
     key = secrets.token_bytes(32)
     try:
-        key_file.parent.mkdir(parents=True, exist_ok=True)
+        create_private_parents(key_file)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(key)

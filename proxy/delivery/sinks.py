@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from proxy.delivery.oauth import TokenError, TokenProvider
+from proxy.private_files import create_private_parents
 from proxy.settings import RepositorySettings
 
 FHIR_JSON = "application/fhir+json"
@@ -172,8 +173,9 @@ class FileSink:
         self._path = path
 
     def _write(self, data: bytes) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        # The events carry PHI: owner only (0600), whatever the umask.
+        # The events carry PHI: owner only (directories 0700, the file 0600), whatever
+        # the umask.
+        create_private_parents(self._path)
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if os.fstat(fd).st_mode & 0o077:
             os.fchmod(fd, 0o600)

@@ -8,6 +8,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from proxy.private_files import create_private_parents
 from proxy.store.codec import BodyCodec, dictionary_id, shipped_dictionary
 from proxy.store.schema import migrate
 
@@ -49,15 +50,7 @@ def create_private(path: Path) -> None:
     other access away from an existing store and its ``-wal``/``-shm``: they hold PHI. The
     modes are set explicitly, whatever the umask; SQLite gives ``-wal`` and ``-shm`` the
     database file's mode when it creates them."""
-    missing = []
-    parent = path.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another opener got there first
-            directory.mkdir(mode=0o700)
-            os.chmod(directory, 0o700)
+    create_private_parents(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_mode & 0o077:

@@ -1,6 +1,6 @@
 """Files that hold audit data (they carry PHI) are the owner's alone, whatever the umask:
 the store and its -wal/-shm 0600, the directories the store creates 0700, the NDJSON
-repository file 0600."""
+repository file 0600 and the directories created for it 0700."""
 
 from __future__ import annotations
 
@@ -78,3 +78,12 @@ async def test_ndjson_repository_file_is_private(tmp_path: Path, umask: int) -> 
     await sink.send([audit_event(2)])
     assert _mode(target) == 0o600
     assert len(target.read_bytes().splitlines()) == 2
+
+
+async def test_the_directories_the_ndjson_repository_file_needs_are_private(
+    tmp_path: Path, umask: int
+) -> None:
+    target = tmp_path / "shipped" / "audit" / "events.ndjson"
+    await FileSink(target).send([audit_event(1)])
+    assert [_mode(d) for d in (target.parent.parent, target.parent)] == [0o700, 0o700]
+    assert _mode(target) == 0o600
