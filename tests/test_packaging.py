@@ -4,6 +4,7 @@ every setting, the console script answers."""
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,24 @@ def test_the_example_configuration_ships_with_the_package(tmp_path: Path) -> Non
             [str(script), "--help"], capture_output=True, text=True, check=True, cwd=tmp_path
         ).stdout
     )
+
+
+def test_license_changelog_and_references_exist_and_the_readme_links_them() -> None:
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text, "the full text"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == {"text": "Apache-2.0"}
+    readme = (ROOT / "README.md").read_text()
+    for linked in ("LICENSE", "CHANGELOG.md", "docs/metrics.md", "docs/logging.md"):
+        assert f"]({linked})" in readme, linked
+        assert (ROOT / linked).is_file(), linked
+
+
+def test_the_changelog_says_what_each_store_schema_version_added() -> None:
+    """The store migrates itself one way at start: the upgrade notes name every version."""
+    from proxy.store.schema import SCHEMA_VERSION
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| \S", changelog, re.MULTILINE)
+    assert [int(n) for n in rows] == list(range(1, SCHEMA_VERSION + 1))

@@ -10,6 +10,8 @@ import contextvars
 import gzip
 import io
 import logging
+import re
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +45,8 @@ from tests.factories import (
     serving,
     settings_for,
 )
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -468,3 +472,53 @@ async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
     assert client.parent is not None and server_span.context is not None
     assert client.parent.span_id == server_span.context.span_id
     assert (server_span.attributes or {})["http.response.status_code"] == 502
+
+
+def _documented(page: str) -> dict[str, list[str]]:
+    """The first column (a `name`) of each table row of ``docs/{page}``, with the names
+    in backquotes of its third column."""
+    rows: dict[str, list[str]] = {}
+    for line in (DOCS / page).read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 3:
+            rows[cells[0].strip("`")] = re.findall(r"`([^`]+)`", cells[2])
+    return rows
+
+
+def test_every_metric_family_is_documented_with_its_labels() -> None:
+    documented = _documented("metrics.md")
+    exposed = {
+        m.name + ("_total" if m.kind == "counter" else ""): list(m.labelnames)
+        for m in telemetry.METRICS
+    }
+    assert {name: documented.get(name) for name in exposed} == exposed
+    assert {n for n in documented if n.startswith("fhir_audit_")} == set(exposed), "no stale row"
+
+
+def test_every_field_of_a_json_log_line_is_documented() -> None:
+    formatter = telemetry.JsonLogFormatter()
+    ex = Exchange(
+        request_id="req-doc",
+        method="GET",
+        path="Patient",
+        query_string="",
+        request_headers={},
+        client_address="127.0.0.1",
+        started_at=datetime.now(UTC),
+    )
+    try:
+        raise ValueError("for the traceback field")
+    except ValueError:
+        record = logging.LogRecord(
+            "proxy", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+
+    def in_a_traced_request() -> dict[str, Any]:
+        with telemetry.tracer_provider().get_tracer("test").start_as_current_span("s"):
+            telemetry.exchange_started(ex)
+            line: dict[str, Any] = orjson.loads(formatter.format(record))
+            return line
+
+    fields = contextvars.copy_context().run(in_a_traced_request)
+    assert len(fields) == 8, fields  # every optional field is present in this line
+    assert set(fields) == set(_documented("logging.md"))
