@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -258,4 +259,69 @@ async def test_a_new_flusher_sends_at_once_what_an_earlier_process_held_back_for
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert scripted_repository.delivered_ids() == [e["id"] for e in events]
+    assert (await queue.stats()).pending == 0
+
+
+async def test_backoff_grows_over_consecutive_failed_flushes_up_to_the_max_interval(
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
+) -> None:
+    """Seven flushes in a row fail (each at the previous failure's retry time): the count
+    of failures is 7, every retry is further out than the one before, the wait doubles
+    (with jitter) from flush_interval until it reaches max_flush_interval, and stays."""
+    await _append(queue, [audit_event(i) for i in range(3)])
+    scripted_repository.behaviour = _down
+    flusher = _flusher(
+        queue, scripted_repository, http, flush_interval_ms=100, max_flush_interval_ms=1600
+    )
+    at = datetime.now(UTC)
+    retries: list[datetime] = []
+    waits: list[float] = []
+    for k in range(1, 8):
+        assert await flusher.flush_once(at) == 0
+        assert flusher.failures == k
+        assert await queue.claim(10, at) == [], "held back after the failure"
+        held = await queue.claim(10, at + timedelta(days=1))
+        assert {q.attempts for q in held} == {k}
+        (retry_at,) = {q.next_attempt_at for q in held}
+        assert retry_at is not None
+        retries.append(retry_at)
+        waits.append((retry_at - at).total_seconds())
+        at = retry_at
+    assert len(scripted_repository.requests) == 7, "one attempt a flush"
+    assert retries == sorted(retries) and len(set(retries)) == 7, "each retry further out"
+    ceilings = [min(1.6, 0.1 * 2 ** (k - 1)) for k in range(1, 8)]  # 0.1 ... 1.6, 1.6, 1.6
+    for wait, ceiling in zip(waits, ceilings, strict=True):
+        assert ceiling / 2 - 1e-3 <= wait <= ceiling + 1e-3, (waits, ceilings)
+    assert all(a < b for a, b in itertools.pairwise(waits[:5])), f"the wait doubles: {waits}"
+
+
+async def test_single_mode_a_503_for_the_second_event_delivers_the_first_and_resends_the_second(
+    queue: AuditQueue, scripted_repository: ScriptedRepository, http: aiohttp.ClientSession
+) -> None:
+    first, second = audit_event(1), audit_event(2)
+    await _append(queue, [first, second])
+    answers = iter([201, 503])
+
+    async def accept_then_fail(request: web.Request, raw: bytes) -> web.Response:
+        status = next(answers, 201)
+        return web.json_response(orjson.loads(raw) if status < 300 else {}, status=status)
+
+    scripted_repository.behaviour = accept_then_fail
+    flusher = _flusher(queue, scripted_repository, http, mode="single", flush_interval_ms=100)
+    now = datetime.now(UTC)
+    assert await flusher.flush_once(now) == 1
+    stats = await queue.stats()
+    assert (stats.delivered, stats.pending) == (1, 1)
+    (left,) = await queue.claim(10, now + timedelta(days=1))
+    assert (left.event_id, left.attempts) == (second["id"], 1)
+    assert scripted_repository.delivered_ids() == [first["id"]]
+
+    assert await flusher.flush_once(now + timedelta(seconds=1)) == 1, "sent again later"
+    assert scripted_repository.delivered_ids() == [first["id"], second["id"]]
+    assert [r["path"] for r in scripted_repository.requests] == ["/fhir/AuditEvent"] * 3
+    assert [r["json"]["id"] for r in scripted_repository.requests] == [
+        first["id"],
+        second["id"],
+        second["id"],
+    ]
     assert (await queue.stats()).pending == 0

@@ -4,6 +4,7 @@ server), with the answers that make a batch retried or rejected."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,32 @@ async def test_file_mode_unwritable_is_unavailable(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(RepositoryUnavailable, match="cannot append"):
         await FileSink(blocker / "audit.ndjson").send([audit_event(1)])
+
+
+async def test_file_mode_fsyncs_the_whole_batch_before_send_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher acknowledges a batch when send() returns: by then the NDJSON file must
+    be on disk, every line of the batch in it. os.fsync is watched (and still done): the
+    file it was given and how long that file was at that moment."""
+    target = tmp_path / "audit.ndjson"
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        status = os.fstat(fd)
+        synced.append((status.st_ino, status.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    sink = FileSink(target)
+    for batch in ([audit_event(1), audit_event(2)], [audit_event(3)]):
+        before = len(synced)
+        await sink.send(batch)
+        # Nothing of the send may be left to run after it returned.
+        assert len(synced) == before + 1, "exactly one fsync, before send() returned"
+        inode, size = synced[-1]
+        assert (inode, size) == (target.stat().st_ino, target.stat().st_size), (
+            "the fsync was of this file, after the whole batch was written to it"
+        )
+    assert len(target.read_bytes().splitlines()) == 3
