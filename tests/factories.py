@@ -788,6 +788,33 @@ class ProxyProcess:
                 await self.kill()
 
 
+async def run_until_exit(config: Path, *, within_s: float = 60) -> tuple[int, str]:
+    """``python -m proxy -c CONFIG run`` that is expected to stop by itself (refused at
+    start): its exit status and stderr. Killed, and the test failed, if it still runs
+    after ``within_s``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "-c",
+        str(config),
+        "run",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), within_s)
+    except TimeoutError:
+        raise AssertionError(f"the proxy still runs after {within_s} s") from None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
 @dataclass(frozen=True)
 class SigningKey:
     """An RS256 key pair as an identity provider holds it."""

@@ -42,6 +42,7 @@ from tests.factories import (
     NodeFhirServer,
     RecordingRepository,
     StartProxy,
+    exchange,
     serving,
     settings_for,
 )
@@ -497,15 +498,7 @@ def test_every_metric_family_is_documented_with_its_labels() -> None:
 
 def test_every_field_of_a_json_log_line_is_documented() -> None:
     formatter = telemetry.JsonLogFormatter()
-    ex = Exchange(
-        request_id="req-doc",
-        method="GET",
-        path="Patient",
-        query_string="",
-        request_headers={},
-        client_address="127.0.0.1",
-        started_at=datetime.now(UTC),
-    )
+    ex = exchange("GET", "Patient", request_id="req-doc")
     try:
         raise ValueError("for the traceback field")
     except ValueError:

@@ -32,6 +32,7 @@ from tests.factories import (
     audit_event_pages,
     free_port,
     request_id_of,
+    run_until_exit,
     serving,
 )
 
@@ -456,26 +457,10 @@ async def test_a_second_instance_on_the_same_port_is_refused(
             await first.start(http)
             try:
                 await _all_serving(first, 2)
-                intruder = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "proxy",
-                    "-c",
-                    str(second),
-                    "run",
-                    cwd=ROOT,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
-                try:
-                    _, err = await asyncio.wait_for(intruder.communicate(), 30)
-                finally:
-                    if intruder.returncode is None:
-                        intruder.kill()
-                        await intruder.wait()
+                status, err = await run_until_exit(second, within_s=30)
                 port = first.config["listen"]["port"]
-                assert intruder.returncode == 1, err.decode()
-                assert err.decode().splitlines() == [
+                assert status == 1, err
+                assert err.splitlines() == [
                     f"fhir-audit-proxy: error: cannot listen on 127.0.0.1:{port}"
                     " (listen.host/listen.port): address already in use; stop the process"
                     " that uses it or choose another port"

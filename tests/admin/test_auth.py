@@ -4,9 +4,7 @@ expose an unauthenticated admin listener; and the audit of who read the audit tr
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,13 +25,13 @@ from proxy.admin.auth import AdminExposed, RouteGroup
 from proxy.settings import AdminSettings, ConfigError, load_settings
 from proxy.store.queue import AuditQueue
 from tests.factories import (
-    ROOT,
     NodeFhirServer,
     RunningProxy,
     SigningKey,
     StartProxy,
     free_port,
     guide_event,
+    run_until_exit,
     serving,
 )
 
@@ -280,21 +278,10 @@ async def test_non_loopback_admin_without_auth_refuses_to_start(
             }
         )
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "-c",
-        str(config),
-        "run",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2, "a configuration error, as check-config reports it"
-    lines = err.decode().strip().splitlines()
-    assert len(lines) == 1, err.decode()
+    status, err = await run_until_exit(config)
+    assert status == 2, "a configuration error, as check-config reports it"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert "admin listener on '0.0.0.0' is not loopback and has no authentication" in lines[0]
 
 
