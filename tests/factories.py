@@ -247,6 +247,25 @@ def settings_for(upstream_url: str, store_dir: Path, **overrides: Any) -> Settin
     return load_settings(None, **base)
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (``2m``) mounted at ``path``, a tmpfs (root can
+    mount one; CI runs as root); the test is skipped where mounting is impossible."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 # --- FHIR in XML and YAML -----------------------------------------------------------------
 
 FORMATS = ("json", "xml", "yaml")
@@ -391,25 +410,6 @@ async def format_upstream(fhir_base: str) -> AsyncIterator[FormatUpstream]:
         upstream.session = session
         upstream.url = str(server.make_url("/fhir"))
         yield upstream
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real filesystem of ``size`` (``2m``) mounted at ``path``, a tmpfs (root can
-    mount one; CI runs as root); the test is skipped where mounting is impossible."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 # --- credentials, events, exchanges -------------------------------------------------------
