@@ -521,6 +521,43 @@ class TelemetrySettings(_Frozen):
         return None if value is None else redact_url(value)
 
 
+class AppProbe(_Frozen):
+    """One kubelet probe of an app container that the injector moved to the status
+    listener (``/app-health/<container>/<probe>``): what the kubelet would have checked,
+    done from inside the pod, straight to the app (never through the proxy, so never
+    audited as an access to patient data)."""
+
+    kind: Literal["http", "tcp", "grpc"]
+    """``httpGet``, ``tcpSocket`` or ``grpc`` in the pod spec."""
+    port: Annotated[int, Field(ge=1, le=65535)]
+    """The app's port (a named port already resolved to its number)."""
+    path: str = "/"
+    """http: the request path (with its query)."""
+    scheme: Literal["HTTP", "HTTPS"] = "HTTP"
+    """http: HTTPS is not verified, as the kubelet does not verify it."""
+    headers: dict[str, str] = {}
+    """http: the probe's ``httpHeaders``."""
+    service: str = ""
+    """grpc: the service name of the health check request ("" is the server)."""
+    timeout_s: Positive = 1.0
+    """The probe's ``timeoutSeconds``."""
+
+
+class StatusSettings(_Frozen):
+    """The status listener of a sidecar injected into a pod: the app containers' kubelet
+    probes (``GET /app-health/<container>/<probe>``, from ``app_probes``) and, with
+    ``telemetry.prometheus``, the proxy's ``/metrics`` for Prometheus to scrape from the
+    pod. It serves no audit data. Off unless ``port`` is set."""
+
+    host: str = "::"
+    """``::`` is every address of both families (IPv4 and IPv6)."""
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    app_probes: dict[str, AppProbe] = {}
+    """By ``<container>/<probe>`` (probe: ``livez``, ``readyz`` or ``startupz``)."""
+
+    _host_given = field_validator("host")(_host_not_empty)
+
+
 class WebhookSettings(BaseSettings):
     """The sidecar injector (``fhir-audit-proxy webhook``): defaults for the injected
     proxy, each overridable per pod by a ``fhir-audit-proxy/*`` annotation. Read from the
@@ -533,8 +570,11 @@ class WebhookSettings(BaseSettings):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     proxy_port: int = 15080
     """The injected proxy's listener (far from the ports FHIR servers use)."""
-    admin_port: int = 15090
-    """The injected proxy's admin listener, bound to loopback."""
+    admin_port: int = 15081
+    """The injected proxy's admin listener, bound to loopback (15090 is Envoy's in an
+    Istio pod)."""
+    status_port: int = 15082
+    """The injected proxy's status listener: the app's rewritten probes and ``/metrics``."""
     proxy_uid: int = 10001
     """The UID the proxy runs as; the redirect exempts its connections by this UID."""
     sidecar: Literal["native", "container"] = "native"
@@ -549,7 +589,34 @@ class WebhookSettings(BaseSettings):
     cpu_limit: str | None = None
     memory_limit: str | None = "512Mi"
     drain_s: int = 10
-    """Grace for in-flight requests and the final flush when the pod stops."""
+    """Grace for in-flight requests and again for the final flush when the pod stops; the
+    injector adds both to the pod's ``terminationGracePeriodSeconds``."""
+    store_max_bytes: PositiveInt = 1024 * 1024 * 1024
+    """``store.max_bytes`` of the injected proxies; their emptyDir's ``sizeLimit`` is
+    derived from it (a per-pod annotation overrides it)."""
+    required_pod_annotations: frozenset[str] = frozenset(
+        {
+            "inject",
+            "container",
+            "upstream-port",
+            "base-path",
+            "fhir-version",
+            "service-name",
+            "proxy-port",
+            "admin-port",
+            "status-port",
+            "store-max-bytes",
+            "cpu-request",
+            "cpu-limit",
+            "memory-request",
+            "memory-limit",
+        }
+    )
+    """The ``fhir-audit-proxy/*`` annotations a pod may set in a namespace where audit is
+    required (``fhir-audit-proxy/injection: required``); any other is denied there. Not by
+    default: those that send the audit elsewhere or let the pod reach the store
+    (``repository-*``, ``config-map``, ``store-pvc``, ``store-volume``, ``oauth-*``), weaken
+    it (``local-only``, ``traffic``) or change the sidecar's kind (``sidecar``)."""
     otlp_endpoint: str | None = None
     """``telemetry.otlp_endpoint`` of the injected proxies."""
     json_logs: bool = True
@@ -581,6 +648,7 @@ class Settings(BaseSettings):
     repository: RepositorySettings = RepositorySettings()
     admin: AdminSettings = AdminSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    status: StatusSettings = StatusSettings()
     workers: PositiveInt = 1
     """Processes serving the proxy port together (``SO_REUSEPORT``: the kernel spreads
     connections over them). With more than one, each worker has its own store shard
