@@ -22,6 +22,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy import telemetry, worker_metrics
+from proxy.admin import health
 from proxy.admin.app import build_admin_app
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
@@ -31,6 +32,7 @@ from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sinks import make_sink
 from proxy.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
+from proxy.k8s.status import serving_status
 from proxy.listener import ClientRequest, Handler, RefusalHook, serve_on
 from proxy.settings import Settings
 from proxy.store.database import database_budget
@@ -415,10 +417,27 @@ async def _admin_ctx(app: web.Application) -> AsyncIterator[None]:
         )
     try:
         async for _ in _admin_listener(app, store):
-            yield
+            async for _ in _status_listener(app, store):
+                yield
     finally:
         if isinstance(store, ShardedStore):
             await store.close()
+
+
+async def _status_listener(app: web.Application, store: AdminStore) -> AsyncIterator[None]:
+    """The status listener of an injected sidecar (the app's probes, ``/metrics``), when
+    ``status.port`` is set."""
+    settings = app[SETTINGS]
+    if settings.status.port is None:
+        yield
+        return
+
+    async def metrics() -> bytes:
+        return await health.prometheus_text(store)
+
+    exposed = metrics if settings.telemetry.prometheus else None
+    async for _ in serving_status(settings.status, exposed):
+        yield
 
 
 async def _admin_listener(app: web.Application, store: AdminStore) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import telemetry
 from proxy.admin.keys import READINESS, STORE
-from proxy.store.faces import StoreError
+from proxy.store.faces import AdminStore, StoreError
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -34,13 +34,18 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; queue depth and oldest pending age are read fresh from the
-    store."""
+async def prometheus_text(store: AdminStore) -> bytes:
+    """The Prometheus exposition; queue depth and oldest pending age are read fresh from
+    ``store`` (the admin's store: every shard)."""
     # on a store error the counters still tell the story; readiness reports the store
     with contextlib.suppress(StoreError):
-        telemetry.set_queue_gauges(await request.app[STORE].stats(), time.time())
+        telemetry.set_queue_gauges(await store.stats(), time.time())
+    return generate_latest(telemetry.REGISTRY)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition (:func:`prometheus_text`)."""
     return web.Response(
-        body=generate_latest(telemetry.REGISTRY),
+        body=await prometheus_text(request.app[STORE]),
         headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
