@@ -206,11 +206,13 @@ def serve(
         if banner:
             print(banner, flush=True)
 
+    from proxy.listener import listen_hosts
+
     app = _build_app(settings, worker)
     where: dict[str, Any] = (
         {"sock": listener}
         if listener is not None
-        else {"host": settings.listen.host, "port": settings.listen.port}
+        else {"host": listen_hosts(settings.listen.host), "port": settings.listen.port}
     )
     try:
         web.run_app(
@@ -552,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     webhook.add_argument(
         "--key", required=True, metavar="FILE", help="PEM private key (reloaded on change)"
     )
-    webhook.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    webhook.add_argument(
+        "--host", default="::", help="address to listen on (default ::, IPv4 and IPv6)"
+    )
     webhook.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443)")
     webhook.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     return parser

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -923,3 +924,19 @@ def serve_on(
         )
 
     app._make_handler = make_handler
+
+
+def listen_hosts(host: str) -> list[str]:
+    """The addresses a listener configured with ``host`` binds: ``::`` is every address of
+    both families, as a Linux socket bound to ``::`` would take (asyncio binds ``::`` for
+    IPv6 alone), so ``0.0.0.0`` and ``::``, or ``0.0.0.0`` alone on a kernel without IPv6.
+    Any other host is bound as given."""
+    if host != "::":
+        return [host]
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        log.warning("no IPv6 on this host: listening on IPv4 only")
+        return ["0.0.0.0"]
+    return ["0.0.0.0", "::"]
