@@ -51,7 +51,7 @@ async def test_probes_pass_for_a_live_app_fail_for_a_dead_one_and_leave_no_event
     status, text = await status_of(http, f"{base}/gone/livez")
     assert status == 503 and "ConnectionRefusedError" in text
     status, text = await status_of(http, f"{base}/hapi/startupz")
-    assert (status, text) == (503, "GET /fhir/Nothing/here on port %d answered 404\n" % fhir_port)
+    assert (status, text) == (503, f"GET /fhir/Nothing/here on port {fhir_port} answered 404\n")
     assert (await status_of(http, f"{base}/hapi/unknown"))[0] == 404
     # The probes went to the app, not through the proxy: nothing was audited.
     assert await proxy.stored_events() == []

@@ -1,7 +1,9 @@
 """The admission webhook as the API server meets it: ``fhir-audit-proxy webhook`` started
 from the CLI as a real HTTPS server with a certificate made here, real AdmissionReview
-requests over TLS, the returned JSONPatch applied with a real JSONPatch library and the
-result validated as a Pod; the certificate replaced on disk and picked up."""
+requests over TLS (on each path the chart's selectors use), the returned JSONPatch
+applied with a real JSONPatch library and the result validated as a Pod (and against the
+Pod Security levels); bypass attempts and pods that are no FHIR server; the certificate
+replaced on disk and picked up; ``/metrics``."""
 
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy.k8s.patch import Selection
+from proxy.k8s.patch import INIT, SIDECAR, Selection
 from proxy.k8s.webhook import review_response
 from proxy.settings import WebhookSettings
 from tests.factories import write_certificate
+from tests.k8s.pod_security import highest_level
 
 ADMISSION = Path(__file__).parent / "admission"
 K8S_VERSIONS = ("1.29.0", "1.37.0")
@@ -56,6 +59,7 @@ def launch(directory: Path) -> Iterator[Webhook]:
     env = {
         **os.environ,
         "FHIR_AUDIT_WEBHOOK_IMAGE": "registry.example.org/fhir-audit-proxy:0.1.0",
+        "FHIR_AUDIT_WEBHOOK_REPOSITORY_URL": "https://auditbox.example.org/fhir",
         "FHIR_AUDIT_WEBHOOK_CERT_RELOAD_S": "0.1",
     }
     log = directory / "webhook.log"
@@ -277,3 +281,120 @@ def test_answers_without_a_patch(
     settings = WebhookSettings(fail_closed=fail_closed)
     answer = review_response(body, settings, Selection.NAMESPACE)
     assert answer["response"] == {"uid": body["request"]["uid"], **expected}
+
+
+# --- what a labelled namespace no longer does, and what a required one refuses -------------
+
+
+@pytest.mark.parametrize(
+    ("name", "warning"),
+    [
+        ("postgres", "port 5432 (first containerPort) is not known to serve FHIR over HTTP"),
+        ("https-hapi", "port 8443 serves HTTPS, and the proxy reaches the FHIR server over HTTP"),
+    ],
+)
+async def test_a_pod_that_is_no_http_fhir_server_is_admitted_unchanged_with_a_warning(
+    webhook: Webhook, name: str, warning: str
+) -> None:
+    response = await admit(webhook, review(name))
+    assert response["allowed"] is True and "patch" not in response
+    (said,) = response["warnings"]
+    assert said.startswith(f"fhir-audit-proxy not injected: {warning}")
+
+
+async def test_a_forged_status_annotation_is_injected_over_tls(webhook: Webhook) -> None:
+    for path in ("/mutate", "/mutate/required"):
+        body = review("forged-status")
+        response = await admit(webhook, body, path)
+        pod = apply(body["request"]["object"], response)
+        assert [c["name"] for c in pod["spec"]["initContainers"]] == [INIT, SIDECAR]
+
+
+@pytest.mark.parametrize(
+    ("name", "annotations", "message"),
+    [
+        ("fake-sidecar", None, "the pod has containers named fhir-audit-proxy that this"),
+        ("deployment-hapi", {"fhir-audit-proxy/inject": "false"}, "inject is false"),
+        ("bad-annotations", None, "unknown annotation fhir-audit-proxy/upstream-prot"),
+        (
+            "deployment-hapi",
+            {"fhir-audit-proxy/repository-url": "https://elsewhere.example/fhir"},
+            "the pod may not set fhir-audit-proxy/repository-url here",
+        ),
+        ("postgres", None, "not known to serve FHIR over HTTP"),
+    ],
+)
+async def test_where_audit_is_required_bypasses_are_denied_with_the_reason(
+    webhook: Webhook, name: str, annotations: dict[str, str] | None, message: str
+) -> None:
+    body = review(name)
+    if annotations is not None:
+        body["request"]["object"]["metadata"]["annotations"] = annotations
+    response = await admit(webhook, body, "/mutate/required")
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 403
+    assert response["status"]["message"].startswith(
+        "fhir-audit-proxy: audit is required in namespace fhir: "
+    )
+    assert message in response["status"]["message"]
+    assert "patch" not in response
+    expected = "denied: fhir-audit-proxy: audit is required"
+    assert expected in webhook_log(webhook, expected)
+
+
+async def test_where_audit_is_required_an_injected_pod_called_again_is_admitted(
+    webhook: Webhook,
+) -> None:
+    body = review("deployment-hapi")
+    pod = apply(body["request"]["object"], await admit(webhook, body, "/mutate/required"))
+    body["request"]["object"] = pod
+    again = await admit(webhook, body, "/mutate/required")
+    assert again == {"uid": body["request"]["uid"], "allowed": True}
+
+
+@pytest.mark.parametrize("path", ["/mutate/pod-security", "/mutate/required/pod-security"])
+async def test_where_pod_security_is_enforced_the_pod_is_injected_to_pass_restricted(
+    webhook: Webhook, path: str
+) -> None:
+    body = review("restricted-hapi")
+    assert highest_level(body["request"]["object"]) == "restricted"
+    pod = apply(body["request"]["object"], await admit(webhook, body, path))
+    assert highest_level(pod) == "restricted"
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == [SIDECAR]
+    assert pod["metadata"]["labels"]["fhir-audit-proxy/takeover-port"] == "8080"
+    # The same pod on the default path gets the redirect, which only "privileged" admits.
+    plain = apply(body["request"]["object"], await admit(webhook, review("restricted-hapi")))
+    assert highest_level(plain) == "privileged"
+
+
+async def test_the_webhook_serves_its_metrics(webhook: Webhook) -> None:
+    async def scrape() -> str:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(webhook.url + "/metrics", ssl=webhook.client_context()) as response,
+        ):
+            assert response.status == 200
+            return await response.text()
+
+    def count(text: str, labels: str) -> float:
+        prefix = f"fhir_audit_webhook_reviews_total{{{labels}}} "
+        found = [line for line in text.splitlines() if line.startswith(prefix)]
+        return float(found[0].removeprefix(prefix)) if found else 0.0
+
+    before = await scrape()
+    await admit(webhook, review("deployment-hapi"))
+    await admit(webhook, review("postgres"))
+    await admit(webhook, review("fake-sidecar"), "/mutate/required")
+    after = await scrape()
+    for labels in (
+        'path="/mutate",result="injected"',
+        'path="/mutate",result="refused"',
+        'path="/mutate/required",result="denied"',
+    ):
+        assert count(after, labels) == count(before, labels) + 1
+    pem = (webhook.certs / "cert.pem").read_bytes()
+    expires = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    gauge = "fhir_audit_webhook_certificate_expiry_timestamp_seconds "
+    (line,) = [line for line in after.splitlines() if line.startswith(gauge)]
+    assert float(line.removeprefix(gauge)) == expires
+    assert "fhir_audit_webhook_review_seconds_count" in after
