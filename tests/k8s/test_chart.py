@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
 
+from proxy.k8s.patch import INJECTED_LABEL, STATUS_PORT_NAME, Selection, decide
 from proxy.settings import Settings, WebhookSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,7 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 LEGACY_VERSION = "1.27.0"
 """Clusters before native sidecars: the chart with ``injector.sidecar.mode: container``."""
 CUSTOM_RESOURCE_GROUPS = ("cert-manager.io/", "monitoring.coreos.com/")
+CUSTOM_KINDS = {"Issuer", "Certificate", "ServiceMonitor", "PodMonitor"}
 NAMESPACE = "fhir-audit"
 
 
@@ -54,8 +57,8 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (found,) = (d for d in docs if d["kind"] == kind)
+def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = (d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"]))
     return found
 
 
@@ -75,7 +78,7 @@ def test_every_manifest_is_valid_for_every_supported_version(values_file: Path) 
     validated = collections.Counter[str]()
     for doc in docs:
         if doc["apiVersion"].startswith(CUSTOM_RESOURCE_GROUPS):
-            assert doc["kind"] in {"Issuer", "Certificate", "ServiceMonitor"}
+            assert doc["kind"] in CUSTOM_KINDS
             continue
         for version in versions_for(values_file):
             kubernetes_validate.validate(doc, version, strict=True)
@@ -134,34 +137,85 @@ def test_self_signed_certificate_serves_the_webhook_service_and_is_the_ca_bundle
     assert f"audit-fhir-audit-proxy.{NAMESPACE}.svc" in names.get_values_for_type(x509.DNSName)
     hooks = by_kind(docs, "MutatingWebhookConfiguration")["webhooks"]
     assert {h["clientConfig"]["caBundle"] for h in hooks} == {secret["data"]["ca.crt"]}
-    assert [h["clientConfig"]["service"]["path"] for h in hooks] == ["/mutate", "/mutate/opt-in"]
+    assert len(hooks) == 6
+
+
+def test_the_chart_made_ca_is_kept_and_signs_a_shorter_lived_serving_certificate() -> None:
+    docs = render(values_of(CHART / "ci" / "injector-self-signed-values.yaml"))
+    secret = by_kind(docs, "Secret")
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    served = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    # The CA's key stays in the Secret, so an upgrade signs a new serving certificate with
+    # the same CA and the caBundle the API server trusts does not change.
+    assert "ca.key" in secret["data"]
+    ca_days = (ca.not_valid_after_utc - ca.not_valid_before_utc).days
+    served_days = (served.not_valid_after_utc - served.not_valid_before_utc).days
+    assert (ca_days, served_days) == (3650, 365)
+    not_after = int(secret["metadata"]["annotations"]["fhir-audit-proxy/serving-not-after"])
+    assert abs(not_after - served.not_valid_after_utc.timestamp()) < 120
+    # The webhook's pods get the serving pair, never the CA's key.
+    volumes = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (certs,) = (v for v in volumes if v["name"] == "certs")
+    assert [i["key"] for i in certs["secret"]["items"]] == ["tls.crt", "tls.key"]
 
 
 def test_webhook_selects_labelled_namespaces_and_never_system_ones() -> None:
     docs = render(values_of(CHART / "ci" / "injector-self-signed-values.yaml"))
-    namespaced, opt_in = by_kind(docs, "MutatingWebhookConfiguration")["webhooks"]
-    assert namespaced["failurePolicy"] == "Fail"
-    assert opt_in["failurePolicy"] == "Ignore"
-    for hook in (namespaced, opt_in):
-        never = next(
-            e
-            for e in hook["namespaceSelector"]["matchExpressions"]
-            if e["key"] == "kubernetes.io/metadata.name"
-        )
-        assert never == {
+    hooks = by_kind(docs, "MutatingWebhookConfiguration")["webhooks"]
+    by_name = {h["name"].split(".")[0]: h for h in hooks}
+    assert {name: h["clientConfig"]["service"]["path"] for name, h in by_name.items()} == {
+        "namespace": "/mutate",
+        "namespace-pod-security": "/mutate/pod-security",
+        "required": "/mutate/required",
+        "required-pod-security": "/mutate/required/pod-security",
+        "pod": "/mutate/opt-in",
+        "pod-pod-security": "/mutate/opt-in/pod-security",
+    }
+    assert {name: h["failurePolicy"] for name, h in by_name.items()} == {
+        "namespace": "Fail",
+        "namespace-pod-security": "Fail",
+        "required": "Fail",
+        "required-pod-security": "Fail",
+        "pod": "Ignore",
+        "pod-pod-security": "Ignore",
+    }
+    for name, hook in by_name.items():
+        expressions = {e["key"]: e for e in hook["namespaceSelector"]["matchExpressions"]}
+        assert expressions["kubernetes.io/metadata.name"] == {
             "key": "kubernetes.io/metadata.name",
             "operator": "NotIn",
             "values": ["kube-system", "kube-public", NAMESPACE],
         }
+        assert expressions["pod-security.kubernetes.io/enforce"] == {
+            "key": "pod-security.kubernetes.io/enforce",
+            "operator": "In" if name.endswith("pod-security") else "NotIn",
+            "values": ["baseline", "restricted"],
+        }
+        injection = expressions["fhir-audit-proxy/injection"]
+        selection = name.removesuffix("-pod-security")
+        assert (injection["operator"], injection["values"]) == {
+            "namespace": ("In", ["enabled"]),
+            "required": ("In", ["required"]),
+            "pod": ("NotIn", ["enabled", "required"]),
+        }[selection]
         assert hook["reinvocationPolicy"] == "IfNeeded"
         assert hook["sideEffects"] == "None"
-    assert {"key": "fhir-audit-proxy/injection", "operator": "In", "values": ["enabled"]} in (
-        namespaced["namespaceSelector"]["matchExpressions"]
-    )
-    assert opt_in["objectSelector"] == {"matchLabels": {"fhir-audit-proxy/inject": "true"}}
+        # Where audit is required every pod is sent: a pod's own inject=false is denied.
+        assert (
+            hook.get("objectSelector")
+            == {
+                "namespace": {
+                    "matchExpressions": [
+                        {"key": "fhir-audit-proxy/inject", "operator": "NotIn", "values": ["false"]}
+                    ]
+                },
+                "required": None,
+                "pod": {"matchLabels": {"fhir-audit-proxy/inject": "true"}},
+            }[selection]
+        )
 
 
-def test_cert_manager_injects_the_ca_and_the_certificate_names_the_service() -> None:
+def test_cert_manager_injects_a_stable_ca_and_the_certificate_names_the_service() -> None:
     docs = render(values_of(CHART / "ci" / "injector-cert-manager-values.yaml"))
     assert not any(d["kind"] == "Secret" for d in docs)
     hook = by_kind(docs, "MutatingWebhookConfiguration")
@@ -169,9 +223,27 @@ def test_cert_manager_injects_the_ca_and_the_certificate_names_the_service() -> 
         f"{NAMESPACE}/audit-fhir-audit-proxy-webhook"
     )
     assert "caBundle" not in hook["webhooks"][0]["clientConfig"]
-    certificate = by_kind(docs, "Certificate")
-    assert certificate["spec"]["secretName"] == "audit-fhir-audit-proxy-webhook-tls"
-    assert f"audit-fhir-audit-proxy.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    serving = by_kind(docs, "Certificate", "audit-fhir-audit-proxy-webhook")
+    assert serving["spec"]["secretName"] == "audit-fhir-audit-proxy-webhook-tls"
+    assert f"audit-fhir-audit-proxy.{NAMESPACE}.svc" in serving["spec"]["dnsNames"]
+    # The chain: a self-signed Issuer makes the CA, a CA Issuer signs the serving
+    # certificate. cainjector injects the serving Secret's ca.crt, which is then the CA:
+    # renewing the serving certificate leaves the caBundle as it was (no TLS gap under
+    # failurePolicy Fail). A self-signed Issuer signing the serving certificate directly
+    # would change the caBundle at every renewal.
+    assert serving["spec"]["issuerRef"] == {"name": "audit-fhir-audit-proxy-ca", "kind": "Issuer"}
+    assert serving["spec"]["renewBefore"] == "1440h"
+    ca_issuer = by_kind(docs, "Issuer", "audit-fhir-audit-proxy-ca")
+    ca = by_kind(docs, "Certificate", "audit-fhir-audit-proxy-ca")
+    assert ca_issuer["spec"] == {"ca": {"secretName": ca["spec"]["secretName"]}}
+    assert ca["spec"]["isCA"] is True
+    assert ca["spec"]["issuerRef"] == {
+        "name": "audit-fhir-audit-proxy-selfsigned",
+        "kind": "Issuer",
+    }
+    assert by_kind(docs, "Issuer", "audit-fhir-audit-proxy-selfsigned")["spec"] == {
+        "selfSigned": {}
+    }
     image = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == "registry.example.org/fhir-audit-proxy@sha256:" + "0123456789abcdef" * 4
 
@@ -196,6 +268,9 @@ def test_webhook_environment_is_read_by_the_webhook_settings(
     assert settings.image == env["FHIR_AUDIT_WEBHOOK_IMAGE"]
     assert settings.fail_closed is (values["injector"].get("failurePolicy", "Fail") == "Fail")
     assert settings.otlp_endpoint == (values.get("telemetry", {}).get("otlpEndpoint") or None)
+    assert settings.required_pod_annotations == WebhookSettings().required_pod_annotations
+    assert (settings.proxy_port, settings.admin_port, settings.status_port) == (15080, 15081, 15082)
+    assert settings.store_max_bytes == 1024 * 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -247,6 +322,38 @@ def test_defaults_never_expose_the_admin_api() -> None:
         ({"mode": "injector", "unknownKey": 1}, "unknownKey"),
         ({"mode": "standalone"}, "upstreamUrl"),
         ({"mode": "injector", "image": {"digest": "latest"}}, "digest"),
+        # Item 7: a webhook that fails closed with one replica blocks pod creation when down.
+        ({"mode": "injector", "injector": {"replicas": 1}}, "replicas"),
+        (
+            {"mode": "injector", "injector": {"replicas": 1, "failurePolicy": "Ignore"}},
+            "replicas",  # the required webhook fails closed too
+        ),
+        # Item 10: no root, no privileges, no nonsense quantities, no empty requests.
+        ({"mode": "injector", "securityContext": {"privileged": True}}, "privileged"),
+        ({"mode": "injector", "securityContext": {"runAsUser": 0}}, "runAsUser"),
+        (
+            {"mode": "injector", "securityContext": {"allowPrivilegeEscalation": True}},
+            "allowPrivilegeEscalation",
+        ),
+        ({"mode": "injector", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}, "add"),
+        ({"mode": "injector", "podSecurityContext": {"runAsUser": 0}}, "runAsUser"),
+        ({"mode": "injector", "podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
+        ({"mode": "injector", "resources": {"requests": {"cpu": "lots"}}}, "cpu"),
+        ({"mode": "injector", "resources": {"requests": {"cpu": ""}}}, "cpu"),
+        ({"mode": "injector", "resources": {"limits": {"memory": "a lot"}}}, "memory"),
+        (
+            {"mode": "injector", "injector": {"sidecar": {"resources": {"cpuRequest": ""}}}},
+            "cpuRequest",
+        ),
+        (
+            {"mode": "injector", "injector": {"sidecar": {"resources": {"memoryRequest": "lots"}}}},
+            "memoryRequest",
+        ),
+        ({"mode": "injector", "injector": {"sidecar": {"ports": {"proxy": 80}}}}, "proxy"),
+        (
+            {"mode": "injector", "injector": {"takeoverNetworkPolicies": [{"namespace": "fhir"}]}},
+            "fhirPort",
+        ),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
@@ -262,3 +369,107 @@ def test_service_monitor_without_admin_tokens_is_refused() -> None:
     }
     with pytest.raises(helm.HelmRenderError, match=r"admin\.tokenSecret\.name"):
         render(values)
+
+
+def test_one_replica_is_allowed_only_when_nothing_fails_closed() -> None:
+    values = {
+        "mode": "injector",
+        "injector": {"replicas": 1, "failurePolicy": "Ignore", "required": {"enabled": False}},
+    }
+    assert by_kind(render(values), "Deployment")["spec"]["replicas"] == 1
+
+
+def test_the_webhook_stays_available_spread_prioritised_and_stopping_gently() -> None:
+    values = {"mode": "injector", "injector": {"priorityClassName": "system-cluster-critical"}}
+    docs = render(values)
+    deployment = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(c["labelSelector"] == {"matchLabels": selector} for c in spread.values())
+    (webhook,) = pod["containers"]
+    pause = webhook["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause == ["python", "-c", "import time; time.sleep(5)"]
+    assert pod["terminationGracePeriodSeconds"] > 5
+    budget = by_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"] == selector
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(deployment, version, strict=True)
+
+
+def test_pod_monitors_scrape_every_sidecar_and_the_webhook() -> None:
+    docs = render(values_of(CHART / "ci" / "injector-cert-manager-values.yaml"))
+    sidecars = by_kind(docs, "PodMonitor", "audit-fhir-audit-proxy-sidecars")
+    assert sidecars["spec"]["namespaceSelector"] == {"any": True}
+    assert sidecars["spec"]["selector"] == {"matchLabels": {INJECTED_LABEL: "true"}}
+    (endpoint,) = sidecars["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (STATUS_PORT_NAME, "/metrics")
+    webhook = by_kind(docs, "PodMonitor", "audit-fhir-audit-proxy-webhook")
+    (endpoint,) = webhook["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["scheme"], endpoint["path"]) == (
+        "https",
+        "https",
+        "/metrics",
+    )
+    assert endpoint["tlsConfig"]["ca"]["secret"] == {
+        "name": "audit-fhir-audit-proxy-webhook-tls",
+        "key": "ca.crt",
+    }
+    assert endpoint["tlsConfig"]["serverName"] == f"audit-fhir-audit-proxy.{NAMESPACE}.svc"
+
+
+def admits(policy: dict[str, Any], port: int, protocol: str = "TCP") -> bool:
+    """Whether a NetworkPolicy's ingress rules admit ``port`` (from anywhere: the rules
+    here have no ``from``)."""
+    for rule in policy["spec"]["ingress"]:
+        assert "from" not in rule
+        for allowed in rule["ports"]:
+            if allowed["protocol"] == protocol and allowed["port"] <= port <= allowed["endPort"]:
+                return True
+    return False
+
+
+def test_the_takeover_network_policy_closes_the_fhir_port_of_injected_pods_only() -> None:
+    docs = render(values_of(CHART / "ci" / "injector-legacy-takeover-values.yaml"))
+    policy = by_kind(docs, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == "fhir"
+    review = yaml.safe_load((ROOT / "tests/k8s/admission/fallback-takeover.yaml").read_text())
+    request = review["request"]
+    settings = WebhookSettings(traffic="takeover", repository_url="https://a.example/fhir")
+    decision = decide(request["object"], request["namespace"], settings, Selection.ANNOTATION)
+    pod = jsonpatch.apply_patch(request["object"], decision.patch)
+    labels = pod["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    assert policy["metadata"]["namespace"] == pod["metadata"]["namespace"]
+    assert admits(policy, 4080) is False
+    sidecar = pod["spec"]["containers"][0]
+    for port in [p["containerPort"] for p in sidecar["ports"]] + [1, 4079, 4081, 65535]:
+        assert admits(policy, port), port
+    assert admits(policy, 4080, "UDP")
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values, name="audit", namespace=NAMESPACE, is_install=True)
+    return rendered["fhir-audit-proxy/templates/NOTES.txt"]
+
+
+def test_notes_warn_about_a_missing_repository_and_pod_security_and_show_the_recipes() -> None:
+    text = notes({"mode": "injector"})
+    assert "WARNING: no audit repository is set" in text
+    assert "LOST when the pod is deleted" in text
+    assert 'only the "privileged" level admits' in text
+    assert "kubectl -n <ns> port-forward pod/<pod> 9000:15081" in text
+    assert "fhir-audit-proxy inject -f pod.yaml" in text
+    configured = notes(values_of(CHART / "ci" / "injector-self-signed-values.yaml"))
+    assert "WARNING" not in configured
+    takeover = notes(values_of(CHART / "ci" / "injector-legacy-takeover-values.yaml"))
+    assert "privileged" not in takeover
+    standalone = notes({"mode": "standalone", "standalone": {"upstreamUrl": "http://f/fhir"}})
+    assert "WARNING: no audit repository is set" in standalone
