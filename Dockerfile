@@ -34,6 +34,7 @@ ENV FHIR_AUDIT_STORE__PATH=/var/lib/fhir-audit-proxy/audit.db \
 USER 10001:10001
 VOLUME ["/var/lib/fhir-audit-proxy"]
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-m", "proxy.k8s.probe", "healthz", "--port", "9000"]
+# The admin port of FHIR_AUDIT_ADMIN__PORT (an injected sidecar's is 15081), else 9000.
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-m", "proxy.k8s.probe", "healthz"]
 ENTRYPOINT ["tini", "--", "fhir-audit-proxy"]
 CMD ["run"]

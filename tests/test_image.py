@@ -3,6 +3,8 @@ defaults that cannot expose the admin API (what `docker run IMAGE` gets with no 
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import shlex
@@ -10,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from proxy.settings import load_settings
-from tests.factories import why_uid_cannot_run_the_proxy
+from tests.factories import free_port, why_uid_cannot_run_the_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -154,3 +157,73 @@ def test_read_only_root_under_tini_serves_and_drains_on_sigterm() -> None:
     out = result.stdout.split("\n")
     assert result.returncode == 0, result.stdout + result.stderr
     assert out[:4] == ["status 201", "exit 0", "delivered 1", "0"], result.stdout + result.stderr
+
+
+def test_the_healthcheck_probes_the_admin_port_the_container_is_given() -> None:
+    healthcheck = dict(final_stage())["HEALTHCHECK"]
+    command = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert command[:3] == ["python", "-m", "proxy.k8s.probe"]
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_AUDIT_")}
+        # An injected sidecar's admin port: what the HEALTHCHECK must follow.
+        env["FHIR_AUDIT_ADMIN__PORT"] = str(port)
+        checked = subprocess.run([sys.executable, *command[1:]], env=env, cwd=ROOT, timeout=30)
+        assert checked.returncode == 0
+        env["FHIR_AUDIT_ADMIN__PORT"] = str(free_port())
+        missed = subprocess.run([sys.executable, *command[1:]], env=env, cwd=ROOT, timeout=30)
+        assert missed.returncode == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves ``path`` out, by the rules of .dockerignore: the
+    last pattern that matches the path or one of its parent directories wins, ``!``
+    keeps, ``**`` matches any number of directories."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        glob = pattern.removeprefix("!").strip("/")
+        regex = re.escape(glob).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            ignored = not keep
+    return ignored
+
+
+def test_the_build_context_holds_what_the_build_copies_and_nothing_else() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    copied = [
+        source
+        for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M)
+        for source in line.split()[:-1]
+    ]
+    assert copied == ["pyproject.toml", "README.md", "proxy"]
+    for kept in ["pyproject.toml", "README.md", "proxy/cli.py", "proxy/admin/static/index.html"]:
+        assert not dockerignored(kept, patterns), kept
+    for left_out in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "data/audit.db",
+        "tests/test_image.py",
+        "testserver/node_modules/x/index.js",
+        "proxy/__pycache__/cli.cpython-311.pyc",
+        "helm/fhir-audit-proxy/values.yaml",
+    ]:
+        assert dockerignored(left_out, patterns), left_out
