@@ -393,6 +393,15 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
     return run_webhook_command(args)
 
 
+def _cmd_inject(args: argparse.Namespace) -> int:
+    from proxy.k8s.inject import run_inject_command
+
+    try:
+        return run_inject_command(args)
+    except OSError as exc:
+        raise ConfigError(f"{args.filename}: {exc.strerror or exc}") from exc
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -559,6 +568,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     webhook.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443)")
     webhook.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    inject = add_command(
+        commands,
+        "inject",
+        help="print manifests with the sidecar injected, as the webhook would (offline)",
+        description="Read Kubernetes manifests (Pods, and the pod templates of Deployments,"
+        " StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs) and print them with the"
+        " proxy injected exactly as the webhook would inject them, for review or to commit"
+        " (as istioctl kube-inject -f does). The webhook's defaults come from"
+        " FHIR_AUDIT_WEBHOOK_* variables; why each pod was or was not injected goes to"
+        " stderr. Exit 1, printing nothing, when a pod would be denied.",
+        func=_cmd_inject,
+    )
+    inject.add_argument(
+        "-f", "--filename", required=True, metavar="FILE", help="the manifests (- for stdin)"
+    )
+    inject.add_argument(
+        "-n",
+        "--namespace",
+        default="default",
+        help="namespace of documents that name none (default: default)",
+    )
+    inject.add_argument(
+        "--injection",
+        choices=["enabled", "required", "opt-in"],
+        default="enabled",
+        help="the namespace's fhir-audit-proxy/injection label: enabled (default), required,"
+        " or opt-in for a namespace without it",
+    )
+    inject.add_argument(
+        "--pod-security",
+        action="store_true",
+        help="the namespace enforces Pod Security baseline or restricted",
+    )
     return parser
 
 
