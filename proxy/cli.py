@@ -159,7 +159,11 @@ def _bind_failure(exc: OSError, settings: Settings) -> StartupError | None:
     if found is None:
         return None
     host, port, reason = found.group(1), int(found.group(2)), found.group(3)
-    setting = {settings.listen.port: "listen", settings.admin.port: "admin"}.get(port, "listen")
+    setting = {
+        settings.listen.port: "listen",
+        settings.admin.port: "admin",
+        settings.status.port: "status",
+    }.get(port, "listen")
     return _listen_failure(host, port, setting, reason, exc.errno)
 
 

@@ -69,12 +69,11 @@ FHIR_IMAGES: Mapping[str, int] = {
     "hapiproject/hapi": 8080,
     "medplum/medplum-server": 8103,
     "smilecdr/smilecdr": 8000,
-    "healthsamurai/aidboxone": 8080,
-    "healthsamurai/aidbox": 8080,
     "firely/server": 4080,
 }
 """FHIR server images (repository, without registry or tag) and the port on which each
-serves FHIR over plain HTTP by default."""
+serves FHIR over plain HTTP by default. Not Aidbox: its port is whatever its required
+``AIDBOX_PORT`` says, so its pods name the port or say yes."""
 FHIR_PORT_NAMES = frozenset({"fhir", "http-fhir"})
 """Port names that say the port serves FHIR over HTTP."""
 HTTPS_PORTS = frozenset({443, 8443, 9443})

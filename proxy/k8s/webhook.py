@@ -288,7 +288,7 @@ def serve_webhook(settings: WebhookSettings, cert: Path, key: Path, host: str, p
         # Both families on one socket: the API server may reach the Service over either.
         sock = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
     else:
-        sock = socket.create_server((host, port))
+        sock = socket.create_server(("0.0.0.0" if host == "::" else host, port))
     bound = sock.getsockname()[1]
 
     async def watching(app: web.Application) -> AsyncIterator[None]:

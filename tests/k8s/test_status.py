@@ -5,7 +5,11 @@ and ``/metrics`` for Prometheus. No probe leaves an audit event."""
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,8 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.factories import NodeFhirServer, StartProxy, free_port, write_certificate
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def probes(fhir_port: int, dead_port: int) -> dict[str, Any]:
@@ -168,3 +174,34 @@ async def test_https_probes_are_not_verified_as_the_kubelet_does_not(
         assert await status_of(http, url) == (200, "ok\n")
     finally:
         await runner.cleanup()
+
+
+def test_a_status_port_in_use_is_a_one_line_error_naming_the_setting(
+    fhir_server: NodeFhirServer, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_AUDIT_")} | {
+            "FHIR_AUDIT_LISTEN__HOST": "127.0.0.1",
+            "FHIR_AUDIT_LISTEN__PORT": str(free_port()),
+            "FHIR_AUDIT_ADMIN__PORT": str(free_port()),
+            "FHIR_AUDIT_STATUS__HOST": "127.0.0.1",
+            "FHIR_AUDIT_STATUS__PORT": str(port),
+            "FHIR_AUDIT_UPSTREAM__URL": fhir_server.base_url,
+            "FHIR_AUDIT_STORE__PATH": str(tmp_path / "audit.db"),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert (
+        f"fhir-audit-proxy: error: cannot listen on 127.0.0.1:{port} (status.host/status.port)"
+        in result.stderr
+    )
