@@ -3,7 +3,7 @@ gives it, gets SIGTERM (as the kubelet sends it once the app has stopped) with e
 yet delivered. With a repository that answers, every event reaches it before the proxy
 exits; with one that never answers, the proxy still exits within the time the injector
 added to the pod's ``terminationGracePeriodSeconds`` (so the kubelet never has to kill it
-mid-write), and the events stay in its store."""
+mid-write), the events stay in its store, and its last log line says how many and where."""
 
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ async def test_a_repository_that_answers_gets_every_pending_event_before_the_pro
     assert status == 0, sidecar.log.read_text()
     assert len(repository.events()) == EVENTS
     assert await sidecar.pending() == 0
+    assert "stopped: all events delivered" in sidecar.log.read_text()
     added = pod["spec"]["terminationGracePeriodSeconds"] - DEFAULT_GRACE_S
     assert took < added
 
@@ -177,6 +178,9 @@ async def test_a_repository_that_never_answers_cannot_hold_the_pod_past_its_grac
     assert added == 2 * DRAIN_S + 5
     assert DRAIN_S - 1 < took < added, sidecar.log.read_text()
     assert status == 0, sidecar.log.read_text()
-    # Nothing was delivered, and nothing is lost while the volume lasts (a PVC).
+    # Nothing was delivered, and nothing is lost while the volume lasts (a PVC); the last
+    # line the sidecar logs says how many events it leaves and where.
     assert scripted_repository.delivered_ids() == []
     assert await sidecar.pending() == EVENTS
+    said = f"stopped: {EVENTS} events left undelivered in {sidecar.store}"
+    assert said in sidecar.log.read_text()
