@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
 from proxy.listener import Answer, BodyTimedOut, ClientRequest, Listener, StreamedAnswer
-from tests.factories import StartProxy, raw_body, raw_http, raw_status, request_id_of, serving
+from tests.factories import (
+    NodeFhirServer,
+    ProxyProcess,
+    StartProxy,
+    free_port,
+    raw_body,
+    raw_http,
+    raw_status,
+    request_id_of,
+    serving,
+)
 
 Handler = Callable[[ClientRequest], Awaitable[Answer | StreamedAnswer]]
 
@@ -451,3 +464,38 @@ async def test_a_request_whose_head_or_body_does_not_arrive_is_answered_408(
         assert event["action"] == "C" and event["outcome"] != "0"
         assert "no byte of the request body for 0.5 s" in event["outcomeDesc"]
     assert all(rid == "streamed" and size < 2048 for rid, size in forwarded), forwarded
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_listening_on_double_colon_takes_both_families(
+    fhir_server: NodeFhirServer, tmp_path: Path, workers: int
+) -> None:
+    """``listen.host: "::"`` (what the injector gives a sidecar): IPv4 and IPv6 clients are
+    both served, with one worker and with several (asyncio alone binds "::" for IPv6)."""
+    port = free_port()
+    config = {
+        "listen": {"host": "::", "port": port},
+        "upstream": {"url": fhir_server.base_url},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "store": {"path": str(tmp_path / "audit.db")},
+        "workers": workers,
+    }
+    proxy = ProxyProcess(config, tmp_path, own_group=True)
+    async with aiohttp.ClientSession() as http:
+        await proxy.start(http)
+        try:
+            for host in ("127.0.0.1", "[::1]"):
+                async with http.get(f"http://{host}:{port}/fhir/metadata") as answer:
+                    assert answer.status == 200, host
+        finally:
+            await proxy.stop()
