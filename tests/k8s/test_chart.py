@@ -323,36 +323,54 @@ def test_defaults_never_expose_the_admin_api() -> None:
         ({"mode": "standalone"}, "upstreamUrl"),
         ({"mode": "injector", "image": {"digest": "latest"}}, "digest"),
         # Item 7: a webhook that fails closed with one replica blocks pod creation when down.
-        ({"mode": "injector", "injector": {"replicas": 1}}, "replicas"),
+        ({"mode": "injector", "injector": {"replicas": 1}}, "/injector/replicas': minimum"),
         (
             {"mode": "injector", "injector": {"replicas": 1, "failurePolicy": "Ignore"}},
-            "replicas",  # the required webhook fails closed too
+            "/injector/replicas': minimum",  # the required webhook fails closed too
         ),
         # Item 10: no root, no privileges, no nonsense quantities, no empty requests.
-        ({"mode": "injector", "securityContext": {"privileged": True}}, "privileged"),
-        ({"mode": "injector", "securityContext": {"runAsUser": 0}}, "runAsUser"),
+        (
+            {"mode": "injector", "securityContext": {"privileged": True}},
+            "/securityContext/privileged'",
+        ),
+        ({"mode": "injector", "securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser'"),
         (
             {"mode": "injector", "securityContext": {"allowPrivilegeEscalation": True}},
-            "allowPrivilegeEscalation",
+            "/securityContext/allowPrivilegeEscalation'",
         ),
-        ({"mode": "injector", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}, "add"),
-        ({"mode": "injector", "podSecurityContext": {"runAsUser": 0}}, "runAsUser"),
-        ({"mode": "injector", "podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
-        ({"mode": "injector", "resources": {"requests": {"cpu": "lots"}}}, "cpu"),
-        ({"mode": "injector", "resources": {"requests": {"cpu": ""}}}, "cpu"),
-        ({"mode": "injector", "resources": {"limits": {"memory": "a lot"}}}, "memory"),
+        (
+            {"mode": "injector", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
+            "/capabilities/add'",
+        ),
+        (
+            {"mode": "injector", "podSecurityContext": {"runAsUser": 0}},
+            "/podSecurityContext/runAsUser'",
+        ),
+        (
+            {"mode": "injector", "podSecurityContext": {"runAsNonRoot": False}},
+            "/podSecurityContext/runAsNonRoot'",
+        ),
+        (
+            {"mode": "injector", "resources": {"requests": {"cpu": "lots"}}},
+            "/resources/requests/cpu'",
+        ),
+        ({"mode": "injector", "resources": {"requests": {"cpu": ""}}}, "/resources/requests/cpu'"),
+        (
+            {"mode": "injector", "resources": {"limits": {"memory": "a lot"}}},
+            "/resources/limits/memory'",
+        ),
         (
             {"mode": "injector", "injector": {"sidecar": {"resources": {"cpuRequest": ""}}}},
-            "cpuRequest",
+            "/resources/cpuRequest'",
         ),
         (
-            {"mode": "injector", "injector": {"sidecar": {"resources": {"memoryRequest": "lots"}}}},
-            "memoryRequest",
+            {"mode": "injector", "injector": {"sidecar": {"resources": {"memoryRequest": ""}}}},
+            "/resources/memoryRequest'",
         ),
-        ({"mode": "injector", "injector": {"sidecar": {"ports": {"proxy": 80}}}}, "proxy"),
+        ({"mode": "injector", "injector": {"sidecar": {"ports": {"proxy": 80}}}}, "/ports/proxy'"),
         (
             {"mode": "injector", "injector": {"takeoverNetworkPolicies": [{"namespace": "fhir"}]}},
-            "fhirPort",
+            "missing property 'fhirPort'",
         ),
     ],
 )
