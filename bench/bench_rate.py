@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -147,6 +148,22 @@ def memory_mb(root: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
+def commit_counters(admin: int) -> tuple[float, float]:
+    """The proxy's group commits so far and the seconds they took (its admin
+    ``/metrics``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("fhir_audit_store_commit_seconds_count", "fhir_audit_store_commit_seconds_sum"):
+            values[name] = float(value)
+    return (
+        values.get("fhir_audit_store_commit_seconds_count", 0.0),
+        values.get("fhir_audit_store_commit_seconds_sum", 0.0),
+    )
+
+
 # --- one measurement -------------------------------------------------------------------
 
 
@@ -165,6 +182,10 @@ class Run:
     rss_mb: float
     pss_mb: float
     generator_cpu_share: float
+    commits: float = float("nan")
+    """Group commits the proxy made in the window (NaN: not a proxy)."""
+    commit_s: float = float("nan")
+    """Seconds its writer spent in them."""
 
     def vcpu_per_krps(self, key: str | None = None) -> float:
         """CPU seconds per 1000 requests answered (of ``key``'s processes, or all)."""
@@ -178,6 +199,7 @@ def measure(
     pid: int | None,
     args: argparse.Namespace,
     body_file: Path | None,
+    admin: int | None = None,
 ) -> Run:
     cmd = [
         sys.executable,
@@ -211,6 +233,7 @@ def measure(
         if line != "go":
             raise SystemExit(f"the load generator said {line!r}")
         before = cpu_by_role(pid) if pid is not None else {}
+        commits_before = commit_counters(admin) if admin is not None else (0.0, 0.0)
         t0 = time.monotonic()
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -221,6 +244,9 @@ def measure(
             sampler.join()
         after = cpu_by_role(pid) if pid is not None else {}
         window = time.monotonic() - t0
+        commits_after = (
+            commit_counters(admin) if admin is not None else (float("nan"), float("nan"))
+        )
         result = json.loads(gen.stdout.readline())
     cpu = {
         k: (u - before.get(k, (0.0, 0.0))[0], s - before.get(k, (0.0, 0.0))[1])
@@ -237,6 +263,8 @@ def measure(
         rss_mb=peak[0],
         pss_mb=peak[1],
         generator_cpu_share=result["generator_cpu_share"],
+        commits=commits_after[0] - commits_before[0],
+        commit_s=commits_after[1] - commits_before[1],
     )
 
 
@@ -246,6 +274,8 @@ class Target:
     port: int
     pid: int | None
     """The process whose tree is measured (None: nginx, whose CPU is not the question)."""
+    admin: int | None = None
+    """A fhir-audit-proxy's admin port (its commit counters)."""
     runs: dict[str, list[Run]] = field(default_factory=dict)
     rest_mb: tuple[float, float] = (0.0, 0.0)
 
@@ -324,15 +354,22 @@ def upstream(d: Path, port: int) -> Iterator[None]:
 def profile(
     targets: list[Target], chosen: list[Request], args: argparse.Namespace, d: Path
 ) -> None:
+    """Each request once more against fhir-audit-proxy under ``py-spy record`` (Python
+    stacks, sampled by wall clock: a thread waiting for a core is sampled where it
+    waits) and, where Linux ``perf`` is installed, once under ``perf record -e
+    cpu-clock`` (on-CPU samples only: the kernel, the interpreter, the C extensions)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    perf = shutil.which("perf")
     args.profile.mkdir(parents=True, exist_ok=True)
     proxy = next(t for t in targets if t.name == "fhir-audit-proxy")
     assert proxy.pid is not None
+    duration = str(int(args.warmup + args.seconds + 2))
     for req in chosen:
-        out = args.profile / f"{req.name}.txt"
         body_file = d / f"{req.name}.body" if req.body is not None else None
-        with running(
-            [
+        url = f"http://127.0.0.1:{proxy.port}{req.path}"
+        recorders = {
+            # py-spy writes its stacks when its --duration ends (not when signalled).
+            f"{req.name}.txt": [
                 spy,
                 "record",
                 "--pid",
@@ -340,17 +377,44 @@ def profile(
                 "--subprocesses",
                 "--rate",
                 "250",
+                "--duration",
+                duration,
                 "--format",
                 "raw",
                 "--output",
-                str(out),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ):
-            time.sleep(1)
-            measure(f"http://127.0.0.1:{proxy.port}{req.path}", req, None, args, body_file)
-        print(f"profile of {req.name}: {out}", file=sys.stderr)
+                str(args.profile / f"{req.name}.txt"),
+            ]
+        }
+        if perf is not None:
+            pids = ",".join(map(str, tree(proxy.pid)))
+            recorders[f"{req.name}.perf.data"] = [
+                perf,
+                "record",
+                "--quiet",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "997",
+                "-g",
+                "-p",
+                pids,
+                "-o",
+                str(args.profile / f"{req.name}.perf.data"),
+                "--",
+                "sleep",
+                duration,
+            ]
+        for out, cmd in recorders.items():
+            recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1)
+                measure(url, req, None, args, body_file)
+                recorder.wait(timeout=120)
+            finally:
+                if recorder.poll() is None:
+                    recorder.kill()
+                    recorder.wait()
+            print(f"profile of {req.name}: {args.profile / out}", file=sys.stderr)
 
 
 def main() -> None:
@@ -413,7 +477,7 @@ def main() -> None:
                         [sys.executable, "-m", "proxy", "-c", str(config), "run"], cwd=tree_root
                     )
                 )
-                targets.append(Target(name, port, proc.pid))
+                targets.append(Target(name, port, proc.pid, admin))
             for t in targets:
                 wait_http(f"http://127.0.0.1:{t.port}/fhir/Patient/1")
             time.sleep(2)
@@ -426,9 +490,8 @@ def main() -> None:
                 for req in chosen:
                     body_file = d / f"{req.name}.body" if req.body is not None else None
                     for t in targets:
-                        run = measure(
-                            f"http://127.0.0.1:{t.port}{req.path}", req, t.pid, args, body_file
-                        )
+                        url = f"http://127.0.0.1:{t.port}{req.path}"
+                        run = measure(url, req, t.pid, args, body_file, t.admin)
                         t.runs.setdefault(req.name, []).append(run)
             load_after = load_average()
             if args.profile is not None:
@@ -463,9 +526,9 @@ def report(
     print(
         "| request | target | latency p50 / p90 / p99 ms | added over direct p50 / p90 / p99 ms"
         " | vCPU per 1000 req/s | of which user / system | by process | RSS MB under load"
-        " (PSS) | non-2xx/errors |"
+        " (PSS) | commits per request, mean commit ms | non-2xx/errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for req in chosen:
         for t in targets:
             runs = t.runs[req.name]
@@ -478,7 +541,7 @@ def report(
             )
             bad = sum(r.non2xx + r.errors for r in runs)
             if t.pid is None:
-                cpu = split = by_process = mem = ""
+                cpu = split = by_process = mem = commits = ""
             else:
                 cpu = f"{median([r.vcpu_per_krps() for r in runs]):.3f}"
                 user = median([sum(u for u, _ in r.cpu.values()) / r.answered * 1000 for r in runs])
@@ -492,9 +555,14 @@ def report(
                 )
                 rss, pss = median([r.rss_mb for r in runs]), median([r.pss_mb for r in runs])
                 mem = f"{rss:.0f} ({pss:.0f})"
+                per_request = median([r.commits / r.answered for r in runs])
+                commit_ms = median(
+                    [r.commit_s / r.commits * 1e3 if r.commits else 0.0 for r in runs]
+                )
+                commits = f"{per_request:.2f}, {commit_ms:.2f}" if t.admin is not None else ""
             print(
                 f"| `{req.name}` | {t.name} | {' / '.join(f'{v:.2f}' for v in p)} | {added}"
-                f" | {cpu} | {split} | {by_process} | {mem} | {bad} |"
+                f" | {cpu} | {split} | {by_process} | {mem} | {commits} | {bad} |"
             )
     print()
     for t in audited:
