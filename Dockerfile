@@ -7,8 +7,15 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
 FROM ${PYTHON_IMAGE} AS build
+# gcc: the build compiles the hot-path modules with mypyc (setup.py); without a compiler it
+# would install them as pure Python. The compiler stays in this stage: its version is the
+# base image's Debian release's, unpinned, as it does not reach the image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md config.example.yaml ./
+COPY pyproject.toml setup.py README.md config.example.yaml ./
 COPY proxy ./proxy
 RUN pip install --no-cache-dir --prefix=/install . \
     && python -m compileall -q /install

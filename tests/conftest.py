@@ -10,8 +10,9 @@ the reason it makes invalid events on purpose."""
 
 from __future__ import annotations
 
+import contextvars
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from proxy import pure_python_wanted
 from proxy.app import ADMIN_URL, build_proxy_app
 from proxy.audit import balp
 from proxy.store.queue import AuditQueue
+from tests import EDITED_SINCE_COMPILED, compiled_library
 from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     FormatUpstream,
@@ -44,6 +47,20 @@ from tests.factories import (
 )
 
 VALIDATOR = pytest.StashKey[ProfileValidator]()
+
+
+def pytest_report_header() -> str:
+    """Which build of the proxy the suite runs (see ``tests/__init__.py``)."""
+    if EDITED_SINCE_COMPILED:
+        return (
+            f"proxy: pure Python (edited since scripts/setup compiled the tree:"
+            f" {', '.join(EDITED_SINCE_COMPILED)})"
+        )
+    if pure_python_wanted():
+        return "proxy: pure Python (AUDIT_PROXY_PURE_PYTHON)"
+    if compiled_library() is None:
+        return "proxy: pure Python (not compiled)"
+    return "proxy: mypyc-compiled modules"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -70,14 +87,31 @@ def balp_validator(pytestconfig: pytest.Config) -> Iterator[ProfileValidator]:
     process and every event a test repository receives."""
     validator = ProfileValidator.start()
     pytestconfig.stash[VALIDATOR] = validator
-    original = balp.events_for
+    # Both of the builder's entry points are wrapped, wherever they are bound: compiled
+    # by mypyc, build_events calls events_for directly, past any patched name. A call
+    # inside a wrapped call (the pure-Python build_events calling events_for) is checked
+    # once, by the outer one.
+    originals: dict[str, Callable[..., Sequence[Any]]] = {
+        "events_for": balp.events_for,
+        "build_events": balp.build_events,
+    }
+    checking: contextvars.ContextVar[bool] = contextvars.ContextVar("checking", default=False)
 
-    def checked_events_for(*args: Any, **kwargs: Any) -> Sequence[Any]:
-        built = original(*args, **kwargs)
-        for item in built:
-            row = item.row
-            validator.submit(row.event_id, row.body)
-        return built
+    def checked(original: Callable[..., Sequence[Any]]) -> Callable[..., Sequence[Any]]:
+        def call(*args: Any, **kwargs: Any) -> Sequence[Any]:
+            if checking.get():
+                return original(*args, **kwargs)
+            token = checking.set(True)
+            try:
+                built = original(*args, **kwargs)
+            finally:
+                checking.reset(token)
+            for item in built:
+                row = item.row
+                validator.submit(row.event_id, row.body)
+            return built
+
+        return call
 
     def checked_handle(handle: Any) -> Any:
         async def handle_and_check(self: Any, request: web.Request) -> web.StreamResponse:
@@ -91,12 +125,16 @@ def balp_validator(pytestconfig: pytest.Config) -> Iterator[ProfileValidator]:
         return handle_and_check
 
     with pytest.MonkeyPatch.context() as patch:
-        # Wherever the builder is imported by name (the pipeline's build_events calls it
-        # through balp; the intents' recovery imports it).
+        # The builder's module, and wherever its entry points are imported by name (the
+        # pipeline, the intents' recovery, the admin access log, tests).
+        wrapped = {name: checked(function) for name, function in originals.items()}
         for module in list(sys.modules.values()):
-            name = getattr(module, "__name__", "")
-            if name.startswith("proxy.") and getattr(module, "events_for", None) is original:
-                patch.setattr(module, "events_for", checked_events_for)
+            module_name = getattr(module, "__name__", "")
+            if not module_name.startswith(("proxy.", "tests.")):
+                continue
+            for name, function in originals.items():
+                if getattr(module, name, None) is function:
+                    patch.setattr(module, name, wrapped[name])
         for repository in (RecordingRepository, ScriptedRepository):
             patch.setattr(repository, "handle", checked_handle(repository.handle))
         try:

@@ -1,20 +1,26 @@
 """The shipped artefacts: the Dockerfile lints clean, the example config loads and names
-every setting, the console script answers."""
+every setting, the console script answers, the hot path runs compiled where the build
+could compile it and as pure Python when asked."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from proxy import __version__
+from proxy import PURE_PYTHON_ENV, __version__, pure_python_wanted
 from proxy.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +132,57 @@ def test_the_changelog_says_what_each_store_schema_version_added() -> None:
     changelog = (ROOT / "CHANGELOG.md").read_text()
     rows = re.findall(r"^\| (\d+) \| \S", changelog, re.MULTILINE)
     assert [int(n) for n in rows] == list(range(1, SCHEMA_VERSION + 1))
+
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+COMPILED = [
+    path.removesuffix(".py").replace("/", ".")
+    for path in PYPROJECT["tool"]["fhir-audit-proxy"]["mypyc"]["modules"]
+]
+
+
+def _c_compiler_found() -> bool:
+    """What setup.py asks before it compiles (its other reason, the variable, aside)."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(compiler) is not None and headers.exists()
+
+
+def test_the_hot_path_runs_compiled_where_the_build_could_compile_it() -> None:
+    modules = [importlib.import_module(name) for name in COMPILED]
+    files = {m.__name__: str(m.__file__) for m in modules}
+    if pure_python_wanted():
+        assert all(f.endswith(".py") for f in files.values()), files
+        return
+    if not _c_compiler_found():
+        pytest.skip("no C compiler or Python headers here: the build is pure Python")
+    assert all(f.endswith(tuple(EXTENSION_SUFFIXES)) for f in files.values()), (
+        f"{files}: not compiled; scripts/setup compiles them (a C compiler is here)"
+    )
+
+
+def test_pure_python_is_imported_when_asked() -> None:
+    program = (
+        "import proxy.audit.balp as m, proxy.fhir.interaction as n; print(m.__file__, n.__file__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, PURE_PYTHON_ENV: "1"},
+    )
+    assert done.stdout.split() == [
+        str(ROOT / "proxy" / "audit" / "balp.py"),
+        str(ROOT / "proxy" / "fhir" / "interaction.py"),
+    ]
+
+
+def test_the_build_compiles_with_the_mypy_that_checks_the_code() -> None:
+    """mypyc is mypy's: the build's and the type check's must be the same release."""
+    build = [r for r in PYPROJECT["build-system"]["requires"] if r.startswith("mypy")]
+    checks = [
+        r for r in PYPROJECT["project"]["optional-dependencies"]["test"] if r.startswith("mypy")
+    ]
+    assert build == checks == [f"mypy=={importlib.metadata.version('mypy')}"]

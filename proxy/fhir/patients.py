@@ -69,9 +69,11 @@ def _walk(value: Any, path: tuple[str, ...]) -> Iterable[Any]:
     return values
 
 
-def patients_in_resource(resource: Mapping[str, Any] | None) -> tuple[str, ...]:
+def patients_in_resource(resource: object) -> tuple[str, ...]:
     """Patients that put ``resource`` in the Patient compartment, in first-seen order. A
-    Patient is its own patient; a Bundle is read entry by entry."""
+    Patient is its own patient; a Bundle is read entry by entry. Anything but a mapping
+    names no patient (``object``, not ``Mapping | None``: compiled, a narrower type is
+    checked where it is narrowed, and odd input would raise)."""
     out: dict[str, None] = {}
     if not isinstance(resource, dict) and isinstance(resource, Mapping):
         resource = dict(resource)  # parsed JSON is dicts; the walk checks for dict, fast

@@ -270,4 +270,4 @@ def test_any_mapping_is_read_and_odd_input_names_no_patient() -> None:
     observation = {"resourceType": "Observation", "subject": {"reference": "Patient/9"}}
     assert patients_in_resource(MappingProxyType(observation)) == ("Patient/9",)
     for odd in ("Patient/9", ["Patient/9"], 9, None):
-        assert patients_in_resource(odd) == ()  # type: ignore[arg-type]
+        assert patients_in_resource(odd) == ()
