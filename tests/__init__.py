@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def compiled_library() -> Path | None:
-    """The shared library mypyc built in this tree, if there is one."""
-    return next(iter(sorted(ROOT.glob("*__mypyc.*.so"))), None)
+    """The shared library mypyc built in this tree, if there is one (at the top for
+    several modules, beside the module for one)."""
+    found = [*ROOT.glob("*__mypyc.*.so"), *(ROOT / "proxy").rglob("*__mypyc.*.so")]
+    return min(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def edited_since_compiled() -> list[str]:
