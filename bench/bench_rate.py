@@ -4,7 +4,8 @@ bare aiohttp pass-through, in one run.
 
     python bench/bench_rate.py [--rate 1000] [--seconds 10] [--warmup 2] [--repeat 3]
                                [--requests read search create] [--before DIR]
-                               [--profile DIR] [--store-dir DIR]
+                               [--tree NAME=DIR ...] [--no-bare] [--profile DIR]
+                               [--store-dir DIR]
 
 The upstream is nginx serving canned FHIR JSON (``bench_proxy.py``'s); the load is
 ``rate_load.py`` in a process of its own (open loop, evenly spaced, latency from each
@@ -13,8 +14,9 @@ Observation?patient=1`` answering 10 Observations of 7 patients (7 events) and `
 Observation`` (an intent before forwarding, the event after). Each goes, in turn, to
 nginx directly (the latency baseline), to the bare pass-through (``plain_proxy.py``), to
 fhir-audit-proxy and, with ``--before DIR``, to a second fhir-audit-proxy run from
-another source tree (``git archive REV proxy | tar -x -C DIR``); ``--repeat N`` runs
-the whole round N times, interleaved, and reports medians.
+another source tree (``git archive REV proxy | tar -x -C DIR``; ``--tree NAME=DIR`` for
+more, each under its name); ``--repeat N`` runs the whole round N times, interleaved,
+and reports medians.
 
 For each target it reads, between the generator's ``go`` and ``done``, the user and
 system CPU time of every process of the target (the process, its threads, its workers
@@ -425,6 +427,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--requests", nargs="+", default=list(REQUESTS), choices=list(REQUESTS))
     parser.add_argument("--before", type=Path, help="a source tree to run as 'before'")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another source tree to run beside (repeatable), compared as 'before' is",
+    )
     parser.add_argument("--no-bare", action="store_true", help="skip the bare pass-through")
     parser.add_argument("--profile", type=Path, help="write py-spy stacks of the proxy here")
     parser.add_argument(
@@ -467,6 +476,9 @@ def main() -> None:
             trees = [("fhir-audit-proxy", ROOT)]
             if args.before is not None:
                 trees.append(("before", args.before.resolve()))
+            for spec in args.tree:
+                name, _, directory = spec.partition("=")
+                trees.append((name, Path(directory).resolve()))
             for name, tree_root in trees:
                 port, admin = free_port(), free_port()
                 config = proxy_config(
@@ -581,26 +593,26 @@ def report(
                 for k, v in floor.items()
             )
         )
-    if len(audited) > 1 and "before" in {t.name for t in audited}:
-        after = next(t for t in audited if t.name == "fhir-audit-proxy")
-        before = next(t for t in audited if t.name == "before")
+    after = next(t for t in audited if t.name == "fhir-audit-proxy")
+    others = [t for t in audited if t.name not in ("fhir-audit-proxy", "bare aiohttp")]
+    if others:
         print()
         print(
-            "| request | vCPU per 1000 req/s, before / after | ratio | p50 added, before / after |"
+            "| request | tree | vCPU per 1000 req/s, that tree / this tree | ratio"
+            " | p50 added, that tree / this tree |"
         )
-        print("|---|---|---|---|")
+        print("|---|---|---|---|---|")
         for req in chosen:
-            b = median([r.vcpu_per_krps() for r in before.runs[req.name]])
-            a = median([r.vcpu_per_krps() for r in after.runs[req.name]])
             base = lat(direct, req.name, "p50")
-            added_b, added_a = (
-                lat(before, req.name, "p50") - base,
-                lat(after, req.name, "p50") - base,
-            )
-            print(
-                f"| `{req.name}` | {b:.3f} / {a:.3f} | {a / b:.2f}"
-                f" | {added_b:+.2f} / {added_a:+.2f} ms |"
-            )
+            a = median([r.vcpu_per_krps() for r in after.runs[req.name]])
+            for before in others:
+                b = median([r.vcpu_per_krps() for r in before.runs[req.name]])
+                added_b = lat(before, req.name, "p50") - base
+                added_a = lat(after, req.name, "p50") - base
+                print(
+                    f"| `{req.name}` | {before.name} | {b:.3f} / {a:.3f} | {a / b:.2f}"
+                    f" | {added_b:+.2f} / {added_a:+.2f} ms |"
+                )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ suite. Their figures are read in bench/RESULTS.md, never asserted here."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +64,44 @@ def test_the_build_benchmark_measures_every_scenario() -> None:
     figures = orjson.loads(done.stdout)
     assert set(figures) == {"read", "search-7", "create"}
     assert all(us > 0 for us in figures.values())
+
+
+async def test_the_rate_generator_keeps_its_schedule_and_counts_answers() -> None:
+    """rate_load.py against a small server: every request of the window answered and
+    counted, a non-2xx answer counted as such, latencies from the schedule."""
+    answered: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        answered.append(request.method)
+        return web.Response(status=404 if request.path == "/missing" else 200, text="{}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        for path, status_ok in (("/fhir/Patient/1", True), ("/missing", False)):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(ROOT / "bench" / "rate_load.py"),
+                str(server.make_url(path)),
+                "--rate",
+                "200",
+                "--seconds",
+                "0.5",
+                "--warmup",
+                "0.1",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await asyncio.wait_for(process.communicate(), 60)
+            assert process.returncode == 0
+            go, done, report = out.decode().splitlines()
+            assert (go, done) == ("go", "done")
+            figures = orjson.loads(report)
+            assert figures["sent"] == figures["answered"] == 100
+            assert figures["non2xx"] == (0 if status_ok else 100)
+            assert figures["errors"] == figures["unanswered"] == 0
+            assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["max"]
+        assert len(answered) == 2 * 120  # warm-up included
+    finally:
+        await server.close()
