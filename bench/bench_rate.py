@@ -538,7 +538,7 @@ def report(
     print(
         "| request | target | latency p50 / p90 / p99 ms | added over direct p50 / p90 / p99 ms"
         " | vCPU per 1000 req/s | of which user / system | by process | RSS MB under load"
-        " (PSS) | commits per request, mean commit ms | non-2xx/errors |"
+        " (PSS) | commits per request, mean commit | non-2xx/errors |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for req in chosen:
@@ -571,7 +571,17 @@ def report(
                 commit_ms = median(
                     [r.commit_s / r.commits * 1e3 if r.commits else 0.0 for r in runs]
                 )
-                commits = f"{per_request:.2f}, {commit_ms:.2f}" if t.admin is not None else ""
+                writer_us = median(
+                    [
+                        sum(r.cpu.get("writer", (0.0, 0.0))) / r.commits * 1e6 if r.commits else 0.0
+                        for r in runs
+                    ]
+                )
+                commits = (
+                    f"{per_request:.2f}, {commit_ms:.2f} ms, writer {writer_us:.0f} µs CPU each"
+                    if t.admin is not None
+                    else ""
+                )
             print(
                 f"| `{req.name}` | {t.name} | {' / '.join(f'{v:.2f}' for v in p)} | {added}"
                 f" | {cpu} | {split} | {by_process} | {mem} | {commits} | {bad} |"
