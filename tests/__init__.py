@@ -2,8 +2,8 @@
 imports the package before its conftest): where the tree's compiled modules (mypyc,
 built in place by ``scripts/setup``) are older than one of the proxy's sources, the
 suite imports the pure-Python sources instead (``AUDIT_PROXY_PURE_PYTHON=1``, inherited
-by the processes the tests start), so an edit is tested as written; the report's header
-says which build ran. ``scripts/setup`` compiles the edited tree again."""
+by the processes the tests start), so an edit is tested as written; the report says
+which build ran. ``scripts/setup`` compiles the edited tree again."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ from tests.factories import (
 VALIDATOR = pytest.StashKey[ProfileValidator]()
 
 
-def pytest_report_header() -> str:
+def build_under_test() -> str:
     """Which build of the proxy the suite runs (see ``tests/__init__.py``)."""
     if EDITED_SINCE_COMPILED:
         return (
@@ -61,6 +61,15 @@ def pytest_report_header() -> str:
     if compiled_library() is None:
         return "proxy: pure Python (not compiled)"
     return "proxy: mypyc-compiled modules"
+
+
+def pytest_report_header() -> str:
+    return build_under_test()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Also said at the end, where ``-q`` (which hides the header) still shows it."""
+    terminalreporter.write_line(build_under_test())
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
