@@ -67,11 +67,6 @@ def pytest_report_header() -> str:
     return build_under_test()
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Also said at the end, where ``-q`` (which hides the header) still shows it."""
-    terminalreporter.write_line(build_under_test())
-
-
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Run every async test on uvloop, as the proxy runs in production."""
     return {"uvloop": uvloop.new_event_loop}
@@ -175,6 +170,8 @@ def balp_conformance(
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    # Which build ran, also here, where -q (which hides the header) still shows it.
+    terminalreporter.write_line(build_under_test())
     validator = config.stash.get(VALIDATOR, None)
     if validator is not None:
         for line in summary(validator.counts):

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from proxy.audit import pipeline
 from tests.conformance import ProfileValidator
-from tests.factories import BALP, OBSERVATION, context, events_of, exchange, unsigned_jwt
+from tests.factories import BALP, NOW, OBSERVATION, context, events_of, exchange, unsigned_jwt
 
 OBS = OBSERVATION
 CLIENT_JWT = unsigned_jwt({"sub": "u1", "name": "Ann", "client_id": "app-1", "jti": "j1"})
@@ -144,3 +145,18 @@ def test_r5_events_are_not_sent_to_the_r4_definitions(balp_validator: ProfileVal
     )
     assert "code" in event
     assert balp_validator.check(event) == []
+
+
+def test_what_the_builder_makes_in_this_process_is_checked(
+    balp_validator: ProfileValidator,
+) -> None:
+    """Through the pipeline's name for the builder and the factories', compiled by mypyc or
+    not (compiled, build_events calls events_for past any patched name), each event built
+    is submitted to the session's check, once."""
+    balp_validator.settle()
+    before = balp_validator.validated
+    pipelines_builder = vars(pipeline)["build_events"]  # the name the pipeline calls
+    pipelines_builder(exchange("GET", "Observation/o2", response=OBS), context(), NOW)
+    events_of(exchange("GET", "Observation/o3", response=OBS))
+    balp_validator.settle()
+    assert balp_validator.validated == before + 2
