@@ -147,6 +147,15 @@ def load(args: argparse.Namespace) -> Settings:
     args.debug = args.debug or settings.log_level == "DEBUG"
     check_startup(settings)
     args.warnings = unknown_environment(os.environ)
+    if any(name.startswith("OTEL_") for name in os.environ):
+        # The OpenTelemetry SDK's variables that the proxy cannot follow are refused before
+        # it starts (only those can be: telemetry is not imported without them).
+        from proxy.telemetry.export import export_plan
+
+        try:
+            export_plan(settings.telemetry, os.environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return settings
 
 

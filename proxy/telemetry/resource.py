@@ -1,21 +1,68 @@
 """The OpenTelemetry resource of this process: what every span and metric it exports is
-attributed to."""
+attributed to.
+
+From lowest to highest precedence: the SDK's own attributes (``telemetry.sdk.*``, a
+``service.instance.id`` per process); the pod's identity from the downward-API variables
+the sidecar injector sets (:data:`DOWNWARD_API`); ``telemetry.service_name`` of the
+configuration; ``OTEL_RESOURCE_ATTRIBUTES``; ``OTEL_SERVICE_NAME``. With several workers,
+each process also names its index (:data:`WORKER_ATTRIBUTE`).
+"""
 
 from __future__ import annotations
 
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+import os
+from collections.abc import Mapping
+
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+from opentelemetry.semconv.attributes.k8s_attributes import (
+    K8S_NAMESPACE_NAME,
+    K8S_NODE_NAME,
+    K8S_POD_IP,
+    K8S_POD_NAME,
+    K8S_POD_UID,
+)
 
 WORKER_ATTRIBUTE = "fhir_audit.worker"
 """The resource attribute naming the worker, when the proxy runs several."""
 
+DOWNWARD_API = {
+    "K8S_POD_NAME": K8S_POD_NAME,
+    "K8S_POD_UID": K8S_POD_UID,
+    "K8S_NAMESPACE_NAME": K8S_NAMESPACE_NAME,
+    "K8S_NODE_NAME": K8S_NODE_NAME,
+    "K8S_POD_IP": K8S_POD_IP,
+}
+"""The environment variables the injector fills from the downward API (``metadata.name``,
+``metadata.uid``, ``metadata.namespace``, ``spec.nodeName``, ``status.podIP``), and the
+resource attribute each becomes."""
+
+
+def pod_attributes(environ: Mapping[str, str]) -> dict[str, str]:
+    """The pod's resource attributes from the downward-API variables set in ``environ``."""
+    return {
+        attribute: value
+        for variable, attribute in DOWNWARD_API.items()
+        if (value := environ.get(variable, "").strip())
+    }
+
 
 def process_resource(service_name: str, worker: int | None = None) -> Resource:
-    """This process's OpenTelemetry resource. Each process exports cumulative series of
-    its own, which a backend tells apart from another process's by the resource only: the
-    SDK gives each process a ``service.instance.id`` (unless ``OTEL_RESOURCE_ATTRIBUTES``
+    """This process's OpenTelemetry resource, from its environment as described above
+    (``service_name``: the configuration's). Each process exports cumulative series of its own,
+    which a backend tells apart from another process's by the resource only: the SDK
+    gives each process a ``service.instance.id`` (unless ``OTEL_RESOURCE_ATTRIBUTES``
     names one, which every worker of a pod then shares), and with several workers each
     also names its index."""
-    attributes: dict[str, str | int] = {SERVICE_NAME: service_name}
+    attributes: dict[str, str | int] = {
+        **pod_attributes(os.environ),
+        SERVICE_NAME: service_name,
+        # The SDK merges what it is given over what it detects; the environment must win.
+        **{
+            k: v
+            for k, v in OTELResourceDetector().detect().attributes.items()
+            if isinstance(v, str)
+        },
+    }
     if worker is not None:
         attributes[WORKER_ATTRIBUTE] = worker
     return Resource.create(attributes)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from proxy.tasks import running
+from proxy.telemetry.export import export_plan
 from proxy.telemetry.logs import use_json_logs
 from proxy.telemetry.otel_metrics import OtelCells
 from proxy.telemetry.queue import QueueDepth, set_queue_gauges
@@ -25,11 +28,14 @@ from proxy.telemetry.tracing import SPAN_PROCESSORS, tracer_provider
 if TYPE_CHECKING:
     from proxy.settings import TelemetrySettings
 
+log = logging.getLogger(__name__)
+
 
 class Telemetry:
     """One application's telemetry: its span processors on the process's tracer provider,
-    a meter provider with its readers (OTLP when configured, plus any given), and a task
-    that keeps the queue-depth gauge fresh for pushed metrics."""
+    a meter provider with its readers (OTLP as the configuration and the environment ask,
+    :mod:`.export`; plus any given), and a task that keeps the queue-depth gauge fresh for
+    pushed metrics."""
 
     def __init__(
         self,
@@ -39,24 +45,28 @@ class Telemetry:
         metric_readers: Sequence[MetricReader] = (),
         worker: int | None = None,
     ) -> None:
-        """``worker``: this process's index when the proxy runs several workers."""
+        """``worker``: this process's index when the proxy runs several workers. Raises
+        ValueError for an OpenTelemetry environment variable that cannot be honoured."""
         self._settings = settings
+        self._worker = worker
+        self.plan = export_plan(settings, os.environ)
+        """What this process exports over OTLP."""
         self._span_processors = list(span_processors)
         readers = list(metric_readers)
-        if settings.otlp_endpoint:
+        if self.plan.traces is not None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=self.plan.traces.endpoint)
+            self._span_processors.append(BatchSpanProcessor(exporter))
+        if self.plan.metrics is not None:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter,
             )
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            base = settings.otlp_endpoint.rstrip("/")
-            self._span_processors.append(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
-            )
             readers.append(
                 PeriodicExportingMetricReader(
-                    OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
-                    export_interval_millis=settings.metric_export_interval_s * 1000,
+                    OTLPMetricExporter(endpoint=self.plan.metrics.endpoint),
+                    export_interval_millis=self.plan.metric_interval_s * 1000,
                 )
             )
         resource = process_resource(settings.service_name, worker)
@@ -66,7 +76,9 @@ class Telemetry:
             cells.attach(reader)
 
     def start(self) -> None:
-        tracer_provider(self._settings.service_name)
+        for warning in self.plan.warnings:
+            log.warning("%s", warning)
+        tracer_provider(self._settings.service_name, self._worker)
         SPAN_PROCESSORS.processors = (*SPAN_PROCESSORS.processors, *self._span_processors)
 
     def stop(self) -> None:
@@ -102,12 +114,12 @@ async def telemetry_ctx(
 
     async def gauges() -> None:
         while True:
-            await asyncio.sleep(settings.metric_export_interval_s / 2)
+            await asyncio.sleep(telemetry.plan.metric_interval_s / 2)
             with contextlib.suppress(Exception):
                 set_queue_gauges(await queue_stats(), time.time())
 
     try:
-        if settings.otlp_endpoint:
+        if telemetry.plan.metrics is not None:
             async with running(gauges(), "telemetry-gauges"):
                 yield
         else:

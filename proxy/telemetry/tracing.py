@@ -13,14 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-)
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from proxy.telemetry.current import EXCHANGE
@@ -62,10 +56,13 @@ class _RecordWhenExported(Sampler):
     """Record spans only when something exports them: a recorded SDK span costs about
     twice an unrecorded one, and the request path pays for three. Unrecorded spans still
     carry a trace id (propagated upstream and stored on the AuditEvent). A caller's
-    sampled trace stays sampled, so the proxy never breaks a trace that someone exports."""
+    sampled trace stays sampled, so the proxy never breaks a trace that someone exports.
+    While something exports, the sampler ``OTEL_TRACES_SAMPLER`` names decides, as the
+    SDK reads it (``parentbased_always_on`` when unset)."""
 
     def __init__(self) -> None:
-        self._exporting = ParentBased(ALWAYS_ON)
+        # The SDK's reading of OTEL_TRACES_SAMPLER (and _ARG); parentbased_always_on unset.
+        self._exporting = sampling._get_from_env_or_default()
         self._idle = ParentBased(ALWAYS_OFF)
 
     def should_sample(
@@ -87,12 +84,15 @@ class _RecordWhenExported(Sampler):
         return "RecordWhenExported"
 
 
-def tracer_provider(service_name: str = "fhir-audit-proxy") -> TracerProvider:
+def tracer_provider(
+    service_name: str = "fhir-audit-proxy", worker: int | None = None
+) -> TracerProvider:
     """The process's SDK tracer provider, made and installed globally on first use (every
-    request then has a trace id, exported or not)."""
+    request then has a trace id, exported or not), its resource from the first caller's
+    ``service_name`` and ``worker`` (:func:`~proxy.telemetry.resource.process_resource`)."""
     if not _PROVIDER:
         provider = TracerProvider(
-            resource=process_resource(service_name), sampler=_RecordWhenExported()
+            resource=process_resource(service_name, worker), sampler=_RecordWhenExported()
         )
         provider.add_span_processor(SPAN_PROCESSORS)
         trace.set_tracer_provider(provider)
