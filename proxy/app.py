@@ -487,15 +487,17 @@ async def _worker_metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _dispatcher(app: web.Application) -> Handler:
-    """The listener's handler: the forward handler, inside a server span when traced."""
+    """The listener's handler: the forward handler, observed (server span, HTTP metrics)
+    when traced or measured."""
     forward = app[HANDLER]
+    base_path = URL(app[SETTINGS].upstream.url).path.rstrip("/")
 
     async def dispatch(request: ClientRequest) -> Reply:
-        if not telemetry.traces(request):
+        if not telemetry.observed(request):
             return await forward(request)
-        with telemetry.server_span(request) as span:
+        with telemetry.serving(request, base_path) as served:
             response = await forward(request)
-            telemetry.finish_server_span(span, response.status)
+            served.answered(response.status)
             return response
 
     return dispatch

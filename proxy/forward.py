@@ -294,15 +294,13 @@ def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadReso
     that would shape the read (preconditions, body headers); it gives None on any failure
     (not found, forbidden, unreachable, larger than the buffer limit)."""
 
-    port = cfg.upstream_origin.port or 0
-
     async def read(request: ClientRequest, ex: Exchange) -> bytes | None:
         headers = _upstream_headers(request, ex.request_id)
         for name in _PRE_READ_DROP:
             headers.pop(name, None)
         headers["Accept"] = FHIR_JSON
         try:
-            with telemetry.upstream_span("GET", port, headers) as span:
+            with telemetry.upstream_span("GET", cfg.upstream_origin, headers) as span:
                 async with upstream_pool.request(
                     "GET", ex.upstream_path, headers.items()
                 ) as upstream:
@@ -512,9 +510,7 @@ class ForwardHandler:
         headers = _upstream_headers(request, ex.request_id)
         t0 = time.perf_counter()
         try:
-            with telemetry.upstream_span(
-                ex.method, self._cfg.upstream_origin.port or 0, headers
-            ) as span:
+            with telemetry.upstream_span(ex.method, self._cfg.upstream_origin, headers) as span:
                 async with self._upstream.request(
                     ex.method, target, headers.items(), data
                 ) as upstream:

@@ -28,6 +28,7 @@ from proxy import pure_python_wanted
 from proxy.app import ADMIN_URL, build_proxy_app
 from proxy.audit import balp
 from proxy.store.queue import AuditQueue
+from proxy.telemetry import TELEMETRY, Telemetry
 from tests import EDITED_SINCE_COMPILED, compiled_library
 from tests.conformance import ProfileValidator, summary
 from tests.factories import (
@@ -211,12 +212,17 @@ async def scripted_repository() -> AsyncIterator[ScriptedRepository]:
 
 @pytest.fixture
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
-    """Factory: start a proxy in front of ``upstream`` with settings overrides."""
+    """Factory: start a proxy in front of ``upstream`` with settings overrides (and a
+    ``telemetry`` of the test's own, which the proxy then starts and stops)."""
     servers: list[TestServer] = []
 
-    async def start(upstream_url: str, **overrides: Any) -> RunningProxy:
+    async def start(
+        upstream_url: str, *, telemetry: Telemetry | None = None, **overrides: Any
+    ) -> RunningProxy:
         settings = settings_for(upstream_url, tmp_path, **overrides)
         app = build_proxy_app(settings)
+        if telemetry is not None:
+            app[TELEMETRY] = telemetry
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import hashlib
 import hmac
 import ipaddress
@@ -40,6 +41,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from fhir.resources.R4B import get_fhir_model_class
 from jwt.algorithms import RSAAlgorithm
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from yarl import URL
 
 from proxy.app import QUEUE
@@ -51,6 +61,7 @@ from proxy.fhir.interaction import classify
 from proxy.settings import IdentitySettings, Settings, load_settings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
+from proxy.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTSERVER = ROOT / "testserver" / "server.mjs"
@@ -228,6 +239,99 @@ class RunningProxy:
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 OpenStore = Callable[..., Awaitable[AuditQueue]]
 """The ``open_store`` fixture: ``AuditQueue.open``'s arguments; closed at the test's end."""
+
+
+@dataclass
+class Observed:
+    """A :class:`Telemetry` whose spans and metric points a test reads in memory (give it
+    to ``start_proxy(..., telemetry=observed.telemetry)``)."""
+
+    telemetry: Telemetry
+    spans: InMemorySpanExporter
+    reader: InMemoryMetricReader
+
+    def finished(self) -> list[ReadableSpan]:
+        """The spans ended so far, oldest first."""
+        return list(self.spans.get_finished_spans())
+
+    def metrics(self) -> dict[str, Any]:
+        """The metrics the reader collects now, by OpenTelemetry name (SDK ``Metric``
+        objects, their points read as a test knows them to be)."""
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return {
+            metric.name: metric
+            for resource_metrics in data.resource_metrics
+            for scope in resource_metrics.scope_metrics
+            for metric in scope.metrics
+        }
+
+
+def observed(settings: Settings) -> Observed:
+    """A Telemetry for ``settings`` that exports to memory."""
+    spans = InMemorySpanExporter()
+    reader = InMemoryMetricReader()
+    running = Telemetry(
+        settings.telemetry, span_processors=[SimpleSpanProcessor(spans)], metric_readers=[reader]
+    )
+    return Observed(running, spans, reader)
+
+
+def any_value(value: AnyValue) -> Any:
+    """An OTLP attribute value as Python (string, int, float, bool)."""
+    return getattr(value, value.WhichOneof("value") or "string_value")
+
+
+def attributes_of(pairs: Sequence[KeyValue]) -> dict[str, Any]:
+    """OTLP attributes as a dict."""
+    return {pair.key: any_value(pair.value) for pair in pairs}
+
+
+@dataclass
+class OtlpCollector:
+    """An OTLP/HTTP receiver (``/v1/traces``, ``/v1/metrics``) that decodes what it receives
+    with opentelemetry-proto and keeps the raw bodies and headers too."""
+
+    traces: list[ExportTraceServiceRequest] = field(default_factory=list)
+    metrics: list[ExportMetricsServiceRequest] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    """Every request body as received, decompressed."""
+    headers: list[dict[str, str]] = field(default_factory=list)
+    content_types: set[str] = field(default_factory=set)
+
+    async def receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        self.content_types.add(request.content_type)
+        if request.path == "/v1/traces":
+            self.traces.append(ExportTraceServiceRequest.FromString(body))
+        else:
+            self.metrics.append(ExportMetricsServiceRequest.FromString(body))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    def spans(self) -> list[Any]:
+        """Every span received, with its resource's attributes as ``(span, resource)``."""
+        return [
+            (span, attributes_of(resource_spans.resource.attributes))
+            for request in self.traces
+            for resource_spans in request.resource_spans
+            for scope in resource_spans.scope_spans
+            for span in scope.spans
+        ]
+
+    def last_metrics(self) -> dict[str, Any]:
+        """The metrics of the last export received, by name (each with its resource's
+        attributes as ``(metric, resource)``)."""
+        found: dict[str, Any] = {}
+        for resource_metrics in self.metrics[-1].resource_metrics if self.metrics else ():
+            resource = attributes_of(resource_metrics.resource.attributes)
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    found[metric.name] = (metric, resource)
+        return found
 
 
 def settings_for(upstream_url: str, store_dir: Path, **overrides: Any) -> Settings:
@@ -728,13 +832,16 @@ class ProxyProcess:
         *,
         own_group: bool = False,
         launcher: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``own_group``: start it as the leader of a process group of its own, for
         :meth:`kill_group` (a proxy with workers is several processes). ``launcher``: a
-        command that runs the proxy's (``unshare ...``)."""
+        command that runs the proxy's (``unshare ...``). ``env``: variables set for it on
+        top of this process's environment."""
         self.config = config
         self.own_group = own_group
         self.launcher = list(launcher)
+        self.env = {**os.environ, **(env or {})}
         self.path = workdir / "config.yaml"
         self.path.write_text(yaml.safe_dump(config))
         self.log = workdir / "proxy.log"
@@ -756,6 +863,7 @@ class ProxyProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.own_group,
+                env=self.env,
             )
         for _ in range(200):
             with contextlib.suppress(aiohttp.ClientError):

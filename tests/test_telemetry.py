@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gzip
 import io
 import logging
 import re
@@ -22,10 +21,6 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -40,6 +35,7 @@ from proxy.exchange import Exchange
 from proxy.store.records import EventQuery
 from tests.factories import (
     NodeFhirServer,
+    OtlpCollector,
     RecordingRepository,
     StartProxy,
     exchange,
@@ -129,20 +125,20 @@ async def test_spans_metrics_and_the_trace_on_the_audit_event(
     assert client_span.parent is not None and write_span.parent is not None
     assert client_span.parent.span_id == server_span.context.span_id
     assert write_span.parent.span_id == server_span.context.span_id
-    assert server_span.name == "FHIR read Patient"
-    assert dict(server_span.attributes or {}) == {
-        "http.request.method": "GET",
+    assert server_span.name == "GET /fhir/{type}/{id}"
+    attributes = dict(server_span.attributes or {})
+    assert attributes["http.route"] == "/fhir/{type}/{id}"
+    assert attributes["url.path"] == "/fhir/Patient/REDACTED"
+    assert {k: attributes[k] for k in ("fhir_audit.request_id", "fhir.interaction")} == {
         "fhir_audit.request_id": "req-telemetry-1",
         "fhir.interaction": "read",
-        "fhir.resource_type": "Patient",
-        "http.response.status_code": 200,
     }
     assert dict(client_span.attributes or {})["http.response.status_code"] == 200
-    # Never the token, the patient's id or the URL in any span.
+    # Never the token or the patient's id in any span.
     for span in finished:
         text = orjson.dumps({k: str(v) for k, v in (span.attributes or {}).items()}).decode()
         text += span.name
-        assert TOKEN[-20:] not in text and PATIENT_ID not in text and "/fhir" not in text
+        assert TOKEN[-20:] not in text and PATIENT_ID not in text
 
     # The upstream got the client span as its parent.
     client_traceparent = f"00-{CLIENT_TRACE}-{format(client_span.context.span_id, '016x')}-01"
@@ -163,11 +159,14 @@ async def test_spans_metrics_and_the_trace_on_the_audit_event(
         for scope in resource_metrics.scope_metrics:
             for metric in scope.metrics:
                 points.setdefault(metric.name, []).extend(metric.data.data_points)
-    (requests,) = points["fhir_audit_requests"]
-    assert dict(requests.attributes) == {"kind": "read", "status_class": "2xx"}
+    (requests,) = points["fhir_audit.requests"]
+    assert dict(requests.attributes) == {
+        "fhir.interaction": "read",
+        "fhir_audit.status_class": "2xx",
+    }
     assert requests.value == 1
-    assert points["fhir_audit_write_seconds"][0].count == 1
-    assert sum(p.count for p in points["fhir_audit_store_commit_records"]) >= 1
+    assert points["fhir_audit.write.duration"][0].count == 1
+    assert sum(p.count for p in points["fhir_audit.store.commit.size"]) >= 1
     assert 'fhir_audit_requests_total{kind="read",status_class="2xx"}' in prometheus
 
 
@@ -185,31 +184,11 @@ async def test_prometheus_false_removes_metrics_page(
         await server.close()
 
 
-class Collector:
-    """An OTLP/HTTP receiver: decodes what it receives with opentelemetry-proto."""
-
-    def __init__(self) -> None:
-        self.traces: list[ExportTraceServiceRequest] = []
-        self.metrics: list[ExportMetricsServiceRequest] = []
-        self.content_types: set[str] = set()
-
-    async def receive(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if request.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        self.content_types.add(request.content_type)
-        if request.path == "/v1/traces":
-            self.traces.append(ExportTraceServiceRequest.FromString(body))
-        else:
-            self.metrics.append(ExportMetricsServiceRequest.FromString(body))
-        return web.Response(body=b"", content_type="application/x-protobuf")
-
-
 async def test_export_over_real_otlp_http(
     tmp_path: Path, upstream: tuple[Upstream, str], http: aiohttp.ClientSession
 ) -> None:
     _, upstream_url = upstream
-    collector = Collector()
+    collector = OtlpCollector()
     async with serving(("POST", "/v1/{signal}", collector.receive)) as receiver:
         endpoint = str(receiver.make_url("")).rstrip("/")
         _, server = await start(
@@ -228,19 +207,18 @@ async def test_export_over_real_otlp_http(
             # Stopping flushes both exporters.
             await server.close()
     assert collector.content_types == {"application/x-protobuf"}
-    spans = [
-        span
-        for request in collector.traces
-        for resource_spans in request.resource_spans
-        for scope in resource_spans.scope_spans
-        for span in scope.spans
-    ]
-    server_span = next(s for s in spans if s.name == "FHIR create Patient")
+    spans = [span for span, _ in collector.spans()]
+    (server_span,) = [s for s in spans if s.kind == s.SPAN_KIND_SERVER]
+    assert server_span.name == "POST /fhir/{type}"
     attributes = {a.key: a.value for a in server_span.attributes}
     assert attributes["fhir_audit.request_id"].string_value == "otlp-1"
     assert attributes["fhir.interaction"].string_value == "create"
-    assert {s.name for s in spans} >= {"FHIR create Patient", "upstream POST", "audit write"}
-    assert {s.trace_id for s in spans if s.name != "FHIR create Patient"} == {server_span.trace_id}
+    assert sorted(s.name for s in spans) == [
+        "POST /fhir/{type}",
+        "POST /fhir/{type}",
+        "audit write",
+    ]
+    assert {s.trace_id for s in spans} == {server_span.trace_id}
     names = {
         metric.name
         for request in collector.metrics
@@ -249,9 +227,10 @@ async def test_export_over_real_otlp_http(
         for metric in scope.metrics
     }
     assert {
-        "fhir_audit_requests",
-        "fhir_audit_write_seconds",
-        "fhir_audit_upstream_seconds",
+        "fhir_audit.requests",
+        "fhir_audit.write.duration",
+        "http.server.request.duration",
+        "http.client.request.duration",
     } <= names
     resource = collector.metrics[-1].resource_metrics[0].resource
     assert any(
@@ -423,7 +402,7 @@ def test_opentelemetry_readers_count_from_their_telemetrys_start(tmp_path: Path)
     was recorded since that Telemetry was made, read from the cells when they collect."""
     reads = telemetry.REQUESTS.labels(kind="read", status_class="2xx")
     reads.inc()
-    telemetry.UPSTREAM_SECONDS.observe(0.3)
+    telemetry.AUDIT_WRITE_SECONDS.observe(0.3)
     reader = InMemoryMetricReader()
     running = telemetry.Telemetry(
         settings_for("http://127.0.0.1:1/fhir", tmp_path).telemetry, metric_readers=[reader]
@@ -431,23 +410,23 @@ def test_opentelemetry_readers_count_from_their_telemetrys_start(tmp_path: Path)
     try:
         reads.inc()
         reads.inc()
-        telemetry.UPSTREAM_SECONDS.observe(0.02)
-        telemetry.UPSTREAM_SECONDS.observe(3.0)
+        telemetry.AUDIT_WRITE_SECONDS.observe(0.02)
+        telemetry.AUDIT_WRITE_SECONDS.observe(3.0)
         points = _points(reader)
     finally:
         running.stop()
     (requests,) = [
         p
-        for p in points["fhir_audit_requests"]
-        if dict(p.attributes) == {"kind": "read", "status_class": "2xx"}
+        for p in points["fhir_audit.requests"]
+        if dict(p.attributes) == {"fhir.interaction": "read", "fhir_audit.status_class": "2xx"}
     ]
     assert requests.value == 2
-    (upstream,) = points["fhir_audit_upstream_seconds"]
-    assert upstream.count == 2
-    assert upstream.sum == pytest.approx(3.02)
-    by_bound = dict(zip([*upstream.explicit_bounds, "+Inf"], upstream.bucket_counts, strict=True))
+    (write,) = points["fhir_audit.write.duration"]
+    assert write.count == 2
+    assert write.sum == pytest.approx(3.02)
+    by_bound = dict(zip([*write.explicit_bounds, "+Inf"], write.bucket_counts, strict=True))
     assert by_bound[0.025] == 1 and by_bound[5.0] == 1
-    assert sum(upstream.bucket_counts) == 2
+    assert sum(write.bucket_counts) == 2
 
 
 async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
@@ -467,12 +446,15 @@ async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
     finished = spans.get_finished_spans()
     (client,) = [s for s in finished if s.kind is SpanKind.CLIENT]
     (server_span,) = [s for s in finished if s.kind is SpanKind.SERVER]
-    assert client.name == "upstream GET"
+    assert client.name == "GET /fhir/{type}/{id}"
     assert client.status.status_code is StatusCode.ERROR
     assert (client.attributes or {})["error.type"] == "UpstreamConnectError"
+    assert "http.response.status_code" not in (client.attributes or {})
     assert client.parent is not None and server_span.context is not None
     assert client.parent.span_id == server_span.context.span_id
     assert (server_span.attributes or {})["http.response.status_code"] == 502
+    assert (server_span.attributes or {})["error.type"] == "502"
+    assert server_span.status.status_code is StatusCode.ERROR
 
 
 def _documented(page: str) -> dict[str, list[str]]:

@@ -7,9 +7,14 @@
 - :mod:`.prometheus`: the Prometheus exposition (admin ``/metrics``, names ``fhir_audit_*``);
 - :mod:`.otel_metrics`: the same cells as OpenTelemetry metric points, for the readers of
   every running :class:`Telemetry` (exported over OTLP/HTTP when configured);
-- :mod:`.resource`: the OpenTelemetry resource of this process;
-- :mod:`.tracing`: the tracer provider, its sampler, the server, client and audit-write
-  spans;
+- :mod:`.resource`: the OpenTelemetry resource of this process (configuration, pod
+  identity from the downward API, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME``);
+- :mod:`.export`: what is exported over OTLP and where (configuration, then the SDK's
+  ``OTEL_*`` variables);
+- :mod:`.tracing`: the tracer provider, its span processors and sampler, the audit-write
+  span;
+- :mod:`.http`: the server and client spans and metrics of the HTTP semantic conventions;
+- :mod:`.routes`: FHIR route templates (``http.route``) and paths with ids scrubbed;
 - :mod:`.current`: the request this task is handling (for spans and log lines);
 - :mod:`.logs`: JSON log lines;
 - :mod:`.delivery`: the repository's answer time per batch;
@@ -27,6 +32,8 @@ from __future__ import annotations
 from proxy.telemetry.cells import METRICS
 from proxy.telemetry.current import exchange_started
 from proxy.telemetry.delivery import TimedSink
+from proxy.telemetry.export import export_plan
+from proxy.telemetry.http import ServedRequest, UpstreamSpan, observed, serving, upstream_span
 from proxy.telemetry.logs import JsonLogFormatter, use_json_logs
 from proxy.telemetry.metrics import (
     AUDIT_FAILURES,
@@ -53,14 +60,10 @@ from proxy.telemetry.resource import WORKER_ATTRIBUTE
 from proxy.telemetry.running import TELEMETRY, Telemetry, telemetry_ctx
 from proxy.telemetry.tracing import (
     SPAN_PROCESSORS,
-    UpstreamSpan,
     current_traceparent,
-    finish_server_span,
     record_audit_write,
-    server_span,
     tracer_provider,
     traces,
-    upstream_span,
 )
 
 __all__ = [
@@ -87,15 +90,17 @@ __all__ = [
     "WORKER_ATTRIBUTE",
     "JsonLogFormatter",
     "QueueDepth",
+    "ServedRequest",
     "Telemetry",
     "TimedSink",
     "UpstreamSpan",
     "current_traceparent",
     "exchange_started",
-    "finish_server_span",
+    "export_plan",
     "observe_store_commit",
+    "observed",
     "record_audit_write",
-    "server_span",
+    "serving",
     "set_peer_snapshots",
     "set_queue_gauges",
     "snapshot",

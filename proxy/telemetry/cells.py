@@ -1,7 +1,12 @@
 """The metric-cell engine: a metric of the proxy is counted in plain Python cells, one per
 label set, whose update is an attribute increment or two. Nothing is formatted or exported
 per update: the adapters (:mod:`.prometheus`, :mod:`.otel_metrics`) read the cells when
-they are asked."""
+they are asked.
+
+Two lists of metrics: :data:`METRICS`, the Prometheus families of the admin ``/metrics``
+(each also exported over OTLP under its OpenTelemetry name), and :data:`OTEL_ONLY`, the
+metrics of the HTTP semantic conventions, recorded only while an OpenTelemetry reader
+collects them and exported only there."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Histogram
@@ -42,6 +48,9 @@ class _GaugeCell:
 
     def set(self, value: float) -> None:
         self.value = value
+
+    def add(self, amount: float) -> None:
+        self.value += amount
 
     def snapshot(self) -> float:
         return self.value
@@ -93,6 +102,20 @@ class _LockedHistogramCell(_HistogramCell):
             return super().snapshot()
 
 
+@dataclass(frozen=True, slots=True)
+class OtelName:
+    """How a metric is named in OpenTelemetry (its Prometheus name is :attr:`Metric.name`)."""
+
+    name: str
+    """The instrument's name: ``http.server.request.duration``, ``fhir_audit.events.built``."""
+    unit: str
+    """Its UCUM unit: ``s``, ``{request}``, ``{event}``."""
+    attributes: tuple[str, ...] = ()
+    """The attribute each label becomes, in the order of the labels."""
+    integers: frozenset[str] = frozenset()
+    """The attributes whose values are integers (a status code, a port)."""
+
+
 class Metric:
     """A metric of the proxy, counted in plain Python: each label set is a cell (found
     once: callers on the request path keep the cell ``labels()`` returns) whose update is
@@ -114,13 +137,17 @@ class Metric:
         kind: str,
         buckets: Sequence[float] = (),
         threaded: bool = False,
+        otel: OtelName | None = None,
     ) -> None:
+        """``otel``: its OpenTelemetry name, unit and attributes; None: not exported over
+        OTLP (another metric stands for it there)."""
         self.name = name
         self.description = description
         self.labelnames = tuple(labelnames)
         self.unit = unit
         self.kind = kind
-        """counter, gauge or histogram."""
+        """counter, gauge, updown (a gauge counted up and down) or histogram."""
+        self.otel = otel
         self.bounds = tuple(float(b) for b in buckets if b != math.inf)
         self._threaded = threaded
         self._cells: dict[tuple[str, ...], Any] = {}
@@ -134,7 +161,7 @@ class Metric:
             if cell is None:
                 if self.kind == "counter":
                     cell = _CounterCell()
-                elif self.kind == "gauge":
+                elif self.kind in ("gauge", "updown"):
                     cell = _GaugeCell()
                 elif self._threaded:
                     cell = _LockedHistogramCell(self.bounds)
@@ -148,6 +175,12 @@ class Metric:
         key = tuple(str(labels[n]) for n in self.labelnames)
         cell = self._cells.get(key)
         return cell if cell is not None else self._cell(key)
+
+    def cell(self, *values: str) -> Any:
+        """The cell of one label set, by the labels' values in their order ("" for a
+        label that does not apply)."""
+        cell = self._cells.get(values)
+        return cell if cell is not None else self._cell(values)
 
     def inc(self, amount: float = 1.0) -> None:
         self._only.inc(amount)
@@ -167,17 +200,32 @@ class Metric:
 
 
 METRICS: list[Metric] = []
-"""Every metric of the process, in the order declared (:mod:`.metrics`)."""
+"""The Prometheus families, in the order declared (:mod:`.metrics`)."""
+OTEL_ONLY: list[Metric] = []
+"""The metrics recorded only while an OpenTelemetry reader collects, and exported only
+there (the HTTP semantic conventions' metrics: :mod:`.metrics`)."""
 
 
-def counter(name: str, doc: str, labels: Sequence[str] = (), unit: str = "1") -> Metric:
-    metric = Metric(name, doc, labels, unit, "counter")
+def _derived(name: str, labels: Sequence[str], unit: str) -> OtelName:
+    """The OpenTelemetry name of a metric declared without one: ``fhir_audit_x_y`` becomes
+    ``fhir_audit.x_y``, labels become attributes of the same names."""
+    return OtelName(name.replace("fhir_audit_", "fhir_audit.", 1), unit, tuple(labels))
+
+
+def counter(
+    name: str, doc: str, labels: Sequence[str] = (), unit: str = "1", otel: OtelName | None = None
+) -> Metric:
+    """A Prometheus counter, exported over OTLP as ``otel`` names it."""
+    metric = Metric(name, doc, labels, unit, "counter", otel=otel or _derived(name, labels, unit))
     METRICS.append(metric)
     return metric
 
 
-def gauge(name: str, doc: str, labels: Sequence[str] = (), unit: str = "1") -> Metric:
-    metric = Metric(name, doc, labels, unit, "gauge")
+def gauge(
+    name: str, doc: str, labels: Sequence[str] = (), unit: str = "1", otel: OtelName | None = None
+) -> Metric:
+    """A Prometheus gauge, exported over OTLP as ``otel`` names it."""
+    metric = Metric(name, doc, labels, unit, "gauge", otel=otel or _derived(name, labels, unit))
     METRICS.append(metric)
     return metric
 
@@ -189,7 +237,29 @@ def histogram(
     unit: str = "s",
     buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
     threaded: bool = False,
+    otel: OtelName | None = None,
+    *,
+    exported: bool = True,
 ) -> Metric:
-    metric = Metric(name, doc, labels, unit, "histogram", buckets, threaded)
+    """A Prometheus histogram, exported over OTLP as ``otel`` names it (not at all when
+    not ``exported``: another metric stands for it there)."""
+    metric = Metric(
+        name,
+        doc,
+        labels,
+        unit,
+        "histogram",
+        buckets,
+        threaded,
+        otel=(otel or _derived(name, labels, unit)) if exported else None,
+    )
     METRICS.append(metric)
+    return metric
+
+
+def otel_only(otel: OtelName, doc: str, kind: str, buckets: Sequence[float] = ()) -> Metric:
+    """A metric of :data:`OTEL_ONLY` (``kind``: histogram or updown); its labels are its
+    attributes, set through :meth:`Metric.cell`."""
+    metric = Metric(otel.name, doc, otel.attributes, otel.unit, kind, buckets, otel=otel)
+    OTEL_ONLY.append(metric)
     return metric

@@ -23,22 +23,51 @@ from opentelemetry.sdk.metrics.export import Metric as OtelMetric
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from proxy.telemetry.cells import METRICS, Metric
+from proxy import __version__
+from proxy.telemetry.cells import METRICS, OTEL_ONLY, Metric
+
+
+class _Collecting:
+    """How many running :class:`~proxy.telemetry.Telemetry` objects have metric readers:
+    the metrics of :data:`OTEL_ONLY` are recorded only while one has."""
+
+    __slots__ = ("readers",)
+
+    def __init__(self) -> None:
+        self.readers = 0
+
+
+COLLECTING = _Collecting()
+
+
+def _attributes(metric: Metric, key: tuple[str, ...]) -> dict[str, str | int]:
+    """A cell's label values as the metric's OpenTelemetry attributes; a label that does
+    not apply ("") is left out."""
+    assert metric.otel is not None
+    integers = metric.otel.integers
+    return {
+        name: int(value) if name in integers else value
+        for name, value in zip(metric.otel.attributes, key, strict=True)
+        if value != ""
+    }
 
 
 class OtelCells:
-    """What one :class:`Telemetry`'s OpenTelemetry readers collect: :data:`METRICS` read
-    from their cells at collection time, as cumulative points counted from this object's
-    creation (the cells count since the process started; several proxies may run in one
-    process, each with its own readers). The OpenTelemetry API has no observable
-    histogram, so rather than instruments this hands each reader the points it would
-    collect (through the SDK's collect callback, which the MeterProvider sets and this
-    wraps). ``min``/``max`` of a histogram are those since the process started."""
+    """What one :class:`~proxy.telemetry.Telemetry`'s OpenTelemetry readers collect: the
+    metrics of :data:`METRICS` that have an OpenTelemetry name and those of
+    :data:`OTEL_ONLY`, read from their cells at collection time, as cumulative points
+    counted from this object's creation (the cells count since the process started;
+    several proxies may run in one process, each with its own readers). The OpenTelemetry
+    API has no observable histogram, so rather than instruments this hands each reader
+    the points it would collect (through the SDK's collect callback, which the
+    MeterProvider sets and this wraps). ``min``/``max`` of a histogram are those since
+    the process started."""
 
     def __init__(self, resource: Resource) -> None:
         self._resource = resource
         self._start_ns = time.time_ns()
-        self._baseline = {m.name: dict(m.cells()) for m in METRICS}
+        self._metrics = [m for m in METRICS if m.otel is not None] + OTEL_ONLY
+        self._baseline = {m.name: dict(m.cells()) for m in self._metrics}
 
     def attach(self, reader: MetricReader) -> None:
         sdk_collect: Any = reader._collect  # the SDK's own annotation of it is wrong
@@ -52,13 +81,18 @@ class OtelCells:
 
     def resource_metrics(self) -> ResourceMetrics:
         now = time.time_ns()
-        metrics = [m for m in map(self._metric, METRICS, itertools.repeat(now)) if m is not None]
+        metrics = [
+            m for m in map(self._metric, self._metrics, itertools.repeat(now)) if m is not None
+        ]
         scope = ScopeMetrics(
-            scope=InstrumentationScope("fhir-audit-proxy"), metrics=metrics, schema_url=""
+            scope=InstrumentationScope("fhir-audit-proxy", __version__),
+            metrics=metrics,
+            schema_url="",
         )
         return ResourceMetrics(resource=self._resource, scope_metrics=[scope], schema_url="")
 
     def _metric(self, metric: Metric, now: int) -> OtelMetric | None:
+        assert metric.otel is not None
         base = self._baseline[metric.name]
         start = self._start_ns
         data: Sum | Gauge | OtelHistogram
@@ -73,7 +107,7 @@ class OtelCells:
                 if count:
                     points.append(
                         HistogramDataPoint(
-                            attributes=dict(zip(metric.labelnames, key, strict=True)),
+                            attributes=_attributes(metric, key),
                             start_time_unix_nano=start,
                             time_unix_nano=now,
                             count=count,
@@ -95,17 +129,18 @@ class OtelCells:
                         continue
                 points.append(
                     NumberDataPoint(
-                        attributes=dict(zip(metric.labelnames, key, strict=True)),
+                        attributes=_attributes(metric, key),
                         start_time_unix_nano=start,
                         time_unix_nano=now,
                         value=value,
                     )
                 )
-            data = (
-                Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True)
-                if metric.kind == "counter"
-                else Gauge(points)
-            )
+            if metric.kind == "gauge":
+                data = Gauge(points)
+            else:
+                # An up-down counter is a level: not counted from this object's creation.
+                monotonic = metric.kind == "counter"
+                data = Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=monotonic)
         if not points:
             return None
-        return OtelMetric(metric.name, metric.description, metric.unit, data)
+        return OtelMetric(metric.otel.name, metric.description, metric.otel.unit, data)

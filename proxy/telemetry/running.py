@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from proxy.tasks import running
 from proxy.telemetry.export import export_plan
 from proxy.telemetry.logs import use_json_logs
-from proxy.telemetry.otel_metrics import OtelCells
+from proxy.telemetry.otel_metrics import COLLECTING, OtelCells
 from proxy.telemetry.queue import QueueDepth, set_queue_gauges
 from proxy.telemetry.resource import process_resource
 from proxy.telemetry.tracing import SPAN_PROCESSORS, tracer_provider
@@ -69,6 +69,8 @@ class Telemetry:
                     export_interval_millis=self.plan.metric_interval_s * 1000,
                 )
             )
+        self._collects = bool(readers)
+        self._started = False
         resource = process_resource(settings.service_name, worker)
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         cells = OtelCells(resource)
@@ -80,9 +82,15 @@ class Telemetry:
             log.warning("%s", warning)
         tracer_provider(self._settings.service_name, self._worker)
         SPAN_PROCESSORS.processors = (*SPAN_PROCESSORS.processors, *self._span_processors)
+        if self._collects and not self._started:
+            COLLECTING.readers += 1
+        self._started = True
 
     def stop(self) -> None:
         """Detach, then flush and shut down the exporters (blocking: run in a thread)."""
+        if self._collects and self._started:
+            COLLECTING.readers -= 1
+        self._started = False
         ours = set(map(id, self._span_processors))
         SPAN_PROCESSORS.processors = tuple(
             p for p in SPAN_PROCESSORS.processors if id(p) not in ours
