@@ -500,17 +500,24 @@ class AdminSettings(_Frozen):
 
 
 class TelemetrySettings(_Frozen):
-    """Traces, metrics and logs (OpenTelemetry; Prometheus text on the admin ``/metrics``)."""
+    """Traces, metrics and logs (OpenTelemetry; Prometheus text on the admin ``/metrics``).
+    The OpenTelemetry SDK's environment variables override these (``OTEL_SERVICE_NAME``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_METRIC_EXPORT_INTERVAL``...):
+    :mod:`proxy.telemetry.export`, :mod:`proxy.telemetry.resource`."""
 
     service_name: str = "fhir-audit-proxy"
-    """``service.name`` of the spans and metrics."""
+    """``service.name`` of the spans and metrics, unless ``OTEL_SERVICE_NAME`` or
+    ``OTEL_RESOURCE_ATTRIBUTES`` names one."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector base URL (``http://collector:4318``); traces and metrics are
-    exported to ``/v1/traces`` and ``/v1/metrics`` below it. None: nothing is exported."""
+    exported to ``/v1/traces`` and ``/v1/metrics`` below it, unless an
+    ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variable says where. None (and no such variable):
+    nothing is exported."""
     prometheus: bool = True
     """Serve the metrics as Prometheus text on the admin ``/metrics``."""
     metric_export_interval_s: float = 15.0
-    """How often metrics are pushed over OTLP."""
+    """How often metrics are pushed over OTLP, unless ``OTEL_METRIC_EXPORT_INTERVAL``
+    (milliseconds) says."""
     json_logs: bool = False
     """Log one JSON object per line, with the request id and trace id of the request."""
 
