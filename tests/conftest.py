@@ -34,12 +34,15 @@ from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     FormatUpstream,
     NodeFhirServer,
+    Observed,
     OpenStore,
     RecordingRepository,
     RunningProxy,
     ScriptedRepository,
+    StartObserved,
     StartProxy,
     format_upstream,
+    observed,
     serving,
     settings_for,
     start_fhir_server,
@@ -238,6 +241,18 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     yield start
     for server in reversed(servers):
         await server.close()
+
+
+@pytest.fixture
+def start_observed(start_proxy: StartProxy, tmp_path: Path) -> StartObserved:
+    """Factory: ``start_proxy`` with a Telemetry whose spans and metric points the test
+    reads in memory (:class:`~tests.factories.Observed`)."""
+
+    async def start(upstream_url: str, **overrides: Any) -> tuple[Observed, RunningProxy]:
+        seen = observed(settings_for(upstream_url, tmp_path, **overrides))
+        return seen, await start_proxy(upstream_url, telemetry=seen.telemetry, **overrides)
+
+    return start
 
 
 @pytest.fixture

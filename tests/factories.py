@@ -267,6 +267,9 @@ class Observed:
         }
 
 
+StartObserved = Callable[..., Awaitable[tuple[Observed, RunningProxy]]]
+
+
 def observed(settings: Settings) -> Observed:
     """A Telemetry for ``settings`` that exports to memory."""
     spans = InMemorySpanExporter()
@@ -275,6 +278,16 @@ def observed(settings: Settings) -> Observed:
         settings.telemetry, span_processors=[SimpleSpanProcessor(spans)], metric_readers=[reader]
     )
     return Observed(running, spans, reader)
+
+
+POD_ENV = {
+    "K8S_POD_NAME": "hapi-7d9f-x2x8q",
+    "K8S_POD_UID": "0b5c3c7e-4a4e-4d38-9b7e-2d0f8d1c6a11",
+    "K8S_NAMESPACE_NAME": "fhir",
+    "K8S_NODE_NAME": "node-3",
+    "K8S_POD_IP": "10.42.0.17",
+}
+"""The downward-API variables the sidecar injector sets, as a pod would have them."""
 
 
 def any_value(value: AnyValue) -> Any:

@@ -206,28 +206,41 @@ OTEL_ONLY: list[Metric] = []
 there (the HTTP semantic conventions' metrics: :mod:`.metrics`)."""
 
 
-def _derived(name: str, labels: Sequence[str], unit: str) -> OtelName:
-    """The OpenTelemetry name of a metric declared without one: ``fhir_audit_x_y`` becomes
-    ``fhir_audit.x_y``, labels become attributes of the same names."""
-    return OtelName(name.replace("fhir_audit_", "fhir_audit.", 1), unit, tuple(labels))
+def _family(
+    kind: str,
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    unit: str,
+    buckets: Sequence[float] = (),
+    threaded: bool = False,
+    otel: OtelName | None = None,
+    exported: bool = True,
+) -> Metric:
+    """A Prometheus family of :data:`METRICS`, exported over OTLP as ``otel`` names it; a
+    metric declared without one is exported as ``fhir_audit.x_y`` for ``fhir_audit_x_y``,
+    its labels as attributes of the same names (none at all when not ``exported``)."""
+    if otel is None:
+        otel = OtelName(name.replace("fhir_audit_", "fhir_audit.", 1), unit, tuple(labels))
+    metric = Metric(
+        name, doc, labels, unit, kind, buckets, threaded, otel=otel if exported else None
+    )
+    METRICS.append(metric)
+    return metric
 
 
 def counter(
     name: str, doc: str, labels: Sequence[str] = (), unit: str = "1", otel: OtelName | None = None
 ) -> Metric:
     """A Prometheus counter, exported over OTLP as ``otel`` names it."""
-    metric = Metric(name, doc, labels, unit, "counter", otel=otel or _derived(name, labels, unit))
-    METRICS.append(metric)
-    return metric
+    return _family("counter", name, doc, labels, unit, otel=otel)
 
 
 def gauge(
     name: str, doc: str, labels: Sequence[str] = (), unit: str = "1", otel: OtelName | None = None
 ) -> Metric:
     """A Prometheus gauge, exported over OTLP as ``otel`` names it."""
-    metric = Metric(name, doc, labels, unit, "gauge", otel=otel or _derived(name, labels, unit))
-    METRICS.append(metric)
-    return metric
+    return _family("gauge", name, doc, labels, unit, otel=otel)
 
 
 def histogram(
@@ -243,18 +256,7 @@ def histogram(
 ) -> Metric:
     """A Prometheus histogram, exported over OTLP as ``otel`` names it (not at all when
     not ``exported``: another metric stands for it there)."""
-    metric = Metric(
-        name,
-        doc,
-        labels,
-        unit,
-        "histogram",
-        buckets,
-        threaded,
-        otel=(otel or _derived(name, labels, unit)) if exported else None,
-    )
-    METRICS.append(metric)
-    return metric
+    return _family("histogram", name, doc, labels, unit, buckets, threaded, otel, exported)
 
 
 def otel_only(otel: OtelName, doc: str, kind: str, buckets: Sequence[float] = ()) -> Metric:

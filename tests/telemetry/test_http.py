@@ -19,9 +19,9 @@ from proxy.telemetry.metrics import DURATION_BUCKETS, HTTP_SERVER_DURATION
 from tests.factories import (
     FHIR,
     NodeFhirServer,
+    StartObserved,
     StartProxy,
     new_patient,
-    observed,
     serving,
     settings_for,
 )
@@ -32,13 +32,9 @@ TOKEN = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJkci1ob3VzZSJ9.secret-signature-part"
 
 
 async def test_server_and_client_spans_follow_the_http_conventions(
-    fhir_server: NodeFhirServer,
-    start_proxy: StartProxy,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
+    fhir_server: NodeFhirServer, start_observed: StartObserved, http: aiohttp.ClientSession
 ) -> None:
-    seen = observed(settings_for(fhir_server.base_url, tmp_path))
-    proxy = await start_proxy(fhir_server.base_url, telemetry=seen.telemetry)
+    seen, proxy = await start_observed(fhir_server.base_url)
     patient = await new_patient(http, fhir_server.base_url, name=[{"family": "Chalmers"}])
     async with http.get(
         f"{proxy.url}/Patient/{patient['id']}?_elements=name",
@@ -106,13 +102,9 @@ def _exported_text(finished: list[Any], metrics: dict[str, Any]) -> str:
 
 
 async def test_no_query_id_or_token_in_any_span_or_metric(
-    fhir_server: NodeFhirServer,
-    start_proxy: StartProxy,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
+    fhir_server: NodeFhirServer, start_observed: StartObserved, http: aiohttp.ClientSession
 ) -> None:
-    seen = observed(settings_for(fhir_server.base_url, tmp_path))
-    proxy = await start_proxy(fhir_server.base_url, telemetry=seen.telemetry)
+    seen, proxy = await start_observed(fhir_server.base_url)
     patient = await new_patient(
         http, proxy.url, name=[{"family": "Chalmers"}], birthDate="1974-12-25"
     )
@@ -157,13 +149,9 @@ async def test_no_query_id_or_token_in_any_span_or_metric(
 
 
 async def test_http_metrics_by_the_semantic_conventions(
-    fhir_server: NodeFhirServer,
-    start_proxy: StartProxy,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
+    fhir_server: NodeFhirServer, start_observed: StartObserved, http: aiohttp.ClientSession
 ) -> None:
-    seen = observed(settings_for(fhir_server.base_url, tmp_path))
-    proxy = await start_proxy(fhir_server.base_url, telemetry=seen.telemetry)
+    seen, proxy = await start_observed(fhir_server.base_url)
     patient = await new_patient(http, proxy.url)
     for _ in range(2):
         async with http.get(f"{proxy.url}/Patient/{patient['id']}") as r:
@@ -212,11 +200,9 @@ async def test_http_metrics_by_the_semantic_conventions(
 
 
 async def test_an_upstream_failure_is_an_error_type_on_both_sides(
-    start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path
+    start_observed: StartObserved, http: aiohttp.ClientSession
 ) -> None:
-    dead = "http://127.0.0.1:1/fhir"
-    seen = observed(settings_for(dead, tmp_path))
-    proxy = await start_proxy(dead, telemetry=seen.telemetry)
+    seen, proxy = await start_observed("http://127.0.0.1:1/fhir")
     async with http.get(f"{proxy.url}/Patient/pat-4711?name=Chalmers") as r:
         assert r.status == 502
     server_span, client_span = _spans(seen.finished(), SpanKind.SERVER, SpanKind.CLIENT)
@@ -273,13 +259,9 @@ async def test_metrics_alone_make_no_span_and_nothing_runs_unobserved(
 
 
 async def test_a_method_the_conventions_do_not_name_is_other(
-    fhir_server: NodeFhirServer,
-    start_proxy: StartProxy,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
+    fhir_server: NodeFhirServer, start_observed: StartObserved, http: aiohttp.ClientSession
 ) -> None:
-    seen = observed(settings_for(fhir_server.base_url, tmp_path))
-    proxy = await start_proxy(fhir_server.base_url, telemetry=seen.telemetry)
+    seen, proxy = await start_observed(fhir_server.base_url)
     async with http.request("PROPFIND", f"{proxy.url}/Patient/pat-4711") as r:
         assert r.status == 405  # refused, audited, observed
     (server_span,) = _spans(seen.finished(), SpanKind.SERVER)

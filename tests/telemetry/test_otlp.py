@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from tests.factories import (
+    POD_ENV,
     NodeFhirServer,
     OtlpCollector,
     ProxyProcess,
@@ -21,13 +22,7 @@ from tests.factories import (
     serving,
 )
 
-POD = {
-    "K8S_POD_NAME": "hapi-7d9f-x2x8q",
-    "K8S_POD_UID": "0b5c3c7e-4a4e-4d38-9b7e-2d0f8d1c6a11",
-    "K8S_NAMESPACE_NAME": "fhir",
-    "K8S_NODE_NAME": "node-3",
-    "K8S_POD_IP": "10.42.0.17",
-}
+POD = POD_ENV
 
 
 async def _until(condition: Any, what: str, within_s: float = 20.0) -> None:

@@ -7,14 +7,9 @@ from __future__ import annotations
 import pytest
 
 from proxy.telemetry.resource import WORKER_ATTRIBUTE, pod_attributes, process_resource
+from tests.factories import POD_ENV
 
-POD = {
-    "K8S_POD_NAME": "hapi-7d9f-x2x8q",
-    "K8S_POD_UID": "0b5c3c7e-4a4e-4d38-9b7e-2d0f8d1c6a11",
-    "K8S_NAMESPACE_NAME": "fhir",
-    "K8S_NODE_NAME": "node-3",
-    "K8S_POD_IP": "10.42.0.17",
-}
+POD = POD_ENV
 
 
 def test_the_downward_api_variables_name_the_pod() -> None:
