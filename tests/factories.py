@@ -335,6 +335,14 @@ class OtlpCollector:
             for span in scope.spans
         ]
 
+    def metric_resources(self) -> list[dict[str, Any]]:
+        """The resource of every metric export received, as attributes."""
+        return [
+            attributes_of(resource_metrics.resource.attributes)
+            for request in self.metrics
+            for resource_metrics in request.resource_metrics
+        ]
+
     def last_metrics(self) -> dict[str, Any]:
         """The metrics of the last export received, by name (each with its resource's
         attributes as ``(metric, resource)``)."""

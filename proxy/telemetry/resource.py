@@ -13,7 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+from opentelemetry.sdk.resources import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    OTELResourceDetector,
+    Resource,
+)
 from opentelemetry.semconv.attributes.k8s_attributes import (
     K8S_NAMESPACE_NAME,
     K8S_NODE_NAME,
@@ -50,9 +55,10 @@ def process_resource(service_name: str, worker: int | None = None) -> Resource:
     """This process's OpenTelemetry resource, from its environment as described above
     (``service_name``: the configuration's). Each process exports cumulative series of its own,
     which a backend tells apart from another process's by the resource only: the SDK
-    gives each process a ``service.instance.id`` (unless ``OTEL_RESOURCE_ATTRIBUTES``
-    names one, which every worker of a pod then shares), and with several workers each
-    also names its index."""
+    gives each process a ``service.instance.id``; with several workers each also names
+    its index, and one that ``OTEL_RESOURCE_ATTRIBUTES`` names (as the injector does, after
+    the pod) gets the suffix ``.worker-<index>``, since a backend such as Prometheus keys
+    the series on ``service.name`` and ``service.instance.id`` alone."""
     attributes: dict[str, str | int] = {
         **pod_attributes(os.environ),
         SERVICE_NAME: service_name,
@@ -65,4 +71,6 @@ def process_resource(service_name: str, worker: int | None = None) -> Resource:
     }
     if worker is not None:
         attributes[WORKER_ATTRIBUTE] = worker
+        if instance := attributes.get(SERVICE_INSTANCE_ID):
+            attributes[SERVICE_INSTANCE_ID] = f"{instance}.worker-{worker}"
     return Resource.create(attributes)

@@ -132,3 +132,48 @@ async def test_a_sidecar_exports_as_the_sdk_environment_says(
     sent = b"".join(collector.bodies)
     for secret in (patient["id"], "Chalmers", "1974-12-25", "_elements", "family="):
         assert secret.encode() not in sent
+
+
+async def test_each_worker_of_a_sidecar_reports_as_an_instance_of_its_own(
+    fhir_server: NodeFhirServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The injector names the instance after the pod; with ``workers: 2`` each worker pushes
+    cumulative series of its own, which a backend keeps apart only by
+    (``service.name``, ``service.instance.id``)."""
+    collector = OtlpCollector()
+    async with serving(("POST", "/v1/{signal}", collector.receive)) as receiver:
+        config = {
+            "listen": {"host": "127.0.0.1", "port": free_port()},
+            "admin": {"host": "127.0.0.1", "port": free_port()},
+            "upstream": {"url": fhir_server.base_url, "timeout_s": 10},
+            "store": {"path": str(tmp_path / "audit.db")},
+            "log_level": "WARNING",
+            "workers": 2,
+        }
+        env = {
+            **POD,
+            "OTEL_SERVICE_NAME": "hapi-audit",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=fhir.hapi-7d9f-x2x8q.fhir-audit-proxy",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.make_url("")).rstrip("/"),
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        }
+        proxy = ProxyProcess(config, tmp_path, own_group=True, env=env)
+        try:
+            await proxy.start(http)
+            await _until(
+                lambda: {r.get("fhir_audit.worker") for r in collector.metric_resources()}
+                == {0, 1},
+                "both workers did not export metrics",
+            )
+        finally:
+            await proxy.stop()
+
+    instances = {
+        (r["service.name"], r["fhir_audit.worker"], r["service.instance.id"])
+        for r in collector.metric_resources()
+    }
+    assert instances == {
+        ("hapi-audit", 0, "fhir.hapi-7d9f-x2x8q.fhir-audit-proxy.worker-0"),
+        ("hapi-audit", 1, "fhir.hapi-7d9f-x2x8q.fhir-audit-proxy.worker-1"),
+    }

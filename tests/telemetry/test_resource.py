@@ -69,3 +69,15 @@ def test_each_worker_names_its_index_and_has_its_own_instance(
     attributes = process_resource("fhir-audit-proxy", 2).attributes
     assert attributes[WORKER_ATTRIBUTE] == 2
     assert attributes["service.instance.id"]
+
+
+def test_workers_sharing_an_instance_id_from_the_environment_are_told_apart(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    # The injector names the instance after the pod; a backend keys cumulative series on
+    # (service.name, service.instance.id), so two workers must not report under one.
+    environment.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=fhir.hapi-0.sidecar")
+    ids = [process_resource("p", worker).attributes["service.instance.id"] for worker in (0, 1)]
+    assert ids == ["fhir.hapi-0.sidecar.worker-0", "fhir.hapi-0.sidecar.worker-1"]
+    # A single process keeps the instance the environment names.
+    assert process_resource("p").attributes["service.instance.id"] == "fhir.hapi-0.sidecar"
