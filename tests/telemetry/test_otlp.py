@@ -33,19 +33,28 @@ async def _until(condition: Any, what: str, within_s: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def _config(fhir_server: NodeFhirServer, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """A sidecar's configuration in front of ``fhir_server``, with ``extra`` keys."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "upstream": {"url": fhir_server.base_url, "timeout_s": 10},
+        "store": {"path": str(tmp_path / "audit.db")},
+        "log_level": "WARNING",
+        **extra,
+    }
+
+
 async def test_a_sidecar_exports_as_the_sdk_environment_says(
     fhir_server: NodeFhirServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     collector = OtlpCollector()
     async with serving(("POST", "/v1/{signal}", collector.receive)) as receiver:
-        config = {
-            "listen": {"host": "127.0.0.1", "port": free_port()},
-            "admin": {"host": "127.0.0.1", "port": free_port()},
-            "upstream": {"url": fhir_server.base_url, "timeout_s": 10},
-            "store": {"path": str(tmp_path / "audit.db")},
-            "log_level": "WARNING",
-            "telemetry": {"service_name": "from-config", "otlp_endpoint": "http://127.0.0.1:1"},
-        }
+        config = _config(
+            fhir_server,
+            tmp_path,
+            telemetry={"service_name": "from-config", "otlp_endpoint": "http://127.0.0.1:1"},
+        )
         env = {
             **POD,
             "OTEL_SERVICE_NAME": "hapi-audit",
@@ -142,14 +151,7 @@ async def test_each_worker_of_a_sidecar_reports_as_an_instance_of_its_own(
     (``service.name``, ``service.instance.id``)."""
     collector = OtlpCollector()
     async with serving(("POST", "/v1/{signal}", collector.receive)) as receiver:
-        config = {
-            "listen": {"host": "127.0.0.1", "port": free_port()},
-            "admin": {"host": "127.0.0.1", "port": free_port()},
-            "upstream": {"url": fhir_server.base_url, "timeout_s": 10},
-            "store": {"path": str(tmp_path / "audit.db")},
-            "log_level": "WARNING",
-            "workers": 2,
-        }
+        config = _config(fhir_server, tmp_path, workers=2)
         env = {
             **POD,
             "OTEL_SERVICE_NAME": "hapi-audit",
