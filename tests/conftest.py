@@ -216,16 +216,17 @@ async def scripted_repository() -> AsyncIterator[ScriptedRepository]:
 @pytest.fixture
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """Factory: start a proxy in front of ``upstream`` with settings overrides (and a
-    ``telemetry`` of the test's own, which the proxy then starts and stops)."""
+    ``running_telemetry`` of the test's own, which the proxy then starts and stops; not
+    ``telemetry``, which overrides the settings' section)."""
     servers: list[TestServer] = []
 
     async def start(
-        upstream_url: str, *, telemetry: Telemetry | None = None, **overrides: Any
+        upstream_url: str, *, running_telemetry: Telemetry | None = None, **overrides: Any
     ) -> RunningProxy:
         settings = settings_for(upstream_url, tmp_path, **overrides)
         app = build_proxy_app(settings)
-        if telemetry is not None:
-            app[TELEMETRY] = telemetry
+        if running_telemetry is not None:
+            app[TELEMETRY] = running_telemetry
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)
@@ -250,7 +251,9 @@ def start_observed(start_proxy: StartProxy, tmp_path: Path) -> StartObserved:
 
     async def start(upstream_url: str, **overrides: Any) -> tuple[Observed, RunningProxy]:
         seen = observed(settings_for(upstream_url, tmp_path, **overrides))
-        return seen, await start_proxy(upstream_url, telemetry=seen.telemetry, **overrides)
+        return seen, await start_proxy(
+            upstream_url, running_telemetry=seen.telemetry, **overrides
+        )
 
     return start
 

@@ -244,7 +244,7 @@ OpenStore = Callable[..., Awaitable[AuditQueue]]
 @dataclass
 class Observed:
     """A :class:`Telemetry` whose spans and metric points a test reads in memory (give it
-    to ``start_proxy(..., telemetry=observed.telemetry)``)."""
+    to ``start_proxy(..., running_telemetry=observed.telemetry)``)."""
 
     telemetry: Telemetry
     spans: InMemorySpanExporter

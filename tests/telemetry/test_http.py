@@ -246,7 +246,7 @@ async def test_metrics_alone_make_no_span_and_nothing_runs_unobserved(
         settings = settings_for(url, tmp_path / "measured")
         measured = await start_proxy(
             url,
-            telemetry=Telemetry(settings.telemetry, metric_readers=[reader]),
+            running_telemetry=Telemetry(settings.telemetry, metric_readers=[reader]),
             store={"path": tmp_path / "measured.db"},
         )
         async with http.get(f"{measured.url}/Patient/1") as r:
