@@ -125,5 +125,7 @@ def test_each_worker_exports_under_a_resource_of_its_own(
     assert uuid.UUID(plain["service.instance.id"]), "the SDK's, one per process"
     assert "fhir_audit.worker" not in plain
     assert worker["fhir_audit.worker"] == 1
-    assert given["service.instance.id"] == "pod-7", "the operator's id is kept"
-    assert given["fhir_audit.worker"] == 0, "and each worker's series stay apart"
+    # A backend keys series on (service.name, service.instance.id) alone (Prometheus's
+    # OTLP receiver: job, instance), so the operator's id is kept but made the worker's.
+    assert given["service.instance.id"] == "pod-7.worker-0"
+    assert given["fhir_audit.worker"] == 0
