@@ -30,7 +30,7 @@ from proxy.audit.intents import recover_intents
 from proxy.audit.pipeline import AuditPipeline, AuditPolicy, standard_hooks
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
-from proxy.delivery.sinks import make_sink
+from proxy.delivery.sink import Origin
 from proxy.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
 from proxy.k8s.status import serving_status
 from proxy.listener import ClientRequest, Handler, RefusalHook, serve_on
@@ -241,19 +241,18 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("no repository configured: events stay in the local store")
         yield
         return
-    async with aiohttp.ClientSession() as session:
-        sink = telemetry.TimedSink(make_sink(repo, session))
-        flusher = Flusher(app[QUEUE], sink, repo)
-        app[FLUSHER] = flusher
+    sink = telemetry.TimedSink(await repo.open_sink(Origin(shard=app[WORKER])))
+    flusher = Flusher(app[QUEUE], sink, repo)
+    app[FLUSHER] = flusher
+    try:
+        async with running(flusher.run(), "flusher"):
+            yield
+    finally:
         try:
-            async with running(flusher.run(), "flusher"):
-                yield
-        finally:
-            try:
-                await flusher.drain(settings.shutdown_grace_s)
-            except Exception:
-                log.exception("final flush failed; undelivered events stay queued")
-            await sink.close()
+            await flusher.drain(settings.shutdown_grace_s)
+        except Exception:
+            log.exception("final flush failed; undelivered events stay queued")
+        await sink.close()
 
 
 async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -204,6 +204,7 @@ def serve(
     import uvloop
     from aiohttp import web
 
+    from proxy.delivery.sink import SinkUnusable
     from proxy.store.faces import StoreError
 
     def announce(running: str) -> None:
@@ -238,6 +239,8 @@ def serve(
         )
     except StoreError as exc:
         raise StartupError(f"{exc}; check store.path and the disk it is on") from exc
+    except SinkUnusable as exc:
+        raise StartupError(str(exc)) from exc
     except OSError as exc:
         failure = _bind_failure(exc, settings)
         if failure is None:
@@ -283,7 +286,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         redact_url(settings.upstream.url),
         settings.admin.host,
         settings.admin.port,
-        f"{redact_url(repo.url)} ({repo.mode})" if repo.url else "none (events stay local)",
+        f"{repo.target()} ({repo.mode})" if repo.url else "none (events stay local)",
         settings.store.path,
         settings.workers,
     )

@@ -13,18 +13,15 @@ import difflib
 import ipaddress
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import time as dt_time
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -39,14 +36,24 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from proxy.delivery.http import HttpRepository
+from proxy.delivery.modes import REPOSITORY_MODES, RepositorySettings
+from proxy.settings_base import MASK as MASK
+from proxy.settings_base import Frozen as _Frozen
+from proxy.settings_base import (
+    Positive,
+    PositiveInt,
+    readable_file_problem,
+    url_secret,
+    writable_file_problems,
+)
+from proxy.settings_base import http_url as _http_url
+from proxy.settings_base import optional_http_url as _optional_http_url
+from proxy.settings_base import redact_url as redact_url
+from proxy.settings_base import tcp_port as _tcp_port
+
 CONFIG_ENV = "FHIR_AUDIT_CONFIG"
 ENV_PREFIX = "FHIR_AUDIT_"
-MASK = "**********"
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
-"""Header names whose values are always masked; ``repository.secret_headers`` adds more."""
-
-Positive = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class ConfigError(Exception):
@@ -54,52 +61,10 @@ class ConfigError(Exception):
     what is wrong, where (file and line, environment variable or setting) and what to do."""
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any userinfo (``user:password@``) replaced by the mask."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{MASK}@{host}"))
-
-
-def _http_url(value: str) -> str:
-    """Accept only an absolute http(s) URL with a host."""
-    try:
-        parts = urlsplit(value)
-        has_host = bool(parts.hostname)
-    except ValueError:
-        has_host = False
-        parts = urlsplit("")
-    if parts.scheme not in ("http", "https") or not has_host:
-        raise ValueError(
-            f"must be an absolute http:// or https:// URL such as https://fhir.example.org/fhir"
-            f" (got {redact_url(value)!r})"
-        )
-    return value
-
-
-def _optional_http_url(value: str | None) -> str | None:
-    return None if value is None else _http_url(value)
-
-
-def _tcp_port(value: int) -> int:
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a TCP port from 1 to 65535, or 0 for any free one (got {value})")
-    return value
-
-
 def _host_not_empty(value: str) -> str:
     if not value.strip():
         raise ValueError("must name an address to listen on, such as 127.0.0.1 or 0.0.0.0")
     return value
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class ListenSettings(_Frozen):
@@ -277,93 +242,6 @@ class StoreSettings(_Frozen):
     """Delivered events are kept this long, then pruned."""
     commit_batch_max: PositiveInt = 512
     """Most events one group commit may take."""
-
-
-class OAuth2Settings(_Frozen):
-    """OAuth2 client credentials for the repository (Keycloak or any compliant IdP)."""
-
-    type: Literal["none", "oauth2_client_credentials"] = "none"
-    token_url: str | None = None
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    """A file holding the secret (a Kubernetes Secret mount); read at start-up."""
-    scope: str | None = None
-    refresh_margin_s: float = Field(default=30.0, ge=0)
-
-    _token_url_is_http = field_validator("token_url")(_optional_http_url)
-
-    @field_serializer("token_url")
-    def _token_url_masked(self, value: str | None) -> str | None:
-        return None if value is None else redact_url(value)
-
-    @model_validator(mode="after")
-    def _complete_for_its_type(self) -> OAuth2Settings:
-        if self.type != "oauth2_client_credentials":
-            return self
-        missing = [name for name in ("token_url", "client_id") if getattr(self, name) is None]
-        if self.client_secret is None and self.client_secret_file is None:
-            missing.append("client_secret or client_secret_file")
-        if missing:
-            raise ValueError(f"type oauth2_client_credentials also needs {', '.join(missing)}")
-        return self
-
-    def secret(self) -> str | None:
-        """The client secret, from the file when one is configured."""
-        if self.client_secret_file is not None:
-            return self.client_secret_file.read_text().strip()
-        return self.client_secret.get_secret_value() if self.client_secret else None
-
-
-class RepositorySettings(_Frozen):
-    """Where the flusher ships events."""
-
-    url: str | None = None
-    """FHIR base URL (bundle, single, transaction modes) or a file path (file mode).
-    None keeps events local."""
-    mode: Literal["bundle", "single", "transaction", "file"] = "bundle"
-    flush_interval_ms: PositiveInt = 1000
-    max_flush_interval_ms: PositiveInt = 60000
-    batch_count: PositiveInt = 100
-    timeout_s: Positive = 30.0
-    request_headers: dict[str, str] = Field(default_factory=dict)
-    secret_headers: tuple[str, ...] = ()
-    """Header names whose values are masked in ``check-config`` and logs, besides
-    Authorization, Proxy-Authorization, Cookie and X-Api-Key."""
-    auth: OAuth2Settings = OAuth2Settings()
-
-    def is_secret_header(self, name: str) -> bool:
-        """Whether a request header's value must never be shown."""
-        lowered = name.lower()
-        return lowered in CREDENTIAL_HEADERS or lowered in {h.lower() for h in self.secret_headers}
-
-    @field_serializer("request_headers")
-    def _headers_masked(self, value: dict[str, str]) -> dict[str, str]:
-        return {k: MASK if self.is_secret_header(k) else v for k, v in value.items()}
-
-    @field_serializer("url")
-    def _url_masked(self, value: str | None) -> str | None:
-        return None if value is None else redact_url(value)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RepositorySettings:
-        if self.url is not None:
-            if self.mode == "file":
-                if urlsplit(self.url).scheme not in ("", "file"):
-                    raise ValueError(
-                        f"mode file takes a file path as url, not {redact_url(self.url)!r};"
-                        " use mode bundle, single or transaction for a FHIR server"
-                    )
-                if not self.url.removeprefix("file://").strip():
-                    raise ValueError("mode file needs url: the path of the NDJSON file")
-            else:
-                try:
-                    _http_url(self.url)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"url {exc} (mode {self.mode}); for a file use mode: file"
-                    ) from None
-        return self
 
 
 class AdminScopes(_Frozen):
@@ -590,7 +468,15 @@ class WebhookSettings(BaseSettings):
     base_path: str = "/fhir"
     fhir_version: Literal["R4", "R5"] = "R4"
     repository_url: str | None = None
-    repository_mode: Literal["bundle", "single", "transaction"] = "bundle"
+    repository_mode: str = "bundle"
+    """The injected proxies' ``repository.mode`` (any mode of ``proxy.delivery.modes``)."""
+    repository_settings: dict[str, str] = Field(default_factory=dict)
+    """More ``repository.*`` settings of the injected proxies, by name (``stream``,
+    ``topic``, ``creds_file``...), each set as its ``FHIR_AUDIT_REPOSITORY__*`` variable."""
+    repository_secret: str | None = None
+    """A Secret (in the pod's namespace) mounted read-only in the injected proxy at
+    ``/var/run/secrets/fhir-audit-proxy/repository``, for the files the repository
+    settings name (``.creds``, certificates, passwords)."""
     cpu_request: str = "50m"
     memory_request: str = "112Mi"
     cpu_limit: str | None = None
@@ -640,6 +526,13 @@ class WebhookSettings(BaseSettings):
     def _otlp_endpoint_masked(self, value: str | None) -> str | None:
         return None if value is None else redact_url(value)
 
+    @field_validator("repository_mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        if value not in REPOSITORY_MODES:
+            raise ValueError(f"expected one of {', '.join(REPOSITORY_MODES)}")
+        return value
+
 
 class Settings(BaseSettings):
     """The root of the configuration."""
@@ -652,7 +545,9 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings()
     audit: AuditSettings = AuditSettings()
     store: StoreSettings = StoreSettings()
-    repository: RepositorySettings = RepositorySettings()
+    repository: RepositorySettings = HttpRepository()
+    """Where the flusher ships events: the settings of the mode ``mode`` names
+    (``proxy.delivery.modes``)."""
     admin: AdminSettings = AdminSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     status: StatusSettings = StatusSettings()
@@ -694,31 +589,16 @@ class Settings(BaseSettings):
     def secret_values(self) -> set[str]:
         """Every configured secret in clear, for masking wherever text leaves the process
         (logs). Values of credential headers count whole and without their scheme word."""
-        found: set[str] = set()
-        repo = self.repository
-        for name, value in repo.request_headers.items():
-            if repo.is_secret_header(name):
-                found.add(value)
-                found.update(value.split()[1:])
-        auth = repo.auth
-        if auth.client_secret is not None:
-            found.add(auth.client_secret.get_secret_value())
-        if auth.client_secret_file is not None:
-            with contextlib.suppress(OSError):
-                found.add(auth.client_secret_file.read_text().strip())
+        found: set[str] = set(self.repository.secret_values())
         found.update(t.get_secret_value() for t in self.admin.tokens)
         for url in (
             self.upstream.url,
-            repo.url,
-            auth.token_url,
             self.audit.identity.jwks_url,
             self.telemetry.otlp_endpoint,
         ):
-            if url and "@" in url:
-                # The password, or the whole userinfo when it is a token alone; a user name
-                # such as "admin" is no secret and would mask that word everywhere.
-                userinfo = urlsplit(url).netloc.rsplit("@", 1)[0]
-                found.add(userinfo.partition(":")[2] or userinfo)
+            secret = url_secret(url)
+            if secret:
+                found.add(secret)
         return {s for s in found if len(s) >= 4}
 
     @classmethod
@@ -857,15 +737,30 @@ def _env_name(loc: tuple[str | int, ...]) -> str | None:
     return None
 
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[str | int, ...], repository: type[BaseModel]) -> type[BaseModel] | None:
+    """The model of the section at ``loc``; ``repository`` is the model of the mode the
+    configuration's ``repository.mode`` names."""
     model: type[BaseModel] = Settings
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
+        if model is Settings and part == "repository":
+            annotation = repository
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
     return model
+
+
+def _repository_loc(error: Any) -> tuple[tuple[str | int, ...], type[BaseModel]]:
+    """The error's location without the mode tag pydantic puts after ``repository``, and
+    the model of that mode."""
+    loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
+    model: type[BaseModel] = HttpRepository
+    if loc[:1] == ("repository",) and len(loc) > 1 and str(loc[1]) in REPOSITORY_MODES:
+        model = REPOSITORY_MODES[str(loc[1])]
+        loc = loc[:1] + loc[2:]
+    return loc, model
 
 
 _SENSITIVE_PARTS = ("secret", "token", "header", "password")
@@ -873,7 +768,12 @@ _SENSITIVE_PARTS = ("secret", "token", "header", "password")
 
 def _describe(error: Any, path: str | Path | None, document: yaml.Node | None) -> str:
     """One line for one validation error: where, which setting, what is wrong, what to do."""
-    loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
+    loc, repository = _repository_loc(error)
+    kind = error["type"]
+    if kind == "union_tag_invalid" and loc == ("repository",):
+        loc = ("repository", "mode")
+        modes = ", ".join(repr(m) for m in REPOSITORY_MODES)
+        error = {**error, "msg": f"Input should be {modes}", "input": error["ctx"]["tag"]}
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     env = _env_name(loc)
     line = None if env else _yaml_line(document, loc)
@@ -885,12 +785,11 @@ def _describe(error: Any, path: str | Path | None, document: yaml.Node | None) -
         where = f"{path}: "
     else:
         where = ""
-    kind = error["type"]
     if not loc:  # a rule across sections: its message names the settings
         where = where or (f"{path}: " if path else "")
         return f"{where}{str(error['msg']).removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = _model_at(loc[:-1], repository)
         known = sorted(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known here: {', '.join(known)}"
@@ -910,25 +809,18 @@ def _describe(error: Any, path: str | Path | None, document: yaml.Node | None) -
 def check_startup(settings: Settings) -> None:
     """Raise :class:`ConfigError` for what ``run`` would refuse at start-up, one line per
     problem: a path the proxy could not use (the store's: its directory must exist or be
-    creatable and the file openable for writing, not a directory; the file sink's; the
-    ``client_secret_file``; every ``admin.token_files``), and an admin listener reachable
-    from the network with no authentication. ``run`` and ``check-config`` both call it,
-    so ``check-config`` accepts exactly what ``run`` starts with."""
+    creatable and the file openable for writing, not a directory; those the repository's
+    mode names: its file, secrets, certificates; every ``admin.token_files``), and an admin
+    listener reachable from the network with no authentication. ``run`` and
+    ``check-config`` both call it, so ``check-config`` accepts exactly what ``run`` starts
+    with."""
     problems: list[str] = []
     for shard in settings.store_shards():
-        problems += _writable_file("store.path", shard, os.O_RDWR)
-    repo = settings.repository
-    if repo.url is not None and repo.mode == "file":
-        path = Path(repo.url.removeprefix("file://"))
-        problems += _writable_file("repository.url", path, os.O_WRONLY | os.O_APPEND)
-    secret_file = repo.auth.client_secret_file
-    if secret_file is not None and _unreadable(secret_file):
-        problems.append(
-            f"repository.auth.client_secret_file: {secret_file} is not a readable file;"
-            " mount the secret there or set client_secret"
-        )
+        problems += _writable_store("store.path", shard)
+    problems += settings.repository.path_problems()
+    problems += settings.relay.source.path_problems()
     for token_file in settings.admin.token_files:
-        if _unreadable(token_file):
+        if readable_file_problem("admin.token_files", token_file, "the token file"):
             problems.append(
                 f"admin.token_files: {token_file} is not a readable file; mount the token"
                 " file there or take it out of admin.token_files"
@@ -940,53 +832,15 @@ def check_startup(settings: Settings) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def _unreadable(path: Path) -> bool:
-    try:
-        with path.open("rb"):
-            return not path.is_file()
-    except OSError:
-        return True
-
-
-def _writable_file(setting: str, path: Path, flags: int) -> Iterator[str]:
-    """Why the proxy could not open ``path`` with ``flags`` as it does at run time, tried
-    for real rather than judged from permission bits (which miss read-only mounts as seen
-    by root, append-only or immutable files, root-squashed network mounts): an existing
-    file is opened (never created), a missing one tried by creating and removing a file in
-    the nearest directory that exists."""
-    if path.is_dir():
-        yield f"{setting}: {path} is a directory; give the path of a file inside it"
-        return
-    problem = _store_problem(path) if setting == "store.path" and path.is_file() else None
+def _writable_store(setting: str, path: Path) -> Iterator[str]:
+    problem = _store_problem(path) if path.is_file() else None
     if problem:
         yield (
             f"{setting}: {path} is not a store this proxy can use ({problem}); point"
             " store.path at a new path or at this proxy's store"
         )
         return
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        yield (
-            f"{setting}: {path} cannot be created because {ancestor} is a file, not a directory;"
-            " choose another path"
-        )
-    elif path.exists():
-        try:
-            os.close(os.open(path, flags))
-        except OSError as exc:
-            yield f"{setting}: {path} cannot be opened for writing by this user: {exc.strerror}"
-    else:
-        try:
-            fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".fhir-audit-proxy-check-")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            yield (
-                f"{setting}: {path} cannot be created: {ancestor} is not writable by this"
-                f" user ({exc.strerror})"
-            )
+    yield from writable_file_problems(setting, path, os.O_RDWR)
 
 
 def _store_problem(path: Path) -> str | None:

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from proxy.delivery.http import HttpRepository
 from proxy.settings import (
     ConfigError,
-    RepositorySettings,
     Settings,
     check_startup,
     load_settings,
@@ -242,11 +242,12 @@ def test_effective_configuration_masks_every_secret(tmp_path: Path) -> None:
     assert "ward-7" in dumped, "headers that are not credentials stay readable"
     assert secrets <= settings.secret_values(), "everything masked in logs is known"
     assert "repo-user" not in settings.secret_values(), "a user name is not masked everywhere"
+    assert isinstance(settings.repository, HttpRepository)
     assert settings.repository.request_headers["X-Api-Key"] == "api-key-1", "code sees values"
 
 
 def test_secret_header_names_are_case_insensitive() -> None:
-    repo = RepositorySettings(secret_headers=("X-Custom",))
+    repo = HttpRepository(secret_headers=("X-Custom",))
     assert repo.is_secret_header("x-custom")
     assert repo.is_secret_header("AUTHORIZATION")
     assert not repo.is_secret_header("X-Tenant")

@@ -23,14 +23,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from proxy import telemetry
-from proxy.delivery.sinks import (
+from proxy.delivery.sink import (
     PartialDelivery,
+    RepositoryBase,
     RepositoryRejected,
     RepositoryUnavailable,
     Sink,
 )
-from proxy.settings import RepositorySettings
-from proxy.store.faces import DeliveryQueue, StoreError
+from proxy.store.faces import Claims, StoreError
 from proxy.store.records import QueuedEvent
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,13 @@ _ANY_RETRY_AT = datetime.max.replace(tzinfo=UTC)
 
 
 class Flusher:
-    """Ships one store's events to one sink."""
+    """Ships one queue's events to one sink."""
 
     def __init__(
         self,
-        queue: DeliveryQueue,
+        queue: Claims,
         sink: Sink,
-        settings: RepositorySettings,
+        settings: RepositoryBase,
         *,
         rng: random.Random | None = None,
     ) -> None:

@@ -8,13 +8,52 @@ import asyncio
 import base64
 import logging
 import time
+from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
 import aiohttp
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 
-from proxy.settings import OAuth2Settings
+from proxy.settings_base import Frozen, optional_http_url, redact_url
 
 log = logging.getLogger(__name__)
+
+
+class OAuth2Settings(Frozen):
+    """OAuth2 client credentials for the repository (Keycloak or any compliant IdP)."""
+
+    type: Literal["none", "oauth2_client_credentials"] = "none"
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    """A file holding the secret (a Kubernetes Secret mount); read at start-up."""
+    scope: str | None = None
+    refresh_margin_s: float = Field(default=30.0, ge=0)
+
+    _token_url_is_http = field_validator("token_url")(optional_http_url)
+
+    @field_serializer("token_url")
+    def _token_url_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
+
+    @model_validator(mode="after")
+    def _complete_for_its_type(self) -> OAuth2Settings:
+        if self.type != "oauth2_client_credentials":
+            return self
+        missing = [name for name in ("token_url", "client_id") if getattr(self, name) is None]
+        if self.client_secret is None and self.client_secret_file is None:
+            missing.append("client_secret or client_secret_file")
+        if missing:
+            raise ValueError(f"type oauth2_client_credentials also needs {', '.join(missing)}")
+        return self
+
+    def secret(self) -> str | None:
+        """The client secret, from the file when one is configured."""
+        if self.client_secret_file is not None:
+            return self.client_secret_file.read_text().strip()
+        return self.client_secret.get_secret_value() if self.client_secret else None
 
 
 class TokenError(Exception):

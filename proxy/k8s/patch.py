@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
+from proxy.delivery.modes import REPOSITORY_MODES, repository_settings
 from proxy.settings import WebhookSettings
 
 PREFIX = "fhir-audit-proxy/"
@@ -50,10 +52,15 @@ STORE_VOLUME = "fhir-audit-proxy-store"
 TMP_VOLUME = "fhir-audit-proxy-tmp"
 CONFIG_VOLUME = "fhir-audit-proxy-config"
 OAUTH_VOLUME = "fhir-audit-proxy-oauth"
-OUR_VOLUMES = frozenset({STORE_VOLUME, TMP_VOLUME, CONFIG_VOLUME, OAUTH_VOLUME})
+REPOSITORY_VOLUME = "fhir-audit-proxy-repository"
+OUR_VOLUMES = frozenset({STORE_VOLUME, TMP_VOLUME, CONFIG_VOLUME, OAUTH_VOLUME, REPOSITORY_VOLUME})
 STORE_DIR = "/var/lib/fhir-audit-proxy"
 CONFIG_DIR = "/etc/fhir-audit-proxy"
 OAUTH_DIR = "/var/run/secrets/fhir-audit-proxy/oauth"
+REPOSITORY_DIR = "/var/run/secrets/fhir-audit-proxy/repository"
+"""Where a ``repository-secret`` is mounted: the files repository settings name."""
+INJECTABLE_MODES = tuple(mode for mode in REPOSITORY_MODES if mode != "file")
+"""Repository modes a sidecar may use: all but ``file``, which would write inside it."""
 NEVER_NAMESPACES = frozenset({"kube-system", "kube-public"})
 APP_PROBES_ENV = "FHIR_AUDIT_STATUS__APP_PROBES"
 """Derived from the app's probes, which are rewritten once injected: not part of what
@@ -136,8 +143,9 @@ KNOWN_ANNOTATIONS: Mapping[str, str] = {
     "base-path": "the FHIR base path (default /fhir)",
     "fhir-version": "R4 or R5",
     "service-name": "OTEL_SERVICE_NAME of the sidecar (default: the app's name label)",
-    "repository-url": "the audit repository's FHIR base URL",
-    "repository-mode": "bundle, single or transaction",
+    "repository-url": "where events go, in the form the repository mode takes",
+    "repository-mode": "a repository mode: " + ", ".join(INJECTABLE_MODES),
+    "repository-secret": f"a Secret mounted at {REPOSITORY_DIR} (stream credentials, certificates)",
     "local-only": '"true": keep events in the pod only (lost with it) when no repository is set',
     "config-map": "a ConfigMap whose key config.yaml is the proxy's configuration",
     "store-pvc": "a PersistentVolumeClaim for the store (default: an emptyDir)",
@@ -162,11 +170,19 @@ _CHOICES: Mapping[str, frozenset[str]] = {
     "local-only": frozenset({"true", "false"}),
     "upstream-scheme": frozenset({"http", "https"}),
     "fhir-version": frozenset({"R4", "R5"}),
-    "repository-mode": frozenset({"bundle", "single", "transaction"}),
+    "repository-mode": frozenset(INJECTABLE_MODES),
     "sidecar": frozenset({"native", "container"}),
     "traffic": frozenset({"redirect", "takeover"}),
 }
-_NAMES = ("config-map", "store-pvc", "store-volume", "oauth-secret", "container", "service-name")
+_NAMES = (
+    "config-map",
+    "store-pvc",
+    "store-volume",
+    "oauth-secret",
+    "repository-secret",
+    "container",
+    "service-name",
+)
 _OUR_PORTS = ("proxy-port", "admin-port", "status-port")
 
 
@@ -243,13 +259,46 @@ def read_annotations(annotations: Mapping[str, str]) -> tuple[dict[str, str], li
             problem = _port_problem(value, ours=key in _OUR_PORTS)
         elif key == "base-path" and not value.startswith("/"):
             problem = "must start with /"
-        elif key in ("repository-url", "oauth-token-url") and not value.startswith(
-            ("http://", "https://")
-        ):
+        elif key == "oauth-token-url" and not value.startswith(("http://", "https://")):
             problem = "not an http(s) URL"
+        elif key == "repository-url":
+            mode = ours.get("repository-mode")
+            modes = [mode] if mode in INJECTABLE_MODES else list(INJECTABLE_MODES)
+            if not any(_url_problem(m, value) is None for m in modes):
+                problem = (
+                    f"not a URL of repository mode {' or '.join(modes)}:"
+                    f" {_url_problem(modes[0], value)}"
+                )
         if problem:
             problems.append(f"{PREFIX}{key}={value!r}: {problem}")
     return ours, problems
+
+
+def _url_problem(mode: str, url: str) -> str | None:
+    """Why ``url`` is no URL of repository ``mode``, or None when it is."""
+    try:
+        repository_settings(mode=mode, url=url)
+    except ValidationError as exc:
+        return str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+    return None
+
+
+def _repository_problem(ann: Mapping[str, str], defaults: WebhookSettings) -> str | None:
+    """Why the pod's repository URL does not suit the injector's default mode, when the
+    pod names no mode of its own (:func:`read_annotations` checks it against that one)."""
+    url = ann.get("repository-url")
+    if url is None or "repository-mode" in ann:
+        return None
+    problem = _url_problem(defaults.repository_mode, url)
+    if problem is None:
+        return None
+    return (
+        f"{PREFIX}repository-url={url!r}: not a URL of mode {defaults.repository_mode}: {problem}"
+    )
+
+
+def _repository_secret(ann: Mapping[str, str], defaults: WebhookSettings) -> str | None:
+    return ann.get("repository-secret", defaults.repository_secret)
 
 
 def _containers(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -495,10 +544,15 @@ def _sidecar(plan: Plan, defaults: WebhookSettings) -> dict[str, Any]:
         env.append(_env("FHIR_AUDIT_REPOSITORY__URL", plan.repository_url))
         mode = ann.get("repository-mode", defaults.repository_mode)
         env.append(_env("FHIR_AUDIT_REPOSITORY__MODE", mode))
+        for name, value in sorted(defaults.repository_settings.items()):
+            variable = "FHIR_AUDIT_REPOSITORY__" + name.replace(".", "__").upper()
+            env.append(_env(variable, value))
     mounts: list[dict[str, Any]] = [
         {"name": ann.get("store-volume", STORE_VOLUME), "mountPath": STORE_DIR},
         {"name": TMP_VOLUME, "mountPath": "/tmp"},
     ]
+    if _repository_secret(ann, defaults):
+        mounts.append({"name": REPOSITORY_VOLUME, "mountPath": REPOSITORY_DIR, "readOnly": True})
     if "config-map" in ann:
         env.append(_env("FHIR_AUDIT_CONFIG", f"{CONFIG_DIR}/config.yaml"))
         mounts.append({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True})
@@ -592,7 +646,7 @@ def _redirect_init(defaults: WebhookSettings, plan: Plan) -> dict[str, Any]:
     }
 
 
-def _volumes(plan: Plan) -> list[dict[str, Any]]:
+def _volumes(plan: Plan, defaults: WebhookSettings) -> list[dict[str, Any]]:
     ann = plan.ann
     volumes: list[dict[str, Any]] = []
     if "store-pvc" in ann:
@@ -606,6 +660,9 @@ def _volumes(plan: Plan) -> list[dict[str, Any]]:
         volumes.append({"name": CONFIG_VOLUME, "configMap": {"name": ann["config-map"]}})
     if "oauth-secret" in ann:
         volumes.append({"name": OAUTH_VOLUME, "secret": {"secretName": ann["oauth-secret"]}})
+    secret = _repository_secret(ann, defaults)
+    if secret:
+        volumes.append({"name": REPOSITORY_VOLUME, "secret": {"secretName": secret}})
     return volumes
 
 
@@ -796,6 +853,9 @@ def _plan(
         return _refuse(selection, namespace, reason)
 
     ann, problems = read_annotations(annotations)
+    repository_problem = _repository_problem(ann, defaults)
+    if repository_problem:
+        problems.append(repository_problem)
     if problems:
         if required:
             return refuse("; ".join(problems))
@@ -934,9 +994,10 @@ def _patch(
         patch.append({"op": "add", "path": "/spec/containers/0", "value": sidecar})
 
     if "volumes" in spec:
-        patch.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in _volumes(plan))
+        volumes = _volumes(plan, defaults)
+        patch.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
     else:
-        patch.append({"op": "add", "path": "/spec/volumes", "value": _volumes(plan)})
+        patch.append({"op": "add", "path": "/spec/volumes", "value": _volumes(plan, defaults)})
     # The proxy stops after the app (native sidecar), then takes up to drain_s for the
     # requests still open and up to drain_s more to deliver what is pending.
     grace = int(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))

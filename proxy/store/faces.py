@@ -3,7 +3,8 @@
 - :class:`EventWriter`, the writer face: what the audit pipeline writes (events, with the
   captured bodies of their exchange) and the write intents it records and settles.
 - :class:`DeliveryQueue`, the delivery face: what a flusher claims and acknowledges, the
-  dead letters, pruning; :class:`Requeue` is its part an operator uses.
+  dead letters, pruning; :class:`Claims` is its part a flusher uses, :class:`Requeue` its
+  part an operator uses.
 - :class:`EventReader`, the reader face: what the admin API, the ``dlq`` commands and
   telemetry read; :class:`ReportReader`, the report face, what the privacy reports read
   beyond it.
@@ -105,9 +106,10 @@ class Requeue(Protocol):
         many."""
 
 
-class DeliveryQueue(Requeue, Protocol):
-    """The delivery face: events leave in queue order, each acknowledged, retried or set
-    aside by its seq."""
+class Claims(Protocol):
+    """The part of the delivery face a flusher uses: events leave in queue order, each
+    acknowledged, retried or set aside by its seq. The relay's stream consumer
+    (:class:`proxy.delivery.relay.StreamQueue`) keeps it too."""
 
     async def claim(self, limit: int, now: datetime) -> list[QueuedEvent]:
         """The oldest pending events, in queue order, up to ``limit``, stopping at the
@@ -122,6 +124,10 @@ class DeliveryQueue(Requeue, Protocol):
 
     async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
         """Set aside events the repository rejected, with its answer."""
+
+
+class DeliveryQueue(Claims, Requeue, Protocol):
+    """The delivery face: the flusher's claims, the operator's requeue, and pruning."""
 
     async def prune(self, now: datetime, retention: timedelta) -> int:
         """Delete events delivered longer than ``retention`` ago (and the captures no

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.telemetry.metrics import DELIVERY_SECONDS
 
 if TYPE_CHECKING:
-    from proxy.delivery.sinks import Sink
+    from proxy.delivery.sink import Sink
 
 
 class TimedSink:

@@ -18,8 +18,7 @@ from aiohttp import web
 
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.delivery.flusher import Flusher
-from proxy.delivery.sinks import make_sink
-from proxy.settings import RepositorySettings
+from proxy.delivery.http import FhirRepositorySink, HttpRepository
 from proxy.store.queue import AuditQueue
 from tests.factories import ScriptedRepository, audit_event, search_exchange
 
@@ -27,8 +26,8 @@ from tests.factories import ScriptedRepository, audit_event, search_exchange
 def _flusher(
     queue: AuditQueue, repo: ScriptedRepository, http: aiohttp.ClientSession, **kwargs: Any
 ) -> Flusher:
-    settings = RepositorySettings(url=repo.url, **kwargs)
-    return Flusher(queue, make_sink(settings, http), settings, rng=random.Random(7))
+    settings = HttpRepository(url=repo.url, **kwargs)
+    return Flusher(queue, FhirRepositorySink(settings, http), settings, rng=random.Random(7))
 
 
 async def _append(queue: AuditQueue, events: list[dict[str, Any]]) -> None:
@@ -149,7 +148,7 @@ async def test_an_outage_holds_events_back_with_backoff_then_delivers_them(
 def test_backoff_grows_exponentially_with_jitter_and_stays_within_bounds(
     interval_ms: int, max_ms: int
 ) -> None:
-    settings = RepositorySettings(
+    settings = HttpRepository(
         url="http://127.0.0.1:9/fhir", flush_interval_ms=interval_ms, max_flush_interval_ms=max_ms
     )
     flusher = Flusher(None, None, settings, rng=random.Random(1))  # type: ignore[arg-type]

@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from proxy.delivery.oauth import TokenProvider
-from proxy.delivery.sinks import FhirRepositorySink, RepositoryUnavailable, make_sink
-from proxy.settings import OAuth2Settings, RepositorySettings
+from proxy.delivery.http import FhirRepositorySink, HttpRepository
+from proxy.delivery.oauth import OAuth2Settings, TokenProvider
+from proxy.delivery.sink import RepositoryUnavailable, Sink
 from tests.factories import ScriptedRepository, audit_event, serving
 
 SECRET = "client-secret-that-must-never-be-logged"
@@ -65,8 +65,13 @@ def _protected(repo: ScriptedRepository, idp: IdentityProvider) -> None:
     repo.behaviour = check
 
 
-def _settings(repo: ScriptedRepository, idp: IdentityProvider, **auth: Any) -> RepositorySettings:
-    return RepositorySettings(
+def _open(settings: HttpRepository, session: aiohttp.ClientSession) -> Sink:
+    """The sink ``open_sink`` makes, on the test's session."""
+    return FhirRepositorySink(settings, session, TokenProvider(settings.auth, session))
+
+
+def _settings(repo: ScriptedRepository, idp: IdentityProvider, **auth: Any) -> HttpRepository:
+    return HttpRepository(
         url=repo.url,
         auth=OAuth2Settings(
             type="oauth2_client_credentials",
@@ -86,7 +91,7 @@ async def test_token_is_fetched_once_and_reused(
     caplog.set_level(logging.DEBUG)
     _protected(scripted_repository, idp)
     async with aiohttp.ClientSession() as session:
-        sink = make_sink(_settings(scripted_repository, idp), session)
+        sink = _open(_settings(scripted_repository, idp), session)
         for i in range(3):
             await sink.send([audit_event(i)])
     assert idp.issued == ["access-1"]
@@ -100,7 +105,7 @@ async def test_a_401_refreshes_the_token_once(
 ) -> None:
     _protected(scripted_repository, idp)
     async with aiohttp.ClientSession() as session:
-        sink = make_sink(_settings(scripted_repository, idp), session)
+        sink = _open(_settings(scripted_repository, idp), session)
         await sink.send([audit_event(1)])
         idp.issued.append("issued-elsewhere")  # the IdP revoked ours: the repository says 401
         await sink.send([audit_event(2)])
@@ -116,7 +121,7 @@ async def test_a_repository_that_keeps_refusing_is_unavailable_not_a_loop(
 
     scripted_repository.behaviour = always_401
     async with aiohttp.ClientSession() as session:
-        sink = make_sink(_settings(scripted_repository, idp), session)
+        sink = _open(_settings(scripted_repository, idp), session)
         with pytest.raises(RepositoryUnavailable, match="refused the refreshed token"):
             await sink.send([audit_event(1)])
     assert len(scripted_repository.requests) == 2
@@ -129,7 +134,7 @@ async def test_token_is_refreshed_shortly_before_it_expires(
     _protected(scripted_repository, idp)
     idp.expires_in = 31  # with a 30 s margin: reused for 1 s, then fetched anew
     async with aiohttp.ClientSession() as session:
-        sink = make_sink(_settings(scripted_repository, idp, refresh_margin_s=30), session)
+        sink = _open(_settings(scripted_repository, idp, refresh_margin_s=30), session)
         await sink.send([audit_event(1)])
         await sink.send([audit_event(2)])
         await asyncio.sleep(1.1)
@@ -148,7 +153,7 @@ async def test_secret_from_a_file_as_a_kubernetes_secret_mount(
         scripted_repository, idp, client_secret=None, client_secret_file=secret_file
     )
     async with aiohttp.ClientSession() as session:
-        await make_sink(settings, session).send([audit_event(1)])
+        await _open(settings, session).send([audit_event(1)])
     assert idp.issued == ["access-1"]
 
 
@@ -160,7 +165,7 @@ async def test_idp_refusal_is_unavailable_and_says_nothing_secret(
     caplog.set_level(logging.DEBUG)
     idp.refuse = True
     async with aiohttp.ClientSession() as session:
-        sink = make_sink(_settings(scripted_repository, idp), session)
+        sink = _open(_settings(scripted_repository, idp), session)
         assert isinstance(sink, FhirRepositorySink)
         with pytest.raises(RepositoryUnavailable) as info:
             await sink.send([audit_event(1)])
@@ -179,7 +184,7 @@ async def test_unreachable_idp_is_unavailable(scripted_repository: ScriptedRepos
     async with aiohttp.ClientSession() as session:
         provider = TokenProvider(settings, session)
         sink = FhirRepositorySink(
-            RepositorySettings(url=scripted_repository.url), session, provider
+            HttpRepository(url=scripted_repository.url), session, provider
         )
         with pytest.raises(RepositoryUnavailable, match="token endpoint unreachable"):
             await sink.send([audit_event(1)])

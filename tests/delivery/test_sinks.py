@@ -13,19 +13,24 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.delivery.sinks import (
-    FileSink,
+from proxy.delivery.file import FileRepository, FileSink
+from proxy.delivery.http import FhirRepositorySink, HttpRepository
+from proxy.delivery.sink import (
+    Origin,
     PartialDelivery,
     RepositoryRejected,
     RepositoryUnavailable,
-    make_sink,
+    Sink,
 )
-from proxy.settings import RepositorySettings
 from tests.factories import NodeFhirServer, ScriptedRepository, audit_event, never_answer
 
 
-def _settings(url: str, **kwargs: Any) -> RepositorySettings:
-    return RepositorySettings(url=url, **kwargs)
+def _settings(url: str, **kwargs: Any) -> HttpRepository:
+    return HttpRepository(url=url, **kwargs)
+
+
+def make_sink(settings: HttpRepository, session: aiohttp.ClientSession) -> Sink:
+    return FhirRepositorySink(settings, session)
 
 
 async def test_bundle_mode_posts_a_collection_with_custom_headers(
@@ -156,9 +161,9 @@ async def test_timeout_and_refused_connection_are_unavailable(
         await refused.send([audit_event(1)])
 
 
-async def test_file_mode_appends_ndjson_lines(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_file_mode_appends_ndjson_lines(tmp_path: Path) -> None:
     path = tmp_path / "out" / "audit.ndjson"
-    sink = make_sink(_settings(f"file://{path}", mode="file"), http)
+    sink = await FileRepository(url=f"file://{path}").open_sink(Origin())
     assert isinstance(sink, FileSink)
     first, second = [audit_event(i) for i in range(3)], [audit_event(i) for i in range(3, 5)]
     await sink.send(first)

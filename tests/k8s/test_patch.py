@@ -16,8 +16,11 @@ import orjson
 import pytest
 import yaml
 
+from proxy.delivery.http import HttpRepository
+from proxy.delivery.jetstream import JetStreamRepository
 from proxy.k8s.patch import (
     INIT,
+    INJECTABLE_MODES,
     INJECTED_LABEL,
     SIDECAR,
     STATUS_ANNOTATION,
@@ -148,6 +151,7 @@ def test_the_injected_environment_is_read_by_the_proxy_settings(
         assert settings.telemetry.json_logs is True
         if check == "oauth":
             assert settings.repository.mode == "transaction"
+            assert isinstance(settings.repository, HttpRepository)
             assert settings.repository.auth.type == "oauth2_client_credentials"
             assert settings.repository.auth.client_secret_file == Path(
                 "/var/run/secrets/fhir-audit-proxy/oauth/client-secret"
@@ -841,10 +845,17 @@ def test_the_sidecar_knows_its_pod_from_the_downward_api() -> None:
         ({"fhir-audit-proxy/proxy-port": "80"}, "not a port number from 1024 to 65535"),
         ({"fhir-audit-proxy/status-port": "status"}, "not a port number"),
         ({"fhir-audit-proxy/base-path": "fhir"}, "must start with /"),
-        ({"fhir-audit-proxy/repository-url": "ftp://x"}, "not an http(s) URL"),
+        ({"fhir-audit-proxy/repository-url": "ftp://x"}, "not a URL of repository mode"),
+        (
+            {
+                "fhir-audit-proxy/repository-url": "nats://n:4222",
+                "fhir-audit-proxy/repository-mode": "bundle",
+            },
+            "not a URL of repository mode bundle",
+        ),
         (
             {"fhir-audit-proxy/repository-mode": "file"},
-            "expected one of bundle, single, transaction",
+            "expected one of " + ", ".join(sorted(INJECTABLE_MODES)),
         ),
         ({"fhir-audit-proxy/store-pvc": "Has_Caps"}, "not a Kubernetes object name"),
         ({"fhir-audit-proxy/store-max-bytes": "1.5Gi"}, "not a quantity of bytes"),
@@ -884,3 +895,35 @@ def test_no_fhir_port_means_a_warning_and_no_patch(
     assert decision.patch == []
     assert len(decision.warnings) == 1
     assert decision.warnings[0].startswith(f"fhir-audit-proxy not injected: {expected}")
+
+
+def test_a_broker_mode_gets_its_settings_and_its_secret_mounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = DEFAULTS.model_copy(
+        update={
+            "repository_url": "nats://nats-0.nats:4222",
+            "repository_mode": "jetstream",
+            "repository_settings": {
+                "stream": "AUDIT",
+                "creds_file": "/var/run/secrets/fhir-audit-proxy/repository/audit.creds",
+                "tls.ca_file": "/var/run/secrets/fhir-audit-proxy/repository/ca.crt",
+            },
+            "repository_secret": "nats-audit",
+        }
+    )
+    pod = patched("deployment-hapi", defaults=defaults)
+    sidecar = sidecar_of(pod)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["fhir-audit-proxy-repository"]["secret"] == {"secretName": "nats-audit"}
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["/var/run/secrets/fhir-audit-proxy/repository"]["readOnly"] is True
+    for key in [k for k in os.environ if k.startswith(("FHIR_AUDIT_", "OTEL_"))]:
+        monkeypatch.delenv(key)
+    for name, value in env_of(sidecar).items():
+        if name.startswith("FHIR_AUDIT_"):
+            monkeypatch.setenv(name, value.replace("(ref)", "fhir"))
+    repository = Settings().repository
+    assert isinstance(repository, JetStreamRepository)
+    assert repository.stream == "AUDIT"
+    assert repository.tls.ca_file == Path("/var/run/secrets/fhir-audit-proxy/repository/ca.crt")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.delivery.sinks import FileSink
+from proxy.delivery.file import FileSink
 from tests.factories import OpenStore, audit_event
 
 

@@ -1,64 +1,111 @@
-"""Where events are shipped: a FHIR repository in one of three modes, or a file.
+"""The FHIR repository modes: events over HTTP to a FHIR server (Auditbox, Aidbox, HAPI,
+Medplum, any FHIR server).
 
 - ``bundle``: ``POST {url}`` with a ``collection`` Bundle (Auditbox bulk, Aidbox).
 - ``single``: ``POST {url}/AuditEvent`` per event (Auditbox single).
 - ``transaction``: ``POST {url}`` with a ``transaction`` Bundle of ``PUT AuditEvent/{id}``:
   a redelivery overwrites instead of duplicating (HAPI, Aidbox, Medplum, any FHIR server).
-- ``file``: NDJSON appended and fsynced, for log shippers.
+
+A 2xx delivers; 5xx, 408, 429, 401/403 (credentials), a timeout or a connection error is
+:class:`RepositoryUnavailable`; any other 4xx (or a failed entry of a transaction) is
+:class:`RepositoryRejected`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
+import contextlib
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal
 
 import aiohttp
 import orjson
+from pydantic import Field, field_serializer, model_validator
 
-from proxy.delivery.oauth import TokenError, TokenProvider
-from proxy.private_files import create_private_parents
-from proxy.settings import RepositorySettings
+from proxy.delivery.oauth import OAuth2Settings, TokenError, TokenProvider
+from proxy.delivery.sink import (
+    DeliveryError,
+    Origin,
+    PartialDelivery,
+    RepositoryBase,
+    RepositoryRejected,
+    RepositoryUnavailable,
+    Sink,
+)
+from proxy.settings_base import MASK, http_url, readable_file_problem, redact_url, url_secret
 
 FHIR_JSON = "application/fhir+json"
 BODY_EXCERPT = 2048
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+"""Header names whose values are always masked; ``repository.secret_headers`` adds more."""
 
 
-class DeliveryError(Exception):
-    """A batch was not delivered."""
+class HttpRepository(RepositoryBase):
+    """A FHIR server as the repository (modes ``bundle``, ``single``, ``transaction``)."""
 
+    url: str | None = None
+    """The FHIR base URL. None keeps events local."""
+    mode: Literal["bundle", "single", "transaction"] = "bundle"
+    request_headers: dict[str, str] = Field(default_factory=dict)
+    secret_headers: tuple[str, ...] = ()
+    """Header names whose values are masked in ``check-config`` and logs, besides
+    Authorization, Proxy-Authorization, Cookie and X-Api-Key."""
+    auth: OAuth2Settings = OAuth2Settings()
 
-class RepositoryUnavailable(DeliveryError):
-    """5xx, 408, 429, 401/403 (credentials), a timeout or a connection error: retry
-    with backoff."""
+    def is_secret_header(self, name: str) -> bool:
+        """Whether a request header's value must never be shown."""
+        lowered = name.lower()
+        return lowered in CREDENTIAL_HEADERS or lowered in {h.lower() for h in self.secret_headers}
 
+    @field_serializer("request_headers")
+    def _headers_masked(self, value: dict[str, str]) -> dict[str, str]:
+        return {k: MASK if self.is_secret_header(k) else v for k, v in value.items()}
 
-class RepositoryRejected(DeliveryError):
-    """A 4xx answer: the batch holds something the repository will not take."""
+    @field_serializer("url")
+    def _url_masked(self, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
 
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"HTTP {status}: {body}")
-        self.status = status
-        self.body = body
+    @model_validator(mode="after")
+    def _url_is_http(self) -> HttpRepository:
+        if self.url is not None:
+            try:
+                http_url(self.url)
+            except ValueError as exc:
+                raise ValueError(
+                    f"url {exc} (mode {self.mode}); for a file use mode: file"
+                ) from None
+        return self
 
+    def secret_values(self) -> set[str]:
+        found = super().secret_values()
+        for name, value in self.request_headers.items():
+            if self.is_secret_header(name):
+                found.add(value)
+                found.update(value.split()[1:])
+        auth = self.auth
+        if auth.client_secret is not None:
+            found.add(auth.client_secret.get_secret_value())
+        if auth.client_secret_file is not None:
+            with contextlib.suppress(OSError):
+                found.add(auth.client_secret_file.read_text().strip())
+        token_url_secret = url_secret(auth.token_url)
+        if token_url_secret:
+            found.add(token_url_secret)
+        return found
 
-class PartialDelivery(DeliveryError):
-    """``single`` mode: the first ``delivered`` events went through, then ``cause``."""
+    def path_problems(self) -> list[str]:
+        problem = readable_file_problem(
+            "repository.auth.client_secret_file",
+            self.auth.client_secret_file,
+            "the secret (or set client_secret)",
+        )
+        return [problem] if problem else []
 
-    def __init__(self, delivered: int, cause: DeliveryError) -> None:
-        super().__init__(str(cause))
-        self.delivered = delivered
-        self.cause = cause
-
-
-class Sink(Protocol):
-    """Something that takes a batch of events or raises a :class:`DeliveryError`."""
-
-    async def send(self, events: Sequence[dict[str, Any]]) -> None: ...
-
-    async def close(self) -> None: ...
+    async def open_sink(self, origin: Origin) -> Sink:
+        session = aiohttp.ClientSession()
+        tokens = None
+        if self.auth.type == "oauth2_client_credentials":
+            tokens = TokenProvider(self.auth, session)
+        return FhirRepositorySink(self, session, tokens, owns_session=True)
 
 
 class FhirRepositorySink:
@@ -66,10 +113,13 @@ class FhirRepositorySink:
 
     def __init__(
         self,
-        settings: RepositorySettings,
+        settings: HttpRepository,
         session: aiohttp.ClientSession,
         tokens: TokenProvider | None = None,
+        *,
+        owns_session: bool = False,
     ) -> None:
+        """``owns_session``: :meth:`close` closes ``session`` too."""
         assert settings.url is not None
         self._base = settings.url.rstrip("/")
         self._mode = settings.mode
@@ -81,6 +131,7 @@ class FhirRepositorySink:
         }
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._tokens = tokens
+        self._owns_session = owns_session
 
     async def send(self, events: Sequence[dict[str, Any]]) -> None:
         if self._mode == "single":
@@ -151,7 +202,8 @@ class FhirRepositorySink:
         raise AssertionError("unreachable: the second attempt always returns or raises")
 
     async def close(self) -> None:
-        return None
+        if self._owns_session:
+            await self._session.close()
 
 
 def _check_transaction_response(answer: bytes) -> None:
@@ -163,48 +215,3 @@ def _check_transaction_response(answer: bytes) -> None:
         status = str((entry.get("response") or {}).get("status", "200")).split(" ")[0]
         if status.isdigit() and int(status) >= 300:
             raise RepositoryRejected(int(status), orjson.dumps(entry)[:BODY_EXCERPT].decode())
-
-
-class FileSink:
-    """NDJSON, one event per line, appended and fsynced in one write per batch (a retry
-    never leaves a half line)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def _write(self, data: bytes) -> None:
-        # The events carry PHI: owner only (directories 0700, the file 0600), whatever
-        # the umask.
-        create_private_parents(self._path)
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    async def send(self, events: Sequence[dict[str, Any]]) -> None:
-        data = b"".join(orjson.dumps(e) + b"\n" for e in events)
-        try:
-            await asyncio.to_thread(self._write, data)
-        except OSError as exc:
-            raise RepositoryUnavailable(f"cannot append to {self._path}: {exc}") from exc
-
-    async def close(self) -> None:
-        return None
-
-
-def make_sink(settings: RepositorySettings, session: aiohttp.ClientSession) -> Sink:
-    """The sink for ``settings.mode``."""
-    assert settings.url is not None
-    if settings.mode == "file":
-        return FileSink(Path(settings.url.removeprefix("file://")))
-    tokens = None
-    if settings.auth.type == "oauth2_client_credentials":
-        tokens = TokenProvider(settings.auth, session)
-    return FhirRepositorySink(settings, session, tokens)
