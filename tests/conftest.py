@@ -33,6 +33,7 @@ from tests import EDITED_SINCE_COMPILED, compiled_library
 from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     FormatUpstream,
+    NatsServer,
     NodeFhirServer,
     Observed,
     OpenStore,
@@ -304,3 +305,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB filesystem of its own (a tmpfs), to fill."""
     with tmpfs(tmp_path / "small", "4m") as volume:
         yield volume
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A single nats-server with JetStream, its store under the test's directory."""
+    server = NatsServer(name="n1", directory=tmp_path)
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.stop()

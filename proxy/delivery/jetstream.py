@@ -18,6 +18,7 @@ larger than the server or stream takes is :class:`RepositoryRejected`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -55,6 +56,11 @@ SUBJECT_FIELDS = frozenset({"site", "host", "shard", "patient"})
 _PLACEHOLDER = re.compile(r"\{([^}]*)\}")
 MSG_TOO_LARGE = 10054
 """JetStream's error code for a message over the stream's ``max_msg_size``."""
+
+
+class StreamMisfit(RepositoryUnavailable):
+    """The stream does not exist or does not take the subject: at start-up a
+    :class:`SinkUnusable`; found later (the server was down at start), a retry that logs."""
 
 
 def _servers(url: str) -> list[str]:
@@ -201,9 +207,9 @@ class JetStreamSink:
             return
         try:
             await self._check_stream()
+        except StreamMisfit as exc:
+            raise SinkUnusable(str(exc)) from None
         except RepositoryUnavailable as exc:
-            if "does not exist" in str(exc):
-                raise SinkUnusable(str(exc)) from None
             log.warning("%s; checked again before the first publish", exc)
 
     async def _connect(self) -> None:
@@ -217,7 +223,9 @@ class JetStreamSink:
             "name": "fhir-audit-proxy",
             "connect_timeout": max(1, int(s.timeout_s)),
             "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
+            # The first connection tries each server twice and gives up (the sink retries
+            # at the next send); once connected, the client reconnects without end.
+            "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.5,
             "error_cb": _log_error,
             "disconnected_cb": _log_disconnected,
@@ -237,11 +245,13 @@ class JetStreamSink:
         if s.creds_file is not None:
             options["user_credentials"] = str(s.creds_file)
         try:
-            nc = await nats.connect(**options)
+            # Bounded from outside too: nats-py waits for ever after a failed TLS handshake.
+            nc = await asyncio.wait_for(nats.connect(**options), s.timeout_s)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise RepositoryUnavailable(
                 f"NATS at {s.servers_shown()} unreachable: {type(exc).__name__}: {exc}"
             ) from None
+        nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         self._js = nc.jetstream(timeout=s.timeout_s)
 
@@ -257,7 +267,7 @@ class JetStreamSink:
                 info = await self._js.stream_info(s.stream)
             except nats.js.errors.NotFoundError:
                 if not s.create_stream:
-                    raise RepositoryUnavailable(
+                    raise StreamMisfit(
                         f"JetStream stream {s.stream!r} does not exist: create it for subjects"
                         f" {s.stream_subject()!r} or set repository.create_stream: true"
                     ) from None
@@ -277,7 +287,7 @@ class JetStreamSink:
             ) from None
         subjects = list(info.config.subjects or [])
         if not any(subject_matches(s.stream_subject(), pattern) for pattern in subjects):
-            raise RepositoryUnavailable(
+            raise StreamMisfit(
                 f"JetStream stream {s.stream!r} does not take subject {s.stream_subject()!r}"
                 f" (its subjects: {', '.join(subjects) or 'none'})"
             )
