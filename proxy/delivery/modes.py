@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter
 from proxy.delivery.file import FileRepository
 from proxy.delivery.http import HttpRepository
 from proxy.delivery.jetstream import JetStreamRepository
+from proxy.delivery.kafka import KafkaRepository
 from proxy.delivery.sink import RepositoryBase
 
 REPOSITORY_MODES: Mapping[str, type[RepositoryBase]] = {
@@ -21,6 +22,7 @@ REPOSITORY_MODES: Mapping[str, type[RepositoryBase]] = {
     "transaction": HttpRepository,
     "file": FileRepository,
     "jetstream": JetStreamRepository,
+    "kafka": KafkaRepository,
 }
 DEFAULT_MODE = "bundle"
 
