@@ -403,6 +403,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from proxy.delivery.relay import run_relay
+    from proxy.delivery.sink import SinkUnusable
+
+    settings = load(args)
+    configure_logging(settings)
+    try:
+        run_relay(settings)
+    except SinkUnusable as exc:
+        raise StartupError(str(exc)) from exc
+    return 0
+
+
 def _cmd_webhook(args: argparse.Namespace) -> int:
     from proxy.k8s.webhook import run_webhook_command
 
@@ -563,6 +576,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="N",
         help="only the event with this queue seq (from `dlq list`); repeatable",
+    )
+    add_command(
+        commands,
+        "relay",
+        help="deliver events from a JetStream stream to the repository",
+        description="Consume relay.source (a JetStream stream the sidecars publish to, with"
+        " mode jetstream) as the durable consumer relay.consumer, and deliver to repository"
+        " with the sidecars' batching, backoff, bisection and dead letters; a message is"
+        " acknowledged to the stream only after the repository took it. Relays with the same"
+        " consumer share the work. SIGTERM or Ctrl-C stops it.",
+        func=_cmd_relay,
     )
     webhook = add_command(
         commands,

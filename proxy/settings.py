@@ -38,6 +38,7 @@ from pydantic_settings import (
 
 from proxy.delivery.http import HttpRepository
 from proxy.delivery.modes import REPOSITORY_MODES, RepositorySettings
+from proxy.delivery.relay import RelaySettings
 from proxy.settings_base import MASK as MASK
 from proxy.settings_base import Frozen as _Frozen
 from proxy.settings_base import (
@@ -551,6 +552,8 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     status: StatusSettings = StatusSettings()
+    relay: RelaySettings = RelaySettings()
+    """What ``fhir-audit-proxy relay`` consumes (it delivers to ``repository``)."""
     workers: PositiveInt = 1
     """Processes serving the proxy port together (``SO_REUSEPORT``: the kernel spreads
     connections over them). With more than one, each worker has its own store shard
@@ -589,7 +592,7 @@ class Settings(BaseSettings):
     def secret_values(self) -> set[str]:
         """Every configured secret in clear, for masking wherever text leaves the process
         (logs). Values of credential headers count whole and without their scheme word."""
-        found: set[str] = set(self.repository.secret_values())
+        found: set[str] = self.repository.secret_values() | self.relay.source.secret_values()
         found.update(t.get_secret_value() for t in self.admin.tokens)
         for url in (
             self.upstream.url,

@@ -1564,3 +1564,49 @@ class RsyslogReceiver:
         if not self.out.exists():
             return []
         return [orjson.loads(line) for line in self.out.read_bytes().splitlines() if line]
+
+
+class RelayProcess:
+    """``python -m proxy relay`` with a config file, started and killed at will."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / "relay.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.log = workdir / "relay.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, within_s: float = 30.0) -> None:
+        """Start it and wait for its ``relay:`` line (it is consuming)."""
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy",
+                "-c",
+                str(self.path),
+                "relay",
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        for _ in range(int(within_s / 0.05)):
+            if b"relay: " in self.log.read_bytes():
+                return
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"relay did not start:\n{self.log.read_text()[-3000:]}")
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.process.wait(), 10)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 15)
+            except TimeoutError:
+                await self.kill()

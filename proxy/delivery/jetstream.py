@@ -182,6 +182,51 @@ def subject_matches(subject: str, pattern: str) -> bool:
     return len(got) == len(want)
 
 
+async def connect(s: JetStreamRepository) -> NatsClient:
+    """A NATS connection for ``s`` (its servers, TLS and credentials) that, once made,
+    reconnects without end. Raises :class:`RepositoryUnavailable` when no server answers
+    within ``timeout_s``."""
+    import nats
+    import nats.errors
+
+    assert s.url is not None
+    options: dict[str, Any] = {
+        "servers": _servers(s.url),
+        "name": "fhir-audit-proxy",
+        "connect_timeout": max(1, int(s.timeout_s)),
+        "allow_reconnect": True,
+        # The first connection tries each server twice and gives up (the caller retries
+        # later); once connected, the client reconnects without end.
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.5,
+        "error_cb": _log_error,
+        "disconnected_cb": _log_disconnected,
+        "reconnected_cb": _log_reconnected,
+    }
+    servers: list[str] = options["servers"]
+    if s.tls.enabled or s.tls.ca_file or any(u.startswith("tls://") for u in servers):
+        options["tls"] = s.tls.client_context("repository.tls")
+        if s.tls.server_name:
+            options["tls_hostname"] = s.tls.server_name
+    if s.token is not None:
+        options["token"] = s.token.get_secret_value()
+    elif s.token_file is not None:
+        options["token"] = s.token_file.read_text().strip()
+    if s.nkey_seed_file is not None:
+        options["nkeys_seed"] = str(s.nkey_seed_file)
+    if s.creds_file is not None:
+        options["user_credentials"] = str(s.creds_file)
+    try:
+        # Bounded from outside too: nats-py waits for ever after a failed TLS handshake.
+        nc = await asyncio.wait_for(nats.connect(**options), s.timeout_s)
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise RepositoryUnavailable(
+            f"NATS at {s.servers_shown()} unreachable: {type(exc).__name__}: {exc}"
+        ) from None
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
 class JetStreamSink:
     """Publishes events to one stream over one NATS connection."""
 
@@ -213,47 +258,8 @@ class JetStreamSink:
             log.warning("%s; checked again before the first publish", exc)
 
     async def _connect(self) -> None:
-        import nats
-        import nats.errors
-
-        s = self._settings
-        assert s.url is not None
-        options: dict[str, Any] = {
-            "servers": _servers(s.url),
-            "name": "fhir-audit-proxy",
-            "connect_timeout": max(1, int(s.timeout_s)),
-            "allow_reconnect": True,
-            # The first connection tries each server twice and gives up (the sink retries
-            # at the next send); once connected, the client reconnects without end.
-            "max_reconnect_attempts": 1,
-            "reconnect_time_wait": 0.5,
-            "error_cb": _log_error,
-            "disconnected_cb": _log_disconnected,
-            "reconnected_cb": _log_reconnected,
-        }
-        servers: list[str] = options["servers"]
-        if s.tls.enabled or s.tls.ca_file or any(u.startswith("tls://") for u in servers):
-            options["tls"] = s.tls.client_context("repository.tls")
-            if s.tls.server_name:
-                options["tls_hostname"] = s.tls.server_name
-        if s.token is not None:
-            options["token"] = s.token.get_secret_value()
-        elif s.token_file is not None:
-            options["token"] = s.token_file.read_text().strip()
-        if s.nkey_seed_file is not None:
-            options["nkeys_seed"] = str(s.nkey_seed_file)
-        if s.creds_file is not None:
-            options["user_credentials"] = str(s.creds_file)
-        try:
-            # Bounded from outside too: nats-py waits for ever after a failed TLS handshake.
-            nc = await asyncio.wait_for(nats.connect(**options), s.timeout_s)
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise RepositoryUnavailable(
-                f"NATS at {s.servers_shown()} unreachable: {type(exc).__name__}: {exc}"
-            ) from None
-        nc.options["max_reconnect_attempts"] = -1
-        self._nc = nc
-        self._js = nc.jetstream(timeout=s.timeout_s)
+        self._nc = await connect(self._settings)
+        self._js = self._nc.jetstream(timeout=self._settings.timeout_s)
 
     async def _check_stream(self) -> None:
         import nats.errors

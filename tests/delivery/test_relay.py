@@ -1,0 +1,211 @@
+"""``fhir-audit-proxy relay``: sidecar proxies publish to a 3-node JetStream cluster, two
+relays (real processes) deliver to the test FHIR server in ``transaction`` mode, and one
+relay is killed mid-run: every event ends up in the repository once. And a rejected
+event goes to the dead-letter subject, the rest on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.delivery.jetstream import JetStreamRepository
+from proxy.delivery.sink import Origin
+from tests.factories import (
+    NatsServer,
+    NodeFhirServer,
+    RelayProcess,
+    ScriptedRepository,
+    StartProxy,
+    add_stream,
+    audit_event,
+    nats_cluster,
+    new_patient,
+    stream_messages,
+)
+
+READS_EACH = 60
+
+
+def _relay_config(nats_url: str, repository: dict[str, Any], **relay: Any) -> dict[str, Any]:
+    return {
+        "relay": {
+            "source": {
+                "mode": "jetstream",
+                "url": nats_url,
+                "stream": "AUDIT",
+                "subject": "audit.{shard}",
+            },
+            "consumer": "relay",
+            "ack_wait_s": 3,
+            **relay,
+        },
+        "repository": {
+            "batch_count": 20,
+            "flush_interval_ms": 50,
+            "max_flush_interval_ms": 500,
+            "timeout_s": 5,
+            **repository,
+        },
+    }
+
+
+async def _in_repository(http: aiohttp.ClientSession, base: str, event_id: str) -> bool:
+    async with http.get(f"{base}/AuditEvent/{event_id}") as r:
+        return r.status == 200
+
+
+async def _redelivered(url: str) -> int:
+    """Messages the stream offered again (held by a relay that died, or handed back)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream(timeout=5).consumer_info("AUDIT", "relay")
+        return int(info.num_redelivered or 0)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_sidecars_to_a_cluster_to_two_relays_one_killed_every_event_in_the_repository_once(
+    tmp_path: Path,
+    fhir_server: NodeFhirServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    nodes = nats_cluster(tmp_path / "nats")
+    (tmp_path / "nats").mkdir()
+    for node in nodes:
+        node.start()
+    relays = [RelayProcess({}, tmp_path / f"relay-{n}") for n in range(2)]
+    try:
+        for node in nodes:
+            await node.wait_ready()
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                await add_stream(nodes[0].url, "AUDIT", ["audit.>"], num_replicas=3)
+                break
+            await asyncio.sleep(0.2)
+        urls = ",".join(node.url for node in nodes)
+        repository = {
+            "mode": "jetstream",
+            "url": urls,
+            "stream": "AUDIT",
+            "subject": "audit.{shard}",
+            "batch_count": 20,
+            "flush_interval_ms": 20,
+        }
+        proxies = [
+            await start_proxy(
+                fhir_server.base_url,
+                store={"path": tmp_path / f"proxy-{n}" / "audit.db"},
+                repository=repository,
+            )
+            for n in range(2)
+        ]
+        config = _relay_config(urls, {"mode": "transaction", "url": fhir_server.base_url})
+        for relay in relays:
+            relay.path.write_text(yaml.safe_dump(config))
+            await relay.start()
+        patient = await new_patient(http, proxies[0].url)
+
+        async def reads(base: str) -> None:
+            for _ in range(READS_EACH):
+                async with http.get(f"{base}/Patient/{patient['id']}") as r:
+                    assert r.status == 200
+
+        load = asyncio.gather(*(reads(p.url) for p in proxies for _ in range(2)))
+        stored: list[str] = []
+        try:
+            await asyncio.sleep(1.0)  # the relays are delivering
+            await relays[0].kill()
+            await load
+            for proxy in proxies:
+                stored += [event["id"] for event in await proxy.stored_events()]
+            found: set[str] = set()
+            for _ in range(120):
+                missing = [i for i in stored if i not in found]
+                present = await asyncio.gather(
+                    *(_in_repository(http, fhir_server.base_url, i) for i in missing)
+                )
+                found.update(i for i, here in zip(missing, present, strict=True) if here)
+                if len(found) == len(stored):
+                    break
+                await asyncio.sleep(0.5)
+        finally:
+            if not load.done():
+                load.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await load
+        in_stream = await stream_messages(nodes[1].url, "AUDIT")
+        redelivered = await _redelivered(nodes[1].url)
+        with capsys.disabled():
+            print(
+                f"\nrelay: acknowledged by the proxies {len(stored)}, in the stream"
+                f" {len({m.msg_id for m in in_stream})}, in the repository {len(found)} (once"
+                f" each: PUT by id), offered again by the stream {redelivered}"
+            )
+        assert len(stored) == 1 + 4 * READS_EACH
+        assert {m.msg_id for m in in_stream} == set(stored)
+        assert set(found) == set(stored), "every event is in the repository"
+        log = relays[1].log.read_text()
+        assert "Traceback" not in log, log[-2000:]
+    finally:
+        for relay in relays:
+            await relay.stop()
+        for node in nodes:
+            node.stop()
+
+
+async def test_a_rejected_event_goes_to_the_dead_letter_subject_and_the_rest_on(
+    nats_server: NatsServer, scripted_repository: ScriptedRepository
+) -> None:
+    await add_stream(nats_server.url, "AUDIT", ["audit.>"])
+    await add_stream(nats_server.url, "DEAD", ["dead.audit"])
+    events = [audit_event(i) for i in range(6)]
+    poison = events[3]["id"]
+
+    async def reject_poison(request: web.Request, raw: bytes) -> web.Response | None:
+        if poison.encode() in raw:
+            return web.json_response({"resourceType": "OperationOutcome"}, status=422)
+        return None
+
+    scripted_repository.behaviour = reject_poison
+    sink = await JetStreamRepository(url=nats_server.url, subject="audit.x").open_sink(Origin())
+    try:
+        await sink.send(events)
+    finally:
+        await sink.close()
+    relay = RelayProcess(
+        _relay_config(
+            nats_server.url,
+            {"mode": "bundle", "url": scripted_repository.url},
+            dead_letter_subject="dead.audit",
+        ),
+        nats_server.directory / "relay",
+    )
+    await relay.start()
+    try:
+        for _ in range(600):
+            if len(await stream_messages(nats_server.url, "DEAD")) == 1:
+                break
+            await asyncio.sleep(0.05)
+        for _ in range(600):
+            if len(scripted_repository.delivered_ids()) == 5:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+    (dead,) = await stream_messages(nats_server.url, "DEAD")
+    assert dead.event["id"] == poison
+    assert sorted(scripted_repository.delivered_ids()) == sorted(
+        e["id"] for e in events if e["id"] != poison
+    )
