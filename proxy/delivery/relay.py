@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from proxy.delivery.sink import RepositoryUnavailable, SinkUnusable
 from proxy.settings_base import Frozen, Positive, PositiveInt
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
@@ -173,6 +174,7 @@ async def relay(settings: Settings, stop: asyncio.Event) -> None:
                 f"relay cannot consume JetStream stream {source.stream!r} as {own.consumer!r}:"
                 f" {exc}"
             ) from None
+        health = await _serve_health(settings, lambda: nc.is_connected)
         repo = settings.repository
         queue = StreamQueue(js, subscription, own, wait_s=repo.flush_interval_ms / 1000)
         sink = telemetry.TimedSink(await repo.open_sink(Origin()))
@@ -184,8 +186,33 @@ async def relay(settings: Settings, stop: asyncio.Event) -> None:
         finally:
             await queue.release()
             await sink.close()
+            await health.cleanup()
     finally:
         await nc.drain()
+
+
+async def _serve_health(settings: Settings, connected: Callable[[], bool]) -> web.AppRunner:
+    """``/healthz`` (the relay runs) and ``/readyz`` (its NATS connection is up) on
+    ``admin.host:admin.port``, for the kubelet's exec probe (``proxy.k8s.probe``)."""
+    from aiohttp import web
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = connected()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready: no NATS connection"},
+            status=200 if ready else 503,
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.admin.host, settings.admin.port).start()
+    return runner
 
 
 def run_relay(settings: Settings) -> None:

@@ -35,6 +35,7 @@ READS_EACH = 60
 
 def _relay_config(nats_url: str, repository: dict[str, Any], **relay: Any) -> dict[str, Any]:
     return {
+        "admin": {"host": "127.0.0.1", "port": 0},
         "relay": {
             "source": {
                 "mode": "jetstream",

@@ -84,7 +84,8 @@ def test_every_manifest_is_valid_for_every_supported_version(values_file: Path) 
             kubernetes_validate.validate(doc, version, strict=True)
         validated[doc["kind"]] += 1
     assert validated["ServiceAccount"] == 1
-    assert validated["Deployment"] + validated["StatefulSet"] == 1
+    relay = bool(values_of(values_file).get("relay", {}).get("enabled"))
+    assert validated["Deployment"] + validated["StatefulSet"] == 1 + relay
     for workload in (d for d in docs if d["kind"] in {"Deployment", "StatefulSet"}):
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -298,9 +299,45 @@ def test_standalone_environment_is_read_by_the_proxy_settings(
     assert (settings.admin.host, bool(settings.admin.tokens)) == (
         ("0.0.0.0", True) if exposed else ("127.0.0.1", False)
     )
+    repository = values["standalone"].get("repository", {})
+    if repository.get("url"):
+        assert settings.repository.mode == repository["mode"]
+        for name, value in repository.get("settings", {}).items():
+            section: Any = settings.repository
+            *parents, leaf = name.split(".")
+            for parent in parents:
+                section = getattr(section, parent)
+            assert str(getattr(section, leaf)) == str(value), name
     if values["standalone"].get("config"):
         config = yaml.safe_load(by_kind(docs, "ConfigMap")["data"]["config.yaml"])
         Settings.model_validate(config)
+
+
+@pytest.mark.parametrize(
+    "values_file",
+    [p for p in CI_VALUES if values_of(p).get("relay", {}).get("enabled")],
+    ids=lambda p: p.name,
+)
+def test_the_relay_environment_is_read_by_the_relay_settings(
+    values_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = values_of(values_file)
+    relay = by_kind(render(values), "Deployment")
+    assert relay["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "relay"
+    container = relay["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["relay"]
+    for name, value in env_values(container).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    wanted = values["relay"]
+    assert settings.relay.source.url == wanted["source"]["url"]
+    assert settings.relay.source.mode == "jetstream"
+    assert settings.relay.consumer == wanted.get("consumer", "fhir-audit-relay")
+    assert settings.repository.url == wanted["repository"]["url"]
+    assert settings.repository.mode == wanted["repository"]["mode"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    if wanted["source"].get("secret"):
+        assert "/var/run/secrets/fhir-audit-proxy/source" in mounts
 
 
 def test_defaults_never_expose_the_admin_api() -> None:
