@@ -30,6 +30,7 @@ RUNS = [
         "target: report p99 < 1000 ms",
     ),
     ("bench_store_size.py", ["--count", "16"], "bytes per event"),
+    ("bench_sinks.py", ["--events", "200", "--modes", "file,kafka"], "ratio to transaction"),
 ]
 
 
