@@ -43,7 +43,14 @@ from proxy.delivery.sink import (
     SinkUnusable,
 )
 from proxy.delivery.tls import TlsFiles
-from proxy.settings_base import Positive, PositiveInt, readable_file_problem, redact_url
+from proxy.settings_base import (
+    Frozen,
+    Positive,
+    PositiveInt,
+    readable_file_problem,
+    redact_url,
+    url_secret,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -67,24 +74,18 @@ def _servers(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-class JetStreamRepository(RepositoryBase):
-    """A NATS JetStream stream as the repository."""
+class JetStreamConnection(Frozen):
+    """A NATS JetStream stream and how to reach it: what the sidecars publish to and the
+    relay consumes (``relay.source``)."""
 
     url: str | None = None
     """NATS server URLs, comma-separated (``nats://nats-0:4222,nats://nats-1:4222``);
     ``tls://`` requires TLS. User and password may be given as ``nats://user:pw@host``."""
-    mode: Literal["jetstream"] = "jetstream"
     stream: str = "AUDIT"
     """The stream the events are published to (it must take the subjects below)."""
     subject: str = "audit.{site}.{patient}"
     """Each event's subject: ``{site}``, ``{host}``, ``{shard}`` and ``{patient}`` are
     filled in per event (each one token; the patient as a hash)."""
-    create_stream: bool = False
-    """Create the stream when it does not exist (else that is a start-up error)."""
-    replicas: PositiveInt = 1
-    """Replicas of a stream this proxy creates (3 for a cluster)."""
-    duplicate_window_s: Positive = 120.0
-    """The de-duplication window of a stream this proxy creates."""
     token: SecretStr | None = None
     token_file: Path | None = None
     """A file holding the token (a Kubernetes Secret mount)."""
@@ -93,6 +94,8 @@ class JetStreamRepository(RepositoryBase):
     creds_file: Path | None = None
     """A ``.creds`` file (user JWT and NKey seed) for decentralized authentication."""
     tls: TlsFiles = TlsFiles()
+    timeout_s: Positive = 30.0
+    """Most time to connect, or to wait for one acknowledgement."""
 
     @field_validator("url")
     @classmethod
@@ -140,9 +143,7 @@ class JetStreamRepository(RepositoryBase):
         return f"JetStream stream {self.stream} at {self.servers_shown()}"
 
     def secret_values(self) -> set[str]:
-        found: set[str] = set()
-        for server in _servers(self.url or ""):
-            found |= RepositoryBase(url=server).secret_values()
+        found = {secret for server in _servers(self.url or "") if (secret := url_secret(server))}
         if self.token is not None:
             found.add(self.token.get_secret_value())
         if self.token_file is not None:
@@ -165,6 +166,18 @@ class JetStreamRepository(RepositoryBase):
         """The subject filter the stream takes: the template with ``*`` per placeholder."""
         return _PLACEHOLDER.sub("*", self.subject)
 
+
+class JetStreamRepository(JetStreamConnection, RepositoryBase):
+    """A NATS JetStream stream as the repository."""
+
+    mode: Literal["jetstream"] = "jetstream"
+    create_stream: bool = False
+    """Create the stream when it does not exist (else that is a start-up error)."""
+    replicas: PositiveInt = 1
+    """Replicas of a stream this proxy creates (3 for a cluster)."""
+    duplicate_window_s: Positive = 120.0
+    """The de-duplication window of a stream this proxy creates."""
+
     async def open_sink(self, origin: Origin) -> Sink:
         sink = JetStreamSink(self, origin)
         await sink.start()
@@ -182,7 +195,7 @@ def subject_matches(subject: str, pattern: str) -> bool:
     return len(got) == len(want)
 
 
-async def connect(s: JetStreamRepository) -> NatsClient:
+async def connect(s: JetStreamConnection) -> NatsClient:
     """A NATS connection for ``s`` (its servers, TLS and credentials) that, once made,
     reconnects without end. Raises :class:`RepositoryUnavailable` when no server answers
     within ``timeout_s``."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import Field
 
-from proxy.delivery.jetstream import JetStreamRepository, connect
+from proxy.delivery.jetstream import JetStreamConnection, connect
 from proxy.delivery.sink import RepositoryUnavailable, SinkUnusable
 from proxy.settings_base import Frozen, Positive, PositiveInt
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class RelaySettings(Frozen):
     """``relay:``: the stream a relay consumes (``repository:`` is where it delivers)."""
 
-    source: JetStreamRepository = Field(default_factory=JetStreamRepository)
+    source: JetStreamConnection = Field(default_factory=JetStreamConnection)
     """The stream, as the sidecars' ``repository:`` names it (url, stream, subject,
     credentials); the relay consumes every subject the template can make."""
     consumer: str = Field(default="fhir-audit-relay", pattern=r"^[A-Za-z0-9_-]+$")

@@ -38,7 +38,6 @@ def _relay_config(nats_url: str, repository: dict[str, Any], **relay: Any) -> di
         "admin": {"host": "127.0.0.1", "port": 0},
         "relay": {
             "source": {
-                "mode": "jetstream",
                 "url": nats_url,
                 "stream": "AUDIT",
                 "subject": "audit.{shard}",

@@ -331,7 +331,7 @@ def test_the_relay_environment_is_read_by_the_relay_settings(
     settings = Settings()
     wanted = values["relay"]
     assert settings.relay.source.url == wanted["source"]["url"]
-    assert settings.relay.source.mode == "jetstream"
+    assert settings.relay.source.stream == wanted["source"].get("stream", "AUDIT")
     assert settings.relay.consumer == wanted.get("consumer", "fhir-audit-relay")
     assert settings.repository.url == wanted["repository"]["url"]
     assert settings.repository.mode == wanted["repository"]["mode"]
