@@ -140,7 +140,9 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
     seen every event the flusher acknowledged. Events in flight then fail and go again
     to the restarted broker (some may arrive twice: at least once)."""
     await create_topic(tansu.bootstrap, "audit")
-    settings = _settings(tansu, batch_count=20, flush_interval_ms=20, max_flush_interval_ms=300)
+    settings = _settings(
+        tansu, batch_count=20, flush_interval_ms=20, max_flush_interval_ms=300, timeout_s=1.0
+    )
     watched = _WatchedQueue(queue)
     sink = await settings.open_sink(Origin())
     flusher = Flusher(watched, sink, settings, rng=random.Random(3))
@@ -195,7 +197,8 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reading
-        await asyncio.sleep(0.5)  # batches fail against the dead broker and back off
+        # Down longer than the producer's request timeout: batches fail and back off.
+        await asyncio.sleep(1.5)
         tansu.start()
         await tansu.wait_ready()
         await create_topic(tansu.bootstrap, "audit")
