@@ -17,7 +17,6 @@ acknowledged in the store per second of draining, from the first claim to the la
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import copy
 import random
@@ -43,7 +42,7 @@ from tests.factories import (  # noqa: E402
     RecordingRepository,
     RsyslogReceiver,
     TansuBroker,
-    add_stream,
+    add_stream_when_ready,
     create_topic,
     events_of,
     exchange,
@@ -92,11 +91,7 @@ async def _repository(mode: str, work: Path) -> AsyncIterator[dict[str, Any]]:
         try:
             for node in nodes:
                 await node.wait_ready()
-            for _ in range(100):
-                with contextlib.suppress(Exception):
-                    await add_stream(nodes[0].url, "AUDIT", ["audit.>"], num_replicas=len(nodes))
-                    break
-                await asyncio.sleep(0.2)
+            await add_stream_when_ready(nodes[0].url, "AUDIT", ["audit.>"], len(nodes))
             urls = ",".join(node.url for node in nodes)
             yield {"mode": "jetstream", "url": urls, "stream": "AUDIT", "timeout_s": 5}
         finally:

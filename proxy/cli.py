@@ -404,8 +404,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
-    from proxy.delivery.relay import run_relay
     from proxy.delivery.sink import SinkUnusable
+    from proxy.relay import run_relay
 
     settings = load(args)
     configure_logging(settings)

@@ -44,6 +44,7 @@ from tests.factories import (
     ScriptedRepository,
     StartObserved,
     StartProxy,
+    TansuBroker,
     format_upstream,
     observed,
     serving,
@@ -345,3 +346,15 @@ async def rsyslog(tmp_path: Path) -> AsyncIterator[RsyslogReceiver]:
         yield receiver
     finally:
         receiver.stop()
+
+
+@pytest.fixture
+async def tansu(tmp_path: Path) -> AsyncIterator[TansuBroker]:
+    """Tansu, a Kafka-compatible broker, in memory on loopback."""
+    broker = TansuBroker(directory=tmp_path)
+    broker.start()
+    try:
+        await broker.wait_ready()
+        yield broker
+    finally:
+        broker.kill()

@@ -60,7 +60,7 @@ from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.settings import IdentitySettings, Settings, load_settings
 from proxy.store.queue import AuditQueue
-from proxy.store.records import EventQuery
+from proxy.store.records import EventQuery, QueuedEvent
 from proxy.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1285,6 +1285,20 @@ def nats_cluster(directory: Path, size: int = 3) -> list[NatsServer]:
     return nodes
 
 
+async def add_stream_when_ready(url: str, stream: str, subjects: list[str], replicas: int) -> None:
+    """Create ``stream`` once a fresh cluster's JetStream takes it (its meta leader elected)."""
+    import nats.errors
+    import nats.js.errors
+
+    for _ in range(100):
+        try:
+            await add_stream(url, stream, subjects, num_replicas=replicas)
+            return
+        except (nats.js.errors.Error, nats.errors.Error):
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"the cluster never took stream {stream}")
+
+
 @dataclass(frozen=True, slots=True)
 class StreamMessage:
     """One message of a stream, as a test reads it back."""
@@ -1340,6 +1354,26 @@ async def add_stream(url: str, stream: str, subjects: list[str], **config: Any) 
         await nc.close()
 
 
+async def wait_listening(
+    port: int, process: subprocess.Popen[bytes] | None, name: str, within_s: float = 20.0
+) -> None:
+    """Until something accepts TCP connections on loopback ``port``, or ``process`` (the
+    server, named ``name`` in failures) has exited."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while loop.time() < deadline:
+        assert process is not None and process.poll() is None, f"{name} exited"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError(f"{name} not listening within {within_s} s")
+
+
 # --- Kafka (Tansu) ---------------------------------------------------------------------------
 
 
@@ -1382,19 +1416,7 @@ class TansuBroker:
         log.close()
 
     async def wait_ready(self, within_s: float = 20.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within_s
-        while loop.time() < deadline:
-            assert self.process is not None and self.process.poll() is None, "tansu exited"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-        raise AssertionError(f"tansu not listening within {within_s} s")
+        await wait_listening(self.port, self.process, "tansu", within_s)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -1532,22 +1554,11 @@ class RsyslogReceiver:
         log.close()
 
     async def wait_ready(self, within_s: float = 20.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within_s
-        while loop.time() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                log = (self.directory / "rsyslogd.log").read_text()[-2000:]
-                raise AssertionError(f"rsyslogd exited:\n{log}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-        raise AssertionError(f"rsyslogd not listening within {within_s} s")
+        try:
+            await wait_listening(self.port, self.process, "rsyslogd", within_s)
+        except AssertionError as exc:
+            log = (self.directory / "rsyslogd.log").read_text()[-2000:]
+            raise AssertionError(f"{exc}:\n{log}") from None
 
     def stop(self) -> None:
         """SIGTERM: rsyslogd's own shutdown (what a restart does)."""
@@ -1566,17 +1577,22 @@ class RsyslogReceiver:
         return [orjson.loads(line) for line in self.out.read_bytes().splitlines() if line]
 
 
-class RelayProcess:
+class RelayProcess(ProxyProcess):
     """``python -m proxy relay`` with a config file, started and killed at will."""
 
     def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        # Not ProxyProcess's: a relay has no listener; it shares the way it is stopped.
         workdir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.own_group = False
         self.path = workdir / "relay.yaml"
         self.path.write_text(yaml.safe_dump(config))
         self.log = workdir / "relay.log"
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self, within_s: float = 30.0) -> None:
+    async def start(
+        self, http: aiohttp.ClientSession | None = None, within_s: float = 30.0
+    ) -> None:
         """Start it and wait for its ``relay:`` line (it is consuming)."""
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
@@ -1598,15 +1614,29 @@ class RelayProcess:
             await asyncio.sleep(0.05)
         raise AssertionError(f"relay did not start:\n{self.log.read_text()[-3000:]}")
 
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(self.process.wait(), 10)
 
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 15)
-            except TimeoutError:
-                await self.kill()
+class WatchedQueue:
+    """A store as the flusher's queue, noting the seqs the flusher acknowledges the
+    moment it acknowledges them (before the store's write) and counting those it holds
+    back, so a fault test can act between two steps of the event loop knowing exactly
+    what the repository has acknowledged."""
+
+    def __init__(self, queue: AuditQueue) -> None:
+        self.queue = queue
+        self.acked: set[int] = set()
+        self.nacked = 0
+        """Events held back for a retry."""
+
+    async def claim(self, limit: int, now: datetime) -> list[QueuedEvent]:
+        return await self.queue.claim(limit, now)
+
+    async def ack(self, seqs: Sequence[int], now: datetime) -> None:
+        self.acked.update(seqs)
+        await self.queue.ack(seqs, now)
+
+    async def nack(self, seqs: Sequence[int], error: str, retry_at: datetime) -> None:
+        self.nacked += len(seqs)
+        await self.queue.nack(seqs, error, retry_at)
+
+    async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
+        await self.queue.dead_letter(seqs, error)

@@ -8,35 +8,19 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.store.index import patients_of
+
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-PATIENT_ROLE = "1"
-"""``object-role`` code 1 (Patient): the entity BALP names the patient with."""
 
 
-def _codes(value: Any) -> list[str]:
-    """The codes of a Coding (R4) or a CodeableConcept (R5)."""
-    if not isinstance(value, dict):
-        return []
-    if "code" in value:
-        return [str(value["code"])]
-    return [str(c["code"]) for c in value.get("coding", ()) if isinstance(c, dict) and "code" in c]
-
-
-def event_patient(event: Mapping[str, Any]) -> str | None:
+def event_patient(event: dict[str, Any]) -> str | None:
     """The first patient the event names (``Patient/123``): R5's ``patient``, else the
     first entity in the patient role. None for an event about no patient."""
-    r5 = event.get("patient")
-    if isinstance(r5, dict) and r5.get("reference"):
-        return str(r5["reference"])
-    for entity in event.get("entity", ()):
-        if isinstance(entity, dict) and PATIENT_ROLE in _codes(entity.get("role")):
-            reference = (entity.get("what") or {}).get("reference")
-            if reference:
-                return str(reference).split("/_history/")[0]
-    return None
+    patients = patients_of(event)
+    return patients[0] if patients else None
 
 
-def patient_hash(event: Mapping[str, Any]) -> str:
+def patient_hash(event: dict[str, Any]) -> str:
     """A subject token for the event's patient that does not show who it is: 16 hex
     digits of the reference's SHA-256, or ``none``."""
     patient = event_patient(event)

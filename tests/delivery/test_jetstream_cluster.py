@@ -19,7 +19,7 @@ from tests.factories import (
     NatsServer,
     NodeFhirServer,
     StartProxy,
-    add_stream,
+    add_stream_when_ready,
     nats_cluster,
     new_patient,
     stream_messages,
@@ -39,17 +39,6 @@ async def _stream_leader(url: str, stream: str) -> str:
         await nc.close()
 
 
-async def _add_r3_stream(url: str) -> None:
-    """Create the stream once the cluster's JetStream answers (its meta leader elected)."""
-    for _ in range(100):
-        try:
-            await add_stream(url, "AUDIT", ["audit.>"], num_replicas=3)
-            return
-        except (nats.js.errors.Error, nats.errors.Error):
-            await asyncio.sleep(0.2)
-    raise AssertionError("the cluster never took the stream")
-
-
 @pytest.mark.slow
 async def test_every_acknowledged_event_is_in_the_stream_once_after_its_leader_is_killed(
     tmp_path: Path,
@@ -65,7 +54,7 @@ async def test_every_acknowledged_event_is_in_the_stream_once_after_its_leader_i
     try:
         for node in nodes:
             await node.wait_ready()
-        await _add_r3_stream(nodes[0].url)
+        await add_stream_when_ready(nodes[0].url, "AUDIT", ["audit.>"], replicas=3)
         proxy = await start_proxy(
             fhir_server.base_url,
             repository={

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,7 +16,7 @@ from proxy.delivery.flusher import Flusher
 from proxy.delivery.kafka import KafkaRepository
 from proxy.delivery.sink import Origin, RepositoryRejected, RepositoryUnavailable, SinkUnusable
 from proxy.store.queue import AuditQueue
-from tests.factories import TansuBroker, audit_event, create_topic, topic_records
+from tests.factories import TansuBroker, WatchedQueue, audit_event, create_topic, topic_records
 
 ROLE = {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
 
@@ -28,17 +25,6 @@ def _about(n: int, patient: str) -> dict[str, Any]:
     event = audit_event(n)
     event["entity"].append({"what": {"reference": patient}, "role": ROLE})
     return event
-
-
-@pytest.fixture
-async def tansu(tmp_path: Path) -> Any:
-    broker = TansuBroker(directory=tmp_path)
-    broker.start()
-    try:
-        await broker.wait_ready()
-        yield broker
-    finally:
-        broker.kill()
 
 
 def _settings(broker: TansuBroker, **kwargs: Any) -> KafkaRepository:
@@ -105,32 +91,6 @@ async def test_an_event_too_large_for_kafka_is_rejected(tansu: TansuBroker) -> N
         await sink.close()
 
 
-class _WatchedQueue:
-    """The store, with the ids of the events the flusher acknowledged noted the moment it
-    acknowledges them (before the store's write), so a test can act between two steps
-    of the event loop knowing exactly what the broker has acknowledged."""
-
-    def __init__(self, queue: AuditQueue) -> None:
-        self.queue = queue
-        self.acked: set[int] = set()
-        self.nacked = 0
-        """Events held back for a retry."""
-
-    async def claim(self, limit: int, now: datetime) -> Any:
-        return await self.queue.claim(limit, now)
-
-    async def ack(self, seqs: Sequence[int], now: datetime) -> None:
-        self.acked.update(seqs)
-        await self.queue.ack(seqs, now)
-
-    async def nack(self, seqs: Sequence[int], error: str, retry_at: datetime) -> None:
-        self.nacked += len(seqs)
-        await self.queue.nack(seqs, error, retry_at)
-
-    async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
-        await self.queue.dead_letter(seqs, error)
-
-
 @pytest.mark.slow
 async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
     tansu: TansuBroker, queue: AuditQueue, capsys: pytest.CaptureFixture[str]
@@ -143,7 +103,7 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
     settings = _settings(
         tansu, batch_count=20, flush_interval_ms=20, max_flush_interval_ms=300, timeout_s=1.0
     )
-    watched = _WatchedQueue(queue)
+    watched = WatchedQueue(queue)
     sink = await settings.open_sink(Origin())
     flusher = Flusher(watched, sink, settings, rng=random.Random(3))
     seq_of: dict[str, int] = {}

@@ -183,9 +183,7 @@ async def test_unreachable_idp_is_unavailable(scripted_repository: ScriptedRepos
     )
     async with aiohttp.ClientSession() as session:
         provider = TokenProvider(settings, session)
-        sink = FhirRepositorySink(
-            HttpRepository(url=scripted_repository.url), session, provider
-        )
+        sink = FhirRepositorySink(HttpRepository(url=scripted_repository.url), session, provider)
         with pytest.raises(RepositoryUnavailable, match="token endpoint unreachable"):
             await sink.send([audit_event(1)])
     assert provider.fetches == 0

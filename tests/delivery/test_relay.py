@@ -24,6 +24,7 @@ from tests.factories import (
     ScriptedRepository,
     StartProxy,
     add_stream,
+    add_stream_when_ready,
     audit_event,
     nats_cluster,
     new_patient,
@@ -89,11 +90,7 @@ async def test_sidecars_to_a_cluster_to_two_relays_one_killed_every_event_in_the
     try:
         for node in nodes:
             await node.wait_ready()
-        for _ in range(100):
-            with contextlib.suppress(Exception):
-                await add_stream(nodes[0].url, "AUDIT", ["audit.>"], num_replicas=3)
-                break
-            await asyncio.sleep(0.2)
+        await add_stream_when_ready(nodes[0].url, "AUDIT", ["audit.>"], replicas=3)
         urls = ",".join(node.url for node in nodes)
         repository = {
             "mode": "jetstream",

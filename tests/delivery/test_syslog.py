@@ -10,8 +10,6 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -26,8 +24,7 @@ from proxy.delivery.sink import (
 )
 from proxy.delivery.syslog import BOM, MSGID, SyslogRepository, octet_counted, syslog_message
 from proxy.store.queue import AuditQueue
-from proxy.store.records import QueuedEvent
-from tests.factories import RsyslogReceiver, audit_event
+from tests.factories import RsyslogReceiver, WatchedQueue, audit_event
 
 
 def _settings(receiver: RsyslogReceiver, **kwargs: Any) -> SyslogRepository:
@@ -92,35 +89,12 @@ async def _wait_for(
     raise AssertionError(f"{len(receiver.received())} of {count} messages arrived")
 
 
-class _WatchedQueue:
-    """The store, noting the seqs the flusher acknowledges (and holds back)."""
-
-    def __init__(self, queue: AuditQueue) -> None:
-        self.queue = queue
-        self.acked: set[int] = set()
-        self.nacked = 0
-
-    async def claim(self, limit: int, now: datetime) -> list[QueuedEvent]:
-        return await self.queue.claim(limit, now)
-
-    async def ack(self, seqs: Sequence[int], now: datetime) -> None:
-        self.acked.update(seqs)
-        await self.queue.ack(seqs, now)
-
-    async def nack(self, seqs: Sequence[int], error: str, retry_at: datetime) -> None:
-        self.nacked += len(seqs)
-        await self.queue.nack(seqs, error, retry_at)
-
-    async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
-        await self.queue.dead_letter(seqs, error)
-
-
 @pytest.mark.slow
 async def test_a_receiver_restart_under_load_loses_nothing_acknowledged(
     rsyslog: RsyslogReceiver, queue: AuditQueue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = _settings(rsyslog, batch_count=10, flush_interval_ms=10, max_flush_interval_ms=200)
-    watched = _WatchedQueue(queue)
+    watched = WatchedQueue(queue)
     sink = await settings.open_sink(Origin())
     flusher = Flusher(watched, sink, settings, rng=random.Random(5))
     total = 300
