@@ -145,7 +145,7 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
             if len(watched.acked) >= total // 3:
                 break
             await asyncio.sleep(0.005)
-        for _ in range(2000):
+        for _ in range(10_000):  # the reader catches up between two batches
             seen_ids = {e["id"] for e in seen}
             if all(seq in {seq_of[i] for i in seen_ids} for seq in watched.acked):
                 tansu.kill()  # no await since the check: nothing was acknowledged between
