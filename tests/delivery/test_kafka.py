@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -14,7 +15,13 @@ import pytest
 
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.kafka import KafkaRepository
-from proxy.delivery.sink import Origin, RepositoryRejected, RepositoryUnavailable, SinkUnusable
+from proxy.delivery.sink import (
+    Origin,
+    RepositoryRejected,
+    RepositoryUnavailable,
+    Sink,
+    SinkUnusable,
+)
 from proxy.store.queue import AuditQueue
 from tests.factories import TansuBroker, WatchedQueue, audit_event, create_topic, topic_records
 
@@ -96,16 +103,19 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
     tansu: TansuBroker, queue: AuditQueue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Tansu keeps its log in memory here, so what the broker held before it is killed is
-    read while it runs: the kill happens at a step of the event loop when the reader has
-    seen every event the flusher acknowledged. Events in flight then fail and go again
-    to the restarted broker (some may arrive twice: at least once)."""
+    read while it runs, and the kill falls between two batches: with no batch in flight,
+    at a step of the event loop when the reader has seen every event the flusher
+    acknowledged (a batch the in-memory broker acknowledged as it died would be lost by
+    the broker, not the proxy). The batches after the kill fail, back off and go to the
+    restarted broker with a new producer (some may arrive twice: at least once)."""
     await create_topic(tansu.bootstrap, "audit")
     settings = _settings(
         tansu, batch_count=20, flush_interval_ms=20, max_flush_interval_ms=300, timeout_s=1.0
     )
     watched = WatchedQueue(queue)
     sink = await settings.open_sink(Origin())
-    flusher = Flusher(watched, sink, settings, rng=random.Random(3))
+    gate = _Gate(sink)
+    flusher = Flusher(watched, gate, settings, rng=random.Random(3))
     seq_of: dict[str, int] = {}
     seen: list[dict[str, Any]] = []
     total = 400
@@ -145,15 +155,18 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
             if len(watched.acked) >= total // 3:
                 break
             await asyncio.sleep(0.005)
-        for _ in range(10_000):  # the reader catches up between two batches
+        gate.open.clear()  # the next batch waits; the one in flight finishes
+        for _ in range(10_000):
             seen_ids = {e["id"] for e in seen}
-            if all(seq in {seq_of[i] for i in seen_ids} for seq in watched.acked):
+            caught_up = all(seq in {seq_of[i] for i in seen_ids} for seq in watched.acked)
+            if not gate.sending and caught_up:
                 tansu.kill()  # no await since the check: nothing was acknowledged between
                 break
             await asyncio.sleep(0.002)
         else:
             raise AssertionError("the reader never caught up with the acknowledgements")
         acked_before = len(watched.acked)
+        gate.open.set()
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reading
@@ -187,3 +200,24 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
     assert stats.delivered == total == len(acked_ids)
     assert watched.nacked, "batches failed against the dead broker and were retried"
     assert acked_ids <= set(ids), "every acknowledged event reached the topic"
+
+
+class _Gate:
+    """A sink that holds the next batch back while ``open`` is clear."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.open = asyncio.Event()
+        self.open.set()
+        self.sending = False
+
+    async def send(self, events: Sequence[dict[str, Any]]) -> None:
+        await self.open.wait()
+        self.sending = True
+        try:
+            await self.sink.send(events)
+        finally:
+            self.sending = False
+
+    async def close(self) -> None:
+        await self.sink.close()
