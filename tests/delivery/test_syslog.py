@@ -33,12 +33,15 @@ def _settings(receiver: RsyslogReceiver, **kwargs: Any) -> SyslogRepository:
 
 
 def _ids(received: list[dict[str, Any]]) -> list[str]:
-    return [
-        etree.fromstring(r["msg"].lstrip("\ufeff").encode())
-        .find("ParticipantObjectIdentification")
-        .get("ParticipantObjectID")
-        for r in received
-    ]
+    """The number each message's event carries (``n-3``), in the order received."""
+    out = []
+    for r in received:
+        found = etree.fromstring(r["msg"].lstrip("\ufeff").encode()).find(
+            "ParticipantObjectIdentification"
+        )
+        assert found is not None
+        out.append(str(found.get("ParticipantObjectID")))
+    return out
 
 
 def test_an_rfc_5424_message_and_its_octet_count() -> None:
