@@ -1320,6 +1320,8 @@ async def stream_messages(url: str, stream: str, **connect: Any) -> list[StreamM
         js = nc.jetstream(timeout=10)
         info = await js.stream_info(stream)
         out: list[StreamMessage] = []
+        if not info.state.messages:
+            return out  # an empty stream's first_seq is 0, no seq a get can ask for
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             try:
                 msg = await js.get_msg(stream, seq)
