@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from datetime import time as dt_time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
