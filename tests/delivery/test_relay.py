@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -30,6 +30,9 @@ from tests.factories import (
     new_patient,
     stream_messages,
 )
+
+if TYPE_CHECKING:
+    from nats.js.api import ConsumerInfo
 
 READS_EACH = 60
 
@@ -62,16 +65,24 @@ async def _in_repository(http: aiohttp.ClientSession, base: str, event_id: str) 
         return r.status == 200
 
 
-async def _redelivered(url: str) -> int:
-    """Messages the stream offered again (held by a relay that died, or handed back)."""
+async def _consumer(url: str) -> ConsumerInfo:
+    """The relays' consumer as the stream sees it (``num_ack_pending``: messages delivered
+    to a relay and not acknowledged yet; see :func:`_offered_again`)."""
     import nats
 
     nc = await nats.connect(url)
     try:
-        info = await nc.jetstream(timeout=5).consumer_info("AUDIT", "relay")
-        return int(info.num_redelivered or 0)
+        return await nc.jetstream(timeout=5).consumer_info("AUDIT", "relay")
     finally:
         await nc.close()
+
+
+def _offered_again(info: ConsumerInfo) -> int:
+    """Deliveries beyond the first of each message (held by a relay that died, or handed
+    back): the consumer's deliveries counted against the stream's messages delivered, the
+    stream's first being seq 1. (``num_redelivered`` counts only those not yet acked.)"""
+    assert info.delivered is not None
+    return (info.delivered.consumer_seq or 0) - (info.delivered.stream_seq or 0)
 
 
 @pytest.mark.slow
@@ -143,7 +154,7 @@ async def test_sidecars_to_a_cluster_to_two_relays_one_killed_every_event_in_the
                 with contextlib.suppress(asyncio.CancelledError):
                     await load
         in_stream = await stream_messages(nodes[1].url, "AUDIT")
-        redelivered = await _redelivered(nodes[1].url)
+        redelivered = _offered_again(await _consumer(nodes[1].url))
         with capsys.disabled():
             print(
                 f"\nrelay: acknowledged by the proxies {len(stored)}, in the stream"
@@ -206,3 +217,43 @@ async def test_a_rejected_event_goes_to_the_dead_letter_subject_and_the_rest_on(
     assert sorted(scripted_repository.delivered_ids()) == sorted(
         e["id"] for e in events if e["id"] != poison
     )
+
+
+async def test_a_relay_killed_holding_messages_leaves_them_to_another(
+    nats_server: NatsServer, scripted_repository: ScriptedRepository
+) -> None:
+    await add_stream(nats_server.url, "AUDIT", ["audit.>"])
+    events = [audit_event(i) for i in range(30)]
+    sink = await JetStreamRepository(url=nats_server.url, subject="audit.x").open_sink(Origin())
+    try:
+        await sink.send(events)
+    finally:
+        await sink.close()
+    arrived = asyncio.Event()
+
+    async def hold(request: web.Request, raw: bytes) -> web.Response | None:
+        arrived.set()
+        await asyncio.sleep(30)  # past the relay's timeout: it never sees an answer
+        return None
+
+    scripted_repository.behaviour = hold
+    config = _relay_config(nats_server.url, {"mode": "bundle", "url": scripted_repository.url})
+    holder = RelayProcess(config, nats_server.directory / "holder")
+    taker = RelayProcess(config, nats_server.directory / "taker")
+    try:
+        await holder.start()
+        await asyncio.wait_for(arrived.wait(), 20)
+        await holder.kill()
+        held = (await _consumer(nats_server.url)).num_ack_pending or 0
+        scripted_repository.behaviour = None
+        await taker.start()
+        for _ in range(600):
+            if len(set(scripted_repository.delivered_ids())) == len(events):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await holder.stop()
+        await taker.stop()
+    assert held > 0, "the killed relay held messages it had not acknowledged"
+    assert sorted(set(scripted_repository.delivered_ids())) == sorted(e["id"] for e in events)
+    assert _offered_again(await _consumer(nats_server.url)) >= held
