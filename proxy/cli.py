@@ -580,11 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(
         commands,
         "relay",
-        help="deliver events from a JetStream stream to the repository",
-        description="Consume relay.source (a JetStream stream the sidecars publish to, with"
-        " mode jetstream) as the durable consumer relay.consumer, and deliver to repository"
-        " with the sidecars' batching, backoff, bisection and dead letters; a message is"
-        " acknowledged to the stream only after the repository took it. Relays with the same"
+        help="deliver events from a JetStream stream or a Kafka topic to the repository",
+        description="Consume relay.source (the JetStream stream or, with a kafka:// URL, the"
+        " Kafka topic the sidecars publish to) as the durable consumer (Kafka: the consumer"
+        " group) relay.consumer, and deliver to repository with the sidecars' batching,"
+        " backoff, bisection and dead letters; a message is acknowledged to the stream (Kafka:"
+        " its offset committed) only after the repository took it. Relays with the same"
         " consumer share the work. SIGTERM or Ctrl-C stops it.",
         func=_cmd_relay,
     )

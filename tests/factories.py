@@ -564,6 +564,17 @@ def audit_event(n: int, **extra: Any) -> dict[str, Any]:
     }
 
 
+PATIENT_ROLE = {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
+
+
+def audit_event_about(n: int, patient: str) -> dict[str, Any]:
+    """:func:`audit_event` with ``patient`` (``Patient/p1``) as an entity in the patient
+    role: what a stream sink keys and routes it by."""
+    event = audit_event(n)
+    event["entity"].append({"what": {"reference": patient}, "role": PATIENT_ROLE})
+    return event
+
+
 def guide_event(**extra: Any) -> dict[str, Any]:
     """The single AuditEvent of Auditbox's ingestion guide: what an application beside the
     FHIR server submits through the admin API."""

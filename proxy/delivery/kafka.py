@@ -40,7 +40,14 @@ from proxy.delivery.sink import (
     SinkUnusable,
 )
 from proxy.delivery.tls import TlsFiles
-from proxy.settings_base import PositiveInt, readable_file_problem, redact_url, url_secret
+from proxy.settings_base import (
+    Frozen,
+    Positive,
+    PositiveInt,
+    readable_file_problem,
+    redact_url,
+    url_secret,
+)
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -53,19 +60,13 @@ def _brokers(url: str) -> list[str]:
     return [part.strip().removeprefix("kafka://") for part in url.split(",") if part.strip()]
 
 
-class KafkaRepository(RepositoryBase):
-    """A Kafka topic as the repository."""
+class KafkaConnection(Frozen):
+    """A Kafka topic and how to reach it: what the sidecars produce to and the relay
+    consumes (``relay.source`` with a ``kafka://`` URL)."""
 
     url: str | None = None
     """Bootstrap brokers, comma-separated: ``kafka://kafka-0:9092,kafka-1:9092``."""
-    mode: Literal["kafka"] = "kafka"
     topic: str = "audit"
-    create_topic: bool = False
-    """Create the topic when it does not exist (else that is a start-up error)."""
-    partitions: PositiveInt = 3
-    """Partitions of a topic this proxy creates."""
-    replication_factor: PositiveInt = 1
-    """Replicas of a topic this proxy creates (3 in a production cluster)."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_username: str | None = None
@@ -73,10 +74,8 @@ class KafkaRepository(RepositoryBase):
     sasl_password_file: Path | None = None
     """A file holding the SASL password (a Kubernetes Secret mount)."""
     tls: TlsFiles = TlsFiles()
-    idempotent: bool = True
-    """Kafka's idempotent producer: the broker drops what the producer's own retries
-    would write twice. Brokers without ``InitProducerId`` (the Tansu build the tests run)
-    need it off; ``acks=all`` holds either way."""
+    timeout_s: Positive = 30.0
+    """Most time one request to the brokers may take."""
 
     @field_validator("url")
     @classmethod
@@ -125,7 +124,7 @@ class KafkaRepository(RepositoryBase):
         )
         return ([problem] if problem else []) + self.tls.path_problems("repository.tls")
 
-    def producer_options(self) -> dict[str, Any]:
+    def client_options(self) -> dict[str, Any]:
         """aiokafka's options for these settings (secrets read from their files)."""
         assert self.url is not None
         options: dict[str, Any] = {
@@ -144,6 +143,22 @@ class KafkaRepository(RepositoryBase):
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = password
         return options
+
+
+class KafkaRepository(KafkaConnection, RepositoryBase):
+    """A Kafka topic as the repository."""
+
+    mode: Literal["kafka"] = "kafka"
+    create_topic: bool = False
+    """Create the topic when it does not exist (else that is a start-up error)."""
+    partitions: PositiveInt = 3
+    """Partitions of a topic this proxy creates."""
+    replication_factor: PositiveInt = 1
+    """Replicas of a topic this proxy creates (3 in a production cluster)."""
+    idempotent: bool = True
+    """Kafka's idempotent producer: the broker drops what the producer's own retries
+    would write twice. Brokers without ``InitProducerId`` (the Tansu build the tests run)
+    need it off; ``acks=all`` holds either way."""
 
     async def open_sink(self, origin: Origin) -> Sink:
         sink = KafkaSink(self)
@@ -174,7 +189,7 @@ class KafkaSink:
         from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
         s = self._settings
-        options = s.producer_options()
+        options = s.client_options()
         admin = AIOKafkaAdminClient(
             **{k: v for k, v in options.items() if k != "client_id"},
             client_id="fhir-audit-proxy-admin",
@@ -209,7 +224,7 @@ class KafkaSink:
         if self._producer is not None:
             return self._producer
         producer = AIOKafkaProducer(
-            **self._settings.producer_options(),
+            **self._settings.client_options(),
             acks="all",
             enable_idempotence=self._settings.idempotent,
         )

@@ -23,15 +23,14 @@ from proxy.delivery.sink import (
     SinkUnusable,
 )
 from proxy.store.queue import AuditQueue
-from tests.factories import TansuBroker, WatchedQueue, audit_event, create_topic, topic_records
-
-ROLE = {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
-
-
-def _about(n: int, patient: str) -> dict[str, Any]:
-    event = audit_event(n)
-    event["entity"].append({"what": {"reference": patient}, "role": ROLE})
-    return event
+from tests.factories import (
+    TansuBroker,
+    WatchedQueue,
+    audit_event,
+    audit_event_about,
+    create_topic,
+    topic_records,
+)
 
 
 def _settings(broker: TansuBroker, **kwargs: Any) -> KafkaRepository:
@@ -56,7 +55,7 @@ async def test_an_idempotent_producer_needs_a_broker_that_grants_producer_ids(
 
 async def test_each_patients_events_share_a_partition_in_order(tansu: TansuBroker) -> None:
     await create_topic(tansu.bootstrap, "audit")
-    events = [_about(i, f"Patient/p{i % 3}") for i in range(12)] + [audit_event(99)]
+    events = [audit_event_about(i, f"Patient/p{i % 3}") for i in range(12)] + [audit_event(99)]
     sink = await _settings(tansu).open_sink(Origin())
     try:
         await sink.send(events[:5])
@@ -122,7 +121,7 @@ async def test_nothing_acknowledged_is_lost_through_a_broker_restart(
 
     async def load() -> None:
         for n in range(total):
-            event = _about(n, f"Patient/p{n % 5}")
+            event = audit_event_about(n, f"Patient/p{n % 5}")
             await queue.append([event])
             stored = await queue.get_event(event["id"])
             assert stored is not None

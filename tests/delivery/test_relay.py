@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
+from pydantic import ValidationError
 
-from proxy.delivery.jetstream import JetStreamRepository
+from proxy.delivery.jetstream import JetStreamConnection, JetStreamRepository
+from proxy.delivery.kafka import KafkaConnection, KafkaRepository
+from proxy.delivery.relay import RelaySettings
 from proxy.delivery.sink import Origin
 from tests.factories import (
     NatsServer,
@@ -23,12 +28,16 @@ from tests.factories import (
     RelayProcess,
     ScriptedRepository,
     StartProxy,
+    TansuBroker,
     add_stream,
     add_stream_when_ready,
     audit_event,
+    audit_event_about,
+    create_topic,
     nats_cluster,
     new_patient,
     stream_messages,
+    topic_records,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +81,8 @@ async def _consumer(url: str) -> ConsumerInfo:
 
     nc = await nats.connect(url)
     try:
-        return await nc.jetstream(timeout=5).consumer_info("AUDIT", "relay")
+        info: ConsumerInfo = await nc.jetstream(timeout=5).consumer_info("AUDIT", "relay")
+        return info
     finally:
         await nc.close()
 
@@ -83,6 +93,28 @@ def _offered_again(info: ConsumerInfo) -> int:
     stream's first being seq 1. (``num_redelivered`` counts only those not yet acked.)"""
     assert info.delivered is not None
     return (info.delivered.consumer_seq or 0) - (info.delivered.stream_seq or 0)
+
+
+@contextlib.asynccontextmanager
+async def _holder_and_taker(
+    config: dict[str, Any], workdir: Path
+) -> AsyncIterator[tuple[RelayProcess, RelayProcess]]:
+    """Two relays of one consumer, not started; stopped (if running) on the way out."""
+    holder = RelayProcess(config, workdir / "holder")
+    taker = RelayProcess(config, workdir / "taker")
+    try:
+        yield holder, taker
+    finally:
+        await holder.stop()
+        await taker.stop()
+
+
+async def _until_delivered(repository: ScriptedRepository, count: int, within_s: float) -> None:
+    """Until ``count`` distinct events were answered 2xx, or ``within_s`` passed."""
+    for _ in range(int(within_s / 0.05)):
+        if len(set(repository.delivered_ids())) >= count:
+            return
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -238,22 +270,115 @@ async def test_a_relay_killed_holding_messages_leaves_them_to_another(
 
     scripted_repository.behaviour = hold
     config = _relay_config(nats_server.url, {"mode": "bundle", "url": scripted_repository.url})
-    holder = RelayProcess(config, nats_server.directory / "holder")
-    taker = RelayProcess(config, nats_server.directory / "taker")
-    try:
+    async with _holder_and_taker(config, nats_server.directory) as (holder, taker):
         await holder.start()
         await asyncio.wait_for(arrived.wait(), 20)
         await holder.kill()
         held = (await _consumer(nats_server.url)).num_ack_pending or 0
         scripted_repository.behaviour = None
         await taker.start()
-        for _ in range(600):
-            if len(set(scripted_repository.delivered_ids())) == len(events):
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await holder.stop()
-        await taker.stop()
+        await _until_delivered(scripted_repository, len(events), within_s=30)
     assert held > 0, "the killed relay held messages it had not acknowledged"
     assert sorted(set(scripted_repository.delivered_ids())) == sorted(e["id"] for e in events)
     assert _offered_again(await _consumer(nats_server.url)) >= held
+
+
+def test_a_kafka_url_makes_the_source_a_kafka_topic() -> None:
+    kafka = RelaySettings(source={"url": "kafka://k0:9092,kafka://k1:9092", "topic": "audit"})
+    assert isinstance(kafka.source, KafkaConnection)
+    assert kafka.source.topic == "audit"
+    nats = RelaySettings(source={"url": "nats://n:4222", "stream": "AUDIT"})
+    assert isinstance(nats.source, JetStreamConnection)
+    with pytest.raises(ValidationError, match="stream"):
+        RelaySettings(source={"url": "kafka://k0:9092", "stream": "AUDIT"})
+
+
+async def test_a_kafka_relay_killed_holding_records_leaves_them_to_another(
+    tansu: TansuBroker, scripted_repository: ScriptedRepository
+) -> None:
+    """Two relays in one consumer group: the first takes every partition, sends a batch
+    the repository never answers and is SIGKILLed; the second gets the partitions once the
+    group's session times out and delivers everything, the held batch included (offsets
+    are committed only after the repository's 2xx)."""
+    await create_topic(tansu.bootstrap, "audit", partitions=3)
+    events = [audit_event_about(i, f"Patient/p{i % 5}") for i in range(40)]
+    sink = await KafkaRepository(url=tansu.url, idempotent=False).open_sink(Origin())
+    try:
+        await sink.send(events)
+    finally:
+        await sink.close()
+    held: list[str] = []
+    arrived = asyncio.Event()
+
+    async def hold(request: web.Request, raw: bytes) -> web.Response | None:
+        held.extend(e["resource"]["id"] for e in orjson.loads(raw)["entry"])
+        arrived.set()
+        await asyncio.sleep(30)  # past the relay's timeout: it never sees an answer
+        return None
+
+    scripted_repository.behaviour = hold
+    config = _relay_config(
+        tansu.url, {"mode": "bundle", "url": scripted_repository.url}, ack_wait_s=6
+    )
+    config["relay"]["source"] = {"url": tansu.url, "topic": "audit"}
+    async with _holder_and_taker(config, tansu.directory) as (holder, taker):
+        await holder.start()
+        await asyncio.wait_for(arrived.wait(), 30)
+        await holder.kill()
+        scripted_repository.behaviour = None
+        await taker.start()
+        await _until_delivered(scripted_repository, len(events), within_s=60)
+    delivered = scripted_repository.delivered_ids()
+    assert held, "the killed relay held records it had not committed"
+    assert sorted(set(delivered)) == sorted(e["id"] for e in events)
+    assert set(held) <= set(delivered)
+    log = taker.log.read_text()
+    assert "Traceback" not in log, log[-2000:]
+
+
+async def test_a_kafka_relay_retries_an_outage_and_dead_letters_a_rejected_event(
+    tansu: TansuBroker, scripted_repository: ScriptedRepository
+) -> None:
+    """The repository answers 503 twice (the relay seeks back and sends again), then
+    rejects one event (it goes to the dead-letter topic); each partition's events reach
+    the repository in their order (one patient's events: one partition), none lost."""
+    await create_topic(tansu.bootstrap, "audit", partitions=3)
+    await create_topic(tansu.bootstrap, "dead", partitions=1)
+    events = [audit_event_about(i, f"Patient/p{i % 3}") for i in range(30)]
+    poison = events[17]["id"]
+    sink = await KafkaRepository(url=tansu.url, idempotent=False).open_sink(Origin())
+    try:
+        await sink.send(events)
+    finally:
+        await sink.close()
+    outages = [503, 503]
+
+    async def flaky(request: web.Request, raw: bytes) -> web.Response | None:
+        if outages:
+            return web.json_response({}, status=outages.pop())
+        if poison.encode() in raw:
+            return web.json_response({"resourceType": "OperationOutcome"}, status=422)
+        return None
+
+    scripted_repository.behaviour = flaky
+    config = _relay_config(
+        tansu.url,
+        {"mode": "bundle", "url": scripted_repository.url},
+        ack_wait_s=6,
+        dead_letter_subject="dead",
+    )
+    config["relay"]["source"] = {"url": tansu.url, "topic": "audit"}
+    relay = RelayProcess(config, tansu.directory / "relay")
+    await relay.start()
+    try:
+        await _until_delivered(scripted_repository, len(events) - 1, within_s=30)
+        dead = await topic_records(tansu.bootstrap, "dead", 1)
+    finally:
+        await relay.stop()
+    delivered = scripted_repository.delivered_ids()
+    assert not outages, "the repository's outage was met"
+    assert sorted(set(delivered)) == sorted(e["id"] for e in events if e["id"] != poison)
+    assert [r.event["id"] for r in dead] == [poison]
+    for n in range(3):
+        mine = [e["id"] for e in events[n::3] if e["id"] != poison]
+        assert [i for i in dict.fromkeys(delivered) if i in mine] == mine, "a patient's in order"
