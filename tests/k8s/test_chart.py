@@ -19,6 +19,8 @@ import pytest
 import yaml
 from cryptography import x509
 
+from proxy.delivery.jetstream import JetStreamConnection
+from proxy.delivery.kafka import KafkaConnection
 from proxy.k8s.patch import INJECTED_LABEL, STATUS_PORT_NAME, Selection, decide
 from proxy.settings import Settings, WebhookSettings
 
@@ -330,8 +332,16 @@ def test_the_relay_environment_is_read_by_the_relay_settings(
         monkeypatch.setenv(name, value)
     settings = Settings()
     wanted = values["relay"]
-    assert settings.relay.source.url == wanted["source"]["url"]
-    assert settings.relay.source.stream == wanted["source"].get("stream", "AUDIT")
+    source = settings.relay.source
+    assert source.url == wanted["source"]["url"]
+    kafka = wanted["source"]["url"].startswith("kafka://")
+    assert isinstance(source, KafkaConnection if kafka else JetStreamConnection)
+    if isinstance(source, KafkaConnection):
+        assert source.topic == wanted["source"].get("topic", "audit")
+    else:
+        assert source.stream == wanted["source"].get("stream", "AUDIT")
+    for name, value in wanted["source"].get("settings", {}).items():
+        assert str(getattr(source, name)) == str(value), name
     assert settings.relay.consumer == wanted.get("consumer", "fhir-audit-relay")
     assert settings.repository.url == wanted["repository"]["url"]
     assert settings.repository.mode == wanted["repository"]["mode"]
