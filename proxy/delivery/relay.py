@@ -31,6 +31,7 @@ from pydantic import Discriminator, Field, Tag
 
 from proxy.delivery.jetstream import JetStreamConnection
 from proxy.delivery.kafka import KafkaConnection
+from proxy.delivery.sink import RepositoryUnavailable
 from proxy.settings_base import Frozen, Positive, PositiveInt
 
 if TYPE_CHECKING:
@@ -258,12 +259,24 @@ class TopicQueue:
         self._retry_at = retry_at.astimezone(UTC)
 
     async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
+        """Produce the records to the dead-letter topic, then settle them. A producer that
+        fails raises :class:`RepositoryUnavailable`: the flusher then nacks them, and they
+        come again rather than block their partition's commits."""
+        from aiokafka.errors import KafkaError
+
         topic = self._settings.dead_letter_subject
         if topic is not None and self._producer is not None:
             header = error[:1024].replace("\n", " ").encode()
             for seq in seqs:
                 _, _, value = self._held[seq]
-                await self._producer.send_and_wait(topic, value, headers=[("Audit-Error", header)])
+                try:
+                    await self._producer.send_and_wait(
+                        topic, value, headers=[("Audit-Error", header)]
+                    )
+                except KafkaError as exc:
+                    raise RepositoryUnavailable(
+                        f"dead-letter topic {topic!r} takes nothing: {exc}"
+                    ) from None
         await self._commit(self._settle(seqs))
 
     def _settle(self, seqs: Sequence[int]) -> set[TopicPartition]:

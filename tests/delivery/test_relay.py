@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,8 @@ from pydantic import ValidationError
 
 from proxy.delivery.jetstream import JetStreamConnection, JetStreamRepository
 from proxy.delivery.kafka import KafkaConnection, KafkaRepository
-from proxy.delivery.relay import RelaySettings
-from proxy.delivery.sink import Origin
+from proxy.delivery.relay import RelaySettings, TopicQueue
+from proxy.delivery.sink import Origin, RepositoryUnavailable
 from tests.factories import (
     NatsServer,
     NodeFhirServer,
@@ -42,6 +43,8 @@ from tests.factories import (
 
 if TYPE_CHECKING:
     from nats.js.api import ConsumerInfo
+
+    from proxy.store.records import QueuedEvent
 
 READS_EACH = 60
 
@@ -382,3 +385,55 @@ async def test_a_kafka_relay_retries_an_outage_and_dead_letters_a_rejected_event
     for n in range(3):
         mine = [e["id"] for e in events[n::3] if e["id"] != poison]
         assert [i for i in dict.fromkeys(delivered) if i in mine] == mine, "a patient's in order"
+
+
+async def test_a_dead_letter_topic_that_takes_nothing_leaves_the_record_to_come_again(
+    tansu: TansuBroker, tmp_path: Path
+) -> None:
+    """The dead-letter producer fails (its broker is gone): the rejected record is not
+    settled, and once the flusher nacks it the relay reads it again, so its partition's
+    commits are never stuck behind it."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    await create_topic(tansu.bootstrap, "audit", partitions=1)
+    events = [audit_event(i) for i in range(3)]
+    sink = await KafkaRepository(url=tansu.url, idempotent=False).open_sink(Origin())
+    try:
+        await sink.send(events)
+    finally:
+        await sink.close()
+    gone = TansuBroker(tmp_path / "gone")
+    gone.directory.mkdir()
+    gone.start()
+    await gone.wait_ready()
+    producer = AIOKafkaProducer(bootstrap_servers=gone.bootstrap, request_timeout_ms=1000)
+    await producer.start()
+    gone.kill()
+    consumer = AIOKafkaConsumer(
+        "audit", bootstrap_servers=tansu.bootstrap, group_id="g", auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    settings = RelaySettings(dead_letter_subject="dead")
+    queue = TopicQueue(consumer, producer, settings, wait_s=1.0)
+    anytime = datetime.max.replace(tzinfo=UTC)
+    try:
+        claimed: list[QueuedEvent] = []
+        for _ in range(20):
+            claimed += await queue.claim(10, anytime)
+            if len(claimed) == len(events):
+                break
+        assert [q.event_id for q in claimed] == [e["id"] for e in events]
+        await queue.ack([claimed[0].seq], anytime)
+        with pytest.raises(RepositoryUnavailable, match="dead-letter topic 'dead'"):
+            await queue.dead_letter([claimed[1].seq], "HTTP 422")
+        await queue.nack([q.seq for q in claimed[1:]], "HTTP 422", datetime.now(UTC))
+        again: list[QueuedEvent] = []
+        for _ in range(20):
+            again += await queue.claim(10, anytime)
+            if len(again) == 2:
+                break
+        assert [q.event_id for q in again] == [e["id"] for e in events[1:]]
+    finally:
+        await consumer.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), 5)
