@@ -1352,6 +1352,78 @@ async def stream_messages(url: str, stream: str, **connect: Any) -> list[StreamM
         await nc.close()
 
 
+@dataclass(frozen=True, slots=True)
+class NatsOperator:
+    """Decentralized NATS authentication (JWTs, as ``nsc`` makes them): an operator, a
+    system account, an account with JetStream, and one user of it as a ``.creds`` file."""
+
+    server_config: str
+    """What ``nats-server`` needs (operator, system account, the accounts preloaded)."""
+    creds_file: Path
+    """The user's JWT and NKey seed."""
+
+
+def _nats_jwt(issuer_seed: bytes, subject: str, name: str, nats: dict[str, Any]) -> str:
+    """A JWT signed with an NKey (``ed25519-nkey``), as the NATS server verifies them."""
+    import nkeys
+
+    def part(value: bytes) -> str:
+        return base64.urlsafe_b64encode(value).rstrip(b"=").decode()
+
+    issuer = nkeys.from_seed(issuer_seed)
+    claims: dict[str, Any] = {
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": {**nats, "version": 2},
+    }
+    digest = hashlib.sha256(orjson.dumps(claims)).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    signed = part(orjson.dumps({"typ": "JWT", "alg": "ed25519-nkey"})) + "."
+    signed += part(orjson.dumps(claims))
+    return f"{signed}.{part(issuer.sign(signed.encode()))}"
+
+
+def nats_operator(directory: Path) -> NatsOperator:
+    """Write the operator's JWT and the user's ``.creds`` into ``directory``."""
+    import nkeys
+
+    def key(prefix: int) -> tuple[bytes, str]:
+        seed: bytes = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(seed).public_key.decode()
+
+    operator, operator_id = key(nkeys.PREFIX_BYTE_OPERATOR)
+    account, account_id = key(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, system_id = key(nkeys.PREFIX_BYTE_ACCOUNT)
+    user, user_id = key(nkeys.PREFIX_BYTE_USER)
+    unlimited = ("subs", "data", "payload", "imports", "exports", "conn", "leaf")
+    jetstream = ("mem_storage", "disk_storage", "streams", "consumer")
+    limits: dict[str, Any] = {name: -1 for name in unlimited + jetstream} | {"wildcards": True}
+    account_jwt = _nats_jwt(operator, account_id, "audit", {"type": "account", "limits": limits})
+    system_jwt = _nats_jwt(operator, system_id, "SYS", {"type": "account"})
+    user_jwt = _nats_jwt(
+        account,
+        user_id,
+        "fhir-audit-proxy",
+        {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1},
+    )
+    operator_file = directory / "operator.jwt"
+    operator_file.write_text(_nats_jwt(operator, operator_id, "test", {"type": "operator"}))
+    creds_file = directory / "user.creds"
+    creds_file.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user.decode()}\n------END USER NKEY SEED------\n"
+    )
+    return NatsOperator(
+        server_config=(
+            f'operator: "{operator_file}"\nresolver: MEMORY\nsystem_account: {system_id}\n'
+            f'resolver_preload: {{ {account_id}: "{account_jwt}", {system_id}: "{system_jwt}" }}'
+        ),
+        creds_file=creds_file,
+    )
+
+
 async def add_stream(url: str, stream: str, subjects: list[str], **config: Any) -> None:
     """Create ``stream`` (file storage) for ``subjects``, as an operator would."""
     import nats

@@ -32,6 +32,7 @@ from tests.factories import (
     add_stream,
     audit_event,
     free_port,
+    nats_operator,
     stream_messages,
     write_certificate,
 )
@@ -120,7 +121,7 @@ def _nkey_pair() -> tuple[str, str]:
     return seed.decode(), public.decode()
 
 
-@pytest.mark.parametrize("auth", ["token", "nkey", "mutual-tls"])
+@pytest.mark.parametrize("auth", ["token", "nkey", "creds", "mutual-tls"])
 async def test_authentication(tmp_path: Path, auth: str) -> None:
     settings: dict[str, Any] = {}
     lacking: dict[str, Any] = {}
@@ -138,6 +139,11 @@ async def test_authentication(tmp_path: Path, auth: str) -> None:
         seed_file.write_text(seed)
         settings["nkey_seed_file"] = seed_file
         connect["nkeys_seed"] = str(seed_file)
+    elif auth == "creds":
+        operator = nats_operator(tmp_path)
+        server.extra = operator.server_config
+        settings["creds_file"] = operator.creds_file
+        connect["user_credentials"] = str(operator.creds_file)
     else:
         (tmp_path / "srv").mkdir()
         (tmp_path / "cli").mkdir()
