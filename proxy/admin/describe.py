@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
-from proxy.store.index import codes_of, patients_of, requestor_id
+from proxy.store.index import (
+    codes_of,
+    outcome_code_of,
+    patients_of,
+    requestor_id,
+    subtype_codes,
+    who_of,
+)
 from proxy.store.marks import (
     http_status_of,
     is_admin_access_tag,
@@ -29,8 +36,6 @@ OUTCOME_WORDS = {
     "12": "major failure",
 }
 """audit-event-outcome codes in words."""
-APPLICATION_AGENT = "110150"
-"""DICOM's Application: the OAuth client agent."""
 
 
 def _request_target(query: str) -> str | None:
@@ -106,37 +111,24 @@ class Described:
         }
 
 
+def interaction_words(codes: Sequence[str]) -> str:
+    """``Described.interaction`` of an event whose subtype codes (``EventRow.subtypes``)
+    are ``codes``. An R5 event with no interaction has the event type ``rest`` as its
+    code."""
+    if list(codes) == ["rest"]:
+        return NO_INTERACTION
+    return ", ".join(codes) or NO_INTERACTION
+
+
+NO_INTERACTION = "not a FHIR interaction"
+
+
 def describe(event: dict[str, Any], ts: float) -> Described:
     """``event`` (stored R4 or R5) in words; ``ts`` its recorded time as stored."""
     agents = [a for a in event.get("agent", ()) if isinstance(a, dict)]
     requestor = next((a for a in agents if a.get("requestor")), {})
-    who = requestor.get("who") or {}
-    client = next(
-        (
-            a["who"]["identifier"].get("value", "")
-            for a in agents
-            if not a.get("requestor")
-            and APPLICATION_AGENT in codes_of(a.get("type"))
-            and isinstance((a.get("who") or {}).get("identifier"), dict)
-        ),
-        "",
-    )
-    address = next(
-        (
-            (a.get("network") or {}).get("address") or a.get("networkString")
-            for a in agents
-            if (a.get("network") or {}).get("type") == "2" or a.get("networkString")
-        ),
-        "",
-    )
-    outcome: Any = event.get("outcome")
-    if isinstance(outcome, dict):  # R5
-        outcome = (outcome.get("code") or {}).get("code")
-    outcome = str(outcome) if outcome is not None else ""
-    subtypes = event.get("subtype") or (event.get("code") or {}).get("coding") or []
-    codes = [str(c.get("code")) for c in subtypes if isinstance(c, dict) and c.get("code")]
-    if codes == ["rest"] and "subtype" not in event:  # R5 with no interaction
-        codes = []
+    who = who_of(agents)
+    outcome = outcome_code_of(event) or ""
     resource = ""
     request_id = ""
     for entity in event.get("entity", ()):
@@ -164,18 +156,14 @@ def describe(event: dict[str, Any], ts: float) -> Described:
         recorded=str(event.get("recorded", "")),
         ts=ts,
         action=str(event.get("action") or ""),
-        interaction=", ".join(codes) or "not a FHIR interaction",
+        interaction=interaction_words(subtype_codes(event)),
         resource=str(resource),
         patients=patients,
         user=requestor_id(requestor) or "" if requestor else "",
-        user_name=str(who.get("display") or requestor.get("name") or ""),
-        roles=tuple(
-            str(r.get("text") or next(iter(codes_of(r)), ""))
-            for r in requestor.get("role", ())
-            if isinstance(r, dict)
-        ),
-        client=str(client),
-        address=str(address),
+        user_name=who.name,
+        roles=who.roles,
+        client=who.client,
+        address=who.address,
         outcome=outcome,
         outcome_words=OUTCOME_WORDS.get(outcome, outcome),
         outcome_desc=outcome_desc,

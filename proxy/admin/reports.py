@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
@@ -33,19 +34,27 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy, MultiMapping
 
 from proxy.admin.access import discloses, record_access
-from proxy.admin.describe import Described, csv_rows, describe
+from proxy.admin.describe import OUTCOME_WORDS, csv_rows, describe, interaction_words
 from proxy.admin.fhir_api import event_query
 from proxy.admin.keys import SETTINGS, STORE
-from proxy.admin.query import BadQuery, parse_instant
-from proxy.admin.signals import Access, Signal, signal_page, signals_for, signals_of
+from proxy.admin.links import public_base
+from proxy.admin.query import BadQuery, parse_count, parse_instant
+from proxy.admin.signals import Signal, signal_page, signals_for, signals_of
 from proxy.fhir.operation_outcome import outcome_response
+from proxy.store.index import Who
 from proxy.store.marks import Mark
-from proxy.store.records import EventQuery, QueuedEvent
+from proxy.store.records import Cursor, EventQuery, IndexedEvent, QueuedEvent
 from proxy.store.search import SLOT_S
 
 REPORT_MAX = 100_000
-"""Most events one report lists; past it the report says it was cut."""
-REPORT_BATCH = 250
+"""Most events one report covers (the newest); past it the report says it was cut."""
+GROUP_PAGE = 50
+"""Events of a group in one page: the most a report lists in each group, and what a page
+of the events endpoint holds unless asked for another ``count``."""
+REPORT_LISTED = 100
+"""Most events a report lists in its groups: each group's first page, most recent group
+first, while they fit; a group whose events are not all listed links to the rest
+(``next``)."""
 EXPORT_BATCH = 1_000
 AUTO_HOURLY_S = 3 * 86_400
 """``bucket=auto``: hours for a range up to three days, days beyond."""
@@ -91,111 +100,9 @@ def _known(params: MultiMapping[str], allowed: Sequence[str]) -> None:
         raise BadQuery(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(allowed)}")
 
 
-async def _events_of(
-    request: web.Request, query: EventQuery
-) -> tuple[list[tuple[Described, frozenset[Signal]]], bool]:
-    """The events of a report, newest first, described, with their signals; and whether
-    there were more than :data:`REPORT_MAX`. Read :data:`REPORT_BATCH` at a time, each
-    batch's events let go once described (a report of thousands of events would
-    otherwise hold every event's JSON at once)."""
-    store = request.app[STORE]
-    settings = request.app[SETTINGS].signals
-    batch = dataclasses.replace(
-        query, limit=REPORT_BATCH, count_total=False, newest_first=True, after=None
-    )
-    found: list[tuple[Described, frozenset[Signal]]] = []
-    recorded = False
-    while True:
-        page = await store.search_page(batch)
-        if not recorded and discloses(page.items):
-            await record_access(request, search=_echo(query))
-            recorded = True
-        described = [describe(item.event, item.recorded_ts) for item in page.items]
-        accesses = [
-            Access.described(d, item.seq) for d, item in zip(described, page.items, strict=True)
-        ]
-        signals = await signals_for(accesses, store, settings)
-        found += list(zip(described, signals, strict=True))
-        if not page.more_after or not page.items or len(found) >= REPORT_MAX:
-            return found[:REPORT_MAX], len(found) > REPORT_MAX or (
-                len(found) >= REPORT_MAX and page.more_after
-            )
-        batch = dataclasses.replace(batch, after=page.cursor_of(page.items[-1], batch.sort))
-
-
-def _echo(query: EventQuery) -> list[tuple[str, str]]:
-    """The report's query as search parameters, for the event recording the access."""
-    echo = [("patient", query.patient)] if query.patient else []
-    echo += [("agent", query.agent)] if query.agent else []
-    echo += [("date", f"ge{query.date_from.isoformat()}")] if query.date_from else []
-    echo += [("date", f"lt{query.date_to.isoformat()}")] if query.date_to else []
-    return echo
-
-
-def _group(
-    key: str, value: str, events: Sequence[tuple[Described, frozenset[Signal]]]
-) -> dict[str, Any]:
-    """One group of a report: its events (newest first) summed up, then listed."""
-    described = [d for d, _ in events]
-
-    def distinct(pick: Callable[[Described], Sequence[str] | str]) -> list[str]:
-        seen: dict[str, None] = {}
-        for d in described:
-            picked = pick(d)
-            for v in [picked] if isinstance(picked, str) else picked:
-                if v:
-                    seen[v] = None
-        return list(seen)
-
-    return {
-        key: value,
-        "names": distinct(lambda d: d.user_name),
-        "roles": distinct(lambda d: d.roles),
-        "clients": distinct(lambda d: d.client),
-        "addresses": distinct(lambda d: d.address),
-        "events": len(events),
-        "first": _iso(min(d.ts for d in described)),
-        "last": _iso(max(d.ts for d in described)),
-        "interactions": dict(Counter(d.interaction for d in described).most_common()),
-        "outcomes": dict(Counter(d.outcome_words for d in described).most_common()),
-        "signals": dict(Counter(str(s) for _, ss in events for s in ss).most_common()),
-        "items": [d.as_json(s) for d, s in events],
-    }
-
-
-def _report(
-    kind: str,
-    start: datetime | None,
-    end: datetime | None,
-    events: Sequence[tuple[Described, frozenset[Signal]]],
-    truncated: bool,
-) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "period": {
-            "start": start.isoformat() if start else None,
-            "end": end.isoformat() if end else None,
-        },
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "events": len(events),
-        "truncated": truncated,
-        "signals": dict(Counter(str(s) for _, ss in events for s in ss).most_common()),
-    }
-
-
 def _filename(kind: str, subject: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", subject)[:80]
     return f"{kind}-{safe}-{date.today().isoformat()}.csv"
-
-
-def _csv(
-    events: Sequence[tuple[Described, frozenset[Signal]]], zone: tzinfo, filename: str
-) -> web.Response:
-    return web.Response(
-        text=csv_rows([(d, [str(s) for s in ss]) for d, ss in events], zone, header=True),
-        content_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
 
 
 def _json(body: Any) -> web.Response:
@@ -215,10 +122,12 @@ class ReportRequest:
     csv: bool
 
     @classmethod
-    def of(cls, params: MultiMapping[str], subject: str, hint: str) -> ReportRequest:
+    def of(
+        cls, params: MultiMapping[str], subject: str, hint: str, own: Sequence[str] = ()
+    ) -> ReportRequest:
         """The request for a report about ``params[subject]`` (``hint`` says what it is
-        when missing)."""
-        _known(params, (subject, "from", "to", "format", "tz", "admin-access"))
+        when missing); ``own`` names parameters the endpoint takes beside a report's."""
+        _known(params, (subject, "from", "to", "format", "tz", "admin-access", *own))
         value = params.get(subject, "").strip()
         if not value:
             raise BadQuery(f"{subject} is required: {hint}")
@@ -233,59 +142,279 @@ class ReportRequest:
         return cls(value, query, start, end, _zone(params), _format(params) == "csv")
 
 
-Found = list[tuple[Described, frozenset[Signal]]]
-"""A report's events, described, each with its signals."""
+def _echo(query: EventQuery) -> list[tuple[str, str]]:
+    """The report's query as search parameters, for the event recording the access."""
+    echo = [("patient", query.patient)] if query.patient else []
+    echo += [("agent", query.agent)] if query.agent else []
+    echo += [("date", f"ge{query.date_from.isoformat()}")] if query.date_from else []
+    echo += [("date", f"lt{query.date_to.isoformat()}")] if query.date_to else []
+    return echo
 
 
-def _report_route(
-    kind: str, subject: str, hint: str, parts: Callable[[ReportRequest, Found], dict[str, Any]]
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The handler of one report: its request checked, its events read, then CSV or the
-    JSON ``parts`` makes (beside what every report says)."""
+NOBODY = Who(name="", roles=(), client="", address="")
+"""Who acted in an event whose row does not say (its body could not be read)."""
 
-    async def report(request: web.Request) -> web.Response:
+
+class Entry(NamedTuple):
+    """One event of a report as its summary reads it: from its row, not its JSON (a
+    NamedTuple, as :class:`~proxy.store.records.IndexedEvent`: one for each event)."""
+
+    event: IndexedEvent
+    who: Who
+    signals: frozenset[Signal]
+
+
+async def _indexed(request: web.Request, query: EventQuery) -> tuple[list[IndexedEvent], bool]:
+    """The events of a report, newest first, as their rows say them; and whether there
+    were more than :data:`REPORT_MAX` (the newest are kept). Reading them is recorded
+    as an access to the trail when any is not itself such a record."""
+    found = await request.app[STORE].indexed(
+        dataclasses.replace(query, limit=REPORT_MAX + 1, newest_first=True, after=None)
+    )
+    if any(Mark.ADMIN_ACCESS not in item.marks for item in found):
+        await record_access(request, search=_echo(query))
+    return found[:REPORT_MAX], len(found) > REPORT_MAX
+
+
+async def _entries(request: web.Request, found: Sequence[IndexedEvent]) -> list[Entry]:
+    """``found`` with who acted in each and its signals."""
+    signals = await signals_for(
+        found,
+        request.app[STORE],
+        request.app[SETTINGS].signals,
+    )
+    whos: dict[str | None, Who] = {None: NOBODY}
+    entries = []
+    for item, flagged in zip(found, signals, strict=True):
+        who = whos.get(item.who)
+        if who is None:
+            who = whos[item.who] = Who.of_column(item.who) if item.who else NOBODY
+        entries.append(Entry(item, who, flagged))
+    return entries
+
+
+async def _listed(request: web.Request, entries: Sequence[Entry]) -> dict[int, dict[str, Any]]:
+    """Each of ``entries`` as a report lists it (its JSON read and described), by seq;
+    an event pruned since it was found is left out."""
+    signals = {entry.event.seq: entry.signals for entry in entries}
+    events = await request.app[STORE].events_at(list(signals))
+    return {
+        item.seq: describe(item.event, item.recorded_ts).as_json(str(s) for s in signals[item.seq])
+        for item in events
+    }
+
+
+def _counted(values: Iterable[str]) -> dict[str, int]:
+    """How many times each value occurs, most frequent first."""
+    return dict(Counter(values).most_common())
+
+
+def _outcome_words(outcome: str | None) -> str:
+    return OUTCOME_WORDS.get(outcome or "", outcome or "")
+
+
+def _named(counts: Counter[Any], words: Callable[[Any], Iterable[str]]) -> dict[str, int]:
+    """``counts`` of values, each value counted under each of its ``words``: most frequent
+    first, then in the order each word first occurs."""
+    named: Counter[str] = Counter()
+    for value, n in counts.items():
+        for word in words(value):
+            named[word] += n
+    return dict(named.most_common())
+
+
+def _summary(key: str, value: str, entries: Sequence[Entry]) -> dict[str, Any]:
+    """What a group of a report says of its events (newest first), before it lists
+    them. The events' values are counted first (a group's events share a few), then
+    put in words."""
+    whos: dict[str | None, Who] = {}
+    interactions: Counter[tuple[str, ...]] = Counter()
+    outcomes: Counter[str | None] = Counter()
+    signals: Counter[frozenset[Signal]] = Counter()
+    for entry in entries:
+        whos[entry.event.who] = entry.who
+        interactions[entry.event.subtypes] += 1
+        outcomes[entry.event.outcome] += 1
+        signals[entry.signals] += 1
+
+    def distinct(values: Iterable[str]) -> list[str]:
+        return list(dict.fromkeys(v for v in values if v))
+
+    return {
+        key: value,
+        "names": distinct(w.name for w in whos.values()),
+        "roles": distinct(role for w in whos.values() for role in w.roles),
+        "clients": distinct(w.client for w in whos.values()),
+        "addresses": distinct(w.address for w in whos.values()),
+        "events": len(entries),
+        "first": _iso(min(e.event.ts for e in entries)),
+        "last": _iso(max(e.event.ts for e in entries)),
+        "interactions": _named(interactions, lambda codes: [interaction_words(codes)]),
+        "outcomes": _named(outcomes, lambda outcome: [_outcome_words(outcome)]),
+        "signals": _named(signals, lambda flagged: [str(s) for s in flagged]),
+    }
+
+
+def _cursor_text(entry: Entry) -> str:
+    return f"{entry.event.ts!r}_{entry.event.seq}"
+
+
+def _after(value: str | None) -> Cursor | None:
+    """The ``after`` parameter of a page of a report's events: ``{recorded}_{seq}``."""
+    if not value:
+        return None
+    try:
+        ts, seq = value.split("_")
+        return float(ts), int(seq)
+    except ValueError:
+        raise BadQuery(f"after: {value!r} is not a position this server gave") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportKind:
+    """One of the reports: what it is about and how it groups its events."""
+
+    name: str
+    """Its path under ``/api/reports/``."""
+    subject: str
+    """The parameter naming what it is about."""
+    hint: str
+    """What the subject is, for the answer when it is missing."""
+    group: str
+    """What its groups are of: the key that names each group."""
+    keys: Callable[[IndexedEvent], Sequence[str]]
+    """The groups an event belongs to."""
+    parts: Callable[[ReportRequest, Sequence[Entry], list[dict[str, Any]]], dict[str, Any]]
+    """What this report says beside what every report says, from its events and groups."""
+
+    def link(
+        self, request: web.Request, group: str | None, after: str | None, count: int | None
+    ) -> str:
+        """Where the events of the report of ``request`` (of one group, or all) follow
+        ``after`` (None: from the newest)."""
+        params = [(k, v) for k, v in request.query.items() if k in (self.subject, *_PERIOD_PARAMS)]
+        params += [("group", group)] if group is not None else []
+        params += [("after", after)] if after is not None else []
+        params += [("count", str(count))] if count is not None else []
+        return f"{public_base(request)}/api/reports/{self.name}/events?{urlencode(params)}"
+
+
+_PERIOD_PARAMS = ("from", "to", "admin-access")
+"""The parameters that choose a report's events beside its subject."""
+_PAGE_PARAMS = ("group", "after", "count")
+"""The parameters of a page of a report's events."""
+
+
+def _report_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of one report: its request checked, its events read from their rows
+    and grouped; then CSV (every event read whole, streamed) or JSON (each group's
+    summary and its first page of events)."""
+
+    async def report(request: web.Request) -> web.StreamResponse:
         try:
-            asked = ReportRequest.of(request.query, subject, hint)
+            asked = ReportRequest.of(request.query, kind.subject, kind.hint)
         except BadQuery as exc:
             return outcome_response(400, "invalid", str(exc))
-        events, truncated = await _events_of(request, asked.query)
+        found, truncated = await _indexed(request, asked.query)
         if asked.csv:
-            return _csv(events, asked.zone, _filename(kind, asked.subject))
-        body = _report(kind, asked.start, asked.end, events, truncated)
-        body.update(parts(asked, events))
+            return await _report_csv(
+                request, found, asked.zone, _filename(kind.name, asked.subject)
+            )
+        entries = await _entries(request, found)
+        members: dict[str, list[Entry]] = {}
+        for entry in entries:
+            for key in kind.keys(entry.event):
+                members.setdefault(key, []).append(entry)
+        groups = [(key, own, _summary(kind.group, key, own)) for key, own in members.items()]
+        groups.sort(key=lambda g: str(g[2]["last"]), reverse=True)
+        pages: list[list[Entry]] = []
+        room = REPORT_LISTED
+        for _, own, _ in groups:
+            pages.append(own[: min(GROUP_PAGE, room)])
+            room -= len(pages[-1])
+        listed = await _listed(request, [e for page in pages for e in page])
+        summaries = []
+        for (key, own, summary), page in zip(groups, pages, strict=True):
+            summary["items"] = [listed[e.event.seq] for e in page if e.event.seq in listed]
+            summary["next"] = (
+                kind.link(request, key, _cursor_text(page[-1]) if page else None, None)
+                if len(page) < len(own)
+                else None
+            )
+            summaries.append(summary)
+        body = {
+            "kind": kind.name,
+            "period": {
+                "start": asked.start.isoformat() if asked.start else None,
+                "end": asked.end.isoformat() if asked.end else None,
+            },
+            "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+            "events": len(entries),
+            "truncated": truncated,
+            "signals": _counted(str(s) for e in entries for s in e.signals),
+        }
+        body.update(kind.parts(asked, entries, summaries))
         return _json(body)
 
     return report
 
 
-def _patient_access(asked: ReportRequest, events: Found) -> dict[str, Any]:
+def _events_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of the pages of one report's events (of one of its groups, or all):
+    ``count`` at a time, newest first, each read whole and described, with its signals."""
+
+    async def events(request: web.Request) -> web.Response:
+        params = request.query
+        try:
+            asked = ReportRequest.of(params, kind.subject, kind.hint, _PAGE_PARAMS)
+            group = params.get("group")
+            after = _after(params.get("after"))
+            count = parse_count(params.get("count"), "count", GROUP_PAGE)
+        except BadQuery as exc:
+            return outcome_response(400, "invalid", str(exc))
+        found, _ = await _indexed(request, asked.query)
+        if group is not None:
+            found = [item for item in found if group in kind.keys(item)]
+        if after is not None:
+            found = [item for item in found if (item.ts, item.seq) < after]
+        page = await _entries(request, found[:count])
+        listed = await _listed(request, page)
+        more = len(found) > count and count > 0
+        return _json(
+            {
+                "items": [listed[e.event.seq] for e in page if e.event.seq in listed],
+                "next": kind.link(request, group, _cursor_text(page[-1]), count) if more else None,
+            }
+        )
+
+    return events
+
+
+def _patient_access(
+    asked: ReportRequest, entries: Sequence[Entry], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Every access to the patient's record, grouped by user."""
-    by_user: dict[str, Found] = {}
-    for d, s in events:
-        by_user.setdefault(d.user or "(anonymous)", []).append((d, s))
-    groups = [_group("user", user, own) for user, own in by_user.items()]
-    groups.sort(key=lambda g: g["last"], reverse=True)
     return {"patient": asked.subject, "users": len(groups), "groups": groups}
 
 
-def _user_activity(asked: ReportRequest, events: Found) -> dict[str, Any]:
+NO_PATIENT = "(no patient)"
+"""The group of a user's events that name no patient."""
+
+
+def _user_activity(
+    asked: ReportRequest, entries: Sequence[Entry], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
     """What the user did: by patient, and by day."""
     zone = asked.zone
-    by_patient: dict[str, Found] = {}
     days: dict[str, tuple[int, set[str]]] = {}
-    for d, s in events:
-        for patient in d.patients or ("(no patient)",):
-            by_patient.setdefault(patient, []).append((d, s))
-        day = datetime.fromtimestamp(d.ts, zone).date().isoformat()
+    for entry in entries:
+        day = datetime.fromtimestamp(entry.event.ts, zone).date().isoformat()
         count, patients = days.get(day, (0, set()))
-        days[day] = (count + 1, patients | set(d.patients))
-    groups = [_group("patient", patient, own) for patient, own in by_patient.items()]
-    groups.sort(key=lambda g: g["last"], reverse=True)
-    described = [d for d, _ in events]
+        days[day] = (count + 1, patients | set(entry.event.patients))
     return dict(
         user=asked.subject,
-        names=list(dict.fromkeys(d.user_name for d in described if d.user_name)),
-        patients=len([g for g in groups if g["patient"] != "(no patient)"]),
+        names=list(dict.fromkeys(e.who.name for e in entries if e.who.name)),
+        patients=len([g for g in groups if g["patient"] != NO_PATIENT]),
         zone=str(zone),
         days=[
             {"date": day, "events": count, "patients": len(patients)}
@@ -295,10 +424,26 @@ def _user_activity(asked: ReportRequest, events: Found) -> dict[str, Any]:
     )
 
 
-patient_access = _report_route("patient-access", "patient", "Patient/123", _patient_access)
-user_activity = _report_route(
-    "user-activity", "user", "the user id the events record", _user_activity
+PATIENT_ACCESS = ReportKind(
+    name="patient-access",
+    subject="patient",
+    hint="Patient/123",
+    group="user",
+    keys=lambda item: (item.user or "(anonymous)",),
+    parts=_patient_access,
 )
+USER_ACTIVITY = ReportKind(
+    name="user-activity",
+    subject="user",
+    hint="the user id the events record",
+    group="patient",
+    keys=lambda item: item.patients or (NO_PATIENT,),
+    parts=_user_activity,
+)
+patient_access = _report_route(PATIENT_ACCESS)
+patient_access_events = _events_route(PATIENT_ACCESS)
+user_activity = _report_route(USER_ACTIVITY)
+user_activity_events = _events_route(USER_ACTIVITY)
 
 
 def _search_params(params: MultiMapping[str], own: Sequence[str]) -> MultiMapping[str]:
@@ -432,19 +577,37 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
                     return
                 query = dataclasses.replace(query, after=page.cursor_of(page.items[-1], query.sort))
 
+    return await _stream_csv(
+        request, _filename("audit-events", "search"), zone, batches(), record=asked.echo
+    )
+
+
+CsvBatches = AsyncIterator[tuple[Sequence[QueuedEvent], Sequence[frozenset[Signal]]]]
+"""Events to write as CSV, a batch at a time, each with its signals."""
+
+
+async def _stream_csv(
+    request: web.Request,
+    filename: str,
+    zone: tzinfo,
+    batches: CsvBatches,
+    *,
+    record: list[tuple[str, str]] | None,
+) -> web.StreamResponse:
+    """The CSV of ``batches``, written as they come. ``record``: the search to record as
+    an access to the trail before the first event is sent (None: recorded already)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/csv; charset=utf-8",
-            "Content-Disposition": f'attachment; filename="{_filename("audit-events", "search")}"',
+            "Content-Disposition": f'attachment; filename="{filename}"',
         }
     )
-    recorded = False
     header = True
-    async for items, signals in batches():
-        if not recorded and discloses(items):
+    async for items, signals in batches:
+        if record is not None and discloses(items):
             # Before the first byte: an export that cannot be recorded is not sent.
-            await record_access(request, search=asked.echo)
-            recorded = True
+            await record_access(request, search=record)
+            record = None
         if not response.prepared:
             await response.prepare(request)
         described = [
@@ -455,5 +618,25 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
         header = False
     if not response.prepared:
         await response.prepare(request)
+    if header:
+        await response.write(csv_rows([], zone, header=True).encode())
     await response.write_eof()
     return response
+
+
+async def _report_csv(
+    request: web.Request, found: Sequence[IndexedEvent], zone: tzinfo, filename: str
+) -> web.StreamResponse:
+    """Every event of a report as CSV, newest first, read whole :data:`EXPORT_BATCH` at a
+    time (its reading is recorded already)."""
+
+    async def batches() -> CsvBatches:
+        for start in range(0, len(found), EXPORT_BATCH):
+            signals = {
+                e.event.seq: e.signals
+                for e in await _entries(request, found[start : start + EXPORT_BATCH])
+            }
+            events = await request.app[STORE].events_at(list(signals))
+            yield events, [signals[item.seq] for item in events]
+
+    return await _stream_csv(request, filename, zone, batches(), record=None)

@@ -19,20 +19,24 @@ Admin reads of the trail are no access to a patient's record: they get no signal
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from proxy.admin.describe import Described
 from proxy.settings import WEEKDAYS, SignalSettings, WorkingHours
 from proxy.store.faces import AdminStore, ReportReader
-from proxy.store.index import patients_of, user_of
-from proxy.store.marks import ADMIN_ACCESS_TAG, Mark, marks_for, marks_of_event
-from proxy.store.records import Cursor, EventQuery, QueuedEvent, SortKey, UserAccess
+from proxy.store.index import outcome_code_of, patients_of, user_of
+from proxy.store.marks import Mark, marks_of_event
+from proxy.store.records import (
+    Cursor,
+    EventQuery,
+    QueuedEvent,
+    SortKey,
+    UserAccess,
+)
 
 HOUR_S = 3600.0
 
@@ -68,42 +72,40 @@ class Access:
 
     @classmethod
     def of(cls, item: QueuedEvent) -> Access:
+        """The access a stored event is, read from its JSON."""
         event = item.event
-        outcome: Any = event.get("outcome")
-        if isinstance(outcome, dict):  # R5
-            outcome = (outcome.get("code") or {}).get("code")
         return cls(
             ts=item.recorded_ts,
             seq=item.seq,
             user=user_of(event),
             patients=tuple(patients_of(event)),
-            outcome=str(outcome) if outcome is not None else None,
+            outcome=outcome_code_of(event),
             marks=frozenset(marks_of_event(event)),
         )
 
-    @classmethod
-    def described(cls, d: Described, seq: int) -> Access:
-        """The access an event already described is (no second reading of its JSON)."""
-        return cls(
-            ts=d.ts,
-            seq=seq,
-            user=d.user or None,
-            patients=d.patients,
-            outcome=d.outcome or None,
-            marks=frozenset(
-                marks_for(
-                    tags=[ADMIN_ACCESS_TAG] if d.admin_access else [],
-                    purposes=d.purposes,
-                    status=d.http_status,
-                )
-            ),
-        )
+
+class Accessed(Protocol):
+    """What the signals of one stored event are computed from: an :class:`Access` read
+    from its JSON, or an :class:`~proxy.store.records.IndexedEvent` read from its row."""
 
     @property
-    def of_record(self) -> bool:
-        """Whether it is an access to a patient's record by a known user (not an admin
-        read of the trail)."""
-        return bool(self.user and self.patients and Mark.ADMIN_ACCESS not in self.marks)
+    def ts(self) -> float: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def patients(self) -> tuple[str, ...]: ...
+    @property
+    def outcome(self) -> str | None: ...
+    @property
+    def marks(self) -> frozenset[Mark]: ...
+
+
+def of_record(access: Accessed) -> bool:
+    """Whether it is an access to a patient's record by a known user (not an admin read
+    of the trail)."""
+    return bool(access.user and access.patients and Mark.ADMIN_ACCESS not in access.marks)
 
 
 def after_hours(ts: float, hours: WorkingHours) -> bool:
@@ -133,23 +135,25 @@ def _spans(times: Sequence[float]) -> list[tuple[float, float]]:
     return spans
 
 
-def _patients_in_hour(accesses: Sequence[Access], around: Sequence[UserAccess]) -> list[int]:
+def _patients_in_hour(accesses: Sequence[Accessed], around: Sequence[UserAccess]) -> list[int]:
     """For each of ``accesses`` (one user's, any order), how many patients the user's
     events ``around`` (in time order) name in the hour up to it."""
     order = sorted(range(len(accesses)), key=lambda i: (accesses[i].ts, accesses[i].seq))
     counts = [0] * len(accesses)
-    window: Counter[str] = Counter()
+    window: dict[str, int] = {}  # the events naming each patient in the hour
     start = end = 0
     for i in order:
         access = accesses[i]
         while end < len(around) and around[end].ts <= access.ts:
-            window.update(around[end].patients)
+            for patient in around[end].patients:
+                window[patient] = window.get(patient, 0) + 1
             end += 1
         while start < end and around[start].ts < access.ts - HOUR_S:
-            window.subtract(around[start].patients)
             for patient in around[start].patients:
-                if window[patient] <= 0:
+                if window[patient] == 1:
                     del window[patient]
+                else:
+                    window[patient] -= 1
             start += 1
         counts[i] = len(window)
     return counts
@@ -163,16 +167,16 @@ async def signals_of(
 
 
 async def signals_for(
-    accesses: Sequence[Access], reports: ReportReader, settings: SignalSettings
+    accesses: Sequence[Accessed], reports: ReportReader, settings: SignalSettings
 ) -> list[frozenset[Signal]]:
     """The signals of each of ``accesses``."""
-    of_record = [a for a in accesses if a.of_record]
+    recorded = [a for a in accesses if of_record(a)]
     firsts = await reports.first_accesses(
-        [(a.user, p) for a in of_record if a.user for p in a.patients]
+        [(a.user, p) for a in recorded if a.user for p in a.patients]
     )
     crowded: set[int] = set()
-    by_user: dict[str, list[Access]] = {}
-    for access in of_record:
+    by_user: dict[str, list[Accessed]] = {}
+    for access in recorded:
         if access.user:
             by_user.setdefault(access.user, []).append(access)
     windows = [
@@ -186,30 +190,37 @@ async def signals_for(
         for access, count in zip(own, counts, strict=True):
             if count > settings.patients_per_hour:
                 crowded.add(id(access))
+    # Each event's signals as bits of ``Signal``'s order: most events share a few sets,
+    # each made once.
+    sets: dict[int, frozenset[Signal]] = {}
     out: list[frozenset[Signal]] = []
     for access in accesses:
-        found: set[Signal] = set()
-        if Mark.ADMIN_ACCESS in access.marks:
-            out.append(frozenset())
-            continue
-        if access.of_record and any(
-            (first := firsts.get((access.user or "", p))) is not None
-            and first >= (access.ts, access.seq)
-            for p in access.patients
-        ):
-            found.add(Signal.FIRST_ACCESS)
-        if id(access) in crowded:
-            found.add(Signal.MANY_PATIENTS)
-        if after_hours(access.ts, settings.working_hours):
-            found.add(Signal.AFTER_HOURS)
-        if Mark.DENIED in access.marks:
-            found.add(Signal.DENIED)
-        elif access.outcome not in (None, "", "0"):
-            found.add(Signal.FAILED)
-        if Mark.BREAK_GLASS in access.marks:
-            found.add(Signal.BREAK_GLASS)
-        out.append(frozenset(found))
+        bits = 0
+        if Mark.ADMIN_ACCESS not in access.marks:
+            if of_record(access) and any(
+                (first := firsts.get((access.user or "", p))) is not None
+                and first >= (access.ts, access.seq)
+                for p in access.patients
+            ):
+                bits |= _BIT[Signal.FIRST_ACCESS]
+            if id(access) in crowded:
+                bits |= _BIT[Signal.MANY_PATIENTS]
+            if after_hours(access.ts, settings.working_hours):
+                bits |= _BIT[Signal.AFTER_HOURS]
+            if Mark.DENIED in access.marks:
+                bits |= _BIT[Signal.DENIED]
+            elif access.outcome not in (None, "", "0"):
+                bits |= _BIT[Signal.FAILED]
+            if Mark.BREAK_GLASS in access.marks:
+                bits |= _BIT[Signal.BREAK_GLASS]
+        found = sets.get(bits)
+        if found is None:
+            found = sets[bits] = frozenset(s for s, bit in _BIT.items() if bits & bit)
+        out.append(found)
     return out
+
+
+_BIT = {signal: 1 << n for n, signal in enumerate(Signal)}
 
 
 SCAN_LIMIT = 20_000

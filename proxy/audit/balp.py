@@ -55,6 +55,7 @@ from proxy.fhir.formats import redacted_body
 from proxy.fhir.interaction import CREDENTIAL_PARAMS, Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
+from proxy.store.index import who_of
 from proxy.store.marks import BREAK_GLASS_PURPOSES, Mark, marks_for
 from proxy.store.records import FAN_MAX, EventRow, FanOut, member_id
 
@@ -214,6 +215,8 @@ class _Agents(NamedTuple):
     """``agents`` serialized."""
     terms_tail: str
     """``terms`` as the end of a JSON list that entity terms began: ``,"a:x"]``."""
+    who: str
+    """Who acted, as the row keeps it (``EventRow.who``)."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -245,6 +248,7 @@ def _agents(
         terms,
         orjson.dumps(agents),
         f",{tail}" if terms else tail,
+        who_of(agents).column(),
     )
 
 
@@ -845,6 +849,7 @@ def events_for(
                 ),
                 request_id=ex.request_id,
                 updated_ts=recorded_ts,
+                who=agents.who,
             )
         )
 
@@ -903,6 +908,7 @@ def events_for(
                 entity_types=_R4_ENTITY_TYPES[1],
                 request_id=ex.request_id,
                 updated_ts=recorded_ts,
+                who=agents.who,
             ),
         )
         return [FannedEvent(fan, i) for i in range(len(patients))]

@@ -40,6 +40,7 @@ from proxy.store.records import (
     EventQuery,
     EventRow,
     FanOut,
+    IndexedEvent,
     Intent,
     Pair,
     QueuedEvent,
@@ -182,6 +183,16 @@ class ReportReader(Protocol):
     async def activity(self, query: EventQuery) -> list[ActivityCount]:
         """The events ``query`` matches (its filters, not its order or paging) counted per
         quarter hour, action and outcome, in slot order; slots with none left out."""
+
+    async def indexed(self, query: EventQuery) -> list[IndexedEvent]:
+        """The events ``query`` matches (its filters), newest first, at most
+        ``query.limit`` of them, each as its row's columns say it: no event's JSON is
+        read. Of a fan-out row, the events its patient and entity filters name (as
+        :meth:`EventReader.search_page` takes them)."""
+
+    async def events_at(self, seqs: Sequence[int]) -> list[QueuedEvent]:
+        """The events with these seqs, in that order; those no longer stored (pruned)
+        left out."""
 
 
 class AdminStore(EventReader, ReportReader, Requeue, Protocol):

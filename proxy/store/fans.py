@@ -17,7 +17,7 @@ the row into one row per event, at the seqs they already had, so ordering is unc
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from proxy.store.codec import BodyCodec
 from proxy.store.records import EventRow, FanOut, member_id
@@ -46,8 +46,17 @@ def fan_of(event_id: str, patients: str, template: bytes) -> FanOut:
         entity_types="",
         request_id=None,
         updated_ts=0.0,
+        who=None,
     )
     return FanOut.from_stored(row)
+
+
+def members_named(patients: Sequence[str], named: Collection[str]) -> list[int]:
+    """The positions of a fan-out's events (one per patient of ``patients``) that a
+    search whose patient and entity filters name ``named`` finds: those whose patient
+    each of them is, or names none of the row's patients."""
+    held = set(patients)
+    return [i for i, p in enumerate(patients) if all(v == p or v not in held for v in named)]
 
 
 def lookup_ids(event_id: str) -> tuple[str, int] | None:

@@ -7,7 +7,8 @@ get it here, from the R4 or R5 JSON.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,6 +97,89 @@ def user_of(event: dict[str, Any]) -> str | None:
     return requestor_id(requestor) if requestor is not None else None
 
 
+def outcome_code_of(event: Mapping[str, Any]) -> str | None:
+    """``EventRow.outcome``: the outcome code of an R4 (``outcome``) or R5
+    (``outcome.code.code``) AuditEvent."""
+    outcome = event.get("outcome")
+    if isinstance(outcome, dict):  # R5
+        outcome = (outcome.get("code") or {}).get("code")
+    return str(outcome) if outcome is not None else None
+
+
+def subtype_codes(event: Mapping[str, Any]) -> list[str]:
+    """``EventRow.subtypes``: the codes of ``subtype`` (R4) or ``code.coding`` (R5)."""
+    codings = event.get("subtype")
+    if codings is None:  # R5: code.coding
+        codings = (event.get("code") or {}).get("coding", ())
+    return [str(c["code"]) for c in codings if isinstance(c, dict) and "code" in c]
+
+
+APPLICATION_AGENT = "110150"
+"""DICOM's Application: the OAuth client agent."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Who:
+    """Who acted in an event, as the privacy reports list it: what they show of the
+    requestor and where the request came from (``EventRow.who`` keeps it, so that a
+    report's summary reads no event's JSON)."""
+
+    name: str
+    """The requestor's name (``who.display``, else ``name``)."""
+    roles: tuple[str, ...]
+    """The requestor's roles: each one's text, else its first code."""
+    client: str
+    """The OAuth client's id: the identifier of an Application agent (110150) that is no
+    requestor."""
+    address: str
+    """The network address of the first agent with a client's (type 2) address."""
+
+    def column(self) -> str:
+        """The form ``EventRow.who`` holds: a JSON array of the four, in their order."""
+        return orjson.dumps([self.name, self.roles, self.client, self.address]).decode()
+
+    @classmethod
+    def of_column(cls, text: str) -> Who:
+        """The ``Who`` that :meth:`column` wrote as ``text``."""
+        name, roles, client, address = orjson.loads(text)
+        return cls(name=name, roles=tuple(roles), client=client, address=address)
+
+
+def who_of(agents: Sequence[Any]) -> Who:
+    """Who acted, read from an event's agents (R4 or R5)."""
+    agents = [a for a in agents if isinstance(a, dict)]
+    requestor: dict[str, Any] = next((a for a in agents if a.get("requestor")), {})
+    who = requestor.get("who") or {}
+    client = next(
+        (
+            a["who"]["identifier"].get("value", "")
+            for a in agents
+            if not a.get("requestor")
+            and APPLICATION_AGENT in codes_of(a.get("type"))
+            and isinstance((a.get("who") or {}).get("identifier"), dict)
+        ),
+        "",
+    )
+    address = next(
+        (
+            (a.get("network") or {}).get("address") or a.get("networkString")
+            for a in agents
+            if (a.get("network") or {}).get("type") == "2" or a.get("networkString")
+        ),
+        "",
+    )
+    return Who(
+        name=str(who.get("display") or requestor.get("name") or ""),
+        roles=tuple(
+            str(r.get("text") or next(iter(codes_of(r)), ""))
+            for r in requestor.get("role", ())
+            if isinstance(r, dict)
+        ),
+        client=str(client),
+        address=str(address),
+    )
+
+
 def patients_of(event: dict[str, Any]) -> list[str]:
     """The patients an R4 or R5 AuditEvent names (``EventRow.patients``), in order."""
     patients: list[str] = []
@@ -122,13 +206,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
     index entry written with the event, so there are as few kinds as the searches need."""
     recorded = str(event.get("recorded", ""))
     recorded_ts = _timestamp(recorded)
-    outcome = event.get("outcome")
-    if isinstance(outcome, dict):  # R5: outcome.code.code
-        outcome = outcome.get("code", {}).get("code")
-    subtype_codings = event.get("subtype")
-    if subtype_codings is None:  # R5: code.coding
-        subtype_codings = event.get("code", {}).get("coding", ())
-    subtypes = [str(c["code"]) for c in subtype_codings if isinstance(c, dict) and "code" in c]
+    subtypes = subtype_codes(event)
     terms: dict[str, None] = {}
     patients: list[str] = []
     r5_patient = event.get("patient")
@@ -188,7 +266,7 @@ def event_row(event: dict[str, Any]) -> EventRow:
         recorded=recorded,
         recorded_ts=recorded_ts,
         action=event.get("action"),
-        outcome=str(outcome) if outcome is not None else None,
+        outcome=outcome_code_of(event),
         subtypes=joined(subtypes),
         patients=joined(patients),
         user_id=user,
@@ -198,4 +276,5 @@ def event_row(event: dict[str, Any]) -> EventRow:
         entity_types=joined(entity_types),
         request_id=str(request_id) if request_id is not None else None,
         updated_ts=_timestamp(str(updated)) if updated else recorded_ts,
+        who=who_of(event.get("agent", ())).column(),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from proxy.store.database import used_bytes
 from proxy.store.faces import EventReader
-from proxy.store.fans import lookup_ids
+from proxy.store.fans import lookup_ids, members_named
 from proxy.store.records import (
     Capture,
     Cursor,
@@ -185,11 +185,7 @@ def _matching(
         if row.fan is None:
             keep = [0]
         else:
-            patients = row.patients[1:-1].split("|")
-            held = set(patients)
-            keep = [
-                i for i, p in enumerate(patients) if all(v == p or v not in held for v in named)
-            ]
+            keep = members_named(row.patients[1:-1].split("|"), named)
             if cursor is not None:
                 ts = row.recorded_ts if by_date else 0.0
                 seqs = row.seqs

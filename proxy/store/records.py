@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from proxy.store.marks import Mark
+
 
 class EventRow(NamedTuple):
     """One AuditEvent as the store writes it: the columns it indexes, and the event as
@@ -43,6 +45,9 @@ class EventRow(NamedTuple):
     entity_types: str
     request_id: str | None
     updated_ts: float
+    who: str | None
+    """Who acted, as the privacy reports list it (:class:`~proxy.store.index.Who`, in
+    the form of its ``column``); None only in rows stored before schema 8's backfill."""
 
 
 FAN_MAX = 0x10000
@@ -305,9 +310,11 @@ Window = tuple[str, float, float]
 """(user id, since, until): a user's events recorded in ``[since, until]``."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UserAccess:
-    """One of a user's events, as far as counting the patients they touched needs."""
+class UserAccess(NamedTuple):
+    """One of a user's events, as far as counting the patients they touched needs. A
+    NamedTuple rather than a frozen dataclass: a report makes one for each event of its
+    users in the hours around its events, and this record is the cheapest to make
+    (``bench/RESULTS.md``). Construct it with keywords."""
 
     ts: float
     """``recorded`` as a POSIX timestamp."""
@@ -315,6 +322,29 @@ class UserAccess:
     """The seq of its row (a fan-out row: its last event's)."""
     patients: tuple[str, ...]
     """Every patient the row names (a fan-out row: all its events' patients)."""
+
+
+class IndexedEvent(NamedTuple):
+    """One stored event as its row's columns say it, its JSON unread: what the privacy
+    reports sum up of each event (the events they list are read whole, a page at a
+    time). A NamedTuple rather than a frozen dataclass, as :class:`UserAccess`: one is
+    made for each event of a report. Construct it with keywords."""
+
+    seq: int
+    """The event's seq (a fan-out's event: its own, below its row's)."""
+    ts: float
+    """``recorded`` as a POSIX timestamp."""
+    user: str | None
+    """``EventRow.user_id``."""
+    patients: tuple[str, ...]
+    """The patients the event names (a fan-out's event: its one)."""
+    outcome: str | None
+    subtypes: tuple[str, ...]
+    """``EventRow.subtypes``: the interaction's codes."""
+    who: str | None
+    """``EventRow.who``."""
+    marks: frozenset[Mark]
+    """The marks among its terms."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

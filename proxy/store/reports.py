@@ -1,6 +1,7 @@
 """What the privacy reports and the activity chart read from the store, beyond a search:
-a user's first access to a patient, a user's accesses in a time window, and events
-counted over time: the report face (:class:`~proxy.store.faces.ReportReader`) of one
+a user's first access to a patient, a user's accesses in a time window, the events of a
+report from their rows' columns and then a page of them by seq, and events counted over
+time: the report face (:class:`~proxy.store.faces.ReportReader`) of one
 store file, :class:`ShardReports`. Each read is SQL over the store's tables
 (``access_pairs``, ``activity`` and ``event_terms``, kept by triggers,
 proxy/store/schema.py) on the shard's reading connection; several shards are merged by
@@ -12,6 +13,9 @@ What each costs, in index work (``n`` the events in the store):
   ``O(log n)`` however long either's history.
 - ``user_accesses``: one range of the user's ``a:`` term per window, a row read for each
   of the user's events in it.
+- ``indexed``: the search's own walk (a term's range, or the date range of
+  ``events_recorded``), a row read for each event (no body decoded).
+- ``events_at``: one seek by seq per row.
 - ``activity``: with no filter but the date range, action, outcome and
   the admin-access mark, a range of ``activity`` (a row per quarter hour, action and
   outcome present); with any other filter, the search's own walk (a term's range, or the
@@ -24,10 +28,21 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 from proxy.store.faces import ReportReader
+from proxy.store.fans import members_named
 from proxy.store.marks import Mark
-from proxy.store.records import ActivityCount, Cursor, EventQuery, Pair, UserAccess, Window
+from proxy.store.records import (
+    ActivityCount,
+    Cursor,
+    EventQuery,
+    IndexedEvent,
+    Pair,
+    QueuedEvent,
+    UserAccess,
+    Window,
+)
 from proxy.store.search import SLOT_S, SearchSql, rollup_edges, rollup_slots, rollup_where
 from proxy.store.shard import ShardPart
+from proxy.store.tables import STORED, StoredRow, stored_rows
 
 # --- SQL on one shard's connection -----------------------------------------------------------
 
@@ -47,23 +62,29 @@ def first_access_of(conn: sqlite3.Connection, pairs: Iterable[Pair]) -> dict[Pai
     return found
 
 
+_WINDOWS_PER_STATEMENT = 10_000
+"""Windows read by one statement (three parameters each: under SQLite's limit of 32,766)."""
+
+
 def accesses_of(
     conn: sqlite3.Connection, windows: Sequence[Window]
 ) -> list[tuple[str, float, int, str]]:
     """(user, recorded time, row seq, ``patients`` column) of the events in each window
-    (by that user as the requestor) that name a patient, admin reads left out."""
+    (by that user as the requestor) that name a patient, admin reads left out. The
+    windows go to SQLite as a table of values, each a range of its user's ``a:`` term."""
     out: list[tuple[str, float, int, str]] = []
-    for user, since, until in windows:
-        out += [
-            (user, ts, seq, patients)
-            for ts, seq, patients in conn.execute(
-                "SELECT t.ts, t.seq, e.patients FROM event_terms t"
-                " JOIN events e ON e.seq = t.seq"
-                " WHERE t.term = ? AND t.ts >= ? AND t.ts <= ? AND e.user_id = ?"
-                " AND e.patients != '|' AND instr(e.terms, ?) = 0",
-                (f"a:{user}", since, until, user, f'"{Mark.ADMIN_ACCESS.term}"'),
-            )
-        ]
+    for start in range(0, len(windows), _WINDOWS_PER_STATEMENT):
+        chunk = windows[start : start + _WINDOWS_PER_STATEMENT]
+        values = ", ".join(["(?, ?, ?)"] * len(chunk))
+        out += conn.execute(
+            f"WITH w(user, since, until) AS (VALUES {values})"
+            " SELECT w.user, t.ts, t.seq, e.patients"
+            " FROM w CROSS JOIN event_terms t CROSS JOIN events e"
+            " WHERE t.term = 'a:' || w.user AND t.ts >= w.since AND t.ts <= w.until"
+            " AND e.seq = t.seq AND e.user_id = w.user"
+            " AND e.patients != '|' AND instr(e.terms, ?) = 0",
+            [*(v for window in chunk for v in window), f'"{Mark.ADMIN_ACCESS.term}"'],
+        ).fetchall()
     return out
 
 
@@ -101,6 +122,89 @@ def _walked_activity(conn: sqlite3.Connection, query: EventQuery) -> list[Activi
     ]
 
 
+_MARKS = tuple(Mark)
+_MARK_BITS = " | ".join(
+    f"((instr(e.terms, '\"{mark.term}\"') > 0) << {bit})" for bit, mark in enumerate(_MARKS)
+)
+_MARKED = f"CASE WHEN instr(e.terms, '\"k:') = 0 THEN 0 ELSE {_MARK_BITS} END"
+"""The marks among a row's terms as bits (bit ``n`` for ``_MARKS[n]``); a row with no
+mark, most rows, is looked at once."""
+_MARK_SETS = [
+    frozenset(mark for bit, mark in enumerate(_MARKS) if bits >> bit & 1)
+    for bits in range(1 << len(_MARKS))
+]
+"""The marks each value of ``_MARKED`` stands for."""
+
+
+def _split(column: str) -> tuple[str, ...]:
+    """The values of a ``|a|b|`` column."""
+    return tuple(column[1:-1].split("|")) if column != "|" else ()
+
+
+def indexed_of(conn: sqlite3.Connection, query: EventQuery) -> list[IndexedEvent]:
+    """The events ``query`` matches, newest first, at most ``query.limit``, from their
+    rows' columns (see :meth:`ReportReader.indexed`). Rows are stepped through until
+    enough events are found: a fan-out row may give several or none."""
+    sql = SearchSql(query)
+    clause = f"WHERE {' AND '.join(sql.where)}" if sql.where else ""
+    rows = conn.execute(
+        f"SELECT e.seq, e.fan, {sql.ts}, e.user_id, e.patients, e.outcome, e.subtypes, e.who,"
+        f" {_MARKED} FROM {sql.source} {clause} ORDER BY {sql.order.format(order='DESC')}",
+        sql.args,
+    )
+    named = [v for v in (query.patient, query.entity) if v is not None]
+    # The same columns recur (one patient's report names that patient in every row).
+    split: dict[str, tuple[str, ...]] = {}
+    found: list[IndexedEvent] = []
+    for seq, fan, ts, user, patients, outcome, subtypes, who, marked in rows:
+        codes = split.get(subtypes)
+        if codes is None:
+            codes = split[subtypes] = _split(subtypes)
+        if fan is None:
+            own = split.get(patients)
+            if own is None:
+                own = split[patients] = _split(patients)
+            members = [(seq, own)]
+        else:
+            each = patients[1:-1].split("|")
+            members = [
+                (seq - fan + 1 + i, (each[i],)) for i in reversed(members_named(each, named))
+            ]
+        marks = _MARK_SETS[marked]
+        found += [
+            IndexedEvent(
+                seq=event_seq,
+                ts=ts,
+                user=user,
+                patients=event_patients,
+                outcome=outcome,
+                subtypes=codes,
+                who=who,
+                marks=marks,
+            )
+            for event_seq, event_patients in members
+        ]
+        if len(found) >= query.limit:
+            return found[: query.limit]
+    return found
+
+
+def rows_at(conn: sqlite3.Connection, seqs: Iterable[int]) -> list[StoredRow]:
+    """The rows that hold the events ``seqs`` (each once; a fan-out's events share it)."""
+    found: list[StoredRow] = []
+    held: set[int] = set()
+    for seq in seqs:
+        if seq in held:
+            continue
+        rows = stored_rows(
+            conn.execute(f"SELECT {STORED} FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (seq,))
+        )
+        if rows and seq in rows[0].seqs:
+            found.append(rows[0])
+            held.update(rows[0].seqs)
+    return found
+
+
 # --- the report face of one store file ------------------------------------------------------
 
 
@@ -122,6 +226,17 @@ class ShardReports(ShardPart, ReportReader):
         counts = await self._shard.run(lambda: activity_of(conn, query))
         return summed([counts])
 
+    async def indexed(self, query: EventQuery) -> list[IndexedEvent]:
+        conn = self._shard.conn
+        return await self._shard.run(lambda: indexed_of(conn, query))
+
+    async def events_at(self, seqs: Sequence[int]) -> list[QueuedEvent]:
+        conn = self._shard.conn
+        wanted = list(seqs)
+        rows = await self._shard.run(lambda: rows_at(conn, wanted))
+        by_seq = {e.seq: e for row in rows for e in self._shard.events(row)}
+        return [by_seq[s] for s in wanted if s in by_seq]
+
 
 def by_user(
     rows: Sequence[tuple[str, float, int, str]], *, count: int, shard: int
@@ -129,15 +244,15 @@ def by_user(
     """``accesses_of``'s rows of shard ``shard`` (of ``count``), by user, each row once
     under its global seq, in time order."""
     found: dict[str, dict[int, UserAccess]] = {}
+    split: dict[str, tuple[str, ...]] = {}  # a user's rows name the same few patients
     for user, ts, seq, patients in rows:
         global_seq = seq * count + shard
-        found.setdefault(user, {})[global_seq] = UserAccess(
-            ts=ts, seq=global_seq, patients=tuple(patients[1:-1].split("|"))
-        )
-    return {
-        user: sorted(own.values(), key=lambda access: (access.ts, access.seq))
-        for user, own in found.items()
-    }
+        named = split.get(patients)
+        if named is None:
+            named = split[patients] = tuple(patients[1:-1].split("|"))
+        found.setdefault(user, {})[global_seq] = UserAccess(ts=ts, seq=global_seq, patients=named)
+    # Sorted as tuples: by time, then by seq (unique).
+    return {user: sorted(own.values()) for user, own in found.items()}
 
 
 def summed(shards: Sequence[Sequence[ActivityCount]]) -> list[ActivityCount]:

@@ -7,8 +7,16 @@ version intact.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
+from collections.abc import Callable
+
+import orjson
+
+from proxy.store.codec import BodyCodec, CodecError, shipped_dictionary
+from proxy.store.fans import fan_of
+from proxy.store.index import who_of
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +186,13 @@ MIGRATIONS: tuple[str, ...] = (
             AND admin = (instr(OLD.terms, '"k:admin-access"') > 0);
     END;
     """,
+    # 8: who acted in each event as the privacy reports list it (``EventRow.who``: the
+    # requestor's name and roles, the OAuth client, the network address), so that a
+    # report's summary of thousands of events reads their rows, not their JSON. Rows
+    # stored before this version get it from their bodies: see BACKFILLS.
+    """
+    ALTER TABLE events ADD COLUMN who TEXT;
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 
@@ -229,7 +244,41 @@ BACKFILLS: dict[int, str] = {
 }
 """Row rewrites that go with migration ``n``, run after its statements in the same
 transaction, over the events table ``BACKFILL_ROWS`` rows at a time (by seq, bounds
-``:lo`` exclusive and ``:hi`` inclusive) so that progress can be logged."""
+``:lo`` exclusive and ``:hi`` inclusive) so that progress can be logged. A rewrite SQL
+cannot make is a function of the connection and the bounds (:data:`BODY_BACKFILLS`)."""
+
+
+Backfill = Callable[[sqlite3.Connection, int, int], None]
+"""One rewrite of the rows whose seqs are in ``(lo, hi]``, given the connection, lo, hi."""
+
+
+def _who_backfill(conn: sqlite3.Connection, lo: int, hi: int) -> None:
+    """``who`` of the rows in ``(lo, hi]`` that have none, read from their bodies (a body
+    that cannot be read leaves it NULL: the reports then read it as nobody named)."""
+    codec = BodyCodec(shipped_dictionary(), dict(conn.execute("SELECT id, data FROM dictionaries")))
+    found: list[tuple[str, int]] = []
+    for seq, fan, event_id, patients, body in conn.execute(
+        "SELECT seq, fan, event_id, patients, body FROM events"
+        " WHERE seq > ? AND seq <= ? AND who IS NULL",
+        (lo, hi),
+    ):
+        try:
+            if fan is None:
+                event = codec.decode(body)
+            else:  # the agents are what a fan-out's events share
+                event = orjson.loads(fan_of(event_id, patients, codec.decompress(body)).event(0)[1])
+        except (CodecError, ValueError):
+            continue
+        agents = event.get("agent") if isinstance(event, dict) else None
+        found.append((who_of(agents if isinstance(agents, list) else ()).column(), seq))
+    conn.executemany("UPDATE events SET who = ? WHERE seq = ?", found)
+
+
+BODY_BACKFILLS: dict[int, Backfill] = {
+    8: _who_backfill,
+}
+"""Rewrites that go with migration ``n`` as :data:`BACKFILLS`, made in Python (from the
+rows' bodies), given the connection and the bounds ``lo`` (exclusive) and ``hi``."""
 
 BACKFILL_ROWS = 10_000
 """Rows per backfill step: one progress line each."""
@@ -260,8 +309,14 @@ def migrate(conn: sqlite3.Connection) -> int:
         try:
             for statement in split_statements(MIGRATIONS[version - 1]):
                 conn.execute(statement)
-            if version in BACKFILLS:
-                _backfill(conn, version, split_statements(BACKFILLS[version]))
+            steps: list[Backfill] = [
+                functools.partial(_run_statement, statement)
+                for statement in split_statements(BACKFILLS.get(version, ""))
+            ]
+            if version in BODY_BACKFILLS:
+                steps.append(BODY_BACKFILLS[version])
+            if steps:
+                _backfill(conn, version, steps)
             conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:
@@ -270,8 +325,16 @@ def migrate(conn: sqlite3.Connection) -> int:
     return SCHEMA_VERSION
 
 
-def _backfill(conn: sqlite3.Connection, version: int, statements: list[str]) -> None:
-    """Run ``statements`` over every events row, ``BACKFILL_ROWS`` at a time, logging
+def _run_statement(statement: str, conn: sqlite3.Connection, lo: int, hi: int) -> None:
+    conn.execute(statement, {"lo": lo, "hi": hi})
+
+
+def _backfill(
+    conn: sqlite3.Connection,
+    version: int,
+    steps: list[Backfill],
+) -> None:
+    """Run ``steps`` over every events row, ``BACKFILL_ROWS`` at a time, logging
     progress at INFO after each step (a large store takes minutes)."""
     total: int = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     if not total:
@@ -284,8 +347,8 @@ def _backfill(conn: sqlite3.Connection, version: int, statements: list[str]) -> 
             (lo, BACKFILL_ROWS - 1),
         ).fetchone()
         hi: int = row[0] if row else conn.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-        for statement in statements:
-            conn.execute(statement, {"lo": lo, "hi": hi})
+        for step in steps:
+            step(conn, lo, hi)
         done = min(total, done + BACKFILL_ROWS) if row else total
         log.info(
             "store migration %d: %d of %d events (%d%%)", version, done, total, done * 100 // total

@@ -24,6 +24,7 @@ from proxy.store.records import (
     Cursor,
     EventPage,
     EventQuery,
+    IndexedEvent,
     Pair,
     QueuedEvent,
     QueueStats,
@@ -200,7 +201,7 @@ class ShardedStore(EventReader, ReportReader, Requeue):
         for n, queue in await self._shards():
             for user, own in (await queue.user_accesses(windows)).items():
                 merged.setdefault(user, []).extend(
-                    dataclasses.replace(a, seq=a.seq * self.count + n) for a in own
+                    a._replace(seq=a.seq * self.count + n) for a in own
                 )
         for own in merged.values():
             own.sort(key=lambda access: (access.ts, access.seq))
@@ -209,6 +210,25 @@ class ShardedStore(EventReader, ReportReader, Requeue):
     async def activity(self, query: EventQuery) -> list[ActivityCount]:
         """:meth:`ReportReader.activity` over every shard, added up."""
         return summed([await queue.activity(query) for _, queue in await self._shards()])
+
+    async def indexed(self, query: EventQuery) -> list[IndexedEvent]:
+        """:meth:`ReportReader.indexed` over every shard, merged newest first."""
+        merged = [
+            item._replace(seq=item.seq * self.count + n)
+            for n, queue in await self._shards()
+            for item in await queue.indexed(query)
+        ]
+        merged.sort(key=lambda item: (item.ts, item.seq), reverse=True)
+        return merged[: query.limit]
+
+    async def events_at(self, seqs: Sequence[int]) -> list[QueuedEvent]:
+        """:meth:`ReportReader.events_at`: each seq asked of the shard that has it."""
+        found: dict[int, QueuedEvent] = {}
+        for n, queue in await self._shards():
+            local = [s // self.count for s in seqs if s % self.count == n]
+            for item in await queue.events_at(local) if local else ():
+                found[item.seq * self.count + n] = self._global(n, item)
+        return [found[s] for s in seqs if s in found]
 
     # --- the requeue of the delivery face ------------------------------------------------
 

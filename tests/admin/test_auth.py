@@ -313,7 +313,17 @@ def requests_for_routes(
             "/api/reports/patient-access?patient=Patient/p1",
             None,
         ),
+        ("GET", "/api/reports/patient-access/events"): (
+            read,
+            "/api/reports/patient-access/events?patient=Patient/p1",
+            None,
+        ),
         ("GET", "/api/reports/user-activity"): (read, "/api/reports/user-activity?user=u", None),
+        ("GET", "/api/reports/user-activity/events"): (
+            read,
+            "/api/reports/user-activity/events?user=u",
+            None,
+        ),
         ("GET", "/api/activity"): (read, "/api/activity", None),
         ("GET", "/api/export.csv"): (read, "/api/export.csv", None),
         ("GET", "/audit-log/event/{id}"): (read, f"/audit-log/event/{event_id}", None),
