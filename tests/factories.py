@@ -1725,3 +1725,69 @@ class WatchedQueue:
 
     async def dead_letter(self, seqs: Sequence[int], error: str) -> None:
         await self.queue.dead_letter(seqs, error)
+
+
+@dataclass(frozen=True)
+class BusyRecord:
+    """What :func:`busy_record` stored, to count its reports by hand."""
+
+    patient: str
+    busy: str
+    """The user who read the record more often than a report lists in one group."""
+    reads: int
+    """How many times ``busy`` read it."""
+    events: int
+    """Events about ``patient`` in all."""
+    users: int
+    """Users who touched ``patient``."""
+    searcher: str
+    """The user whose searches named ``patient`` among others (fan-outs)."""
+
+
+async def busy_record(queue: AuditQueue, now: datetime) -> BusyRecord:
+    """A record read more often than a report lists, built by the BALP builder as the
+    proxy builds them and stored before ``now``: ``dr.busy`` reads it 130 times a minute
+    apart, from two addresses (the most recent reads); 12 other clinicians six times
+    each; ``dr.search`` finds it with three other patients five times (fan-outs); and a
+    read by ``mallory`` is refused (403)."""
+    ctx = AuditContext.default()
+    patient = "Patient/busy"
+    rows: list[Any] = []
+
+    def store(ex: Exchange, at: datetime) -> None:
+        ex.started_at = ex.finished_at = at
+        rows.extend(store_rows(build_events(ex, ctx, at)))
+
+    def token(sub: str, **claims: Any) -> dict[str, str]:
+        return {"authorization": f"Bearer {unsigned_jwt({'sub': sub, **claims})}"}
+
+    start = now - timedelta(days=2)
+    reads = 130
+    busy = token("dr.busy", name="Dr Busy", client_id="ehr-web", roles=["physician"])
+    for n in range(reads):
+        ex = exchange(
+            "GET",
+            patient,
+            headers=busy,
+            client=f"10.1.0.{n % 2 + 1}",
+            response={"resourceType": "Patient", "id": "busy"},
+        )
+        store(ex, start + timedelta(hours=2, minutes=n))
+    for n in range(12 * 6):
+        ex = exchange("GET", patient, headers=token(f"nurse.{n % 12}"), response={"id": "busy"})
+        store(ex, start + timedelta(seconds=90 * n + 30))
+    for n in range(5):
+        ex = search_exchange([f"Patient/other{n}", patient, "Patient/x", "Patient/y"])
+        ex.identity = identity_from_headers(token("dr.search"), IdentitySettings(), None)
+        store(ex, start + timedelta(minutes=20 * n, seconds=15))
+    refused = exchange("GET", patient, headers=token("mallory"), status=403)
+    store(refused, start + timedelta(hours=1, seconds=45))
+    await queue.append_rows(rows)
+    return BusyRecord(
+        patient=patient,
+        busy="dr.busy",
+        reads=reads,
+        events=reads + 12 * 6 + 5 + 1,
+        users=1 + 12 + 1 + 1,
+        searcher="dr.search",
+    )

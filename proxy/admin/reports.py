@@ -166,14 +166,19 @@ class Entry(NamedTuple):
 
 async def _indexed(request: web.Request, query: EventQuery) -> tuple[list[IndexedEvent], bool]:
     """The events of a report, newest first, as their rows say them; and whether there
-    were more than :data:`REPORT_MAX` (the newest are kept). Reading them is recorded
-    as an access to the trail when any is not itself such a record."""
+    were more than :data:`REPORT_MAX` (the newest are kept)."""
     found = await request.app[STORE].indexed(
         dataclasses.replace(query, limit=REPORT_MAX + 1, newest_first=True, after=None)
     )
-    if any(Mark.ADMIN_ACCESS not in item.marks for item in found):
-        await record_access(request, search=_echo(query))
     return found[:REPORT_MAX], len(found) > REPORT_MAX
+
+
+async def _record(request: web.Request, query: EventQuery, shown: Sequence[IndexedEvent]) -> None:
+    """Record the answer as an access to the trail when it shows an event that is not
+    itself such a record (before its first byte: an answer that cannot be recorded is
+    not sent)."""
+    if any(Mark.ADMIN_ACCESS not in item.marks for item in shown):
+        await record_access(request, search=_echo(query))
 
 
 async def _entries(request: web.Request, found: Sequence[IndexedEvent]) -> list[Entry]:
@@ -316,6 +321,7 @@ def _report_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Str
         except BadQuery as exc:
             return outcome_response(400, "invalid", str(exc))
         found, truncated = await _indexed(request, asked.query)
+        await _record(request, asked.query, found)
         if asked.csv:
             return await _report_csv(
                 request, found, asked.zone, _filename(kind.name, asked.subject)
@@ -366,6 +372,7 @@ def _events_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Res
     async def events(request: web.Request) -> web.Response:
         params = request.query
         try:
+            _known(params, (kind.subject, *_PERIOD_PARAMS, *_PAGE_PARAMS))
             asked = ReportRequest.of(params, kind.subject, kind.hint, _PAGE_PARAMS)
             group = params.get("group")
             after = _after(params.get("after"))
@@ -377,6 +384,7 @@ def _events_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Res
             found = [item for item in found if group in kind.keys(item)]
         if after is not None:
             found = [item for item in found if (item.ts, item.seq) < after]
+        await _record(request, asked.query, found[:count])
         page = await _entries(request, found[:count])
         listed = await _listed(request, page)
         more = len(found) > count and count > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,10 +16,23 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
-from proxy.admin.reports import LocalSlots
+from proxy.admin import reports
+from proxy.admin.app import build_admin_app
+from proxy.admin.reports import GROUP_PAGE, REPORT_LISTED, LocalSlots
+from proxy.settings import AdminSettings
+from proxy.store.queue import AuditQueue
 from proxy.store.search import SLOT_S
-from tests.factories import NodeFhirServer, RunningProxy, StartProxy, Ward, ward_traffic
+from tests.factories import (
+    BusyRecord,
+    NodeFhirServer,
+    RunningProxy,
+    StartProxy,
+    Ward,
+    busy_record,
+    ward_traffic,
+)
 
 ALL_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 SIGNALS = {
@@ -310,3 +324,124 @@ def test_local_hours_and_days_of_quarter_hours_across_daylight_saving(
         wall = datetime.fromtimestamp(slot * SLOT_S, tz).replace(tzinfo=None)
         expected = wall.replace(minute=0) if step_s == 3600 else wall.replace(hour=0, minute=0)
         assert local.start(local.bucket(slot)).replace(tzinfo=None) == expected, slot
+
+
+@dataclass
+class Busy:
+    admin: str
+    record: BusyRecord
+
+
+@pytest.fixture
+async def busy(queue: AuditQueue) -> AsyncIterator[Busy]:
+    record = await busy_record(queue, datetime.now(UTC))
+    app = build_admin_app(queue, AdminSettings(), writer=queue)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield Busy(str(server.make_url("")).rstrip("/"), record)
+    finally:
+        await server.close()
+
+
+async def following(http: aiohttp.ClientSession, url: str | None) -> list[list[dict[str, Any]]]:
+    """The pages of events from ``url`` on, each page's ``next`` followed."""
+    pages = []
+    while url:
+        page = await get(http, url)
+        assert set(page) == {"items", "next"}
+        pages.append(page["items"])
+        url = page["next"]
+    return pages
+
+
+def newest_first(items: list[dict[str, Any]]) -> bool:
+    return [i["recorded"] for i in items] == sorted((i["recorded"] for i in items), reverse=True)
+
+
+async def test_a_busy_record_lists_a_page_of_each_group_links_to_the_rest_and_exports_all(
+    busy: Busy, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin, record = busy.admin, busy.record
+    report = await get(http, f"{admin}/api/reports/patient-access?patient={record.patient}")
+    assert report["events"] == record.events and report["users"] == record.users
+    assert report["groups"][0]["user"] == record.busy, "the most recent reads"
+    groups = by(report["groups"], "user")
+    heavy = groups[record.busy]
+    assert heavy["events"] == record.reads and heavy["names"] == ["Dr Busy"]
+    assert heavy["roles"] == ["physician"] and heavy["clients"] == ["ehr-web"]
+    assert sorted(heavy["addresses"]) == ["10.1.0.1", "10.1.0.2"]
+    # The report lists a page of each group while its room lasts (most recent first).
+    assert len(heavy["items"]) == GROUP_PAGE and newest_first(heavy["items"])
+    assert sum(len(g["items"]) for g in report["groups"]) == REPORT_LISTED
+    for group in report["groups"]:
+        assert (group["next"] is None) == (len(group["items"]) == group["events"]), group
+    unlisted = [g for g in report["groups"] if not g["items"]]
+    assert unlisted, "the room ran out before the last groups"
+
+    # A group's next pages hold the rest of its events, newest first, each once, with
+    # the signals its summary counts.
+    rest = await following(http, heavy["next"])
+    assert [len(page) for page in rest] == [GROUP_PAGE, record.reads - 2 * GROUP_PAGE]
+    items = heavy["items"] + [item for page in rest for item in page]
+    assert len(items) == record.reads == len({i["id"] for i in items})
+    assert newest_first(items) and {i["user"] for i in items} == {record.busy}
+    assert dict(Counter(s for i in items for s in i["signals"])) == heavy["signals"]
+    for group in unlisted:
+        (page,) = await following(http, group["next"])
+        assert len(page) == group["events"] and {i["user"] for i in page} == {group["user"]}
+        assert dict(Counter(s for i in page for s in i["signals"])) == group["signals"]
+
+    # Every event of the report, a page of the size asked for at a time.
+    events = f"{admin}/api/reports/patient-access/events?patient={record.patient}&count=64"
+    pages = await following(http, events)
+    assert [len(p) for p in pages] == [64, 64, 64, record.events - 3 * 64]
+    listed = [i for p in pages for i in p]
+    assert newest_first(listed) and len({i["id"] for i in listed}) == record.events
+
+    # As CSV, streamed in batches (made small here): the same events in the same order,
+    # with the same signals.
+    monkeypatch.setattr(reports, "EXPORT_BATCH", 64)
+    async with http.get(
+        f"{admin}/api/reports/patient-access?patient={record.patient}&format=csv"
+    ) as r:
+        assert r.status == 200 and r.content_type == "text/csv"
+        assert "attachment" in r.headers["Content-Disposition"]
+        rows = list(csv.DictReader(io.StringIO(await r.text())))
+    assert [r["event id"] for r in rows] == [i["id"] for i in listed]
+    assert [r["signals"] for r in rows] == [" ".join(i["signals"]) for i in listed]
+    users = Counter(r["user"] for r in rows)
+    assert users[record.busy] == record.reads and len(users) == record.users
+    assert {r["HTTP status"] for r in rows if r["user"] == "mallory"} == {"403"}
+    # The searches' events, each its own patient's (fan-outs), are there too.
+    assert {r["patients"] for r in rows if r["user"] == record.searcher} == {record.patient}
+
+
+async def test_a_user_s_group_pages_and_each_page_is_recorded_and_bad_pages_refused(
+    busy: Busy, http: aiohttp.ClientSession
+) -> None:
+    admin, record = busy.admin, busy.record
+    report = await get(http, f"{admin}/api/reports/user-activity?user={record.searcher}")
+    groups = by(report["groups"], "patient")
+    assert report["events"] == 20 and report["patients"] == 8
+    assert groups["Patient/x"]["events"] == 5 and groups["Patient/other0"]["events"] == 1
+    assert all(g["next"] is None and len(g["items"]) == g["events"] for g in groups.values())
+    url = (
+        f"{admin}/api/reports/user-activity/events?user={record.searcher}"
+        f"&group={quote('Patient/x')}&count=2"
+    )
+    pages = await following(http, url)
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [i for p in pages for i in p] == groups["Patient/x"]["items"]
+
+    # Each page shows events: each is recorded as a read of the trail about the patient.
+    reads = f"{admin}/fhir/AuditEvent?patient={record.patient}&{ONLY_ADMIN}&_count=0"
+    assert (await get(http, reads))["total"] == 0
+    events = f"{admin}/api/reports/patient-access/events?patient={record.patient}"
+    await get(http, f"{events}&group=nurse.3")
+    await get(http, f"{events}&group=nurse.3&after=1.5_7")
+    assert (await get(http, reads))["total"] == 2
+    for bad in ("after=yesterday", "count=-1", "colour=blue", "format=csv"):
+        outcome = await get(http, f"{events}&{bad}", 400)
+        assert outcome["resourceType"] == "OperationOutcome"
+    await get(http, f"{admin}/api/reports/patient-access/events", 400)

@@ -10,14 +10,24 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.store import schema
 from proxy.store.faces import StoreError, StoreFull
+from proxy.store.index import Who, who_of
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, EventStatus, FanOut
-from tests.factories import OpenStore, queued_event, search_exchange
+from tests.factories import (
+    CLIENT_IP,
+    OpenStore,
+    context,
+    exchange,
+    queued_event,
+    search_exchange,
+    unsigned_jwt,
+)
 
 NOW = datetime.now(UTC)
 
@@ -366,6 +376,10 @@ async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
         "store migration 7: 1000 of 2500 events (40%)",
         "store migration 7: 2000 of 2500 events (80%)",
         "store migration 7: 2500 of 2500 events (100%)",
+        "store migration 8: rewriting 2500 events",
+        "store migration 8: 1000 of 2500 events (40%)",
+        "store migration 8: 2000 of 2500 events (80%)",
+        "store migration 8: 2500 of 2500 events (100%)",
     ]
     conn = sqlite3.connect(path)
     # Each row's (user, patient) pair and its quarter hour, counted once.
@@ -377,6 +391,7 @@ async def test_a_large_schema_2_store_is_backfilled_with_progress_logged(
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert conn.execute("SELECT COUNT(*) FROM event_terms").fetchone()[0] == 2 * rows
     assert conn.execute("SELECT COUNT(*) FROM events WHERE updated_ts IS NULL").fetchone()[0] == 0
+    assert conn.execute("SELECT DISTINCT who FROM events").fetchall() == [('["",[],"",""]',)]
     (seqs,) = conn.execute(
         "SELECT COUNT(*) FROM event_terms WHERE term = 'e:Patient/p3'"
     ).fetchone()
@@ -402,3 +417,47 @@ async def test_a_fan_out_is_stored_as_its_events_each_found_by_its_patient(
         assert total == 1 and page[0].event_id == built[n].row.event_id
     _, total = await queue.search(EventQuery(resource_type="Observation"))
     assert total == 7
+
+
+async def test_a_schema_7_store_learns_who_acted_in_each_event_from_its_body(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """Migration 8 reads ``who`` of the rows stored before it out of their bodies: those
+    the builder made (R4 and R5, a fan-out's), one made elsewhere, and a body stored
+    before compression."""
+    path = tmp_path / "audit.db"
+    queue = await open_store(path, max_bytes=1 << 30)
+    token = unsigned_jwt(
+        {"sub": "dr.lee", "name": "Dr Lee", "client_id": "ehr-web", "roles": ["physician"]}
+    )
+    for version in ("R4", "R5"):
+        ex = exchange("GET", "Patient/p1", headers={"Authorization": f"Bearer {token}"})
+        await queue.append_rows(store_rows(build_events(ex, context(fhir_version=version), NOW)))
+    fan = search_exchange(["Patient/a", "Patient/b", "Patient/c"], user="dr.fan")
+    await queue.append_rows(store_rows(build_events(fan, AuditContext.default(), NOW)))
+    await queue.append([queued_event(9, patient="Patient/p2", user="ingested")])
+    await queue.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO events (event_id, recorded, recorded_ts, body) VALUES (?, ?, ?, ?)",
+            ("plain", NOW.isoformat(), NOW.timestamp(), orjson.dumps(queued_event(10))),
+        )
+        conn.execute("ALTER TABLE events DROP COLUMN who")
+        conn.execute("PRAGMA user_version = 7")
+    queue = await open_store(path, max_bytes=1 << 30)
+    events = (await queue.search_page(EventQuery(limit=100))).items
+    await queue.close()
+    with sqlite3.connect(path) as conn:
+        rows: list[tuple[int, int | None, str]] = conn.execute(
+            "SELECT seq, fan, who FROM events"
+        ).fetchall()
+    assert len(events) == 2 + 3 + 2 and len(rows) == 2 + 1 + 2
+    assert None not in {who for *_, who in rows}
+
+    def who_of_row(seq: int) -> str:
+        return next(who for last, fan, who in rows if last - (fan or 1) < seq <= last)
+
+    for item in events:
+        assert who_of_row(item.seq) == who_of(item.event["agent"]).column(), item.event_id
+    said = {Who.of_column(who_of_row(item.seq)) for item in events}
+    assert Who(name="Dr Lee", roles=("physician",), client="ehr-web", address=CLIENT_IP) in said

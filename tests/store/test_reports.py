@@ -17,13 +17,15 @@ from proxy.admin.auth import AdminCaller
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.audit.identity import Identity
 from proxy.fhir.interaction import Interaction, InteractionKind
-from proxy.store.marks import Mark
+from proxy.store.faces import EventReader
+from proxy.store.index import outcome_code_of, patients_of, subtype_codes, user_of, who_of
+from proxy.store.marks import Mark, marks_of_event
 from proxy.store.queue import AuditQueue
-from proxy.store.records import EventQuery
+from proxy.store.records import EventQuery, IndexedEvent, QueuedEvent
 from proxy.store.reports import _walked_activity, activity_of
 from proxy.store.search import SearchSql, total_statement
 from proxy.store.shards import ShardedStore
-from tests.factories import queued_event, search_exchange
+from tests.factories import OpenStore, queued_event, search_exchange
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -187,3 +189,105 @@ async def test_shards_are_read_as_one(tmp_path: Path) -> None:
     finally:
         for q in queues:
             await q.close()
+
+
+def report_queries(rng: random.Random) -> list[EventQuery]:
+    """Queries as the reports ask them: a patient's events, or a user's (as requestor),
+    in a period or not, admin reads left out or not."""
+    out = [EventQuery(), EventQuery(unmarked=(Mark.ADMIN_ACCESS.value,))]
+    for _ in range(30):
+        start = T0 + timedelta(seconds=rng.uniform(-3600, 3 * 86_400))
+        period = EventQuery(
+            date_from=start if rng.random() < 0.7 else None,
+            date_to=start + timedelta(hours=rng.uniform(1, 48)) if rng.random() < 0.7 else None,
+            unmarked=rng.choice([(), (Mark.ADMIN_ACCESS.value,)]),
+        )
+        if rng.random() < 0.5:
+            out.append(replace(period, patient=f"Patient/p{rng.randrange(12)}"))
+        else:
+            user = rng.choice(["u0", "u1", "u2", "u3", "token:1"])
+            out.append(replace(period, agent=user, user=user))
+    return out
+
+
+def as_json_says(item: QueuedEvent) -> tuple[Any, ...]:
+    """What :meth:`ReportReader.indexed` should say of ``item``, read from its JSON."""
+    event = item.event
+    return (
+        item.seq,
+        item.recorded_ts,
+        user_of(event),
+        tuple(patients_of(event)),
+        outcome_code_of(event),
+        tuple(subtype_codes(event)),
+        who_of(event.get("agent", ())).column(),
+        frozenset(marks_of_event(event)),
+    )
+
+
+def as_row_says(item: IndexedEvent) -> tuple[Any, ...]:
+    return (
+        item.seq,
+        item.ts,
+        item.user,
+        item.patients,
+        item.outcome,
+        item.subtypes,
+        item.who,
+        item.marks,
+    )
+
+
+async def walked(store: EventReader, query: EventQuery) -> list[QueuedEvent]:
+    """Every event ``query`` matches, newest first, by the search's pages."""
+    page_query = replace(query, limit=37, count_total=False, newest_first=True)
+    found: list[QueuedEvent] = []
+    while True:
+        page = await store.search_page(page_query)
+        found += page.items
+        if not page.more_after or not page.items:
+            return found
+        page_query = replace(page_query, after=page.cursor_of(page.items[-1], query.sort))
+
+
+async def test_indexed_events_are_the_search_s_as_their_json_says_them(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """Through fan-outs (and their splitting), admin reads and pruning: the events a
+    report sums up from its rows are those the search finds, each as its JSON says it;
+    ``events_at`` reads any of them back by seq."""
+    rng = random.Random(11)
+    queue = await open_store(tmp_path / "audit.db", max_bytes=1 << 30)
+    await fill(queue, rng)
+    fanned = 0
+    for query in report_queries(rng):
+        expected = await walked(queue, query)
+        indexed = await queue.indexed(replace(query, limit=10_000))
+        assert [as_row_says(i) for i in indexed] == [as_json_says(e) for e in expected], query
+        assert await queue.indexed(replace(query, limit=5)) == indexed[:5]
+        fanned += len({e.event_id[:-4] for e in expected if not e.event_id.endswith("0000")})
+        wanted = rng.sample([e.seq for e in expected], min(len(expected), 9))
+        wanted += [10**9, *wanted[:1]]  # one no event has, and one asked twice
+        by_seq = {e.seq: e for e in expected}
+        assert await queue.events_at(wanted) == [by_seq[s] for s in wanted if s in by_seq]
+    assert fanned, "some events are a fan-out's other than its first"
+
+
+async def test_shards_give_indexed_events_and_events_by_their_global_seq(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    paths = [tmp_path / "audit-0.db", tmp_path / "audit-1.db"]
+    queues = [await open_store(p, max_bytes=1 << 30) for p in paths]
+    for n, queue in enumerate(queues):
+        await fill(queue, random.Random(n))
+
+    async def never(path: Path) -> AuditQueue:
+        raise AssertionError(path)
+
+    store = ShardedStore(paths, opened=dict(enumerate(queues)), open_shard=never)
+    for query in report_queries(random.Random(5))[:12]:
+        expected = await walked(store, query)
+        indexed = await store.indexed(replace(query, limit=10_000))
+        assert [as_row_says(i) for i in indexed] == [as_json_says(e) for e in expected], query
+        wanted = [e.seq for e in expected[::7]]
+        assert await store.events_at(wanted) == expected[::7]
