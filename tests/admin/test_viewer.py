@@ -30,6 +30,7 @@ from tests.factories import (
     RunningProxy,
     StartProxy,
     Ward,
+    busy_record,
     earlier_day,
     ward_traffic,
 )
@@ -351,6 +352,44 @@ async def test_the_user_activity_report(
     await shot(page, tmp_path, "report-user-activity.png")
     await page.click("#user-form .print")
     await expect(page.locator("#list tbody tr")).to_have_count(5)
+    assert errors == []
+
+
+async def test_a_busy_record_s_groups_page_in_the_viewer_and_print_whole(
+    fhir_server: NodeFhirServer, start_proxy: StartProxy, browser: Browser, tmp_path: Path
+) -> None:
+    """A record read more often than a report lists: a group shows the page the report
+    listed and a page more on each click; a group the report listed none of fetches its
+    events when opened; the printable report lists every access."""
+    proxy = await start_proxy(fhir_server.base_url, admin={"tokens": [TOKEN]})
+    record = await busy_record(proxy.queue, datetime.now(UTC))
+    page, errors = await open_page(
+        browser, f"{proxy.admin_url}/ui/?view=patient&patient={record.patient}"
+    )
+    await sign_in(page)
+    await expect(page.locator("#patient-report .summary")).to_contain_text(
+        f"{record.events} accesses to {record.patient} by {record.users} users"
+    )
+    groups = page.locator("#patient-report table.groups > tbody > tr:not(.group-items)")
+    await expect(groups).to_have_count(record.users)
+    await groups.nth(0).locator("button.expand").click()
+    busy = page.locator("#patient-group-0")
+    rows = busy.locator("table.items tbody tr")
+    await expect(rows).to_have_count(50)
+    more = busy.locator("button.more-events")
+    await expect(more).to_have_text(f"show more (50 of {record.reads} shown)")
+    await more.click()
+    await expect(rows).to_have_count(100)
+    await more.click()
+    await expect(rows).to_have_count(record.reads)
+    await expect(more).to_be_hidden()
+    last = record.users - 1
+    await groups.nth(last).locator("button.expand").click()
+    await expect(page.locator(f"#patient-group-{last} table.items tbody tr")).to_have_count(1)
+    await accessible(page)
+    await page.click("#patient-form .print")
+    await expect(page).to_have_url(re.compile(r"report\.html\?"))
+    await expect(page.locator("#list tbody tr")).to_have_count(record.events)
     assert errors == []
 
 

@@ -41,6 +41,24 @@ async function api(url, options = {}) {
   return (await apiFetch(url, options)).json();
 }
 
+// A link the API gave (absolute, on its public address) as a path on this page's origin,
+// where the page's token is sent.
+function onThisOrigin(link) {
+  const url = new URL(link, location.href);
+  return url.pathname + url.search;
+}
+
+// Every event of a report's pages from `link` on (each page's `next` followed).
+async function followPages(link) {
+  const items = [];
+  while (link) {
+    const page = await api(onThisOrigin(link));
+    items.push(...page.items);
+    link = page.next;
+  }
+  return items;
+}
+
 // Save what `url` answers as a file (the token goes in a header, so a plain link cannot).
 async function download(url, filename) {
   const blob = await (await apiFetch(url, { headers: { Accept: "text/csv" } })).blob();

@@ -69,7 +69,20 @@ async function load() {
   meta("period", `${report.period.start ? showTime(report.period.start, false) : "start of the retained trail"} to ${report.period.end ? showTime(report.period.end, false) : showTime(report.generated, false)}`);
   meta("times shown in", zoneLabel());
   meta("prepared", showTime(report.generated, false));
-  const all = report.groups.flatMap((g) => g.items).sort((a, b) => (a.recorded < b.recorded ? -1 : 1));
+  // Every event: the report lists a page of each group; a longer report is read whole.
+  let all = report.groups.flatMap((g) => g.items);
+  if (report.groups.some((g) => g.next)) {
+    const every = new URLSearchParams();
+    for (const name of [k.subject, "from", "to"]) if (q.get(name)) every.set(name, q.get(name));
+    every.set("count", "1000");
+    try {
+      all = await followPages(k.api + "/events?" + every.toString());
+    } catch (err) {
+      $("status").textContent = err.message;
+      return;
+    }
+  }
+  all.sort((a, b) => (a.recorded < b.recorded ? -1 : 1));
   if (kind === "patient") {
     $("intro").textContent = `This report lists every recorded access to the health record of ${subject} in the period above: `
       + `${report.events} accesses by ${report.users} people or systems. Each access was recorded by the audit trail when it happened, `

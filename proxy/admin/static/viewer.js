@@ -305,7 +305,13 @@ function eventsTable(items, kind) {
   table.className = "items";
   const columns = ["time", "signals", kind === "patient" ? "interaction" : "patient(s)", "resource", "outcome", "client", "source address"];
   tableHead(table, columns);
-  const body = table.createTBody();
+  table.createTBody();
+  addEventRows(table, items, kind);
+  return table;
+}
+
+function addEventRows(table, items, kind) {
+  const body = table.tBodies[0];
   for (const item of items) {
     const tr = body.insertRow();
     cell(tr, showTime(item.recorded));
@@ -318,7 +324,42 @@ function eventsTable(items, kind) {
     cell(tr, item.client);
     cell(tr, item.address);
   }
-  return table;
+}
+
+// A group's events: the page the report listed, then a page more each time asked (the
+// first page fetched when the group is opened and the report listed none of it).
+function groupEvents(group, kind) {
+  const holder = document.createElement("div");
+  const table = eventsTable(group.items, kind);
+  let shown = group.items.length;
+  let next = group.next;
+  const more = document.createElement("button");
+  more.type = "button";
+  more.className = "more-events";
+  const status = document.createElement("span");
+  status.setAttribute("role", "status");
+  const update = () => {
+    more.hidden = !next;
+    more.textContent = `show more (${shown} of ${group.events} shown)`;
+  };
+  const load = async () => {
+    more.disabled = true;
+    try {
+      const page = await api(onThisOrigin(next));
+      addEventRows(table, page.items, kind);
+      shown += page.items.length;
+      next = page.next;
+      status.textContent = "";
+    } catch (err) {
+      status.textContent = err.message;
+    }
+    more.disabled = false;
+    update();
+  };
+  more.addEventListener("click", load);
+  update();
+  holder.append(table, more, status);
+  return { node: holder, opened: () => { if (!shown && next) load(); } };
 }
 
 function renderReport(kind, report) {
@@ -398,11 +439,13 @@ function renderReport(kind, report) {
     more.className = "group-items";
     const holder = document.createElement("td");
     holder.colSpan = columns.length;
-    holder.appendChild(eventsTable(group.items, kind));
+    const events = groupEvents(group, kind);
+    holder.appendChild(events.node);
     more.appendChild(holder);
     toggle.addEventListener("click", () => {
       more.hidden = !more.hidden;
       toggle.setAttribute("aria-expanded", String(!more.hidden));
+      if (!more.hidden) events.opened();
     });
   });
   box.appendChild(table);
