@@ -6,15 +6,25 @@
   who has seen the record, as a patient may ask for it.
 - ``GET /api/reports/user-activity?user=…&from=…&to=…``: what one user did, grouped by
   patient, and counted by day.
+- ``GET /api/reports/{patient-access|user-activity}/events?<the report's parameters>
+  &group=…&after=…&count=…``: the report's events (of the group named, or all), newest
+  first, ``count`` (default :data:`GROUP_PAGE`) at a time: ``{"items": […], "next":
+  link}``, ``next`` null after the last.
 - ``GET /api/activity?<search parameters>&bucket=hour|day|auto&tz=…``: the events of a
   search counted per hour or day, by action and by outcome (the viewer's chart).
 - ``GET /api/export.csv?<search parameters>&tz=…``: every event a search matches, as CSV.
 
+A report's summaries (its counts, and each group's) cover all its events and are read
+from the store's index columns; each group then lists its first page of events
+(``items``, read whole) while the report has listed fewer than :data:`REPORT_LISTED`,
+and links to the rest (``next``, null when ``items`` holds them all). ``format=csv``
+gives every event of a report, streamed.
+
 ``from`` and ``to`` are FHIR dates or dateTimes, both inclusive at their precision;
 ``tz`` (an IANA zone, default UTC) is the zone of the CSV's times and of the days and
-hours counted. ``format=csv`` gives a report as CSV. Reports leave out admin reads of
-the trail unless ``admin-access=include``. Each answer that shows events is itself
-audited (proxy/admin/access.py).
+hours counted. Reports leave out admin reads of the trail unless
+``admin-access=include``. Each answer that shows events is itself audited
+(proxy/admin/access.py).
 """
 
 from __future__ import annotations

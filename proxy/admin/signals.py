@@ -58,7 +58,7 @@ INDEXED = {Signal.DENIED: Mark.DENIED, Signal.BREAK_GLASS: Mark.BREAK_GLASS}
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    """What the signals of one stored event are computed from."""
+    """What the signals of one stored event are computed from, read from its JSON."""
 
     ts: float
     """``recorded`` as a POSIX timestamp."""
