@@ -170,21 +170,23 @@ async def signals_for(
     accesses: Sequence[Accessed], reports: ReportReader, settings: SignalSettings
 ) -> list[frozenset[Signal]]:
     """The signals of each of ``accesses``."""
-    recorded = [a for a in accesses if of_record(a)]
-    firsts = await reports.first_accesses(
-        [(a.user, p) for a in recorded if a.user for p in a.patients]
-    )
-    crowded: set[int] = set()
     by_user: dict[str, list[Accessed]] = {}
-    for access in recorded:
-        if access.user:
+    for access in accesses:
+        if access.user and of_record(access):
             by_user.setdefault(access.user, []).append(access)
+    found = await reports.first_accesses(
+        [(user, p) for user, own in by_user.items() for p in {p for a in own for p in a.patients}]
+    )
+    firsts: dict[str, dict[str, Cursor]] = {}
+    for (user, patient), position in found.items():
+        firsts.setdefault(user, {})[patient] = position
     windows = [
         (user, since, until)
         for user, own in by_user.items()
         for since, until in _spans([a.ts for a in own])
     ]
     around = await reports.user_accesses(windows)
+    crowded: set[int] = set()
     for user, own in by_user.items():
         counts = _patients_in_hour(own, around.get(user, []))
         for access, count in zip(own, counts, strict=True):
@@ -197,12 +199,16 @@ async def signals_for(
     for access in accesses:
         bits = 0
         if Mark.ADMIN_ACCESS not in access.marks:
-            if of_record(access) and any(
-                (first := firsts.get((access.user or "", p))) is not None
-                and first >= (access.ts, access.seq)
-                for p in access.patients
-            ):
-                bits |= _BIT[Signal.FIRST_ACCESS]
+            if access.user and of_record(access):
+                own_firsts = firsts.get(access.user, {})
+                for patient in access.patients:
+                    # The user's first access to the patient is not before this one.
+                    first = own_firsts.get(patient)
+                    if first is not None and (
+                        first[0] > access.ts or (first[0] == access.ts and first[1] >= access.seq)
+                    ):
+                        bits |= _BIT[Signal.FIRST_ACCESS]
+                        break
             if id(access) in crowded:
                 bits |= _BIT[Signal.MANY_PATIENTS]
             if after_hours(access.ts, settings.working_hours):
@@ -213,10 +219,10 @@ async def signals_for(
                 bits |= _BIT[Signal.FAILED]
             if Mark.BREAK_GLASS in access.marks:
                 bits |= _BIT[Signal.BREAK_GLASS]
-        found = sets.get(bits)
-        if found is None:
-            found = sets[bits] = frozenset(s for s, bit in _BIT.items() if bits & bit)
-        out.append(found)
+        flagged = sets.get(bits)
+        if flagged is None:
+            flagged = sets[bits] = frozenset(s for s, bit in _BIT.items() if bits & bit)
+        out.append(flagged)
     return out
 
 

@@ -70,8 +70,9 @@ def accesses_of(
     conn: sqlite3.Connection, windows: Sequence[Window]
 ) -> list[tuple[str, float, int, str]]:
     """(user, recorded time, row seq, ``patients`` column) of the events in each window
-    (by that user as the requestor) that name a patient, admin reads left out. The
-    windows go to SQLite as a table of values, each a range of its user's ``a:`` term."""
+    (by that user as the requestor) that name a patient, admin reads left out, in user,
+    time and seq order. The windows go to SQLite as a table of values, each a range of
+    its user's ``a:`` term."""
     out: list[tuple[str, float, int, str]] = []
     for start in range(0, len(windows), _WINDOWS_PER_STATEMENT):
         chunk = windows[start : start + _WINDOWS_PER_STATEMENT]
@@ -82,9 +83,12 @@ def accesses_of(
             " FROM w CROSS JOIN event_terms t CROSS JOIN events e"
             " WHERE t.term = 'a:' || w.user AND t.ts >= w.since AND t.ts <= w.until"
             " AND e.seq = t.seq AND e.user_id = w.user"
-            " AND e.patients != '|' AND instr(e.terms, ?) = 0",
+            " AND e.patients != '|' AND instr(e.terms, ?) = 0"
+            " ORDER BY w.user, t.ts, t.seq",
             [*(v for window in chunk for v in window), f'"{Mark.ADMIN_ACCESS.term}"'],
         ).fetchall()
+    if len(windows) > _WINDOWS_PER_STATEMENT:
+        out.sort()  # each statement's rows are in order, not all of them
     return out
 
 
@@ -153,37 +157,49 @@ def indexed_of(conn: sqlite3.Connection, query: EventQuery) -> list[IndexedEvent
         sql.args,
     )
     named = [v for v in (query.patient, query.entity) if v is not None]
-    # The same columns recur (one patient's report names that patient in every row).
+    # The same columns recur (one patient's report names that patient in every row):
+    # each is split once.
     split: dict[str, tuple[str, ...]] = {}
     found: list[IndexedEvent] = []
     for seq, fan, ts, user, patients, outcome, subtypes, who, marked in rows:
         codes = split.get(subtypes)
         if codes is None:
             codes = split[subtypes] = _split(subtypes)
+        marks = _MARK_SETS[marked]
         if fan is None:
             own = split.get(patients)
             if own is None:
                 own = split[patients] = _split(patients)
-            members = [(seq, own)]
+            found.append(
+                IndexedEvent(
+                    seq=seq,
+                    ts=ts,
+                    user=user,
+                    patients=own,
+                    outcome=outcome,
+                    subtypes=codes,
+                    who=who,
+                    marks=marks,
+                )
+            )
         else:
             each = patients[1:-1].split("|")
-            members = [
-                (seq - fan + 1 + i, (each[i],)) for i in reversed(members_named(each, named))
-            ]
-        marks = _MARK_SETS[marked]
-        found += [
-            IndexedEvent(
-                seq=event_seq,
-                ts=ts,
-                user=user,
-                patients=event_patients,
-                outcome=outcome,
-                subtypes=codes,
-                who=who,
-                marks=marks,
-            )
-            for event_seq, event_patients in members
-        ]
+            for i in reversed(members_named(each, named)):
+                one = split.get(each[i])
+                if one is None:
+                    one = split[each[i]] = (each[i],)
+                found.append(
+                    IndexedEvent(
+                        seq=seq - fan + 1 + i,
+                        ts=ts,
+                        user=user,
+                        patients=one,
+                        outcome=outcome,
+                        subtypes=codes,
+                        who=who,
+                        marks=marks,
+                    )
+                )
         if len(found) >= query.limit:
             return found[: query.limit]
     return found
@@ -219,7 +235,7 @@ class ShardReports(ShardPart, ReportReader):
     async def user_accesses(self, windows: Sequence[Window]) -> dict[str, list[UserAccess]]:
         conn = self._shard.conn
         rows = await self._shard.run(lambda: accesses_of(conn, windows))
-        return by_user(rows, count=1, shard=0)
+        return by_user(rows)
 
     async def activity(self, query: EventQuery) -> list[ActivityCount]:
         conn = self._shard.conn
@@ -238,21 +254,23 @@ class ShardReports(ShardPart, ReportReader):
         return [by_seq[s] for s in wanted if s in by_seq]
 
 
-def by_user(
-    rows: Sequence[tuple[str, float, int, str]], *, count: int, shard: int
-) -> dict[str, list[UserAccess]]:
-    """``accesses_of``'s rows of shard ``shard`` (of ``count``), by user, each row once
-    under its global seq, in time order."""
-    found: dict[str, dict[int, UserAccess]] = {}
+def by_user(rows: Iterable[tuple[str, float, int, str]]) -> dict[str, list[UserAccess]]:
+    """``accesses_of``'s rows (in user, time and seq order) by user, each row once."""
+    found: dict[str, list[UserAccess]] = {}
     split: dict[str, tuple[str, ...]] = {}  # a user's rows name the same few patients
+    own: list[UserAccess] = []
+    last: str | None = None
     for user, ts, seq, patients in rows:
-        global_seq = seq * count + shard
+        if user != last:
+            own = found.setdefault(user, [])
+            last = user
+        elif own[-1].seq == seq:  # the same row in two of the user's windows
+            continue
         named = split.get(patients)
         if named is None:
             named = split[patients] = tuple(patients[1:-1].split("|"))
-        found.setdefault(user, {})[global_seq] = UserAccess(ts=ts, seq=global_seq, patients=named)
-    # Sorted as tuples: by time, then by seq (unique).
-    return {user: sorted(own.values()) for user, own in found.items()}
+        own.append(UserAccess(ts=ts, seq=seq, patients=named))
+    return found
 
 
 def summed(shards: Sequence[Sequence[ActivityCount]]) -> list[ActivityCount]:
