@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -165,13 +165,18 @@ NOBODY = Who(name="", roles=(), client="", address="")
 """Who acted in an event whose row does not say (its body could not be read)."""
 
 
-class Entry(NamedTuple):
-    """One event of a report as its summary reads it: from its row, not its JSON (a
-    NamedTuple, as :class:`~proxy.store.records.IndexedEvent`: one for each event)."""
+@dataclass(frozen=True, slots=True)
+class Entries:
+    """Events of a report as its summaries read them, from their rows (not their JSON):
+    ``events[i]`` has the signals ``signals[i]``, and who acted in it is
+    ``whos[events[i].who]``. Lists side by side rather than a record per event: a report
+    has thousands of events, and each object made is one more for the collector."""
 
-    event: IndexedEvent
-    who: Who
-    signals: frozenset[Signal]
+    events: Sequence[IndexedEvent]
+    """Newest first."""
+    signals: list[frozenset[Signal]]
+    whos: dict[str | None, Who]
+    """Who acted, by the ``who`` column that says it."""
 
 
 async def _indexed(request: web.Request, query: EventQuery) -> tuple[list[IndexedEvent], bool]:
@@ -191,27 +196,22 @@ async def _record(request: web.Request, query: EventQuery, shown: Sequence[Index
         await record_access(request, search=_echo(query))
 
 
-async def _entries(request: web.Request, found: Sequence[IndexedEvent]) -> list[Entry]:
-    """``found`` with who acted in each and its signals."""
-    signals = await signals_for(
-        found,
-        request.app[STORE],
-        request.app[SETTINGS].signals,
-    )
+async def _entries(request: web.Request, found: Sequence[IndexedEvent]) -> Entries:
+    """``found`` with their signals and who acted in each."""
+    signals = await signals_for(found, request.app[STORE], request.app[SETTINGS].signals)
     whos: dict[str | None, Who] = {None: NOBODY}
-    entries = []
-    for item, flagged in zip(found, signals, strict=True):
-        who = whos.get(item.who)
-        if who is None:
-            who = whos[item.who] = Who.of_column(item.who) if item.who else NOBODY
-        entries.append(Entry(item, who, flagged))
-    return entries
+    for item in found:
+        if item.who not in whos:
+            whos[item.who] = Who.of_column(item.who) if item.who else NOBODY
+    return Entries(found, signals, whos)
 
 
-async def _listed(request: web.Request, entries: Sequence[Entry]) -> dict[int, dict[str, Any]]:
-    """Each of ``entries`` as a report lists it (its JSON read and described), by seq;
-    an event pruned since it was found is left out."""
-    signals = {entry.event.seq: entry.signals for entry in entries}
+async def _listed(
+    request: web.Request, entries: Entries, chosen: Iterable[int]
+) -> dict[int, dict[str, Any]]:
+    """The ``chosen`` events of ``entries`` (by position) as a report lists them (their
+    JSON read and described), by seq; an event pruned since it was found is left out."""
+    signals = {entries.events[i].seq: entries.signals[i] for i in chosen}
     events = await request.app[STORE].events_at(list(signals))
     return {
         item.seq: describe(item.event, item.recorded_ts).as_json(str(s) for s in signals[item.seq])
@@ -238,40 +238,43 @@ def _named(counts: Counter[Any], words: Callable[[Any], Iterable[str]]) -> dict[
     return dict(named.most_common())
 
 
-def _summary(key: str, value: str, entries: Sequence[Entry]) -> dict[str, Any]:
-    """What a group of a report says of its events (newest first), before it lists
-    them. The events' values are counted first (a group's events share a few), then
-    put in words."""
-    whos: dict[str | None, Who] = {}
+def _summary(key: str, value: str, entries: Entries, members: Sequence[int]) -> dict[str, Any]:
+    """What a group of a report says of its events (``members``, positions in
+    ``entries``, newest first), before it lists them. The events' values are counted
+    first (a group's events share a few), then put in words."""
+    events, flags = entries.events, entries.signals
+    columns: dict[str | None, None] = {}
     interactions: Counter[tuple[str, ...]] = Counter()
     outcomes: Counter[str | None] = Counter()
     signals: Counter[frozenset[Signal]] = Counter()
-    for entry in entries:
-        whos[entry.event.who] = entry.who
-        interactions[entry.event.subtypes] += 1
-        outcomes[entry.event.outcome] += 1
-        signals[entry.signals] += 1
+    for i in members:
+        event = events[i]
+        columns[event.who] = None
+        interactions[event.subtypes] += 1
+        outcomes[event.outcome] += 1
+        signals[flags[i]] += 1
+    whos = [entries.whos[column] for column in columns]
 
     def distinct(values: Iterable[str]) -> list[str]:
         return list(dict.fromkeys(v for v in values if v))
 
     return {
         key: value,
-        "names": distinct(w.name for w in whos.values()),
-        "roles": distinct(role for w in whos.values() for role in w.roles),
-        "clients": distinct(w.client for w in whos.values()),
-        "addresses": distinct(w.address for w in whos.values()),
-        "events": len(entries),
-        "first": _iso(min(e.event.ts for e in entries)),
-        "last": _iso(max(e.event.ts for e in entries)),
+        "names": distinct(w.name for w in whos),
+        "roles": distinct(role for w in whos for role in w.roles),
+        "clients": distinct(w.client for w in whos),
+        "addresses": distinct(w.address for w in whos),
+        "events": len(members),
+        "first": _iso(events[members[-1]].ts),
+        "last": _iso(events[members[0]].ts),
         "interactions": _named(interactions, lambda codes: [interaction_words(codes)]),
         "outcomes": _named(outcomes, lambda outcome: [_outcome_words(outcome)]),
         "signals": _named(signals, lambda flagged: [str(s) for s in flagged]),
     }
 
 
-def _cursor_text(entry: Entry) -> str:
-    return f"{entry.event.ts!r}_{entry.event.seq}"
+def _cursor_text(event: IndexedEvent) -> str:
+    return f"{event.ts!r}_{event.seq}"
 
 
 def _after(value: str | None) -> Cursor | None:
@@ -299,19 +302,23 @@ class ReportKind:
     """What its groups are of: the key that names each group."""
     keys: Callable[[IndexedEvent], Sequence[str]]
     """The groups an event belongs to."""
-    parts: Callable[[ReportRequest, Sequence[Entry], list[dict[str, Any]]], dict[str, Any]]
+    parts: Callable[[ReportRequest, Entries, list[dict[str, Any]]], dict[str, Any]]
     """What this report says beside what every report says, from its events and groups."""
 
-    def link(
-        self, request: web.Request, group: str | None, after: str | None, count: int | None
-    ) -> str:
-        """Where the events of the report of ``request`` (of one group, or all) follow
-        ``after`` (None: from the newest)."""
-        params = [(k, v) for k, v in request.query.items() if k in (self.subject, *_PERIOD_PARAMS)]
-        params += [("group", group)] if group is not None else []
-        params += [("after", after)] if after is not None else []
-        params += [("count", str(count))] if count is not None else []
-        return f"{public_base(request)}/api/reports/{self.name}/events?{urlencode(params)}"
+    def links(self, request: web.Request) -> Callable[[str | None, str | None, int | None], str]:
+        """Where the events of the report of ``request`` are: given a group (None: all),
+        a position to follow (None: from the newest) and a page size (None: the
+        default)."""
+        asked = [(k, v) for k, v in request.query.items() if k in (self.subject, *_PERIOD_PARAMS)]
+        base = f"{public_base(request)}/api/reports/{self.name}/events?{urlencode(asked)}"
+
+        def link(group: str | None, after: str | None, count: int | None) -> str:
+            params = [("group", group)] if group is not None else []
+            params += [("after", after)] if after is not None else []
+            params += [("count", str(count))] if count is not None else []
+            return f"{base}&{urlencode(params)}" if params else base
+
+        return link
 
 
 _PERIOD_PARAMS = ("from", "to", "admin-access")
@@ -337,23 +344,27 @@ def _report_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Str
                 request, found, asked.zone, _filename(kind.name, asked.subject)
             )
         entries = await _entries(request, found)
-        members: dict[str, list[Entry]] = {}
-        for entry in entries:
-            for key in kind.keys(entry.event):
-                members.setdefault(key, []).append(entry)
-        groups = [(key, own, _summary(kind.group, key, own)) for key, own in members.items()]
+        events = entries.events
+        members: dict[str, list[int]] = {}  # each group's events, by position
+        for i, event in enumerate(events):
+            for key in kind.keys(event):
+                members.setdefault(key, []).append(i)
+        groups = [
+            (key, own, _summary(kind.group, key, entries, own)) for key, own in members.items()
+        ]
         groups.sort(key=lambda g: str(g[2]["last"]), reverse=True)
-        pages: list[list[Entry]] = []
+        pages: list[list[int]] = []
         room = REPORT_LISTED
         for _, own, _ in groups:
             pages.append(own[: min(GROUP_PAGE, room)])
             room -= len(pages[-1])
-        listed = await _listed(request, [e for page in pages for e in page])
+        listed = await _listed(request, entries, (i for page in pages for i in page))
+        link = kind.links(request)
         summaries = []
         for (key, own, summary), page in zip(groups, pages, strict=True):
-            summary["items"] = [listed[e.event.seq] for e in page if e.event.seq in listed]
+            summary["items"] = [listed[events[i].seq] for i in page if events[i].seq in listed]
             summary["next"] = (
-                kind.link(request, key, _cursor_text(page[-1]) if page else None, None)
+                link(key, _cursor_text(events[page[-1]]) if page else None, None)
                 if len(page) < len(own)
                 else None
             )
@@ -365,9 +376,9 @@ def _report_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Str
                 "end": asked.end.isoformat() if asked.end else None,
             },
             "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-            "events": len(entries),
+            "events": len(events),
             "truncated": truncated,
-            "signals": _counted(str(s) for e in entries for s in e.signals),
+            "signals": _named(Counter(entries.signals), lambda flagged: [str(s) for s in flagged]),
         }
         body.update(kind.parts(asked, entries, summaries))
         return _json(body)
@@ -396,12 +407,12 @@ def _events_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Res
             found = [item for item in found if (item.ts, item.seq) < after]
         await _record(request, asked.query, found[:count])
         page = await _entries(request, found[:count])
-        listed = await _listed(request, page)
-        more = len(found) > count and count > 0
+        listed = await _listed(request, page, range(len(page.events)))
+        last = _cursor_text(page.events[-1]) if page.events else None
         return _json(
             {
-                "items": [listed[e.event.seq] for e in page if e.event.seq in listed],
-                "next": kind.link(request, group, _cursor_text(page[-1]), count) if more else None,
+                "items": [listed[e.seq] for e in page.events if e.seq in listed],
+                "next": kind.links(request)(group, last, count) if len(found) > count > 0 else None,
             }
         )
 
@@ -409,7 +420,7 @@ def _events_route(kind: ReportKind) -> Callable[[web.Request], Awaitable[web.Res
 
 
 def _patient_access(
-    asked: ReportRequest, entries: Sequence[Entry], groups: list[dict[str, Any]]
+    asked: ReportRequest, entries: Entries, groups: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Every access to the patient's record, grouped by user."""
     return {"patient": asked.subject, "users": len(groups), "groups": groups}
@@ -420,18 +431,19 @@ NO_PATIENT = "(no patient)"
 
 
 def _user_activity(
-    asked: ReportRequest, entries: Sequence[Entry], groups: list[dict[str, Any]]
+    asked: ReportRequest, entries: Entries, groups: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """What the user did: by patient, and by day."""
     zone = asked.zone
     days: dict[str, tuple[int, set[str]]] = {}
-    for entry in entries:
-        day = datetime.fromtimestamp(entry.event.ts, zone).date().isoformat()
+    for event in entries.events:
+        day = datetime.fromtimestamp(event.ts, zone).date().isoformat()
         count, patients = days.get(day, (0, set()))
-        days[day] = (count + 1, patients | set(entry.event.patients))
+        days[day] = (count + 1, patients | set(event.patients))
+    whos = [entries.whos[column] for column in dict.fromkeys(e.who for e in entries.events)]
     return dict(
         user=asked.subject,
-        names=list(dict.fromkeys(e.who.name for e in entries if e.who.name)),
+        names=list(dict.fromkeys(w.name for w in whos if w.name)),
         patients=len([g for g in groups if g["patient"] != NO_PATIENT]),
         zone=str(zone),
         days=[
@@ -650,9 +662,9 @@ async def _report_csv(
 
     async def batches() -> CsvBatches:
         for start in range(0, len(found), EXPORT_BATCH):
+            batch = await _entries(request, found[start : start + EXPORT_BATCH])
             signals = {
-                e.event.seq: e.signals
-                for e in await _entries(request, found[start : start + EXPORT_BATCH])
+                e.seq: flagged for e, flagged in zip(batch.events, batch.signals, strict=True)
             }
             events = await request.app[STORE].events_at(list(signals))
             yield events, [signals[item.seq] for item in events]

@@ -438,8 +438,11 @@ async def test_a_user_s_group_pages_and_each_page_is_recorded_and_bad_pages_refu
     reads = f"{admin}/fhir/AuditEvent?patient={record.patient}&{ONLY_ADMIN}&_count=0"
     assert (await get(http, reads))["total"] == 0
     events = f"{admin}/api/reports/patient-access/events?patient={record.patient}"
-    await get(http, f"{events}&group=nurse.3")
-    await get(http, f"{events}&group=nurse.3&after=1.5_7")
+    # A page past the oldest shows nothing, and records nothing.
+    assert await get(http, f"{events}&group=nurse.3&after=1.5_7") == {"items": [], "next": None}
+    assert (await get(http, reads))["total"] == 0
+    first = await get(http, f"{events}&group=nurse.3&count=4")
+    assert len((await get(http, first["next"]))["items"]) == 2
     assert (await get(http, reads))["total"] == 2
     for bad in ("after=yesterday", "count=-1", "colour=blue", "format=csv"):
         outcome = await get(http, f"{events}&{bad}", 400)
