@@ -167,8 +167,9 @@ class EventReader(Protocol):
 
 class ReportReader(Protocol):
     """The report face: what the privacy reports and the activity chart read beyond a
-    search (:mod:`proxy.store.reports`), from tables triggers keep (schema 7). Events and
-    rows are named by their seq, global across shards."""
+    search (:mod:`proxy.store.reports`), from tables triggers keep (schema 7) and the
+    columns of the events' rows (who acted: schema 8). Events and rows are named by their
+    seq, global across shards."""
 
     async def first_accesses(self, pairs: Sequence[Pair]) -> dict[Pair, Cursor]:
         """For each (user, patient) pair that has any, the position (recorded time, row
