@@ -68,28 +68,30 @@ _WINDOWS_PER_STATEMENT = 10_000
 
 def accesses_of(
     conn: sqlite3.Connection, windows: Sequence[Window]
-) -> list[tuple[str, float, int, str]]:
+) -> Iterable[tuple[str, float, int, str]]:
     """(user, recorded time, row seq, ``patients`` column) of the events in each window
     (by that user as the requestor) that name a patient, admin reads left out, in user,
-    time and seq order. The windows go to SQLite as a table of values, each a range of
-    its user's ``a:`` term."""
-    out: list[tuple[str, float, int, str]] = []
+    time and seq order, read as they are iterated. The windows go to SQLite as a table of
+    values, each a range of its user's ``a:`` term."""
+    statements = []
     for start in range(0, len(windows), _WINDOWS_PER_STATEMENT):
         chunk = windows[start : start + _WINDOWS_PER_STATEMENT]
         values = ", ".join(["(?, ?, ?)"] * len(chunk))
-        out += conn.execute(
-            f"WITH w(user, since, until) AS (VALUES {values})"
-            " SELECT w.user, t.ts, t.seq, e.patients"
-            " FROM w CROSS JOIN event_terms t CROSS JOIN events e"
-            " WHERE t.term = 'a:' || w.user AND t.ts >= w.since AND t.ts <= w.until"
-            " AND e.seq = t.seq AND e.user_id = w.user"
-            " AND e.patients != '|' AND instr(e.terms, ?) = 0"
-            " ORDER BY w.user, t.ts, t.seq",
-            [*(v for window in chunk for v in window), f'"{Mark.ADMIN_ACCESS.term}"'],
-        ).fetchall()
-    if len(windows) > _WINDOWS_PER_STATEMENT:
-        out.sort()  # each statement's rows are in order, not all of them
-    return out
+        statements.append(
+            conn.execute(
+                f"WITH w(user, since, until) AS (VALUES {values})"
+                " SELECT w.user, t.ts, t.seq, e.patients"
+                " FROM w CROSS JOIN event_terms t CROSS JOIN events e"
+                " WHERE t.term = 'a:' || w.user AND t.ts >= w.since AND t.ts <= w.until"
+                " AND e.seq = t.seq AND e.user_id = w.user"
+                " AND e.patients != '|' AND instr(e.terms, ?) = 0"
+                " ORDER BY w.user, t.ts, t.seq",
+                [*(v for window in chunk for v in window), f'"{Mark.ADMIN_ACCESS.term}"'],
+            )
+        )
+    if len(statements) == 1:
+        return statements[0]
+    return sorted(row for statement in statements for row in statement)
 
 
 def activity_of(conn: sqlite3.Connection, query: EventQuery) -> list[ActivityCount]:
@@ -234,8 +236,7 @@ class ShardReports(ShardPart, ReportReader):
 
     async def user_accesses(self, windows: Sequence[Window]) -> dict[str, list[UserAccess]]:
         conn = self._shard.conn
-        rows = await self._shard.run(lambda: accesses_of(conn, windows))
-        return by_user(rows)
+        return await self._shard.run(lambda: by_user(accesses_of(conn, windows)))
 
     async def activity(self, query: EventQuery) -> list[ActivityCount]:
         conn = self._shard.conn
