@@ -428,6 +428,8 @@ def _patient_access(
 
 NO_PATIENT = "(no patient)"
 """The group of a user's events that name no patient."""
+ANONYMOUS = "(anonymous)"
+"""The group of a patient's accesses by no known user."""
 
 
 def _user_activity(
@@ -459,7 +461,7 @@ PATIENT_ACCESS = ReportKind(
     subject="patient",
     hint="Patient/123",
     group="user",
-    keys=lambda item: (item.user or "(anonymous)",),
+    keys=lambda item: (item.user or ANONYMOUS,),
     parts=_patient_access,
 )
 USER_ACTIVITY = ReportKind(
