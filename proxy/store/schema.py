@@ -262,6 +262,10 @@ def _who_backfill(conn: sqlite3.Connection, lo: int, hi: int) -> None:
         " WHERE seq > ? AND seq <= ? AND who IS NULL",
         (lo, hi),
     ):
+        if isinstance(body, str):  # SQLite keeps a body bound as text as text
+            body = body.encode()
+        if not isinstance(body, bytes):  # nor any other value a writer bound
+            continue
         try:
             if fan is None:
                 event = codec.decode(body)

@@ -461,3 +461,36 @@ async def test_a_schema_7_store_learns_who_acted_in_each_event_from_its_body(
         assert who_of_row(item.seq) == who_of(item.event["agent"]).column(), item.event_id
     said = {Who.of_column(who_of_row(item.seq)) for item in events}
     assert Who(name="Dr Lee", roles=("physician",), client="ehr-web", address=CLIENT_IP) in said
+
+
+async def test_migration_8_reads_a_body_stored_as_text_and_skips_one_it_cannot_read(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """SQLite keeps what a writer bound: a body bound as text is read as its JSON; a body
+    that is neither text nor bytes is left without ``who``, and the store still opens."""
+    path = tmp_path / "audit.db"
+    queue = await open_store(path, max_bytes=1 << 30)
+    await queue.close()
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO events (event_id, recorded, recorded_ts, body) VALUES (?, ?, ?, ?)",
+            [
+                (
+                    "text",
+                    NOW.isoformat(),
+                    NOW.timestamp(),
+                    orjson.dumps(queued_event(1, user="dr.text")).decode(),
+                ),
+                ("number", NOW.isoformat(), NOW.timestamp(), 42),
+            ],
+        )
+        conn.execute("ALTER TABLE events DROP COLUMN who")
+        conn.execute("PRAGMA user_version = 7")
+    queue = await open_store(path, max_bytes=1 << 30)
+    await queue.close()
+    with sqlite3.connect(path) as conn:
+        who = dict(conn.execute("SELECT event_id, who FROM events").fetchall())
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    assert version == schema.SCHEMA_VERSION
+    agents = queued_event(1, user="dr.text")["agent"]
+    assert who == {"text": who_of(agents).column(), "number": None}
