@@ -31,9 +31,10 @@ from proxy.audit.pipeline import AuditPipeline, AuditPolicy, standard_hooks
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sink import Origin
-from proxy.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
+from proxy.http.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
+from proxy.http.listener import ClientRequest, Handler, RefusalHook, serve_on
+from proxy.http.upstream import UpstreamPool
 from proxy.k8s.status import serving_status
-from proxy.listener import ClientRequest, Handler, RefusalHook, serve_on
 from proxy.settings import Settings
 from proxy.store.database import database_budget
 from proxy.store.faces import AdminStore, StoreError
@@ -42,7 +43,6 @@ from proxy.store.records import QueueStats
 from proxy.store.shards import ShardedStore, existing_shard_opener
 from proxy.supervisor import read_worker_states, status_path
 from proxy.tasks import running
-from proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -505,7 +505,7 @@ def _dispatcher(app: web.Application) -> Handler:
 def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
     """The proxy listener's application, with every background part owned by it;
     ``worker`` (below ``settings.workers``) names the store shard it owns. aiohttp runs
-    its start-up and shutdown; its requests are served by :mod:`proxy.listener`."""
+    its start-up and shutdown; its requests are served by :mod:`proxy.http.listener`."""
     app = web.Application()
     app[SETTINGS] = settings
     app[WORKER] = worker

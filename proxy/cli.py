@@ -220,7 +220,7 @@ def serve(
         if banner:
             print(banner, flush=True)
 
-    from proxy.listener import listen_hosts
+    from proxy.http.listener import listen_hosts
 
     app = _build_app(settings, worker)
     where: dict[str, Any] = (

@@ -17,7 +17,7 @@ import pytest
 from yarl import URL
 
 from proxy import telemetry
-from proxy.listener import parser_error_reason
+from proxy.http.listener import parser_error_reason
 from tests.factories import (
     NodeFhirServer,
     RecordingRepository,
@@ -243,7 +243,7 @@ def test_a_parser_error_is_described_without_the_request_bytes(message: str, exp
         ("POST", b"Accept: application/fhir+json\xe9", "not valid UTF-8"),
         ("GET", b"Host: h\xe9st", "not valid UTF-8"),
         ("GET", b"Authorization: Bearer \xff\xfe", "not valid UTF-8"),
-        # found by tests/test_header_fuzz.py: the event's base URL could not be parsed
+        # found by tests/http/test_header_fuzz.py: the event's base URL could not be parsed
         ("GET", b"Host: [", "Host header"),
         ("GET", b"X-Request-Id: " + b"r" * 201, "X-Request-Id"),
     ],

@@ -142,7 +142,7 @@ class AdminServer(web.Server):
 def guard(app: web.Application, *, header_timeout_s: float) -> None:
     """Make every server aiohttp builds for ``app`` an :class:`AdminServer`. aiohttp has
     no public seam for its connection class, so this wraps ``Application._make_handler``
-    (aiohttp is pinned; the suite runs through it), as :func:`proxy.listener.serve_on`
+    (aiohttp is pinned; the suite runs through it), as :func:`proxy.http.listener.serve_on`
     replaces it for the proxy listener."""
     made = app._make_handler
 

@@ -1,7 +1,7 @@
 """The audit pipeline: what is done to an exchange so that it is audited before it is
 answered.
 
-For every request the HTTP layer (:mod:`proxy.forward`) hands over, in order:
+For every request the HTTP layer (:mod:`proxy.http.forward`) hands over, in order:
 
 1. :meth:`AuditPipeline.admit`: classify the request and read the caller's identity (never
    keeping the token);
@@ -37,7 +37,6 @@ from proxy import telemetry
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
 from proxy.audit.identity import IdentityCache, JwksCache
 from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
-from proxy.buffering import HeldBody
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
 from proxy.fhir.interaction import (
@@ -50,7 +49,8 @@ from proxy.fhir.interaction import (
 from proxy.fhir.large_bundle import audit_view
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.fhir.patients import patients_in_resource
-from proxy.listener import ClientRequest
+from proxy.http.buffering import HeldBody
+from proxy.http.listener import ClientRequest
 from proxy.settings import IdentitySettings
 from proxy.store.faces import EventWriter, StoreError, StoreFull
 from proxy.store.records import Capture

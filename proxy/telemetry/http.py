@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from yarl import URL
 
     from proxy.exchange import Exchange
-    from proxy.listener import ClientRequest
+    from proxy.http.listener import ClientRequest
 
 URL_TEMPLATE = "url.template"
 """The client span's route template (a semantic convention still in development)."""

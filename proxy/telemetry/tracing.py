@@ -17,7 +17,7 @@ from proxy import __version__
 from proxy.telemetry.resource import process_resource
 
 if TYPE_CHECKING:
-    from proxy.listener import ClientRequest
+    from proxy.http.listener import ClientRequest
 
 
 class _Processors(SpanProcessor):

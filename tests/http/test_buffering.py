@@ -20,7 +20,7 @@ from aiohttp import web
 from proxy.app import HANDLER
 from proxy.audit import pipeline as pipeline_module
 from proxy.audit.balp import build_events
-from proxy.buffering import SPILL_AT
+from proxy.http.buffering import SPILL_AT
 from tests.factories import StartProxy, patient_refs, refuse_inserts, serving
 
 

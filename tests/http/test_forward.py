@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.audit.validate import validate_event
-from proxy.forward import client_address, relative_path
+from proxy.http.forward import client_address, relative_path
 from proxy.store.faces import StoreError
 from tests.factories import (
     FHIR,

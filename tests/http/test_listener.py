@@ -1,4 +1,4 @@
-"""The proxy listener's HTTP/1.1 (proxy/listener.py), over real sockets, with handlers of
+"""The proxy listener's HTTP/1.1 (proxy/http/listener.py), over real sockets, with handlers of
 the tests' own: framing, keep-alive, pipelining, bodies and flow control, limits, streamed
 answers, clients that leave, idle connections and shutdown. That the proxy audits what the
 listener refuses is tested at the end."""
@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.listener import Answer, BodyTimedOut, ClientRequest, Listener, StreamedAnswer
+from proxy.http.listener import Answer, BodyTimedOut, ClientRequest, Listener, StreamedAnswer
 from tests.factories import (
     NodeFhirServer,
     ProxyProcess,

@@ -3,7 +3,7 @@
 It turns each request into an :class:`~proxy.exchange.Exchange` (header values and the
 path checked and normalized once, at the boundary), reads the request body, forwards it
 upstream with the headers a proxy sets, holds the answer (up to ``buffer_limit_bytes``,
-within a memory budget: :mod:`proxy.buffering`) and releases it to the client only once
+within a memory budget: :mod:`proxy.http.buffering`) and releases it to the client only once
 :class:`~proxy.audit.pipeline.AuditPipeline` has made its audit durable. What is audited,
 and when the client gets an OperationOutcome instead, is the pipeline's.
 """
@@ -28,7 +28,6 @@ from proxy import telemetry
 from proxy.audit.identity import load_token_key
 from proxy.audit.ids import new_event_id
 from proxy.audit.pipeline import AuditPipeline, ReadResource
-from proxy.buffering import HeldBody, MemoryBudget, hold_body, prepend, read_up_to_limit
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import (
     CREDENTIAL_PARAMS,
@@ -36,9 +35,10 @@ from proxy.fhir.interaction import (
     redact_text,
 )
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
-from proxy.listener import Answer, BodyBrokenOff, BodyTimedOut, ClientRequest, StreamedAnswer
+from proxy.http.buffering import HeldBody, MemoryBudget, hold_body, prepend, read_up_to_limit
+from proxy.http.listener import Answer, BodyBrokenOff, BodyTimedOut, ClientRequest, StreamedAnswer
+from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from proxy.settings import Settings
-from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadReso
 
 
 class ForwardHandler:
-    """The handler of every request of the proxy listener (:mod:`proxy.listener`)."""
+    """The handler of every request of the proxy listener (:mod:`proxy.http.listener`)."""
 
     def __init__(
         self, *, cfg: ForwardConfig, upstream: UpstreamPool, pipeline: AuditPipeline

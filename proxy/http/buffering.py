@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
 
-from proxy.upstream import UpstreamResponse
+from proxy.http.upstream import UpstreamResponse
 
 SPILL_AT = 64 * 1024
 """The largest body held in memory; a larger one waits in its temporary file."""

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.forward import PathRefused, normalize_path
+from proxy.http.forward import PathRefused, normalize_path
 from tests.factories import NodeFhirServer, StartProxy, request_id_of, serving
 
 

@@ -1,4 +1,4 @@
-"""The upstream client (``proxy/upstream.py``) against real sockets: servers that answer
+"""The upstream client (``proxy/http/upstream.py``) against real sockets: servers that answer
 as real ones do, and as broken ones do (closing, stalling, garbling, early hints), so each
 path of the client is met over TCP."""
 
@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.upstream import (
+from proxy.http.upstream import (
     HIGH_WATER,
     UpstreamConnectError,
     UpstreamDisconnected,
