@@ -1,7 +1,8 @@
 """Builds the proxy application. Every long-lived part (the store, the upstream pool, the
 JWKS cache, the flusher, maintenance and the admin listener) starts and stops through
 ``cleanup_ctx``, in that order; shutdown runs the contexts in reverse, so the admin listener
-stops first, the flusher drains what it can, and the store closes last.
+stops first, the flusher drains what it can, and the store closes last. The proxy listener
+(:func:`proxy_listener`) serves it through :mod:`proxy.http.server`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from yarl import URL
 from proxy import telemetry, worker_metrics
 from proxy.admin import health
 from proxy.admin.app import build_admin_app
+from proxy.admin.server import AdminListener
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
-from proxy.audit.intents import recover_intents
+from proxy.audit.intents import OpenIntents, recover_intents
 from proxy.audit.pipeline import AuditPipeline, AuditPolicy, standard_hooks
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sink import Origin
-from proxy.http.forward import ForwardConfig, ForwardHandler, Reply, resource_reader
-from proxy.http.listener import ClientRequest, Handler, RefusalHook, serve_on
+from proxy.http.forward import ForwardConfig, ForwardHandler, resource_reader
+from proxy.http.listener import ClientRequest, Handler, Listener
+from proxy.http.response import Response
+from proxy.http.transport import Transport
 from proxy.http.upstream import UpstreamPool
 from proxy.k8s.status import serving_status
 from proxy.settings import Settings
@@ -49,13 +53,13 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 AUDIT_CONTEXT = web.AppKey("audit_context", AuditContext)
 QUEUE = web.AppKey("queue", AuditQueue)
-UPSTREAM = web.AppKey("upstream", UpstreamPool)
-"""The pool the proxied requests (and reads before deletes) go through."""
+TRANSPORT: web.AppKey[Transport] = web.AppKey("transport")
+"""What the proxied requests (and reads before deletes) go through: the upstream pool, or
+the transport given to :func:`build_proxy_app`."""
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 """Off the request path: readiness's look at the upstream, the identity provider's keys."""
 JWKS = web.AppKey("jwks", JwksCache)
-INTENTS_IN_FLIGHT = web.AppKey("intents_in_flight", set[int])
-ABANDONED_INTENTS = web.AppKey("abandoned_intents", dict[int, str])
+INTENTS = web.AppKey("open_intents", OpenIntents)
 LEFT_AT_START = web.AppKey("intents_left_at_start", int)
 """The highest id of the intents start-up could not recover (the store was full)."""
 HANDLER = web.AppKey("forward_handler", ForwardHandler)
@@ -107,7 +111,6 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         on_commit=telemetry.observe_store_commit,
     )
     app[QUEUE] = queue
-    app[ABANDONED_INTENTS] = {}
     try:
         try:
             await recover_intents(queue, app[AUDIT_CONTEXT], datetime.now(UTC))
@@ -133,14 +136,16 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    pool = UpstreamPool(
-        URL(settings.upstream.url).origin(),
-        max_connections=settings.upstream.max_connections,
-        connect_timeout=settings.upstream.connect_timeout_s,
-        timeout=settings.upstream.timeout_s,
-        keepalive_s=settings.upstream.keepalive_s,
-    )
-    app[UPSTREAM] = pool
+    pool: UpstreamPool | None = None
+    if TRANSPORT not in app:
+        pool = UpstreamPool(
+            URL(settings.upstream.url).origin(),
+            max_connections=settings.upstream.max_connections,
+            connect_timeout=settings.upstream.connect_timeout_s,
+            timeout=settings.upstream.timeout_s,
+            keepalive_s=settings.upstream.keepalive_s,
+        )
+        app[TRANSPORT] = pool
     connector = aiohttp.TCPConnector(limit=10, keepalive_timeout=30, enable_cleanup_closed=True)
     try:
         async with aiohttp.ClientSession(
@@ -161,7 +166,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             else:
                 yield
     finally:
-        await pool.close()
+        if pool is not None:
+            await pool.close()
 
 
 async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -187,30 +193,20 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _handler_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cfg = ForwardConfig.from_settings(settings)
-    upstream = app[UPSTREAM]
-    app[INTENTS_IN_FLIGHT] = set()
+    transport = app[TRANSPORT]
     hooks = standard_hooks(
-        read_before_delete=resource_reader(cfg, upstream) if cfg.read_before_delete else None,
+        read_before_delete=resource_reader(cfg, transport) if cfg.read_before_delete else None,
         validation=(settings.audit.validate_sample_rate, app[VALIDATION]),
     )
     pipeline = AuditPipeline(
-        policy=AuditPolicy(
-            identity=settings.audit.identity,
-            redact_params=cfg.redact_params,
-            token_key=cfg.token_key,
-            base_path=cfg.base_path,
-            capture_max_bytes=(
-                settings.audit.capture_max_bytes if settings.audit.capture_bodies else None
-            ),
-        ),
+        policy=AuditPolicy.from_settings(settings),
         ctx=app[AUDIT_CONTEXT],
         queue=app[QUEUE],
         jwks=app.get(JWKS),
-        intents_in_flight=app[INTENTS_IN_FLIGHT],
-        abandoned_intents=app[ABANDONED_INTENTS],
+        intents=app[INTENTS],
         hooks=hooks,
     )
-    app[HANDLER] = ForwardHandler(cfg=cfg, upstream=upstream, pipeline=pipeline)
+    app[HANDLER] = ForwardHandler(cfg=cfg, transport=transport, pipeline=pipeline)
     yield
 
 
@@ -268,13 +264,11 @@ async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             now = datetime.now(UTC)
             try:
-                await recover_intents(
+                await app[INTENTS].recover(
                     app[QUEUE],
                     app[AUDIT_CONTEXT],
                     now,
                     older_than=now - orphan_age,
-                    in_flight=app[INTENTS_IN_FLIGHT],
-                    reasons=app[ABANDONED_INTENTS],
                     left_at_start=app.get(LEFT_AT_START, 0),
                 )
                 mono = asyncio.get_running_loop().time()
@@ -451,17 +445,13 @@ async def _admin_listener(app: web.Application, store: AdminStore) -> AsyncItera
     )
     if not settings.telemetry.prometheus:
         admin.middlewares.append(telemetry.without_prometheus)
-    runner = web.AppRunner(admin, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
-    await site.start()
-    sockets = runner.addresses
-    host, port = sockets[0][:2] if sockets else (settings.admin.host, settings.admin.port)
-    app[ADMIN_URL] = f"http://{host}:{port}"
+    listener = AdminListener(admin, header_timeout_s=settings.admin.header_timeout_s)
+    await listener.start(settings.admin.host, settings.admin.port)
+    app[ADMIN_URL] = listener.url
     try:
         yield
     finally:
-        await runner.cleanup()
+        await listener.stop()
 
 
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -491,7 +481,7 @@ def _dispatcher(app: web.Application) -> Handler:
     forward = app[HANDLER]
     base_path = URL(app[SETTINGS].upstream.url).path.rstrip("/")
 
-    async def dispatch(request: ClientRequest) -> Reply:
+    async def dispatch(request: ClientRequest) -> Response:
         if not telemetry.observed(request):
             return await forward(request)
         with telemetry.serving(request, base_path) as served:
@@ -502,14 +492,32 @@ def _dispatcher(app: web.Application) -> Handler:
     return dispatch
 
 
-def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
-    """The proxy listener's application, with every background part owned by it;
-    ``worker`` (below ``settings.workers``) names the store shard it owns. aiohttp runs
-    its start-up and shutdown; its requests are served by :mod:`proxy.http.listener`."""
+def proxy_listener(app: web.Application) -> Listener:
+    """The proxy listener of ``app``, once its start-up has run (the handler exists)."""
+    settings = app[SETTINGS]
+    return Listener(
+        _dispatcher(app),
+        app[HANDLER].refuse_malformed,
+        header_timeout_s=settings.listen.header_timeout_s,
+        body_timeout_s=settings.listen.body_timeout_s,
+    )
+
+
+def build_proxy_app(
+    settings: Settings, *, worker: int = 0, transport: Transport | None = None
+) -> web.Application:
+    """The proxy's application, with every background part owned by it; ``worker`` (below
+    ``settings.workers``) names the store shard it owns. The proxied requests go through
+    ``transport`` when given (a test double), else through a pool of connections to
+    ``upstream.url``. Serve it with :func:`proxy.http.server.run` (or
+    :class:`~proxy.http.server.Server`) and :func:`proxy_listener`."""
     app = web.Application()
     app[SETTINGS] = settings
     app[WORKER] = worker
     app[AUDIT_CONTEXT] = AuditContext.from_settings(settings)
+    app[INTENTS] = OpenIntents()
+    if transport is not None:
+        app[TRANSPORT] = transport
     app.cleanup_ctx.extend(
         [
             _telemetry_ctx,
@@ -532,15 +540,4 @@ def build_proxy_app(settings: Settings, *, worker: int = 0) -> web.Application:
         )
 
     app.on_shutdown.append(stopping)
-
-    def refusal() -> RefusalHook:
-        return app[HANDLER].refuse_malformed
-
-    serve_on(
-        app,
-        lambda: _dispatcher(app),
-        refusal,
-        header_timeout_s=settings.listen.header_timeout_s,
-        body_timeout_s=settings.listen.body_timeout_s,
-    )
     return app

@@ -202,14 +202,15 @@ def serve(
     the proxy binds ``listen.host:listen.port`` itself). A port that cannot be bound or a
     store that cannot be opened raises :class:`StartupError`."""
     import uvloop
-    from aiohttp import web
 
+    from proxy.app import proxy_listener
     from proxy.delivery.sink import SinkUnusable
+    from proxy.http.server import run
     from proxy.store.faces import StoreError
 
     def announce(running: str) -> None:
-        # aiohttp calls this once every listener accepts connections (on_startup would be
-        # too early: the proxy's own port is bound after it), with their URLs.
+        # Called once every listener accepts connections (on_startup would be too
+        # early: the proxy's own port is bound after it), with their URLs.
         from proxy.app import ADMIN_URL
 
         urls = ", ".join(re.findall(r"https?://[^\s,)]+", running)) or "its port"
@@ -229,12 +230,12 @@ def serve(
         else {"host": listen_hosts(settings.listen.host), "port": settings.listen.port}
     )
     try:
-        web.run_app(
+        run(
             app,
+            proxy_listener,
             **where,
             shutdown_timeout=settings.shutdown_grace_s,
-            access_log=None,
-            print=announce,
+            announce=announce,
             loop=uvloop.new_event_loop(),
         )
     except StoreError as exc:

@@ -21,18 +21,20 @@ import orjson
 import pytest
 import uvloop
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy import pure_python_wanted
-from proxy.app import ADMIN_URL, build_proxy_app
+from proxy.app import ADMIN_URL, build_proxy_app, proxy_listener
 from proxy.audit import balp
+from proxy.http.server import Server
+from proxy.http.transport import Transport
 from proxy.store.queue import AuditQueue
 from proxy.telemetry import TELEMETRY, Telemetry
 from tests import EDITED_SINCE_COMPILED, compiled_library
 from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     DICOM_AUDIT_SCHEMA,
+    STOP_GRACE_S,
     FormatUpstream,
     NatsServer,
     NodeFhirServer,
@@ -221,22 +223,28 @@ async def scripted_repository() -> AsyncIterator[ScriptedRepository]:
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """Factory: start a proxy in front of ``upstream`` with settings overrides (and a
     ``running_telemetry`` of the test's own, which the proxy then starts and stops; not
-    ``telemetry``, which overrides the settings' section)."""
-    servers: list[TestServer] = []
+    ``telemetry``, which overrides the settings' section); with ``transport`` (a
+    :class:`~proxy.http.transport.MockTransport`), its requests go there instead of to
+    ``upstream``."""
+    servers: list[Server] = []
 
     async def start(
-        upstream_url: str, *, running_telemetry: Telemetry | None = None, **overrides: Any
+        upstream_url: str,
+        *,
+        transport: Transport | None = None,
+        running_telemetry: Telemetry | None = None,
+        **overrides: Any,
     ) -> RunningProxy:
         settings = settings_for(upstream_url, tmp_path, **overrides)
-        app = build_proxy_app(settings)
+        app = build_proxy_app(settings, transport=transport)
         if running_telemetry is not None:
             app[TELEMETRY] = running_telemetry
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()
+        server = Server(app, proxy_listener)
+        await server.start(host="127.0.0.1", port=0)
         servers.append(server)
         base_path = URL(settings.upstream.url).path.rstrip("/")
         return RunningProxy(
-            url=str(server.make_url(base_path)),
+            url=f"{server.urls()[0]}{base_path}",
             admin_url=app[ADMIN_URL],
             app=app,
             settings=settings,
@@ -245,7 +253,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 
     yield start
     for server in reversed(servers):
-        await server.close()
+        await server.stop(STOP_GRACE_S)
 
 
 @pytest.fixture

@@ -52,12 +52,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from yarl import URL
 
-from proxy.app import QUEUE
+from proxy.app import QUEUE, proxy_listener
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.audit.identity import JwksKeys, identity_from_headers
 from proxy.audit.ids import new_event_id
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
+from proxy.http.server import Server
 from proxy.settings import IdentitySettings, Settings, load_settings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, QueuedEvent
@@ -108,6 +109,18 @@ def stop_fhir_server(server: NodeFhirServer) -> None:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serving_proxy(app: web.Application) -> AsyncIterator[Server]:
+    """``app`` (a proxy application) on loopback, served by its own listener; stopped on
+    exit."""
+    server = Server(app, proxy_listener)
+    await server.start(host="127.0.0.1", port=0)
+    try:
+        yield server
+    finally:
+        await server.stop(STOP_GRACE_S)
 
 
 @contextlib.asynccontextmanager
@@ -215,6 +228,10 @@ async def never_answer(request: web.Request, raw: bytes) -> web.StreamResponse |
     return None
 
 
+STOP_GRACE_S = 5.0
+"""What a test proxy's answers in flight get to finish when it stops."""
+
+
 @dataclass
 class RunningProxy:
     """A proxy listening on loopback, with its admin listener."""
@@ -224,7 +241,7 @@ class RunningProxy:
     admin_url: str
     app: web.Application
     settings: Settings
-    server: TestServer
+    server: Server
 
     @property
     def queue(self) -> AuditQueue:

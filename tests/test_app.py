@@ -14,7 +14,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.app import PRUNE_EVERY_S, build_proxy_app, stop_summary
 from proxy.store.queue import AuditQueue
@@ -27,6 +26,7 @@ from tests.factories import (
     audit_event,
     free_port,
     serving,
+    serving_proxy,
     settings_for,
 )
 
@@ -49,15 +49,11 @@ async def test_upstream_cookies_never_travel_to_another_clients_request(
     async with serving(("GET", "/fhir/{tail:.*}", upstream)) as fhir:
         # A host name (not an IP literal, whose cookies aiohttp's jar refuses anyway).
         base = f"http://localhost:{fhir.port}/fhir"
-        server = TestServer(build_proxy_app(settings_for(base, tmp_path)), host="127.0.0.1")
-        await server.start_server()
-        try:
+        async with serving_proxy(build_proxy_app(settings_for(base, tmp_path))) as server:
             for _ in range(2):
-                async with http.get(server.make_url("/fhir/Patient/1")) as response:
+                async with http.get(f"{server.urls()[0]}/fhir/Patient/1") as response:
                     assert response.status == 200
                     assert "alice-session-secret" in response.headers["Set-Cookie"]
-        finally:
-            await server.close()
     assert received == [None, None]
 
 

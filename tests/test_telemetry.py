@@ -20,7 +20,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -29,11 +28,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import telemetry
-from proxy.app import ADMIN_URL, QUEUE, build_proxy_app
+from proxy.app import ADMIN_URL, QUEUE, build_proxy_app, proxy_listener
 from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
+from proxy.http.server import Server
 from proxy.store.records import EventQuery
 from tests.factories import (
+    STOP_GRACE_S,
     NodeFhirServer,
     OtlpCollector,
     RecordingRepository,
@@ -65,13 +66,13 @@ class Upstream:
 
 async def start(
     tmp_path: Path, upstream_url: str, running: telemetry.Telemetry | None = None, **overrides: Any
-) -> tuple[web.Application, TestServer]:
+) -> tuple[web.Application, Server]:
     settings = settings_for(upstream_url, tmp_path, **overrides)
     app = build_proxy_app(settings)
     if running is not None:
         app[telemetry.TELEMETRY] = running
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
+    server = Server(app, proxy_listener)
+    await server.start(host="127.0.0.1", port=0)
     return app, server
 
 
@@ -96,7 +97,7 @@ async def test_spans_metrics_and_the_trace_on_the_audit_event(
     app, server = await start(tmp_path, upstream_url, running)
     try:
         async with http.get(
-            server.make_url(f"/fhir/Patient/{PATIENT_ID}"),
+            f"{server.urls()[0]}/fhir/Patient/{PATIENT_ID}",
             headers={
                 "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
                 "Authorization": f"Bearer {TOKEN}",
@@ -110,7 +111,7 @@ async def test_spans_metrics_and_the_trace_on_the_audit_event(
         stored = [q.event for q in page]
         data = reader.get_metrics_data()
     finally:
-        await server.close()
+        await server.stop(STOP_GRACE_S)
 
     finished: list[ReadableSpan] = list(spans.get_finished_spans())
     by_kind = {s.kind: s for s in finished}
@@ -181,7 +182,7 @@ async def test_prometheus_false_removes_metrics_page(
         async with http.get(app[ADMIN_URL] + "/healthz") as health:
             assert health.status == 200
     finally:
-        await server.close()
+        await server.stop(STOP_GRACE_S)
 
 
 async def test_export_over_real_otlp_http(
@@ -198,14 +199,14 @@ async def test_export_over_real_otlp_http(
         )
         try:
             async with http.post(
-                server.make_url("/fhir/Patient"),
+                f"{server.urls()[0]}/fhir/Patient",
                 data=b'{"resourceType":"Patient"}',
                 headers={"Content-Type": "application/fhir+json", "X-Request-Id": "otlp-1"},
             ) as response:
                 assert response.status == 200
         finally:
             # Stopping flushes both exporters.
-            await server.close()
+            await server.stop(STOP_GRACE_S)
     assert collector.content_types == {"application/x-protobuf"}
     spans = [span for span, _ in collector.spans()]
     (server_span,) = [s for s in spans if s.kind == s.SPAN_KIND_SERVER]
@@ -242,7 +243,7 @@ async def test_export_over_real_otlp_http(
 def test_json_log_lines_carry_the_request_and_trace_ids() -> None:
     formatter = telemetry.JsonLogFormatter()
     record = logging.LogRecord(
-        "proxy.forward", logging.WARNING, __file__, 1, "upstream %s", ("slow",), None
+        "proxy.http.forward", logging.WARNING, __file__, 1, "upstream %s", ("slow",), None
     )
     assert orjson.loads(formatter.format(record)).keys() == {"time", "level", "logger", "message"}
     ex = Exchange(
@@ -281,7 +282,7 @@ async def test_json_logs_carry_the_request_id_and_trace_id_of_a_failing_request(
         _, server = await start(tmp_path, "http://127.0.0.1:1/fhir", telemetry={"json_logs": True})
         try:
             async with http.get(
-                server.make_url("/fhir/metadata"),
+                f"{server.urls()[0]}/fhir/metadata",
                 headers={
                     "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
                     "X-Request-Id": "req-json-log",
@@ -289,13 +290,13 @@ async def test_json_logs_carry_the_request_id_and_trace_id_of_a_failing_request(
             ) as response:
                 assert response.status == 502
         finally:
-            await server.close()
+            await server.stop(STOP_GRACE_S)
     finally:
         root.removeHandler(plain)
     lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     (warning,) = [line for line in lines if line.get("request_id") == "req-json-log"]
     assert warning["level"] == "WARNING"
-    assert warning["logger"] == "proxy.forward"
+    assert warning["logger"] == "proxy.http.forward"
     assert warning["trace_id"] == CLIENT_TRACE
     assert "upstream unreachable" in warning["message"]
 
@@ -310,17 +311,17 @@ async def test_without_an_exporter_only_a_callers_trace_travels_and_stays_sample
     _, server = await start(tmp_path, upstream_url)
     try:
         assert telemetry.SPAN_PROCESSORS.processors == ()
-        async with http.get(server.make_url("/fhir/Patient/1")) as response:
+        async with http.get(f"{server.urls()[0]}/fhir/Patient/1") as response:
             assert response.status == 200
         untraced = recorder.headers[-1].get("traceparent")
         async with http.get(
-            server.make_url("/fhir/Patient/1"),
+            f"{server.urls()[0]}/fhir/Patient/1",
             headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
         ) as response:
             assert response.status == 200
         sampled = recorder.headers[-1]["traceparent"]
     finally:
-        await server.close()
+        await server.stop(STOP_GRACE_S)
     assert untraced is None
     assert sampled.startswith(f"00-{CLIENT_TRACE}-")
     assert not sampled.startswith(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}"), "the proxy's own span"
@@ -439,10 +440,10 @@ async def test_an_unreachable_upstream_ends_the_client_span_as_an_error(
     )
     _, server = await start(tmp_path, "http://127.0.0.1:1/fhir", running)
     try:
-        async with http.get(server.make_url("/fhir/Patient/1")) as response:
+        async with http.get(f"{server.urls()[0]}/fhir/Patient/1") as response:
             assert response.status == 502
     finally:
-        await server.close()
+        await server.stop(STOP_GRACE_S)
     finished = spans.get_finished_spans()
     (client,) = [s for s in finished if s.kind is SpanKind.CLIENT]
     (server_span,) = [s for s in finished if s.kind is SpanKind.SERVER]

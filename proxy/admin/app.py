@@ -26,7 +26,6 @@ from proxy.admin.keys import (
     VALIDATION,
     WRITER,
 )
-from proxy.admin.server import guard
 from proxy.audit.balp import AuditContext
 from proxy.audit.identity import JwksCache
 from proxy.audit.validate import ValidationPool
@@ -158,5 +157,4 @@ def build_admin_app(
     app[GROUPS] = groups
     app.cleanup_ctx.append(_jwks_ctx(settings))
     app.cleanup_ctx.append(_validation_ctx)
-    guard(app, header_timeout_s=settings.header_timeout_s)
     return app

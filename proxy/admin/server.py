@@ -1,4 +1,5 @@
-"""The admin listener's connections: aiohttp's HTTP server with two guards it lacks.
+"""The admin listener: the admin application on aiohttp's HTTP server, with two guards
+aiohttp lacks.
 
 - A request head must arrive whole within ``admin.header_timeout_s`` of its first byte;
   past it the client is answered 408 and the connection closes. (aiohttp bounds only
@@ -9,7 +10,9 @@
   WARNING the same way: aiohttp's own answer and ERROR log quote the offending bytes,
   which may be a bearer token.
 
-:func:`guard` puts them in place for every server aiohttp builds for the admin app.
+:class:`AdminListener` serves the application through aiohttp's public parts: an
+``AppRunner`` runs its life cycle and makes its ``web.Server``, and the listening socket's
+connections are :class:`AdminConnection`, aiohttp's ``RequestHandler`` with the guards.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import asyncio
 import logging
 from typing import Any
 
+import httptools
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
-from aiohttp.web_request import BaseRequest
+from aiohttp.http import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web import BaseRequest, RequestPayloadError
 
 from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
 
@@ -38,32 +41,71 @@ _HEAD_TIMED_OUT_BODY = orjson.dumps(
 )
 
 
-class AdminConnection(RequestHandler):
+class _Heads:
+    """Where the request heads begin and end in what a connection receives: an httptools
+    parser over the same bytes aiohttp parses, with the callbacks the guard needs."""
+
+    __slots__ = ("_connection", "_parser", "broken")
+
+    def __init__(self, connection: AdminConnection) -> None:
+        self._connection = connection
+        self._parser = httptools.HttpRequestParser(self)
+        self.broken = False
+        """It could not follow (a parser error or an upgrade): aiohttp answers it."""
+
+    def feed(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.broken = True
+
+    def on_message_begin(self) -> None:
+        self._connection.head_began()
+
+    def on_headers_complete(self) -> None:
+        self._connection.head_arrived()
+
+
+class AdminConnection(web.RequestHandler):
     """One client connection of the admin listener (see the module)."""
 
     def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
-        self._body: StreamReader | None = None
-        """The body of the last request whose head arrived: while it is still arriving,
-        what comes is body, not the next head."""
+        self._heads = _Heads(self)
+        self._arrived = 0
+        """Request heads that arrived whole."""
+        self._answered = 0
+        """Answers sent (or failed) for them."""
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and (self._body is None or self._body.is_eof()):
-            self._head_timer = self._loop.call_later(self._header_timeout_s, self._head_late)
-        count = self._request_count
+        self._heads.feed(data)
         super().data_received(data)
-        if self._request_count != count:
-            # A head arrived whole. (Bytes of another head after it in the same read are
-            # bounded by aiohttp's keep-alive time, not by this timer.)
-            self._cancel_head_timer()
-            if self._messages:
-                self._body = self._messages[-1][1]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def head_began(self) -> None:
+        """The first byte of a request head arrived."""
+        if self._head_timer is None:
+            loop = asyncio.get_running_loop()
+            self._head_timer = loop.call_later(self._header_timeout_s, self._head_late)
+
+    def head_arrived(self) -> None:
+        """A request head arrived whole."""
+        self._arrived += 1
+        self._cancel_head_timer()
+
+    def log_access(
+        self, request: BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        # aiohttp calls this once each answer is sent (or its sending failed).
+        self._answered += 1
+        super().log_access(request, response, time)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -81,8 +123,8 @@ class AdminConnection(RequestHandler):
             (transport.get_extra_info("peername") or ("unknown",))[0],
             self._header_timeout_s,
         )
-        if self._request_in_progress or self._messages:
-            self.close()  # after the answer in progress; the late head is never read
+        if self._answered < self._arrived:
+            self.close()  # after the answers in progress; the late head is never read
             return
         transport.write(_HEAD_TIMED_OUT % (len(_HEAD_TIMED_OUT_BODY), _HEAD_TIMED_OUT_BODY))
         self.force_close()
@@ -126,35 +168,51 @@ class AdminConnection(RequestHandler):
         super().log_exception(*args, **kwargs)
 
 
-class AdminServer(web.Server):
-    """aiohttp's server, making :class:`AdminConnection` connections."""
+class AdminListener:
+    """The admin application served on one address, its connections
+    :class:`AdminConnection`: :meth:`start` runs the application's start-up and listens,
+    :meth:`stop` stops listening, lets the answers in flight finish and runs its
+    cleanup."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, app: web.Application, *, header_timeout_s: float) -> None:
+        self._runner = web.AppRunner(app, handle_signals=False)
         self._header_timeout_s = header_timeout_s
+        self._server: asyncio.Server | None = None
 
-    def __call__(self) -> RequestHandler:
-        return AdminConnection(
-            self, loop=self._loop, header_timeout_s=self._header_timeout_s, **self._kwargs
-        )
+    async def start(self, host: str, port: int) -> None:
+        runner = self._runner
+        await runner.setup()
+        try:
+            manager = runner.server
+            assert manager is not None
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: AdminConnection(
+                    manager, loop=loop, header_timeout_s=self._header_timeout_s, access_log=None
+                ),
+                host,
+                port,
+            )
+        except BaseException:
+            await runner.cleanup()
+            raise
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` it listens on."""
+        assert self._server is not None
+        name = self._server.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
 
-def guard(app: web.Application, *, header_timeout_s: float) -> None:
-    """Make every server aiohttp builds for ``app`` an :class:`AdminServer`. aiohttp has
-    no public seam for its connection class, so this wraps ``Application._make_handler``
-    (aiohttp is pinned; the suite runs through it), as :func:`proxy.http.listener.serve_on`
-    replaces it for the proxy listener."""
-    made = app._make_handler
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def make_handler(**kwargs: Any) -> web.Server:
-        server = made(**kwargs)
-        return AdminServer(
-            server.request_handler,
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            header_timeout_s=header_timeout_s,
-            **server._kwargs,
-        )
-
-    app._make_handler = make_handler  # type: ignore[method-assign]
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        await self._runner.cleanup()
+        if server is not None:
+            await server.wait_closed()

@@ -52,7 +52,12 @@ from proxy.audit.vocabulary import (
 from proxy.exchange import Exchange
 from proxy.fhir.bundle import bundle_entries
 from proxy.fhir.formats import redacted_body
-from proxy.fhir.interaction import CREDENTIAL_PARAMS, Interaction, InteractionKind
+from proxy.fhir.interaction import (
+    CREDENTIAL_PARAMS,
+    Interaction,
+    InteractionKind,
+    credential_params,
+)
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
 from proxy.store.index import who_of
@@ -110,8 +115,7 @@ class AuditContext:
             max_patient_events=settings.audit.max_patient_events,
             max_patients_listed=settings.audit.max_patients_listed,
             max_query_bytes=settings.audit.max_query_bytes,
-            redact_params=CREDENTIAL_PARAMS
-            | {name.strip().lower() for name in settings.audit.redact_params},
+            redact_params=credential_params(settings.audit.redact_params),
         )
 
     @classmethod

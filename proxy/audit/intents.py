@@ -170,3 +170,51 @@ async def recover_intents(
     if recovered:
         log.warning("recorded %d interaction(s) whose outcome is unknown", recovered)
     return recovered
+
+
+class OpenIntents:
+    """The intents of one proxy that recovery must tell apart from orphans: those whose
+    request is still in flight (their answer is coming), and those whose request was
+    failed closed because the store refused its events (each with the outcome
+    description its recovery records). The audit pipeline opens, closes and abandons
+    them; maintenance recovers through :meth:`recover`."""
+
+    __slots__ = ("_abandoned", "_in_flight")
+
+    def __init__(self) -> None:
+        self._in_flight: set[int] = set()
+        self._abandoned: dict[int, str] = {}
+
+    def forwarding(self, intent_id: int) -> None:
+        """Its request is being forwarded."""
+        self._in_flight.add(intent_id)
+
+    def finished(self, intent_id: int) -> None:
+        """Its request is over (its intent is completed, or abandoned)."""
+        self._in_flight.discard(intent_id)
+
+    def abandon(self, intent_id: int, description: str) -> None:
+        """The store refused its events: recovery records it with ``description``."""
+        self._abandoned[intent_id] = description
+
+    async def recover(
+        self,
+        queue: EventWriter,
+        ctx: AuditContext,
+        now: datetime,
+        *,
+        older_than: datetime,
+        left_at_start: int = 0,
+    ) -> int:
+        """:func:`recover_intents` for the orphans older than ``older_than`` that no
+        request still owns (see there)."""
+        return await recover_intents(
+            queue,
+            ctx,
+            now,
+            older_than=older_than,
+            in_flight=self._in_flight,
+            reasons=self._abandoned,
+            left_at_start=left_at_start,
+        )
+

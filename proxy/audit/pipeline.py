@@ -1,18 +1,20 @@
 """The audit pipeline: what is done to an exchange so that it is audited before it is
 answered.
 
-For every request the HTTP layer (:mod:`proxy.http.forward`) hands over, in order:
+For every request forwarding (:mod:`proxy.http.forward`) hands over, in order:
 
 1. :meth:`AuditPipeline.admit`: classify the request and read the caller's identity (never
    keeping the token);
 2. :meth:`AuditPipeline.before_forward`: the hooks that must act before the upstream sees
    the request (reading a resource about to be deleted), then, for a request that can
    change server state, a durable intent;
-3. (the HTTP layer forwards and holds the answer);
+3. (forwarding sends the request on and holds the answer);
 4. :meth:`AuditPipeline.persist`: build the AuditEvents and commit them with fsync,
-   completing the intent; only then may the HTTP layer release the answer.
+   completing the intent; only then may forwarding release the answer.
 
-When 1, 2 or 4 fails, the pipeline gives the OperationOutcome the client gets instead.
+When 1, 2 or 4 fails, the pipeline returns an :class:`AuditFailure`: the request fails
+closed, and the client gets its OperationOutcome instead of the upstream's answer. The
+pipeline knows nothing of HTTP connections or answers.
 
 Side concerns are :class:`Hook` objects, registered in one place,
 :func:`standard_hooks`: metrics, tracing, sampled validation and the read before a
@@ -27,31 +29,35 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar, Protocol
 
-from aiohttp import web
+from yarl import URL
 
 from proxy import telemetry
 from proxy.audit.balp import AuditContext, Built, build_events, store_rows
-from proxy.audit.identity import IdentityCache, JwksCache
-from proxy.audit.intents import STORE_ERROR_OUTCOME_DESC, STORE_FULL_OUTCOME_DESC, intent_summary
+from proxy.audit.identity import IdentityCache, JwksCache, load_token_key
+from proxy.audit.intents import (
+    STORE_ERROR_OUTCOME_DESC,
+    STORE_FULL_OUTCOME_DESC,
+    OpenIntents,
+    intent_summary,
+)
 from proxy.exchange import Exchange
 from proxy.fhir.compartment import PATIENT_PATHS
 from proxy.fhir.interaction import (
     Interaction,
     InteractionKind,
     classify,
+    credential_params,
     parse_json_object,
     redact_params,
 )
 from proxy.fhir.large_bundle import audit_view
-from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
+from proxy.fhir.operation_outcome import FHIR_JSON
 from proxy.fhir.patients import patients_in_resource
-from proxy.http.buffering import HeldBody
-from proxy.http.listener import ClientRequest
-from proxy.settings import IdentitySettings
+from proxy.settings import IdentitySettings, Settings
 from proxy.store.faces import EventWriter, StoreError, StoreFull
 from proxy.store.records import Capture
 
@@ -68,9 +74,44 @@ takes tens of ms of Python (in a thread the loop gets the GIL back every switch
 interval), and its parse takes several times the body's size in memory, so hundreds of
 large answers at once must not each be read back and parsed at the same time."""
 
-ReadResource = Callable[[ClientRequest, Exchange], Awaitable[bytes | None]]
-"""Reads, from the upstream and with the caller's own headers, the resource an exchange
-addresses; None when it cannot (not found, forbidden, unreachable, too large)."""
+ReadResource = Callable[[Exchange, Mapping[str, str]], Awaitable[bytes | None]]
+"""Reads, from the upstream, the resource an exchange addresses, with the headers its
+request is forwarded with (the caller's own credentials); None when it cannot (not found,
+forbidden, unreachable, too large)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AuditFailure:
+    """The audit of an exchange failed: the request fails closed, and the client is told
+    so in an OperationOutcome."""
+
+    status: int
+    """500 (not classified, not built), 503 (the store failed), 507 (the store is full)."""
+    code: str
+    """The OperationOutcome's issue type."""
+    diagnostics: str
+    retry_after_s: int | None = None
+    """When to try again (``Retry-After``), for a store that may recover."""
+
+
+class HeldResponse(Protocol):
+    """A response body too large to keep in memory, waiting for its audit
+    (:class:`proxy.http.buffering.HeldBody`)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def reader(self) -> BinaryIO:
+        """The body as a file positioned at its start."""
+        ...
+
+    def value(self) -> bytes:
+        """The whole body."""
+        ...
+
+    def head(self, n: int) -> bytes:
+        """Its first ``n`` bytes."""
+        ...
 
 
 class Hook:
@@ -81,9 +122,10 @@ class Hook:
     def exchange_started(self, ex: Exchange) -> None:
         """The exchange exists (before classification)."""
 
-    async def before_forward(self, ex: Exchange, request: ClientRequest) -> None:
+    async def before_forward(self, ex: Exchange, forwarded: Mapping[str, str]) -> None:
         """Classified, not yet forwarded, no intent yet (what is learnt here can reach the
-        intent's outcome-unknown event)."""
+        intent's outcome-unknown event). ``forwarded``: the headers the request is to be
+        forwarded with."""
 
     def events_built(self, ex: Exchange, built: Sequence[Built]) -> None:
         """The events are built, not yet durable. Each item's ``event`` is a copy parsed
@@ -182,11 +224,11 @@ class ReadBeforeDelete(Hook):
             and interaction.resource_type in PATIENT_PATHS
         )
 
-    async def before_forward(self, ex: Exchange, request: ClientRequest) -> None:
+    async def before_forward(self, ex: Exchange, forwarded: Mapping[str, str]) -> None:
         assert ex.interaction is not None
         if not self.applies(ex.interaction):
             return
-        body = await self._read(request, ex)
+        body = await self._read(ex, forwarded)
         resource = parse_json_object(body)
         if resource is None or resource.get("resourceType") != ex.interaction.resource_type:
             return
@@ -222,10 +264,31 @@ class AuditPolicy:
 
     identity: IdentitySettings
     redact_params: frozenset[str]
+    """Parameter names (lower case) whose values are never recorded."""
     token_key: bytes
+    """The key opaque bearer tokens are hashed under."""
     base_path: str
+    """The FHIR base path (``/fhir``); a path outside it is recorded as unknown."""
     capture_max_bytes: int | None = None
     """Bytes kept of each body with ``audit.capture_bodies``; None: bodies not captured."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuditPolicy:
+        """Reads (or, on first start, creates) the token key file beside the store."""
+        configured_key = settings.audit.token_hash_key
+        store = settings.store.path
+        return cls(
+            identity=settings.audit.identity,
+            redact_params=credential_params(settings.audit.redact_params),
+            token_key=load_token_key(
+                configured_key.get_secret_value() if configured_key else None,
+                store.with_name(store.name + ".token-key"),
+            ),
+            base_path=URL(settings.upstream.url).path.rstrip("/"),
+            capture_max_bytes=(
+                settings.audit.capture_max_bytes if settings.audit.capture_bodies else None
+            ),
+        )
 
 
 class AuditPipeline:
@@ -238,8 +301,7 @@ class AuditPipeline:
         ctx: AuditContext,
         queue: EventWriter,
         jwks: JwksCache | None,
-        intents_in_flight: set[int],
-        abandoned_intents: dict[int, str],
+        intents: OpenIntents,
         hooks: Sequence[Hook],
     ) -> None:
         self._policy = policy
@@ -247,10 +309,7 @@ class AuditPipeline:
         self._queue = queue
         self._jwks = jwks
         self._identities = IdentityCache(policy.identity, token_key=policy.token_key)
-        self._in_flight = intents_in_flight
-        self._abandoned = abandoned_intents
-        """Intents whose events the store refused, with the outcome description their
-        recovery records (the proxy did not stop: the store failed)."""
+        self._intents = intents
         self._large_build = asyncio.Semaphore(1)
         """Held while a large body is read back, parsed and built (see BUILD_IN_THREAD)."""
         self.hooks = tuple(hooks)
@@ -269,8 +328,8 @@ class AuditPipeline:
         for callback in self._on_started:
             callback(ex)
 
-    def admit(self, ex: Exchange) -> web.Response | None:
-        """Classify ``ex`` and identify its caller; the 500 to answer when that fails."""
+    def admit(self, ex: Exchange) -> AuditFailure | None:
+        """Classify ``ex`` and identify its caller; the failure when that fails."""
         try:
             ex.interaction = self._classified(ex)
             keys = self._jwks.keys() if self._jwks is not None else None
@@ -278,9 +337,7 @@ class AuditPipeline:
         except Exception:
             log.exception("classification failed for %s %s", ex.method, ex.path)
             self._failed(ex, "classify")
-            return outcome_response(
-                500, "exception", "The request could not be classified for audit."
-            )
+            return _NOT_CLASSIFIED
         return None
 
     def _classified(self, ex: Exchange) -> Interaction:
@@ -313,11 +370,14 @@ class AuditPipeline:
 
     # --- 2. before forwarding --------------------------------------------------------------
 
-    async def before_forward(self, ex: Exchange, request: ClientRequest) -> web.Response | None:
-        """Run the before-forward hooks, then commit an intent for a request that can change
-        server state; the OperationOutcome to answer when the intent cannot be persisted."""
+    async def before_forward(
+        self, ex: Exchange, forwarded: Mapping[str, str]
+    ) -> AuditFailure | None:
+        """Run the before-forward hooks (``forwarded``: the headers the request is to be
+        forwarded with), then commit an intent for a request that can change server
+        state; the failure when the intent cannot be persisted."""
         for callback in self._before_forward:
-            await callback(ex, request)
+            await callback(ex, forwarded)
         assert ex.interaction is not None
         if ex.method in SAFE_METHODS and not ex.interaction.is_write:
             return None
@@ -334,21 +394,21 @@ class AuditPipeline:
             ex.response_headers = {"content-type": FHIR_JSON}
             await self.persist(ex)
             return refused
-        self._in_flight.add(ex.intent_id)
+        self._intents.forwarding(ex.intent_id)
         return None
 
     def finished(self, ex: Exchange) -> None:
         """The exchange is over (answered or abandoned): its intent is no longer in flight."""
         if ex.intent_id is not None:
-            self._in_flight.discard(ex.intent_id)
+            self._intents.finished(ex.intent_id)
 
     # --- 4. build and commit ---------------------------------------------------------------
 
     async def persist(
-        self, ex: Exchange, *, held_response: HeldBody | None = None
-    ) -> web.Response | None:
-        """Build and commit the events of ``ex`` (completing its intent); the
-        OperationOutcome to answer instead when that fails. ``held_response`` is a large
+        self, ex: Exchange, *, held_response: HeldResponse | None = None
+    ) -> AuditFailure | None:
+        """Build and commit the events of ``ex`` (completing its intent); the failure
+        when that fails. ``held_response`` is a large
         response body waiting in its file: read for the build only (a Bundle entry by
         entry), and let go of, with its parse, before the commit."""
         ex.finished_at = now = datetime.now(UTC)
@@ -369,11 +429,7 @@ class AuditPipeline:
         except Exception:
             log.exception("AuditEvent could not be built for %s %s", ex.method, ex.path)
             self._failed(ex, "build")
-            return outcome_response(
-                500,
-                "exception",
-                "The audit record could not be built; the request was not completed.",
-            )
+            return _NOT_BUILT
         for on_built in self._on_built:
             on_built(ex, built)
         capture = ex.capture
@@ -384,10 +440,9 @@ class AuditPipeline:
             )
         except StoreError as exc:
             if ex.intent_id is not None:
-                self._abandoned[ex.intent_id] = (
-                    STORE_FULL_OUTCOME_DESC
-                    if isinstance(exc, StoreFull)
-                    else STORE_ERROR_OUTCOME_DESC
+                full = isinstance(exc, StoreFull)
+                self._intents.abandon(
+                    ex.intent_id, STORE_FULL_OUTCOME_DESC if full else STORE_ERROR_OUTCOME_DESC
                 )
             return self._fail_closed(ex, exc, "event")
         ended_ns = time.time_ns()
@@ -400,7 +455,7 @@ class AuditPipeline:
         ex: Exchange,
         now: datetime,
         traceparent: str | None,
-        held: HeldBody | None,
+        held: HeldResponse | None,
     ) -> list[Built]:
         """In a worker thread: read a held body (a Bundle entry by entry, cut to what the
         audit reads; anything else whole), build, and let go of the body and its parse
@@ -418,7 +473,7 @@ class AuditPipeline:
         finally:
             ex.drop_parsed()
 
-    def _capture(self, ex: Exchange, held: HeldBody | None = None) -> None:
+    def _capture(self, ex: Exchange, held: HeldResponse | None = None) -> None:
         """With ``audit.capture_bodies``: keep the bodies, cut to the limit, on ``ex``
         before they are let go. The request body is the recorded one (a form's
         credentials redacted)."""
@@ -438,15 +493,31 @@ class AuditPipeline:
         for on_failed in self._on_failed:
             on_failed(ex, reason)
 
-    def _fail_closed(self, ex: Exchange, exc: Exception, stage: str) -> web.Response:
+    def _fail_closed(self, ex: Exchange, exc: Exception, stage: str) -> AuditFailure:
         full = isinstance(exc, StoreFull)
         self._failed(ex, "store_full" if full else "store_error")
         log.error("audit %s could not be persisted (%s): failing the request closed", stage, exc)
-        return outcome_response(
-            507 if full else 503,
-            "transient",
-            "The audit record could not be persisted"
-            + (" (audit store full)" if full else "")
-            + "; the request was not completed.",
-            headers={"Retry-After": "5"},
-        )
+        return _STORE_FULL if full else _STORE_FAILED
+
+
+_NOT_CLASSIFIED = AuditFailure(
+    status=500, code="exception", diagnostics="The request could not be classified for audit."
+)
+_NOT_BUILT = AuditFailure(
+    status=500,
+    code="exception",
+    diagnostics="The audit record could not be built; the request was not completed.",
+)
+_STORE_FULL = AuditFailure(
+    status=507,
+    code="transient",
+    diagnostics="The audit record could not be persisted (audit store full);"
+    " the request was not completed.",
+    retry_after_s=5,
+)
+_STORE_FAILED = AuditFailure(
+    status=503,
+    code="transient",
+    diagnostics="The audit record could not be persisted; the request was not completed.",
+    retry_after_s=5,
+)

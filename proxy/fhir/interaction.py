@@ -156,6 +156,12 @@ def redact_params(
     return tuple((k, REDACTED if param_name(k) in names else v) for k, v in params)
 
 
+def credential_params(configured: Iterable[str]) -> frozenset[str]:
+    """The parameter names whose values are never recorded: :data:`CREDENTIAL_PARAMS`
+    and those ``audit.redact_params`` adds (``configured``)."""
+    return CREDENTIAL_PARAMS | {name.strip().lower() for name in configured}
+
+
 def param_name(name: str) -> str:
     """A parameter's name as :data:`CREDENTIAL_PARAMS` and ``audit.redact_params`` list
     it: decoded, stripped, lower case, without ``[...]`` suffixes (PHP's and Rails'

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from typing import BinaryIO
 
-from proxy.http.upstream import UpstreamResponse
+from proxy.http.transport import UpstreamAnswer
 
 SPILL_AT = 64 * 1024
 """The largest body held in memory; a larger one waits in its temporary file."""
@@ -115,7 +115,7 @@ class HeldBody:
 
 
 async def hold_body(
-    upstream: UpstreamResponse, limit: int, budget: MemoryBudget
+    upstream: UpstreamAnswer, limit: int, budget: MemoryBudget
 ) -> tuple[HeldBody, bool]:
     """Hold ``upstream``'s body for the audit unless it is larger than ``limit``; then
     return what was held so far, and ``False`` (the rest streams on)."""
@@ -124,26 +124,26 @@ async def hold_body(
     if length is not None and length > limit:
         return held, False
     if length is not None and length <= SPILL_AT:
-        held.add(await upstream.read())  # one await for a small body of known size
+        held.add(await upstream.body.read())
         return held, True
-    while chunk := await upstream.read_chunk():
+    while chunk := await upstream.body.read_chunk():
         held.add(chunk)
         if held.size > limit:
             return held, False
     return held, True
 
 
-async def read_up_to_limit(upstream: UpstreamResponse, limit: int) -> tuple[bytes, bool]:
+async def read_up_to_limit(upstream: UpstreamAnswer, limit: int) -> tuple[bytes, bool]:
     """Read the body unless it is larger than ``limit``; then return what was read."""
     length = upstream.content_length
     if length is not None:
         if length > limit:
             return b"", False
-        return await upstream.read(), True  # one await for a body of known size
+        return await upstream.body.read(), True
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await upstream.read_chunk()
+        chunk = await upstream.body.read_chunk()
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)
@@ -152,8 +152,22 @@ async def read_up_to_limit(upstream: UpstreamResponse, limit: int) -> tuple[byte
             return b"".join(chunks), False
 
 
-async def prepend(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """``head``, then the chunks of ``rest``."""
-    yield head
-    async for chunk in rest:
-        yield chunk
+class Prepended:
+    """``head``, then the chunks of ``rest``: a request body whose first part was read
+    before it turned out too large to hold."""
+
+    __slots__ = ("_head", "_rest")
+
+    def __init__(self, head: bytes, rest: AsyncIterable[bytes]) -> None:
+        self._head: bytes | None = head
+        self._rest: AsyncIterator[bytes] = aiter(rest)
+
+    def __aiter__(self) -> Prepended:
+        return self
+
+    async def __anext__(self) -> bytes:
+        head = self._head
+        if head is not None:
+            self._head = None
+            return head
+        return await anext(self._rest)

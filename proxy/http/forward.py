@@ -1,9 +1,10 @@
-"""The reverse proxy's HTTP mechanics: the handler for every path of the proxy listener.
+"""Forwarding: the handler of every request of the proxy listener.
 
 It turns each request into an :class:`~proxy.exchange.Exchange` (header values and the
 path checked and normalized once, at the boundary), reads the request body, forwards it
-upstream with the headers a proxy sets, holds the answer (up to ``buffer_limit_bytes``,
-within a memory budget: :mod:`proxy.http.buffering`) and releases it to the client only once
+through the :class:`~proxy.http.transport.Transport` with the headers a proxy sets, holds
+the answer (up to ``buffer_limit_bytes``, within a memory budget:
+:mod:`proxy.http.buffering`) and releases it to the client only once
 :class:`~proxy.audit.pipeline.AuditPipeline` has made its audit durable. What is audited,
 and when the client gets an OperationOutcome instead, is the pipeline's.
 """
@@ -14,30 +15,30 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.identity import load_token_key
 from proxy.audit.ids import new_event_id
-from proxy.audit.pipeline import AuditPipeline, ReadResource
+from proxy.audit.pipeline import AuditFailure, AuditPipeline, ReadResource
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import (
     CREDENTIAL_PARAMS,
+    credential_params,
     redact_query,
     redact_text,
 )
-from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome, outcome_response
-from proxy.http.buffering import HeldBody, MemoryBudget, hold_body, prepend, read_up_to_limit
-from proxy.http.listener import Answer, BodyBrokenOff, BodyTimedOut, ClientRequest, StreamedAnswer
-from proxy.http.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome
+from proxy.http.buffering import HeldBody, MemoryBudget, Prepended, hold_body, read_up_to_limit
+from proxy.http.flow import BodyBrokenOff, BodyTimedOut
+from proxy.http.listener import ClientRequest
+from proxy.http.response import Response
+from proxy.http.transport import Transport, UpstreamAnswer, UpstreamError, UpstreamRequest
 from proxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ WebDAV's PROPFIND...) is answered 405, audited, and never forwarded."""
 _ALLOW = ", ".join(FHIR_METHODS)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Reply = Answer | web.Response | StreamedAnswer
-"""What the handler answers with: a whole answer, or one it has streamed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,25 +85,24 @@ class ForwardConfig:
     base_path: str
     """The FHIR base path (``/fhir``), served unchanged by the proxy."""
     buffer_limit: int
+    """``audit.buffer_limit_bytes``: the largest body held for its audit; a larger one
+    is audited from its head and streamed."""
     buffer_memory: int
     """``audit.buffer_memory_bytes``: what all held answers may take in memory together."""
     trusted_proxies: tuple[Network, ...]
+    """Peers whose ``X-Forwarded-For`` is believed."""
     read_before_delete: bool
+    """``audit.read_before_delete``: read a resource before forwarding its DELETE."""
     redact_params: frozenset[str] = CREDENTIAL_PARAMS
     """Parameter names (lower case) whose values are never recorded."""
     outside_base: tuple[str, ...] = ()
     """Path prefixes outside the base that are forwarded all the same."""
-    token_key: bytes = b""
-    """The key opaque bearer tokens are hashed under."""
     public_url: str | None = None
     """``listen.public_url`` without a trailing slash: the FHIR base clients reach."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ForwardConfig:
-        """Reads (or, on first start, creates) the token key file beside the store."""
         upstream = URL(settings.upstream.url)
-        configured_key = settings.audit.token_hash_key
-        store = settings.store.path
         return cls(
             upstream_origin=upstream.origin(),
             upstream_base=str(upstream).rstrip("/"),
@@ -115,13 +113,8 @@ class ForwardConfig:
                 ipaddress.ip_network(n, strict=False) for n in settings.audit.trusted_proxies
             ),
             read_before_delete=settings.audit.read_before_delete,
-            redact_params=CREDENTIAL_PARAMS
-            | {name.strip().lower() for name in settings.audit.redact_params},
+            redact_params=credential_params(settings.audit.redact_params),
             outside_base=tuple(p.rstrip("/") for p in settings.audit.forward_outside_base),
-            token_key=load_token_key(
-                configured_key.get_secret_value() if configured_key else None,
-                store.with_name(store.name + ".token-key"),
-            ),
             public_url=(settings.listen.public_url or "").rstrip("/") or None,
         )
 
@@ -288,28 +281,32 @@ def _recordable(value: str) -> str:
     return value
 
 
-def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadResource:
+def resource_reader(cfg: ForwardConfig, transport: Transport) -> ReadResource:
     """A reader of the resource an exchange addresses, from the upstream, with the
-    caller's own headers (so the server applies the caller's access rights) minus those
-    that would shape the read (preconditions, body headers); it gives None on any failure
-    (not found, forbidden, unreachable, larger than the buffer limit)."""
+    headers its request is forwarded with (so the server applies the caller's access
+    rights) minus those that would shape the read (preconditions, body headers); it gives
+    None on any failure (not found, forbidden, unreachable, larger than the buffer
+    limit)."""
 
-    async def read(request: ClientRequest, ex: Exchange) -> bytes | None:
-        headers = _upstream_headers(request, ex.request_id)
+    async def read(ex: Exchange, forwarded: Mapping[str, str]) -> bytes | None:
+        headers = CIMultiDict(forwarded)
         for name in _PRE_READ_DROP:
             headers.pop(name, None)
         headers["Accept"] = FHIR_JSON
         try:
             with telemetry.upstream_span("GET", cfg.upstream_origin, headers) as span:
-                async with upstream_pool.request(
-                    "GET", ex.upstream_path, headers.items()
-                ) as upstream:
+                upstream = await transport.handle(
+                    UpstreamRequest(method="GET", target=ex.upstream_path, headers=headers.items())
+                )
+                try:
                     span.answered(upstream.status)
                     if upstream.status != 200:
                         log.debug("read of %s: HTTP %s", ex.path, upstream.status)
                         return None
                     body, complete = await read_up_to_limit(upstream, cfg.buffer_limit)
                     return body if complete else None
+                finally:
+                    upstream.close()
         except (TimeoutError, UpstreamError) as exc:
             log.debug("read of %s failed: %s", ex.path, exc)
             return None
@@ -317,19 +314,49 @@ def resource_reader(cfg: ForwardConfig, upstream_pool: UpstreamPool) -> ReadReso
     return read
 
 
+class _HeldThenRest:
+    """An answer's body for the client: what was held for its audit, then (when it was
+    too large to hold) the rest as the upstream sends it. Closing it lets go of both."""
+
+    __slots__ = ("_held", "_held_chunks", "_rest")
+
+    def __init__(self, held: HeldBody, rest: UpstreamAnswer | None) -> None:
+        self._held = held
+        self._held_chunks: Iterator[bytes] = held.chunks()
+        self._rest = rest
+
+    def __aiter__(self) -> _HeldThenRest:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = next(self._held_chunks, None)
+        if chunk is not None:
+            return chunk
+        if self._rest is not None:
+            chunk = await self._rest.body.read_chunk()
+            if chunk:
+                return chunk
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._held.close()
+        if self._rest is not None:
+            self._rest.close()
+
+
 class ForwardHandler:
     """The handler of every request of the proxy listener (:mod:`proxy.http.listener`)."""
 
     def __init__(
-        self, *, cfg: ForwardConfig, upstream: UpstreamPool, pipeline: AuditPipeline
+        self, *, cfg: ForwardConfig, transport: Transport, pipeline: AuditPipeline
     ) -> None:
         self._cfg = cfg
-        self._upstream = upstream
+        self._transport = transport
         self._pipeline = pipeline
         self.budget = MemoryBudget(cfg.buffer_memory)
         """Memory of the answers waiting for their audit, across requests."""
 
-    async def __call__(self, request: ClientRequest) -> Reply:
+    async def __call__(self, request: ClientRequest) -> Response:
         pipeline = self._pipeline
         ex, refusal = self._exchange_of(request, datetime.now(UTC))
         pipeline.started(ex)
@@ -343,13 +370,14 @@ class ForwardHandler:
             ex.request_body = self._recorded_body(body, ex.request_content_type)
         failure = pipeline.admit(ex)
         if failure is not None:
-            return failure
+            return _failed_closed(failure)
+        headers = _upstream_headers(request, ex.request_id)
         try:
-            failure = await pipeline.before_forward(ex, request)
+            failure = await pipeline.before_forward(ex, headers)
             if failure is not None:
-                return failure
+                return _failed_closed(failure)
             return await self._forward(
-                request, ex, body, body_stream, self._cfg.public_base(request)
+                request, ex, body_stream if body_stream is not None else body, headers
             )
         finally:
             pipeline.finished(ex)
@@ -428,7 +456,7 @@ class ForwardHandler:
             return body
         return redact_query(body.decode("latin-1"), self._cfg.redact_params).encode("latin-1")
 
-    async def _refuse(self, ex: Exchange, status: int, code: str, diagnostics: str) -> Reply:
+    async def _refuse(self, ex: Exchange, status: int, code: str, diagnostics: str) -> Response:
         """Answer ``status`` with an OperationOutcome, without forwarding, and audit it."""
         self._pipeline.refused(ex, diagnostics)
         body = orjson.dumps(operation_outcome(code, diagnostics))
@@ -437,13 +465,13 @@ class ForwardHandler:
         ex.response_body = body
         failure = await self._pipeline.persist(ex)
         if failure is not None:
-            return failure
+            return _failed_closed(failure)
         headers = {"Content-Type": FHIR_JSON, "X-Request-Id": ex.request_id}
         if status == 405:
             headers["Allow"] = _ALLOW
-        return Answer(status, headers, body)
+        return Response(status=status, headers=headers, body=body)
 
-    async def _body_failed(self, ex: Exchange, exc: BodyBrokenOff) -> Reply:
+    async def _body_failed(self, ex: Exchange, exc: BodyBrokenOff) -> Response:
         """Answer and audit a request whose body did not arrive whole before anything was
         forwarded: 408 when it stopped arriving, else 400. The interaction is classified
         from the head, so the event says what was attempted."""
@@ -456,7 +484,7 @@ class ForwardHandler:
         log.info("%s %s: %s", ex.method, ex.path, exc)
         return await self._refuse(ex, status, code, f"{exc}; the request was not forwarded")
 
-    async def refuse_malformed(self, remote: str, status: int, reason: str) -> Reply:
+    async def refuse_malformed(self, remote: str, status: int, reason: str) -> Response:
         """Answer and audit a request the listener's HTTP parser refused. Nothing of the
         raw request is known or kept but its peer: ``reason`` is the parser's category of
         error, never the offending bytes (they may be a credential)."""
@@ -475,7 +503,9 @@ class ForwardHandler:
             ex, status, "invalid", f"malformed HTTP request ({reason}); not forwarded"
         )
 
-    async def _read_request_body(self, request: ClientRequest) -> tuple[bytes | None, Any]:
+    async def _read_request_body(
+        self, request: ClientRequest
+    ) -> tuple[bytes | None, AsyncIterable[bytes] | None]:
         """Buffer the request body up to the limit. A larger body streams on to the upstream
         (the head already read, then the rest) and is audited from the URL and headers.
         Returns ``(body, None)`` when buffered, ``(None, stream)`` when streaming."""
@@ -485,56 +515,63 @@ class ForwardHandler:
         limit = self._cfg.buffer_limit
         length = request.content_length
         if length is not None and length > limit:
-            return None, content.iter_chunks()
+            return None, content
         chunks: list[bytes] = []
         size = 0
         while chunk := await content.read_chunk():
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                return None, prepend(b"".join(chunks), content.iter_chunks())
+                return None, Prepended(b"".join(chunks), content)
         return b"".join(chunks), None
 
     async def _forward(
         self,
         request: ClientRequest,
         ex: Exchange,
-        body: bytes | None,
-        body_stream: Any,
-        public_base: str,
-    ) -> Reply:
+        body: bytes | AsyncIterable[bytes] | None,
+        headers: CIMultiDict[str],
+    ) -> Response:
         # What is forwarded is what was classified: the normalized path, the query as sent.
         query = request.raw_query
         target = ex.upstream_path + (f"?{query}" if query else "")
-        data: Any = body_stream if body_stream is not None else body
-        headers = _upstream_headers(request, ex.request_id)
         t0 = time.perf_counter()
         try:
             with telemetry.upstream_span(ex.method, self._cfg.upstream_origin, headers) as span:
-                async with self._upstream.request(
-                    ex.method, target, headers.items(), data
-                ) as upstream:
+                upstream = await self._transport.handle(
+                    UpstreamRequest(
+                        method=ex.method, target=target, headers=headers.items(), body=body
+                    )
+                )
+                held: HeldBody | None = None
+                handed_over = False
+                try:
                     telemetry.UPSTREAM_SECONDS.observe(time.perf_counter() - t0)
                     span.answered(upstream.status)
                     ex.status = upstream.status
                     ex.response_headers = {k.lower(): v for k, v in upstream.headers.items()}
                     client_headers = _client_headers(
-                        upstream.headers, ex.request_id, self._cfg, public_base
+                        upstream.headers, ex.request_id, self._cfg, self._cfg.public_base(request)
                     )
                     held, complete = await hold_body(upstream, self._cfg.buffer_limit, self.budget)
-                    try:
-                        if complete and held.file is None:
-                            body = held.value()
-                            ex.response_body = body
-                            return await self._audited_response(ex, client_headers, body)
-                        if complete:
-                            return await self._audited_held(request, ex, client_headers, held)
+                    if complete:
+                        upstream.close()  # read to its end: its connection is free
+                        if held.file is None:
+                            ex.response_body = held.value()
+                            return await self._audited(ex, client_headers, ex.response_body)
+                        response = await self._audited_held(ex, client_headers, held)
+                    else:
                         ex.response_streamed = True
-                        return await self._audited_stream(
-                            request, ex, client_headers, held, upstream
-                        )
-                    finally:
-                        held.close()
+                        response = await self._audited_stream(ex, client_headers, held, upstream)
+                    # A streamed answer owns the held body and the upstream's answer now:
+                    # the listener closes it once sent.
+                    handed_over = response.stream is not None
+                    return response
+                finally:
+                    if not handed_over:
+                        if held is not None:
+                            held.close()
+                        upstream.close()
         except BodyBrokenOff as exc:
             # The client's body broke off (or stopped) while it streamed upstream: the
             # server got a request cut short (its connection is dropped, so it never sees
@@ -556,61 +593,38 @@ class ForwardHandler:
                 ex, 502, "transient", f"upstream unreachable: {reason}"
             )
 
-    async def _audited_response(
-        self, ex: Exchange, headers: CIMultiDict[str], body: bytes
-    ) -> Reply:
+    async def _audited(self, ex: Exchange, headers: CIMultiDict[str], body: bytes) -> Response:
+        """A whole body held in memory: audited, then sent whole."""
         failure = await self._pipeline.persist(ex)
         if failure is not None:
-            return failure
+            return _failed_closed(failure)
         assert ex.status is not None
-        return Answer(ex.status, headers, body)
+        return Response(status=ex.status, headers=headers, body=body)
 
     async def _audited_held(
-        self, request: ClientRequest, ex: Exchange, headers: CIMultiDict[str], held: HeldBody
-    ) -> Reply:
+        self, ex: Exchange, headers: CIMultiDict[str], held: HeldBody
+    ) -> Response:
         """A whole body that spilled to its temporary file: audited from the whole body,
         then sent from memory and the file. The whole body is read back only for the
         build, one large body at a time (see :meth:`AuditPipeline.persist`)."""
         failure = await self._pipeline.persist(ex, held_response=held)
         if failure is not None:
-            return failure
+            return _failed_closed(failure)
         assert ex.status is not None
-        streamed = request.start(ex.status, headers, held.size)
-        try:
-            for chunk in held.chunks():
-                await streamed.write(chunk)
-            await streamed.finish()
-        except ConnectionError:
-            # The client left; its exchange is already audited as the upstream answered.
-            log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
-        return streamed
+        return Response(
+            status=ex.status, headers=headers, stream=_HeldThenRest(held, None), length=held.size
+        )
 
     async def _audited_stream(
-        self,
-        request: ClientRequest,
-        ex: Exchange,
-        headers: CIMultiDict[str],
-        held: HeldBody,
-        upstream: UpstreamResponse,
-    ) -> Reply:
-        # Invariant 1: a body too large to buffer is audited from its head before its first byte.
+        self, ex: Exchange, headers: CIMultiDict[str], held: HeldBody, upstream: UpstreamAnswer
+    ) -> Response:
+        """A body too large to hold: audited from its head before its first byte is sent
+        (invariant 1), then sent as it comes."""
         failure = await self._pipeline.persist(ex)
         if failure is not None:
-            return failure
+            return _failed_closed(failure)
         assert ex.status is not None
-        streamed = request.start(ex.status, headers)
-        try:
-            for chunk in held.chunks():
-                await streamed.write(chunk)
-            async for chunk in upstream.iter_chunked():
-                await streamed.write(chunk)
-            await streamed.finish()
-        except ConnectionError:  # the client left (audited already, as above)
-            log.debug("%s %s: the client went away during the answer", ex.method, ex.path)
-        except (TimeoutError, UpstreamError) as exc:
-            # The head is audited and sent; the listener cuts the unfinished answer short.
-            log.warning("%s %s: the upstream's answer broke off: %s", ex.method, ex.path, exc)
-        return streamed
+        return Response(status=ex.status, headers=headers, stream=_HeldThenRest(held, upstream))
 
     async def _upstream_failure(
         self,
@@ -620,7 +634,7 @@ class ForwardHandler:
         error: str,
         *,
         told: str = "The FHIR server could not be reached",
-    ) -> Reply:
+    ) -> Response:
         """Audit and answer an exchange that ended without the upstream's answer."""
         log.warning("%s %s: %s", ex.method, ex.path, error)
         ex.status = status
@@ -629,10 +643,16 @@ class ForwardHandler:
         ex.response_body = None
         failure = await self._pipeline.persist(ex)
         if failure is not None:
-            return failure
-        return outcome_response(
-            status,
-            code,
-            f"{told}: {error}",
-            headers={"X-Request-Id": ex.request_id},
+            return _failed_closed(failure)
+        return Response.outcome(
+            status, code, f"{told}: {error}", headers={"X-Request-Id": ex.request_id}
         )
+
+
+def _failed_closed(failure: AuditFailure) -> Response:
+    """The answer to an exchange whose audit failed: its OperationOutcome, never the
+    upstream's answer."""
+    headers = (
+        {"Retry-After": str(failure.retry_after_s)} if failure.retry_after_s is not None else None
+    )
+    return Response.outcome(failure.status, failure.code, failure.diagnostics, headers=headers)

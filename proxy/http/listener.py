@@ -1,21 +1,19 @@
 """The proxy listener's side of HTTP/1.1: the client connections, parsed by httptools
 (llhttp, the parser aiohttp and Node use).
 
-:class:`Listener` is the protocol factory aiohttp's runners serve (``run_app``,
-``AppRunner``, ``TestServer``: :func:`serve_on` puts it in place of aiohttp's own server
-for one application), so start-up, shutdown and the cleanup contexts stay aiohttp's. Each
-connection is an :class:`HttpConnection`; its requests are answered one at a time, in
-order (a pipelined request waits with reading paused). A request reaches the handler as a
+:class:`Listener` is the protocol factory of the listening sockets
+(:class:`proxy.http.server.Server` binds them). Each connection is an
+:class:`HttpConnection`; its requests are answered one at a time, in order (a pipelined
+request waits with reading paused). A request reaches the handler as a
 :class:`ClientRequest` as soon as its head is parsed, in a task of its own; its body
-arrives through :class:`RequestBody`, reading paused while more than
-:data:`HIGH_WATER` bytes of it wait. The handler answers with a whole response (``status``,
-``headers``, ``body``: an aiohttp ``web.Response`` or an :class:`Answer`) or streams one
-through :meth:`ClientRequest.start`. A client that leaves does not cancel its handler: its
-exchange is audited all the same.
+arrives through an :class:`~proxy.http.flow.IncomingBody`, reading paused while more than
+:data:`~proxy.http.flow.HIGH_WATER` bytes of it wait. The handler answers with a
+:class:`~proxy.http.response.Response`, its body whole or streamed. A client that leaves
+does not cancel its handler: its exchange is audited all the same.
 
 A request the parser refuses (a forbidden byte, a head past the limits, a broken body
-framing) is answered by the application's refusal hook, given only the peer and the
-parser's category of error, never the request's bytes; the connection closes after it.
+framing) is answered by the refusal hook, given only the peer and the parser's category of
+error, never the request's bytes; the connection closes after it.
 """
 
 from __future__ import annotations
@@ -26,16 +24,21 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Protocol
 
 import httptools
-import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.fhir.operation_outcome import FHIR_JSON, operation_outcome
+from proxy.http.flow import (
+    PIPELINE_HOLD,
+    STOP_HOLD,
+    BodyBrokenOff,
+    FlowControl,
+    IncomingBody,
+)
+from proxy.http.response import BodyStream, Response
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
@@ -48,8 +51,6 @@ MAX_HEAD = 65536
 """All header lines together: more is answered 431."""
 MAX_HEADERS = 128
 """Header lines in one request: more is answered 431."""
-HIGH_WATER = 64 * 1024
-"""Bytes of a request body received and not yet read at which reading pauses."""
 KEEPALIVE_S = 75.0
 """An idle client connection is closed after this long (aiohttp's and nginx's default)."""
 HEADER_TIMEOUT_S = 20.0
@@ -57,49 +58,13 @@ HEADER_TIMEOUT_S = 20.0
 is answered 408 and the connection closes (``listen.header_timeout_s``)."""
 BODY_TIMEOUT_S = 60.0
 """Time a request body may go without a byte while its reader waits for one: past it the
-read fails with :class:`BodyTimedOut` (``listen.body_timeout_s``, nginx's
+read fails with :class:`~proxy.http.flow.BodyTimedOut` (``listen.body_timeout_s``, nginx's
 ``client_body_timeout``)."""
 
 
-class Answer:
-    """A whole answer: what a handler returns when it has built the body itself."""
-
-    __slots__ = ("body", "headers", "keep_alive", "status")
-
-    def __init__(
-        self, status: int, headers: Mapping[str, str], body: bytes, keep_alive: bool = True
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
-
-
-class WholeAnswer(Protocol):
-    """What the listener sends whole: an :class:`Answer` or an aiohttp ``web.Response``."""
-
-    @property
-    def status(self) -> int: ...
-    @property
-    def headers(self) -> Any: ...
-    @property
-    def body(self) -> Any: ...
-    @property
-    def keep_alive(self) -> bool | None: ...
-
-
-Handler = Callable[["ClientRequest"], Awaitable["WholeAnswer | StreamedAnswer"]]
-RefusalHook = Callable[[str, int, str], Awaitable["WholeAnswer | StreamedAnswer"]]
+Handler = Callable[["ClientRequest"], Awaitable[Response]]
+RefusalHook = Callable[[str, int, str], Awaitable[Response]]
 """Answers (and audits) a request the parser refused: ``(peer, status, reason)``."""
-
-
-class BodyBrokenOff(ConnectionResetError):
-    """A request's body did not arrive whole: the client left, or its framing broke."""
-
-
-class BodyTimedOut(BodyBrokenOff):
-    """A request's body stopped arriving: nothing for the listener's ``body_timeout_s``
-    while the handler waited for it. The connection closes after the answer."""
 
 
 class ParserRefused(Exception):
@@ -128,80 +93,6 @@ def parser_error_reason(exc: BaseException) -> str:
 # --- the request as the handler sees it ----------------------------------------------------
 
 
-class RequestBody:
-    """The body of one request as it arrives: read with :meth:`read_chunk` (``b""`` at its
-    end) or :meth:`iter_chunks`. Past :data:`HIGH_WATER` unread bytes the connection stops
-    reading until the handler catches up."""
-
-    __slots__ = ("_chunks", "_conn", "_eof", "_error", "_size", "_waiter")
-
-    def __init__(self, conn: HttpConnection) -> None:
-        self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._eof = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        if self._size > HIGH_WATER:
-            self._conn.pause_body()
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self._eof:
-            self._error = exc
-        self._wake()
-
-    async def read_chunk(self) -> bytes:
-        """The next part of the body as it arrived, or ``b""`` at its end. Raises
-        :class:`BodyBrokenOff` when it cannot arrive whole, :class:`BodyTimedOut` when
-        nothing of it arrived for the listener's ``body_timeout_s``."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
-                return b""
-            conn = self._conn
-            self._waiter = waiter = conn.loop.create_future()
-            timer = conn.loop.call_later(conn.listener.body_timeout_s, self._timed_out, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-        chunk = self._chunks.popleft()
-        self._size -= len(chunk)
-        if self._size <= HIGH_WATER // 2:
-            self._conn.resume_body()
-        return chunk
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        while chunk := await self.read_chunk():
-            yield chunk
-
-    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if waiter is self._waiter and not waiter.done():
-            seconds = self._conn.listener.body_timeout_s
-            self.fail(BodyTimedOut(f"no byte of the request body for {seconds:g} s"))
-
-
 class ClientRequest:
     """One request from a client, its head parsed. ``raw_path`` and ``raw_query`` are the
     target as sent (percent-encoded, fragment dropped); header names and values are the
@@ -209,7 +100,6 @@ class ClientRequest:
 
     __slots__ = (
         "_conn",
-        "_streamed",
         "body",
         "content_length",
         "expects_continue",
@@ -245,76 +135,15 @@ class ClientRequest:
         self.remote = conn.remote
         self.scheme = "http"
         self.host = headers.get("Host") or conn.local_host
-        self.body: RequestBody | None = None
+        self.body: IncomingBody | None = None
         self.content_length: int | None = None
         self.expects_continue = False
         self.started = time.perf_counter()
-        self._streamed: StreamedAnswer | None = None
 
     @property
     def local_address(self) -> str:
         """``host:port`` of the listener as this client connected to it (``[v6]:port``)."""
         return self._conn.local_host
-
-    def start(
-        self, status: int, headers: Mapping[str, str], length: int | None = None
-    ) -> StreamedAnswer:
-        """Send the head of an answer whose body follows through the returned writer;
-        with ``length`` None it is sent chunked (close-delimited to an HTTP/1.0 client).
-        To a client that has gone nothing is sent, and the first write raises."""
-        streamed = StreamedAnswer(self._conn, self, status, headers, length)
-        self._streamed = streamed
-        return streamed
-
-
-class StreamedAnswer:
-    """An answer whose head is sent and whose body is written as it comes."""
-
-    __slots__ = ("_chunked", "_conn", "_finished", "_no_body", "body_length", "status")
-
-    def __init__(
-        self,
-        conn: HttpConnection,
-        request: ClientRequest,
-        status: int,
-        headers: Mapping[str, str],
-        length: int | None,
-    ) -> None:
-        self._conn = conn
-        self.status = status
-        self.body_length = 0
-        self._finished = False
-        self._no_body = _bodiless(request.method, status)
-        self._chunked = length is None and not self._no_body and request.version == "1.1"
-        if length is None and not self._chunked and not self._no_body:
-            conn.close_after = True  # close-delimited
-        conn.write_head(request, status, headers, length, chunked=self._chunked)
-
-    async def write(self, chunk: bytes) -> None:
-        """Write a part of the body, waiting while the client does not take it in.
-        Raises ``ConnectionResetError`` once the client has gone."""
-        if not chunk or self._no_body:
-            return
-        conn = self._conn
-        conn.check_open()
-        self.body_length += len(chunk)
-        if self._chunked:
-            conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))  # type: ignore[union-attr]
-        else:
-            conn.transport.write(chunk)  # type: ignore[union-attr]
-        await conn.drain()
-
-    async def finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        if self._chunked:
-            self._conn.check_open()
-            self._conn.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
 
 # --- the connection ------------------------------------------------------------------------
@@ -334,19 +163,24 @@ def _bodiless(method: str, status: int) -> bool:
     return method == "HEAD" or status in (204, 304) or status < 200
 
 
-class _Date:
+class _DateLine:
     """The ``Date`` header line, made once a second."""
 
-    second = -1
-    line = ""
+    __slots__ = ("_line", "_second")
 
-    @classmethod
-    def now(cls) -> str:
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = ""
+
+    def now(self) -> str:
         second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.line = f"Date: {formatdate(second, usegmt=True)}\r\n"
-        return cls.line
+        if second != self._second:
+            self._second = second
+            self._line = f"Date: {formatdate(second, usegmt=True)}\r\n"
+        return self._line
+
+
+_DATE = _DateLine()
 
 
 def _encode_head(text: str) -> bytes:
@@ -358,6 +192,9 @@ def _encode_head(text: str) -> bytes:
 
 class HttpConnection(asyncio.Protocol):
     """One client connection of the proxy listener."""
+
+    flow: FlowControl
+    """Its flow control, both ways (from ``connection_made`` on)."""
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -381,10 +218,6 @@ class HttpConnection(asyncio.Protocol):
         self._active: ClientRequest | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: deque[ClientRequest] = deque()
-        self._body_paused = False
-        self._pipeline_paused = False
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
         self._closed = False
         self._stopped_parsing = False
         """Nothing more is parsed: once what was parsed is answered, the connection closes."""
@@ -395,6 +228,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.flow = FlowControl(self.transport, self.loop)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.remote = str(peer[0])
@@ -412,21 +246,13 @@ class HttpConnection(asyncio.Protocol):
             if request is not None and request.body is not None:
                 request.body.fail(gone)
         self._pending.clear()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(gone)
-        self._drain = None
+        self.flow.connection_lost(ConnectionResetError("the client closed the connection"))
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain
-        if drain is not None:
-            self._drain = None
-            if not drain.done():
-                drain.set_result(None)
+        self.flow.resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self._stopped_parsing:
@@ -510,7 +336,7 @@ class HttpConnection(asyncio.Protocol):
         if length is not None:
             request.content_length = int(length)  # llhttp has checked it is digits
         if request.content_length or "Transfer-Encoding" in headers:
-            request.body = RequestBody(self)
+            request.body = IncomingBody(self.flow, idle_timeout_s=self.listener.body_timeout_s)
         expect = headers.get("Expect")
         if expect is not None and expect.lower() == "100-continue" and request.version == "1.1":
             request.expects_continue = True
@@ -519,8 +345,7 @@ class HttpConnection(asyncio.Protocol):
             self._begin(request)
         else:
             self._pending.append(request)
-            self._pipeline_paused = True
-            self._pause()
+            self.flow.hold_reading(PIPELINE_HOLD)
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -548,7 +373,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False
         self._stopped_parsing = True
         self.close_after = True
-        self._pause()
+        self.flow.hold_reading(STOP_HOLD)
         log.info(
             "a request head from %s did not arrive within %g s: 408, connection closed",
             self.remote,
@@ -562,34 +387,10 @@ class HttpConnection(asyncio.Protocol):
 
     # flow control
 
-    def _pause(self) -> None:
-        if self.transport is not None and not self._closed:
-            self.transport.pause_reading()
-
-    def _resume(self) -> None:
-        if (
-            self.transport is not None
-            and not self._closed
-            and not self._body_paused
-            and not self._pipeline_paused
-        ):
-            self.transport.resume_reading()
-
-    def pause_body(self) -> None:
-        if not self._body_paused:
-            self._body_paused = True
-            self._pause()
-
-    def resume_body(self) -> None:
-        if self._body_paused:
-            self._body_paused = False
-            self._resume()
-
     async def drain(self) -> None:
-        if self._write_paused and not self._closed:
-            if self._drain is None:
-                self._drain = self.loop.create_future()
-            await self._drain
+        """Wait while the client does not take in what was written. Raises
+        ``ConnectionResetError`` once it has gone."""
+        await self.flow.drain()
         self.check_open()
 
     def check_open(self) -> None:
@@ -605,31 +406,25 @@ class HttpConnection(asyncio.Protocol):
         self._task = self.loop.create_task(self._answer(request))
 
     async def _answer(self, request: ClientRequest) -> None:
-        answer: Any = None
+        response: Response | None = None
         try:
-            answer = await self.listener.handler(request)
+            response = await self.listener.handler(request)
         except Exception:
             log.exception("%s %s: the handler failed", request.method, request.raw_path)
+        if response is None:
+            response = _HANDLER_FAILED
+        status, size = response.status, 0
         try:
-            streamed = request._streamed
-            if streamed is not None:
-                if not streamed.finished:
-                    self.close_after = True
-                    if self.transport is not None:
-                        self.transport.abort()
-                status, size = streamed.status, streamed.body_length
-            elif answer is None:
-                status, size = 500, self._send_whole(request, _HANDLER_FAILED)
+            if response.stream is None:
+                size = self._send_whole(request, response)
             else:
-                status, size = answer.status, self._send_whole(request, answer)
+                size = await self._send_streamed(request, response, response.stream)
         except ConnectionError:
-            status, size = 499, 0
+            status = 499
         except Exception:
             log.exception("%s %s: the answer could not be sent", request.method, request.raw_path)
-            status, size = 500, 0
-            self.close_after = True
-            if self.transport is not None:
-                self.transport.abort()
+            status = 500
+            self._cut_short()
         if access_log.isEnabledFor(logging.DEBUG):
             access_log.debug(
                 '%s "%s %s" %s %s %.3fs',
@@ -642,39 +437,77 @@ class HttpConnection(asyncio.Protocol):
             )
         self._finished(request)
 
-    def _send_whole(self, request: ClientRequest, answer: WholeAnswer) -> int:
+    def _send_whole(self, request: ClientRequest, response: Response) -> int:
+        """Send ``response`` (its :attr:`~Response.body`); the bytes of body sent."""
         if self._closed or self.transport is None:
             return 0
-        body = answer.body
-        if body is None:
-            body = b""
-        elif not isinstance(body, bytes):
-            body = bytes(body)
-        if answer.keep_alive is False:
+        if not response.keep_alive:
             self.close_after = True
-        status = answer.status
+        body = response.body
+        status = response.status
         no_body = _bodiless(request.method, status)
-        head = self.head_bytes(request, status, answer.headers, None if no_body else len(body))
+        head = self.head_bytes(request, status, response.headers, None if no_body else len(body))
         if no_body:
             self.transport.write(head)
             return 0
         self.transport.write(head + body)
         return len(body)
 
-    def write_head(
-        self,
-        request: ClientRequest,
-        status: int,
-        headers: Mapping[str, str],
-        length: int | None,
-        *,
-        chunked: bool,
-    ) -> None:
-        """Send the head of a streamed answer; nothing once the client has gone (the
-        first write of the body says so)."""
-        if self._closed or self.transport is None or self.transport.is_closing():
-            return
-        self.transport.write(self.head_bytes(request, status, headers, length, chunked=chunked))
+    async def _send_streamed(
+        self, request: ClientRequest, response: Response, stream: BodyStream
+    ) -> int:
+        """Send the head of ``response``, then its stream as it comes, waiting while the
+        client does not take it in; the bytes of body sent. A stream that raises cuts the
+        answer short. The stream is closed in every case."""
+        try:
+            if not response.keep_alive:
+                self.close_after = True
+            status, length = response.status, response.length
+            no_body = _bodiless(request.method, status)
+            chunked = length is None and not no_body and request.version == "1.1"
+            if length is None and not chunked and not no_body:
+                self.close_after = True  # close-delimited
+            self.check_open()
+            transport = self.transport
+            assert transport is not None
+            transport.write(
+                self.head_bytes(request, status, response.headers, length, chunked=chunked)
+            )
+            if no_body:
+                return 0
+            sent = 0
+            try:
+                async for chunk in stream:
+                    if not chunk:
+                        continue
+                    self.check_open()
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    sent += len(chunk)
+                    await self.drain()
+            except ConnectionError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "%s %s: the answer was cut short after %d bytes of its body: %s",
+                    request.method,
+                    request.raw_path,
+                    sent,
+                    exc or type(exc).__name__,
+                )
+                self._cut_short()
+                return sent
+            if chunked:
+                self.check_open()
+                transport.write(b"0\r\n\r\n")
+            return sent
+        finally:
+            await stream.aclose()
+
+    def _cut_short(self) -> None:
+        """End an answer that cannot be completed: the client must not take it for whole."""
+        self.close_after = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def head_bytes(
         self,
@@ -694,7 +527,7 @@ class HttpConnection(asyncio.Protocol):
             if not has_date and len(name) == 4 and name.lower() == "date":
                 has_date = True
         if not has_date:
-            lines.append(_Date.now())
+            lines.append(_DATE.now())
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
         elif chunked:
@@ -734,9 +567,8 @@ class HttpConnection(asyncio.Protocol):
         elif self._stopped_parsing:
             if self.transport is not None:
                 self.transport.close()
-        elif self._pipeline_paused:
-            self._pipeline_paused = False
-            self._resume()
+        else:
+            self.flow.release_reading(PIPELINE_HOLD)
 
     def _last_answer(self) -> bool:
         """Whether the answer being sent is the last on this connection."""
@@ -779,12 +611,14 @@ class HttpConnection(asyncio.Protocol):
 
     async def _answer_refusal(self, request: ClientRequest, status: int, reason: str) -> None:
         try:
-            answer: Any = await self.listener.refuse(self.remote, status, reason)
+            response = await self.listener.refuse(self.remote, status, reason)
         except Exception:
             log.exception("a malformed request could not be answered")
-            answer = _HANDLER_FAILED
+            response = _HANDLER_FAILED
+        if response.stream is not None:  # a refusal is answered whole
+            await response.stream.aclose()
         with contextlib.suppress(ConnectionError):
-            self._send_whole(request, answer)
+            self._send_whole(request, response)
         self._active = None
         if self.transport is not None:
             self.transport.close()
@@ -817,18 +651,12 @@ class HttpConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-_HANDLER_FAILED = Answer(
-    500,
-    {"Content-Type": FHIR_JSON},
-    orjson.dumps(operation_outcome("exception", "The proxy failed to answer this request.")),
-    keep_alive=False,
+_HANDLER_FAILED = Response.outcome(
+    500, "exception", "The proxy failed to answer this request.", keep_alive=False
 )
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-_HEAD_TIMED_OUT = Answer(
-    408,
-    {"Content-Type": FHIR_JSON},
-    orjson.dumps(operation_outcome("timeout", "The request head did not arrive in time.")),
-    keep_alive=False,
+_HEAD_TIMED_OUT = Response.outcome(
+    408, "timeout", "The request head did not arrive in time.", keep_alive=False
 )
 
 
@@ -836,8 +664,9 @@ _HEAD_TIMED_OUT = Answer(
 
 
 class Listener:
-    """The protocol factory of the proxy listener, with the parts of aiohttp's
-    ``web.Server`` its runners call (``pre_shutdown``, ``shutdown``, ``connections``)."""
+    """The protocol factory of the proxy listener's sockets: a connection each, answered
+    by ``handler``. Its server stops it in two steps: :meth:`pre_shutdown` once the
+    sockets are closed, :meth:`shutdown` to let the answers in flight finish."""
 
     def __init__(
         self,
@@ -887,7 +716,7 @@ class Listener:
             conn.close_after = True
             conn.close_if_idle()
 
-    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's call)
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (a grace, not a deadline)
         """Let the requests being answered finish, for ``timeout`` seconds at most; then
         cancel what is left and close every connection."""
         self.pre_shutdown()
@@ -899,31 +728,6 @@ class Listener:
         for conn in list(self.connections):
             conn.abort()
         self.connections.clear()
-
-
-def serve_on(
-    app: Any,
-    handler: Callable[[], Handler],
-    refuse: Callable[[], RefusalHook],
-    *,
-    header_timeout_s: float = HEADER_TIMEOUT_S,
-    body_timeout_s: float = BODY_TIMEOUT_S,
-) -> None:
-    """Make every server aiohttp builds for ``app`` (``run_app``, ``AppRunner``,
-    ``TestServer``) a :class:`Listener` calling ``handler()``'s result (looked up once
-    start-up has run). aiohttp has no public seam for a protocol of one's own, so this
-    replaces ``Application._make_handler`` (aiohttp is pinned; the suite runs through it)."""
-
-    def make_handler(*, loop: asyncio.AbstractEventLoop | None = None, **_: Any) -> Listener:
-        return Listener(
-            handler(),
-            refuse(),
-            loop=loop,
-            header_timeout_s=header_timeout_s,
-            body_timeout_s=body_timeout_s,
-        )
-
-    app._make_handler = make_handler
 
 
 def listen_hosts(host: str) -> list[str]:

@@ -1,16 +1,17 @@
-"""The proxy's HTTP/1.1 client to its FHIR server: a pool of keep-alive connections,
-each an asyncio protocol whose answers are parsed by httptools (llhttp, the parser
-aiohttp and Node use).
+"""The proxy's HTTP/1.1 client to its FHIR server, the :class:`~proxy.http.transport.Transport`
+a running proxy forwards through: a pool of keep-alive connections, each an asyncio
+protocol whose answers are parsed by httptools (llhttp, the parser aiohttp and Node use).
 
-One upstream, one origin, requests that are already checked and normalized: the client
-needs none of a general client's work (cookies, redirects, proxies, URL building,
-content decoding), and that work was a third of the proxy's CPU per request.
+It serves one origin with requests that are already checked and normalized, so it does
+none of a general client's work (cookies, redirects, proxies, URL building, content
+decoding).
 
 - A request is written in one ``write``: its head, then its body when it is bytes; a body
   that streams goes with ``Transfer-Encoding: chunked``, paced by the transport's flow
   control. ``Accept-Encoding: identity`` is sent: the proxy audits the bodies it reads.
-- An answer's body is buffered up to :data:`HIGH_WATER` bytes, then the connection stops
-  reading until the caller takes what arrived (memory stays bounded however large it is).
+- An answer's body arrives through an :class:`~proxy.http.flow.IncomingBody`: past
+  :data:`~proxy.http.flow.HIGH_WATER` unread bytes the connection stops reading until the
+  caller takes them.
 - One timer per request bounds the whole exchange (``timeout``): past it the connection
   is aborted and the waiting caller gets a ``TimeoutError``.
 - A connection goes back to the pool only when its answer was read to its end and both
@@ -23,38 +24,26 @@ content decoding), and that work was a third of the proxy's CPU per request.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from types import TracebackType
+from collections.abc import AsyncIterable
 from typing import cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-HIGH_WATER = 64 * 1024
-"""Bytes of an answer's body buffered before the connection stops reading."""
-
+from proxy.http.flow import FlowControl, IncomingBody
+from proxy.http.transport import (
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamRequest,
+)
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached, or broke off or garbled its answer."""
-
-
-class UpstreamConnectError(UpstreamError):
-    """No connection to the upstream could be made."""
-
-
-class UpstreamDisconnected(UpstreamError):
-    """The upstream closed the connection before its answer was complete."""
-
-
-class UpstreamProtocolError(UpstreamError):
-    """The upstream's answer is not valid HTTP/1.1."""
+_WRITE_APART = 65536
+"""A body at least this long is written after its head, not joined to it."""
 
 
 class _HeadersOnly(Exception):
@@ -62,47 +51,45 @@ class _HeadersOnly(Exception):
 
 
 class UpstreamResponse:
-    """An answer of the upstream: status and headers once :meth:`UpstreamPool.request`
-    returns, the body as it arrives (:meth:`read`, :meth:`read_chunk`). It is the
-    httptools parser's protocol (its ``on_*`` callbacks)."""
+    """An answer of the upstream: status and headers once :meth:`UpstreamPool.handle`
+    returns, the body as it arrives (:attr:`body`). It is the httptools parser's protocol
+    (its ``on_*`` callbacks). :meth:`close` ends its exchange."""
 
     __slots__ = (
-        "_buffered",
-        "_chunks",
         "_conn",
         "_cut",
-        "_done",
         "_error",
         "_head",
+        "_head_waiter",
         "_informational",
         "_keep_alive",
+        "_lease",
         "_parser",
         "_raw_headers",
         "_received",
-        "_waiter",
+        "body",
         "content_length",
         "headers",
         "status",
     )
 
-    def __init__(self, conn: _Connection, head: bool) -> None:
+    def __init__(self, conn: _Connection, lease: _Lease, head: bool) -> None:
         self._conn = conn
+        self._lease = lease
         self._head = head
         self._parser = httptools.HttpResponseParser(self)
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._done = False
         self._informational = False
         self._keep_alive = False
         self._received = False
         self._cut = False
         """The request's body was not sent whole (the answer came first)."""
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._head_waiter: asyncio.Future[None] | None = None
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content_length: int | None = None
+        self.body = IncomingBody(conn.flow)
 
     # -- the parser's callbacks ----------------------------------------------------------
 
@@ -126,22 +113,17 @@ class UpstreamResponse:
         self.status = status
         if self._head:
             raise _HeadersOnly
-        self._wake()
+        self._wake_head()
 
     def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > HIGH_WATER:
-            self._conn.pause()
-        self._wake()
+        self.body.feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
             return
         self._keep_alive = self._parser.should_keep_alive()
-        self._done = True
-        self._wake()
+        self.body.feed_eof()
 
     # -- what the connection tells it ----------------------------------------------------
 
@@ -152,8 +134,8 @@ class UpstreamResponse:
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _HeadersOnly):
                 self.content_length = 0
-                self._done = True  # not kept alive: the parser stopped mid-message
-                self._wake()
+                self.body.feed_eof()  # not kept alive: the parser stopped mid-message
+                self._wake_head()
                 return
             self.fail(UpstreamProtocolError(f"invalid HTTP answer ({type(exc).__name__})"))
             self._conn.abort()
@@ -161,87 +143,58 @@ class UpstreamResponse:
     def lost(self, exc: BaseException | None) -> None:
         """The connection closed. An answer whose end is the connection's end is then
         complete; any other unfinished answer failed."""
-        if self._done:
+        if self.body.complete:
             return
         if (
             self.status
             and self.content_length is None
             and "chunked" not in self.headers.get("transfer-encoding", "").lower()
         ):
-            self._done = True
             self._keep_alive = False
-            self._wake()
+            self.body.feed_eof()
             return
         reason = f": {exc}" if exc is not None else ""
         self.fail(UpstreamDisconnected(f"the upstream closed the connection{reason}"))
 
     def fail(self, exc: BaseException) -> None:
-        if self._error is None and not self._done:
+        """The answer cannot arrive whole: its head, or the rest of its body, fails with
+        ``exc``."""
+        if self._error is None and not self.body.complete:
             self._error = exc
-            self._wake()
+            self.body.fail(exc)
+            self._wake_head()
 
-    def _wake(self) -> None:
-        waiter = self._waiter
+    def _wake_head(self) -> None:
+        waiter = self._head_waiter
         if waiter is not None:
-            self._waiter = None
+            self._head_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        if self._error is not None:
-            raise self._error
-        waiter = self._waiter = self._conn.loop.create_future()
-        await waiter
-        if self._error is not None:
-            raise self._error
-
-    # -- what the caller reads -----------------------------------------------------------
-
     async def _wait_head(self) -> None:
         while not self.status:
-            await self._wait()
+            if self._error is not None:
+                raise self._error
+            if self.body.complete:
+                raise UpstreamProtocolError("the answer ended before its head")
+            waiter = self._head_waiter = self._conn.loop.create_future()
+            await waiter
 
-    async def read_chunk(self) -> bytes:
-        """The body bytes that arrived since the last read (waiting for some), or ``b""``
-        at the end of the body."""
-        while not self._chunks:
-            if self._done:
-                return b""
-            await self._wait()
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        if self._buffered > HIGH_WATER:
-            self._conn.resume()
-        self._buffered = 0
-        return data
-
-    async def read(self) -> bytes:
-        """The rest of the body, whole."""
-        length = self.content_length
-        if self._done or (length is not None and length <= HIGH_WATER):
-            # All of it fits in the buffer: no reading paused on the way.
-            while not self._done:
-                await self._wait()
-            return await self.read_chunk()
-        parts = []
-        while chunk := await self.read_chunk():
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def iter_chunked(self) -> AsyncIterator[bytes]:
-        """The rest of the body, as it arrives."""
-        while chunk := await self.read_chunk():
-            yield chunk
+    # -- what the caller does ------------------------------------------------------------
 
     @property
     def reusable(self) -> bool:
         return (
-            self._done
+            self.body.at_eof
             and self._keep_alive
             and self._error is None
-            and not self._chunks
             and not self._cut
         )
+
+    def close(self) -> None:
+        """End the exchange: its connection goes back to the pool if the answer was read
+        to its end, else it is closed; the deadline and the connection slot are let go."""
+        self._lease.end()
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -250,7 +203,10 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 class _Connection(asyncio.Protocol):
     """One connection to the upstream, carrying one exchange at a time."""
 
-    __slots__ = ("_drain", "_paused", "closed", "idle_since", "loop", "response", "transport")
+    __slots__ = ("closed", "flow", "idle_since", "loop", "response", "transport")
+
+    flow: FlowControl
+    """Its flow control, both ways (from ``connection_made`` on)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -258,11 +214,10 @@ class _Connection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._paused = False
-        self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.flow = FlowControl(self.transport, self.loop)
 
     def data_received(self, data: bytes) -> None:
         response = self.response
@@ -279,19 +234,16 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is not None:
             response.lost(exc)
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            error = response._error if response is not None else None
-            drain.set_exception(error or UpstreamDisconnected("the upstream closed the connection"))
+        error = response._error if response is not None else None
+        self.flow.connection_lost(
+            error or UpstreamDisconnected("the upstream closed the connection")
+        )
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._paused = False
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.flow.resume_writing()
 
     def check_open(self) -> None:
         """Raise :class:`UpstreamDisconnected` once the connection is closed (a write to
@@ -301,25 +253,12 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         self.check_open()
-        if self._paused:
-            self._drain = self.loop.create_future()
-            await self._drain
-
-    def pause(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        await self.flow.drain()
 
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
-
-
-Body = bytes | AsyncIterable[bytes] | None
 
 
 class UpstreamPool:
@@ -354,15 +293,20 @@ class UpstreamPool:
         self._open: set[_Connection] = set()
         self._closed = False
 
-    def request(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: Body = None
-    ) -> _Exchange:
-        """``async with pool.request(...) as answer``: the answer's status and headers
-        have arrived; leaving the block releases (or closes) its connection. ``target``
-        is the path and query as sent; ``headers`` must not hold ``Host``,
-        ``Content-Length`` nor ``Transfer-Encoding``. Raises ``TimeoutError`` past the
-        timeout and :class:`UpstreamError` for any other failure."""
-        return _Exchange(self, method, target, headers, body)
+    async def handle(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Send ``request``; the answer once its status and headers have arrived. The
+        contract is :class:`proxy.http.transport.Transport`'s: close the answer when done
+        with it; ``TimeoutError`` past ``timeout`` (counted from this call, waiting for a
+        free connection included, up to the answer's close); :class:`UpstreamError` for
+        any other failure."""
+        loop = asyncio.get_running_loop()
+        lease = _Lease(self, loop, loop.time() + self.timeout)
+        try:
+            await lease.take_slot()
+            return await self._send(request, lease)
+        except BaseException:
+            lease.end()
+            raise
 
     async def close(self) -> None:
         """Close every connection; requests still running fail."""
@@ -374,11 +318,10 @@ class UpstreamPool:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _head(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: Body
-    ) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1\r\n", self._host_header]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
+    def _head(self, request: UpstreamRequest) -> bytes:
+        method, body = request.method, request.body
+        lines = [f"{method} {request.target} HTTP/1.1\r\n", self._host_header]
+        lines += [f"{name}: {value}\r\n" for name, value in request.headers]
         if isinstance(body, bytes):
             lines.append(f"Content-Length: {len(body)}\r\n")
         elif body is not None:
@@ -421,46 +364,34 @@ class UpstreamPool:
             self._open.discard(conn)
         return None
 
-    async def _send(self, exchange: _Exchange, deadline: float) -> UpstreamResponse:
+    async def _send(self, request: UpstreamRequest, lease: _Lease) -> UpstreamResponse:
         if self._closed:
             raise UpstreamDisconnected("the upstream client is closed")
-        method, target, headers, body = exchange._args
-        loop = asyncio.get_running_loop()
-        head = self._head(method, target, headers, body)
+        method, body = request.method, request.body
+        loop = lease.loop
+        head = self._head(request)
         # A streamed body cannot be sent twice: it was consumed.
         retry = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
         while True:
             conn = self._pooled(loop.time())
             reused = conn is not None
             if conn is None:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(lease.deadline):
                     conn = await self._connect(loop)
-            response = exchange._response = UpstreamResponse(conn, method == "HEAD")
+            response = lease.response = UpstreamResponse(conn, lease, method == "HEAD")
             conn.response = response
             transport = conn.transport
             assert transport is not None
             try:
                 if isinstance(body, bytes):
-                    transport.write(head + body if len(body) < 65536 else head)
-                    if len(body) >= 65536:
+                    if len(body) < _WRITE_APART:
+                        transport.write(head + body)
+                    else:
+                        transport.write(head)
                         transport.write(body)
                 elif body is not None:
                     transport.write(head)
-                    # A body that stalls is bounded by the exchange's deadline too.
-                    async with asyncio.timeout_at(deadline):
-                        async for chunk in body:
-                            if response.status:
-                                # Answered before the body was whole (a 413, a 401): RFC 9112
-                                # §9.5, stop sending it; the connection ends with this answer.
-                                response._cut = True
-                                break
-                            if chunk:
-                                conn.check_open()
-                                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                                await conn.drain()
-                        else:
-                            conn.check_open()
-                            transport.write(b"0\r\n\r\n")
+                    await self._send_stream(conn, response, body, lease.deadline)
                 else:
                     transport.write(head)
                 await response._wait_head()
@@ -470,16 +401,38 @@ class UpstreamPool:
                     # answer stands (read on as far as it arrived).
                     response._cut = True
                     return response
-                exchange._response = None
+                lease.response = None
                 self._drop(conn)
                 if reused and retry and not response._received:
                     continue  # the server had closed it while it was idle
                 raise
             except BaseException:
-                exchange._response = None
+                lease.response = None
                 self._drop(conn)
                 raise
             return response
+
+    @staticmethod
+    async def _send_stream(
+        conn: _Connection, response: UpstreamResponse, body: AsyncIterable[bytes], deadline: float
+    ) -> None:
+        """Send a streamed body chunked, as fast as the server takes it; a body that
+        stalls is bounded by the exchange's deadline too."""
+        transport = conn.transport
+        assert transport is not None
+        async with asyncio.timeout_at(deadline):
+            async for chunk in body:
+                if response.status:
+                    # Answered before the body was whole (a 413, a 401): RFC 9112 §9.5,
+                    # stop sending it; the connection ends with this answer.
+                    response._cut = True
+                    return
+                if chunk:
+                    conn.check_open()
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    await conn.drain()
+            conn.check_open()
+            transport.write(b"0\r\n\r\n")
 
     def _release(self, response: UpstreamResponse) -> None:
         conn = response._conn
@@ -496,67 +449,49 @@ class UpstreamPool:
         self._open.discard(conn)
 
 
-class _Exchange:
-    """``async with``: one request's connection slot, timer and connection."""
+class _Lease:
+    """One request's hold on the pool, from :meth:`UpstreamPool.handle` to the answer's
+    close: its connection slot, its deadline and the answer in flight."""
 
-    __slots__ = ("_args", "_pool", "_response", "_slot", "_timer")
+    __slots__ = ("_pool", "_slot", "_timer", "deadline", "loop", "response")
 
     def __init__(
-        self,
-        pool: UpstreamPool,
-        method: str,
-        target: str,
-        headers: Iterable[tuple[str, str]],
-        body: Body,
+        self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop, deadline: float
     ) -> None:
         self._pool = pool
-        self._args = (method, target, headers, body)
-        self._response: UpstreamResponse | None = None
+        self.loop = loop
+        self.deadline = deadline
+        self.response: UpstreamResponse | None = None
         """The answer in flight: awaited for its head, then read by the caller."""
-        self._timer: asyncio.TimerHandle | None = None
         self._slot = False
+        self._timer: asyncio.TimerHandle | None = loop.call_at(deadline, self._time_out)
 
-    async def __aenter__(self) -> UpstreamResponse:
-        pool = self._pool
-        loop = asyncio.get_running_loop()
-        # The timeout counts from here: waiting for a free connection is part of it.
-        deadline = loop.time() + pool.timeout
-        self._timer = loop.call_at(deadline, self._time_out)
-        try:
-            if pool._slots.locked():
-                async with asyncio.timeout_at(deadline):
-                    await pool._slots.acquire()
-            else:
-                await pool._slots.acquire()
-            self._slot = True
-            return await pool._send(self, deadline)
-        except BaseException:
-            self._end()
-            raise
+    async def take_slot(self) -> None:
+        """Wait for a free connection slot (the deadline counts)."""
+        slots = self._pool._slots
+        if slots.locked():
+            async with asyncio.timeout_at(self.deadline):
+                await slots.acquire()
+        else:
+            await slots.acquire()
+        self._slot = True
 
     def _time_out(self) -> None:
         """Past the deadline with an answer in flight: it fails with ``TimeoutError`` and
         its connection is aborted. (A wait for a slot or a connection has its own.)"""
         self._timer = None
-        response = self._response
+        response = self.response
         if response is not None:
             response.fail(TimeoutError())
             response._conn.abort()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._end()
-
-    def _end(self) -> None:
+    def end(self) -> None:
+        """Let go of the slot, the timer and the answer's connection (idempotent)."""
         timer = self._timer
         if timer is not None:
             timer.cancel()
             self._timer = None
-        response, self._response = self._response, None
+        response, self.response = self.response, None
         if response is not None:
             self._pool._release(response)
         if self._slot:

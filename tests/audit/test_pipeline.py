@@ -4,7 +4,7 @@ callbacks they override."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from proxy.audit.balp import AuditContext, Built
+from proxy.audit.intents import OpenIntents
 from proxy.audit.pipeline import (
     AuditPipeline,
     AuditPolicy,
@@ -93,8 +94,7 @@ def _pipeline(queue: AuditQueue, hooks: Sequence[Hook]) -> AuditPipeline:
         ctx=AuditContext.default(),
         queue=queue,
         jwks=None,
-        intents_in_flight=set(),
-        abandoned_intents={},
+        intents=OpenIntents(),
         hooks=hooks,
     )
 
@@ -116,7 +116,7 @@ async def test_a_hook_is_called_for_what_it_overrides_once_the_events_are_durabl
 
 
 def test_the_standard_hooks_are_those_the_settings_ask_for() -> None:
-    async def read(request: Any, ex: Exchange) -> bytes | None:
+    async def read(ex: Exchange, forwarded: Mapping[str, str]) -> bytes | None:
         return None
 
     pending: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -12,13 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import QUEUE, build_proxy_app
+from proxy.app import QUEUE, build_proxy_app, proxy_listener
+from proxy.http.server import Server
 from proxy.store.records import EventQuery
-from tests.factories import request_id_of, settings_for, start_fhir_server, stop_fhir_server
+from tests.factories import (
+    STOP_GRACE_S,
+    request_id_of,
+    settings_for,
+    start_fhir_server,
+    stop_fhir_server,
+)
 
 
 class ThreadedProxy:
@@ -29,7 +35,7 @@ class ThreadedProxy:
         self._settings = settings_for(upstream_url, store_dir)
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._server: Server | None = None
         self.port = 0
 
     def call(self, coro: Any) -> Any:
@@ -40,19 +46,16 @@ class ThreadedProxy:
         self.app = build_proxy_app(self._settings)
 
         async def start() -> int:
-            self._runner = web.AppRunner(self.app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            port: int = self._runner.addresses[0][1]
-            return port
+            self._server = Server(self.app, proxy_listener)
+            await self._server.start(host="127.0.0.1", port=0)
+            return self._server.port
 
         self.port = self.call(start())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        self.call(self._runner.cleanup())
+        assert self._server is not None
+        self.call(self._server.stop(STOP_GRACE_S))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()

@@ -17,7 +17,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.http.listener import Answer, BodyTimedOut, ClientRequest, Listener, StreamedAnswer
+from proxy.http.flow import BodyTimedOut
+from proxy.http.listener import ClientRequest, Listener
+from proxy.http.response import Response
 from tests.factories import (
     NodeFhirServer,
     ProxyProcess,
@@ -30,7 +32,40 @@ from tests.factories import (
     serving,
 )
 
-Handler = Callable[[ClientRequest], Awaitable[Answer | StreamedAnswer]]
+Handler = Callable[[ClientRequest], Awaitable[Response]]
+
+
+def answer(status: int, headers: dict[str, str], body: bytes, keep_alive: bool = True) -> Response:
+    return Response(status=status, headers=headers, body=body, keep_alive=keep_alive)
+
+
+class Chunks:
+    """A streamed body from a list of chunks, which records whether it was closed."""
+
+    def __init__(self, *parts: bytes, fail_after: int | None = None) -> None:
+        self.parts = list(parts)
+        self.fail_after = fail_after
+        self.sent = 0
+        self.was_closed = asyncio.Event()
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            raise RuntimeError("the source broke off")
+        if self.sent >= len(self.parts):
+            raise StopAsyncIteration
+        self.sent += 1
+        await asyncio.sleep(0)
+        return self.parts[self.sent - 1]
+
+    @property
+    def closed(self) -> bool:
+        return self.was_closed.is_set()
+
+    async def aclose(self) -> None:
+        self.was_closed.set()
 
 
 class Refusals:
@@ -39,9 +74,9 @@ class Refusals:
     def __init__(self) -> None:
         self.seen: list[tuple[str, int, str]] = []
 
-    async def __call__(self, peer: str, status: int, reason: str) -> Answer:
+    async def __call__(self, peer: str, status: int, reason: str) -> Response:
         self.seen.append((peer, status, reason))
-        return Answer(status, {"Content-Type": "text/plain"}, reason.encode(), keep_alive=False)
+        return answer(status, {"Content-Type": "text/plain"}, reason.encode(), keep_alive=False)
 
 
 @contextlib.asynccontextmanager
@@ -70,12 +105,12 @@ async def talk(port: int, data: bytes, *, wait: float = 5) -> bytes:
         writer.close()
 
 
-async def echo(request: ClientRequest) -> Answer:
+async def echo(request: ClientRequest) -> Response:
     body = b""
     if request.body is not None:
-        body = b"".join([chunk async for chunk in request.body.iter_chunks()])
+        body = b"".join([chunk async for chunk in request.body])
     text = f"{request.method} {request.raw_path}?{request.raw_query} {len(body)}"
-    return Answer(200, {"X-Echo": text}, body or text.encode())
+    return answer(200, {"X-Echo": text}, body or text.encode())
 
 
 async def test_requests_on_one_connection_are_answered_in_order_and_http_1_0_closes() -> None:
@@ -103,12 +138,12 @@ async def test_requests_on_one_connection_are_answered_in_order_and_http_1_0_clo
 async def test_a_pipelined_request_waits_for_the_answer_before_it() -> None:
     order: list[str] = []
 
-    async def slow_first(request: ClientRequest) -> Answer:
+    async def slow_first(request: ClientRequest) -> Response:
         order.append(f"start {request.raw_path}")
         if request.raw_path == "/slow":
             await asyncio.sleep(0.2)
         order.append(f"end {request.raw_path}")
-        return Answer(200, {}, request.raw_path.encode())
+        return answer(200, {}, request.raw_path.encode())
 
     async with listening(slow_first) as (_, port):
         raw = await talk(
@@ -180,9 +215,9 @@ async def test_a_request_the_parser_refuses_goes_to_the_refusal_hook_without_its
 ) -> None:
     handled: list[str] = []
 
-    async def handler(request: ClientRequest) -> Answer:
+    async def handler(request: ClientRequest) -> Response:
         handled.append(request.raw_path)
-        return Answer(200, {}, b"")
+        return answer(200, {}, b"")
 
     refusals = Refusals()
     async with listening(handler, refusals) as (_, port):
@@ -210,12 +245,12 @@ async def test_a_refused_request_after_good_ones_is_answered_after_them() -> Non
 
 
 async def test_a_streamed_answer_is_chunked_to_http_1_1_and_close_delimited_to_http_1_0() -> None:
-    async def stream(request: ClientRequest) -> StreamedAnswer:
-        answer = request.start(200, {"Content-Type": "text/plain"})
-        for part in (b"one ", b"two ", b"three"):
-            await answer.write(part)
-        await answer.finish()
-        return answer
+    streams: list[Chunks] = []
+
+    async def stream(request: ClientRequest) -> Response:
+        body = Chunks(b"one ", b"", b"two ", b"three")
+        streams.append(body)
+        return Response(status=200, headers={"Content-Type": "text/plain"}, stream=body)
 
     async with listening(stream) as (_, port):
         raw = await talk(port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
@@ -225,30 +260,65 @@ async def test_a_streamed_answer_is_chunked_to_http_1_1_and_close_delimited_to_h
         assert b"Transfer-Encoding" not in raw and raw.endswith(b"\r\n\r\none two three")
         raw = await talk(port, b"HEAD / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         assert raw.endswith(b"\r\n\r\n"), "a HEAD answer has no body"
+    assert [body.closed for body in streams] == [True, True, True]
+
+
+async def test_a_streamed_answer_of_known_length_is_sent_with_it_on_a_kept_connection() -> None:
+    async def stream(request: ClientRequest) -> Response:
+        return Response(status=200, headers={}, stream=Chunks(b"ab", b"cde"), length=5)
+
+    async with listening(stream) as (_, port):
+        raw = await talk(
+            port,
+            b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    assert raw.count(b"Content-Length: 5\r\n") == 2 and b"chunked" not in raw
+    assert raw.count(b"\r\n\r\nabcde") == 2
+
+
+async def test_a_stream_that_breaks_off_cuts_the_answer_short_and_is_closed() -> None:
+    """The client must never take a broken body for whole: a chunked answer gets no last
+    chunk, one of known length no more bytes, and the connection is aborted."""
+    streams: list[Chunks] = []
+
+    async def stream(request: ClientRequest) -> Response:
+        body = Chunks(b"one ", b"two ", b"three", fail_after=2)
+        streams.append(body)
+        length = 13 if request.raw_path == "/sized" else None
+        return Response(status=200, headers={}, stream=body, length=length)
+
+    async with listening(stream) as (_, port):
+        raw = await talk(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert raw.endswith(b"4\r\none \r\n4\r\ntwo \r\n"), "no last chunk"
+        raw = await talk(port, b"GET /sized HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert b"Content-Length: 13" in raw and raw.endswith(b"\r\n\r\none two ")
+    assert [body.closed for body in streams] == [True, True]
 
 
 async def test_a_client_that_leaves_does_not_cancel_the_handler() -> None:
-    finished: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    """The handler runs to its end, and the stream it answered with is closed when the
+    client is gone before it or leaves half-way (the stream lets go of what it holds)."""
+    bodies = [Chunks(*[b"x" * 65536] * 10_000) for _ in range(2)]
 
-    async def stream(request: ClientRequest) -> StreamedAnswer:
-        answer = request.start(200, {})
-        try:
-            for _ in range(10_000):
-                await answer.write(b"x" * 65536)
-                await asyncio.sleep(0)
-            finished.set_result("wrote everything")
-        except ConnectionResetError:
-            await asyncio.sleep(0.05)  # not cancelled: it can still finish its work
-            finished.set_result("saw the client leave")
-        return answer
+    async def stream(request: ClientRequest) -> Response:
+        await asyncio.sleep(0.05)  # not cancelled by the client's leaving
+        return Response(status=200, headers={}, stream=bodies[request.raw_path == "/2"])
 
     async with listening(stream) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-        await reader.readexactly(1000)
-        writer.transport.abort()
+        await writer.drain()
+        writer.transport.abort()  # gone before the answer
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        await reader.readexactly(100_000)
+        writer.transport.abort()  # gone half-way
         async with asyncio.timeout(10):
-            assert await finished == "saw the client leave"
+            for body in bodies:
+                await body.was_closed.wait()
+    assert bodies[0].sent <= 1
+    assert 1 <= bodies[1].sent < 10_000
 
 
 async def test_an_idle_connection_is_closed_after_the_keepalive_time() -> None:
@@ -266,7 +336,7 @@ async def test_shutdown_lets_the_answers_in_flight_finish_and_closes_idle_connec
     started = asyncio.Event()
     late_started = asyncio.Event()
 
-    async def slow(request: ClientRequest) -> Answer:
+    async def slow(request: ClientRequest) -> Response:
         if request.raw_path == "/slow":
             started.set()
             async with asyncio.timeout(10):  # in flight until the late one has begun
@@ -274,7 +344,7 @@ async def test_shutdown_lets_the_answers_in_flight_finish_and_closes_idle_connec
         elif request.raw_path == "/late":
             late_started.set()
             await asyncio.sleep(0.1)
-        return Answer(200, {}, b"done")
+        return answer(200, {}, b"done")
 
     listener = Listener(slow, Refusals())
     server = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
@@ -304,8 +374,8 @@ async def test_shutdown_lets_the_answers_in_flight_finish_and_closes_idle_connec
 
 
 async def test_a_header_that_would_add_a_line_is_never_sent() -> None:
-    async def injecting(request: ClientRequest) -> Answer:
-        return Answer(200, {"X-Bad": "a\r\nSet-Cookie: stolen=1"}, b"body")
+    async def injecting(request: ClientRequest) -> Response:
+        return answer(200, {"X-Bad": "a\r\nSet-Cookie: stolen=1"}, b"body")
 
     async with listening(injecting) as (_, port):
         raw = await talk(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -313,10 +383,10 @@ async def test_a_header_that_would_add_a_line_is_never_sent() -> None:
 
 
 async def test_a_handler_that_fails_answers_500_and_an_upgrade_ends_the_connection() -> None:
-    async def failing(request: ClientRequest) -> Answer:
+    async def failing(request: ClientRequest) -> Response:
         if request.raw_path == "/fail":
             raise RuntimeError("bug")
-        return Answer(200, {}, b"plain")
+        return answer(200, {}, b"plain")
 
     async with listening(failing) as (_, port):
         raw = await talk(port, b"GET /fail HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -334,9 +404,9 @@ async def test_a_head_that_does_not_arrive_in_time_is_answered_408_and_closed() 
     handled: list[str] = []
     refusals = Refusals()
 
-    async def handler(request: ClientRequest) -> Answer:
+    async def handler(request: ClientRequest) -> Response:
         handled.append(request.raw_path)
-        return Answer(200, {}, b"served")
+        return answer(200, {}, b"served")
 
     async with listening(handler, refusals, header_timeout_s=0.3) as (_, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -365,13 +435,13 @@ async def test_a_head_that_does_not_arrive_in_time_is_answered_408_and_closed() 
 
 
 async def test_a_body_that_stops_arriving_fails_its_read_in_time() -> None:
-    async def reading(request: ClientRequest) -> Answer:
+    async def reading(request: ClientRequest) -> Response:
         assert request.body is not None
         try:
-            size = sum([len(chunk) async for chunk in request.body.iter_chunks()])
+            size = sum([len(chunk) async for chunk in request.body])
         except BodyTimedOut as exc:
-            return Answer(408, {}, str(exc).encode())
-        return Answer(200, {}, f"whole {size}".encode())
+            return answer(408, {}, str(exc).encode())
+        return answer(200, {}, f"whole {size}".encode())
 
     async with listening(reading, body_timeout_s=0.3) as (_, port):
         for stalled in (

@@ -18,13 +18,15 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.http.upstream import (
-    HIGH_WATER,
+from proxy.http.flow import HIGH_WATER
+from proxy.http.transport import (
+    Body,
     UpstreamConnectError,
     UpstreamDisconnected,
-    UpstreamPool,
     UpstreamProtocolError,
+    UpstreamRequest,
 )
+from proxy.http.upstream import UpstreamPool, UpstreamResponse
 from tests.factories import StartProxy, free_port, serving, write_certificate
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -124,10 +126,28 @@ def answer_once(data: bytes = b"", *, stall: bool) -> Callable[[Scripted], Scrip
     return script
 
 
+@contextlib.asynccontextmanager
+async def answer_of(
+    pool: UpstreamPool,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: Body = None,
+) -> AsyncIterator[UpstreamResponse]:
+    """The answer to one request through ``pool``, closed on exit (as forwarding does)."""
+    answer = await pool.handle(
+        UpstreamRequest(method=method, target=target, headers=headers, body=body)
+    )
+    try:
+        yield answer
+    finally:
+        answer.close()
+
+
 async def get(pool: UpstreamPool, target: str = "/fhir/Patient/1", method: str = "GET") -> bytes:
-    async with pool.request(method, target, [("Accept", "application/fhir+json")]) as answer:
+    async with answer_of(pool, method, target, [("Accept", "application/fhir+json")]) as answer:
         assert answer.status == 200
-        return await answer.read()
+        return await answer.body.read()
 
 
 async def test_connections_are_kept_alive_and_requests_are_written_as_sent() -> None:
@@ -155,12 +175,12 @@ async def test_bodies_are_sent_with_their_length_or_chunked() -> None:
     async with scripted(keep_answering(answer())) as server:
         pool = UpstreamPool(server.origin)
         try:
-            async with pool.request("POST", "/fhir/Patient", [], b'{"x":1}') as a:
-                await a.read()
-            async with pool.request("POST", "/fhir/Patient", [], stream()) as a:
-                await a.read()
-            async with pool.request("POST", "/fhir/Patient/$validate", []) as a:
-                await a.read()
+            async with answer_of(pool, "POST", "/fhir/Patient", [], b'{"x":1}') as a:
+                await a.body.read()
+            async with answer_of(pool, "POST", "/fhir/Patient", [], stream()) as a:
+                await a.body.read()
+            async with answer_of(pool, "POST", "/fhir/Patient/$validate", []) as a:
+                await a.body.read()
         finally:
             await pool.close()
     sized, chunked, empty = server.requests
@@ -201,9 +221,9 @@ async def test_a_head_answer_ends_at_its_headers_and_an_early_hint_is_skipped() 
     async with scripted(keep_answering(head_answer, hinted)) as server:
         pool = UpstreamPool(server.origin)
         try:
-            async with pool.request("HEAD", "/fhir/Patient/1", []) as head:
+            async with answer_of(pool, "HEAD", "/fhir/Patient/1", []) as head:
                 assert head.status == 200 and head.headers["content-length"] == "100"
-                assert await head.read() == b""
+                assert await head.body.read() == b""
             assert await get(pool) == b"[1]"
         finally:
             await pool.close()
@@ -229,7 +249,7 @@ async def test_a_pooled_connection_the_server_closed_is_retried_only_when_idempo
             assert await get(pool) == b"ok", "the GET was sent again on a new connection"
             assert server.connections == 2
             with pytest.raises(UpstreamDisconnected):
-                async with pool.request("POST", "/fhir/Patient", [], b"{}"):
+                async with answer_of(pool, "POST", "/fhir/Patient", [], b"{}"):
                     pass
             assert server.connections == 2, "a POST is never sent twice"
         finally:
@@ -306,12 +326,12 @@ async def test_a_large_answer_is_buffered_only_as_far_as_it_is_read() -> None:
     async with scripted(large) as server:
         pool = UpstreamPool(server.origin)
         try:
-            async with pool.request("GET", "/fhir/Binary/1", []) as big:
+            async with answer_of(pool, "GET", "/fhir/Binary/1", []) as big:
                 await asyncio.sleep(0.5)  # the client reads nothing meanwhile
-                assert big._buffered <= HIGH_WATER + 256 * 1024
+                assert big.body._size <= HIGH_WATER + 256 * 1024
                 assert not sent_all.is_set(), "the server is held back, not the client's memory"
                 received = 0
-                while chunk := await big.read_chunk():
+                while chunk := await big.body.read_chunk():
                     received += len(chunk)
                 assert received == size
         finally:
@@ -322,7 +342,7 @@ async def test_an_answer_not_read_to_its_end_closes_its_connection() -> None:
     async with scripted(keep_answering(answer(b"x" * 500_000))) as server:
         pool = UpstreamPool(server.origin)
         try:
-            async with pool.request("GET", "/fhir/Binary/1", []) as a:
+            async with answer_of(pool, "GET", "/fhir/Binary/1", []) as a:
                 assert a.status == 200
             await get(pool)
         finally:
@@ -428,7 +448,7 @@ async def test_a_line_break_never_reaches_the_upstream(
         pool = UpstreamPool(server.origin)
         try:
             with pytest.raises(UpstreamProtocolError, match="line break"):
-                async with pool.request("GET", target, headers):
+                async with answer_of(pool, "GET", target, headers):
                     pass
             await get(pool)
         finally:
@@ -489,9 +509,9 @@ async def test_an_answer_before_the_body_is_sent_whole_stops_the_body_and_stands
     async with scripted(answer_early(close)) as server:
         pool = UpstreamPool(server.origin, timeout=20)
         try:
-            async with pool.request("POST", "/fhir/Binary", [], large()) as a:
+            async with answer_of(pool, "POST", "/fhir/Binary", [], large()) as a:
                 assert a.status == 413
-                assert await a.read() == b'{"resourceType":"Outcome"}\n'
+                assert await a.body.read() == b'{"resourceType":"Outcome"}\n'
             assert len(sent) < 2000, "the body stopped once the answer came"
             assert pool._idle == [] or all(c.closed for c in pool._idle), "not reused"
         finally:
