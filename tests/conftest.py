@@ -102,11 +102,11 @@ def balp_validator(pytestconfig: pytest.Config) -> Iterator[ProfileValidator]:
     validator = ProfileValidator.start()
     pytestconfig.stash[VALIDATOR] = validator
     # Both of the builder's entry points are wrapped, wherever they are bound: compiled
-    # by mypyc, build_events calls events_for directly, past any patched name. A call
-    # inside a wrapped call (the pure-Python build_events calling events_for) is checked
+    # by mypyc, build_events calls interaction_events directly, past any patched name. A call
+    # inside a wrapped call (the pure-Python build_events calling interaction_events) is checked
     # once, by the outer one.
     originals: dict[str, Callable[..., Sequence[Any]]] = {
-        "events_for": balp.events_for,
+        "interaction_events": balp.interaction_events,
         "build_events": balp.build_events,
     }
     checking: contextvars.ContextVar[bool] = contextvars.ContextVar("checking", default=False)

@@ -4,10 +4,13 @@ store writes for it: pure, no I/O, clock passed in.
 One exchange gives one event per patient (the Patient* profiles) or one basic event when
 no patient is known; a batch or transaction gives one event for the Bundle and events for
 each entry. Failures are recorded with their outcome but claim no BALP profile, because
-the RESTful profiles fix ``outcome`` to success. Events are plain dicts that share their
-constant fragments (codings, agents, the entities of one exchange) and are never changed
-once built: the row's JSON body is made with them, and its index columns from what the
-builder knows, not read back out of the JSON.
+the RESTful profiles fix ``outcome`` to success.
+
+The events of one :class:`AuditedInteraction` are built in three steps: what they say
+(:class:`Statement`: the outcome, the agents, the entities), how each is written
+(:mod:`proxy.audit.encoding`), and the index columns of its row
+(:mod:`proxy.audit.rows`). Events are plain dicts that share their constant fragments
+(codings, agents, the entities of one exchange) and are never changed once built.
 """
 
 from __future__ import annotations
@@ -24,19 +27,26 @@ from urllib.parse import quote_plus, urlsplit
 
 import orjson
 
+from proxy.audit.encoding import (
+    PATIENT_ENTITY_PREFIX,
+    DictEncoding,
+    EventEncoding,
+    PartsEncoding,
+)
 from proxy.audit.identity import Identity
 from proxy.audit.ids import new_event_id
-from proxy.audit.r5 import to_r5
+
+# What the builder hands over is declared with the rows; its callers take it from here.
+from proxy.audit.rows import Built as Built
+from proxy.audit.rows import BuiltEvent, EventColumns, FannedEvent, agent_terms, joined, terms_tail
+from proxy.audit.rows import store_rows as store_rows
 from proxy.audit.vocabulary import (
     ACT_REASON,
     APPLICATION,
     OPERATION_SYSTEM,
     PATTERNS,
-    PERSON,
-    PROFILE_BASE,
     RESTFUL_INTERACTION,
     ROLE_DOMAIN_RESOURCE,
-    ROLE_PATIENT,
     ROLE_QUERY,
     SECURITY_SOURCE_TYPE,
     SYSTEM_OBJECT,
@@ -61,10 +71,8 @@ from proxy.fhir.interaction import (
 from proxy.fhir.patients import patients_of_exchange
 from proxy.settings import Settings
 from proxy.store.index import who_of
-from proxy.store.marks import BREAK_GLASS_PURPOSES, Mark, marks_for
-from proxy.store.records import FAN_MAX, EventRow, FanOut, member_id
-
-K = InteractionKind
+from proxy.store.marks import BREAK_GLASS_PURPOSES, Mark
+from proxy.store.records import FAN_MAX, FanOut, member_id
 
 QUERY_LIMIT = 4096
 """The default of ``audit.max_query_bytes``: most bytes of the raw request kept in
@@ -123,17 +131,22 @@ class AuditContext:
         return cls.from_settings(Settings())
 
 
-class Happening(NamedTuple):
-    """What one interaction did: the exchange itself, or one entry of a bundle (or, for a
-    recovered intent, what was known before it was forwarded)."""
+class AuditedInteraction(NamedTuple):
+    """One interaction as it is audited: the exchange itself, or one entry of a batch or
+    transaction, or a write whose outcome is unknown (a recovered intent): what was
+    asked, what came of it, and which patients it concerned."""
 
     interaction: Interaction
     status: int | None
+    """The status it was answered with; None when no answer came."""
     error: str | None
+    """Why the proxy, not the server, ended it."""
     request_resource: Mapping[str, Any] | None
     response_resource: Mapping[str, Any] | None
     location: str | None
+    """``Location`` (or ``Content-Location``) of the answer."""
     patients: tuple[str, ...]
+    """The patients it concerned, each once."""
 
 
 # --- outcome ---------------------------------------------------------------------------------
@@ -241,17 +254,16 @@ def _agents(
     user = _user_agent(identity, pattern, token_pattern)
     if user is not None:
         agents.append(user)
-    terms = list(dict.fromkeys(_agent_terms(agents, r5)))
+    terms = agent_terms(agents, r5)
     claimed = identity.purpose_of_use if identity is not None and user is not None else ()
     if not BREAK_GLASS_PURPOSES.isdisjoint(claimed):
         terms.append(Mark.BREAK_GLASS.term)
-    tail = orjson.dumps(terms).decode()[1:]
     return _Agents(
         agents,
         _user_of(user) if user is not None else None,
         terms,
         orjson.dumps(agents),
-        f",{tail}" if terms else tail,
+        terms_tail(terms),
         who_of(agents).column(),
     )
 
@@ -304,10 +316,6 @@ def _user_agent(
 # --- entities ------------------------------------------------------------------------------
 
 
-def _patient_entity(reference: str) -> dict[str, Any]:
-    return {"type": PERSON, "role": ROLE_PATIENT, "what": {"reference": reference}}
-
-
 def _transaction_entity(request_id: str) -> dict[str, Any]:
     return {"type": XREQUEST_ID, "what": {"identifier": {"value": request_id}}}
 
@@ -344,7 +352,7 @@ def _raw_request(ex: Exchange, redact: frozenset[str]) -> tuple[bytes, str | Non
     content_type = ex.request_headers.get("content-type", "")
     body = ex.request_body
     form = ex.method == "POST" and content_type.startswith(_FORM)
-    operation = ex.interaction is not None and ex.interaction.kind is K.OPERATION
+    operation = ex.interaction is not None and ex.interaction.kind is InteractionKind.OPERATION
     if not form and (not operation or not body):
         return head + b"\r\n", None
     body = body or b""
@@ -441,19 +449,20 @@ def _location_reference(location: str | None, base_url: str) -> str | None:
     return location.strip("/") or None
 
 
-def _data_entity(ex: Exchange, happening: Happening) -> dict[str, Any]:
-    interaction = happening.interaction
-    resource = happening.response_resource
+def _data_entity(ex: Exchange, audited: AuditedInteraction) -> dict[str, Any]:
+    interaction = audited.interaction
+    resource = audited.response_resource
     if resource is None or resource.get("resourceType") == "OperationOutcome":
-        resource = happening.request_resource if interaction.kind is not K.DELETE else None
+        deleted = interaction.kind is InteractionKind.DELETE
+        resource = None if deleted else audited.request_resource
     reference: str | None
-    if interaction.kind is K.VREAD:
+    if interaction.kind is InteractionKind.VREAD:
         rtype, rid, vid = interaction.resource_type, interaction.resource_id, interaction.version_id
         reference = f"{rtype}/{rid}/_history/{vid}"
-    elif interaction.kind is K.DELETE:
+    elif interaction.kind is InteractionKind.DELETE:
         reference = _versioned(None, interaction.resource_type, interaction.resource_id)
     else:
-        reference = _location_reference(happening.location, ex.base_url) or _versioned(
+        reference = _location_reference(audited.location, ex.base_url) or _versioned(
             resource, interaction.resource_type, interaction.resource_id
         )
     what: dict[str, Any] = (
@@ -470,7 +479,7 @@ def _data_entity(ex: Exchange, happening: Happening) -> dict[str, Any]:
     return entity
 
 
-# --- events --------------------------------------------------------------------------------
+# --- what the events say ----------------------------------------------------------------------
 
 
 class _Kind(NamedTuple):
@@ -497,111 +506,7 @@ def _kind(restful_code: str | None, operation: str | None, action: str) -> _Kind
     if subtypes:
         start["subtype"] = subtypes
     start["action"] = action
-    return _Kind(subtypes, _joined(c["code"] for c in subtypes), orjson.dumps(start)[:-1] + b",")
-
-
-class BuiltEvent(NamedTuple):
-    """One AuditEvent, as the row the store writes for it."""
-
-    row: EventRow
-    """The columns the store indexes, made from what the builder knows, and the event as
-    JSON: equal to what :func:`proxy.store.index.event_row` reads back out of it."""
-
-    @property
-    def event(self) -> dict[str, Any]:
-        """The AuditEvent (R4, or R5 when configured), parsed from its JSON: a new dict
-        at each call."""
-        event: dict[str, Any] = orjson.loads(self.row.body)
-        return event
-
-    @property
-    def outcome(self) -> str | None:
-        return self.row.outcome
-
-
-class FannedEvent(NamedTuple):
-    """One of the events of a :class:`FanOut`: its row and its event are made when asked
-    for (the store gets the fan-out whole, see :func:`store_rows`)."""
-
-    fan: FanOut
-    position: int
-
-    @property
-    def row(self) -> EventRow:
-        return self.fan.row(self.position)
-
-    @property
-    def event(self) -> dict[str, Any]:
-        """The AuditEvent, parsed from its JSON: a new dict at each call."""
-        event: dict[str, Any] = orjson.loads(self.row.body)
-        return event
-
-    @property
-    def outcome(self) -> str | None:
-        return self.fan.columns.outcome
-
-
-Built = BuiltEvent | FannedEvent
-"""An event as the builder hands it over."""
-
-
-def store_rows(built: Iterable[Built]) -> list[EventRow | FanOut]:
-    """What the store is given for ``built``: each event's row, and each fan-out once."""
-    out: list[EventRow | FanOut] = []
-    last: FanOut | None = None
-    for item in built:
-        if type(item) is FannedEvent:
-            if item.fan is not last:
-                last = item.fan
-                out.append(last)
-        else:
-            out.append(item.row)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """What every event of one build gets beside its content."""
-
-    r5: bool
-    """Converted to R5 (the row is the R5 event's)."""
-    traceparent: str | None
-    """Put on the X-Request-Id entity as an ``entity.detail``."""
-    tags: tuple[dict[str, str], ...]
-    """Added to ``meta.tag``."""
-
-    @classmethod
-    def of(
-        cls,
-        ctx: AuditContext,
-        traceparent: str | None = None,
-        tags: tuple[dict[str, str], ...] = (),
-    ) -> Finish:
-        """The finish of a build under ``ctx``."""
-        r5 = ctx.fhir_version == "R5"
-        if not r5 and traceparent is None and not tags:
-            return _R4
-        return cls(r5=r5, traceparent=traceparent, tags=tags)
-
-
-_R4 = Finish(r5=False, traceparent=None, tags=())
-"""The finish of most builds, made once."""
-
-
-def _joined(values: Iterable[str]) -> str:
-    """``|a|b|``: searchable with ``LIKE '%|a|%'``."""
-    text = "|".join(values)
-    return f"|{text}|" if text else "|"
-
-
-def _recorded_ts(recorded: datetime) -> float:
-    """``recorded`` as the store orders by it: the POSIX time of the millisecond written
-    in the event (naive times are UTC)."""
-    if recorded.tzinfo is None:
-        recorded = recorded.replace(tzinfo=UTC)
-    # Whole milliseconds since the epoch, divided: the float nearest to that millisecond,
-    # as ``timestamp()`` of the time cut to it gives.
-    return ((recorded - _EPOCH) // _MILLISECOND) / 1000
+    return _Kind(subtypes, joined(c["code"] for c in subtypes), orjson.dumps(start)[:-1] + b",")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -624,90 +529,6 @@ def _instant(at: datetime) -> str:
     return f"{written}.{millisecond:03d}+00:00"
 
 
-@functools.cache
-def _profile_meta(name: str) -> dict[str, Any]:
-    """``meta`` claiming a BALP profile: one dict per profile, shared by its events."""
-    return {"profile": [PROFILE_BASE + name]}
-
-
-@functools.cache
-def _profile_meta_json(name: str) -> bytes:
-    """The end of an event's JSON whose last key is ``meta`` claiming that profile."""
-    return b',"meta":' + orjson.dumps(_profile_meta(name)) + b"}"
-
-
-_BEFORE_REFERENCE, _AFTER_REFERENCE = orjson.dumps(_patient_entity("%s")).split(b'"%s"')
-_PATIENT_ENTITY_PREFIX = b'","entity":[' + _BEFORE_REFERENCE
-_PATIENT_ENTITY_SUFFIX = _AFTER_REFERENCE + b","
-"""What comes between an event's id and its patient's reference (as JSON), and after the
-reference up to the next entity (``FanOut.before`` and the start of its ``tail``)."""
-
-
-def _entity_terms(entity: Mapping[str, Any], r5: bool) -> list[str]:
-    """The search terms of one entity that is not a patient's (see ``EventRow.terms``)."""
-    reference = (entity.get("what") or {}).get("reference")
-    if reference:
-        # Unversioned: ``Observation/1`` finds the event about its version 2.
-        unversioned = f"e:{reference.split('/_history/')[0]}"
-        if "/" not in reference:
-            return [unversioned]
-        return [unversioned, f"r:{_resource_type(reference)}"]
-    if not r5 and entity.get("query") and entity.get("description"):
-        # R5 has no entity.description.
-        return [f"r:{str(entity['description']).split('?')[0].split('/')[0]}"]
-    return []
-
-
-def _resource_type(reference: str) -> str:
-    """``Observation`` from ``Observation/1``, ``Observation/1/_history/2`` or an
-    absolute URL ending in either."""
-    parts = reference.split("/")
-    at = parts.index("_history") if "_history" in parts else len(parts)
-    return parts[max(at - 2, 0)]
-
-
-def _agent_terms(agents: Iterable[Mapping[str, Any]], r5: bool) -> list[str]:
-    """The search terms naming the agents, the FHIR server excepted (it is on every
-    event): ids, names and network addresses."""
-    terms: list[str] = []
-    for agent in agents:
-        network = agent.get("network") or {}
-        if not agent["requestor"] and network.get("type") == "5":
-            continue
-        who = agent["who"]
-        for value in (
-            (who.get("identifier") or {}).get("value"),
-            who.get("reference"),
-            who.get("display"),
-            None if r5 else agent.get("name"),  # R5 agents have no name
-            network.get("address"),
-        ):
-            if value:
-                terms.append(f"a:{value}")
-    return terms
-
-
-def _terms_json(patients: tuple[str, ...], main: list[str], agents: _Agents) -> str:
-    """``EventRow.terms``: the patients' entities, then the other entities', then the
-    patients again as written, then the agents' (each term once, in that order; an
-    agent's term is never an entity's)."""
-    terms = [f"e:{p.split('/_history/')[0]}" for p in patients]
-    terms += main
-    terms += [f"e:{p}" for p in patients]
-    if not terms:
-        return f"[{agents.terms_tail[1:]}" if agents.terms else "[]"
-    return orjson.dumps(list(dict.fromkeys(terms))).decode()[:-1] + agents.terms_tail
-
-
-_R4_ENTITY_TYPES = {0: "|2|XrequestId|", 1: "|1|2|XrequestId|"}
-"""``EventRow.entity_types`` of R4 events naming no patient or one: the patient's, the
-resource's or query's, then the X-Request-Id's."""
-
-
-def _r4_entity_types(patients: tuple[str, ...]) -> str:
-    return _joined([*("1" for _ in patients), "2", "XrequestId"])
-
-
 def _user_of(agent: Mapping[str, Any]) -> str | None:
     who = agent["who"]
     user: str | None = (
@@ -720,34 +541,107 @@ def _traced(entity: dict[str, Any], traceparent: str) -> dict[str, Any]:
     return {**entity, "detail": [{"type": TRACEPARENT_DETAIL, "valueString": traceparent}]}
 
 
-def events_for(
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    """What every event of one build gets beside what it says."""
+
+    r5: bool
+    """Converted to R5 (the row is the R5 event's)."""
+    traceparent: str | None
+    """Put on the X-Request-Id entity as an ``entity.detail``."""
+    tags: tuple[dict[str, str], ...]
+    """Added to ``meta.tag``."""
+
+    @classmethod
+    def of(
+        cls,
+        ctx: AuditContext,
+        traceparent: str | None = None,
+        tags: tuple[dict[str, str], ...] = (),
+    ) -> BuildOptions:
+        """The options of a build under ``ctx``."""
+        r5 = ctx.fhir_version == "R5"
+        if not r5 and traceparent is None and not tags:
+            return _R4
+        return cls(r5=r5, traceparent=traceparent, tags=tags)
+
+
+_R4 = BuildOptions(r5=False, traceparent=None, tags=())
+"""The options of most builds, made once."""
+
+
+class Statement:
+    """What every event of one audited interaction says, whatever patients it names and
+    however it is written."""
+
+    # A slotted class, not a NamedTuple: one is made per audited interaction, and it is
+    # the record cheapest to make with ten fields.
+
+    __slots__ = (
+        "agents",
+        "basic_profile",
+        "kind",
+        "main",
+        "moment",
+        "outcome",
+        "pattern",
+        "profile",
+        "recorded",
+        "transaction",
+    )
+
+    def __init__(
+        self,
+        pattern: Pattern,
+        kind: _Kind,
+        outcome: str,
+        moment: dict[str, Any],
+        recorded: str,
+        agents: _Agents,
+        main: dict[str, Any],
+        transaction: dict[str, Any],
+        profile: str | None,
+        basic_profile: str | None,
+    ) -> None:
+        self.pattern = pattern
+        """The interaction's BALP pattern: action, agent types, profile."""
+        self.kind = kind
+        self.outcome = outcome
+        """``AuditEvent.outcome``'s code."""
+        self.moment = moment
+        """``period``, ``recorded``, ``outcome`` and ``outcomeDesc``, in that order."""
+        self.recorded = recorded
+        self.agents = agents
+        self.main = main
+        """The entity of the resource, or of the query."""
+        self.transaction = transaction
+        """The entity of the X-Request-Id (with the trace, when traced)."""
+        self.profile = profile
+        """The BALP profile an event naming one patient claims (``Patient...``); None
+        for a failure, which claims none."""
+        self.basic_profile = basic_profile
+        """The profile an event naming no patient, or listing many, claims."""
+
+
+def _statement(
     ex: Exchange,
-    happening: Happening,
+    audited: AuditedInteraction,
     ctx: AuditContext,
     now: datetime,
-    *,
-    outcome: tuple[str, str] | None = None,
-    finish: Finish,
-) -> list[Built]:
-    """The events recording one happening of ``ex``: one per patient, or one naming no
-    patient, or one listing them all past ``ctx.max_patient_events``. ``outcome`` (code,
-    description) replaces the one the status gives."""
-    interaction = happening.interaction
+    outcome: tuple[str, str] | None,
+    options: BuildOptions,
+) -> Statement:
+    interaction = audited.interaction
     pattern = PATTERNS[interaction.kind]
     if outcome is None:
-        code, outcome_desc = outcome_of(
-            happening.status, happening.error, happening.response_resource
-        )
+        code, outcome_desc = outcome_of(audited.status, audited.error, audited.response_resource)
         detail = interaction.detail
-        if interaction.kind is K.UNKNOWN and detail and detail not in (outcome_desc or ""):
+        unknown = interaction.kind is InteractionKind.UNKNOWN
+        if unknown and detail and detail not in (outcome_desc or ""):
             # (A request the proxy refused has its own diagnostics as the detail: once.)
             outcome_desc = detail + (f"; {outcome_desc}" if outcome_desc else "")
     else:
         code, outcome_desc = outcome
-    r5 = finish.r5
-
-    kind = _kind(interaction.restful_code, interaction.operation, pattern.action)
-    subtypes, subtypes_column = kind.subtypes, kind.column
     period: dict[str, str] = {"start": _instant(ex.started_at)}
     if ex.finished_at is not None:
         period["end"] = _instant(ex.finished_at)
@@ -756,108 +650,86 @@ def events_for(
     moment: dict[str, Any] = {"period": period, "recorded": recorded, "outcome": code}
     if outcome_desc:
         moment["outcomeDesc"] = outcome_desc[:2000]
-    agents = _agents(
-        ex.client_address, ex.base_url, ex.identity, interaction.kind, ctx.token_pattern, r5
-    )
-    # An R4 event without tags is serialized from its parts, those it shares with other
-    # events serialized once (``_Kind.start``, ``_Agents.json``, ``source_json``): the
-    # same bytes as ``orjson.dumps`` of the event, keys in the same order. R5 and tags
-    # rewrite the event, so it is made as a dict first.
-    as_json = not r5 and not finish.tags
-    if as_json:
-        head = b"".join(
-            (
-                kind.start,
-                orjson.dumps(moment)[1:-1],
-                b',"agent":',
-                agents.json,
-                b',"source":',
-                ctx.source_json,
-                b',"id":"',
-            )
-        )
-    else:
-        base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
-        if subtypes:
-            base["subtype"] = subtypes
-        base["action"] = pattern.action
-        base.update(moment)
-        base["agent"] = agents.agents
-        base["source"] = ctx.source
-
-    if pattern.entity == "data" and interaction.kind is not K.UNKNOWN:
-        main = _data_entity(ex, happening)
+    if pattern.entity == "data" and interaction.kind is not InteractionKind.UNKNOWN:
+        main = _data_entity(ex, audited)
     else:
         main = _query_entity(ex, interaction, ctx)
     transaction = _transaction_entity(ex.request_id)
-    if finish.traceparent is not None:
-        transaction = _traced(transaction, finish.traceparent)
-    claims_profile = code == "0" and pattern.profile is not None
+    if options.traceparent is not None:
+        transaction = _traced(transaction, options.traceparent)
+    claims = code == "0" and pattern.profile is not None
+    return Statement(
+        pattern,
+        _kind(interaction.restful_code, interaction.operation, pattern.action),
+        code,
+        moment,
+        recorded,
+        _agents(
+            ex.client_address,
+            ex.base_url,
+            ex.identity,
+            interaction.kind,
+            ctx.token_pattern,
+            options.r5,
+        ),
+        main,
+        transaction,
+        f"Patient{pattern.profile}" if claims else None,
+        pattern.profile if claims else None,
+    )
 
-    # The row's columns, as far as every event of this happening shares them.
-    recorded_ts = _recorded_ts(now)
-    if r5 and not subtypes:  # R5's AuditEvent.code is then the event type
-        subtypes_column = _joined([TYPE_REST["code"]])
-    user_id = agents.user_id
-    # The admin-access and denied marks (proxy/store/marks.py) go with the entities' terms.
-    marks = [m.term for m in marks_for(tags=finish.tags, purposes=(), status=happening.status)]
 
-    def built(
-        patients: tuple[str, ...],
-        main: dict[str, Any],
-        profile: str | None,
-        terms: str | None = None,
-    ) -> BuiltEvent:
-        event_id = new_event_id()
-        if as_json:
-            parts = [head, event_id.encode(), b'","entity":[']
-            for p in patients:
-                parts += (_BEFORE_REFERENCE, orjson.dumps(p), _PATIENT_ENTITY_SUFFIX)
-            parts.append(orjson.dumps([main, transaction])[1:])
-            parts.append(_profile_meta_json(profile) if profile is not None else b"}")
-            body = b"".join(parts)
-        else:
-            event = dict(base)
-            event["id"] = event_id
-            entities = [_patient_entity(p) for p in patients]
-            entities.append(main)
-            entities.append(transaction)
-            event["entity"] = entities
-            if profile is not None:
-                event["meta"] = _profile_meta(profile)
-            if r5:
-                event = to_r5(event)
-            if finish.tags:
-                meta = event.get("meta") or {}
-                event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *finish.tags]}
-            body = orjson.dumps(event)
-        if terms is None:
-            terms = _terms_json(patients, _entity_terms(main, r5) + marks, agents)
-        return BuiltEvent(
-            EventRow(
-                event_id=event_id,
-                recorded=recorded,
-                recorded_ts=recorded_ts,
-                action=pattern.action,
-                outcome=code,
-                subtypes=subtypes_column,
-                patients=(
-                    f"|{patients[0]}|" if len(patients) == 1 else _joined(dict.fromkeys(patients))
-                ),
-                user_id=user_id,
-                body=body,
-                terms=terms,
-                type_code=TYPE_REST["code"],
-                entity_types=(
-                    "|" if r5 else _R4_ENTITY_TYPES.get(len(patients)) or _r4_entity_types(patients)
-                ),
-                request_id=ex.request_id,
-                updated_ts=recorded_ts,
-                who=agents.who,
-            )
+# --- the events --------------------------------------------------------------------------
+
+
+def interaction_events(
+    ex: Exchange,
+    audited: AuditedInteraction,
+    ctx: AuditContext,
+    now: datetime,
+    *,
+    outcome: tuple[str, str] | None = None,
+    options: BuildOptions,
+) -> list[Built]:
+    """The events recording one audited interaction of ``ex``: one per patient, or one
+    naming no patient, or one listing them all past ``ctx.max_patient_events``.
+    ``outcome`` (code, description) replaces the one the status gives."""
+    said = _statement(ex, audited, ctx, now, outcome, options)
+    encoding: EventEncoding
+    if options is _R4 or (not options.r5 and not options.tags):
+        # R4 events without tags are joined from parts; R5 and tags rewrite each event.
+        encoding = PartsEncoding(
+            said.kind.start, said.moment, said.agents.json, ctx.source_json, said.transaction
         )
-
-    patients = happening.patients
+    else:
+        encoding = DictEncoding(
+            subtypes=said.kind.subtypes,
+            action=said.pattern.action,
+            moment=said.moment,
+            agents=said.agents.agents,
+            source=ctx.source,
+            transaction=said.transaction,
+            r5=options.r5,
+            tags=options.tags,
+        )
+    agents = said.agents
+    columns = EventColumns(
+        said.recorded,
+        now,
+        said.pattern.action,
+        said.outcome,
+        said.kind.column,
+        agents.user_id,
+        agents.terms,
+        agents.terms_tail,
+        ex.request_id,
+        options.r5,
+        options.tags,
+        audited.status,
+        agents.who,
+    )
+    main = said.main
+    patients = audited.patients
     if len(patients) > ctx.max_patient_events:
         listed = ctx.max_patients_listed
         note = f"{len(patients)} patients" + (
@@ -868,15 +740,15 @@ def events_for(
         # description says how many there were and how many are not listed.
         main = dict(main)
         main["description"] = f"{main['description']} ({note})" if main.get("description") else note
-        return [built(patients[:listed], main, pattern.profile if claims_profile else None)]
+        return [_event(encoding, columns, patients[:listed], main, said.basic_profile)]
     if not patients:
-        return [built((), main, pattern.profile if claims_profile else None)]
-    profile = f"Patient{pattern.profile}" if claims_profile else None
+        return [_event(encoding, columns, (), main, said.basic_profile)]
+    profile = said.profile
     if len(patients) == 1:
-        return [built(patients, main, profile)]
+        return [_event(encoding, columns, patients, main, profile)]
     # One event per patient: their terms differ only in the patient's, which comes first.
-    main_terms = _entity_terms(main, r5) + marks
-    rest = _terms_json((), main_terms, agents)[1:]
+    main_terms = columns.main_terms(main)
+    rest = columns.terms((), main_terms)[1:]
     rest = rest if rest == "]" else f",{rest}"
 
     def own_terms(patient: str) -> bool:
@@ -884,54 +756,55 @@ def events_for(
         of the resource's terms."""
         return f"e:{patient}" in main_terms or "/_history/" in patient
 
-    if as_json and len(patients) <= FAN_MAX and not any(own_terms(p) for p in patients):
+    if (
+        isinstance(encoding, PartsEncoding)
+        and len(patients) <= FAN_MAX
+        and not any(own_terms(p) for p in patients)
+    ):
         # The R4 events of several patients (without tags) go to the store as one row:
         # what they share serialized once, their ids one UUID numbered (member_id).
-        shared_entities = orjson.dumps([main, transaction])[1:]
         fan = FanOut(
             first_id=member_id(new_event_id(), 0),
             patients=patients,
-            head=head,
-            before=_PATIENT_ENTITY_PREFIX,
-            tail=_PATIENT_ENTITY_SUFFIX
-            + shared_entities
-            + (_profile_meta_json(profile) if profile is not None else b"}"),
+            head=encoding.head,
+            before=PATIENT_ENTITY_PREFIX,
+            tail=encoding.fan_tail(main, profile),
             terms_tail=rest,
-            columns=EventRow(
-                event_id="",
-                recorded=recorded,
-                recorded_ts=recorded_ts,
-                action=pattern.action,
-                outcome=code,
-                subtypes=subtypes_column,
-                patients="",
-                user_id=user_id,
-                body=b"",
-                terms="",
-                type_code=TYPE_REST["code"],
-                entity_types=_R4_ENTITY_TYPES[1],
-                request_id=ex.request_id,
-                updated_ts=recorded_ts,
-                who=agents.who,
-            ),
+            columns=columns.shared(),
         )
         return [FannedEvent(fan, i) for i in range(len(patients))]
     events: list[Built] = []
     for p in patients:
         if own_terms(p):
-            events.append(built((p,), main, profile))
+            events.append(_event(encoding, columns, (p,), main, profile))
         else:
+            event_id = new_event_id()
+            body = encoding.body(event_id, (p,), main, profile)
             terms = f"[{orjson.dumps(f'e:{p}').decode()}{rest}"
-            events.append(built((p,), main, profile, terms))
+            events.append(BuiltEvent(columns.row(event_id, (p,), body, terms)))
     return events
 
 
-def _happening(ex: Exchange) -> Happening:
+def _event(
+    encoding: EventEncoding,
+    columns: EventColumns,
+    patients: tuple[str, ...],
+    main: dict[str, Any],
+    profile: str | None,
+) -> BuiltEvent:
+    """One event naming ``patients``, written by ``encoding``, with its row."""
+    event_id = new_event_id()
+    body = encoding.body(event_id, patients, main, profile)
+    terms = columns.terms(patients, columns.main_terms(main))
+    return BuiltEvent(columns.row(event_id, patients, body, terms))
+
+
+def _audited(ex: Exchange) -> AuditedInteraction:
     interaction = ex.interaction
     assert interaction is not None
     response = ex.response_json()
     request = ex.request_json()
-    return Happening(
+    return AuditedInteraction(
         interaction=interaction,
         status=ex.status,
         error=ex.error,
@@ -964,19 +837,21 @@ def build_events(
     each event's X-Request-Id entity; ``tags`` are added to each event's ``meta.tag``."""
     if exchange.interaction is None:
         exchange.interaction = Interaction(
-            kind=K.UNKNOWN, method=exchange.method, detail="request not classified"
+            kind=InteractionKind.UNKNOWN, method=exchange.method, detail="request not classified"
         )
-    finish = Finish.of(ctx, traceparent, tags)
-    happening = _happening(exchange)
-    if exchange.interaction.kind not in (K.BATCH, K.TRANSACTION):
-        return events_for(exchange, happening, ctx, now, finish=finish)
+    options = BuildOptions.of(ctx, traceparent, tags)
+    audited = _audited(exchange)
+    if exchange.interaction.kind not in (InteractionKind.BATCH, InteractionKind.TRANSACTION):
+        return interaction_events(exchange, audited, ctx, now, options=options)
     # The Bundle's own event names no patients: the entries' events do, one per patient.
-    events = events_for(exchange, happening._replace(patients=()), ctx, now, finish=finish)
+    events = interaction_events(
+        exchange, audited._replace(patients=()), ctx, now, options=options
+    )
     for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
         status = entry.status
         if status is None and exchange.status is not None and exchange.status >= 400:
             status = exchange.status  # a failed transaction: every entry failed with it
-        entry_happening = Happening(
+        entry_audited = AuditedInteraction(
             interaction=entry.interaction,
             status=status,
             error=exchange.error,
@@ -985,5 +860,5 @@ def build_events(
             location=entry.location,
             patients=entry.patients,
         )
-        events.extend(events_for(exchange, entry_happening, ctx, now, finish=finish))
+        events.extend(interaction_events(exchange, entry_audited, ctx, now, options=options))
     return events

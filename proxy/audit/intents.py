@@ -14,14 +14,13 @@ from typing import Any
 from proxy.audit.balp import (
     QUERY_LIMIT,
     AuditContext,
-    Built,
-    Finish,
-    Happening,
-    events_for,
+    AuditedInteraction,
+    BuildOptions,
+    interaction_events,
     merged_patients,
-    store_rows,
 )
 from proxy.audit.identity import Identity
+from proxy.audit.rows import Built, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
@@ -119,7 +118,7 @@ def build_unknown_outcome_events(
         identity=_identity_from(summary["identity"]),
         error=description,
     )
-    happening = Happening(
+    audited = AuditedInteraction(
         interaction=interaction,
         status=None,
         error=description,
@@ -128,8 +127,8 @@ def build_unknown_outcome_events(
         location=None,
         patients=tuple(summary.get("patients") or ()),
     )
-    return events_for(
-        exchange, happening, ctx, now, outcome=("8", description), finish=Finish.of(ctx)
+    return interaction_events(
+        exchange, audited, ctx, now, outcome=("8", description), options=BuildOptions.of(ctx)
     )
 
 

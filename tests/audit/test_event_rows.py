@@ -20,17 +20,12 @@ from proxy.admin.access import build_access_events
 from proxy.admin.auth import AdminCaller
 from proxy.audit.balp import (
     AuditContext,
-    Built,
-    BuiltEvent,
-    FannedEvent,
-    Finish,
-    _happening,
+    BuildOptions,
+    _audited,
     _instant,
-    _recorded_ts,
     build_events,
-    events_for,
     form_encoded,
-    store_rows,
+    interaction_events,
 )
 from proxy.audit.identity import Identity
 from proxy.audit.intents import (
@@ -38,6 +33,7 @@ from proxy.audit.intents import (
     build_unknown_outcome_events,
     intent_summary,
 )
+from proxy.audit.rows import Built, BuiltEvent, FannedEvent, recorded_ts, store_rows
 from proxy.audit.validate import validate_event
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
@@ -263,7 +259,7 @@ def test_events_serialized_from_their_parts_are_those_built_as_dicts(case: Case)
 
 
 def test_instants_are_written_as_isoformat_writes_them() -> None:
-    """``_instant`` (one second's start written once) and ``_recorded_ts`` (integer
+    """``_instant`` (one second's start written once) and ``recorded_ts`` (integer
     milliseconds) against ``isoformat`` and ``timestamp`` of the time cut to the
     millisecond, for UTC, other offsets and naive times, before and after 1970."""
     rng = random.Random(7)
@@ -277,7 +273,7 @@ def test_instants_are_written_as_isoformat_writes_them() -> None:
         assert _instant(at) == at.isoformat(timespec="milliseconds")
         cut = at.replace(microsecond=at.microsecond - at.microsecond % 1000)
         expected = (cut if cut.tzinfo is not None else cut.replace(tzinfo=UTC)).timestamp()
-        assert _recorded_ts(at) == expected
+        assert recorded_ts(at) == expected
 
 
 def test_many_patients_make_one_event_whose_row_lists_those_it_names() -> None:
@@ -382,8 +378,8 @@ def test_events_a_fan_out_cannot_express_are_built_one_by_one() -> None:
     assert len(built) == 7 and {type(item) for item in built} == {BuiltEvent}
     assert_rows_match(built)
     ex = CASES[6].exchange()
-    versioned = _happening(ex)._replace(patients=("Patient/p1/_history/3", "Patient/p2"))
-    built = events_for(ex, versioned, context(), NOW, finish=Finish.of(context()))
+    versioned = _audited(ex)._replace(patients=("Patient/p1/_history/3", "Patient/p2"))
+    built = interaction_events(ex, versioned, context(), NOW, options=BuildOptions.of(context()))
     assert [patients_of(item.event) for item in built] == [[p] for p in versioned.patients]
     assert {type(item) for item in built} == {BuiltEvent}
     assert_rows_match(built)
