@@ -24,6 +24,7 @@ from aiohttp import web
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
 from tests.factories import (
+    STOP_GRACE_S,
     NodeFhirServer,
     ProxyProcess,
     RecordingRepository,
@@ -396,7 +397,7 @@ async def test_a_restart_during_a_repository_outage_delivers_once_the_repository
     first = await start_proxy(fhir_server.base_url, **overrides)
     async with http.get(f"{first.url}/metadata", headers={"X-Request-Id": "held"}) as r:
         assert r.status == 200
-    await first.server.close()  # the shutdown drain tries once more, and fails
+    await first.server.stop(STOP_GRACE_S)  # the shutdown drain tries once more, and fails
     assert repository.requests and repository.events() == []
 
     repository.fail_next.clear()
