@@ -1,7 +1,9 @@
 """``Exchange``: the one mutable object per proxied request.
 
-The forward handler fills it as the request travels (request, interaction, identity,
-response, timings); ``fhir.classify`` and ``audit.build`` read it. Bodies are parsed at most
+Forwarding (:mod:`proxy.http.forward`) and the audit pipeline fill it as the request
+travels (request, interaction, identity, response, timings); classification
+(:func:`proxy.fhir.interaction.classify`) and the builder
+(:func:`proxy.audit.balp.build_events`) read it. Bodies are parsed at most
 once, lazily, through :meth:`Exchange.request_json` and :meth:`Exchange.response_json`,
 from JSON, FHIR XML or YAML as their content types say (:mod:`proxy.fhir.formats`).
 """
@@ -72,9 +74,9 @@ class Exchange:
     intent_id: int | None = None
     """The durable intent record written before forwarding a state-changing request."""
     upstream_path: str = ""
+    """The normalized absolute path the request is forwarded to (``/fhir/Patient/1``)."""
     capture: Capture | None = None
     """The bodies as kept with ``audit.capture_bodies``, taken before they are let go."""
-    """The normalized absolute path the request is forwarded to (``/fhir/Patient/1``)."""
     _request_json: Any = _UNPARSED
     _response_json: Any = _UNPARSED
 

@@ -87,7 +87,7 @@ class AuditContext:
     source: dict[str, Any]
     token_pattern: str
     max_patient_events: int = 100
-    """Beyond this many patients, one event lists them (see :func:`events_for`)."""
+    """Beyond this many patients, one event lists them (see :func:`interaction_events`)."""
     max_patients_listed: int = 1000
     """Most patient entities that one event lists."""
     max_query_bytes: int = QUERY_LIMIT

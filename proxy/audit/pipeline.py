@@ -70,7 +70,7 @@ durable intent before it is forwarded, whatever it was classified as."""
 BUILD_IN_THREAD = 256 * 1024
 """Bodies (request and response together) above this size have their events built off
 the event loop, one exchange at a time: parsing a large Bundle and finding its patients
-takes tens of ms of Python (in a thread the loop gets the GIL back every switch
+is long enough to stall the loop (in a thread the loop gets the GIL back every switch
 interval), and its parse takes several times the body's size in memory, so hundreds of
 large answers at once must not each be read back and parsed at the same time."""
 

@@ -1,10 +1,6 @@
-"""Event bodies as stored: zstd frames compressed against a dictionary of BALP events.
-
-A BALP AuditEvent is 2-3 KB of JSON, and most of it is the same system URLs, codes and
-displays in every event. With a dictionary trained on events this proxy builds
-(``events.zdict``, made by ``scripts/make_store_dictionary.py``), an event takes about
-200 bytes. A group commit then writes and fsyncs a tenth of the bytes, and bytes were
-what bounded durable appends per second (bench/bench_store.py).
+"""Event bodies as stored: zstd frames compressed against a dictionary trained on the
+events this proxy builds (``events.zdict``, made by ``scripts/make_store_dictionary.py``),
+since most of an event is the same system URLs, codes and displays as in every other.
 
 Each frame names its dictionary by id. Every dictionary a store was written with is kept
 in the store itself (table ``dictionaries``), so rows stay readable after the proxy ships
@@ -22,8 +18,7 @@ import orjson
 import zstandard
 
 LEVEL = 3
-"""zstd level 3: 3-5 us per event with warm caches, 10-30 us cold (the dictionary's tables
-are evicted between events in the proxy); levels 1-3 give about the same size."""
+"""The zstd level new bodies are compressed at."""
 
 
 def shipped_dictionary() -> bytes:
@@ -59,9 +54,8 @@ class BodyCodec:
         return self._compressor.compress(orjson.dumps(event))
 
     def compress_many(self, bodies: Sequence[bytes]) -> list[bytes]:
-        """Each JSON body as its own frame, as :meth:`encode` makes it, on the reused
-        compression context (``multi_compress_to_buffer`` makes a context per call: 60%
-        more time per body)."""
+        """Each JSON body as its own frame, as :meth:`encode` makes it."""
+        # On the reused context: multi_compress_to_buffer would make one per call.
         compress = self._compressor.compress
         return [compress(body) for body in bodies]
 
