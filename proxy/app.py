@@ -33,10 +33,11 @@ from proxy.audit.pipeline import AuditPipeline, AuditPolicy, standard_hooks
 from proxy.audit.validate import validate_event
 from proxy.delivery.flusher import Flusher
 from proxy.delivery.sink import Origin
+from proxy.fhir.operation_outcome import FHIR_JSON
 from proxy.http.forward import ForwardConfig, ForwardHandler, resource_reader
 from proxy.http.listener import ClientRequest, Handler, Listener
 from proxy.http.response import Response
-from proxy.http.transport import Transport
+from proxy.http.transport import Transport, UpstreamError, UpstreamRequest
 from proxy.http.upstream import UpstreamPool
 from proxy.k8s.status import serving_status
 from proxy.settings import Settings
@@ -57,7 +58,7 @@ TRANSPORT: web.AppKey[Transport] = web.AppKey("transport")
 """What the proxied requests (and reads before deletes) go through: the upstream pool, or
 the transport given to :func:`build_proxy_app`."""
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
-"""Off the request path: readiness's look at the upstream, the identity provider's keys."""
+"""Off the request path: the identity provider's keys."""
 JWKS = web.AppKey("jwks", JwksCache)
 INTENTS = web.AppKey("open_intents", OpenIntents)
 LEFT_AT_START = web.AppKey("intents_left_at_start", int)
@@ -218,8 +219,8 @@ runs a collection every few requests."""
 
 async def _gc_ctx(_: web.Application) -> AsyncIterator[None]:
     """Last to start: what startup built (settings, schemas, pools) moves out of the
-    collector's sight, and young collections run less often; both cost the event loop
-    time on every request (about 10% of its CPU per read under load, py-spy)."""
+    collector's sight, and young collections run less often (both cost the event loop
+    time on every request); restored at the end."""
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD_0, thresholds[1], thresholds[2])
@@ -326,6 +327,24 @@ def _workers_report(settings: Settings) -> dict[str, Any]:
     }
 
 
+READY_TIMEOUT_S = 2.0
+"""How long readiness waits for the upstream's answer to ``GET metadata``."""
+
+
+async def _upstream_check(transport: Transport, metadata: str) -> dict[str, Any]:
+    """Readiness's look at the upstream, through the transport the proxied requests take:
+    ok when ``GET metadata`` is answered below 500 within :data:`READY_TIMEOUT_S`."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            answer = await transport.handle(
+                UpstreamRequest(method="GET", target=metadata, headers=(("Accept", FHIR_JSON),))
+            )
+    except (UpstreamError, TimeoutError) as exc:
+        return {"ok": False, "error": type(exc).__name__}
+    answer.close()  # the status is all it asks
+    return {"ok": answer.status < 500, "status": answer.status}
+
+
 def _readiness(
     app: web.Application, shards: ShardedStore | None = None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
@@ -336,6 +355,7 @@ def _readiness(
     upstream."""
     settings = app[SETTINGS]
     max_bytes = settings.store.max_bytes
+    metadata = URL(settings.upstream.url).path.rstrip("/") + "/metadata"
 
     async def other_shards() -> dict[str, Any]:
         assert shards is not None
@@ -380,14 +400,7 @@ def _readiness(
             checks["store"] = {"ok": False, "error": str(exc)}
         if settings.workers > 1:
             checks["workers"] = _workers_report(settings)
-        try:
-            async with app[UPSTREAM_SESSION].get(
-                settings.upstream.url.rstrip("/") + "/metadata",
-                timeout=aiohttp.ClientTimeout(total=2),
-            ) as resp:
-                checks["upstream"] = {"ok": resp.status < 500, "status": resp.status}
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            checks["upstream"] = {"ok": False, "error": type(exc).__name__}
+        checks["upstream"] = await _upstream_check(app[TRANSPORT], metadata)
         return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
 
     return check
