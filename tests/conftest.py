@@ -35,6 +35,7 @@ from tests.conformance import ProfileValidator, summary
 from tests.factories import (
     DICOM_AUDIT_SCHEMA,
     STOP_GRACE_S,
+    FhirDouble,
     FormatUpstream,
     NatsServer,
     NodeFhirServer,
@@ -197,6 +198,13 @@ def fhir_server() -> Iterator[NodeFhirServer]:
 
 
 @pytest.fixture
+def fhir_double() -> FhirDouble:
+    """A FHIR server's answers from memory, through a proxy's transport seam: start the
+    proxy with ``start_proxy(fhir_double.url, transport=fhir_double.transport)``."""
+    return FhirDouble()
+
+
+@pytest.fixture
 async def fhir_formats(fhir_server: NodeFhirServer) -> AsyncIterator[FormatUpstream]:
     """The test FHIR server speaking JSON, XML and YAML (:class:`FormatUpstream`)."""
     async with format_upstream(fhir_server.base_url) as upstream:
@@ -221,20 +229,24 @@ async def scripted_repository() -> AsyncIterator[ScriptedRepository]:
 
 @pytest.fixture
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
-    """Factory: start a proxy in front of ``upstream`` with settings overrides (and a
-    ``running_telemetry`` of the test's own, which the proxy then starts and stops; not
-    ``telemetry``, which overrides the settings' section); with ``transport`` (a
-    :class:`~proxy.http.transport.MockTransport`), its requests go there instead of to
-    ``upstream``."""
+    """Factory: start a proxy in front of ``upstream`` (a URL, or a :class:`FhirDouble`)
+    with settings overrides (and a ``running_telemetry`` of the test's own, which the proxy
+    then starts and stops; not ``telemetry``, which overrides the settings' section); with
+    ``transport`` (a test double), its requests go there instead of to the URL."""
     servers: list[Server] = []
 
     async def start(
-        upstream_url: str,
+        to: str | FhirDouble,
+        /,
         *,
         transport: Transport | None = None,
         running_telemetry: Telemetry | None = None,
         **overrides: Any,
     ) -> RunningProxy:
+        # (Positional only: ``upstream=`` is a settings override.)
+        upstream_url = to if isinstance(to, str) else to.url
+        if isinstance(to, FhirDouble):
+            transport = to.transport
         settings = settings_for(upstream_url, tmp_path, **overrides)
         app = build_proxy_app(settings, transport=transport)
         if running_telemetry is not None:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import os
 import shutil
@@ -58,7 +59,9 @@ from proxy.audit.identity import JwksKeys, identity_from_headers
 from proxy.audit.ids import new_event_id
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
+from proxy.fhir.operation_outcome import operation_outcome
 from proxy.http.server import Server
+from proxy.http.transport import MockAnswer, MockTransport, SentRequest
 from proxy.settings import IdentitySettings, Settings, load_settings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, QueuedEvent
@@ -136,6 +139,131 @@ async def serving(*routes: tuple[str, str, Handler]) -> AsyncIterator[TestServer
         yield server
     finally:
         await server.close()
+
+
+class FhirDouble:
+    """A FHIR server's answers made in this process and handed to a proxy through its
+    transport seam (:class:`~proxy.http.transport.MockTransport`), for the tests of what
+    the proxy does with answers (their events, captures, the store, the admin API), not
+    of what a FHIR server does (those run against the real one, ``fhir_server``).
+
+    It keeps what is created through it in memory and answers ``metadata``; create (201,
+    ``Location`` with version 1); read; search, by GET or POST ``_search`` (a searchset
+    of every resource of the type, its parameters ignored); update; delete (200 with an
+    OperationOutcome); and a batch or transaction of creates. Anything else: 404. As the
+    test server does, it refuses a bearer JWT carrying the claim ``fhir_test_status``
+    (401 or 403) with that status. :attr:`url` is its base, with no socket behind it:
+    start the proxy with ``start_proxy(double)``."""
+
+    url = "http://fhir-double.invalid/fhir"
+
+    def __init__(self) -> None:
+        self.resources: dict[str, dict[str, Any]] = {}
+        """``Type/id`` -> the resource as last written."""
+        self.transport = MockTransport(self._answer)
+        self._ids = itertools.count(1)
+
+    @property
+    def sent(self) -> list[SentRequest]:
+        """Every request the proxy forwarded to it, in order."""
+        return self.transport.sent
+
+    def create(self, resource: Mapping[str, Any]) -> dict[str, Any]:
+        """Keep ``resource`` with a new id and version 1 (as a POST would); the kept one."""
+        rtype = str(resource["resourceType"])
+        made = {**resource, "id": str(next(self._ids)), "meta": {"versionId": "1"}}
+        self.resources[f"{rtype}/{made['id']}"] = made
+        return made
+
+    async def _answer(self, sent: SentRequest) -> MockAnswer:
+        path = URL(sent.target).path.removeprefix(URL(self.url).path)
+        parts = [part for part in path.split("/") if part]
+        # json, not orjson: a test may count the proxy's own parses (orjson.loads).
+        body = json.loads(sent.body) if sent.body and sent.body[:1] == b"{" else None
+        method = sent.method
+        refused = _refused_by_token(sent.headers.get("Authorization", ""))
+        if refused is not None:
+            code = "login" if refused == 401 else "forbidden"
+            return _fhir_answer(refused, operation_outcome(code, "not permitted for this token"))
+        if parts == ["metadata"] and method == "GET":
+            return _fhir_answer(200, _CAPABILITIES)
+        if not parts and method == "POST" and body and body.get("resourceType") == "Bundle":
+            return _fhir_answer(200, self._bundle(body))
+        if parts and parts[-1].startswith("$"):  # an operation: none is implemented
+            return _fhir_answer(404, operation_outcome("not-supported", f"{path} unknown"))
+        if len(parts) == 1 and method == "POST" and body is not None:
+            made = self.create({**body, "resourceType": parts[0]})
+            location = f"{self.url}/{parts[0]}/{made['id']}/_history/1"
+            return _fhir_answer(201, made, Location=location)
+        if (len(parts) == 1 and method == "GET") or (parts[1:] == ["_search"] and method == "POST"):
+            found = [r for key, r in self.resources.items() if key.split("/")[0] == parts[0]]
+            return _fhir_answer(200, _searchset(found))
+        if len(parts) == 2:
+            key = "/".join(parts)
+            if method in ("GET", "HEAD") and key in self.resources:
+                return _fhir_answer(200, self.resources[key])
+            if method == "PUT" and body is not None:
+                version = int(self.resources.get(key, {}).get("meta", {}).get("versionId", 0))
+                kept = {**body, "id": parts[1], "meta": {"versionId": str(version + 1)}}
+                self.resources[key] = kept
+                return _fhir_answer(200 if version else 201, kept)
+            if method == "DELETE" and self.resources.pop(key, None) is not None:
+                deleted = operation_outcome("informational", "deleted", severity="information")
+                return _fhir_answer(200, deleted)
+        return _fhir_answer(404, operation_outcome("not-found", f"{method} {path} not found"))
+
+    def _bundle(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        kind = "transaction-response" if bundle.get("type") == "transaction" else "batch-response"
+        entries = []
+        for entry in bundle.get("entry") or ():
+            resource, request = entry.get("resource") or {}, entry.get("request") or {}
+            if request.get("method") != "POST" or "resourceType" not in resource:
+                entries.append({"response": {"status": "400 Bad Request"}})
+                continue
+            made = self.create(resource)
+            answer = {"status": "201 Created", "location": f"{made['resourceType']}/{made['id']}"}
+            entries.append({"resource": made, "response": answer})
+        return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
+def _refused_by_token(authorization: str) -> int | None:
+    """The ``fhir_test_status`` claim (401 or 403) of a bearer JWT, as the test server
+    reads it (``testserver/server.mjs``)."""
+    parts = authorization.removeprefix("Bearer ").split(".")
+    if len(parts) < 2:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return None
+    status = claims.get("fhir_test_status") if isinstance(claims, dict) else None
+    return status if status in (401, 403) else None
+
+
+_CAPABILITIES = {
+    "resourceType": "CapabilityStatement",
+    "status": "active",
+    "kind": "instance",
+    "fhirVersion": "4.0.1",
+    "format": ["json"],
+}
+
+
+def _searchset(resources: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
+
+
+def _fhir_answer(status: int, resource: Mapping[str, Any], **headers: str) -> MockAnswer:
+    return MockAnswer(
+        status=status,
+        headers={"Content-Type": "application/fhir+json", **headers},
+        body=orjson.dumps(resource),
+    )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from yarl import URL
 from proxy import telemetry
 from proxy.http.listener import parser_error_reason
 from tests.factories import (
+    FhirDouble,
     NodeFhirServer,
     RecordingRepository,
     StartProxy,
@@ -295,9 +296,9 @@ def invalid_forwarded_for() -> float:
 
 
 async def test_forwarded_for_entries_that_are_not_ip_addresses_are_ignored_and_counted(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url)  # loopback is a trusted proxy by default
+    proxy = await start_proxy(fhir_double)  # loopback is a trusted proxy by default
     before = invalid_forwarded_for()
     headers = {"X-Forwarded-For": "203.0.113.9, not-an-ip<script>", "X-Request-Id": "xff-1"}
     async with http.get(f"{proxy.url}/metadata", headers=headers) as r:

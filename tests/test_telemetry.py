@@ -35,7 +35,7 @@ from proxy.http.server import Server
 from proxy.store.records import EventQuery
 from tests.factories import (
     STOP_GRACE_S,
-    NodeFhirServer,
+    FhirDouble,
     OtlpCollector,
     RecordingRepository,
     StartProxy,
@@ -338,14 +338,14 @@ def _sample(text: str, name: str) -> float | None:
 
 
 async def test_oldest_pending_age_and_delivery_lag_on_metrics(
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     repository: RecordingRepository,
     http: aiohttp.ClientSession,
 ) -> None:
     repository.fail_next = [503] * 1000  # the repository is down until told otherwise
     proxy = await start_proxy(
-        fhir_server.base_url,
+        fhir_double,
         repository={"url": repository.url, "flush_interval_ms": 20, "max_flush_interval_ms": 50},
     )
 

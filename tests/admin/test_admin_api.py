@@ -21,7 +21,7 @@ import yaml
 
 from proxy.admin.access import is_admin_access
 from tests.factories import (
-    NodeFhirServer,
+    FhirDouble,
     RunningProxy,
     StartProxy,
     audit_event_pages,
@@ -47,11 +47,11 @@ class Populated:
 
 @pytest.fixture
 async def populated(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> AsyncIterator[Populated]:
     """A proxy with an admin token and a few real events: 3 creates by alice, 3 reads by
     bob, one failed read (404) by bob."""
-    proxy = await start_proxy(fhir_server.base_url, admin={"tokens": [ADMIN_TOKEN]})
+    proxy = await start_proxy(fhir_double, admin={"tokens": [ADMIN_TOKEN]})
     alice = {"Authorization": f"Bearer {unsigned_jwt({'sub': 'alice', 'iss': 'https://idp'})}"}
     bob = {"Authorization": f"Bearer {unsigned_jwt({'sub': 'bob', 'iss': 'https://idp'})}"}
     patients: list[str] = []
@@ -185,7 +185,7 @@ async def test_admin_needs_the_token_but_probes_do_not(
 
 
 async def test_readyz_is_not_ready_when_the_upstream_is_down_or_the_store_full(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """``/readyz`` answers 503 and names the failing check; ``/healthz`` stays 200 (the
     process is alive, restarting it would not help)."""
@@ -201,7 +201,7 @@ async def test_readyz_is_not_ready_when_the_upstream_is_down_or_the_store_full(
     async with http.get(f"{down.admin_url}/healthz") as r:
         assert r.status == 200
 
-    full = await start_proxy(fhir_server.base_url, store={"max_bytes": 1})
+    full = await start_proxy(fhir_double, store={"max_bytes": 1})
     async with http.get(f"{full.admin_url}/readyz") as r:
         assert r.status == 503
         report = await r.json(content_type=None)
@@ -299,14 +299,14 @@ async def test_dlq_cli_lists_and_requeues(
 
 
 async def test_admin_answers_are_neither_sniffed_nor_kept_nor_framed_nor_pointed_by_host(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """Every API answer says ``nosniff`` and ``no-store``; the viewer may not be framed;
     links, ``fullUrl`` and ``Location`` use ``admin.public_url`` (else the address the
     client connected to), never the ``Host`` header."""
-    plain = await start_proxy(fhir_server.base_url, admin={"tokens": [ADMIN_TOKEN]})
+    plain = await start_proxy(fhir_double, admin={"tokens": [ADMIN_TOKEN]})
     public = await start_proxy(
-        fhir_server.base_url,
+        fhir_double,
         admin={"tokens": [ADMIN_TOKEN], "public_url": "https://audit.example.org/"},
     )
     for proxy in (plain, public):

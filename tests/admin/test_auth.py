@@ -25,7 +25,7 @@ from proxy.admin.auth import AdminExposed, RouteGroup
 from proxy.settings import AdminSettings, ConfigError, load_settings
 from proxy.store.queue import AuditQueue
 from tests.factories import (
-    NodeFhirServer,
+    FhirDouble,
     RunningProxy,
     SigningKey,
     StartProxy,
@@ -57,7 +57,7 @@ class Secured:
 
 @pytest.fixture
 async def secured(
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     tmp_path: Path,
@@ -73,7 +73,7 @@ async def secured(
     token_file.write_text("\nfile-token-for-tests\n")
     async with serving(("GET", "/certs", certs)) as jwks:
         proxy = await start_proxy(
-            fhir_server.base_url,
+            fhir_double,
             admin={
                 "tokens": [STATIC],
                 "token_files": [str(token_file)],

@@ -1,7 +1,7 @@
 """``audit.capture_bodies``: an exchange's bodies kept beside its events, size-limited,
 credentials redacted, off by default, and returned as Smile CDR's audit-log endpoint
-returns them (``GET /audit-log/event/{id}?includeBody=true``). Real proxy, real Medplum
-server, real store, the admin API over HTTP."""
+returns them (``GET /audit-log/event/{id}?includeBody=true``). Real proxy (the upstream's
+answers from memory, ``FhirDouble``), real store, the admin API over HTTP."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from proxy.store.queue import AuditQueue
 from proxy.store.records import Capture
 from tests.factories import (
     NOW,
-    NodeFhirServer,
+    FhirDouble,
     RunningProxy,
     StartProxy,
     exchange,
@@ -40,10 +40,10 @@ async def _event_of(proxy: RunningProxy, request_id: str) -> dict[str, Any]:
 
 
 async def test_a_create_is_returned_with_the_bodies_it_carried(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        fhir_server.base_url, audit={"capture_bodies": True}, admin={"tokens": [TOKEN]}
+        fhir_double, audit={"capture_bodies": True}, admin={"tokens": [TOKEN]}
     )
     patient = {"resourceType": "Patient", "name": [{"family": "Captured"}]}
     async with http.post(
@@ -57,10 +57,10 @@ async def test_a_create_is_returned_with_the_bodies_it_carried(
 
 
 async def test_a_search_form_is_captured_with_its_token_redacted_and_long_bodies_are_cut(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        fhir_server.base_url,
+        fhir_double,
         audit={"capture_bodies": True, "capture_max_bytes": 40},
         admin={"tokens": [TOKEN]},
     )
@@ -91,9 +91,9 @@ async def test_a_search_form_is_captured_with_its_token_redacted_and_long_bodies
 
 
 async def test_nothing_is_captured_by_default(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url, admin={"tokens": [TOKEN]})
+    proxy = await start_proxy(fhir_double, admin={"tokens": [TOKEN]})
     async with http.post(
         f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers={"X-Request-Id": "c3"}
     ) as r:

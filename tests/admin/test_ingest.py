@@ -24,7 +24,7 @@ from proxy.admin.ingest import INGESTED_TAG, SUBMITTER_EXT
 from proxy.audit.vocabulary import TOKEN_VERIFICATION_EXT
 from proxy.store.queue import AuditQueue
 from tests.factories import (
-    NodeFhirServer,
+    FhirDouble,
     ProxyProcess,
     RecordingRepository,
     RunningProxy,
@@ -95,8 +95,8 @@ FHIR = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKE
 
 
 @pytest.fixture
-async def proxy(fhir_server: NodeFhirServer, start_proxy: StartProxy) -> RunningProxy:
-    return await start_proxy(fhir_server.base_url, admin={"tokens": [TOKEN]})
+async def proxy(fhir_double: FhirDouble, start_proxy: StartProxy) -> RunningProxy:
+    return await start_proxy(fhir_double, admin={"tokens": [TOKEN]})
 
 
 async def post(
@@ -277,14 +277,14 @@ async def test_content_type_and_fhir_version_rules(
 
 
 async def test_a_body_that_cannot_be_decoded_or_stops_arriving_gets_an_outcome(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """Junk under ``Content-Encoding: deflate`` or ``gzip`` is a 400 OperationOutcome
     (it was a plain 500), as is one aiohttp cannot decode (br without Brotli installed); an
     encoding it passes on undecoded is a 415; a gzip body is taken,
     and a body that stops arriving a 408; nothing of the refused ones is stored."""
     proxy = await start_proxy(
-        fhir_server.base_url, admin={"tokens": [TOKEN], "body_timeout_s": 0.3}
+        fhir_double, admin={"tokens": [TOKEN], "body_timeout_s": 0.3}
     )
     url = f"{proxy.admin_url}/fhir/AuditEvent"
     junk = b"\x78\x9c" + bytes(range(256)) * 4
@@ -327,9 +327,9 @@ async def test_a_body_that_cannot_be_decoded_or_stops_arriving_gets_an_outcome(
 
 
 async def test_r5_mode_validates_against_r5(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url, audit={"fhir_version": "R5"})
+    proxy = await start_proxy(fhir_double, audit={"fhir_version": "R5"})
     r5 = {
         "resourceType": "AuditEvent",
         "category": [
@@ -380,9 +380,9 @@ async def test_r5_mode_validates_against_r5(
 
 
 async def test_a_store_that_cannot_take_them_answers_507_or_503(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    full = await start_proxy(fhir_server.base_url, store={"max_bytes": 4096})
+    full = await start_proxy(fhir_double, store={"max_bytes": 4096})
     status, _, body = await post(http, f"{full.admin_url}/fhir/AuditEvent", GUIDE_SINGLE)
     assert status == 507, body
     await full.queue.close()
@@ -392,13 +392,13 @@ async def test_a_store_that_cannot_take_them_answers_507_or_503(
 
 
 async def test_ingested_events_reach_the_repository(
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     repository: RecordingRepository,
     http: aiohttp.ClientSession,
 ) -> None:
     proxy = await start_proxy(
-        fhir_server.base_url, repository={"url": repository.url, "flush_interval_ms": 50}
+        fhir_double, repository={"url": repository.url, "flush_interval_ms": 50}
     )
     status, _, single = await post(http, f"{proxy.admin_url}/fhir/AuditEvent", GUIDE_SINGLE)
     assert status == 201
@@ -410,14 +410,12 @@ async def test_ingested_events_reach_the_repository(
 
 
 @pytest.mark.slow
-async def test_sigkill_right_after_201_loses_nothing(
-    fhir_server: NodeFhirServer, tmp_path: Path
-) -> None:
+async def test_sigkill_right_after_201_loses_nothing(tmp_path: Path) -> None:
     store = tmp_path / "store" / "audit.db"
     config = {
         "listen": {"host": "127.0.0.1", "port": free_port()},
         "admin": {"host": "127.0.0.1", "port": free_port()},
-        "upstream": {"url": fhir_server.base_url},
+        "upstream": {"url": FhirDouble.url},  # never asked: only the admin API is
         "store": {"path": str(store)},
         "log_level": "WARNING",
     }

@@ -1,6 +1,6 @@
 """The privacy reports, signals, activity counts and CSV exports against a store filled by
-real traffic through the proxy in front of the real test FHIR server (``ward_traffic``),
-every expectation counted by hand from what that traffic did."""
+real traffic through the proxy (``ward_traffic``; the upstream's answers from memory,
+``FhirDouble``), every expectation counted by hand from what that traffic did."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from proxy.store.queue import AuditQueue
 from proxy.store.search import SLOT_S
 from tests.factories import (
     BusyRecord,
-    NodeFhirServer,
+    FhirDouble,
     RunningProxy,
     StartProxy,
     Ward,
@@ -53,9 +53,9 @@ class Trail:
 
 @pytest.fixture
 async def trail(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> AsyncIterator[Trail]:
-    proxy = await start_proxy(fhir_server.base_url, admin={"signals": SIGNALS})
+    proxy = await start_proxy(fhir_double, admin={"signals": SIGNALS})
     yield Trail(proxy, await ward_traffic(http, proxy.url))
 
 

@@ -24,11 +24,10 @@ from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery
 from proxy.store.schema import MIGRATIONS, split_statements
 from tests.factories import (
-    NodeFhirServer,
+    FhirDouble,
     RunningProxy,
     StartProxy,
     audit_event,
-    new_patient,
     patient_refs,
     profile,
     unsigned_jwt,
@@ -45,10 +44,10 @@ class Traffic:
 
 @pytest.fixture
 async def traffic(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> AsyncIterator[Traffic]:
     """alice (client ehr-app) creates a patient and an observation; bob reads both."""
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     alice = {
         "Authorization": "Bearer "
         + unsigned_jwt({"sub": "alice", "name": "Alice Adams", "client_id": "ehr-app"}),
@@ -174,9 +173,9 @@ async def test_counting_a_patients_events_is_a_read_of_them_audited_as_such(
 
 
 async def test_keyset_links_walk_forward_and_back(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     # Several events share a recorded instant: the seq breaks the tie.
     events = [
@@ -277,14 +276,15 @@ async def test_a_store_from_before_the_index_is_searchable_after_upgrade(tmp_pat
 
 
 async def test_a_search_about_several_patients_is_read_back_one_event_per_patient(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """Its events are stored as one row (proxy/store/fans.py): the admin API still finds,
     reads, pages and counts each as its own."""
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     family = f"Fan{datetime.now(UTC).timestamp():.0f}"
     made = [
-        await new_patient(http, fhir_server.base_url, name=[{"family": family}]) for _ in range(3)
+        fhir_double.create({"resourceType": "Patient", "name": [{"family": family}]})
+        for _ in range(3)
     ]
     doctor = {"Authorization": f"Bearer {unsigned_jwt({'sub': 'dr-fan'})}"}
     async with http.get(f"{proxy.url}/Patient", params={"family": family}, headers=doctor) as r:

@@ -21,7 +21,7 @@ from proxy.audit.identity import IdentityCache, identity_from_headers
 from proxy.audit.vocabulary import TOKEN_VERIFICATION_EXT
 from proxy.settings import IdentitySettings
 from tests.factories import (
-    NodeFhirServer,
+    FhirDouble,
     SigningKey,
     StartProxy,
     context,
@@ -267,7 +267,7 @@ def test_no_usable_credential_gives_no_user_agent(header: str) -> None:
 
 async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
     idp: dict[str, Any],
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -279,7 +279,7 @@ async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
 
     async with serving(("GET", "/certs", certs)) as jwks_server:
         proxy = await start_proxy(
-            fhir_server.base_url,
+            fhir_double,
             audit={"identity": {"jwks_url": str(jwks_server.make_url("/certs"))}},
         )
         for key in ("key", "other"):
@@ -298,7 +298,7 @@ async def test_proxy_fetches_the_jwks_and_records_verified_tokens(
 
 
 async def test_a_token_playing_on_the_algorithm_is_forwarded_and_audited_as_unverified(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """Through a real proxy with a JWKS: each forgery is served as any unverified token
     is (the FHIR server decides), and its event says the verification failed and why;
@@ -310,7 +310,7 @@ async def test_a_token_playing_on_the_algorithm_is_forwarded_and_audited_as_unve
 
     async with serving(("GET", "/certs", certs)) as jwks_server:
         proxy = await start_proxy(
-            fhir_server.base_url,
+            fhir_double,
             audit={"identity": {"jwks_url": str(jwks_server.make_url("/certs"))}},
         )
         forgeries = idp.confused_tokens({"sub": "mallory"})

@@ -25,18 +25,18 @@ from proxy.exchange import Exchange
 from proxy.fhir.interaction import CREDENTIAL_PARAMS
 from proxy.settings import IdentitySettings
 from proxy.store.queue import AuditQueue
-from tests.factories import NodeFhirServer, StartProxy, exchange, patient_refs
+from tests.factories import FhirDouble, StartProxy, exchange, patient_refs
 
 
 async def test_a_transaction_body_and_its_answer_are_each_parsed_once(
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Classifying a POST to the base needs the Bundle's type, the intent and the events
     need its entries: all from one parse. The answer is parsed once as well."""
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",

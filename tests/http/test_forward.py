@@ -20,6 +20,7 @@ from proxy.http.forward import client_address, relative_path
 from proxy.store.faces import StoreError
 from tests.factories import (
     FHIR,
+    FhirDouble,
     NodeFhirServer,
     RecordingRepository,
     StartProxy,
@@ -160,9 +161,9 @@ async def test_each_interaction_is_proxied_and_audited(
 
 
 async def test_a_search_by_code_is_recorded_as_sent(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     query = "patient=p-code-1&code=http%3A%2F%2Floinc.org%7C8867-4"
     async with http.get(
         URL(f"{proxy.url}/Observation?{query}", encoded=True), headers={"X-Request-Id": "by-code"}
@@ -194,9 +195,9 @@ async def test_an_operation_body_is_recorded_in_the_query_entity(
 
 
 async def test_request_id_is_kept_or_generated_and_returned(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     async with http.get(f"{proxy.url}/metadata", headers={"X-Request-Id": "req-123"}) as r:
         assert r.status == 200
         assert r.headers["X-Request-Id"] == "req-123"
@@ -499,12 +500,12 @@ async def test_upstream_down_gives_502_and_is_audited(
 
 
 async def test_store_failure_fails_closed_with_503_and_withholds_the_body(
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     patient = await new_patient(http, proxy.url, name=[{"family": "Secret"}])
 
     async def broken_append(*args: Any, **kwargs: Any) -> None:
@@ -521,26 +522,26 @@ async def test_store_failure_fails_closed_with_503_and_withholds_the_body(
 
 
 async def test_store_path_blocked_by_a_file_refuses_to_start(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, tmp_path: Any
+    fhir_double: FhirDouble, start_proxy: StartProxy, tmp_path: Any
 ) -> None:
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the store's directory should be")
     with pytest.raises(StoreError):
-        await start_proxy(fhir_server.base_url, store={"path": blocker / "audit.db"})
+        await start_proxy(fhir_double, store={"path": blocker / "audit.db"})
 
 
 # --- delivery and admin ---------------------------------------------------------------------
 
 
 async def test_flusher_retries_after_repository_500(
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     repository: RecordingRepository,
     http: aiohttp.ClientSession,
 ) -> None:
     repository.fail_next = [500, 500]
     proxy = await start_proxy(
-        fhir_server.base_url,
+        fhir_double,
         repository={
             "url": repository.url,
             "flush_interval_ms": 20,
@@ -567,9 +568,9 @@ async def test_flusher_retries_after_repository_500(
 
 
 async def test_admin_lists_recent_events_and_is_healthy(
-    fhir_server: NodeFhirServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    fhir_double: FhirDouble, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(fhir_server.base_url)
+    proxy = await start_proxy(fhir_double)
     for _ in range(3):
         async with http.get(f"{proxy.url}/metadata") as r:
             assert r.status == 200

@@ -18,7 +18,7 @@ from proxy.audit.balp import AuditContext
 from proxy.audit.intents import STORE_FULL_OUTCOME_DESC, UNKNOWN_OUTCOME_DESC, recover_intents
 from proxy.store.faces import StoreFull
 from proxy.store.queue import AuditQueue
-from tests.factories import NodeFhirServer, OpenStore, StartProxy, request_id_of
+from tests.factories import FhirDouble, OpenStore, StartProxy, request_id_of
 
 
 def _event(n: int, pad: str) -> dict[str, Any]:
@@ -60,7 +60,7 @@ async def test_database_wal_and_shm_together_stay_under_max_bytes(
 
 async def test_the_proxy_starts_on_a_full_disk_fails_closed_and_recovers(
     tiny_volume: Path,
-    fhir_server: NodeFhirServer,
+    fhir_double: FhirDouble,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     open_store: OpenStore,
@@ -90,7 +90,7 @@ async def test_the_proxy_starts_on_a_full_disk_fails_closed_and_recovers(
     with filler.open("r+b") as out:
         out.truncate(filler.stat().st_size - 40 * 1024)
 
-    proxy = await start_proxy(fhir_server.base_url, store={"path": store})  # does not crash
+    proxy = await start_proxy(fhir_double, store={"path": store})  # does not crash
     async with http.post(
         f"{proxy.url}/Patient", json={"resourceType": "Patient"}, headers={"X-Request-Id": "w1"}
     ) as r:
