@@ -1,6 +1,6 @@
 """The package's import graph, read from the source (every import, including those made
-inside functions and for type checking only): no cycle, and telemetry below the store
-(it takes callables; it does not import the store)."""
+inside functions and for type checking only): no cycle, telemetry below the store (it
+takes callables; it does not import the store), the audit below HTTP."""
 
 from __future__ import annotations
 
@@ -98,3 +98,12 @@ def test_telemetry_imports_nothing_of_the_store() -> None:
     telemetry = {name for name in graph if name.startswith("proxy.telemetry")}
     assert not {t for name in telemetry for t in graph[name] if t.startswith("proxy.store")}
     assert not any("proxy.telemetry" in graph[name] for name in graph if "proxy.store" in name)
+
+
+def test_the_audit_knows_nothing_of_http() -> None:
+    """The audit pipeline and builder take an exchange and give events or a failure:
+    forwarding (proxy.http) calls them, never the other way round."""
+    graph = import_graph()
+    audit = {name for name in graph if name.startswith("proxy.audit")}
+    assert {t for name in audit for t in graph[name] if t.startswith("proxy.http")} == set()
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,8 +16,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.audit.pipeline import AuditPolicy
 from proxy.audit.validate import validate_event
-from proxy.http.forward import client_address, relative_path
+from proxy.http.forward import ForwardConfig, client_address, relative_path
 from proxy.store.faces import StoreError
 from tests.factories import (
     FHIR,
@@ -34,6 +36,7 @@ from tests.factories import (
     recorded_request,
     request_id_of,
     serving,
+    settings_for,
     subtypes,
 )
 
@@ -58,6 +61,17 @@ def agent_codes(event: dict[str, Any]) -> set[str]:
 )
 def test_relative_path(raw: str, base: str, expected: str | None) -> None:
     assert relative_path(raw, base) == expected
+
+
+def test_the_forwarding_settings_read_nothing_of_the_audit(tmp_path: Path) -> None:
+    """The key opaque tokens are hashed under is the audit's: reading the forwarding
+    settings neither reads nor creates its file; the audit's policy does."""
+    settings = settings_for("http://127.0.0.1:9/fhir", tmp_path)
+    key = settings.store.path.with_name(settings.store.path.name + ".token-key")
+    ForwardConfig.from_settings(settings)
+    assert not key.exists()
+    AuditPolicy.from_settings(settings)
+    assert key.exists()
 
 
 def test_client_address_believes_forwarded_for_only_from_trusted_proxies() -> None:
