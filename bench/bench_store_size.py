@@ -26,9 +26,9 @@ from pathlib import Path
 import aiohttp
 import jwt
 import uvloop
-from aiohttp import web
 
-from proxy.app import QUEUE, build_proxy_app
+from proxy.app import QUEUE, build_proxy_app, proxy_listener
+from proxy.http.server import Server
 from proxy.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,15 +89,12 @@ async def measure(fhir: str, store: Path, count: int) -> dict[str, tuple[int, in
         store={"path": store},
     )
     app = build_proxy_app(settings)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    server = Server(app, proxy_listener)
+    await server.start(host="127.0.0.1", port=0)
     out: dict[str, tuple[int, int]] = {}
     patients: list[str] = []
     try:
-        host, port = runner.addresses[0][:2]
-        base = f"http://{host}:{port}/fhir"
+        base = f"{server.urls()[0]}/fhir"
         queue = app[QUEUE]
 
         async def events() -> int:
@@ -119,7 +116,7 @@ async def measure(fhir: str, store: Path, count: int) -> dict[str, tuple[int, in
         out["files while running"] = (out["all"][0], _files(store))
         return out
     finally:
-        await runner.cleanup()
+        await server.stop(settings.shutdown_grace_s)
 
 
 def main() -> int:

@@ -205,7 +205,7 @@ def serve(
 
     from proxy.app import proxy_listener
     from proxy.delivery.sink import SinkUnusable
-    from proxy.http.server import run
+    from proxy.http.server import listen_hosts, run
     from proxy.store.faces import StoreError
 
     def announce(running: str) -> None:
@@ -220,8 +220,6 @@ def serve(
         announce_serving()
         if banner:
             print(banner, flush=True)
-
-    from proxy.http.listener import listen_hosts
 
     app = _build_app(settings, worker)
     where: dict[str, Any] = (

@@ -79,7 +79,7 @@ def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
             # port; a listening socket still does (on Linux, unlike the BSDs).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                # "::" is both families, as for one worker (proxy.listener.listen_hosts).
+                # "::" is both families, as for one worker (proxy.http.server.listen_hosts).
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(host != "::"))
             if n == 0:
                 sock.bind(address)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -728,19 +727,3 @@ class Listener:
         for conn in list(self.connections):
             conn.abort()
         self.connections.clear()
-
-
-def listen_hosts(host: str) -> list[str]:
-    """The addresses a listener configured with ``host`` binds: ``::`` is every address of
-    both families, as a Linux socket bound to ``::`` would take (asyncio binds ``::`` for
-    IPv6 alone), so ``0.0.0.0`` and ``::``, or ``0.0.0.0`` alone on a kernel without IPv6.
-    Any other host is bound as given."""
-    if host != "::":
-        return [host]
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::", 0))
-    except OSError:
-        log.warning("no IPv6 on this host: listening on IPv4 only")
-        return ["0.0.0.0"]
-    return ["0.0.0.0", "::"]

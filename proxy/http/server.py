@@ -14,6 +14,7 @@ aiohttp's server.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from proxy.http.listener import Listener
+
+log = logging.getLogger(__name__)
 
 ListenerFactory = Callable[[web.Application], Listener]
 """Makes the listener of an application whose start-up has run."""
@@ -121,6 +124,22 @@ class Server:
             await self._app.cleanup()
             for server in servers:
                 await server.wait_closed()
+
+
+def listen_hosts(host: str) -> list[str]:
+    """The addresses a listener configured with ``host`` binds: ``::`` is every address of
+    both families, as a Linux socket bound to ``::`` would take (asyncio binds ``::`` for
+    IPv6 alone), so ``0.0.0.0`` and ``::``, or ``0.0.0.0`` alone on a kernel without IPv6.
+    Any other host is bound as given."""
+    if host != "::":
+        return [host]
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        log.warning("no IPv6 on this host: listening on IPv4 only")
+        return ["0.0.0.0"]
+    return ["0.0.0.0", "::"]
 
 
 def run(

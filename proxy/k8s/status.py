@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.http.listener import listen_hosts
+from proxy.http.server import listen_hosts
 from proxy.settings import AppProbe, StatusSettings
 
 log = logging.getLogger(__name__)

@@ -151,8 +151,8 @@ def test_what_the_builder_makes_in_this_process_is_checked(
     balp_validator: ProfileValidator,
 ) -> None:
     """Through the pipeline's name for the builder and the factories', compiled by mypyc or
-    not (compiled, build_events calls events_for past any patched name), each event built
-    is submitted to the session's check, once."""
+    not (compiled, build_events calls interaction_events past any patched name), each event
+    built is submitted to the session's check, once."""
     balp_validator.settle()
     before = balp_validator.validated
     pipelines_builder = vars(pipeline)["build_events"]  # the name the pipeline calls
