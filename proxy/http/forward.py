@@ -586,9 +586,9 @@ class ForwardHandler:
             )
         except TimeoutError:
             return await self._upstream_failure(ex, 504, "timeout", "upstream timed out")
-        except UpstreamError as exc:
+        except UpstreamError as failed:  # (one name per type: mypyc types a name once)
             # An error may quote what was sent, query included.
-            reason = redact_text(str(exc), self._cfg.redact_params)
+            reason = redact_text(str(failed), self._cfg.redact_params)
             return await self._upstream_failure(
                 ex, 502, "transient", f"upstream unreachable: {reason}"
             )

@@ -222,6 +222,8 @@ class HttpConnection(asyncio.Protocol):
         """Nothing more is parsed: once what was parsed is answered, the connection closes."""
         self._refusal: tuple[int, str] | None = None
         """A refusal to answer once the requests parsed before it are answered."""
+        self._head_refused: ParserRefused | None = None
+        """The limit a parser callback found passed, while the parser unwinds."""
 
     # asyncio.Protocol
 
@@ -263,16 +265,17 @@ class HttpConnection(asyncio.Protocol):
             # header is hop-by-hop, never forwarded); what follows it is not HTTP.
             self._stop_parsing()
         except httptools.HttpParserCallbackError as exc:
-            # httptools re-raises what a callback raised as this error, the callback's
-            # exception its context.
-            cause = exc.__context__
-            if isinstance(cause, ParserRefused):
-                self._refuse(cause.status, cause.reason)
+            # httptools re-raises what a callback raised as this error. Which limit was
+            # passed is kept here, not read from the error's context (compiled by mypyc,
+            # the callback's exception is not always that context).
+            refused, self._head_refused = self._head_refused, None
+            if refused is not None:
+                self._refuse(refused.status, refused.reason)
             else:
-                log.error("a request head could not be taken in", exc_info=cause)
+                log.error("a request head could not be taken in", exc_info=exc.__context__)
                 self._refuse(400, "HttpParserCallbackError")
-        except httptools.HttpParserError as exc:
-            self._refuse(400, parser_error_reason(exc))
+        except httptools.HttpParserError as malformed:  # (one name per type, for mypyc)
+            self._refuse(400, parser_error_reason(malformed))
 
     def eof_received(self) -> bool | None:
         """The client closed its side: nothing follows. A body still arriving never
@@ -295,16 +298,21 @@ class HttpConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > MAX_LINE:
-            raise ParserRefused(414, "the request target is too long")
+            self._refuse_head(414, "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
         self._head_size += size + 4
         if size > MAX_FIELD or self._head_size > MAX_HEAD:
-            raise ParserRefused(431, "a header line is too long")
+            self._refuse_head(431, "a header line is too long")
         self._raw_headers.append((name, value))
         if len(self._raw_headers) > MAX_HEADERS:
-            raise ParserRefused(431, "too many header lines")
+            self._refuse_head(431, "too many header lines")
+
+    def _refuse_head(self, status: int, reason: str) -> None:
+        """Stop the parser at a head past the listener's limits (see data_received)."""
+        refused = self._head_refused = ParserRefused(status, reason)
+        raise refused
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -61,6 +61,7 @@ class UpstreamResponse:
         "_error",
         "_head",
         "_head_waiter",
+        "_headers_only",
         "_informational",
         "_keep_alive",
         "_lease",
@@ -77,6 +78,8 @@ class UpstreamResponse:
         self._conn = conn
         self._lease = lease
         self._head = head
+        self._headers_only = False
+        """The answer to a HEAD ended at its headers (the parser stopped there)."""
         self._parser = httptools.HttpResponseParser(self)
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._informational = False
@@ -112,6 +115,9 @@ class UpstreamResponse:
         self.content_length = int(length) if length is not None and length.isdigit() else None
         self.status = status
         if self._head:
+            # The parser is stopped: an answer to HEAD has no body, whatever its
+            # Content-Length says. (Noted here, not read from the error's context.)
+            self._headers_only = True
             raise _HeadersOnly
         self._wake_head()
 
@@ -132,7 +138,7 @@ class UpstreamResponse:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadersOnly):
+            if self._headers_only:
                 self.content_length = 0
                 self.body.feed_eof()  # not kept alive: the parser stopped mid-message
                 self._wake_head()
