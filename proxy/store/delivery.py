@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from proxy.store.faces import DeliveryQueue, StoreError
 from proxy.store.fans import rows_for
+from proxy.store.log import record_pruned
 from proxy.store.records import QueuedEvent
 from proxy.store.shard import ShardPart
 from proxy.store.tables import STORED, StoredRow, stored_rows
@@ -109,9 +110,12 @@ class ShardDelivery(ShardPart, DeliveryQueue):
 
         def write() -> int:
             with shard.transaction():
-                cur = conn.execute(
-                    "DELETE FROM events WHERE status = 'delivered' AND delivered_at < ?", (cutoff,)
-                )
+                deleted = conn.execute(
+                    "DELETE FROM events WHERE status = 'delivered' AND delivered_at < ?"
+                    " RETURNING leaf, COALESCE(fan, 1)",
+                    (cutoff,),
+                ).fetchall()
+                record_pruned(conn, [(leaf, n) for leaf, n in deleted if leaf is not None])
                 # Captured bodies are kept as long as delivered events are, and for as
                 # long as an event of their exchange is undelivered (those are few: the
                 # status index finds them).
@@ -121,7 +125,7 @@ class ShardDelivery(ShardPart, DeliveryQueue):
                     " AND request_id IS NOT NULL)",
                     (cutoff,),
                 )
-                return cur.rowcount
+                return sum(n for _, n in deleted)
 
         return await shard.run(write)
 

@@ -196,6 +196,42 @@ class ReportReader(Protocol):
         left out."""
 
 
+class TransparencyLog(Protocol):
+    """The Merkle log face (:mod:`proxy.log`): what the checkpointer, the tile routes and
+    the flusher's shipping of checkpoints read and write. The leaves are appended by the
+    writer's transaction, with their events; leaf ``i`` is the ``i``-th event stored
+    since the log began, in queue order."""
+
+    async def log_id(self) -> str:
+        """The log's random id, made with the store: it names the log in its origin."""
+
+    async def tree_head(self) -> tuple[int, bytes]:
+        """The tree's size and its RFC 6962 root, as of one moment."""
+
+    async def tile_hashes(self, level: int, start: int, count: int) -> list[bytes]:
+        """Up to ``count`` stored hashes of tile level ``level`` from index ``start`` (as
+        many as the tree has)."""
+
+    async def leaf_events(self, start: int, count: int) -> list[QueuedEvent] | None:
+        """The events of leaves ``start`` to ``start + count - 1``, in order; None when
+        any of them is no longer (or not yet) in the store."""
+
+    async def latest_checkpoint(self) -> str | None:
+        """The signed note of the largest checkpoint, or None before the first."""
+
+    async def add_checkpoint(self, size: int, note: str, now: datetime) -> None:
+        """Keep a signed checkpoint of the tree at ``size``."""
+
+    async def checkpoints_to_ship(self, limit: int) -> list[tuple[int, str]]:
+        """Checkpoints not shipped yet (size and note, smallest first, at most ``limit``)
+        whose events have all left the queue (delivered or dead-lettered)."""
+
+    async def checkpoints_shipped(
+        self, sizes: Sequence[int], now: datetime, error: str | None = None
+    ) -> None:
+        """Mark checkpoints shipped at ``now``; with ``error``, refused for good."""
+
+
 class AdminStore(EventReader, ReportReader, Requeue, Protocol):
     """What the admin API and the ``dlq`` commands use of a store or of every shard as
     one: the reader face, the report face, and the requeue of dead letters."""

@@ -21,7 +21,7 @@ from collections.abc import Collection, Sequence
 
 from proxy.store.codec import BodyCodec
 from proxy.store.records import EventRow, FanOut, member_id
-from proxy.store.tables import SELECT_ROW, SELECT_STATE, SPLIT_INSERT, DeliveryState
+from proxy.store.tables import SELECT_LEAF, SELECT_ROW, SELECT_STATE, SPLIT_INSERT, DeliveryState
 
 _SPAN_SCAN = 16
 """Seqs looked up by one range scan (rather than one lookup per row) while the span of
@@ -121,10 +121,11 @@ def rows_for(conn: sqlite3.Connection, codec: BodyCodec, seqs: Sequence[int]) ->
 
 
 def split(conn: sqlite3.Connection, codec: BodyCodec, seq: int) -> None:
-    """Replace the fan-out row ``seq`` by a row per event, each at its own seq, with the
-    fan-out's delivery state."""
+    """Replace the fan-out row ``seq`` by a row per event, each at its own seq and leaf,
+    with the fan-out's delivery state."""
     stored = EventRow._make(conn.execute(SELECT_ROW, (seq,)).fetchone())
     state = DeliveryState._make(conn.execute(SELECT_STATE, (seq,)).fetchone())
+    (leaf,) = conn.execute(SELECT_LEAF, (seq,)).fetchone()
     fan = FanOut.from_stored(stored._replace(body=codec.decompress(stored.body)))
     conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
     first = seq - len(fan.patients) + 1
@@ -133,7 +134,7 @@ def split(conn: sqlite3.Connection, codec: BodyCodec, seq: int) -> None:
     conn.executemany(
         SPLIT_INSERT,
         [
-            (first + i, *row._replace(body=body), *state)
+            (first + i, None if leaf is None else leaf + i, *row._replace(body=body), *state)
             for i, (row, body) in enumerate(zip(rows, bodies, strict=True))
         ],
     )

@@ -18,14 +18,15 @@ from proxy.store.database import connect, load_codec
 from proxy.store.delivery import ShardDelivery
 from proxy.store.engine import CommitEngine, CommitReport
 from proxy.store.faces import StoreError
+from proxy.store.log import ShardLog
 from proxy.store.reads import ShardReader
 from proxy.store.reports import ShardReports
 from proxy.store.shard import Shard
 
 
-class AuditQueue(ShardWriter, ShardDelivery, ShardReader, ShardReports):
-    """One store file's three faces, and the report face. Open it with :meth:`open`; one
-    per store file."""
+class AuditQueue(ShardWriter, ShardDelivery, ShardReader, ShardReports, ShardLog):
+    """One store file's faces: the three of the audit trail, the report face and the
+    Merkle log's. Open it with :meth:`open`; one per store file."""
 
     @property
     def engine(self) -> CommitEngine:

@@ -181,6 +181,8 @@ class QueuedEvent:
     """``AuditEvent.recorded``."""
     recorded_ts: float = 0.0
     """``recorded`` as a POSIX timestamp, as the queue orders and pages by it."""
+    leaf: int | None = None
+    """Its leaf index in the shard's Merkle log; None for events stored before the log."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

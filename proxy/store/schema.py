@@ -185,6 +185,38 @@ MIGRATIONS: tuple[str, ...] = (
             AND action = COALESCE(OLD.action, '') AND outcome = COALESCE(OLD.outcome, '')
             AND admin = (instr(OLD.terms, '"k:admin-access"') > 0);
     END;
+    # 8: the Merkle log (proxy/log). ``leaf`` is the leaf index of a row's first event (a
+    # fan-out's events have the ``fan`` leaves from it); NULL for rows stored before this
+    # version, which are not in the log. ``log_hashes`` keeps the tree as its tile hashes
+    # (level 0: each leaf hash; level L: each complete run of 256**L leaves), kept after
+    # their events are pruned; ``log_pruned`` the leaf ranges whose events pruning deleted;
+    # ``log_checkpoints`` the signed checkpoints; ``log_meta`` the log's random id, which
+    # names it in its origin.
+    """
+    ALTER TABLE events ADD COLUMN leaf INTEGER;
+    CREATE INDEX events_leaf ON events (leaf) WHERE leaf IS NOT NULL;
+    CREATE TABLE log_hashes (
+        level INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        PRIMARY KEY (level, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE log_pruned (
+        first INTEGER PRIMARY KEY,
+        last INTEGER NOT NULL
+    );
+    CREATE TABLE log_checkpoints (
+        size INTEGER PRIMARY KEY,
+        created_at REAL NOT NULL,
+        note TEXT NOT NULL,
+        shipped_at REAL,
+        ship_error TEXT
+    );
+    CREATE TABLE log_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO log_meta (key, value) VALUES ('id', lower(hex(randomblob(8))));
     """,
     # 8: who acted in each event as the privacy reports list it (``EventRow.who``: the
     # requestor's name and roles, the OAuth client, the network address), so that a

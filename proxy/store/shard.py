@@ -135,8 +135,9 @@ class Shard:
                 last_error=row.last_error,
                 recorded=row.recorded,
                 recorded_ts=row.recorded_ts,
+                leaf=None if row.leaf is None else row.leaf + n,
             )
-            for seq, (member, event) in zip(row.seqs, events, strict=True)
+            for n, (seq, (member, event)) in enumerate(zip(row.seqs, events, strict=True))
         ]
 
 

@@ -2,7 +2,7 @@
 declarations: no column list is written twice.
 
 An ``events`` row is, in this order of columns (the order only the SQL here relies on):
-where the writer placed it (``seq``, ``fan``), the event as the builder describes it
+where the writer placed it (``seq``, ``fan``, ``leaf``), the event as the builder describes it
 (:class:`~proxy.store.records.EventRow`), and its delivery state (:class:`DeliveryState`).
 The readers read :class:`StoredRow`. A ``captures`` row is a :class:`StoredCapture`.
 """
@@ -52,6 +52,9 @@ class StoredRow(NamedTuple):
     recorded_ts: float
     patients: str
     """``|Patient/1|…|``: a fan-out's events' patients, in their order."""
+    leaf: int | None
+    """The log's leaf index of the row's first event (its others follow); None for rows
+    stored before the log."""
 
     @property
     def seqs(self) -> range:
@@ -74,9 +77,9 @@ def columns(names: Iterable[str], prefix: str = "") -> str:
     return ", ".join(prefix + name for name in names)
 
 
-INSERTED: tuple[str, ...] = ("seq", "fan", *EventRow._fields)
+INSERTED: tuple[str, ...] = ("seq", "fan", "leaf", *EventRow._fields)
 """The columns of a new ``events`` row, in the order of its values: where the writer
-places it, then the builder's :class:`~proxy.store.records.EventRow`."""
+places it (queue and log), then the builder's :class:`~proxy.store.records.EventRow`."""
 
 ROW_WIDTH = len(INSERTED)
 """Values per inserted row."""
@@ -98,13 +101,17 @@ def insert_events_sql(n_rows: int) -> str:
 
 
 SPLIT_INSERT = (
-    f"INSERT INTO events ({columns(('seq', *EventRow._fields, *DeliveryState._fields))})"
-    f" VALUES ({', '.join('?' * (1 + len(EventRow._fields) + len(DeliveryState._fields)))})"
+    f"INSERT INTO events ({columns(('seq', 'leaf', *EventRow._fields, *DeliveryState._fields))})"
+    f" VALUES ({', '.join('?' * (2 + len(EventRow._fields) + len(DeliveryState._fields)))})"
 )
-"""Insert one event of a fan-out being split: its seq, its row, the fan-out's state."""
+"""Insert one event of a fan-out being split: its seq and leaf, its row, the fan-out's
+state."""
 
 SELECT_ROW = f"SELECT {columns(EventRow._fields)} FROM events WHERE seq = ?"
 """The :class:`~proxy.store.records.EventRow` of the row ``seq``, as stored."""
+
+SELECT_LEAF = "SELECT leaf FROM events WHERE seq = ?"
+"""The leaf index of the row ``seq`` (its first event's)."""
 
 SELECT_STATE = f"SELECT {columns(DeliveryState._fields)} FROM events WHERE seq = ?"
 """The :class:`DeliveryState` of the row ``seq``."""

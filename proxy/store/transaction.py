@@ -1,7 +1,8 @@
 """The writer process's transaction: one group commit, as a sequence of named steps.
 
-:data:`STEPS` lists them in the order they run: assign seqs, insert events, settle
-intents, record intents, insert captures. :class:`Committer` makes each step for a batch
+:data:`STEPS` lists them in the order they run: assign seqs, append leaves (the Merkle
+log's, :mod:`proxy.store.leaves`), insert events, settle intents, record intents, insert
+captures. :class:`Committer` makes each step for a batch
 (that is its *prepare*), checks the disk budget against what they will add, then calls
 each step's ``write`` inside one transaction and commits it (one fsync).
 
@@ -86,6 +87,9 @@ class Transaction:
     intent_ids: list[int | None] | None = None
     """Each submission's recorded intent's id, or None (``record intents``); None when
     the batch recorded no intent."""
+    leaves: list[int] | None = None
+    """Each row's leaf index in the log, its first event's (``append leaves``); None when
+    no step placed the rows in the log."""
 
     @classmethod
     def of(
@@ -171,12 +175,11 @@ class InsertEvents:
         if not tx.rows:
             return
         values: list[Any] = []
-        if tx.seqs is None:
-            for new in tx.rows:
-                values += (None, new.fan, *new.row)
-        else:
-            for seq, new in zip(tx.seqs, tx.rows, strict=True):
-                values += (seq, new.fan, *new.row)
+        unplaced: list[int | None] = [None] * len(tx.rows)
+        seqs: Sequence[int | None] = tx.seqs or unplaced
+        leaves: Sequence[int | None] = tx.leaves or unplaced
+        for seq, leaf, new in zip(seqs, leaves, tx.rows, strict=True):
+            values += (seq, new.fan, leaf, *new.row)
         values[BODY_AT::ROW_WIDTH] = self._frames
         width = ROWS_PER_STATEMENT * ROW_WIDTH
         for start in range(0, len(values), width):
@@ -261,8 +264,11 @@ class InsertCaptures:
             tx.conn.executemany(INSERT_CAPTURE, self._rows)
 
 
+from proxy.store.leaves import AppendLeaves  # noqa: E402 (it implements Step, above)
+
 STEPS: tuple[type[Step], ...] = (
     AssignSeqs,
+    AppendLeaves,
     InsertEvents,
     SettleIntents,
     RecordIntents,

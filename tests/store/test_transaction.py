@@ -61,12 +61,28 @@ def _traced(conn: sqlite3.Connection) -> list[str]:
     return statements
 
 
-def test_a_batch_of_plain_events_is_one_insert_without_begin(conn: sqlite3.Connection) -> None:
+def test_a_batch_of_plain_events_is_its_leaves_and_its_events_in_one_transaction(
+    conn: sqlite3.Connection,
+) -> None:
     committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
     statements = _traced(conn)
     assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
-    assert statements == ["INSERT"]
+    # Where the tree ends, the leaf hashes, the events.
+    assert statements == ["BEGIN", "SELECT", "INSERT", "INSERT", "COMMIT"]
     assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
+    leaves = conn.execute("SELECT leaf FROM events ORDER BY seq").fetchall()
+    assert leaves == [(0,), (1,), (2,)]
+    assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (3,)
+
+
+def test_a_batch_whose_steps_plan_one_statement_runs_it_without_begin(
+    conn: sqlite3.Connection,
+) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    statements = _traced(conn)
+    (intent,) = committer.commit_batch([_submission(intent=b'{"n":1}')])
+    assert isinstance(intent, int)
+    assert statements == ["INSERT"]
 
 
 def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
@@ -79,7 +95,7 @@ def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
     results = committer.commit_batch(
         [_submission(1, complete=first), _submission(intent=b'{"n":2}'), _submission(2)]
     )
-    assert statements == ["BEGIN", "INSERT", "DELETE", "INSERT", "COMMIT"]
+    assert statements == ["BEGIN", "SELECT", "INSERT", "INSERT", "DELETE", "INSERT", "COMMIT"]
     assert results[0] is None and results[2] is None
     assert conn.execute("SELECT id FROM intents").fetchall() == [(results[1],)]
 
@@ -92,8 +108,8 @@ def test_a_fan_out_gets_its_seqs_from_the_first_free_one(conn: sqlite3.Connectio
     )
     fan_out = Submission(rows=store_rows(built), complete_intent=None, intent=None, capture=None)
     committer.commit_batch([fan_out, _submission(2)])
-    rows = conn.execute("SELECT seq, fan FROM events ORDER BY seq").fetchall()
-    assert rows == [(1, None), (4, 3), (5, None)]
+    rows = conn.execute("SELECT seq, fan, leaf FROM events ORDER BY seq").fetchall()
+    assert rows == [(1, None, 0), (4, 3, 1), (5, None, 4)], "each event of a fan-out a leaf"
 
 
 class _Leaves:
@@ -160,6 +176,7 @@ def test_the_declared_columns_are_the_events_table(conn: sqlite3.Connection) -> 
     assert sorted(columns) == sorted([*INSERTED, *DeliveryState._fields])
     assert {step.name for step in STEPS} == {
         "assign seqs",
+        "append leaves",
         "insert events",
         "settle intents",
         "record intents",

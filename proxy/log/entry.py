@@ -1,0 +1,140 @@
+"""The log entry of an AuditEvent, and the extension that tells its place in the log.
+
+**The entry is the RFC 8785 (JCS) canonical JSON of the event without its ``meta`` and
+without the log-position extension.** An auditor recomputes it from the event as a FHIR
+repository holds it: the repository re-serializes the JSON (key order, spacing, number
+forms, which JCS makes one) and sets ``meta`` (``versionId``, ``lastUpdated``, sometimes
+``source``), which is therefore left out, together with the position extension the proxy
+adds when it ships the event. What ``meta`` holds besides (the BALP profile claimed, the
+proxy's tags) is not covered by the log.
+
+The position is a complex extension on the AuditEvent, :data:`POSITION_URL`, with
+``origin`` (the checkpoint origin of the shard's log) and ``index`` (the leaf index, in
+decimal: a 32-bit ``valueInteger`` would not last). Removing it: drop that one entry from
+``extension``, and ``extension`` itself if nothing is left.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import rfc8785
+
+POSITION_URL = "urn:fhir-audit-proxy:log-position"
+"""The extension that carries an event's origin and leaf index."""
+
+_SAFE_INTEGER = 2**53
+"""JCS numbers are IEEE doubles: integers beyond this are not written as they are."""
+
+
+def _needs_full_canonicalization(value: Any) -> bool:
+    """Whether ``value`` holds what orjson does not write as RFC 8785 does: a float (ES6
+    number formatting), an integer beyond 2**53 (written as a double), a key outside
+    ASCII (JCS sorts keys by UTF-16 code units, orjson by code points). Strings, small
+    integers, booleans and null orjson writes exactly as JCS (tests check every code
+    point)."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if not key.isascii():
+                return True
+            t = type(item)
+            if t is str:
+                continue
+            if t is dict or t is list:
+                if _needs_full_canonicalization(item):
+                    return True
+            elif t is float or (t is int and not -_SAFE_INTEGER < item < _SAFE_INTEGER):
+                return True
+        return False
+    if kind is list:
+        for item in value:
+            t = type(item)
+            if t is str:
+                continue
+            if t is dict or t is list:
+                if _needs_full_canonicalization(item):
+                    return True
+            elif t is float or (t is int and not -_SAFE_INTEGER < item < _SAFE_INTEGER):
+                return True
+        return False
+    return kind is float or (kind is int and not -_SAFE_INTEGER < value < _SAFE_INTEGER)
+
+
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 canonical JSON of ``value``. Integers beyond 2**53 are written as the
+    double JSON parsers read them as."""
+    if not _needs_full_canonicalization(value):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return rfc8785.dumps(_as_doubles(value))
+
+
+def _as_doubles(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _as_doubles(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_doubles(v) for v in value]
+    if type(value) is int and not -_SAFE_INTEGER < value < _SAFE_INTEGER:
+        return float(value)
+    return value
+
+
+def without_position(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` (not changed) without ``meta`` and without the position extension."""
+    out = {k: v for k, v in event.items() if k != "meta"}
+    extensions = out.get("extension")
+    if isinstance(extensions, list):
+        kept = [
+            x for x in extensions if not (isinstance(x, dict) and x.get("url") == POSITION_URL)
+        ]
+        if kept:
+            out["extension"] = kept
+        else:
+            del out["extension"]
+    return out
+
+
+def entry_of(event: dict[str, Any]) -> bytes:
+    """The log entry of an AuditEvent (the module's definition)."""
+    return canonical_json(without_position(event))
+
+
+def entry_of_json(body: bytes) -> bytes:
+    """The log entry of an AuditEvent given as JSON."""
+    event = orjson.loads(body)
+    if not isinstance(event, dict):
+        raise ValueError("an AuditEvent is a JSON object")
+    return entry_of(event)
+
+
+def with_position(event: dict[str, Any], origin: str, index: int) -> dict[str, Any]:
+    """A copy of ``event`` carrying its place in the log (any earlier position replaced)."""
+    position = {
+        "url": POSITION_URL,
+        "extension": [
+            {"url": "origin", "valueString": origin},
+            {"url": "index", "valueString": str(index)},
+        ],
+    }
+    extensions = [
+        x
+        for x in event.get("extension") or ()
+        if not (isinstance(x, dict) and x.get("url") == POSITION_URL)
+    ]
+    return {**event, "extension": [*extensions, position]}
+
+
+def position_of(event: dict[str, Any]) -> tuple[str, int] | None:
+    """The origin and leaf index an event carries, or None."""
+    for x in event.get("extension") or ():
+        if isinstance(x, dict) and x.get("url") == POSITION_URL:
+            parts = {
+                p.get("url"): p.get("valueString")
+                for p in x.get("extension") or ()
+                if isinstance(p, dict)
+            }
+            origin, index = parts.get("origin"), parts.get("index")
+            if isinstance(origin, str) and isinstance(index, str) and index.isdigit():
+                return origin, int(index)
+    return None
