@@ -40,9 +40,12 @@ from proxy.http.response import Response
 from proxy.http.transport import Transport, UpstreamError, UpstreamRequest
 from proxy.http.upstream import UpstreamPool
 from proxy.k8s.status import serving_status
+from proxy.log.checkpointer import Checkpointer, shard_origin
+from proxy.log.note import Signer
+from proxy.log.shipping import LogShipping
 from proxy.settings import Settings
 from proxy.store.database import database_budget
-from proxy.store.faces import AdminStore, StoreError
+from proxy.store.faces import AdminStore, StoreError, TransparencyLog
 from proxy.store.queue import AuditQueue
 from proxy.store.records import QueueStats
 from proxy.store.shards import ShardedStore, existing_shard_opener
@@ -69,6 +72,11 @@ ADMIN_URL = web.AppKey("admin_url", str)
 WORKER = web.AppKey("worker", int)
 """This process's worker index (0 with ``workers: 1``): which store shard it owns."""
 VALIDATION = web.AppKey("validation_queue", asyncio.Queue[dict[str, Any]])
+LOG_ORIGIN = web.AppKey("log_origin", str)
+"""The checkpoint origin of this worker's shard's log."""
+SIGNER = web.AppKey("log_signer", Signer)
+"""The checkpoint signing key (``log.key_file``), when one is configured."""
+CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 
 PRUNE_EVERY_S = 3600.0
 """How often delivered events past retention are deleted (and once at start)."""
@@ -113,6 +121,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[QUEUE] = queue
     try:
+        app[LOG_ORIGIN] = shard_origin(settings.log, await queue.log_id())
         try:
             await recover_intents(queue, app[AUDIT_CONTEXT], datetime.now(UTC))
         except StoreError as exc:
@@ -238,8 +247,13 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("no repository configured: events stay in the local store")
         yield
         return
+    shipping = LogShipping(
+        tlog=app[QUEUE],
+        origin=app[LOG_ORIGIN],
+        checkpoints=settings.log.ship_checkpoints and SIGNER in app,
+    )
     sink = telemetry.TimedSink(await repo.open_sink(Origin(shard=app[WORKER])))
-    flusher = Flusher(app[QUEUE], sink, repo)
+    flusher = Flusher(app[QUEUE], sink, repo, log_shipping=shipping)
     app[FLUSHER] = flusher
     try:
         async with running(flusher.run(), "flusher"):
@@ -250,6 +264,25 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         except Exception:
             log.exception("final flush failed; undelivered events stay queued")
         await sink.close()
+
+
+async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Signed checkpoints of this worker's shard, when a key is configured. Started after
+    the flusher, so stopped before its final drain: the tail's checkpoint, signed here at
+    shutdown, leaves with the last events."""
+    if SIGNER not in app:
+        yield
+        return
+    checkpointer = Checkpointer(
+        tlog=app[QUEUE], signer=app[SIGNER], origin=app[LOG_ORIGIN], settings=app[SETTINGS].log
+    )
+    app[CHECKPOINTER] = checkpointer
+    async with running(checkpointer.run(), "checkpointer"):
+        yield
+    try:
+        await checkpointer.checkpoint()
+    except StoreError as exc:
+        log.warning("the final checkpoint was not made: %s", exc)
 
 
 async def _maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -448,9 +481,15 @@ async def _status_listener(app: web.Application, store: AdminStore) -> AsyncIter
 
 async def _admin_listener(app: web.Application, store: AdminStore) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    async def shard_log(n: int) -> TransparencyLog | None:
+        if isinstance(store, ShardedStore):
+            return await store.shard(n)
+        return app[QUEUE] if n == 0 else None
+
     admin = build_admin_app(
         store,
         settings.admin,
+        logs=shard_log,
         writer=app[QUEUE],
         fhir_version=settings.audit.fhir_version,
         audit_context=app[AUDIT_CONTEXT],
@@ -531,6 +570,8 @@ def build_proxy_app(
     app[INTENTS] = OpenIntents()
     if transport is not None:
         app[TRANSPORT] = transport
+    if settings.log.key_file is not None:
+        app[SIGNER] = Signer.parse(settings.log.key_file.read_text())
     app.cleanup_ctx.extend(
         [
             _telemetry_ctx,
@@ -540,6 +581,7 @@ def build_proxy_app(
             _validation_ctx,
             _handler_ctx,
             _delivery_ctx,
+            _checkpoint_ctx,
             _maintenance_ctx,
             _admin_ctx,
             _gc_ctx,

@@ -415,6 +415,90 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_log_keygen(args: argparse.Namespace) -> int:
+    from proxy.log.note import NoteError, Signer
+
+    try:
+        signer = Signer.generate(args.name)
+    except NoteError as exc:
+        raise StartupError(str(exc)) from exc
+    key_path = args.out
+    try:
+        # The signing key is a secret: owner only, and never over an existing file.
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot create {key_path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "w") as out:
+        out.write(signer.text() + "\n")
+    sys.stdout.write(signer.verifier.text() + "\n")
+    print(
+        f"signing key written to {key_path} (set log.key_file to it); the line above is the"
+        " verifier key auditors check checkpoints with",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_log_vkey(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.log.note import NoteError, Signer
+
+    settings = load(args)
+    key_file = args.key or settings.log.key_file
+    if key_file is None:
+        raise ConfigError("log.key_file is not set: name the signing key with --key FILE")
+    try:
+        signer = Signer.parse(Path(key_file).read_text())
+    except (OSError, NoteError) as exc:
+        raise StartupError(f"{key_file}: {exc}") from exc
+    sys.stdout.write(signer.verifier.text() + "\n")
+    return 0
+
+
+def _cmd_log_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.log.note import NoteError, Verifier
+    from proxy.log.verify import read_resources, verify_resources, verify_store
+
+    vkey = args.vkey
+    if vkey.startswith("@"):
+        vkey = Path(vkey[1:]).read_text()
+    try:
+        verifier = Verifier.parse(vkey)
+    except NoteError as exc:
+        raise ConfigError(f"--vkey: {exc}") from exc
+    notes: list[tuple[str, str]] = []
+    try:
+        for extra in args.checkpoints or ():
+            from proxy.log.fhir import notes_in
+
+            path = Path(extra)
+            text = path.read_text()
+            found = notes_in(read_resources(path)) if text.lstrip()[:1] == "{" else [text]
+            notes += [(note, str(path)) for note in found]
+        if args.files:
+            reports = []
+            for name in args.files:
+                resources = read_resources(Path(name))
+                reports += verify_resources(resources, verifier, name, notes)
+        else:
+            settings = load(args)
+            shards = [path for path in settings.store_shards() if path.is_file()]
+            if not shards:
+                raise StartupError(f"no audit store at {settings.store.path}")
+            reports = [verify_store(path, verifier, notes) for path in shards]
+    except (OSError, ValueError) as exc:
+        raise StartupError(str(exc)) from exc
+    for report in reports:
+        print(report)
+    if not reports:
+        print("nothing to verify: no event with a log position and no checkpoint")
+        return EXIT_RUNTIME
+    return 0 if all(r.ok for r in reports) else EXIT_RUNTIME
+
+
 def _cmd_webhook(args: argparse.Namespace) -> int:
     from proxy.k8s.webhook import run_webhook_command
 
@@ -588,6 +672,63 @@ def build_parser() -> argparse.ArgumentParser:
         " consumer share the work. SIGTERM or Ctrl-C stops it.",
         func=_cmd_relay,
     )
+    log_cmd = add_command(
+        commands,
+        "log",
+        help="the Merkle log: make a signing key, print its verifier key, verify a trail",
+        description="The audit trail's Merkle log (C2SP signed-note, tlog-checkpoint,"
+        " tlog-tiles): keys for its checkpoints and the check of a store or of a"
+        " repository's copy against them.",
+    )
+    log_commands = log_cmd.add_subparsers(
+        dest="log_command", required=True, metavar="ACTION", help="keygen, vkey or verify"
+    )
+    keygen = add_command(
+        log_commands,
+        "keygen",
+        help="make a checkpoint signing key (Ed25519) and print its verifier key",
+        description="Write a new Ed25519 signing key in the signed-note format"
+        " (PRIVATE+KEY+<name>+<id>+<key>, as Go's sumdb/note writes it) to --out, owner-only,"
+        " and print its verifier key <name>+<id>+<key> on stdout.",
+        func=_cmd_log_keygen,
+    )
+    keygen.add_argument(
+        "--name",
+        required=True,
+        help="the key's name, a schema-less URL such as audit.example.org/ward3",
+    )
+    keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the key")
+    vkey = add_command(
+        log_commands,
+        "vkey",
+        help="print the verifier key of the signing key",
+        description="Print the verifier key (<name>+<id>+<key>) of log.key_file or --key.",
+        func=_cmd_log_vkey,
+    )
+    vkey.add_argument("--key", metavar="FILE", help="the signing key (default: log.key_file)")
+    verify = add_command(
+        log_commands,
+        "verify",
+        help="check a store, or a repository's export, against the signed checkpoints",
+        description="Without FILE: check every shard of store.path (read-only) against its"
+        " checkpoints. With FILE (NDJSON, or a JSON Bundle, of AuditEvents and checkpoint"
+        " DocumentReferences, as a repository exports them): check those events against the"
+        " checkpoints among them. Names the first problem; exit 0 when none, 1 otherwise.",
+        func=_cmd_log_verify,
+    )
+    verify.add_argument(
+        "--vkey",
+        required=True,
+        help="the verifier key <name>+<id>+<key>, or @FILE holding it",
+    )
+    verify.add_argument(
+        "--checkpoints",
+        action="append",
+        metavar="FILE",
+        help="more signed checkpoints: a note, or NDJSON/Bundle with checkpoint"
+        " DocumentReferences (the repository's copy); repeatable",
+    )
+    verify.add_argument("files", nargs="*", metavar="FILE", help="a repository's export")
     webhook = add_command(
         commands,
         "webhook",

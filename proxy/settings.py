@@ -245,6 +245,30 @@ class StoreSettings(_Frozen):
     """Most events one group commit may take."""
 
 
+class LogSettings(_Frozen):
+    """The Merkle log of the stored events (each shard's) and its signed checkpoints."""
+
+    key_file: Path | None = None
+    """The checkpoint signing key (``fhir-audit-proxy log keygen`` writes one), a file or a
+    mounted Kubernetes Secret; read at start-up. None: the tree grows, nothing is signed."""
+    origin: str = "fhir-audit-proxy"
+    """The start of each shard's checkpoint origin, ``<origin>/<log id>`` (the log id is
+    made with the store). Name the deployment, as a schema-less URL: ``audit.example.org/ward3``."""
+    checkpoint_interval_s: Positive = 10.0
+    """A checkpoint at most this often while the tree grows..."""
+    checkpoint_events: PositiveInt = 1000
+    """...or as soon as this many events were added since the last."""
+    ship_checkpoints: bool = True
+    """Send each checkpoint to the repository (a DocumentReference) once its events left."""
+
+    @field_validator("origin")
+    @classmethod
+    def _origin_is_a_name(cls, value: str) -> str:
+        if not value or "+" in value or any(c.isspace() for c in value):
+            raise ValueError("must be non-empty, without spaces or '+' (audit.example.org/ward3)")
+        return value.rstrip("/")
+
+
 class AdminScopes(_Frozen):
     """The scope a JWT must carry for each group of admin routes."""
 
@@ -554,6 +578,7 @@ class Settings(BaseSettings):
     status: StatusSettings = StatusSettings()
     relay: RelaySettings = RelaySettings()
     """What ``fhir-audit-proxy relay`` consumes (it delivers to ``repository``)."""
+    log: LogSettings = LogSettings()
     workers: PositiveInt = 1
     """Processes serving the proxy port together (``SO_REUSEPORT``: the kernel spreads
     connections over them). With more than one, each worker has its own store shard
@@ -594,6 +619,9 @@ class Settings(BaseSettings):
         (logs). Values of credential headers count whole and without their scheme word."""
         found: set[str] = self.repository.secret_values() | self.relay.source.secret_values()
         found.update(t.get_secret_value() for t in self.admin.tokens)
+        if self.log.key_file is not None:
+            with contextlib.suppress(OSError):
+                found.add(self.log.key_file.read_text().strip())
         for url in (
             self.upstream.url,
             self.audit.identity.jwks_url,
@@ -831,8 +859,27 @@ def check_startup(settings: Settings) -> None:
     exposure = settings.admin.exposure()
     if exposure is not None:
         problems.append(f"admin.host: {exposure}")
+    problems += _key_problems(settings.log.key_file)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _key_problems(key_file: Path | None) -> list[str]:
+    """Why ``log.key_file`` cannot sign checkpoints, if it cannot."""
+    from proxy.log.note import NoteError, Signer
+
+    if key_file is None:
+        return []
+    try:
+        Signer.parse(key_file.read_text())
+    except OSError as exc:
+        return [f"log.key_file: {key_file} cannot be read ({exc.strerror}); mount the key there"]
+    except (NoteError, ValueError) as exc:
+        return [
+            f"log.key_file: {key_file} is not a signing key ({exc}); make one with"
+            " `fhir-audit-proxy log keygen`"
+        ]
+    return []
 
 
 def _writable_store(setting: str, path: Path) -> Iterator[str]:

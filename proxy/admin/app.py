@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.admin import audit_log, fhir_api, health, ingest, reports, viewer
+from proxy.admin import audit_log, fhir_api, health, ingest, reports, tlog, viewer
 from proxy.admin.auth import (
     AdminAuth,
     Refusal,
@@ -61,6 +61,11 @@ ROUTES: tuple[tuple[str, str, Handler, RouteGroup], ...] = (
     ("POST", "/fhir/", ingest.post_bundle, RouteGroup.WRITE),
     ("GET", "/dlq", audit_log.dlq_list, RouteGroup.ADMIN),
     ("POST", "/dlq/retry", audit_log.dlq_retry, RouteGroup.ADMIN),
+    # The Merkle log: hashes and signed tree heads carry no PHI, and tile clients fetch
+    # them without credentials; entry bundles are the events (proxy/admin/tlog.py).
+    ("GET", "/log/{shard}/checkpoint", tlog.checkpoint, RouteGroup.OPEN),
+    ("GET", r"/log/{shard}/tile/entries/{path:.+}", tlog.entries, RouteGroup.READ),
+    ("GET", r"/log/{shard}/tile/{path:[0-9].*}", tlog.tile, RouteGroup.OPEN),
 )
 """Every admin route and the group whose scope it needs; one place to read the policy."""
 
@@ -127,6 +132,10 @@ async def _validation_ctx(app: web.Application) -> AsyncIterator[None]:
         pool.close()
 
 
+async def _no_logs(shard: int) -> None:
+    return None
+
+
 def build_admin_app(
     store: AdminStore,
     settings: AdminSettings,
@@ -135,6 +144,7 @@ def build_admin_app(
     fhir_version: str = "R4",
     audit_context: AuditContext | None = None,
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    logs: tlog.ShardLogs | None = None,
 ) -> web.Application:
     """The admin application over ``store`` (one shard or every shard as one), appending
     to ``writer`` (its worker's shard). Raises
@@ -151,6 +161,7 @@ def build_admin_app(
     app[AUTH] = AdminAuth(settings, tokens=load_static_tokens(settings))
     if readiness is not None:
         app[READINESS] = readiness
+    app[tlog.LOGS] = logs or _no_logs
     groups: dict[Any, RouteGroup] = {}
     for method, path, handler, group in ROUTES:
         groups[app.router.add_route(method, path, handler)] = group

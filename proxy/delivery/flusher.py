@@ -11,6 +11,10 @@ A held event's ``retry_at`` in the store is never further than ``max_flush_inter
 from the failure that set it. The first flush after start and the shutdown drain ignore
 the stored backoff (the backoff belongs to the process that failed, not to the next one),
 so nothing an earlier process stored can keep the queue waiting.
+
+With the shard's log (:class:`~proxy.log.shipping.LogShipping`), each event leaves with its
+place in the log, and after a round that delivered, the checkpoints whose events have all
+left follow as resources of their own: the sink sends what it is given.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ import logging
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from proxy import telemetry
 from proxy.delivery.sink import (
+    DeliveryError,
     PartialDelivery,
     RepositoryBase,
     RepositoryRejected,
     RepositoryUnavailable,
     Sink,
 )
+from proxy.log.shipping import LogShipping
 from proxy.store.faces import Claims, StoreError
 from proxy.store.records import QueuedEvent
 
@@ -37,6 +44,10 @@ log = logging.getLogger(__name__)
 
 _ANY_RETRY_AT = datetime.max.replace(tzinfo=UTC)
 """A claim cutoff no stored ``retry_at`` passes: claims what is pending, backoff ignored."""
+
+
+def _as_stored(item: QueuedEvent) -> dict[str, Any]:
+    return item.event
 
 
 class Flusher:
@@ -49,8 +60,10 @@ class Flusher:
         settings: RepositoryBase,
         *,
         rng: random.Random | None = None,
+        log_shipping: LogShipping | None = None,
     ) -> None:
         self._queue = queue
+        self._log = log_shipping
         self._sink = sink
         self._batch = settings.batch_count
         self._interval = settings.flush_interval_ms / 1000
@@ -127,11 +140,32 @@ class Flusher:
             )
             return len(settled) - self._dead_in_round
         self.failures = 0
+        await self._ship_checkpoints(now)
         return delivered
+
+    async def _ship_checkpoints(self, now: datetime) -> None:
+        """Send the checkpoints due, in one batch; a refusal is kept with the checkpoint
+        (not retried), an outage leaves them for the next round."""
+        if self._log is None:
+            return
+        due = await self._log.documents(now)
+        if not due:
+            return
+        sizes = [size for size, _ in due]
+        try:
+            await self._sink.send([document for _, document in due])
+        except RepositoryRejected as exc:
+            log.error("repository refused checkpoints %s: %s", sizes, str(exc)[:300])
+            await self._log.tlog.checkpoints_shipped(sizes, now, str(exc)[:4096])
+        except DeliveryError as exc:
+            log.warning("checkpoints %s not shipped, retried later: %s", sizes, exc)
+        else:
+            await self._log.tlog.checkpoints_shipped(sizes, now)
 
     async def _send_or_isolate(self, batch: Sequence[QueuedEvent], settled: set[int]) -> int:
         try:
-            await self._sink.send([q.event for q in batch])
+            shipped = self._log.resource if self._log is not None else _as_stored
+            await self._sink.send([shipped(q) for q in batch])
         except PartialDelivery as partial:
             done = batch[: partial.delivered]
             await self._ack(done, settled)

@@ -137,7 +137,7 @@ class FhirRepositorySink:
         if self._mode == "single":
             for done, event in enumerate(events):
                 try:
-                    await self._post(f"{self._base}/AuditEvent", orjson.dumps(event))
+                    await self._post(f"{self._base}/{event['resourceType']}", orjson.dumps(event))
                 except DeliveryError as exc:
                     if done:
                         raise PartialDelivery(done, exc) from exc
@@ -149,9 +149,9 @@ class FhirRepositorySink:
                 "type": "transaction",
                 "entry": [
                     {
-                        "fullUrl": f"{self._base}/AuditEvent/{e['id']}",
+                        "fullUrl": f"{self._base}/{e['resourceType']}/{e['id']}",
                         "resource": e,
-                        "request": {"method": "PUT", "url": f"AuditEvent/{e['id']}"},
+                        "request": {"method": "PUT", "url": f"{e['resourceType']}/{e['id']}"},
                     }
                     for e in events
                 ],

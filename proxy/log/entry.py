@@ -85,9 +85,7 @@ def without_position(event: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in event.items() if k != "meta"}
     extensions = out.get("extension")
     if isinstance(extensions, list):
-        kept = [
-            x for x in extensions if not (isinstance(x, dict) and x.get("url") == POSITION_URL)
-        ]
+        kept = [x for x in extensions if not (isinstance(x, dict) and x.get("url") == POSITION_URL)]
         if kept:
             out["extension"] = kept
         else:

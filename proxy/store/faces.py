@@ -205,6 +205,9 @@ class TransparencyLog(Protocol):
     async def log_id(self) -> str:
         """The log's random id, made with the store: it names the log in its origin."""
 
+    async def tree_size(self) -> int:
+        """Leaves in the tree."""
+
     async def tree_head(self) -> tuple[int, bytes]:
         """The tree's size and its RFC 6962 root, as of one moment."""
 

@@ -65,6 +65,10 @@ class ShardLog(ShardPart, TransparencyLog):
 
         return await self._shard.run(read)
 
+    async def tree_size(self) -> int:
+        conn = self._shard.conn
+        return await self._shard.run(lambda: tree_size(conn))
+
     async def tree_head(self) -> tuple[int, bytes]:
         conn = self._shard.conn
 
@@ -87,9 +91,7 @@ class ShardLog(ShardPart, TransparencyLog):
 
         def read() -> list[QueuedEvent] | None:
             # The row holding leaf ``start`` may be a fan-out's that begins below it.
-            row = conn.execute(
-                "SELECT MAX(leaf) FROM events WHERE leaf <= ?", (start,)
-            ).fetchone()
+            row = conn.execute("SELECT MAX(leaf) FROM events WHERE leaf <= ?", (start,)).fetchone()
             low = start if row is None or row[0] is None else row[0]
             rows = stored_rows(
                 conn.execute(

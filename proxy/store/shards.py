@@ -84,6 +84,10 @@ class ShardedStore(EventReader, ReportReader, Requeue):
                     self._owned.append(queue)
         return sorted(self._queues.items())
 
+    async def shard(self, n: int) -> AuditQueue | None:
+        """Shard ``n``, or None when it does not exist (yet)."""
+        return dict(await self._shards()).get(n)
+
     async def shard_sizes(self, skip: int) -> list[tuple[int, Path, int | None]]:
         """Each shard but ``skip``: its number, path and bytes in use; None for a shard
         that does not exist yet (its worker is starting)."""
