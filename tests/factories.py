@@ -33,12 +33,14 @@ import aiohttp
 import jwt
 import orjson
 import pytest
+import rfc8785
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 from fhir.resources.R4B import get_fhir_model_class
 from jwt.algorithms import RSAAlgorithm
@@ -57,12 +59,18 @@ from proxy.app import QUEUE, proxy_listener
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.audit.identity import JwksKeys, identity_from_headers
 from proxy.audit.ids import new_event_id
+from proxy.delivery.flusher import Flusher
+from proxy.delivery.file import FileRepository, FileSink
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.fhir.operation_outcome import operation_outcome
 from proxy.http.server import Server
 from proxy.http.transport import MockAnswer, MockTransport, SentRequest
-from proxy.settings import IdentitySettings, Settings, load_settings
+from proxy.log.checkpointer import Checkpointer, shard_origin
+from proxy.log.entry import POSITION_URL
+from proxy.log.note import Signer
+from proxy.log.shipping import LogShipping
+from proxy.settings import IdentitySettings, LogSettings, Settings, load_settings
 from proxy.store.queue import AuditQueue
 from proxy.store.records import EventQuery, QueuedEvent
 from proxy.telemetry import Telemetry
@@ -1936,3 +1944,114 @@ async def busy_record(queue: AuditQueue, now: datetime) -> BusyRecord:
         users=1 + 12 + 1 + 1,
         searcher="dr.search",
     )
+
+
+# --- the Merkle log ---------------------------------------------------------------------
+
+
+def log_signer(name: str = "audit.example.org/test") -> Signer:
+    """A fresh checkpoint signing key."""
+    return Signer.generate(name)
+
+
+@dataclass
+class LoggedStore:
+    """A store whose log holds events and signed checkpoints, shipped to an NDJSON file as
+    the proxy ships them (file mode: events with their positions, then checkpoints)."""
+
+    path: Path
+    signer: Signer
+    shipped: Path
+    """The repository: NDJSON of AuditEvents and checkpoint DocumentReferences."""
+    ids: list[str] = field(default_factory=list)
+    """Every event id appended, in queue order."""
+
+    @property
+    def vkey(self) -> str:
+        return self.signer.verifier.text()
+
+    async def append(self, *batches: int, patients: Sequence[str] = ()) -> None:
+        """Open the store, append each batch of plain events (and a fan-out of
+        ``patients``' events in the first), sign a checkpoint after each, ship everything
+        to :attr:`shipped`, and close it (the writer checkpoints its WAL)."""
+        queue = await AuditQueue.open(self.path, max_bytes=1 << 30)
+        try:
+            settings = LogSettings(origin="audit.example.org/test")
+            origin = shard_origin(settings, await queue.log_id())
+            checkpointer = Checkpointer(
+                tlog=queue, signer=self.signer, origin=origin, settings=settings
+            )
+            checkpointer.signed_size = await queue.tree_size()
+            for n, count in enumerate(batches):
+                if n == 0 and patients:
+                    built = build_events(search_exchange(patients), AuditContext.default(), NOW)
+                    await queue.append_rows(store_rows(built))
+                    self.ids += [b.row.event_id for b in built]
+                events = [queued_event(len(self.ids) + i) for i in range(count)]
+                await queue.append(events)
+                self.ids += [e["id"] for e in events]
+                await checkpointer.checkpoint()
+            await self.ship(queue, origin)
+        finally:
+            await queue.close()
+
+    async def ship(self, queue: AuditQueue, origin: str) -> None:
+        repo = FileRepository(url=str(self.shipped), batch_count=50)
+        flusher = Flusher(
+            queue,
+            FileSink(self.shipped),
+            repo,
+            log_shipping=LogShipping(tlog=queue, origin=origin, checkpoints=True),
+        )
+        while await flusher.flush_once():
+            pass
+
+    def shipped_resources(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.shipped.read_bytes().splitlines()]
+
+
+def independent_open_note(note: str, vkey: str) -> str:
+    """The text of a C2SP signed note once its Ed25519 signature by the verifier key
+    ``<name>+<hex id>+<base64 key>`` is checked, written here from the specification
+    (c2sp.org/signed-note), not with the proxy's code. Raises AssertionError."""
+    name, key_hex, key_b64 = vkey.split("+")
+    key = base64.b64decode(key_b64)
+    assert key[0] == 0x01 and len(key) == 33, "an Ed25519 verifier key"
+    expected_id = hashlib.sha256(name.encode() + b"\n" + key).digest()[:4]
+    assert expected_id.hex() == key_hex, "the key ID is SHA-256(name || 0x0A || 0x01 || key)[:4]"
+    cut = note.rindex("\n\n")
+    text, signatures = note[: cut + 1], note[cut + 2 :]
+    assert signatures.endswith("\n")
+    for line in signatures[:-1].split("\n"):
+        assert line.startswith("\u2014 "), "a signature line starts with an em dash and a space"
+        signer_name, encoded = line[2:].split(" ")
+        blob = base64.b64decode(encoded, validate=True)
+        if signer_name == name and blob[:4] == expected_id:
+            public = Ed25519PublicKey.from_public_bytes(key[1:])
+            public.verify(blob[4:], text.encode())  # raises InvalidSignature
+            return text
+    raise AssertionError(f"no signature by {name}")
+
+
+def independent_root(leaves: Sequence[bytes]) -> bytes:
+    """RFC 6962's Merkle Tree Hash of leaf hashes, as the RFC writes it (recursive split at
+    the largest power of two below n)."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    left, right = independent_root(leaves[:k]), independent_root(leaves[k:])
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def independent_leaf(event: dict[str, Any]) -> bytes:
+    """An event's leaf hash as an auditor computes it from the repository's copy with the
+    RFC 8785 library: without ``meta`` and the position extension."""
+    stripped = {k: v for k, v in event.items() if k != "meta"}
+    kept = [x for x in stripped.pop("extension", []) if x.get("url") != POSITION_URL]
+    if kept:
+        stripped["extension"] = kept
+    return hashlib.sha256(b"\x00" + rfc8785.dumps(stripped)).digest()

@@ -298,7 +298,7 @@ def _stored_events(
     """Every event in the log, in queue order: seq, leaf, id, the event (None when its
     body cannot be read)."""
     for seq, fan, leaf, event_id, patients, body in conn.execute(
-        "SELECT seq, fan, leaf, event_id, patients, body FROM events"
+        "SELECT seq, fan, leaf, event_id, patients, CAST(body AS BLOB) FROM events"
         " WHERE leaf IS NOT NULL ORDER BY seq"
     ):
         if fan is None:

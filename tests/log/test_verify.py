@@ -1,0 +1,275 @@
+"""``fhir-audit-proxy log verify`` against a trail tampered with as an attacker would: with
+SQLite on the store file, by copying and cutting its files, by editing the repository's
+NDJSON. Each store here was written by the real writer process, its checkpoints signed and
+its events and checkpoints shipped to an NDJSON file as the proxy ships them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.cli import main
+from tests.factories import LoggedStore, log_signer
+
+_HOLD_SNAPSHOT = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("BEGIN")
+conn.execute("SELECT COUNT(*) FROM events").fetchone()
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+async def logged(tmp_path: Path) -> LoggedStore:
+    store = LoggedStore(
+        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
+    )
+    await store.append(5, 4, patients=["Patient/a", "Patient/b", "Patient/c"])
+    return store
+
+
+def _verify(capsys: pytest.CaptureFixture[str], store: LoggedStore, *args: str) -> tuple[int, str]:
+    config = store.path.parent / "config.yaml"
+    config.write_text(f"store: {{path: {store.path}}}\n")
+    status = main(["log", "verify", "-c", str(config), "--vkey", store.vkey, *args])
+    return status, capsys.readouterr().out
+
+
+def _sql(path: Path, *statements: str) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_an_untouched_store_and_its_repository_verify(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out = _verify(capsys, logged, "--checkpoints", str(logged.shipped))
+    assert status == 0, out
+    assert out.startswith("ok ") and "12 leaves, 2 checkpoint(s) verified" in out
+    status, out = _verify(capsys, logged, str(logged.shipped))
+    assert status == 0, out
+    assert "12 leaves, 2 checkpoint(s) verified" in out
+
+
+async def test_a_byte_edited_in_a_stored_event_names_its_seq(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The body is a zstd frame: flip one byte of it, as a hex editor would.
+    _sql(
+        logged.path,
+        "UPDATE events SET body = substr(body, 1, 20) || x'00' || substr(body, 22) WHERE seq = 6",
+    )
+    status, out = _verify(capsys, logged)
+    assert status == 1
+    assert "edited event: event seq 6 " in out, out
+
+
+async def test_an_event_rewritten_as_valid_json_names_its_seq(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = sqlite3.connect(logged.path)
+    (body,) = conn.execute("SELECT body FROM events WHERE seq = 5").fetchone()
+    from proxy.store.database import load_codec
+
+    codec = load_codec(conn)
+    event = codec.decode(body)
+    event["outcome"] = "4"
+    conn.execute("UPDATE events SET body = ?, outcome = '4' WHERE seq = 5", (codec.encode(event),))
+    conn.commit()
+    conn.close()
+    status, out = _verify(capsys, logged)
+    assert status == 1
+    assert f"edited event: event seq 5 ({event['id']}) is not what its leaf 4" in out, out
+
+
+async def test_a_deleted_row_is_a_deleted_range(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _sql(logged.path, "DELETE FROM events WHERE seq = 7")
+    status, out = _verify(capsys, logged)
+    assert status == 1
+    assert (
+        "deleted range: the events of leaves 6..6 are gone from the store"
+        " (after seq 6, before seq 8)" in out
+    ), out
+
+
+async def test_two_swapped_events_are_named(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _sql(
+        logged.path,
+        "CREATE TEMP TABLE b AS SELECT seq, body FROM events WHERE seq IN (5, 8)",
+        "UPDATE events SET body = (SELECT body FROM b WHERE b.seq = 13 - events.seq)"
+        " WHERE seq IN (5, 8)",
+    )
+    status, out = _verify(capsys, logged)
+    assert status == 1
+    assert "events swapped: events seq 5 " in out and " and seq 8 " in out, out
+
+
+async def test_rewritten_leaf_hashes_break_the_signed_root(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An attacker who edits an event and its leaf hash too (the store's own hash chain
+    recomputed) is caught by the checkpoint he cannot sign."""
+    conn = sqlite3.connect(logged.path)
+    from proxy.log.entry import entry_of
+    from proxy.log.tree import leaf_hash
+    from proxy.store.database import load_codec
+
+    codec = load_codec(conn)
+    (body, leaf) = conn.execute("SELECT body, leaf FROM events WHERE seq = 10").fetchone()
+    event = codec.decode(body)
+    event["action"] = "D"
+    conn.execute("UPDATE events SET body = ? WHERE seq = 10", (codec.encode(event),))
+    conn.execute(
+        "UPDATE log_hashes SET hash = ? WHERE level = 0 AND idx = ?",
+        (leaf_hash(entry_of(event)), leaf),
+    )
+    conn.commit()
+    conn.close()
+    status, out = _verify(capsys, logged)
+    assert status == 1
+    assert "leaf hashes rewritten: the leaves 8..11 of the store do not give the root" in out, out
+
+
+async def test_a_checkpoint_edited_is_a_bad_signature(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _sql(
+        logged.path,
+        "UPDATE log_checkpoints SET note ="
+        " replace(note, char(10) || '12' || char(10), char(10) || '11' || char(10))",
+    )
+    status, out = _verify(capsys, logged)
+    assert status == 1
+    assert "bad signature: checkpoint of size 11 from the store: the signature by" in out, out
+
+
+async def test_a_truncated_wal_loses_a_tail_the_shipped_checkpoints_remember(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = LoggedStore(
+        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
+    )
+    await store.append(4)
+    # A reader's open snapshot (in a process of its own: SQLite's locks are per process)
+    # keeps the next commits in the WAL, which a checkpoint may not copy past: the files
+    # then stand as after a crash, the tail only in the WAL.
+    reader = subprocess.Popen(  # noqa: ASYNC220 (held across awaits on purpose)
+        [sys.executable, "-c", _HOLD_SNAPSHOT, str(store.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"holding\n"
+        wal = store.path.with_name("audit.db-wal")
+        kept = wal.stat().st_size
+        await store.append(3)
+        assert wal.stat().st_size > kept, "the tail is in the WAL"
+        stolen = tmp_path / "stolen"
+        stolen.mkdir()
+        shutil.copy(store.path, stolen / "audit.db")
+        shutil.copy(wal, stolen / "audit.db-wal")
+    finally:
+        reader.communicate(b"")
+    os.truncate(stolen / "audit.db-wal", kept)
+    copy = LoggedStore(path=stolen / "audit.db", signer=store.signer, shipped=store.shipped)
+    status, out = _verify(capsys, copy)
+    assert status == 0, "the store alone cannot tell: its own checkpoints went with the tail"
+    status, out = _verify(capsys, copy, "--checkpoints", str(store.shipped))
+    assert status == 1
+    assert (
+        "truncated tail: the checkpoint from " in out
+        and "covers 7 leaves, the store has only 4" in out
+    ), out
+
+
+async def test_an_old_copy_restored_is_a_truncated_tail_then_a_fork(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = LoggedStore(
+        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
+    )
+    await store.append(4)
+    old = tmp_path / "old.db"
+    shutil.copy(store.path, old)
+    await store.append(3)
+    # The attacker puts the old copy back.
+    for suffix in ("-wal", "-shm"):
+        store.path.with_name("audit.db" + suffix).unlink(missing_ok=True)
+    shutil.copy(old, store.path)
+    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
+    assert status == 1
+    assert "truncated tail: " in out and "covers 7 leaves, the store has only 4" in out, out
+
+    # The proxy runs on from the old copy: new events take the lost leaves, and new
+    # checkpoints (validly signed) are not consistent with the one that had left.
+    await store.append(5)
+    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
+    assert status == 1
+    assert (
+        "checkpoint not extended: the checkpoint of size 9 (from the store) does not extend"
+        " the checkpoint of size 7" in out
+    ), out
+    status, out = _verify(capsys, store, str(store.shipped))
+    assert status == 1
+    assert "two events at one leaf: events " in out and "all claim leaf 4" in out, out
+
+
+async def test_the_repository_file_edited_names_the_events(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = logged.shipped.read_bytes().splitlines()
+    edited = orjson.loads(lines[9])
+    assert edited["resourceType"] == "AuditEvent"
+    edited["recorded"] = "2020-01-01T00:00:00Z"
+    lines[9] = orjson.dumps(edited)
+    logged.shipped.write_bytes(b"\n".join(lines) + b"\n")
+    status, out = _verify(capsys, logged, str(logged.shipped))
+    assert status == 1
+    assert "edited event: the leaves 8..11 of the repository do not give the root" in out, out
+    assert edited["id"] in out
+
+
+async def test_an_event_deleted_from_the_repository_file_is_a_deleted_range(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = logged.shipped.read_bytes().splitlines()
+    del lines[2]
+    logged.shipped.write_bytes(b"\n".join(lines) + b"\n")
+    status, out = _verify(capsys, logged, str(logged.shipped))
+    assert status == 1
+    assert "deleted range: no event holds leaves 2..2" in out, out
+
+
+async def test_pruned_events_are_not_deleted_ones(
+    logged: LoggedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from proxy.store.queue import AuditQueue
+
+    queue = await AuditQueue.open(logged.path, max_bytes=1 << 30)
+    try:
+        assert await queue.prune(datetime.now(UTC) + timedelta(days=1), timedelta(0)) == 12
+    finally:
+        await queue.close()
+    status, out = _verify(capsys, logged, "--checkpoints", str(logged.shipped))
+    assert status == 0, out
+    assert "12 leaves, 2 checkpoint(s) verified, 12 pruned" in out
