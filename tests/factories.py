@@ -2014,7 +2014,7 @@ def independent_open_note(note: str, vkey: str) -> str:
     """The text of a C2SP signed note once its Ed25519 signature by the verifier key
     ``<name>+<hex id>+<base64 key>`` is checked, written here from the specification
     (c2sp.org/signed-note), not with the proxy's code. Raises AssertionError."""
-    name, key_hex, key_b64 = vkey.split("+")
+    name, key_hex, key_b64 = vkey.split("+", 2)  # base64 may hold "+" too
     key = base64.b64decode(key_b64)
     assert key[0] == 0x01 and len(key) == 33, "an Ed25519 verifier key"
     expected_id = hashlib.sha256(name.encode() + b"\n" + key).digest()[:4]

@@ -121,6 +121,7 @@ class Flusher:
         now = now or datetime.now(UTC)
         batch = await self._queue.claim(self._batch, _ANY_RETRY_AT if ignore_backoff else now)
         if not batch:
+            await self._ship_checkpoints(now)
             return 0
         settled: set[int] = set()  # acknowledged or dead-lettered in this round
         self._dead_in_round = 0
