@@ -105,11 +105,11 @@ async def test_transaction_mode_rejects_on_a_failed_entry(
 ) -> None:
     sink = make_sink(_settings(fhir_server.base_url, mode="transaction"), http)
     # The server answers the transaction 200 but refuses the entry: that is a rejection.
-    bad = audit_event(1) | {"resourceType": "NotAnAuditEvent"}
+    bad = audit_event(1) | {"id": "a?b=1"}
     with pytest.raises(RepositoryRejected) as info:
         await sink.send([bad])
     assert info.value.status == 400
-    assert "Incorrect resource type" in info.value.body
+    assert "Cannot provide ID" in info.value.body
 
 
 @pytest.mark.parametrize(

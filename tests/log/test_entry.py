@@ -1,0 +1,71 @@
+"""The log entry: RFC 8785 canonical JSON of the event without ``meta`` and its position.
+The fast path (orjson with sorted keys) writes exactly what the RFC 8785 library writes,
+every code point included; numbers it would write otherwise go to the library."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.log.entry import (
+    canonical_json,
+    entry_of,
+    position_of,
+    with_position,
+    without_position,
+)
+from tests.factories import audit_event
+
+
+def test_every_code_point_is_written_as_rfc_8785_writes_it() -> None:
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+    for at in range(0, len(chars), 4096):
+        chunk = "".join(chars[at : at + 4096])
+        assert canonical_json({"k": chunk}) == rfc8785.dumps({"k": chunk})
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_canonical_json_is_rfc_8785(value: Any) -> None:
+    def as_doubles(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: as_doubles(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [as_doubles(x) for x in v]
+        return float(v) if type(v) is int and abs(v) >= 2**53 else v
+
+    assert canonical_json(value) == rfc8785.dumps(as_doubles(value))
+
+
+def test_the_entry_leaves_out_meta_and_the_position_only() -> None:
+    event = audit_event(1, meta={"versionId": "3", "lastUpdated": "2026-12-01T00:00:00Z"})
+    event["extension"] = [{"url": "http://example.org/other", "valueString": "kept"}]
+    shipped = with_position(event, "audit.example.org/x/0a", 2**40)
+    assert position_of(shipped) == ("audit.example.org/x/0a", 2**40)
+    assert shipped["extension"][0] == event["extension"][0], "other extensions stay"
+    assert entry_of(shipped) == entry_of(event)
+    reserialized = orjson.loads(orjson.dumps(dict(reversed(list(shipped.items())))))
+    reserialized["meta"] = {"versionId": "1", "lastUpdated": "2027-01-01T00:00:00Z"}
+    assert entry_of(reserialized) == entry_of(event)
+    bare = without_position(with_position(audit_event(2), "o", 1))
+    assert "extension" not in bare and "meta" not in bare
+    event["outcome"] = "4"
+    assert entry_of(event) != entry_of(shipped), "every other element is covered"
