@@ -1,27 +1,18 @@
-"""The Merkle log's step of the writer's transaction (:mod:`proxy.store.transaction`):
-each new event's leaf, appended in the commit that stores the event, so that no event is
-acknowledged without its leaf.
-
-Prepare makes each event's entry and leaf hash (:mod:`proxy.log.entry`,
-:mod:`proxy.log.tree`), a fan-out's events one by one, in queue order. Write reads where
-the tree ends, inserts the leaf hashes (level 0 of ``log_hashes``) and the hash of every
-tile they complete at each level above, and leaves each row's first leaf index on the
-transaction for ``insert events``. The tree's state is the table itself: nothing is kept
-between commits, so a rolled-back batch leaves no trace.
+"""The Merkle log's tree as the store keeps it: the table ``log_hashes`` of tile hashes
+(level 0: every leaf hash; level L: the hash of each complete run of ``256**L`` leaves),
+appended by the writer's ``append leaves`` step (:mod:`proxy.store.transaction`) and read
+by the log's face (:mod:`proxy.store.log`). The tree's state is the table itself: nothing
+is kept between commits, so a rolled-back batch leaves no trace.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
 
 from proxy.log.entry import entry_of_json
 from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of
-from proxy.store.records import FanOut
-
-if TYPE_CHECKING:
-    from proxy.store.transaction import Transaction
+from proxy.store.records import EventRow, FanOut
 
 HASH_ROW_BYTES = 48
 """What a ``log_hashes`` row takes, about (a 32-byte hash and its key)."""
@@ -78,31 +69,9 @@ def append_hashes(conn: sqlite3.Connection, first: int, leaves: Sequence[bytes])
         level, before, added = level + 1, before // TILE_WIDTH, upper
 
 
-class AppendLeaves:
-    """The leaves of the batch's events, and the tiles they complete."""
-
-    name: ClassVar[str] = "append leaves"
-
-    def __init__(self, tx: Transaction) -> None:
-        hashes: list[bytes] = []
-        for new in tx.rows:
-            if new.fan is None:
-                hashes.append(leaf_hash(entry_of_json(new.row.body)))
-            else:
-                fan = FanOut.from_stored(new.row)
-                hashes += [leaf_hash(entry_of_json(fan.event(i)[1])) for i in range(new.fan)]
-        self._hashes = hashes
-        if hashes:
-            tx.plan(statements=2, incoming=HASH_ROW_BYTES * len(hashes))
-
-    def write(self, tx: Transaction) -> None:
-        if not self._hashes:
-            return
-        first = tree_size(tx.conn)
-        leaves = []
-        at = first
-        for new in tx.rows:
-            leaves.append(at)
-            at += new.fan or 1
-        tx.leaves = leaves
-        append_hashes(tx.conn, first, self._hashes)
+def event_leaves(fan: int | None, row: EventRow) -> list[bytes]:
+    """The leaf hashes of a new row's events (a fan-out's, as stored: one by one)."""
+    if fan is None:
+        return [leaf_hash(entry_of_json(row.body))]
+    fanned = FanOut.from_stored(row)
+    return [leaf_hash(entry_of_json(fanned.event(i)[1])) for i in range(fan)]

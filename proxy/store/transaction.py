@@ -38,6 +38,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 from proxy.store.codec import BodyCodec
 from proxy.store.database import database_budget, is_full, used_bytes
 from proxy.store.faces import StoreError, StoreFull
+from proxy.store.leaves import HASH_ROW_BYTES, append_hashes, event_leaves, tree_size
 from proxy.store.records import Capture, EventRow, FanOut
 from proxy.store.tables import (
     BODY_AT,
@@ -157,6 +158,34 @@ class AssignSeqs:
         tx.seqs = seqs
 
 
+class AppendLeaves:
+    """The Merkle log's leaves of the new events (:mod:`proxy.log`), in the commit that
+    stores them: no event is acknowledged without its leaf. Prepare makes each event's
+    entry and leaf hash (a fan-out's events one by one, in queue order); write reads where
+    the tree ends, stores the leaves and the hash of every tile they complete
+    (:mod:`proxy.store.leaves`), and leaves each row's first leaf on the transaction for
+    ``insert events``."""
+
+    name: ClassVar[str] = "append leaves"
+
+    def __init__(self, tx: Transaction) -> None:
+        self._hashes = [h for new in tx.rows for h in event_leaves(new.fan, new.row)]
+        if self._hashes:
+            tx.plan(statements=2, incoming=HASH_ROW_BYTES * len(self._hashes))
+
+    def write(self, tx: Transaction) -> None:
+        if not self._hashes:
+            return
+        first = tree_size(tx.conn)
+        leaves = []
+        at = first
+        for new in tx.rows:
+            leaves.append(at)
+            at += new.fan or 1
+        tx.leaves = leaves
+        append_hashes(tx.conn, first, self._hashes)
+
+
 class InsertEvents:
     """The new rows, their bodies compressed, in multi-row INSERTs."""
 
@@ -263,8 +292,6 @@ class InsertCaptures:
         if self._rows:
             tx.conn.executemany(INSERT_CAPTURE, self._rows)
 
-
-from proxy.store.leaves import AppendLeaves  # noqa: E402 (it implements Step, above)
 
 STEPS: tuple[type[Step], ...] = (
     AssignSeqs,

@@ -332,6 +332,12 @@ def requests_for_routes(
         ("POST", "/fhir/"): (write, "/fhir/", bundle),
         ("GET", "/dlq"): (admin, "/dlq", None),
         ("POST", "/dlq/retry"): (admin, "/dlq/retry", b"{}"),
+        # The log's entry bundles are the events; its hashes and checkpoints are open.
+        ("GET", "/log/{shard}/tile/entries/{path:.+}"): (
+            read,
+            "/log/0/tile/entries/000.p/1",
+            None,
+        ),
     }
 
 
