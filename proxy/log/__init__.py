@@ -7,6 +7,7 @@ canonical entry, :mod:`proxy.log.entry`), signed checkpoints in the C2SP formats
 (:mod:`proxy.log.verify`).
 
 The leaves are written by the store's writer process in the same transaction as their
-events (:mod:`proxy.store.leaves`); everything here but :mod:`proxy.log.checkpointer` is
-pure.
+events (the ``append leaves`` step of :mod:`proxy.store.transaction`, over
+:mod:`proxy.store.leaves`); everything here but :mod:`proxy.log.checkpointer` and the
+store reads of :mod:`proxy.log.verify` is pure.
 """
