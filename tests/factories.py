@@ -1954,6 +1954,14 @@ def log_signer(name: str = "audit.example.org/test") -> Signer:
     return Signer.generate(name)
 
 
+def log_key_file(directory: Path) -> tuple[Signer, Path]:
+    """A fresh signing key, and the file ``log.key_file`` names it by."""
+    signer = log_signer()
+    key = directory / "log.key"
+    key.write_text(signer.text())
+    return signer, key
+
+
 @dataclass
 class LoggedStore:
     """A store whose log holds events and signed checkpoints, shipped to an NDJSON file as

@@ -36,30 +36,23 @@ def _needs_full_canonicalization(value: Any) -> bool:
     point)."""
     kind = type(value)
     if kind is dict:
-        for key, item in value.items():
-            if not key.isascii():
+        if not "".join(value).isascii():
+            return True
+        items = value.values()
+    elif kind is list:
+        items = value
+    else:
+        return kind is float or (kind is int and not -_SAFE_INTEGER < value < _SAFE_INTEGER)
+    for item in items:
+        t = type(item)
+        if t is str:
+            continue
+        if t is dict or t is list:
+            if _needs_full_canonicalization(item):
                 return True
-            t = type(item)
-            if t is str:
-                continue
-            if t is dict or t is list:
-                if _needs_full_canonicalization(item):
-                    return True
-            elif t is float or (t is int and not -_SAFE_INTEGER < item < _SAFE_INTEGER):
-                return True
-        return False
-    if kind is list:
-        for item in value:
-            t = type(item)
-            if t is str:
-                continue
-            if t is dict or t is list:
-                if _needs_full_canonicalization(item):
-                    return True
-            elif t is float or (t is int and not -_SAFE_INTEGER < item < _SAFE_INTEGER):
-                return True
-        return False
-    return kind is float or (kind is int and not -_SAFE_INTEGER < value < _SAFE_INTEGER)
+        elif t is float or (t is int and not -_SAFE_INTEGER < item < _SAFE_INTEGER):
+            return True
+    return False
 
 
 def canonical_json(value: Any) -> bytes:

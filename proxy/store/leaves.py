@@ -10,9 +10,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+import orjson
+
 from proxy.log.entry import entry_of_json
 from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of
-from proxy.store.records import EventRow, FanOut
+from proxy.store.records import EventRow, FanOut, member_id
 
 HASH_ROW_BYTES = 48
 """What a ``log_hashes`` row takes, about (a 32-byte hash and its key)."""
@@ -47,10 +49,11 @@ def stored_hashes(conn: sqlite3.Connection, level: int, start: int, end: int) ->
 
 def tree_size(conn: sqlite3.Connection) -> int:
     """Leaves in the tree."""
-    (size,) = conn.execute(
-        "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_hashes WHERE level = 0"
+    # Not MAX(idx): with the level constrained SQLite would read every leaf for it.
+    last = conn.execute(
+        "SELECT idx FROM log_hashes WHERE level = 0 ORDER BY idx DESC LIMIT 1"
     ).fetchone()
-    return int(size)
+    return 0 if last is None else int(last[0]) + 1
 
 
 def append_hashes(conn: sqlite3.Connection, first: int, leaves: Sequence[bytes]) -> None:
@@ -70,8 +73,21 @@ def append_hashes(conn: sqlite3.Connection, first: int, leaves: Sequence[bytes])
 
 
 def event_leaves(fan: int | None, row: EventRow) -> list[bytes]:
-    """The leaf hashes of a new row's events (a fan-out's, as stored: one by one)."""
+    """The leaf hashes of a new row's events. A fan-out's events differ only in their id
+    and one patient's reference: the first event's entry is made, and each other's from
+    it by putting its own id and reference in their places, when each occurs in the entry
+    once as a whole JSON string (else each entry is made on its own)."""
     if fan is None:
         return [leaf_hash(entry_of_json(row.body))]
     fanned = FanOut.from_stored(row)
-    return [leaf_hash(entry_of_json(fanned.event(i)[1])) for i in range(fan)]
+    first_id, first_json = fanned.event(0)
+    entry = entry_of_json(first_json)
+    id_token = orjson.dumps(first_id)
+    patient_token = orjson.dumps(fanned.patients[0])
+    if entry.count(id_token) != 1 or entry.count(patient_token) != 1:
+        return [leaf_hash(entry_of_json(fanned.event(i)[1])) for i in range(fan)]
+    hashes = [leaf_hash(entry)]
+    for i in range(1, fan):
+        own = entry.replace(id_token, orjson.dumps(member_id(first_id, i)))
+        hashes.append(leaf_hash(own.replace(patient_token, orjson.dumps(fanned.patients[i]))))
+    return hashes

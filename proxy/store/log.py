@@ -38,6 +38,33 @@ def record_pruned(conn: sqlite3.Connection, deleted: Sequence[tuple[int, int]]) 
     )
 
 
+def seq_of_leaf(conn: sqlite3.Connection, leaf: int) -> int:
+    """The seq of the row that holds ``leaf`` (or of the first after it, if it is gone),
+    by bisecting seqs: leaves grow with seqs, and rows from before the log (no leaf) come
+    first."""
+
+    def leaf_at(seq: int) -> tuple[int, int] | None:
+        row = conn.execute(
+            "SELECT seq, COALESCE(leaf + COALESCE(fan, 1) - 1, -1) FROM events"
+            " WHERE seq >= ? ORDER BY seq LIMIT 1",
+            (seq,),
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    lo, hi = conn.execute(
+        "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events"
+    ).fetchone()
+    # The first row whose last leaf is at least ``leaf``.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = leaf_at(mid)
+        if found is None or found[1] >= leaf:
+            hi = mid
+        else:
+            lo = found[0] + 1
+    return int(lo)
+
+
 def read_tree_head(conn: sqlite3.Connection) -> tuple[int, bytes]:
     """The tree's size and root, read in one transaction (the caller's, if one is open)."""
     size = tree_size(conn)

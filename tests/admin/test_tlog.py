@@ -17,7 +17,7 @@ from tests.factories import (
     StartProxy,
     independent_open_note,
     independent_root,
-    log_signer,
+    log_key_file,
     new_patient,
 )
 
@@ -30,9 +30,7 @@ async def test_tiles_and_checkpoints_are_open_and_entries_need_the_read_scope(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    signer = log_signer()
-    key = tmp_path / "log.key"
-    key.write_text(signer.text())
+    signer, key = log_key_file(tmp_path)
     proxy = await start_proxy(
         fhir_server.base_url,
         admin={"tokens": [TOKEN]},

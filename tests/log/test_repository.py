@@ -26,7 +26,7 @@ from tests.factories import (
     independent_leaf,
     independent_open_note,
     independent_root,
-    log_signer,
+    log_key_file,
     new_patient,
 )
 
@@ -61,9 +61,7 @@ async def test_a_fhir_repositorys_copy_recomputes_the_leaves_and_the_signed_root
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    signer = log_signer()
-    key = tmp_path / "log.key"
-    key.write_text(signer.text())
+    signer, key = log_key_file(tmp_path)
     proxy = await start_proxy(
         fhir_server.base_url,
         repository={

@@ -10,12 +10,18 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from proxy.cli import main
+from proxy.log.entry import entry_of
+from proxy.log.tree import leaf_hash
+from proxy.store.database import load_codec
+from proxy.store.queue import AuditQueue
 from tests.factories import LoggedStore, log_signer
 
 _HOLD_SNAPSHOT = """
@@ -78,19 +84,25 @@ async def test_a_byte_edited_in_a_stored_event_names_its_seq(
     assert "edited event: event seq 6 " in out, out
 
 
+def _rewrite(path: Path, seq: int, **changes: str) -> tuple[dict[str, Any], int]:
+    """Edit the stored event ``seq`` as valid JSON, compressed as the store does; returns
+    it and its leaf."""
+    conn = sqlite3.connect(path)
+    try:
+        codec = load_codec(conn)
+        body, leaf = conn.execute("SELECT body, leaf FROM events WHERE seq = ?", (seq,)).fetchone()
+        event = codec.decode(body) | changes
+        conn.execute("UPDATE events SET body = ? WHERE seq = ?", (codec.encode(event), seq))
+        conn.commit()
+    finally:
+        conn.close()
+    return event, leaf
+
+
 async def test_an_event_rewritten_as_valid_json_names_its_seq(
     logged: LoggedStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    conn = sqlite3.connect(logged.path)
-    (body,) = conn.execute("SELECT body FROM events WHERE seq = 5").fetchone()
-    from proxy.store.database import load_codec
-
-    codec = load_codec(conn)
-    event = codec.decode(body)
-    event["outcome"] = "4"
-    conn.execute("UPDATE events SET body = ?, outcome = '4' WHERE seq = 5", (codec.encode(event),))
-    conn.commit()
-    conn.close()
+    event, _ = _rewrite(logged.path, 5, outcome="4")
     status, out = _verify(capsys, logged)
     assert status == 1
     assert f"edited event: event seq 5 ({event['id']}) is not what its leaf 4" in out, out
@@ -127,22 +139,12 @@ async def test_rewritten_leaf_hashes_break_the_signed_root(
 ) -> None:
     """An attacker who edits an event and its leaf hash too (the store's own hash chain
     recomputed) is caught by the checkpoint he cannot sign."""
-    conn = sqlite3.connect(logged.path)
-    from proxy.log.entry import entry_of
-    from proxy.log.tree import leaf_hash
-    from proxy.store.database import load_codec
-
-    codec = load_codec(conn)
-    (body, leaf) = conn.execute("SELECT body, leaf FROM events WHERE seq = 10").fetchone()
-    event = codec.decode(body)
-    event["action"] = "D"
-    conn.execute("UPDATE events SET body = ? WHERE seq = 10", (codec.encode(event),))
-    conn.execute(
-        "UPDATE log_hashes SET hash = ? WHERE level = 0 AND idx = ?",
-        (leaf_hash(entry_of(event)), leaf),
+    event, leaf = _rewrite(logged.path, 10, action="D")
+    _sql(
+        logged.path,
+        f"UPDATE log_hashes SET hash = x'{leaf_hash(entry_of(event)).hex()}'"
+        f" WHERE level = 0 AND idx = {leaf}",
     )
-    conn.commit()
-    conn.close()
     status, out = _verify(capsys, logged)
     assert status == 1
     assert "leaf hashes rewritten: the leaves 8..11 of the store do not give the root" in out, out
@@ -261,10 +263,6 @@ async def test_an_event_deleted_from_the_repository_file_is_a_deleted_range(
 async def test_pruned_events_are_not_deleted_ones(
     logged: LoggedStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from proxy.store.queue import AuditQueue
-
     queue = await AuditQueue.open(logged.path, max_bytes=1 << 30)
     try:
         assert await queue.prune(datetime.now(UTC) + timedelta(days=1), timedelta(0)) == 12
