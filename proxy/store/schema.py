@@ -188,7 +188,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 8: the Merkle log (proxy/log). ``leaf`` is the leaf index of a row's first event (a
     # fan-out's events have the ``fan`` leaves from it); NULL for rows stored before this
     # version, which are not in the log. Leaves grow with seqs, so a leaf's row is found
-    # by seq (proxy/store/log.py) and ``leaf`` needs no index of its own to write. ``log_hashes`` keeps the tree as its tile hashes
+    # by seq (proxy/store/log.py) and ``leaf`` needs no index of its own to write.
+    # ``log_hashes`` keeps the tree as its tile hashes
     # (level 0: each leaf hash; level L: each complete run of 256**L leaves), kept after
     # their events are pruned; ``log_pruned`` the leaf ranges whose events pruning deleted;
     # ``log_checkpoints`` the signed checkpoints; ``log_meta`` the log's random id, which
