@@ -436,9 +436,9 @@ def main() -> None:
         # The Merkle log's checkpoints signed as a deployment signs them (once a second
         # here, the worst the settings allow in practice): its leaves are always made.
         key = d / "log.key"
+        keygen = ["log", "keygen", "--name", "bench.example/log", "--out", str(key)]
         subprocess.run(
-            [sys.executable, "-m", "proxy", "log", "keygen", "--name", "bench.example/log"]
-            + ["--out", str(key)],
+            [sys.executable, "-m", "proxy", *keygen],
             check=True,
             capture_output=True,
             cwd=ROOT,
