@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from proxy.log.entry import (
     canonical_json,
     entry_of,
+    entry_of_json,
     position_of,
     with_position,
     without_position,
@@ -53,6 +54,10 @@ def test_canonical_json_is_rfc_8785(value: Any) -> None:
         return float(v) if type(v) is int and abs(v) >= 2**53 else v
 
     assert canonical_json(value) == rfc8785.dumps(as_doubles(value))
+    event = {"resourceType": "AuditEvent", "value": value, "ключ": value}
+    assert entry_of_json(orjson.dumps(event)) == entry_of(event)
+    del event["ключ"]
+    assert entry_of_json(orjson.dumps(event)) == entry_of(event)
 
 
 def test_the_entry_leaves_out_meta_and_the_position_only() -> None:
