@@ -1,9 +1,10 @@
 """The durable write-ahead queue: one store file, SQLite in WAL mode with
 ``synchronous=FULL``, as the proxy opens it.
 
-:class:`AuditQueue` is the three faces of :mod:`proxy.store.faces` over one
+:class:`AuditQueue` is the faces of :mod:`proxy.store.faces` over one
 :class:`~proxy.store.shard.Shard`: the writer face (:mod:`proxy.store.appends`), the
-delivery face (:mod:`proxy.store.delivery`) and the reader face (:mod:`proxy.store.reads`).
+delivery face (:mod:`proxy.store.delivery`), the reader face (:mod:`proxy.store.reads`), the
+report face (:mod:`proxy.store.reports`) and the Merkle log's (:mod:`proxy.store.log`).
 Whoever opens it hands each user the face it uses.
 """
 

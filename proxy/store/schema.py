@@ -185,6 +185,7 @@ MIGRATIONS: tuple[str, ...] = (
             AND action = COALESCE(OLD.action, '') AND outcome = COALESCE(OLD.outcome, '')
             AND admin = (instr(OLD.terms, '"k:admin-access"') > 0);
     END;
+    """,
     # 8: the Merkle log (proxy/log). ``leaf`` is the leaf index of a row's first event (a
     # fan-out's events have the ``fan`` leaves from it); NULL for rows stored before this
     # version, which are not in the log. Leaves grow with seqs, so a leaf's row is found
