@@ -82,7 +82,8 @@ def build_rows(
             # The writer process compresses bodies at commit; this fill bypasses it.
             row = built.row
             (body,) = codec.compress_many([row.body])
-            rows.append((None, None, *row._replace(body=body)))  # seq and fan: SQLite's
+            # seq and fan: SQLite's; no leaf (rows outside the log, as if older than it).
+            rows.append((None, None, None, *row._replace(body=body)))
     return rows
 
 
