@@ -73,7 +73,7 @@ def fill_hot(queue: AuditQueue, path: Path, count: int, days: float) -> float:
         codec = load_codec(conn)
         rows = build_rows(codec, 0, count, 300, 1, t0=start, step_s=step, patient_name=HOT)
         conn.execute("BEGIN")
-        conn.executemany(insert_events_sql(1), [(None, None, None, *r[3:]) for r in rows])
+        conn.executemany(insert_events_sql(1), [(None, None, None, None, *r[4:]) for r in rows])
         conn.execute("COMMIT")
         return time.perf_counter() - t
     finally:

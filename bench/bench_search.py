@@ -83,7 +83,7 @@ def build_rows(
             row = built.row
             (body,) = codec.compress_many([row.body])
             # seq and fan: SQLite's; no leaf (rows outside the log, as if older than it).
-            rows.append((None, None, None, *row._replace(body=body)))
+            rows.append((None, None, None, None, *row._replace(body=body)))
     return rows
 
 

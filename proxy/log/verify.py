@@ -33,6 +33,7 @@ from proxy.log.note import NoteError, Verifier, split
 from proxy.log.tree import Frontier, consistency_proof, leaf_hash, verify_consistency
 from proxy.store.codec import BodyCodec, CodecError, shipped_dictionary
 from proxy.store.fans import fan_of
+from proxy.store.leaves import tree_size
 
 
 class Problem(StrEnum):
@@ -217,16 +218,14 @@ def _verify_store(
     own = [(note, "the store") for (note,) in conn.execute("SELECT note FROM log_checkpoints")]
     signed = _checkpoints([*own, *notes], verifier, lambda o: o.endswith(f"/{log_id}"))
     report.origin = signed[-1].checkpoint.origin if signed else None
-    leaves = [
-        h for (h,) in conn.execute("SELECT hash FROM log_hashes WHERE level = 0 ORDER BY idx")
-    ]
-    report.leaves = len(leaves)
+    stored = _stored_leaves(conn)
+    report.leaves = len(stored)
     codec = BodyCodec(shipped_dictionary(), dict(conn.execute("SELECT id, data FROM dictionaries")))
-    present = bytearray(len(leaves))
+    present = bytearray(len(stored))
     mismatched: list[tuple[int, int, str, bytes]] = []
     last = (-1, -1)
     for seq, leaf, event_id, event in _stored_events(conn, codec):
-        if (leaf, seq) < last or leaf >= len(leaves):
+        if (leaf, seq) < last or leaf >= len(stored):
             raise _fail(
                 Problem.EDITED,
                 f"event seq {seq} ({event_id}) is out of the log's order (leaf {leaf})",
@@ -236,15 +235,15 @@ def _verify_store(
             raise _fail(Problem.EDITED, f"event seq {seq} ({event_id}) cannot be read")
         present[leaf] = 1
         computed = leaf_hash(entry_of(event))
-        if computed != leaves[leaf]:
+        if computed != stored[leaf]:
             mismatched.append((seq, leaf, event_id, computed))
     if mismatched:
-        raise _fail(*_explain(mismatched, leaves))
-    pruned = bytearray(len(leaves))
+        raise _fail(*_explain(mismatched, stored))
+    pruned = bytearray(len(stored))
     for first, end in conn.execute("SELECT first, last FROM log_pruned"):
-        pruned[first : end + 1] = b"\x01" * (min(end, len(leaves) - 1) - first + 1)
+        pruned[first : end + 1] = b"\x01" * (min(end, len(stored) - 1) - first + 1)
     report.pruned = sum(pruned)
-    gone = [i for i in range(len(leaves)) if not present[i] and not pruned[i]]
+    gone = [i for i in range(len(stored)) if not present[i] and not pruned[i]]
     if gone:
         a, b = _ranges(gone)[0]
         seqs = _neighbours(conn, a, b)
@@ -252,12 +251,35 @@ def _verify_store(
             Problem.DELETED,
             f"the events of leaves {a}..{b} are gone from the store ({seqs}) and were not pruned",
         )
+    missing = [i for i, h in enumerate(stored) if h is None]
+    if missing:
+        a, b = _ranges(missing)[0]
+        raise _fail(Problem.REWRITTEN, f"the leaf hashes of leaves {a}..{b} are gone")
+    leaves = [h for h in stored if h is not None]
     report.checkpoints = _check_tree(leaves, signed, "the store")
     if signed and signed[-1].checkpoint.size < len(leaves):
         report.notes.append(
             f"{len(leaves) - signed[-1].checkpoint.size} leaves after the last checkpoint"
             " (checked against their events only)"
         )
+
+
+def _stored_leaves(conn: sqlite3.Connection) -> list[bytes | None]:
+    """Every leaf hash the store keeps, by leaf: the tile hashes', else the row's."""
+    size = tree_size(conn)
+    stored: list[bytes | None] = [None] * size
+    for idx, digest in conn.execute(
+        "SELECT idx, CAST(hash AS BLOB) FROM log_hashes WHERE level = 0 AND idx < ?", (size,)
+    ):
+        stored[idx] = digest
+    for leaf, fan, hashes in conn.execute(
+        "SELECT leaf, COALESCE(fan, 1), CAST(leaf_hashes AS BLOB) FROM events"
+        " WHERE leaf IS NOT NULL AND leaf_hashes IS NOT NULL"
+    ):
+        for i in range(fan):
+            if 0 <= leaf + i < size and stored[leaf + i] is None:
+                stored[leaf + i] = hashes[32 * i : 32 * i + 32]
+    return stored
 
 
 def _neighbours(conn: sqlite3.Connection, a: int, b: int) -> str:
@@ -274,7 +296,7 @@ def _neighbours(conn: sqlite3.Connection, a: int, b: int) -> str:
 
 
 def _explain(
-    mismatched: Sequence[tuple[int, int, str, bytes]], leaves: Sequence[bytes]
+    mismatched: Sequence[tuple[int, int, str, bytes]], leaves: Sequence[bytes | None]
 ) -> tuple[Problem, str]:
     """Two events that each hash to the other's leaf were swapped; else the first edited."""
     for i, (seq_a, leaf_a, id_a, hash_a) in enumerate(mismatched):

@@ -112,10 +112,10 @@ class ShardDelivery(ShardPart, DeliveryQueue):
             with shard.transaction():
                 deleted = conn.execute(
                     "DELETE FROM events WHERE status = 'delivered' AND delivered_at < ?"
-                    " RETURNING leaf, COALESCE(fan, 1)",
+                    " RETURNING leaf, COALESCE(fan, 1), leaf_hashes",
                     (cutoff,),
                 ).fetchall()
-                record_pruned(conn, [(leaf, n) for leaf, n in deleted if leaf is not None])
+                record_pruned(conn, [(leaf, n, h) for leaf, n, h in deleted if leaf is not None])
                 # Captured bodies are kept as long as delivered events are, and for as
                 # long as an event of their exchange is undelivered (those are few: the
                 # status index finds them).
@@ -125,7 +125,7 @@ class ShardDelivery(ShardPart, DeliveryQueue):
                     " AND request_id IS NOT NULL)",
                     (cutoff,),
                 )
-                return sum(n for _, n in deleted)
+                return sum(n for _, n, _ in deleted)
 
         return await shard.run(write)
 

@@ -125,7 +125,7 @@ def split(conn: sqlite3.Connection, codec: BodyCodec, seq: int) -> None:
     with the fan-out's delivery state."""
     stored = EventRow._make(conn.execute(SELECT_ROW, (seq,)).fetchone())
     state = DeliveryState._make(conn.execute(SELECT_STATE, (seq,)).fetchone())
-    (leaf,) = conn.execute(SELECT_LEAF, (seq,)).fetchone()
+    leaf, hashes = conn.execute(SELECT_LEAF, (seq,)).fetchone()
     fan = FanOut.from_stored(stored._replace(body=codec.decompress(stored.body)))
     conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
     first = seq - len(fan.patients) + 1
@@ -134,7 +134,13 @@ def split(conn: sqlite3.Connection, codec: BodyCodec, seq: int) -> None:
     conn.executemany(
         SPLIT_INSERT,
         [
-            (first + i, None if leaf is None else leaf + i, *row._replace(body=body), *state)
+            (
+                first + i,
+                None if leaf is None else leaf + i,
+                None if hashes is None else hashes[32 * i : 32 * i + 32],
+                *row._replace(body=body),
+                *state,
+            )
             for i, (row, body) in enumerate(zip(rows, bodies, strict=True))
         ],
     )

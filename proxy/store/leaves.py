@@ -1,8 +1,15 @@
-"""The Merkle log's tree as the store keeps it: the table ``log_hashes`` of tile hashes
-(level 0: every leaf hash; level L: the hash of each complete run of ``256**L`` leaves),
-appended by the writer's ``append leaves`` step (:mod:`proxy.store.transaction`) and read
-by the log's face (:mod:`proxy.store.log`). The tree's state is the table itself: nothing
-is kept between commits, so a rolled-back batch leaves no trace.
+"""The Merkle log's tree as the store keeps it, appended by the writer's ``append leaves``
+step (:mod:`proxy.store.transaction`) and read by the log's face (:mod:`proxy.store.log`)
+and ``log verify``.
+
+A leaf hash is first kept in its event's row (``events.leaf_hashes``, a fan-out row's
+events' one after the other), which the commit writes anyway. The table ``log_hashes``
+holds the tile hashes: at level 0 the leaf hashes of every complete tile, copied there in
+the commit that completes it (and those of pruned events, copied by pruning, which may be
+in the partial tile), at level L the hash of each complete run of ``256**L`` leaves. A
+commit so adds a page to the write-ahead log only once every 256 leaves, not each time.
+The tree's state is the tables themselves: nothing is kept between commits, so a
+rolled-back batch leaves no trace.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from proxy.log.entry import entry_of_json
 from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of
 from proxy.store.records import EventRow, FanOut, member_id
 
-HASH_ROW_BYTES = 48
-"""What a ``log_hashes`` row takes, about (a 32-byte hash and its key)."""
+HASH_BYTES = 40
+"""What a leaf hash adds to the store, about (32 bytes in its row, and a sixth of a
+``log_hashes`` row once its tile is complete, spread)."""
 
 _ROWS_PER_INSERT = 500
 """Hash rows per multi-row INSERT (three parameters each)."""
@@ -48,18 +56,101 @@ def stored_hashes(conn: sqlite3.Connection, level: int, start: int, end: int) ->
 
 
 def tree_size(conn: sqlite3.Connection) -> int:
-    """Leaves in the tree."""
+    """Leaves in the tree: past the newest row's, or the last hash kept when pruning took
+    the newest rows."""
     # Not MAX(idx): with the level constrained SQLite would read every leaf for it.
     last = conn.execute(
         "SELECT idx FROM log_hashes WHERE level = 0 ORDER BY idx DESC LIMIT 1"
     ).fetchone()
-    return 0 if last is None else int(last[0]) + 1
+    newest = conn.execute(
+        "SELECT leaf + COALESCE(fan, 1) FROM events ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    return max(0 if last is None else int(last[0]) + 1, newest[0] or 0 if newest else 0)
 
 
-def append_hashes(conn: sqlite3.Connection, first: int, leaves: Sequence[bytes]) -> None:
-    """Store ``leaves`` as leaves ``first`` on, and the hash of every tile they complete,
-    at every level."""
-    level, before, added = 0, first, list(leaves)
+def seq_of_leaf(conn: sqlite3.Connection, leaf: int) -> int:
+    """A seq from which the rows that hold ``leaf`` and the leaves after it begin (leaves
+    grow with seqs; rows from before the log, with no leaf, come first), by bisection."""
+    lo, hi = conn.execute(
+        "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events"
+    ).fetchone()
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = conn.execute(
+            "SELECT seq, COALESCE(leaf + COALESCE(fan, 1) - 1, -1) FROM events"
+            " WHERE seq >= ? ORDER BY seq LIMIT 1",
+            (mid,),
+        ).fetchone()
+        if found is None or found[1] >= leaf:
+            hi = mid
+        else:
+            lo = found[0] + 1
+    return int(lo)
+
+
+def leaf_hashes(conn: sqlite3.Connection, start: int, end: int) -> list[bytes]:
+    """The leaf hashes of leaves ``[start, end)`` as far as they are kept without a gap:
+    from ``log_hashes``, and from the events' rows for the rest."""
+    found = dict(
+        conn.execute(
+            "SELECT idx, hash FROM log_hashes WHERE level = 0 AND idx >= ? AND idx < ?",
+            (start, end),
+        ).fetchall()
+    )
+    if len(found) < end - start:
+        for leaf, fan, hashes in conn.execute(
+            "SELECT leaf, COALESCE(fan, 1), leaf_hashes FROM events WHERE seq >= ? ORDER BY seq",
+            (seq_of_leaf(conn, start),),
+        ):
+            if leaf is None or hashes is None:
+                continue
+            if leaf >= end:
+                break
+            for i in range(fan):
+                found.setdefault(leaf + i, bytes(hashes[32 * i : 32 * i + 32]))
+    out = []
+    for leaf in range(start, end):
+        if leaf not in found:
+            break
+        out.append(found[leaf])
+    return out
+
+
+def tile_hashes(conn: sqlite3.Connection, level: int, start: int, end: int) -> list[bytes]:
+    """The hashes of tile level ``level`` with index in ``[start, end)`` kept without a
+    gap, in order."""
+    if level == 0:
+        return leaf_hashes(conn, start, end)
+    return stored_hashes(conn, level, start, end)
+
+
+def append_leaves(conn: sqlite3.Connection, first: int, leaves: Sequence[bytes]) -> None:
+    """Inside the writer's transaction, before the rows of ``leaves`` (leaves ``first``
+    on) are inserted: copy every tile they complete to ``log_hashes``, with the hashes of
+    the tiles above it they complete in turn."""
+    end = first + len(leaves)
+    roots = []
+    for tile in range(first // TILE_WIDTH, end // TILE_WIDTH):
+        lo = tile * TILE_WIDTH
+        hashes = leaf_hashes(conn, lo, first) if lo < first else []
+        hashes += leaves[max(0, lo - first) : lo + TILE_WIDTH - first]
+        # Pruning may have copied some of them already.
+        conn.execute(
+            "DELETE FROM log_hashes WHERE level = 0 AND idx >= ? AND idx < ?",
+            (lo, lo + TILE_WIDTH),
+        )
+        insert_hashes(conn, 0, lo, hashes)
+        roots.append(root_of(hashes))
+    if roots:
+        append_hashes(conn, 1, first // TILE_WIDTH, roots)
+
+
+def append_hashes(
+    conn: sqlite3.Connection, level: int, first: int, hashes: Sequence[bytes]
+) -> None:
+    """Store ``hashes`` at tile level ``level`` from index ``first``, and the hash of every
+    tile they complete, at every level above."""
+    before, added = first, list(hashes)
     while added:
         insert_hashes(conn, level, before, added)
         after = before + len(added)

@@ -16,18 +16,30 @@ from datetime import datetime
 
 from proxy.log.tree import tree_root
 from proxy.store.faces import TransparencyLog
-from proxy.store.leaves import stored_hashes, tree_size
+from proxy.store.leaves import tile_hashes, tree_size
 from proxy.store.records import QueuedEvent
 from proxy.store.shard import ShardPart
 from proxy.store.tables import STORED, stored_rows
 
 
-def record_pruned(conn: sqlite3.Connection, deleted: Sequence[tuple[int, int]]) -> None:
-    """Keep the leaf ranges of pruned rows (each its first leaf and its number of
-    events), merged where they touch, so that ``log verify`` tells a pruned event from a
-    deleted one."""
+def record_pruned(
+    conn: sqlite3.Connection, deleted: Sequence[tuple[int, int, bytes | None]]
+) -> None:
+    """For pruned rows (each its first leaf, its number of events and their leaf hashes):
+    keep their leaf hashes (those of a tile not yet complete are only in the rows), and
+    the leaf ranges, merged where they touch, so that ``log verify`` tells a pruned event
+    from a deleted one."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO log_hashes (level, idx, hash) VALUES (0, ?, ?)",
+        [
+            (leaf + i, hashes[32 * i : 32 * i + 32])
+            for leaf, n, hashes in deleted
+            if hashes is not None
+            for i in range(n)
+        ],
+    )
     ranges: list[list[int]] = []
-    for leaf, n in sorted(deleted):
+    for leaf, n, _ in sorted(deleted):
         if ranges and leaf <= ranges[-1][1] + 1:
             ranges[-1][1] = max(ranges[-1][1], leaf + n - 1)
         else:
@@ -38,39 +50,12 @@ def record_pruned(conn: sqlite3.Connection, deleted: Sequence[tuple[int, int]]) 
     )
 
 
-def seq_of_leaf(conn: sqlite3.Connection, leaf: int) -> int:
-    """The seq of the row that holds ``leaf`` (or of the first after it, if it is gone),
-    by bisecting seqs: leaves grow with seqs, and rows from before the log (no leaf) come
-    first."""
-
-    def leaf_at(seq: int) -> tuple[int, int] | None:
-        row = conn.execute(
-            "SELECT seq, COALESCE(leaf + COALESCE(fan, 1) - 1, -1) FROM events"
-            " WHERE seq >= ? ORDER BY seq LIMIT 1",
-            (seq,),
-        ).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]))
-
-    lo, hi = conn.execute(
-        "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events"
-    ).fetchone()
-    # The first row whose last leaf is at least ``leaf``.
-    while lo < hi:
-        mid = (lo + hi) // 2
-        found = leaf_at(mid)
-        if found is None or found[1] >= leaf:
-            hi = mid
-        else:
-            lo = found[0] + 1
-    return int(lo)
-
-
 def read_tree_head(conn: sqlite3.Connection) -> tuple[int, bytes]:
     """The tree's size and root, read in one transaction (the caller's, if one is open)."""
     size = tree_size(conn)
 
     def read(level: int, start: int, count: int) -> list[bytes]:
-        hashes = stored_hashes(conn, level, start, start + count)
+        hashes = tile_hashes(conn, level, start, start + count)
         if len(hashes) != count:
             raise sqlite3.DatabaseError(
                 f"the log's tile hashes at level {level} from {start} are incomplete"
@@ -110,7 +95,7 @@ class ShardLog(ShardPart, TransparencyLog):
 
     async def tile_hashes(self, level: int, start: int, count: int) -> list[bytes]:
         conn = self._shard.conn
-        return await self._shard.run(lambda: stored_hashes(conn, level, start, start + count))
+        return await self._shard.run(lambda: tile_hashes(conn, level, start, start + count))
 
     async def leaf_events(self, start: int, count: int) -> list[QueuedEvent] | None:
         shard = self._shard

@@ -189,14 +189,16 @@ MIGRATIONS: tuple[str, ...] = (
     # 8: the Merkle log (proxy/log). ``leaf`` is the leaf index of a row's first event (a
     # fan-out's events have the ``fan`` leaves from it); NULL for rows stored before this
     # version, which are not in the log. Leaves grow with seqs, so a leaf's row is found
-    # by seq (proxy/store/log.py) and ``leaf`` needs no index of its own to write.
-    # ``log_hashes`` keeps the tree as its tile hashes
-    # (level 0: each leaf hash; level L: each complete run of 256**L leaves), kept after
-    # their events are pruned; ``log_pruned`` the leaf ranges whose events pruning deleted;
+    # by seq (proxy/store/leaves.py) and ``leaf`` needs no index of its own to write.
+    # ``leaf_hashes``: the row's events' leaf hashes. ``log_hashes`` keeps the tree as its
+    # tile hashes (level 0: the leaf hashes of complete tiles and of pruned events; level
+    # L: each complete run of 256**L leaves), kept after their events are pruned;
+    # ``log_pruned`` the leaf ranges whose events pruning deleted;
     # ``log_checkpoints`` the signed checkpoints; ``log_meta`` the log's random id, which
     # names it in its origin.
     """
     ALTER TABLE events ADD COLUMN leaf INTEGER;
+    ALTER TABLE events ADD COLUMN leaf_hashes BLOB;
     CREATE TABLE log_hashes (
         level INTEGER NOT NULL,
         idx INTEGER NOT NULL,

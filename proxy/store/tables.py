@@ -2,8 +2,9 @@
 declarations: no column list is written twice.
 
 An ``events`` row is, in this order of columns (the order only the SQL here relies on):
-where the writer placed it (``seq``, ``fan``, ``leaf``), the event as the builder describes it
-(:class:`~proxy.store.records.EventRow`), and its delivery state (:class:`DeliveryState`).
+where the writer placed it (``seq``, ``fan``, ``leaf``, ``leaf_hashes``), the event as the
+builder describes it (:class:`~proxy.store.records.EventRow`), and its delivery state
+(:class:`DeliveryState`).
 The readers read :class:`StoredRow`. A ``captures`` row is a :class:`StoredCapture`.
 """
 
@@ -77,7 +78,7 @@ def columns(names: Iterable[str], prefix: str = "") -> str:
     return ", ".join(prefix + name for name in names)
 
 
-INSERTED: tuple[str, ...] = ("seq", "fan", "leaf", *EventRow._fields)
+INSERTED: tuple[str, ...] = ("seq", "fan", "leaf", "leaf_hashes", *EventRow._fields)
 """The columns of a new ``events`` row, in the order of its values: where the writer
 places it (queue and log), then the builder's :class:`~proxy.store.records.EventRow`."""
 
@@ -101,17 +102,18 @@ def insert_events_sql(n_rows: int) -> str:
 
 
 SPLIT_INSERT = (
-    f"INSERT INTO events ({columns(('seq', 'leaf', *EventRow._fields, *DeliveryState._fields))})"
-    f" VALUES ({', '.join('?' * (2 + len(EventRow._fields) + len(DeliveryState._fields)))})"
+    f"INSERT INTO events ({columns(('seq', 'leaf', 'leaf_hashes', *EventRow._fields))}"
+    f", {columns(DeliveryState._fields)})"
+    f" VALUES ({', '.join('?' * (3 + len(EventRow._fields) + len(DeliveryState._fields)))})"
 )
-"""Insert one event of a fan-out being split: its seq and leaf, its row, the fan-out's
-state."""
+"""Insert one event of a fan-out being split: its seq, leaf and leaf hash, its row, the
+fan-out's state."""
 
 SELECT_ROW = f"SELECT {columns(EventRow._fields)} FROM events WHERE seq = ?"
 """The :class:`~proxy.store.records.EventRow` of the row ``seq``, as stored."""
 
-SELECT_LEAF = "SELECT leaf FROM events WHERE seq = ?"
-"""The leaf index of the row ``seq`` (its first event's)."""
+SELECT_LEAF = "SELECT leaf, leaf_hashes FROM events WHERE seq = ?"
+"""The leaf index of the row ``seq`` (its first event's), and its events' leaf hashes."""
 
 SELECT_STATE = f"SELECT {columns(DeliveryState._fields)} FROM events WHERE seq = ?"
 """The :class:`DeliveryState` of the row ``seq``."""

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 from proxy.store.codec import BodyCodec
 from proxy.store.database import database_budget, is_full, used_bytes
 from proxy.store.faces import StoreError, StoreFull
-from proxy.store.leaves import HASH_ROW_BYTES, append_hashes, event_leaves, tree_size
+from proxy.store.leaves import HASH_BYTES, append_leaves, event_leaves, tree_size
 from proxy.store.records import Capture, EventRow, FanOut
 from proxy.store.tables import (
     BODY_AT,
@@ -91,6 +91,8 @@ class Transaction:
     leaves: list[int] | None = None
     """Each row's leaf index in the log, its first event's (``append leaves``); None when
     no step placed the rows in the log."""
+    leaf_hashes: list[bytes] | None = None
+    """Each row's events' leaf hashes, one after the other (``append leaves``)."""
 
     @classmethod
     def of(
@@ -162,19 +164,19 @@ class AppendLeaves:
     """The Merkle log's leaves of the new events (:mod:`proxy.log`), in the commit that
     stores them: no event is acknowledged without its leaf. Prepare makes each event's
     entry and leaf hash (a fan-out's events one by one, in queue order); write reads where
-    the tree ends, stores the leaves and the hash of every tile they complete
-    (:mod:`proxy.store.leaves`), and leaves each row's first leaf on the transaction for
-    ``insert events``."""
+    the tree ends, copies every tile the new leaves complete to the tile hashes
+    (:mod:`proxy.store.leaves`), and leaves each row's first leaf and its leaf hashes on the
+    transaction for ``insert events``, which stores them in the row."""
 
     name: ClassVar[str] = "append leaves"
 
     def __init__(self, tx: Transaction) -> None:
-        self._hashes = [h for new in tx.rows for h in event_leaves(new.fan, new.row)]
-        if self._hashes:
-            tx.plan(statements=2, incoming=HASH_ROW_BYTES * len(self._hashes))
+        self._rows = [b"".join(event_leaves(new.fan, new.row)) for new in tx.rows]
+        if self._rows:
+            tx.plan(statements=2, incoming=HASH_BYTES * sum(len(h) // 32 for h in self._rows))
 
     def write(self, tx: Transaction) -> None:
-        if not self._hashes:
+        if not self._rows:
             return
         first = tree_size(tx.conn)
         leaves = []
@@ -183,7 +185,9 @@ class AppendLeaves:
             leaves.append(at)
             at += new.fan or 1
         tx.leaves = leaves
-        append_hashes(tx.conn, first, self._hashes)
+        tx.leaf_hashes = self._rows
+        joined = b"".join(self._rows)
+        append_leaves(tx.conn, first, [joined[i : i + 32] for i in range(0, len(joined), 32)])
 
 
 class InsertEvents:
@@ -207,8 +211,9 @@ class InsertEvents:
         unplaced: list[int | None] = [None] * len(tx.rows)
         seqs: Sequence[int | None] = tx.seqs or unplaced
         leaves: Sequence[int | None] = tx.leaves or unplaced
-        for seq, leaf, new in zip(seqs, leaves, tx.rows, strict=True):
-            values += (seq, new.fan, leaf, *new.row)
+        hashes: Sequence[bytes | None] = tx.leaf_hashes or [None] * len(tx.rows)
+        for seq, leaf, leaf_hashes, new in zip(seqs, leaves, hashes, tx.rows, strict=True):
+            values += (seq, new.fan, leaf, leaf_hashes, *new.row)
         values[BODY_AT::ROW_WIDTH] = self._frames
         width = ROWS_PER_STATEMENT * ROW_WIDTH
         for start in range(0, len(values), width):

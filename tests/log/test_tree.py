@@ -46,7 +46,7 @@ def test_roots_from_stored_tiles_across_tile_levels() -> None:
     at = 0
     for batch in (1, 255, 1, 5000, 60000, 801, size):
         batch = min(batch, size - at)
-        append_hashes(conn, at, leaves[at : at + batch])
+        append_hashes(conn, 0, at, leaves[at : at + batch])
         at += batch
     assert stored_hashes(conn, 2, 0, 5) == [independent_root(leaves[: 256 * 256])]
     assert len(stored_hashes(conn, 1, 0, 1000)) == size // 256

@@ -10,12 +10,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
+import orjson
 import pytest
 
 from proxy.audit.balp import AuditContext, build_events, store_rows
+from proxy.log.entry import entry_of
+from proxy.log.tree import leaf_hash, root_of
 from proxy.store.database import connect, load_codec
 from proxy.store.faces import StoreError
+from proxy.store.fans import fan_of
 from proxy.store.index import event_row
+from proxy.store.leaves import tile_hashes, tree_size
 from proxy.store.records import Capture
 from proxy.store.tables import INSERTED, DeliveryState
 from proxy.store.transaction import STEPS, Committer, Step, Transaction
@@ -67,12 +72,46 @@ def test_a_batch_of_plain_events_is_its_leaves_and_its_events_in_one_transaction
     committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
     statements = _traced(conn)
     assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
-    # Where the tree ends, the leaf hashes, the events.
-    assert statements == ["BEGIN", "SELECT", "INSERT", "INSERT", "COMMIT"]
+    # Where the tree ends (its tile hashes, its newest row), the events with their leaves.
+    assert statements == ["BEGIN", "SELECT", "SELECT", "INSERT", "COMMIT"]
     assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
-    leaves = conn.execute("SELECT leaf FROM events ORDER BY seq").fetchall()
-    assert leaves == [(0,), (1,), (2,)]
-    assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (3,)
+    leaves = conn.execute("SELECT leaf, length(leaf_hashes) FROM events ORDER BY seq").fetchall()
+    assert leaves == [(0, 32), (1, 32), (2, 32)]
+    assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (0,), "no tile complete"
+
+
+def test_a_completed_tile_is_copied_to_the_tile_hashes_in_its_commit(
+    conn: sqlite3.Connection,
+) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    n = 0
+    while n < 300:
+        built = build_events(
+            search_exchange([f"Patient/{p}" for p in range(7)]), AuditContext.default(), NOW
+        )
+        fan_out = Submission(
+            rows=store_rows(built), complete_intent=None, intent=None, capture=None
+        )
+        batch = [_submission(n + i) for i in range(40)]
+        assert committer.commit_batch([*batch, fan_out]) == [None] * 41
+        n += 40 + len(built)
+    assert tree_size(conn) == n
+    hashes = tile_hashes(conn, 0, 0, n)
+    assert len(hashes) == n
+    stored = [h for (h,) in conn.execute("SELECT hash FROM log_hashes WHERE level = 0")]
+    assert stored == hashes[:256], "the first tile, once complete, and no more"
+    assert tile_hashes(conn, 1, 0, 2) == [root_of(hashes[:256])]
+    codec = load_codec(conn)
+    for seq, fan, leaf, body, patients, first_id in conn.execute(
+        "SELECT seq, fan, leaf, body, patients, event_id FROM events ORDER BY seq"
+    ):
+        if fan is None:
+            assert hashes[leaf] == leaf_hash(entry_of(codec.decode(body)))
+            continue
+        fanned = fan_of(first_id, patients, codec.decompress(body))
+        for i in range(fan):
+            entry = entry_of(orjson.loads(fanned.event(i)[1]))
+            assert hashes[leaf + i] == leaf_hash(entry), (seq, i)
 
 
 def test_a_batch_whose_steps_plan_one_statement_runs_it_without_begin(
@@ -95,7 +134,7 @@ def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
     results = committer.commit_batch(
         [_submission(1, complete=first), _submission(intent=b'{"n":2}'), _submission(2)]
     )
-    assert statements == ["BEGIN", "SELECT", "INSERT", "INSERT", "DELETE", "INSERT", "COMMIT"]
+    assert statements == ["BEGIN", "SELECT", "SELECT", "INSERT", "DELETE", "INSERT", "COMMIT"]
     assert results[0] is None and results[2] is None
     assert conn.execute("SELECT id FROM intents").fetchall() == [(results[1],)]
 
