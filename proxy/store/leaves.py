@@ -71,8 +71,11 @@ def tree_size(conn: sqlite3.Connection) -> int:
 def seq_of_leaf(conn: sqlite3.Connection, leaf: int) -> int:
     """A seq from which the rows that hold ``leaf`` and the leaves after it begin (leaves
     grow with seqs; rows from before the log, with no leaf, come first), by bisection."""
+    # Two subqueries: SQLite's one-seek shortcut for MIN or MAX does not apply to a query
+    # asking both, which reads every row.
     lo, hi = conn.execute(
-        "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events"
+        "SELECT COALESCE((SELECT MIN(seq) FROM events), 0),"
+        " COALESCE((SELECT MAX(seq) FROM events), 0)"
     ).fetchone()
     while lo < hi:
         mid = (lo + hi) // 2

@@ -16,10 +16,10 @@ from datetime import datetime
 
 from proxy.log.tree import tree_root
 from proxy.store.faces import TransparencyLog
-from proxy.store.leaves import tile_hashes, tree_size
+from proxy.store.leaves import seq_of_leaf, tile_hashes, tree_size
 from proxy.store.records import QueuedEvent
 from proxy.store.shard import ShardPart
-from proxy.store.tables import STORED, stored_rows
+from proxy.store.tables import STORED, StoredRow, stored_rows
 
 
 def record_pruned(
@@ -65,6 +65,19 @@ def read_tree_head(conn: sqlite3.Connection) -> tuple[int, bytes]:
     return size, tree_root(read, size)
 
 
+def leaf_rows(conn: sqlite3.Connection, start: int, count: int) -> list[StoredRow]:
+    """The stored rows that hold leaves ``[start, start + count)`` (the first may be a
+    fan-out's that begins below ``start``), found by seq: ``leaf`` has no index, and a
+    condition on it would read every row."""
+    rows = stored_rows(
+        conn.execute(
+            f"SELECT {STORED} FROM events WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (seq_of_leaf(conn, start), count),
+        )
+    )
+    return [r for r in rows if r.leaf is not None and r.leaf < start + count]
+
+
 class ShardLog(ShardPart, TransparencyLog):
     """The Merkle log of one store file."""
 
@@ -102,18 +115,9 @@ class ShardLog(ShardPart, TransparencyLog):
         conn = shard.conn
 
         def read() -> list[QueuedEvent] | None:
-            # The row holding leaf ``start`` may be a fan-out's that begins below it.
-            row = conn.execute("SELECT MAX(leaf) FROM events WHERE leaf <= ?", (start,)).fetchone()
-            low = start if row is None or row[0] is None else row[0]
-            rows = stored_rows(
-                conn.execute(
-                    f"SELECT {STORED} FROM events WHERE leaf >= ? AND leaf < ? ORDER BY leaf",
-                    (low, start + count),
-                )
-            )
             events = [
                 item
-                for r in rows
+                for r in leaf_rows(conn, start, count)
                 for item in shard.events(r)
                 if item.leaf is not None and start <= item.leaf < start + count
             ]
