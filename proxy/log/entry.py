@@ -127,12 +127,18 @@ _PLAIN_KEYS = json.JSONDecoder(
 """The same, checking that every key is ASCII (for text that is not ASCII throughout)."""
 
 
+def _plain_keys_only(body: bytes) -> bool:
+    """Whether every key in ``body`` is ASCII for certain: the bytes are, and no escape
+    (``\\u00e9``, a surrogate pair) can make a key that is not."""
+    return body.isascii() and b"\\u" not in body
+
+
 def entry_of_json(body: bytes) -> bytes:
     """The log entry of an AuditEvent given as JSON: the same bytes as :func:`entry_of` of
     it parsed, made without walking the event when its JSON holds nothing orjson writes
     otherwise than JCS (the writer makes every new event's entry)."""
     try:
-        event = (_PLAIN if body.isascii() else _PLAIN_KEYS).decode(body.decode())
+        event = (_PLAIN if _plain_keys_only(body) else _PLAIN_KEYS).decode(body.decode())
     except _NotPlain:
         event = orjson.loads(body)
         if not isinstance(event, dict):

@@ -4,6 +4,7 @@ every code point included; numbers it would write otherwise go to the library.""
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -58,6 +59,19 @@ def test_canonical_json_is_rfc_8785(value: Any) -> None:
     assert entry_of_json(orjson.dumps(event)) == entry_of(event)
     del event["ключ"]
     assert entry_of_json(orjson.dumps(event)) == entry_of(event)
+    assert entry_of_json(orjson.dumps(event, option=orjson.OPT_INDENT_2)) == entry_of(event)
+    assert entry_of_json(json.dumps(event, indent=1).encode()) == entry_of(event)
+
+
+def test_keys_written_as_escapes_are_ordered_as_rfc_8785_orders_them() -> None:
+    """ASCII bytes can still hold keys outside ASCII (``\\u`` escapes); JCS orders keys by
+    UTF-16 code units, so a key past the BMP comes before U+FFFF."""
+    for body in (
+        rb'{"resourceType":"AuditEvent","\ud83d\ude00":"a","\uffff":"b"}',
+        rb'{"resourceType":"AuditEvent","\ud83d\ude00":"a","\uffff":"b","n":[1]}',
+    ):
+        assert body.isascii()
+        assert entry_of_json(body) == entry_of(orjson.loads(body))
 
 
 def test_the_entry_leaves_out_meta_and_the_position_only() -> None:
