@@ -3,11 +3,14 @@
 Commits the same batches through the writer's transaction (:mod:`proxy.store.transaction`)
 on one connection, with every step and without ``append leaves``, interleaved, and prints
 the CPU time per event of each and their difference: PatientRead events in batches of 1, 8
-and 64, and 7-patient fan-outs (one row, seven leaves). ``synchronous=OFF``: the disk's
-fsync is the same with and without the log and is left out. Then the root of the tree as
-the checkpointer makes it, from the stored tiles, at the size reached.
+and 64, and 7-patient fan-outs (one row, seven leaves), each into a new store and, with
+``--stored N``, PatientReads in batches of 8 into a store already holding N events (what
+the writer reads to find where the tree ends and to complete a tile must not grow with
+the store). ``synchronous=OFF``: the disk's fsync is the same with and without the log and
+is left out. Then the root of the tree as the checkpointer makes it, from the stored
+tiles, at the size reached.
 
-    python bench/bench_log.py [--commits 300] [--repeat 3]
+    python bench/bench_log.py [--commits 300] [--repeat 3] [--stored 50000]
 """
 
 from __future__ import annotations
@@ -93,11 +96,18 @@ def batches(
     ]
 
 
-def cpu_per_event(steps: Sequence[type[Step]], work: list[list[Submission]], events: int) -> float:
+def cpu_per_event(
+    steps: Sequence[type[Step]],
+    work: list[list[Submission]],
+    events: int,
+    stored: Sequence[list[Submission]] = (),
+) -> float:
     with tempfile.TemporaryDirectory() as d:
         conn = connect(Path(d) / "audit.db", True, 1 << 34)
         conn.execute("PRAGMA synchronous=OFF")
         committer = Committer(conn, load_codec(conn), max_bytes=1 << 34, steps=steps)
+        for batch in stored:
+            committer.commit_batch(batch)
         started = time.process_time()
         for batch in work:
             committer.commit_batch(batch)
@@ -110,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commits", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stored", type=int, default=0)
     args = parser.parse_args()
     without = tuple(s for s in STEPS if s is not AppendLeaves)
     print("| batch | CPU µs/event without the log | with | added |")
@@ -129,6 +140,16 @@ def main() -> None:
             after.append(cpu_per_event(STEPS, work, events))
         b, a = statistics.median(before), statistics.median(after)
         print(f"| {name} | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
+    if args.stored:
+        stored = batches(read_rows, 64, args.stored // 64)
+        commits = args.commits
+        work = batches(read_rows, 8, commits)
+        before, after = [], []
+        for _ in range(args.repeat):
+            before.append(cpu_per_event(without, work, commits * 8, stored))
+            after.append(cpu_per_event(STEPS, work, commits * 8, stored))
+        b, a = statistics.median(before), statistics.median(after)
+        print(f"| PatientRead x8, {args.stored:,} stored | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
 
     with tempfile.TemporaryDirectory() as d:
         conn = connect(Path(d) / "audit.db", True, 1 << 34)

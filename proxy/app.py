@@ -481,6 +481,7 @@ async def _status_listener(app: web.Application, store: AdminStore) -> AsyncIter
 
 async def _admin_listener(app: web.Application, store: AdminStore) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+
     async def shard_log(n: int) -> TransparencyLog | None:
         if isinstance(store, ShardedStore):
             return await store.shard(n)

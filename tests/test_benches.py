@@ -31,7 +31,7 @@ RUNS = [
     ),
     ("bench_store_size.py", ["--count", "16"], "bytes per event"),
     ("bench_sinks.py", ["--events", "200", "--modes", "file,kafka"], "ratio to transaction"),
-    ("bench_log.py", ["--commits", "8", "--repeat", "1"], "from its stored tiles"),
+    ("bench_log.py", ["--commits", "8", "--repeat", "1", "--stored", "128"], "128 stored"),
 ]
 
 
