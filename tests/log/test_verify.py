@@ -270,3 +270,37 @@ async def test_pruned_events_are_not_deleted_ones(
     status, out = _verify(capsys, logged, "--checkpoints", str(logged.shipped))
     assert status == 0, out
     assert "12 leaves, 2 checkpoint(s) verified, 12 pruned" in out
+
+
+async def test_every_shard_of_a_multi_worker_store_is_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``workers: 2`` each worker's shard is a log of its own: both are checked, and
+    an edit in the second is named with its file."""
+    signer = log_signer()
+    shards = [
+        LoggedStore(
+            path=tmp_path / f"audit-{n}.db", signer=signer, shipped=tmp_path / f"repo-{n}.ndjson"
+        )
+        for n in range(2)
+    ]
+    for n, shard in enumerate(shards):
+        await shard.append(3 + n)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"store: {{path: {tmp_path / 'audit.db'}}}\nworkers: 2\n")
+    vkey = signer.verifier.text()
+    status = main(["log", "verify", "-c", str(config), "--vkey", vkey])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert [line.split()[0] for line in out.splitlines()] == ["ok", "ok"], out
+    assert "audit-0.db" in out and "audit-1.db" in out
+    assert "3 leaves" in out and "4 leaves" in out
+
+    _rewrite(shards[1].path, 2, outcome="8")
+    status = main(["log", "verify", "-c", str(config), "--vkey", vkey])
+    out = capsys.readouterr().out
+    assert status == 1
+    first, second, problem = out.splitlines()
+    assert first.startswith("ok ") and "audit-0.db" in first
+    assert second.startswith("FAIL ") and "audit-1.db" in second
+    assert "edited event: event seq 2 " in problem, out
