@@ -59,15 +59,17 @@ from proxy.app import QUEUE, proxy_listener
 from proxy.audit.balp import AuditContext, build_events, store_rows
 from proxy.audit.identity import JwksKeys, identity_from_headers
 from proxy.audit.ids import new_event_id
-from proxy.delivery.flusher import Flusher
 from proxy.delivery.file import FileRepository, FileSink
+from proxy.delivery.flusher import Flusher
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import classify
 from proxy.fhir.operation_outcome import operation_outcome
 from proxy.http.server import Server
 from proxy.http.transport import MockAnswer, MockTransport, SentRequest
+from proxy.log.checkpoint import Checkpoint
 from proxy.log.checkpointer import Checkpointer, shard_origin
 from proxy.log.entry import POSITION_URL
+from proxy.log.fhir import checkpoint_document
 from proxy.log.note import Signer
 from proxy.log.shipping import LogShipping
 from proxy.settings import IdentitySettings, LogSettings, Settings, load_settings
@@ -1960,6 +1962,12 @@ def log_key_file(directory: Path) -> tuple[Signer, Path]:
     key = directory / "log.key"
     key.write_text(signer.text())
     return signer, key
+
+
+def checkpoint_resource(signer: Signer, origin: str, size: int) -> dict[str, Any]:
+    """A signed checkpoint (of a made-up root) as the DocumentReference the flusher ships."""
+    checkpoint = Checkpoint(origin=origin, size=size, root=hashlib.sha256(b"%d" % size).digest())
+    return checkpoint_document(checkpoint.sign(signer), checkpoint, datetime.now(UTC))
 
 
 @dataclass
