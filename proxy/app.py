@@ -247,11 +247,16 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("no repository configured: events stay in the local store")
         yield
         return
-    shipping = LogShipping(
-        tlog=app[QUEUE],
-        origin=app[LOG_ORIGIN],
-        checkpoints=settings.log.ship_checkpoints and SIGNER in app,
-    )
+    checkpoints = settings.log.ship_checkpoints and SIGNER in app
+    if checkpoints and not repo.holds_documents:
+        checkpoints = False
+        log.info(
+            "log checkpoints are not shipped to %s (it holds audit messages only): they stay"
+            " in the store and on the admin listener's /log/%d/checkpoint",
+            repo.target(),
+            app[WORKER],
+        )
+    shipping = LogShipping(tlog=app[QUEUE], origin=app[LOG_ORIGIN], checkpoints=checkpoints)
     sink = telemetry.TimedSink(await repo.open_sink(Origin(shard=app[WORKER])))
     flusher = Flusher(app[QUEUE], sink, repo, log_shipping=shipping)
     app[FLUSHER] = flusher

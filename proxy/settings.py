@@ -259,7 +259,8 @@ class LogSettings(_Frozen):
     checkpoint_events: PositiveInt = 1000
     """...or as soon as this many events were added since the last."""
     ship_checkpoints: bool = True
-    """Send each checkpoint to the repository (a DocumentReference) once its events left."""
+    """Send each checkpoint to the repository (a DocumentReference) once its events left;
+    never to a repository that holds audit messages only (``syslog``)."""
 
     @field_validator("origin")
     @classmethod

@@ -21,8 +21,10 @@ What maps (R4 names; R5's are read where they differ):
   ``ParticipantObjectDetail``.
 
 What does not map, and is left out: ``id``, ``meta`` (the BALP profile), extensions (the
-token's claims beyond ``altId``), ``purposeOfEvent`` and ``agent.purposeOfUse`` (no
-element in the schema version ATNA repositories validate against), ``agent.policy``,
+token's claims beyond ``altId``, the event's place in the Merkle log: the schema has no
+element for it, and RFC 5424 structured data would need a registered enterprise number),
+``purposeOfEvent`` and ``agent.purposeOfUse`` (no element in the schema version ATNA
+repositories validate against), ``agent.policy``,
 ``agent.location``, ``entity.securityLabel``, R5 ``authorization``, ``basedOn``,
 ``encounter`` and ``outcome.detail``. An entity type outside 1-4 (BALP's ``XrequestId``)
 becomes the object's ``ParticipantObjectIDTypeCode`` instead of its type.

@@ -5,7 +5,9 @@ that carry its answers, the settings every repository mode shares, and
 The contract of ``await sink.send(events)`` (the flusher relies on nothing else):
 
 - It is called with one batch at a time, never concurrently, events in queue order, each
-  an AuditEvent as a dict with a stable ``id``.
+  a resource as a dict with a stable ``id``: an AuditEvent, or (when the repository
+  :attr:`~RepositoryBase.holds_documents`) a checkpoint of the Merkle log as a
+  DocumentReference (:mod:`proxy.log.fhir`); a relay passes on whatever its stream holds.
 - It **returns** only when the repository holds every event of the batch durably by its
   own standard (a 2xx, a stream's publish acknowledgement, a broker's ``acks=all``, a
   syslog receiver's clean close after reading the batch). The flusher then acknowledges
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from proxy.settings_base import Frozen, Positive, PositiveInt, redact_url, url_secret
 
@@ -105,6 +107,9 @@ class RepositoryBase(Frozen):
     batch_count: PositiveInt = 100
     timeout_s: Positive = 30.0
     """Most time one batch may take to be acknowledged before it counts as unavailable."""
+    holds_documents: ClassVar[bool] = True
+    """Whether the repository takes resources other than AuditEvents: the log's signed
+    checkpoints are shipped to it (as DocumentReferences) only then."""
 
     def target(self) -> str:
         """The repository as logs may show it (credentials masked)."""

@@ -16,12 +16,19 @@ receiver that stores a batch and dies before closing gets it twice).
 
 ``udp://host:514``: RFC 5426, explicitly lossy: a datagram sent counts as delivered.
 An event whose message exceeds ``max_udp_bytes`` is :class:`RepositoryRejected`.
+
+An ATNA repository holds audit messages only: the Merkle log's checkpoints (FHIR
+DocumentReferences) are not shipped to it (:attr:`SyslogRepository.holds_documents`), and
+a resource other than an AuditEvent in a batch (a relay passing on a stream's checkpoints)
+is skipped, counted as delivered. The DICOM audit message has no element for an event's
+place in the log, so that leaves out too (see :mod:`proxy.delivery.atna`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import socket
 import ssl
@@ -29,7 +36,7 @@ import struct
 import termios
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -46,6 +53,8 @@ from proxy.delivery.sink import (
 from proxy.delivery.tls import TlsFiles
 from proxy.settings_base import PositiveInt
 
+log = logging.getLogger(__name__)
+
 MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
 DEFAULT_PORTS = {"tls": 6514, "udp": 514}
@@ -58,6 +67,7 @@ class SyslogRepository(RepositoryBase):
     """``tls://arr.example.org:6514`` (RFC 5425) or ``udp://arr.example.org:514`` (RFC
     5426, lossy)."""
     mode: Literal["syslog"] = "syslog"
+    holds_documents: ClassVar[bool] = False
     tls: TlsFiles = TlsFiles()
     """The CA of the receiver's certificate and, for mutual TLS, this client's pair."""
     hostname: str | None = None
@@ -159,11 +169,22 @@ class SyslogSink:
         )
 
     async def send(self, events: Sequence[dict[str, Any]]) -> None:
-        messages = [self.message(event) for event in events]
+        # Each message with its index in the batch, so that a partial delivery counts
+        # the resources skipped before the failure as delivered too.
+        indexed = [(i, e) for i, e in enumerate(events) if e.get("resourceType") == "AuditEvent"]
+        if len(indexed) < len(events):
+            log.info(
+                "%d resources other than AuditEvents (the log's checkpoints) skipped: an ATNA"
+                " repository holds audit messages only",
+                len(events) - len(indexed),
+            )
+        messages = [(i, self.message(event)) for i, event in indexed]
+        if not messages:
+            return
         if self._context is None:
             await asyncio.to_thread(self._send_datagrams, messages)
             return
-        frames = b"".join(octet_counted(m) for m in messages)
+        frames = b"".join(octet_counted(m) for _, m in messages)
         await asyncio.to_thread(self._send_batch, frames)
 
     def _send_batch(self, frames: bytes) -> None:
@@ -190,11 +211,11 @@ class SyslogSink:
                 f"syslog receiver {host}:{port}: {type(exc).__name__}: {exc}"
             ) from None
 
-    def _send_datagrams(self, messages: list[bytes]) -> None:
+    def _send_datagrams(self, messages: list[tuple[int, bytes]]) -> None:
         host, port = self._settings.address
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         with socket.socket(family, kind, proto) as sock:
-            for done, message in enumerate(messages):
+            for done, message in messages:
                 try:
                     if len(message) > self._settings.max_udp_bytes:
                         raise RepositoryRejected(

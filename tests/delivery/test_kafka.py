@@ -28,7 +28,9 @@ from tests.factories import (
     WatchedQueue,
     audit_event,
     audit_event_about,
+    checkpoint_resource,
     create_topic,
+    log_signer,
     topic_records,
 )
 
@@ -72,6 +74,24 @@ async def test_each_patients_events_share_a_partition_in_order(tansu: TansuBroke
         ]
         assert [r.event["id"] for r in sorted(mine, key=lambda r: r.offset)] == in_order
     assert [r.key for r in records if r.event["id"] == events[-1]["id"]] == [None]
+
+
+async def test_a_checkpoint_is_produced_whole_as_a_record_of_no_patient(
+    tansu: TansuBroker,
+) -> None:
+    # The log's checkpoints go to the topic beside the events, for the relay and any
+    # auditor downstream: a DocumentReference names no patient, so it has no key.
+    await create_topic(tansu.bootstrap, "audit")
+    checkpoint = checkpoint_resource(log_signer(), "audit.example.org/test/a", 1)
+    sink = await _settings(tansu).open_sink(Origin())
+    try:
+        await sink.send([audit_event_about(1, "Patient/p1"), checkpoint])
+    finally:
+        await sink.close()
+    records = await topic_records(tansu.bootstrap, "audit", 2)
+    assert [(r.key, r.event) for r in records if r.event["id"] == checkpoint["id"]] == [
+        (None, checkpoint)
+    ]
 
 
 async def test_a_missing_topic_is_a_start_up_error_unless_created(tansu: TansuBroker) -> None:

@@ -24,7 +24,13 @@ from proxy.delivery.sink import (
 )
 from proxy.delivery.syslog import BOM, MSGID, SyslogRepository, octet_counted, syslog_message
 from proxy.store.queue import AuditQueue
-from tests.factories import RsyslogReceiver, WatchedQueue, audit_event
+from tests.factories import (
+    RsyslogReceiver,
+    WatchedQueue,
+    audit_event,
+    checkpoint_resource,
+    log_signer,
+)
 
 
 def _settings(receiver: RsyslogReceiver, **kwargs: Any) -> SyslogRepository:
@@ -167,6 +173,49 @@ async def test_udp_is_lossy_by_choice_and_refuses_what_no_datagram_holds() -> No
         datagram = await asyncio.to_thread(receiver.recv, 65535)
         assert b" IHE+RFC-3881 - " + BOM + b"<AuditMessage>" in datagram
         assert not datagram[:5].strip().isdigit(), "a datagram carries one message, unframed"
+    finally:
+        receiver.close()
+
+
+async def test_a_relayed_checkpoint_is_skipped_and_counts_as_delivered(
+    rsyslog: RsyslogReceiver,
+) -> None:
+    # A relay passes on what its stream holds, the log's checkpoints too: an ATNA
+    # repository takes audit messages only.
+    checkpoint = checkpoint_resource(log_signer(), "audit.example.org/test/a", 2)
+    events = [audit_event(1), checkpoint, audit_event(2)]
+    sink = await _settings(rsyslog).open_sink(Origin())
+    try:
+        await sink.send(events)
+        await sink.send([checkpoint])
+    finally:
+        await sink.close()
+    await _wait_for(rsyslog, 2)
+    await asyncio.sleep(0.3)  # anything more would have arrived by now
+    received = rsyslog.received()
+    assert _ids(received) == ["n-1", "n-2"], "the AuditEvents only"
+    assert all(r["msg"].lstrip("\ufeff").startswith("<AuditMessage>") for r in received)
+
+
+async def test_over_udp_a_skipped_checkpoint_counts_in_a_partial_delivery() -> None:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    try:
+        port = receiver.getsockname()[1]
+        settings = SyslogRepository(url=f"udp://127.0.0.1:{port}", max_udp_bytes=4096)
+        sink = await settings.open_sink(Origin())
+        checkpoint = checkpoint_resource(log_signer(), "audit.example.org/test/a", 1)
+        big = audit_event(3, entity=[{"what": {"identifier": {"value": "x" * 5000}}}])
+        with pytest.raises(PartialDelivery) as info:
+            await sink.send([audit_event(1), checkpoint, big])
+        assert info.value.delivered == 2, "the event and the checkpoint skipped after it"
+        assert isinstance(info.value.cause, RepositoryRejected)
+        datagram = await asyncio.to_thread(receiver.recv, 65535)
+        assert b"<AuditMessage>" in datagram and b"n-1" in datagram
+        receiver.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            receiver.recv(65535)  # the checkpoint sent no datagram
     finally:
         receiver.close()
 
