@@ -14,6 +14,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from proxy.app import LOG_ORIGIN
+from proxy.log.entry import with_position
 from proxy.store.records import EventQuery
 from tests.factories import (
     NatsServer,
@@ -114,7 +116,10 @@ async def test_every_acknowledged_event_is_in_the_stream_once_after_its_leader_i
         assert stats.delivered == len(stored) == 1 + READERS * READS_EACH
         assert duplicates == 0
         assert in_stream == stored, "every acknowledged event once, in the order stored"
-        assert [m.event for m in messages] == [q.event for q in page]
+        # Shipped as stored, with each event's place in the shard's log.
+        origin = proxy.app[LOG_ORIGIN]
+        shipped = [with_position(q.event, origin, leaf) for leaf, q in enumerate(page)]
+        assert [m.event for m in messages] == shipped
     finally:
         for node in nodes:
             node.stop()
