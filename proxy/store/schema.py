@@ -186,7 +186,14 @@ MIGRATIONS: tuple[str, ...] = (
             AND admin = (instr(OLD.terms, '"k:admin-access"') > 0);
     END;
     """,
-    # 8: the Merkle log (proxy/log). ``leaf`` is the leaf index of a row's first event (a
+    # 8: who acted in each event as the privacy reports list it (``EventRow.who``: the
+    # requestor's name and roles, the OAuth client, the network address), so that a
+    # report's summary of thousands of events reads their rows, not their JSON. Rows
+    # stored before this version get it from their bodies: see BACKFILLS.
+    """
+    ALTER TABLE events ADD COLUMN who TEXT;
+    """,
+    # 9: the Merkle log (proxy/log). ``leaf`` is the leaf index of a row's first event (a
     # fan-out's events have the ``fan`` leaves from it); NULL for rows stored before this
     # version, which are not in the log. Leaves grow with seqs, so a leaf's row is found
     # by seq (proxy/store/leaves.py) and ``leaf`` needs no index of its own to write.
@@ -221,13 +228,6 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     INSERT INTO log_meta (key, value) VALUES ('id', lower(hex(randomblob(8))));
-    """,
-    # 8: who acted in each event as the privacy reports list it (``EventRow.who``: the
-    # requestor's name and roles, the OAuth client, the network address), so that a
-    # report's summary of thousands of events reads their rows, not their JSON. Rows
-    # stored before this version get it from their bodies: see BACKFILLS.
-    """
-    ALTER TABLE events ADD COLUMN who TEXT;
     """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
