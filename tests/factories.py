@@ -1964,6 +1964,15 @@ def log_key_file(directory: Path) -> tuple[Signer, Path]:
     return signer, key
 
 
+def drop_the_log(conn: sqlite3.Connection) -> None:
+    """Take out what schema 9 (the Merkle log) added, so that a test makes an older store
+    out of a new one."""
+    for column in ("leaf", "leaf_hashes"):
+        conn.execute(f"ALTER TABLE events DROP COLUMN {column}")
+    for table in ("log_hashes", "log_pruned", "log_checkpoints", "log_meta"):
+        conn.execute(f"DROP TABLE {table}")
+
+
 def checkpoint_resource(signer: Signer, origin: str, size: int) -> dict[str, Any]:
     """A signed checkpoint (of a made-up root) as the DocumentReference the flusher ships."""
     checkpoint = Checkpoint(origin=origin, size=size, root=hashlib.sha256(b"%d" % size).digest())

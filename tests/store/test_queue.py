@@ -23,6 +23,7 @@ from tests.factories import (
     CLIENT_IP,
     OpenStore,
     context,
+    drop_the_log,
     exchange,
     queued_event,
     search_exchange,
@@ -442,6 +443,7 @@ async def test_a_schema_7_store_learns_who_acted_in_each_event_from_its_body(
             "INSERT INTO events (event_id, recorded, recorded_ts, body) VALUES (?, ?, ?, ?)",
             ("plain", NOW.isoformat(), NOW.timestamp(), orjson.dumps(queued_event(10))),
         )
+        drop_the_log(conn)
         conn.execute("ALTER TABLE events DROP COLUMN who")
         conn.execute("PRAGMA user_version = 7")
     queue = await open_store(path, max_bytes=1 << 30)
@@ -484,6 +486,7 @@ async def test_migration_8_reads_a_body_stored_as_text_and_skips_one_it_cannot_r
                 ("number", NOW.isoformat(), NOW.timestamp(), 42),
             ],
         )
+        drop_the_log(conn)
         conn.execute("ALTER TABLE events DROP COLUMN who")
         conn.execute("PRAGMA user_version = 7")
     queue = await open_store(path, max_bytes=1 << 30)
