@@ -44,6 +44,7 @@ from proxy.settings_base import Frozen as _Frozen
 from proxy.settings_base import (
     Positive,
     PositiveInt,
+    given_secrets,
     readable_file_problem,
     url_secret,
     writable_file_problems,
@@ -620,9 +621,7 @@ class Settings(BaseSettings):
         (logs). Values of credential headers count whole and without their scheme word."""
         found: set[str] = self.repository.secret_values() | self.relay.source.secret_values()
         found.update(t.get_secret_value() for t in self.admin.tokens)
-        if self.log.key_file is not None:
-            with contextlib.suppress(OSError):
-                found.add(self.log.key_file.read_text().strip())
+        found |= given_secrets(None, self.log.key_file)
         for url in (
             self.upstream.url,
             self.audit.identity.jwks_url,

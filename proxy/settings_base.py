@@ -5,6 +5,7 @@ can declare its settings without an import circle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 MASK = "**********"
 
@@ -71,6 +72,17 @@ def tcp_port(value: int) -> int:
     if not 0 <= value <= 65535:
         raise ValueError(f"must be a TCP port from 1 to 65535, or 0 for any free one (got {value})")
     return value
+
+
+def given_secrets(value: SecretStr | None, path: Path | None) -> set[str]:
+    """A secret as masking needs it in clear: the one set inline and the one its file (a
+    Kubernetes Secret mount) holds, stripped; a file that cannot be read gives none (start-up
+    reports it through :func:`readable_file_problem`)."""
+    found = {value.get_secret_value()} if value is not None else set()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            found.add(path.read_text().strip())
+    return found
 
 
 def readable_file_problem(setting: str, path: Path | None, what: str) -> str | None:

@@ -246,6 +246,41 @@ def test_effective_configuration_masks_every_secret(tmp_path: Path) -> None:
     assert settings.repository.request_headers["X-Api-Key"] == "api-key-1", "code sees values"
 
 
+@pytest.mark.parametrize(
+    ("repository", "secret_setting", "inline_setting"),
+    [
+        (
+            {"mode": "jetstream", "url": "nats://nats-user:nats-pass-1@nats:4222"},
+            "token_file",
+            "token",
+        ),
+        (
+            {"mode": "kafka", "url": "kafka://kafka:9092", "security_protocol": "SASL_PLAINTEXT"},
+            "sasl_password_file",
+            "sasl_password",
+        ),
+    ],
+)
+def test_a_stream_modes_secrets_inline_and_in_files_are_masked(
+    tmp_path: Path, repository: dict[str, Any], secret_setting: str, inline_setting: str
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("file-secret-7\n")
+    settings = load_settings(
+        None,
+        repository={**repository, secret_setting: secret_file, inline_setting: "inline-secret-7"},
+    )
+    secrets = {"file-secret-7", "inline-secret-7"}
+    if "@" in repository["url"]:
+        secrets.add("nats-pass-1")
+    assert secrets <= settings.secret_values(), "the inline secret and the file's are masked"
+    dumped = orjson.dumps(settings.model_dump(mode="json")).decode()
+    assert [s for s in secrets if s in dumped] == []
+    secret_file.unlink()
+    assert "file-secret-7" not in settings.secret_values(), "an unreadable file adds nothing"
+    assert "inline-secret-7" in settings.secret_values()
+
+
 def test_secret_header_names_are_case_insensitive() -> None:
     repo = HttpRepository(secret_headers=("X-Custom",))
     assert repo.is_secret_header("x-custom")

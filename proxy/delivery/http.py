@@ -13,7 +13,6 @@ A 2xx delivers; 5xx, 408, 429, 401/403 (credentials), a timeout or a connection 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,7 +30,14 @@ from proxy.delivery.sink import (
     RepositoryUnavailable,
     Sink,
 )
-from proxy.settings_base import MASK, http_url, readable_file_problem, redact_url, url_secret
+from proxy.settings_base import (
+    MASK,
+    given_secrets,
+    http_url,
+    readable_file_problem,
+    redact_url,
+    url_secret,
+)
 
 FHIR_JSON = "application/fhir+json"
 BODY_EXCERPT = 2048
@@ -82,11 +88,7 @@ class HttpRepository(RepositoryBase):
                 found.add(value)
                 found.update(value.split()[1:])
         auth = self.auth
-        if auth.client_secret is not None:
-            found.add(auth.client_secret.get_secret_value())
-        if auth.client_secret_file is not None:
-            with contextlib.suppress(OSError):
-                found.add(auth.client_secret_file.read_text().strip())
+        found |= given_secrets(auth.client_secret, auth.client_secret_file)
         token_url_secret = url_secret(auth.token_url)
         if token_url_secret:
             found.add(token_url_secret)

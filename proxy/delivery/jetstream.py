@@ -19,7 +19,6 @@ larger than the server or stream takes is :class:`RepositoryRejected`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import socket
@@ -47,6 +46,7 @@ from proxy.settings_base import (
     Frozen,
     Positive,
     PositiveInt,
+    given_secrets,
     readable_file_problem,
     redact_url,
     url_secret,
@@ -144,12 +144,7 @@ class JetStreamConnection(Frozen):
 
     def secret_values(self) -> set[str]:
         found = {secret for server in _servers(self.url or "") if (secret := url_secret(server))}
-        if self.token is not None:
-            found.add(self.token.get_secret_value())
-        if self.token_file is not None:
-            with contextlib.suppress(OSError):
-                found.add(self.token_file.read_text().strip())
-        return found
+        return found | given_secrets(self.token, self.token_file)
 
     def path_problems(self) -> list[str]:
         problems = [

@@ -44,6 +44,7 @@ from proxy.settings_base import (
     Frozen,
     Positive,
     PositiveInt,
+    given_secrets,
     readable_file_problem,
     redact_url,
     url_secret,
@@ -111,12 +112,7 @@ class KafkaConnection(Frozen):
             secret = url_secret(f"kafka://{broker}")
             if secret:
                 found.add(secret)
-        if self.sasl_password is not None:
-            found.add(self.sasl_password.get_secret_value())
-        if self.sasl_password_file is not None:
-            with contextlib.suppress(OSError):
-                found.add(self.sasl_password_file.read_text().strip())
-        return found
+        return found | given_secrets(self.sasl_password, self.sasl_password_file)
 
     def path_problems(self) -> list[str]:
         problem = readable_file_problem(
