@@ -31,7 +31,6 @@ from typing import IO, Any
 
 import orjson
 import yaml
-from lxml import etree
 
 from proxy.fhir.interaction import REDACTED, parse_json_object, redact_query
 
@@ -152,6 +151,10 @@ def _check_prolog(head: bytes) -> None:
 
 def _events(source: IO[bytes]) -> Iterator[tuple[str, Any]]:
     """The start and end events of a FHIR XML document, through the hardened parser."""
+    # lxml (and what it loads, rnc2rng among them) is imported on the first XML body:
+    # most deployments never see one and need not hold it in memory.
+    from lxml import etree
+
     head = source.read(_PROLOG_LIMIT)
     _check_prolog(head)
     source.seek(0)
@@ -193,6 +196,8 @@ def xml_resource(
     None when it is not one or is refused. ``on_entry`` is given each entry of a root
     Bundle, once read, and what it returns is kept instead (a large Bundle cut entry by
     entry)."""
+    from lxml import etree
+
     try:
         return _xml_resource(source, on_entry)
     except (etree.LxmlError, XmlRefused, ValueError, OSError):
@@ -374,6 +379,8 @@ def _redact_json(value: Any, names: frozenset[str]) -> tuple[Any, bool]:
 def _redact_xml(body: bytes, names: frozenset[str]) -> bytes | None:
     """A FHIR XML body with the values of Parameters parameters named in ``names`` (and
     of elements so named) redacted; None when it cannot be read."""
+    from lxml import etree
+
     try:
         root: Any = None
         for event, elem in _events(io.BytesIO(body)):
