@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Sequence
-from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -56,7 +55,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, FHIR_VERSION, SETTINGS, VALIDATION, WRITER
 from proxy.admin.links import public_base
 from proxy.audit.ids import new_event_id
-from proxy.audit.validate import validate_event
+from proxy.audit.validate import ValidationUnavailable, validate_event
 from proxy.fhir.operation_outcome import FHIR_JSON, outcome_response
 from proxy.store.index import event_row
 from proxy.store.marks import ADMIN_ACCESS_TAG
@@ -235,7 +234,7 @@ async def _problems(request: web.Request, resources: Sequence[Any], size: int) -
     else:
         try:
             errors = await request.app[VALIDATION].problems([resources[i] for i in to_validate])
-        except BrokenProcessPool:
+        except ValidationUnavailable:
             raise _reject(
                 503, "transient", "the events could not be validated now; send them again"
             ) from None

@@ -6,14 +6,14 @@ events ingested through the admin API (:class:`ValidationPool` for large request
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 MODEL_MODULES = {"R4": "fhir.resources.R4B.auditevent", "R5": "fhir.resources.auditevent"}
 """The module of each FHIR version's AuditEvent model."""
@@ -41,6 +41,10 @@ def validate_all(events_json: bytes, fhir_version: str) -> list[str | None]:
     return [validate_event(event, fhir_version) for event in orjson.loads(events_json)]
 
 
+class ValidationUnavailable(Exception):
+    """The pool's worker process died during a validation; a later call starts another."""
+
+
 class ValidationPool:
     """Validates AuditEvents in a process of its own, so that validating megabytes of
     them (seconds of Python) never holds up the event loop and the traffic it serves.
@@ -48,7 +52,11 @@ class ValidationPool:
     One worker process, started at first use, forked from multiprocessing's forkserver
     with the version's model already imported; at most ``max_waiting`` calls wait for it
     at once, the others wait their turn on the event loop. A worker that dies is replaced
-    at the next call. :meth:`close` stops it."""
+    at the next call (the call it died in raises :class:`ValidationUnavailable`).
+    :meth:`close` stops it.
+
+    multiprocessing is imported at the first call, not with this module: most processes
+    never validate a large ingestion and need not hold it in memory."""
 
     def __init__(self, fhir_version: str, *, max_waiting: int = 2) -> None:
         self._fhir_version = fhir_version
@@ -57,6 +65,8 @@ class ValidationPool:
 
     async def problems(self, events: Sequence[Any]) -> list[str | None]:
         """:func:`validate_event` of each of ``events``, in order."""
+        from concurrent.futures.process import BrokenProcessPool
+
         payload = orjson.dumps(list(events))
         async with self._turns:
             executor = self._running()
@@ -67,12 +77,15 @@ class ValidationPool:
                     executor.submit, validate_all, payload, self._fhir_version
                 )
                 return await asyncio.wrap_future(future)
-            except BrokenProcessPool:
+            except BrokenProcessPool as exc:
                 self.close()
-                raise
+                raise ValidationUnavailable(str(exc)) from exc
 
     def _running(self) -> ProcessPoolExecutor:
         if self._executor is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([MODEL_MODULES[self._fhir_version]])
             self._executor = ProcessPoolExecutor(max_workers=1, mp_context=context)
