@@ -206,6 +206,19 @@ OTEL_ONLY: list[Metric] = []
 there (the HTTP semantic conventions' metrics: :mod:`.metrics`)."""
 
 
+class _Collecting:
+    """How many running :class:`~proxy.telemetry.Telemetry` objects have metric readers:
+    the metrics of :data:`OTEL_ONLY` are recorded only while one has."""
+
+    __slots__ = ("readers",)
+
+    def __init__(self) -> None:
+        self.readers = 0
+
+
+COLLECTING = _Collecting()
+
+
 def _family(
     kind: str,
     name: str,

@@ -42,9 +42,9 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.semconv.attributes.url_attributes import URL_FULL, URL_PATH, URL_SCHEME
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from proxy.telemetry.cells import COLLECTING
 from proxy.telemetry.current import EXCHANGE
 from proxy.telemetry.metrics import HTTP_CLIENT_DURATION, HTTP_SERVER_ACTIVE, HTTP_SERVER_DURATION
-from proxy.telemetry.otel_metrics import COLLECTING
 from proxy.telemetry.routes import fhir_route, scrubbed_path
 from proxy.telemetry.tracing import SPAN_PROCESSORS, tracer, traces
 

@@ -27,19 +27,6 @@ from proxy import __version__
 from proxy.telemetry.cells import METRICS, OTEL_ONLY, Metric
 
 
-class _Collecting:
-    """How many running :class:`~proxy.telemetry.Telemetry` objects have metric readers:
-    the metrics of :data:`OTEL_ONLY` are recorded only while one has."""
-
-    __slots__ = ("readers",)
-
-    def __init__(self) -> None:
-        self.readers = 0
-
-
-COLLECTING = _Collecting()
-
-
 def _attributes(metric: Metric, key: tuple[str, ...]) -> dict[str, str | int]:
     """A cell's label values as the metric's OpenTelemetry attributes; a label that does
     not apply ("") is left out."""

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from opentelemetry.sdk.resources import (
-    SERVICE_INSTANCE_ID,
-    SERVICE_NAME,
-    OTELResourceDetector,
-    Resource,
-)
 from opentelemetry.semconv.attributes.k8s_attributes import (
     K8S_NAMESPACE_NAME,
     K8S_NODE_NAME,
@@ -26,6 +21,9 @@ from opentelemetry.semconv.attributes.k8s_attributes import (
     K8S_POD_NAME,
     K8S_POD_UID,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
 
 WORKER_ATTRIBUTE = "fhir_audit.worker"
 """The resource attribute naming the worker, when the proxy runs several."""
@@ -58,7 +56,15 @@ def process_resource(service_name: str, worker: int | None = None) -> Resource:
     gives each process a ``service.instance.id``; with several workers each also names
     its index, and one that ``OTEL_RESOURCE_ATTRIBUTES`` names (as the injector does, after
     the pod) gets the suffix ``.worker-<index>``, since a backend such as Prometheus keys
-    the series on ``service.name`` and ``service.instance.id`` alone."""
+    the series on ``service.name`` and ``service.instance.id`` alone. The SDK is imported
+    here, not with this module: only a process that exports needs it."""
+    from opentelemetry.sdk.resources import (
+        SERVICE_INSTANCE_ID,
+        SERVICE_NAME,
+        OTELResourceDetector,
+        Resource,
+    )
+
     attributes: dict[str, str | int] = {
         **pod_attributes(os.environ),
         SERVICE_NAME: service_name,

@@ -12,20 +12,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from proxy.tasks import running
+from proxy.telemetry.cells import COLLECTING
 from proxy.telemetry.export import export_plan
 from proxy.telemetry.logs import use_json_logs
-from proxy.telemetry.otel_metrics import COLLECTING, OtelCells
 from proxy.telemetry.queue import QueueDepth, set_queue_gauges
-from proxy.telemetry.resource import process_resource
-from proxy.telemetry.tracing import SPAN_PROCESSORS, tracer_provider
+from proxy.telemetry.tracing import SPAN_PROCESSORS, name_process
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.trace import SpanProcessor
+
     from proxy.settings import TelemetrySettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,11 @@ class Telemetry:
     """One application's telemetry: its span processors on the process's tracer provider,
     a meter provider with its readers (OTLP as the configuration and the environment ask,
     :mod:`.export`; plus any given), and a task that keeps the queue-depth gauge fresh for
-    pushed metrics."""
+    pushed metrics.
+
+    The OpenTelemetry SDK is imported only for what is exported or given (and the tracer
+    provider by the first span, :func:`~.tracing.tracer_provider`): a proxy that exports
+    nothing need not hold it in memory."""
 
     def __init__(
         self,
@@ -55,6 +58,7 @@ class Telemetry:
         readers = list(metric_readers)
         if self.plan.traces is not None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             exporter = OTLPSpanExporter(endpoint=self.plan.traces.endpoint)
             self._span_processors.append(BatchSpanProcessor(exporter))
@@ -62,6 +66,7 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter,
             )
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
             readers.append(
                 PeriodicExportingMetricReader(
@@ -71,16 +76,24 @@ class Telemetry:
             )
         self._collects = bool(readers)
         self._started = False
-        resource = process_resource(settings.service_name, worker)
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-        cells = OtelCells(resource)
-        for reader in readers:
-            cells.attach(reader)
+        self.meter_provider: MeterProvider | None = None
+        """The meter provider of the readers; None when there are none."""
+        if readers:
+            from opentelemetry.sdk.metrics import MeterProvider
+
+            from proxy.telemetry.otel_metrics import OtelCells
+            from proxy.telemetry.resource import process_resource
+
+            resource = process_resource(settings.service_name, worker)
+            self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+            cells = OtelCells(resource)
+            for reader in readers:
+                cells.attach(reader)
 
     def start(self) -> None:
         for warning in self.plan.warnings:
             log.warning("%s", warning)
-        tracer_provider(self._settings.service_name, self._worker)
+        name_process(self._settings.service_name, self._worker)
         SPAN_PROCESSORS.processors = (*SPAN_PROCESSORS.processors, *self._span_processors)
         if self._collects and not self._started:
             COLLECTING.readers += 1
@@ -97,7 +110,8 @@ class Telemetry:
         )
         for processor in self._span_processors:
             processor.shutdown()
-        self.meter_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
 
 
 TELEMETRY = web.AppKey("telemetry", Telemetry)

@@ -1,95 +1,61 @@
-"""Traces: the process's tracer provider, its span processors and sampler, which requests
-are traced, and the child span of the durable audit write. The server and client spans of
-the HTTP semantic conventions are :mod:`.http`'s; the builder records the request's
-``traceparent`` on its AuditEvents (:func:`current_traceparent`)."""
+"""Traces: the process's tracer provider (made with the SDK by :mod:`.provider` when the
+first span is), its span processors, which requests are traced, and the child span of the
+durable audit write. The server and client spans of the HTTP semantic conventions are
+:mod:`.http`'s; the builder records the request's ``traceparent`` on its AuditEvents
+(:func:`current_traceparent`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider, sampling
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind
 
 from proxy import __version__
-from proxy.telemetry.resource import process_resource
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
     from proxy.http.listener import ClientRequest
 
 
-class _Processors(SpanProcessor):
+class _Processors:
     """The process's span processors, which running :class:`Telemetry` objects (and tests)
-    add and remove; the SDK's provider takes processors only for its whole life."""
+    add and remove; the tracer provider hands each span to those registered at the time."""
+
+    __slots__ = ("processors",)
 
     def __init__(self) -> None:
         self.processors: tuple[SpanProcessor, ...] = ()
 
-    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
-        for processor in self.processors:
-            processor.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        for processor in self.processors:
-            processor.on_end(span)
-
-    def shutdown(self) -> None:
-        for processor in self.processors:
-            processor.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return all(p.force_flush(timeout_millis) for p in self.processors)
-
 
 SPAN_PROCESSORS = _Processors()
 _PROVIDER: list[TracerProvider] = []
+_NAMED: list[tuple[str, int | None]] = []
 
 
-class _RecordWhenExported(Sampler):
-    """Record spans only when something exports them: a recorded SDK span costs about
-    twice an unrecorded one, and the request path pays for three. Unrecorded spans still
-    carry a trace id (propagated upstream and stored on the AuditEvent). A caller's
-    sampled trace stays sampled, so the proxy never breaks a trace that someone exports.
-    While something exports, the sampler ``OTEL_TRACES_SAMPLER`` names decides, as the
-    SDK reads it (``parentbased_always_on`` when unset)."""
-
-    def __init__(self) -> None:
-        # The SDK's reading of OTEL_TRACES_SAMPLER (and _ARG); parentbased_always_on unset.
-        self._exporting = sampling._get_from_env_or_default()
-        self._idle = ParentBased(ALWAYS_OFF)
-
-    def should_sample(
-        self,
-        parent_context: otel_context.Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Any = None,
-        links: Any = None,
-        trace_state: Any = None,
-    ) -> SamplingResult:
-        sampler = self._exporting if SPAN_PROCESSORS.processors else self._idle
-        return sampler.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        return "RecordWhenExported"
+def name_process(service_name: str, worker: int | None = None) -> None:
+    """The ``service_name`` and ``worker`` of the tracer provider's resource, when it is
+    made (the first caller's)."""
+    if not _NAMED:
+        _NAMED.append((service_name, worker))
 
 
-def tracer_provider(
-    service_name: str = "fhir-audit-proxy", worker: int | None = None
-) -> TracerProvider:
-    """The process's SDK tracer provider, made and installed globally on first use (every
-    request then has a trace id, exported or not), its resource from the first caller's
-    ``service_name`` and ``worker`` (:func:`~proxy.telemetry.resource.process_resource`)."""
+def tracer_provider(service_name: str | None = None, worker: int | None = None) -> TracerProvider:
+    """The process's SDK tracer provider, made and installed globally on first use (by the
+    first span: every traced request then has a trace id, exported or not), its resource
+    from the first :func:`name_process` (this call's ``service_name`` and ``worker`` when
+    given; ``fhir-audit-proxy`` when none) through
+    :func:`~proxy.telemetry.resource.process_resource`; spans are recorded only while a
+    span processor is registered (:data:`SPAN_PROCESSORS`). The SDK is imported then,
+    not with this module: a process that never traces need not hold it in memory."""
+    if service_name is not None:
+        name_process(service_name, worker)
     if not _PROVIDER:
-        provider = TracerProvider(
-            resource=process_resource(service_name, worker), sampler=_RecordWhenExported()
-        )
-        provider.add_span_processor(SPAN_PROCESSORS)
+        from proxy.telemetry.provider import sdk_tracer_provider
+
+        name, index = _NAMED[0] if _NAMED else ("fhir-audit-proxy", None)
+        provider = sdk_tracer_provider(name, index, SPAN_PROCESSORS)
         trace.set_tracer_provider(provider)
         _PROVIDER.append(provider)
     return _PROVIDER[0]
