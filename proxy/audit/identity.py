@@ -23,13 +23,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import aiohttp
-import jwt
 
 from proxy.private_files import create_private_parents
 from proxy.settings import IdentitySettings
+
+if TYPE_CHECKING:
+    import jwt
+
+# PyJWT (and the cryptography it loads, tens of MB of OpenSSL bindings) is imported by the
+# first bearer token or JWKS, not with this module: a proxy at rest need not hold it.
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class Identity:
 
 ANONYMOUS = Identity()
 
-JwksKeys = jwt.PyJWKSet
+JwksKeys: TypeAlias = "jwt.PyJWKSet"
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -102,6 +107,8 @@ def _verify(
     token's header names. Never raises: the token is the caller's, and anything it makes
     the verifier do wrong is a failed verification (the reason a word or two, never the
     token's own text)."""
+    import jwt
+
     try:
         header = jwt.get_unverified_header(token)
         kid = header.get("kid")
@@ -280,6 +287,8 @@ def _identity(
         return Identity(token_kind="basic", user_id=user or None, user_name=user or None), None
     if scheme.lower() != "bearer":
         return Identity(token_kind="other"), None
+    import jwt
+
     try:
         claims = jwt.decode(credential, options={"verify_signature": False})
     except Exception:  # not a JWT, or one too malformed to read: an opaque token
@@ -323,6 +332,8 @@ class JwksCache:
         return self._keys
 
     async def refresh(self) -> None:
+        import jwt
+
         url = self._settings.jwks_url
         assert url is not None
         try:

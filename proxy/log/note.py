@@ -16,13 +16,15 @@ import binascii
 import hashlib
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+# cryptography (tens of MB of OpenSSL bindings) is imported by the first key used, not
+# with this module: a proxy that keeps no transparency log need not hold it in memory.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 ED25519 = 0x01
 """The signature type byte of Ed25519."""
@@ -53,6 +55,8 @@ def key_id(name: str, public: bytes) -> int:
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
@@ -97,6 +101,9 @@ class Verifier:
         return f"{self.name}+{self.id:08x}+{encoded}"
 
     def verifies(self, text: bytes, signature: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             Ed25519PublicKey.from_public_bytes(self.public).verify(signature, text)
         except InvalidSignature:
@@ -113,11 +120,15 @@ class Signer:
 
     @classmethod
     def generate(cls, name: str) -> Signer:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(check_name(name), Ed25519PrivateKey.generate())
 
     @classmethod
     def parse(cls, text: str) -> Signer:
         """The key written as ``PRIVATE+KEY+<name>+<hex key ID>+<base64(0x01 || seed)>``."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         text = text.strip()
         if not text.startswith(PRIVATE_PREFIX):
             raise NoteError(f"a signing key begins with {PRIVATE_PREFIX}")
