@@ -1,13 +1,30 @@
 """The package's import graph, read from the source (every import, including those made
 inside functions and for type checking only): no cycle, telemetry below the store (it
-takes callables; it does not import the store), the audit below HTTP."""
+takes callables; it does not import the store), the audit below HTTP. And what the proxy
+holds in memory at rest: not the libraries only some configurations or requests use."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import orjson
+
+from tests.factories import free_port
+
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+
+ON_FIRST_USE = ("lxml", "rnc2rng", "opentelemetry.sdk", "multiprocessing", "jwt", "cryptography")
+"""Imported when first needed, never at start: lxml (and the rnc2rng it loads) by the first
+FHIR XML body, the OpenTelemetry SDK by an export or the first span, multiprocessing by the
+first large admin ingestion, PyJWT and cryptography by the first bearer token, JWKS or
+transparency-log key. Together they are about half the proxy's own memory at rest."""
 
 
 def _modules() -> dict[str, Path]:
@@ -107,3 +124,64 @@ def test_the_audit_knows_nothing_of_http() -> None:
     audit = {name for name in graph if name.startswith("proxy.audit")}
     assert {t for name in audit for t in graph[name] if t.startswith("proxy.http")} == set()
 
+
+def test_start_up_imports_nothing_loaded_on_first_use() -> None:
+    """What ``fhir-audit-proxy run`` imports before reading its configuration."""
+    script = (
+        "import sys, proxy.cli, proxy.app\n"
+        f"print(sorted(m for m in {ON_FIRST_USE!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+SHARED_OBJECTS = {
+    "lxml": "/lxml/etree.",
+    "cryptography": "/cryptography/hazmat/bindings/_rust.",
+    "multiprocessing": "/_multiprocessing.",
+}
+"""The compiled part of some of :data:`ON_FIRST_USE`, as the process maps it."""
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the proxy exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port} within {within_s} s")
+
+
+def test_a_running_proxy_at_rest_maps_none_of_them(tmp_path: Path) -> None:
+    """The real command, started with a minimal configuration and left idle: its memory
+    map (``/proc/PID/maps``) holds none of the compiled libraries it has not used."""
+    port, admin, upstream = free_port(), free_port(), free_port()
+    config = tmp_path / "proxy.json"
+    config.write_bytes(
+        orjson.dumps(
+            {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "admin": {"host": "127.0.0.1", "port": admin},
+                "upstream": {"url": f"http://127.0.0.1:{upstream}/fhir"},
+                "store": {"path": str(tmp_path / "store" / "audit.db")},
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "-c", str(config), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        _wait_listening(port, process)
+        _wait_listening(admin, process)
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert "/orjson/orjson." in maps  # the map was read, with what is loaded at start
+    assert {name for name, part in SHARED_OBJECTS.items() if part in maps} == set()
