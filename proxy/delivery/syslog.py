@@ -41,7 +41,6 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from proxy.delivery.atna import audit_message
 from proxy.delivery.sink import (
     Origin,
     PartialDelivery,
@@ -122,6 +121,9 @@ def syslog_message(
     event: dict[str, Any], *, hostname: str, app_name: str, procid: int, pri: int
 ) -> bytes:
     """``event`` as one RFC 5424 message: header, no structured data, BOM and XML."""
+    # The ATNA builder (and the XML library it loads) only for a proxy that sends syslog.
+    from proxy.delivery.atna import audit_message
+
     header = (f"<{pri}>1 {_timestamp(event)} {hostname} {app_name} {procid} {MSGID} - ").encode(
         "ascii"
     )
