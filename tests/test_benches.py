@@ -32,6 +32,7 @@ RUNS = [
     ("bench_store_size.py", ["--count", "16"], "bytes per event"),
     ("bench_sinks.py", ["--events", "200", "--modes", "file,kafka"], "ratio to transaction"),
     ("bench_log.py", ["--commits", "8", "--repeat", "1", "--stored", "128"], "128 stored"),
+    ("bench_rss.py", ["--wait", "2", "--no-jwks"], "MB  in all"),
 ]
 
 
