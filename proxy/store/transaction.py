@@ -13,17 +13,24 @@ keeps too, and then is one more entry in :data:`STEPS`:
   runs before the transaction begins and writes nothing to the database (it may read).
   It does the step's work that needs no database (encoding, hashing) and says on the
   transaction what its ``write`` will cost: :meth:`Transaction.plan` with the statements
-  it will run and the bytes it will add (held against the disk budget). A step that
-  needs every new row's seq calls :meth:`Transaction.want_seqs`.
+  it will run and the bytes it will add (held against the disk budget). Every new
+  row's seq is known once ``assign seqs`` has written (:attr:`Transaction.seqs`).
 - **write**: runs inside the transaction, after every step was prepared, in the order of
   :data:`STEPS`. It reads what earlier steps left on the transaction (:attr:`Transaction.seqs`,
-  :attr:`Transaction.intent_ids`) and leaves there what later steps or the answer need.
+  :attr:`Transaction.intent_ids`) and leaves there what later steps or the answer need
+  (and :attr:`Transaction.ends`, where what it appends to ends now).
   It neither commits nor rolls back: an ``sqlite3.Error`` fails the batch, which the
   committer then retries one submission at a time, so that the submission at fault fails
   alone.
 - A step with nothing to do for a batch plans nothing and writes nothing. A batch whose
   steps plan one statement in all runs it without BEGIN and COMMIT (the statement is its
   own transaction): a group commit of plain events is one INSERT.
+
+Where the events and the log end (the next seq, the next leaf) the committer keeps
+between commits (:class:`Ends`): the writer is the only one to append to either, so after
+its first commit a batch that completes no tile of the log reads nothing. At an even
+rate, where a commit holds one request, that makes a read's commit one statement rather
+than five.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
+from proxy.log.tree import TILE_WIDTH
 from proxy.store.codec import BodyCodec
 from proxy.store.database import database_budget, is_full, used_bytes
 from proxy.store.faces import StoreError, StoreFull
@@ -64,6 +72,20 @@ class NewRow(NamedTuple):
 
 
 @dataclass(slots=True)
+class Ends:
+    """Where the ``events`` table and the Merkle log end, as the committer's last commit
+    left them: None where not known (before the first commit, after a failed one), which
+    the steps then read in the transaction. Only the writer appends rows or leaves;
+    pruning and a fan-out's split, on other connections, take rows from below the end
+    and keep every leaf hash (:mod:`proxy.store.leaves`), so neither moves an end."""
+
+    seq: int | None = None
+    """The seq the next new row's first event takes."""
+    leaf: int | None = None
+    """The leaf index of the next new event: the tree's size."""
+
+
+@dataclass(slots=True)
 class Transaction:
     """One batch as its steps see it: what was submitted, and what the steps say and leave
     for each other."""
@@ -76,15 +98,16 @@ class Transaction:
     """Every new ``events`` row of the batch, in submission order."""
     now: float
     """POSIX time of the commit."""
+    ends: Ends
+    """Where the events and the log end before this batch (None where not known); the
+    steps set them to where they end after it, which the committer keeps once the batch
+    is committed."""
     statements: int = 0
     """Statements the steps will run (:meth:`plan`)."""
     incoming: int = 0
     """Bytes the steps will add (:meth:`plan`)."""
-    seqs_wanted: bool = False
-    """A step called :meth:`want_seqs`."""
     seqs: list[int] | None = None
-    """Each row's seq, as ``assign seqs`` placed them; None where SQLite numbers them
-    (no step wanted them)."""
+    """Each row's seq, as ``assign seqs`` placed them (None when the batch has no rows)."""
     intent_ids: list[int | None] | None = None
     """Each submission's recorded intent's id, or None (``record intents``); None when
     the batch recorded no intent."""
@@ -96,7 +119,11 @@ class Transaction:
 
     @classmethod
     def of(
-        cls, conn: sqlite3.Connection, codec: BodyCodec, batch: Sequence[Submission]
+        cls,
+        conn: sqlite3.Connection,
+        codec: BodyCodec,
+        batch: Sequence[Submission],
+        ends: Ends | None = None,
     ) -> Transaction:
         rows = [
             NewRow(fan=len(row.patients), row=row.stored())
@@ -105,19 +132,19 @@ class Transaction:
             for submission in batch
             for row in submission.rows
         ]
-        return cls(conn=conn, codec=codec, submissions=batch, rows=rows, now=time.time())
+        return cls(
+            conn=conn,
+            codec=codec,
+            submissions=batch,
+            rows=rows,
+            now=time.time(),
+            ends=Ends() if ends is None else Ends(seq=ends.seq, leaf=ends.leaf),
+        )
 
     def plan(self, *, statements: int, incoming: int = 0) -> None:
         """A step will run ``statements`` statements and add about ``incoming`` bytes."""
         self.statements += statements
         self.incoming += incoming
-
-    def want_seqs(self) -> None:
-        """A step needs :attr:`seqs`: ``assign seqs`` reads where they start (one more
-        statement, in the transaction)."""
-        if not self.seqs_wanted:
-            self.seqs_wanted = True
-            self.plan(statements=1)
 
     def results(self) -> list[int | None]:
         """Each submission's result: the id of the intent it recorded, or None."""
@@ -139,46 +166,61 @@ class Step(Protocol):
 
 
 class AssignSeqs:
-    """Each new row's seq, when a fan-out is in the batch or a step wants them: a fan-out's
-    seq is its last event's, the seqs of its other events kept free below it, so seqs are
-    given from the first free one on. Otherwise SQLite numbers the rows."""
+    """Each new row's seq, from the first free one on: a fan-out's seq is its last
+    event's, the seqs of its other events kept free below it. Where the table ends is
+    read (one statement) only when the committer does not know it."""
 
     name: ClassVar[str] = "assign seqs"
 
     def __init__(self, tx: Transaction) -> None:
-        if any(new.fan is not None for new in tx.rows):
-            tx.want_seqs()
+        if tx.rows and tx.ends.seq is None:
+            tx.plan(statements=1)
 
     def write(self, tx: Transaction) -> None:
-        if not tx.seqs_wanted:
+        if not tx.rows:
             return
-        (next_seq,) = tx.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()
+        next_seq = tx.ends.seq
+        if next_seq is None:
+            (next_seq,) = tx.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()
         seqs = []
         for new in tx.rows:
             next_seq += new.fan or 1
             seqs.append(next_seq - 1)
         tx.seqs = seqs
+        tx.ends.seq = next_seq
 
 
 class AppendLeaves:
     """The Merkle log's leaves of the new events (:mod:`proxy.log`), in the commit that
     stores them: no event is acknowledged without its leaf. Prepare makes each event's
-    entry and leaf hash (a fan-out's events one by one, in queue order); write reads where
-    the tree ends, copies every tile the new leaves complete to the tile hashes
-    (:mod:`proxy.store.leaves`), and leaves each row's first leaf and its leaf hashes on the
-    transaction for ``insert events``, which stores them in the row."""
+    entry and leaf hash (a fan-out's events one by one, in queue order); write takes
+    where the tree ends (read only when the committer does not know it), copies every
+    tile the new leaves complete to the tile hashes (:mod:`proxy.store.leaves`), and
+    leaves each row's first leaf and its leaf hashes on the transaction for ``insert
+    events``, which stores them in the row."""
 
     name: ClassVar[str] = "append leaves"
 
     def __init__(self, tx: Transaction) -> None:
         self._rows = [b"".join(event_leaves(new.fan, new.row)) for new in tx.rows]
-        if self._rows:
-            tx.plan(statements=2, incoming=HASH_BYTES * sum(len(h) // 32 for h in self._rows))
+        if not self._rows:
+            return
+        added = sum(len(h) for h in self._rows) // 32
+        first = tx.ends.leaf
+        if first is None:
+            statements = 2 + 1  # where the tree ends; a tile, perhaps
+        elif (first + added) // TILE_WIDTH > first // TILE_WIDTH:
+            statements = 2  # the tile's hashes replaced, its hash one level up
+        else:
+            statements = 0
+        tx.plan(statements=statements, incoming=HASH_BYTES * added)
 
     def write(self, tx: Transaction) -> None:
         if not self._rows:
             return
-        first = tree_size(tx.conn)
+        first = tx.ends.leaf
+        if first is None:
+            first = tree_size(tx.conn)
         leaves = []
         at = first
         for new in tx.rows:
@@ -186,8 +228,10 @@ class AppendLeaves:
             at += new.fan or 1
         tx.leaves = leaves
         tx.leaf_hashes = self._rows
-        joined = b"".join(self._rows)
-        append_leaves(tx.conn, first, [joined[i : i + 32] for i in range(0, len(joined), 32)])
+        tx.ends.leaf = at
+        if at // TILE_WIDTH > first // TILE_WIDTH:
+            joined = b"".join(self._rows)
+            append_leaves(tx.conn, first, [joined[i : i + 32] for i in range(0, len(joined), 32)])
 
 
 class InsertEvents:
@@ -328,6 +372,8 @@ class Committer:
         self._used_estimate = 0
         """Bytes in use as last measured, plus what was committed since."""
         self._commits_since_measure = 256
+        self._ends = Ends()
+        """Where the events and the log end, as the last commit left them."""
 
     def commit_batch(self, batch: Sequence[Submission]) -> list[int | Exception | None]:
         """One transaction for the whole batch: each submission's intent id (or None), or
@@ -351,7 +397,7 @@ class Committer:
         conn = self._conn
         at = "commit"
         try:
-            tx = Transaction.of(conn, self._codec, batch)
+            tx = Transaction.of(conn, self._codec, batch, self._ends)
             steps = [step(tx) for step in self._steps]
             # Intents count too: a write whose intent fits no more must not be forwarded.
             if tx.incoming and not self._has_room(tx.incoming):
@@ -366,6 +412,7 @@ class Committer:
             if explicit:
                 conn.execute("COMMIT")
         except BaseException as exc:
+            self._ends = Ends()  # read again in the next transaction
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -375,6 +422,7 @@ class Committer:
                 raise StoreError(f"audit store write failed ({at}): {exc}") from exc
             raise
         self._used_estimate += tx.incoming
+        self._ends = tx.ends
         return tx.results()
 
     def _has_room(self, incoming: int) -> bool:

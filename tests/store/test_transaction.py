@@ -72,12 +72,58 @@ def test_a_batch_of_plain_events_is_its_leaves_and_its_events_in_one_transaction
     committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
     statements = _traced(conn)
     assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
-    # Where the tree ends (its tile hashes, its newest row), the events with their leaves.
-    assert statements == ["BEGIN", "SELECT", "SELECT", "INSERT", "COMMIT"]
+    # The first commit reads where the events end, and where the tree ends (its tile
+    # hashes, its newest row); then the events with their leaves.
+    assert statements == ["BEGIN", "SELECT", "SELECT", "SELECT", "INSERT", "COMMIT"]
     assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
     leaves = conn.execute("SELECT leaf, length(leaf_hashes) FROM events ORDER BY seq").fetchall()
     assert leaves == [(0, 32), (1, 32), (2, 32)]
     assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (0,), "no tile complete"
+
+    # The next ones know both ends: a batch that completes no tile is its one INSERT.
+    statements.clear()
+    assert committer.commit_batch([_submission(4)]) == [None]
+    assert statements == ["INSERT"]
+    assert conn.execute("SELECT seq, leaf FROM events ORDER BY seq DESC LIMIT 1").fetchone() == (
+        4,
+        3,
+    )
+
+
+def test_where_the_tables_end_is_read_again_after_a_failed_commit(
+    conn: sqlite3.Connection,
+) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    once = _submission(1)
+    assert committer.commit_batch([once]) == [None]
+    (failed,) = committer.commit_batch([once])  # the same event id again
+    assert isinstance(failed, StoreError)
+    # Rows another connection appended while the writer was not looking (as a restored
+    # or hand-mended store might have) are found by the next commit, not overwritten.
+    conn.execute(
+        "INSERT INTO events (seq, leaf, leaf_hashes, event_id, recorded, recorded_ts, body)"
+        " VALUES (9, 1, zeroblob(32), 'x', '', 0, x'00')"
+    )
+    statements = _traced(conn)
+    assert committer.commit_batch([_submission(2)]) == [None]
+    assert statements[:4] == ["BEGIN", "SELECT", "SELECT", "SELECT"]
+    assert conn.execute("SELECT seq, leaf FROM events ORDER BY seq DESC LIMIT 1").fetchone() == (
+        10,
+        2,
+    )
+
+
+def test_a_commit_that_completes_a_tile_writes_it_with_the_known_end(
+    conn: sqlite3.Connection,
+) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    assert committer.commit_batch([_submission(*range(255))]) == [None]
+    assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (0,)
+    statements = _traced(conn)
+    assert committer.commit_batch([_submission(1000)]) == [None]
+    assert statements[0] == "BEGIN" and "SELECT" in statements, "the tile's first leaves read"
+    assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (256,)
+    assert tile_hashes(conn, 1, 0, 1) == [root_of(tile_hashes(conn, 0, 0, 256))]
 
 
 def test_a_completed_tile_is_copied_to_the_tile_hashes_in_its_commit(
@@ -134,7 +180,16 @@ def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
     results = committer.commit_batch(
         [_submission(1, complete=first), _submission(intent=b'{"n":2}'), _submission(2)]
     )
-    assert statements == ["BEGIN", "SELECT", "SELECT", "INSERT", "DELETE", "INSERT", "COMMIT"]
+    assert statements == [
+        "BEGIN",
+        "SELECT",  # where the events end
+        "SELECT",  # where the tree ends: its tile hashes,
+        "SELECT",  # its newest row
+        "INSERT",
+        "DELETE",
+        "INSERT",
+        "COMMIT",
+    ]
     assert results[0] is None and results[2] is None
     assert conn.execute("SELECT id FROM intents").fetchall() == [(results[1],)]
 
@@ -160,7 +215,6 @@ class _Leaves:
     def __init__(self, tx: Transaction) -> None:
         self._events = [(new.fan or 1) for new in tx.rows]
         if self._events:
-            tx.want_seqs()
             tx.plan(statements=1, incoming=32 * sum(self._events))
 
     def write(self, tx: Transaction) -> None:
