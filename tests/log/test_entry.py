@@ -88,3 +88,38 @@ def test_the_entry_leaves_out_meta_and_the_position_only() -> None:
     assert "extension" not in bare and "meta" not in bare
     event["outcome"] = "4"
     assert entry_of(event) != entry_of(shipped), "every other element is covered"
+
+
+def test_numbers_orjson_writes_otherwise_are_found_wherever_they_stand() -> None:
+    """The fast path is taken only where orjson's sorted output is RFC 8785: a number
+    with a fraction or an exponent, as a member, first or later in an array, negative,
+    or an integer past 2**53 or past 2**64, each sends the entry the slow way; strings
+    that look like numbers (a timestamp, a quoted member) change nothing."""
+    for value in (
+        1.5,
+        -0.25,
+        1e21,
+        1e-7,
+        [1.0],
+        ["a", 2.5],
+        [1, -3e5],
+        {"x": 0.1},
+        2**53,
+        -(2**60),
+    ):
+        event = {"resourceType": "AuditEvent", "n": value, "recorded": "2026-12-05T12:00:00.5Z"}
+        expected = rfc8785.dumps(
+            event if not isinstance(value, int) else {**event, "n": float(value)}
+        )
+        assert entry_of_json(orjson.dumps(event)) == expected, value
+    big = b'{"resourceType":"AuditEvent","n":123456789012345678901234567890}'
+    assert entry_of_json(big) == rfc8785.dumps(
+        {"n": float(123456789012345678901234567890), "resourceType": "AuditEvent"}
+    )
+    lookalike = {
+        "resourceType": "AuditEvent",
+        "period": {"start": "2026-12-05T12:00:00.000+00:00"},
+        "description": '{"a":1.5,"b":[2.5,3e4]}',
+        "n": 7,
+    }
+    assert entry_of_json(orjson.dumps(lookalike)) == rfc8785.dumps(lookalike)
