@@ -95,7 +95,7 @@ def test_numbers_orjson_writes_otherwise_are_found_wherever_they_stand() -> None
     with a fraction or an exponent, as a member, first or later in an array, negative,
     or an integer past 2**53 or past 2**64, each sends the entry the slow way; strings
     that look like numbers (a timestamp, a quoted member) change nothing."""
-    for value in (
+    values: list[Any] = [
         1.5,
         -0.25,
         1e21,
@@ -106,8 +106,13 @@ def test_numbers_orjson_writes_otherwise_are_found_wherever_they_stand() -> None
         {"x": 0.1},
         2**53,
         -(2**60),
-    ):
-        event = {"resourceType": "AuditEvent", "n": value, "recorded": "2026-12-05T12:00:00.5Z"}
+    ]
+    for value in values:
+        event: dict[str, Any] = {
+            "resourceType": "AuditEvent",
+            "n": value,
+            "recorded": "2026-12-05T12:00:00.5Z",
+        }
         expected = rfc8785.dumps(
             event if not isinstance(value, int) else {**event, "n": float(value)}
         )
@@ -116,7 +121,7 @@ def test_numbers_orjson_writes_otherwise_are_found_wherever_they_stand() -> None
     assert entry_of_json(big) == rfc8785.dumps(
         {"n": float(123456789012345678901234567890), "resourceType": "AuditEvent"}
     )
-    lookalike = {
+    lookalike: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "period": {"start": "2026-12-05T12:00:00.000+00:00"},
         "description": '{"a":1.5,"b":[2.5,3e4]}',
