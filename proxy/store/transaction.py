@@ -27,10 +27,11 @@ keeps too, and then is one more entry in :data:`STEPS`:
   own transaction): a group commit of plain events is one INSERT.
 
 Where the events and the log end (the next seq, the next leaf) the committer keeps
-between commits (:class:`Ends`): the writer is the only one to append to either, so after
-its first commit a batch that completes no tile of the log reads nothing. At an even
-rate, where a commit holds one request, that makes a read's commit one statement rather
-than five.
+between commits (:class:`Ends`), and reads again only when another connection committed
+since its last transaction (``PRAGMA data_version``, read once the write lock is held): a
+second writer on the same file (another engine, an admin command) may have appended. A
+batch of events is therefore always an explicit transaction: BEGIN, that pragma, its
+statements, COMMIT.
 """
 
 from __future__ import annotations
@@ -74,10 +75,8 @@ class NewRow(NamedTuple):
 @dataclass(slots=True)
 class Ends:
     """Where the ``events`` table and the Merkle log end, as the committer's last commit
-    left them: None where not known (before the first commit, after a failed one), which
-    the steps then read in the transaction. Only the writer appends rows or leaves;
-    pruning and a fan-out's split, on other connections, take rows from below the end
-    and keep every leaf hash (:mod:`proxy.store.leaves`), so neither moves an end."""
+    left them: None where not known (before the first commit, after a failed one, after
+    another connection committed), which the steps then read in the transaction."""
 
     seq: int | None = None
     """The seq the next new row's first event takes."""
@@ -374,6 +373,9 @@ class Committer:
         self._commits_since_measure = 256
         self._ends = Ends()
         """Where the events and the log end, as the last commit left them."""
+        self._data_version: int | None = None
+        """``PRAGMA data_version`` as the last transaction read it: it changes when
+        another connection commits."""
 
     def commit_batch(self, batch: Sequence[Submission]) -> list[int | Exception | None]:
         """One transaction for the whole batch: each submission's intent id (or None), or
@@ -402,9 +404,16 @@ class Committer:
             # Intents count too: a write whose intent fits no more must not be forwarded.
             if tx.incoming and not self._has_room(tx.incoming):
                 raise StoreFull(f"audit store is full (max_bytes={self._max_bytes})")
-            explicit = tx.statements > 1
+            # Events need the ends: read with the write lock held, so that nobody appends
+            # between the check and the insert.
+            explicit = tx.statements > 1 or bool(tx.rows)
             if explicit:
                 conn.execute("BEGIN IMMEDIATE")
+            if tx.rows:
+                (version,) = conn.execute("PRAGMA data_version").fetchone()
+                if version != self._data_version:
+                    tx.ends = Ends()
+                    self._data_version = version
             for step in steps:
                 at = step.name
                 step.write(tx)
@@ -413,6 +422,7 @@ class Committer:
                 conn.execute("COMMIT")
         except BaseException as exc:
             self._ends = Ends()  # read again in the next transaction
+            self._data_version = None
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")

@@ -74,16 +74,17 @@ def test_a_batch_of_plain_events_is_its_leaves_and_its_events_in_one_transaction
     assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
     # The first commit reads where the events end, and where the tree ends (its tile
     # hashes, its newest row); then the events with their leaves.
-    assert statements == ["BEGIN", "SELECT", "SELECT", "SELECT", "INSERT", "COMMIT"]
+    assert statements == ["BEGIN", "PRAGMA", "SELECT", "SELECT", "SELECT", "INSERT", "COMMIT"]
     assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
     leaves = conn.execute("SELECT leaf, length(leaf_hashes) FROM events ORDER BY seq").fetchall()
     assert leaves == [(0, 32), (1, 32), (2, 32)]
     assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (0,), "no tile complete"
 
-    # The next ones know both ends: a batch that completes no tile is its one INSERT.
+    # The next ones know both ends, unless another connection committed since: a batch
+    # that completes no tile reads nothing.
     statements.clear()
     assert committer.commit_batch([_submission(4)]) == [None]
-    assert statements == ["INSERT"]
+    assert statements == ["BEGIN", "PRAGMA", "INSERT", "COMMIT"]
     assert conn.execute("SELECT seq, leaf FROM events ORDER BY seq DESC LIMIT 1").fetchone() == (
         4,
         3,
@@ -106,11 +107,40 @@ def test_where_the_tables_end_is_read_again_after_a_failed_commit(
     )
     statements = _traced(conn)
     assert committer.commit_batch([_submission(2)]) == [None]
-    assert statements[:4] == ["BEGIN", "SELECT", "SELECT", "SELECT"]
+    assert statements[:5] == ["BEGIN", "PRAGMA", "SELECT", "SELECT", "SELECT"]
     assert conn.execute("SELECT seq, leaf FROM events ORDER BY seq DESC LIMIT 1").fetchone() == (
         10,
         2,
     )
+
+
+def test_two_writers_on_one_file_each_find_where_the_other_left_the_tables(
+    tmp_path: Path,
+) -> None:
+    """Another engine's writer, or an admin command, may commit to the same file: rows and
+    leaves stay unique and without a gap, each writer reading the ends again after the
+    other committed (a committer that trusted the ends it kept failed here, UNIQUE
+    constraint failed: events.seq, and would have given two events one leaf)."""
+    first = connect(tmp_path / "audit.db", True, 1 << 30)
+    second = connect(tmp_path / "audit.db", True, 1 << 30)
+    try:
+        writers = [
+            Committer(first, load_codec(first), max_bytes=1 << 30),
+            Committer(second, load_codec(second), max_bytes=1 << 30),
+        ]
+        for n in range(40):
+            assert writers[n % 3 % 2].commit_batch([_submission(n, 1000 + n)]) == [None]
+        rows = first.execute("SELECT seq, leaf FROM events ORDER BY seq").fetchall()
+        assert [seq for seq, _ in rows] == list(range(1, 81))
+        assert [leaf for _, leaf in rows] == list(range(80))
+        # Alone again, the first writer trusts what it knows.
+        statements = _traced(first)
+        writers[0].commit_batch([_submission(500)])
+        writers[0].commit_batch([_submission(501)])
+        assert statements[-4:] == ["BEGIN", "PRAGMA", "INSERT", "COMMIT"]
+    finally:
+        first.close()
+        second.close()
 
 
 def test_a_commit_that_completes_a_tile_writes_it_with_the_known_end(
@@ -182,6 +212,7 @@ def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
     )
     assert statements == [
         "BEGIN",
+        "PRAGMA",  # whether another connection committed
         "SELECT",  # where the events end
         "SELECT",  # where the tree ends: its tile hashes,
         "SELECT",  # its newest row
