@@ -248,39 +248,44 @@ def _classify(
     if any(not s for s in segments):
         return _unknown(method, "empty path segment")
     search = tuple(_params(query_string))
-    K = InteractionKind
 
     if not segments:
         if verb == "POST":
             bundle_type = _bundle_type(parsed)
             if bundle_type == "batch":
-                return Interaction(kind=K.BATCH, method=method)
+                return Interaction(kind=InteractionKind.BATCH, method=method)
             if bundle_type == "transaction":
-                return Interaction(kind=K.TRANSACTION, method=method)
+                return Interaction(kind=InteractionKind.TRANSACTION, method=method)
             return _unknown(method, "POST to the base is not a batch or transaction Bundle")
         if verb == "GET":
-            return Interaction(kind=K.SEARCH_SYSTEM, method=method, search=search)
+            return Interaction(kind=InteractionKind.SEARCH_SYSTEM, method=method, search=search)
         if verb == "DELETE" and search:
-            return Interaction(kind=K.DELETE, method=method, conditional=True, search=search)
+            return Interaction(
+                kind=InteractionKind.DELETE, method=method, conditional=True, search=search
+            )
         return _unknown(method, f"{method} on the base is not a FHIR interaction")
 
     head = segments[0]
     if len(segments) == 1 and head == "metadata":
         if verb == "GET":
-            return Interaction(kind=K.CAPABILITIES, method=method)
+            return Interaction(kind=InteractionKind.CAPABILITIES, method=method)
         return _unknown(method, f"{method} on metadata")
     if len(segments) == 1 and head == "_history":
         if verb == "GET":
-            return Interaction(kind=K.HISTORY_SYSTEM, method=method, search=search)
+            return Interaction(kind=InteractionKind.HISTORY_SYSTEM, method=method, search=search)
         return _unknown(method, f"{method} on _history")
     if len(segments) == 1 and head == "_search":
         if verb == "POST":
             form = tuple(_form_params(headers, body))
-            return Interaction(kind=K.SEARCH_SYSTEM, method=method, search=search + form)
+            return Interaction(
+                kind=InteractionKind.SEARCH_SYSTEM, method=method, search=search + form
+            )
         return _unknown(method, f"{method} on _search")
     if head.startswith("$"):
         if len(segments) == 1 and len(head) > 1:
-            return Interaction(kind=K.OPERATION, method=method, operation=head[1:], search=search)
+            return Interaction(
+                kind=InteractionKind.OPERATION, method=method, operation=head[1:], search=search
+            )
         return _unknown(method, "malformed system operation path")
     if head not in RESOURCE_TYPES:
         return _unknown(method, f"unknown resource type {head[:64]!r}")
@@ -289,19 +294,23 @@ def _classify(
     if len(segments) == 1:
         if verb == "GET":
             return Interaction(
-                kind=K.SEARCH_TYPE, method=method, resource_type=rtype, search=search
+                kind=InteractionKind.SEARCH_TYPE, method=method, resource_type=rtype, search=search
             )
         if verb == "POST":
             if_none = headers.get("if-none-exist")
             cond = tuple(_params(if_none)) if if_none else ()
             return Interaction(
-                kind=K.CREATE,
+                kind=InteractionKind.CREATE,
                 method=method,
                 resource_type=rtype,
                 conditional=bool(if_none),
                 search=cond,
             )
-        kind = {"PUT": K.UPDATE, "PATCH": K.PATCH, "DELETE": K.DELETE}[verb]
+        kind = {
+            "PUT": InteractionKind.UPDATE,
+            "PATCH": InteractionKind.PATCH,
+            "DELETE": InteractionKind.DELETE,
+        }[verb]
         return Interaction(
             kind=kind, method=method, resource_type=rtype, conditional=True, search=search
         )
@@ -312,18 +321,24 @@ def _classify(
             if verb in ("GET", "POST"):
                 form = tuple(_form_params(headers, body)) if verb == "POST" else ()
                 return Interaction(
-                    kind=K.SEARCH_TYPE, method=method, resource_type=rtype, search=search + form
+                    kind=InteractionKind.SEARCH_TYPE,
+                    method=method,
+                    resource_type=rtype,
+                    search=search + form,
                 )
             return _unknown(method, f"{method} on {rtype}/_search")
         if second == "_history":
             if verb == "GET":
                 return Interaction(
-                    kind=K.HISTORY_TYPE, method=method, resource_type=rtype, search=search
+                    kind=InteractionKind.HISTORY_TYPE,
+                    method=method,
+                    resource_type=rtype,
+                    search=search,
                 )
             return _unknown(method, f"{method} on {rtype}/_history")
         if second.startswith("$") and len(second) > 1:
             return Interaction(
-                kind=K.OPERATION,
+                kind=InteractionKind.OPERATION,
                 method=method,
                 resource_type=rtype,
                 operation=second[1:],
@@ -331,7 +346,12 @@ def _classify(
             )
         if not _ID.fullmatch(second):
             return _unknown(method, f"malformed resource id in {rtype}/{second[:64]}")
-        by_verb = {"GET": K.READ, "PUT": K.UPDATE, "PATCH": K.PATCH, "DELETE": K.DELETE}
+        by_verb = {
+            "GET": InteractionKind.READ,
+            "PUT": InteractionKind.UPDATE,
+            "PATCH": InteractionKind.PATCH,
+            "DELETE": InteractionKind.DELETE,
+        }
         if verb not in by_verb:
             return _unknown(method, f"{method} on a resource instance")
         return Interaction(
@@ -345,7 +365,7 @@ def _classify(
         if third == "_history":
             if verb == "GET":
                 return Interaction(
-                    kind=K.HISTORY_INSTANCE,
+                    kind=InteractionKind.HISTORY_INSTANCE,
                     method=method,
                     resource_type=rtype,
                     resource_id=second,
@@ -354,7 +374,7 @@ def _classify(
             return _unknown(method, f"{method} on instance history")
         if third.startswith("$") and len(third) > 1:
             return Interaction(
-                kind=K.OPERATION,
+                kind=InteractionKind.OPERATION,
                 method=method,
                 resource_type=rtype,
                 resource_id=second,
@@ -363,7 +383,7 @@ def _classify(
             )
         if (third in RESOURCE_TYPES or third == "*") and verb == "GET":
             return Interaction(
-                kind=K.SEARCH_COMPARTMENT,
+                kind=InteractionKind.SEARCH_COMPARTMENT,
                 method=method,
                 resource_type=None if third == "*" else third,
                 compartment=(rtype, second),
@@ -375,7 +395,7 @@ def _classify(
         fourth = segments[3]
         if third == "_history" and verb == "GET" and _ID.fullmatch(fourth):
             return Interaction(
-                kind=K.VREAD,
+                kind=InteractionKind.VREAD,
                 method=method,
                 resource_type=rtype,
                 resource_id=second,
@@ -384,7 +404,7 @@ def _classify(
         if third in RESOURCE_TYPES and fourth == "_search" and verb in ("GET", "POST"):
             form = tuple(_form_params(headers, body)) if verb == "POST" else ()
             return Interaction(
-                kind=K.SEARCH_COMPARTMENT,
+                kind=InteractionKind.SEARCH_COMPARTMENT,
                 method=method,
                 resource_type=third,
                 compartment=(rtype, second),

@@ -42,7 +42,6 @@ from proxy.store.marks import ADMIN_ACCESS_TAG
 from proxy.store.records import FanOut
 from tests.factories import NOW, context, exchange, patients_of, unsigned_jwt
 
-K = InteractionKind
 CLAIMS = {
     "sub": "u1",
     "name": "Ann",
@@ -132,46 +131,61 @@ class Case:
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 CASES = [
-    Case(K.READ, "GET", "Patient/p1", response=PATIENT),
-    Case(K.VREAD, "GET", "Observation/o1/_history/2", response=OBS),
+    Case(InteractionKind.READ, "GET", "Patient/p1", response=PATIENT),
+    Case(InteractionKind.VREAD, "GET", "Observation/o1/_history/2", response=OBS),
     Case(
-        K.CREATE,
+        InteractionKind.CREATE,
         "POST",
         "Observation",
         body=OBS,
         response=OBS,
         response_headers={"Location": "http://server.example.com/fhir/Observation/o1/_history/1"},
     ),
-    Case(K.UPDATE, "PUT", "Observation/o1", body=OBS, response=OBS),
+    Case(InteractionKind.UPDATE, "PUT", "Observation/o1", body=OBS, response=OBS),
     Case(
-        K.PATCH,
+        InteractionKind.PATCH,
         "PATCH",
         "Patient/p1",
         headers={"Content-Type": "application/json-patch+json"},
         body=b'[{"op":"replace","path":"/active","value":false}]',
         response=PATIENT,
     ),
-    Case(K.DELETE, "DELETE", "Observation/o1"),
-    Case(K.SEARCH_TYPE, "GET", "Observation", query="code=8867-4", response=_searchset(7)),
-    Case(K.SEARCH_SYSTEM, "GET", "", query="_type=Patient", response=_searchset(2)),
-    Case(K.SEARCH_COMPARTMENT, "GET", "Patient/p1/Observation", response=_searchset(1)),
-    Case(K.HISTORY_INSTANCE, "GET", "Patient/p1/_history", response=_searchset(0)),
-    Case(K.HISTORY_TYPE, "GET", "Patient/_history", response=_searchset(0)),
-    Case(K.HISTORY_SYSTEM, "GET", "_history", response=_searchset(0)),
-    Case(K.CAPABILITIES, "GET", "metadata", response={"resourceType": "CapabilityStatement"}),
-    Case(K.OPERATION, "GET", "Patient/p1/$everything", response=_searchset(1)),
-    Case(K.BATCH, "POST", "", body=_bundle("batch"), response=_bundle_response("batch")),
+    Case(InteractionKind.DELETE, "DELETE", "Observation/o1"),
     Case(
-        K.TRANSACTION,
+        InteractionKind.SEARCH_TYPE,
+        "GET",
+        "Observation",
+        query="code=8867-4",
+        response=_searchset(7),
+    ),
+    Case(InteractionKind.SEARCH_SYSTEM, "GET", "", query="_type=Patient", response=_searchset(2)),
+    Case(
+        InteractionKind.SEARCH_COMPARTMENT, "GET", "Patient/p1/Observation", response=_searchset(1)
+    ),
+    Case(InteractionKind.HISTORY_INSTANCE, "GET", "Patient/p1/_history", response=_searchset(0)),
+    Case(InteractionKind.HISTORY_TYPE, "GET", "Patient/_history", response=_searchset(0)),
+    Case(InteractionKind.HISTORY_SYSTEM, "GET", "_history", response=_searchset(0)),
+    Case(
+        InteractionKind.CAPABILITIES,
+        "GET",
+        "metadata",
+        response={"resourceType": "CapabilityStatement"},
+    ),
+    Case(InteractionKind.OPERATION, "GET", "Patient/p1/$everything", response=_searchset(1)),
+    Case(
+        InteractionKind.BATCH, "POST", "", body=_bundle("batch"), response=_bundle_response("batch")
+    ),
+    Case(
+        InteractionKind.TRANSACTION,
         "POST",
         "",
         body=_bundle("transaction"),
         response=_bundle_response("transaction"),
     ),
-    Case(K.UNKNOWN, "GET", "Patient//p1"),
+    Case(InteractionKind.UNKNOWN, "GET", "Patient//p1"),
     # A search posted as a form: its body is part of the recorded query.
     Case(
-        K.SEARCH_TYPE,
+        InteractionKind.SEARCH_TYPE,
         "POST",
         "Observation/_search",
         headers=FORM,
@@ -179,7 +193,13 @@ CASES = [
         response=_searchset(1),
     ),
     # A request longer than an entity's query keeps: cut, with its digest in the description.
-    Case(K.SEARCH_TYPE, "GET", "Observation", query="code=" + "x" * 5000, response=_searchset(1)),
+    Case(
+        InteractionKind.SEARCH_TYPE,
+        "GET",
+        "Observation",
+        query="code=" + "x" * 5000,
+        response=_searchset(1),
+    ),
 ]
 FAILURES: list[dict[str, Any]] = [
     {"status": 404, "response": NOT_FOUND},
@@ -292,7 +312,16 @@ def test_events_before_now_are_recorded_at_now() -> None:
 
 
 @pytest.mark.parametrize("version", ["R4", "R5"])
-@pytest.mark.parametrize("kind", [K.CREATE, K.UPDATE, K.PATCH, K.DELETE, K.TRANSACTION])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        InteractionKind.CREATE,
+        InteractionKind.UPDATE,
+        InteractionKind.PATCH,
+        InteractionKind.DELETE,
+        InteractionKind.TRANSACTION,
+    ],
+)
 def test_rows_of_outcome_unknown_events_match_the_events(
     version: str, kind: InteractionKind
 ) -> None:
@@ -314,7 +343,10 @@ def test_rows_of_admin_access_events_match_the_events(version: str, patient: str
     built = build_access_events(
         caller=AdminCaller(identity=Identity(token_kind="jwt", user_id="auditor")),
         interaction=Interaction(
-            kind=K.SEARCH_TYPE, method="GET", resource_type="AuditEvent", search=search
+            kind=InteractionKind.SEARCH_TYPE,
+            method="GET",
+            resource_type="AuditEvent",
+            search=search,
         ),
         method="GET",
         path="AuditEvent",

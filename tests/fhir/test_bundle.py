@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.fhir.bundle import bundle_entries
-from proxy.fhir.interaction import InteractionKind as K
-from proxy.fhir.interaction import classify
+from proxy.fhir.interaction import InteractionKind, classify
 
 OUTCOME = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "x"}]}
 REQUEST: dict[str, Any] = {
@@ -48,27 +47,33 @@ def test_each_entry_is_classified_from_its_request_and_matched_to_its_response()
     leaves the rest unanswered rather than failing."""
     create, read, update, no_url, unanswered = bundle_entries(REQUEST, RESPONSE)
 
-    assert (create.interaction.kind, create.interaction.conditional) == (K.CREATE, True)
+    assert (create.interaction.kind, create.interaction.conditional) == (
+        InteractionKind.CREATE,
+        True,
+    )
     assert create.interaction.search == (("identifier", "x|1"),)
     assert (create.status, create.location) == (201, "Patient/p1/_history/1")
     assert create.patients == ("Patient/p1",)
 
-    assert (read.interaction.kind, read.interaction.method) == (K.READ, "GET")
+    assert (read.interaction.kind, read.interaction.method) == (InteractionKind.READ, "GET")
     assert read.status == 200 and read.location is None
     assert read.response_resource == {"resourceType": "Patient", "id": "1"}
     assert read.patients == ("Patient/1",)
 
-    assert (update.interaction.kind, update.interaction.method) == (K.UPDATE, "PUT")
+    assert (update.interaction.kind, update.interaction.method) == (InteractionKind.UPDATE, "PUT")
     assert update.status == 404 and update.outcome == OUTCOME
     assert update.request_resource == {"resourceType": "Patient", "id": "2"}
 
-    assert no_url.interaction.kind is K.UNKNOWN
+    assert no_url.interaction.kind is InteractionKind.UNKNOWN
     assert (no_url.interaction.method, no_url.interaction.detail) == (
         "POST",
         "entry without request.url",
     )
 
-    assert unanswered.interaction.kind is K.CREATE and not unanswered.interaction.conditional
+    assert (
+        unanswered.interaction.kind is InteractionKind.CREATE
+        and not unanswered.interaction.conditional
+    )
     assert (unanswered.status, unanswered.location, unanswered.outcome) == (None, None, None)
     assert unanswered.response_resource is None and unanswered.patients == ()
 
@@ -89,5 +94,5 @@ def test_entry_status_is_the_leading_number(status: Any, expected: int | None) -
 )
 def test_a_post_to_the_base_that_is_no_bundle_is_unknown(body: bytes | None) -> None:
     got = classify("POST", "", "", {"content-type": "application/fhir+json"}, body)
-    assert got.kind is K.UNKNOWN
+    assert got.kind is InteractionKind.UNKNOWN
     assert got.detail == "POST to the base is not a batch or transaction Bundle"
