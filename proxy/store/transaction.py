@@ -22,9 +22,9 @@ keeps too, and then is one more entry in :data:`STEPS`:
   It neither commits nor rolls back: an ``sqlite3.Error`` fails the batch, which the
   committer then retries one submission at a time, so that the submission at fault fails
   alone.
-- A step with nothing to do for a batch plans nothing and writes nothing. A batch whose
-  steps plan one statement in all runs it without BEGIN and COMMIT (the statement is its
-  own transaction): a group commit of plain events is one INSERT.
+- A step with nothing to do for a batch plans nothing and writes nothing. A batch without
+  events whose steps plan one statement in all runs it without BEGIN and COMMIT (the
+  statement is its own transaction): a group commit of intents alone is one INSERT.
 
 Where the events and the log end (the next seq, the next leaf) the committer keeps
 between commits (:class:`Ends`), and reads again only when another connection committed
@@ -202,17 +202,10 @@ class AppendLeaves:
 
     def __init__(self, tx: Transaction) -> None:
         self._rows = [b"".join(event_leaves(new.fan, new.row)) for new in tx.rows]
-        if not self._rows:
-            return
-        added = sum(len(h) for h in self._rows) // 32
-        first = tx.ends.leaf
-        if first is None:
-            statements = 2 + 1  # where the tree ends; a tile, perhaps
-        elif (first + added) // TILE_WIDTH > first // TILE_WIDTH:
-            statements = 2  # the tile's hashes replaced, its hash one level up
-        else:
-            statements = 0
-        tx.plan(statements=statements, incoming=HASH_BYTES * added)
+        if self._rows:
+            # Where the tree ends when not known, a completed tile's hashes when one is.
+            added = sum(len(h) for h in self._rows) // 32
+            tx.plan(statements=int(tx.ends.leaf is None), incoming=HASH_BYTES * added)
 
     def write(self, tx: Transaction) -> None:
         if not self._rows:
