@@ -648,7 +648,7 @@ def _statement(
     # The proxy records an exchange when it finishes: one instant written, not two.
     recorded = period["end"] if now is ex.finished_at else _instant(now)
     moment: dict[str, Any] = {"period": period, "recorded": recorded, "outcome": code}
-    if outcome_desc:
+    if outcome_desc and not outcome_desc.isspace():
         moment["outcomeDesc"] = outcome_desc[:2000]
     if pattern.entity == "data" and interaction.kind is not InteractionKind.UNKNOWN:
         main = _data_entity(ex, audited)

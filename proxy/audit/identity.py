@@ -78,14 +78,19 @@ def _strings(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(v for v in value.replace(",", " ").split() if v)
     if isinstance(value, list | tuple):
-        return tuple(str(v) for v in value if isinstance(v, str | int))
+        return tuple(str(v) for v in value if isinstance(v, str | int) and _said(str(v)))
     return (str(value),)
+
+
+def _said(text: str) -> bool:
+    """Whether ``text`` says something: FHIR strings hold more than whitespace."""
+    return bool(text) and not text.isspace()
 
 
 def _first(claims: Mapping[str, Any], names: tuple[str, ...]) -> str | None:
     for name in names:
         value = claims.get(name)
-        if isinstance(value, str | int) and str(value):
+        if isinstance(value, str | int) and _said(str(value)):
             return str(value)
     return None
 
@@ -284,7 +289,8 @@ def _identity(
             user = base64.b64decode(credential, validate=True).decode("utf-8").split(":", 1)[0]
         except (binascii.Error, UnicodeDecodeError):
             user = None
-        return Identity(token_kind="basic", user_id=user or None, user_name=user or None), None
+        named = user if user is not None and _said(user) else None
+        return Identity(token_kind="basic", user_id=named, user_name=named), None
     if scheme.lower() != "bearer":
         return Identity(token_kind="other"), None
     import jwt

@@ -254,6 +254,19 @@ def test_basic_credentials_give_the_user_name_only() -> None:
     assert broken.token_kind == "basic" and broken.user_id is None
 
 
+def test_claims_of_whitespace_alone_name_nobody() -> None:
+    # FHIR strings hold more than whitespace: an event naming a user " " (or a line
+    # separator) would break its profile. Such claims are taken as absent.
+    blank = {"sub": "\u2028", "name": " ", "client_id": "\t", "roles": [" ", "nurse"]}
+    token = unsigned_jwt({**blank, "preferred_username": "ann"})
+    identity = identity_from_headers({"authorization": f"Bearer {token}"}, IdentitySettings())
+    assert identity.user_id is None and identity.client_id is None
+    assert identity.user_name == "ann" and identity.roles == ("nurse",)
+    header = "Basic " + base64.b64encode(b" :pw").decode()
+    basic = identity_from_headers({"authorization": header}, IdentitySettings())
+    assert basic.token_kind == "basic" and basic.user_id is None
+
+
 @pytest.mark.parametrize("header", ["", "Bearer", "Bearer   ", "Digest x=1"])
 def test_no_usable_credential_gives_no_user_agent(header: str) -> None:
     headers = {"Authorization": header} if header else {}
