@@ -30,8 +30,10 @@ import orjson
 from proxy.audit.encoding import (
     PATIENT_ENTITY_PREFIX,
     DictEncoding,
+    EntryParts,
     EventEncoding,
     PartsEncoding,
+    shared_members,
 )
 from proxy.audit.identity import Identity
 from proxy.audit.ids import new_event_id
@@ -39,6 +41,7 @@ from proxy.audit.ids import new_event_id
 # What the builder hands over is declared with the rows; its callers take it from here.
 from proxy.audit.rows import Built as Built
 from proxy.audit.rows import BuiltEvent, EventColumns, FannedEvent, agent_terms, joined, terms_tail
+from proxy.audit.rows import store_leaves as store_leaves
 from proxy.audit.rows import store_rows as store_rows
 from proxy.audit.vocabulary import (
     ACT_REASON,
@@ -698,8 +701,16 @@ def interaction_events(
     encoding: EventEncoding
     if options is _R4 or (not options.r5 and not options.tags):
         # R4 events without tags are joined from parts; R5 and tags rewrite each event.
+        shared = shared_members(
+            said.kind.subtypes, said.pattern.action, said.moment, said.agents.agents, ctx.source
+        )
         encoding = PartsEncoding(
-            said.kind.start, said.moment, said.agents.json, ctx.source_json, said.transaction
+            said.kind.start,
+            said.moment,
+            said.agents.json,
+            ctx.source_json,
+            said.transaction,
+            EntryParts.of(shared, said.transaction),
         )
     else:
         encoding = DictEncoding(
@@ -763,8 +774,9 @@ def interaction_events(
     ):
         # The R4 events of several patients (without tags) go to the store as one row:
         # what they share serialized once, their ids one UUID numbered (member_id).
+        first_id = member_id(new_event_id(), 0)
         fan = FanOut(
-            first_id=member_id(new_event_id(), 0),
+            first_id=first_id,
             patients=patients,
             head=encoding.head,
             before=PATIENT_ENTITY_PREFIX,
@@ -772,16 +784,19 @@ def interaction_events(
             terms_tail=rest,
             columns=columns.shared(),
         )
-        return [FannedEvent(fan, i) for i in range(len(patients))]
+        leaves = encoding.fan_leaves(first_id, patients, main)
+        if leaves is None:
+            return [FannedEvent(fan, i) for i in range(len(patients))]
+        return [FannedEvent(fan, i, leaves[32 * i : 32 * i + 32]) for i in range(len(patients))]
     events: list[Built] = []
     for p in patients:
         if own_terms(p):
             events.append(_event(encoding, columns, (p,), main, profile))
         else:
             event_id = new_event_id()
-            body = encoding.body(event_id, (p,), main, profile)
+            body, leaf = encoding.event(event_id, (p,), main, profile)
             terms = f"[{orjson.dumps(f'e:{p}').decode()}{rest}"
-            events.append(BuiltEvent(columns.row(event_id, (p,), body, terms)))
+            events.append(BuiltEvent(columns.row(event_id, (p,), body, terms), leaf))
     return events
 
 
@@ -794,9 +809,9 @@ def _event(
 ) -> BuiltEvent:
     """One event naming ``patients``, written by ``encoding``, with its row."""
     event_id = new_event_id()
-    body = encoding.body(event_id, patients, main, profile)
+    body, leaf = encoding.event(event_id, patients, main, profile)
     terms = columns.terms(patients, columns.main_terms(main))
-    return BuiltEvent(columns.row(event_id, patients, body, terms))
+    return BuiltEvent(columns.row(event_id, patients, body, terms), leaf)
 
 
 def _audited(ex: Exchange) -> AuditedInteraction:

@@ -11,18 +11,31 @@ its patients, its main entity and the profile it claims.
   dict, converted or tagged, then serialized.
 
 Neither changes what it is given: the fragments are shared between events.
+
+Each also gives each event's leaf hash in the shard's Merkle log (:mod:`proxy.log`), so
+that the store's writer, one process for the whole proxy, need not parse each event again
+to make its entry (the RFC 8785 JSON of the event without ``meta``,
+:func:`proxy.log.entry.entry_of`). :class:`EntryParts` joins the entries of R4 events from
+parts as their JSON is joined; an R5 or tagged event's entry is its dict serialized with
+sorted keys. Either holds only where orjson's sorted output is the RFC 8785 form
+(:func:`~proxy.log.entry.sorted_json_is_canonical`: no number in it, and every key ASCII,
+as every key the builder writes is an element name); elsewhere the leaf is None and the
+writer makes it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
 from proxy.audit.r5 import to_r5
 from proxy.audit.vocabulary import PERSON, PROFILE_BASE, ROLE_PATIENT, TYPE_REST
+from proxy.log.entry import sorted_json_is_canonical
+from proxy.store.records import member_id
 
 
 def patient_entity(reference: str) -> dict[str, Any]:
@@ -53,26 +66,132 @@ _PATIENT_ENTITY_SUFFIX = _AFTER_REFERENCE + b","
 """What comes after a patient's reference (as JSON), up to the next entity."""
 
 
+_SORTED = orjson.OPT_SORT_KEYS
+_LEAF_PREFIX = b"\x00"
+"""RFC 6962: a leaf hash is SHA-256 of this byte and the entry (proxy.log.tree)."""
+_SORTED_BEFORE_REFERENCE, _SORTED_AFTER_REFERENCE = orjson.dumps(
+    patient_entity("%s"), option=_SORTED
+).split(b'"%s"')
+
+
+class Encoded(NamedTuple):
+    """One event as an encoding writes it."""
+
+    body: bytes
+    """Its JSON."""
+    leaf: bytes | None
+    """Its leaf hash in the log, or None when the writer is to make it."""
+
+
+def _members(fields: Mapping[str, Any]) -> bytes:
+    """``fields`` as the members of a JSON object, keys sorted, without the braces."""
+    return orjson.dumps(fields, option=_SORTED)[1:-1]
+
+
+class EntryParts:
+    """What the log entries of one interaction's events share, in RFC 8785 form: the
+    members before ``entity`` (``action``, ``agent``), those between ``entity`` and
+    ``id`` (none today) and those after ``id`` (``outcome`` … ``type``; never ``meta``),
+    and the entities after the patients', serialized once per main entity. An entry is
+    joined from them as an R4 event's JSON is joined from its parts, and hashed from the
+    hash of what comes before its entities, made once."""
+
+    __slots__ = ("_after", "_before", "_between", "_main", "_main_tail", "_transaction")
+
+    def __init__(
+        self,
+        before: Any,
+        between: bytes,
+        after: bytes,
+        transaction: Mapping[str, Any],
+    ) -> None:
+        self._before = before
+        """SHA-256 fed the leaf prefix and the entry up to its entities' ``[``."""
+        self._between = between
+        """From the end of the entities to the id's value."""
+        self._after = after
+        """From the end of the id's value to the end."""
+        self._transaction = transaction
+        self._main: Mapping[str, Any] | None = None
+        self._main_tail: bytes | None = None
+
+    @classmethod
+    def of(cls, shared: Mapping[str, Any], transaction: Mapping[str, Any]) -> EntryParts | None:
+        """The parts of events whose members other than ``id``, ``entity`` and ``meta``
+        are ``shared``; None when orjson's sorted output is not their RFC 8785 form."""
+        before = _members({k: v for k, v in shared.items() if k < "entity"})
+        between = _members({k: v for k, v in shared.items() if "entity" < k < "id"})
+        after = _members({k: v for k, v in shared.items() if k > "id"})
+        if not sorted_json_is_canonical(before + between + after):
+            return None
+        return cls(
+            hashlib.sha256(
+                _LEAF_PREFIX + (b"{" + before + b"," if before else b"{") + b'"entity":['
+            ),
+            (b"," + between if between else b"") + b',"id":',
+            (b"," + after if after else b"") + b"}",
+            transaction,
+        )
+
+    def _tail(self, main: Mapping[str, Any]) -> bytes | None:
+        """The entities after the patients' (``main`` then the X-Request-Id's) and the
+        list's end, in RFC 8785 form, or None."""
+        if main is not self._main:
+            tail = orjson.dumps([main, self._transaction], option=_SORTED)[1:]
+            self._main = main
+            self._main_tail = tail if sorted_json_is_canonical(tail) else None
+        return self._main_tail
+
+    def _leaf(self, tail: bytes, event_id: str, patients: tuple[str, ...]) -> bytes:
+        parts: list[bytes] = []
+        for p in patients:
+            parts += (_SORTED_BEFORE_REFERENCE, orjson.dumps(p), _SORTED_AFTER_REFERENCE, b",")
+        parts += (tail, self._between, orjson.dumps(event_id), self._after)
+        h = self._before.copy()
+        h.update(b"".join(parts))
+        digest: bytes = h.digest()
+        return digest
+
+    def leaf(
+        self, event_id: str, patients: tuple[str, ...], main: Mapping[str, Any]
+    ) -> bytes | None:
+        """The leaf hash of the event ``event_id`` naming ``patients``, or None."""
+        tail = self._tail(main)
+        return None if tail is None else self._leaf(tail, event_id, patients)
+
+    def fan_leaves(
+        self, first_id: str, patients: tuple[str, ...], main: Mapping[str, Any]
+    ) -> bytes | None:
+        """The leaf hashes of a fan-out's events (one patient each, their ids numbered
+        from ``first_id``), one after the other, or None."""
+        tail = self._tail(main)
+        if tail is None:
+            return None
+        return b"".join(
+            self._leaf(tail, member_id(first_id, i), (p,)) for i, p in enumerate(patients)
+        )
+
+
 class EventEncoding(Protocol):
     """Writes the events of one audited interaction."""
 
-    def body(
+    def event(
         self,
         event_id: str,
         patients: tuple[str, ...],
         main: Mapping[str, Any],
         profile: str | None,
-    ) -> bytes:
-        """The JSON of the event ``event_id``: its entities are those naming
-        ``patients``, then ``main``, then the X-Request-Id's; ``profile`` is the BALP
-        profile it claims, if any."""
+    ) -> Encoded:
+        """The event ``event_id``: its entities are those naming ``patients``, then
+        ``main``, then the X-Request-Id's; ``profile`` is the BALP profile it claims, if
+        any."""
         ...
 
 
 class PartsEncoding:
     """R4 events without tags, joined from parts serialized once (see the module)."""
 
-    __slots__ = ("_transaction", "head")
+    __slots__ = ("_entries", "_transaction", "head")
 
     def __init__(
         self,
@@ -81,10 +200,12 @@ class PartsEncoding:
         agents_json: bytes,
         source_json: bytes,
         transaction: Mapping[str, Any],
+        entries: EntryParts | None,
     ) -> None:
         """``start``: an event's JSON up to its ``period``; ``moment``: its ``period``,
         ``recorded``, ``outcome`` and ``outcomeDesc``; then its agents and source as
-        JSON, and the X-Request-Id entity."""
+        JSON, the X-Request-Id entity, and the parts of the events' log entries (None:
+        the writer makes their leaves)."""
         self.head = b"".join(
             (
                 start,
@@ -98,24 +219,34 @@ class PartsEncoding:
         )
         """Every event's JSON up to its id."""
         self._transaction = transaction
+        self._entries = entries
 
-    def body(
+    def event(
         self,
         event_id: str,
         patients: tuple[str, ...],
         main: Mapping[str, Any],
         profile: str | None,
-    ) -> bytes:
+    ) -> Encoded:
         parts = [self.head, event_id.encode(), b'","entity":[']
         for p in patients:
             parts += (_BEFORE_REFERENCE, orjson.dumps(p), _PATIENT_ENTITY_SUFFIX)
         parts.append(orjson.dumps([main, self._transaction])[1:])
         parts.append(_end(profile))
-        return b"".join(parts)
+        entries = self._entries
+        leaf = None if entries is None else entries.leaf(event_id, patients, main)
+        return Encoded(b"".join(parts), leaf)
 
     def fan_tail(self, main: Mapping[str, Any], profile: str | None) -> bytes:
         """What follows a fanned event's patient reference: the rest of its JSON."""
         return _PATIENT_ENTITY_SUFFIX + orjson.dumps([main, self._transaction])[1:] + _end(profile)
+
+    def fan_leaves(
+        self, first_id: str, patients: tuple[str, ...], main: Mapping[str, Any]
+    ) -> bytes | None:
+        """The leaf hashes of a fan-out's events, one after the other, or None."""
+        entries = self._entries
+        return None if entries is None else entries.fan_leaves(first_id, patients, main)
 
 
 class DictEncoding:
@@ -135,25 +266,18 @@ class DictEncoding:
         r5: bool,
         tags: tuple[dict[str, str], ...],
     ) -> None:
-        base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
-        if subtypes:
-            base["subtype"] = subtypes
-        base["action"] = action
-        base.update(moment)
-        base["agent"] = agents
-        base["source"] = source
-        self._base = base
+        self._base = shared_members(subtypes, action, moment, agents, source)
         self._transaction = transaction
         self._r5 = r5
         self._tags = tags
 
-    def body(
+    def event(
         self,
         event_id: str,
         patients: tuple[str, ...],
         main: Mapping[str, Any],
         profile: str | None,
-    ) -> bytes:
+    ) -> Encoded:
         event = dict(self._base)
         event["id"] = event_id
         entities: list[Mapping[str, Any]] = [patient_entity(p) for p in patients]
@@ -167,4 +291,29 @@ class DictEncoding:
         if self._tags:
             meta = event.get("meta") or {}
             event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *self._tags]}
-        return orjson.dumps(event)
+        entry = orjson.dumps({k: v for k, v in event.items() if k != "meta"}, option=_SORTED)
+        leaf = (
+            hashlib.sha256(_LEAF_PREFIX + entry).digest()
+            if sorted_json_is_canonical(entry)
+            else None
+        )
+        return Encoded(orjson.dumps(event), leaf)
+
+
+def shared_members(
+    subtypes: list[dict[str, str]],
+    action: str,
+    moment: Mapping[str, Any],
+    agents: list[dict[str, Any]],
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The members of an R4 event other than ``id``, ``entity`` and ``meta``, in their
+    order in its JSON."""
+    base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
+    if subtypes:
+        base["subtype"] = subtypes
+    base["action"] = action
+    base.update(moment)
+    base["agent"] = agents
+    base["source"] = source
+    return base

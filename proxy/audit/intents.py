@@ -20,7 +20,7 @@ from proxy.audit.balp import (
     merged_patients,
 )
 from proxy.audit.identity import Identity
-from proxy.audit.rows import Built, store_rows
+from proxy.audit.rows import Built, store_leaves, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
@@ -163,7 +163,9 @@ async def recover_intents(
             built = build_unknown_outcome_events(intent.summary, ctx, now)
         else:
             built = build_unknown_outcome_events(intent.summary, ctx, now, why)
-        await queue.append_rows(store_rows(built), complete_intent=intent.id)
+        await queue.append_rows(
+            store_rows(built), complete_intent=intent.id, leaf_hashes=store_leaves(built)
+        )
         reasons.pop(intent.id, None)
         recovered += 1
     if recovered:
@@ -216,4 +218,3 @@ class OpenIntents:
             reasons=self._abandoned,
             left_at_start=left_at_start,
         )
-

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, ClassVar, Protocol
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, Built, build_events, store_rows
+from proxy.audit.balp import AuditContext, Built, build_events, store_leaves, store_rows
 from proxy.audit.identity import IdentityCache, JwksCache, load_token_key
 from proxy.audit.intents import (
     STORE_ERROR_OUTCOME_DESC,
@@ -436,7 +436,10 @@ class AuditPipeline:
         started_ns = time.time_ns()
         try:
             await self._queue.append_rows(
-                store_rows(built), complete_intent=ex.intent_id, capture=capture
+                store_rows(built),
+                complete_intent=ex.intent_id,
+                capture=capture,
+                leaf_hashes=store_leaves(built),
             )
         except StoreError as exc:
             if ex.intent_id is not None:

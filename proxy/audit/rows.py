@@ -5,7 +5,7 @@ builder hands them over (:data:`Built`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -227,6 +227,9 @@ class BuiltEvent(NamedTuple):
     row: EventRow
     """The columns the store indexes, made from what the builder knows, and the event as
     JSON: equal to what :func:`proxy.store.index.event_row` reads back out of it."""
+    leaf: bytes | None = None
+    """Its leaf hash in the shard's Merkle log, as the encoding made it
+    (:mod:`proxy.audit.encoding`), or None: the store's writer makes it."""
 
     @property
     def event(self) -> dict[str, Any]:
@@ -246,6 +249,8 @@ class FannedEvent(NamedTuple):
 
     fan: FanOut
     position: int
+    leaf: bytes | None = None
+    """Its leaf hash, or None (as :attr:`BuiltEvent.leaf`)."""
 
     @property
     def row(self) -> EventRow:
@@ -264,6 +269,17 @@ class FannedEvent(NamedTuple):
 
 Built = BuiltEvent | FannedEvent
 """An event as the builder hands it over."""
+
+
+def store_leaves(built: Sequence[Built]) -> bytes | None:
+    """The leaf hashes of ``built``, one after the other, as the store is given them
+    beside :func:`store_rows`; None when the encoding left one to the writer."""
+    leaves: list[bytes] = []
+    for item in built:
+        if item.leaf is None:
+            return None
+        leaves.append(item.leaf)
+    return b"".join(leaves)
 
 
 def store_rows(built: Iterable[Built]) -> list[EventRow | FanOut]:

@@ -43,10 +43,15 @@ class ShardWriter(ShardPart, EventWriter):
         *,
         complete_intent: int | None = None,
         capture: Capture | None = None,
+        leaf_hashes: bytes | None = None,
     ) -> None:
         await self._submit(
             Submission(
-                rows=list(rows), complete_intent=complete_intent, intent=None, capture=capture
+                rows=list(rows),
+                complete_intent=complete_intent,
+                intent=None,
+                capture=capture,
+                leaf_hashes=leaf_hashes,
             )
         )
 

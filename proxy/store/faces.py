@@ -82,9 +82,13 @@ class EventWriter(Protocol):
         *,
         complete_intent: int | None = None,
         capture: Capture | None = None,
+        leaf_hashes: bytes | None = None,
     ) -> None:
         """Commit the events whose rows the builder made, the completion of
-        ``complete_intent`` and the exchange's captured bodies, in one commit."""
+        ``complete_intent`` and the exchange's captured bodies, in one commit.
+        ``leaf_hashes``: the events' leaf hashes in the log, one after the other, when
+        the builder made them (:func:`proxy.audit.rows.store_leaves`); else the writer
+        makes them."""
 
     async def record_intent(self, summary: dict[str, Any]) -> int:
         """Commit an intent (before a write is forwarded); returns its id, which the

@@ -191,8 +191,10 @@ class AssignSeqs:
 
 class AppendLeaves:
     """The Merkle log's leaves of the new events (:mod:`proxy.log`), in the commit that
-    stores them: no event is acknowledged without its leaf. Prepare makes each event's
-    entry and leaf hash (a fan-out's events one by one, in queue order); write takes
+    stores them: no event is acknowledged without its leaf. Prepare takes each event's
+    leaf hash as the builder made it (:mod:`proxy.audit.encoding`), or makes its entry and
+    leaf hash for a submission that brought none (a fan-out's events one by one, in queue
+    order; events from outside); write takes
     where the tree ends (read only when the committer does not know it), copies every
     tile the new leaves complete to the tile hashes (:mod:`proxy.store.leaves`), and
     leaves each row's first leaf and its leaf hashes on the transaction for ``insert
@@ -201,7 +203,7 @@ class AppendLeaves:
     name: ClassVar[str] = "append leaves"
 
     def __init__(self, tx: Transaction) -> None:
-        self._rows = [b"".join(event_leaves(new.fan, new.row)) for new in tx.rows]
+        self._rows = _row_leaves(tx)
         if self._rows:
             # Where the tree ends when not known, a completed tile's hashes when one is.
             added = sum(len(h) for h in self._rows) // 32
@@ -224,6 +226,25 @@ class AppendLeaves:
         if at // TILE_WIDTH > first // TILE_WIDTH:
             joined = b"".join(self._rows)
             append_leaves(tx.conn, first, [joined[i : i + 32] for i in range(0, len(joined), 32)])
+
+
+def _row_leaves(tx: Transaction) -> list[bytes]:
+    """Each new row's leaf hashes: as its submission brought them, where the builder made
+    them (:attr:`~proxy.store.wire.Submission.leaf_hashes`), else made here."""
+    out: list[bytes] = []
+    rows = iter(tx.rows)
+    for submission in tx.submissions:
+        given = submission.leaf_hashes
+        mine = [next(rows) for _ in submission.rows]
+        if given is not None and len(given) == 32 * sum(new.fan or 1 for new in mine):
+            at = 0
+            for new in mine:
+                end = at + 32 * (new.fan or 1)
+                out.append(given[at:end])
+                at = end
+        else:
+            out += (b"".join(event_leaves(new.fan, new.row)) for new in mine)
+    return out
 
 
 class InsertEvents:

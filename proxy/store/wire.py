@@ -32,6 +32,9 @@ class Submission(NamedTuple):
     """An intent to record (its summary as JSON); its id is the append's result."""
     capture: Capture | None
     """The exchange's captured bodies."""
+    leaf_hashes: bytes | None = None
+    """The leaf hashes of the events of ``rows``, one after the other (32 bytes each),
+    as the builder made them; None: the writer makes them."""
 
 
 class Ready(NamedTuple):
@@ -69,6 +72,7 @@ def encode_batch(batch: Sequence[Submission]) -> bytes:
                 s.complete_intent,
                 s.intent,
                 None if s.capture is None else tuple(s.capture),
+                s.leaf_hashes,
             )
             for s in batch
         ],
@@ -84,8 +88,9 @@ def decode_batch(data: bytes) -> list[Submission]:
             complete_intent=complete_intent,
             intent=intent,
             capture=None if capture is None else Capture._make(capture),
+            leaf_hashes=leaf_hashes,
         )
-        for rows, complete_intent, intent, capture in pickle.loads(data)
+        for rows, complete_intent, intent, capture, leaf_hashes in pickle.loads(data)
     ]
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import orjson
 import pytest
 
-from proxy.audit.balp import AuditContext, build_events, store_rows
+from proxy.audit.balp import AuditContext, build_events, store_leaves, store_rows
 from proxy.log.entry import entry_of
 from proxy.log.tree import leaf_hash, root_of
 from proxy.store.database import connect, load_codec
@@ -235,6 +235,35 @@ def test_a_fan_out_gets_its_seqs_from_the_first_free_one(conn: sqlite3.Connectio
     committer.commit_batch([fan_out, _submission(2)])
     rows = conn.execute("SELECT seq, fan, leaf FROM events ORDER BY seq").fetchall()
     assert rows == [(1, None, 0), (4, 3, 1), (5, None, 4)], "each event of a fan-out a leaf"
+
+
+def test_leaf_hashes_the_builder_made_are_stored_as_given_and_others_made_by_the_writer(
+    conn: sqlite3.Connection,
+) -> None:
+    committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    patients = ["Patient/a", "Patient/b", "Patient/c"]
+    builds = [build_events(search_exchange(patients), AuditContext.default(), NOW) for _ in "abc"]
+    made = [b"".join(leaf_hash(entry_of(b.event)) for b in built) for built in builds]
+    given = [store_leaves(built) for built in builds]
+    assert given == made, "the builder's leaf hashes are the log's definition of them"
+    # The builder's, taken as they are (the writer does not make them again: a mark in
+    # their place is what is stored); none, or the wrong number, made by the writer.
+    marked = b"\x01" * 32 + made[0][32:]
+    leaf_hashes = [marked, None, made[2][:32]]
+    committer.commit_batch(
+        [
+            Submission(
+                rows=store_rows(built),
+                complete_intent=None,
+                intent=None,
+                capture=None,
+                leaf_hashes=hashes,
+            )
+            for built, hashes in zip(builds, leaf_hashes, strict=True)
+        ]
+    )
+    stored = [h for (h,) in conn.execute("SELECT leaf_hashes FROM events ORDER BY seq")]
+    assert stored == [marked, made[1], made[2]]
 
 
 class _Leaves:
