@@ -33,7 +33,8 @@ from proxy.audit.encoding import (
     EntryParts,
     EventEncoding,
     PartsEncoding,
-    shared_members,
+    entry_end,
+    entry_head,
 )
 from proxy.audit.identity import Identity
 from proxy.audit.ids import new_event_id
@@ -237,6 +238,8 @@ class _Agents(NamedTuple):
     """``terms`` as the end of a JSON list that entity terms began: ``,"a:x"]``."""
     who: str
     """Who acted, as the row keeps it (``EventRow.who``)."""
+    entry_head: Any | None
+    """The start of their R4 events' log entries, hashed (:func:`entry_head`)."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,6 +271,7 @@ def _agents(
         orjson.dumps(agents),
         terms_tail(terms),
         who_of(agents).column(),
+        entry_head(pattern.action, agents),
     )
 
 
@@ -701,8 +705,11 @@ def interaction_events(
     encoding: EventEncoding
     if options is _R4 or (not options.r5 and not options.tags):
         # R4 events without tags are joined from parts; R5 and tags rewrite each event.
-        shared = shared_members(
-            said.kind.subtypes, said.pattern.action, said.moment, said.agents.agents, ctx.source
+        entries = EntryParts.of(
+            said.agents.entry_head,
+            said.moment,
+            entry_end(said.kind.start, ctx.source_json),
+            said.transaction,
         )
         encoding = PartsEncoding(
             said.kind.start,
@@ -710,7 +717,7 @@ def interaction_events(
             said.agents.json,
             ctx.source_json,
             said.transaction,
-            EntryParts.of(shared, said.transaction),
+            entries,
         )
     else:
         encoding = DictEncoding(

@@ -83,32 +83,52 @@ class Encoded(NamedTuple):
     """Its leaf hash in the log, or None when the writer is to make it."""
 
 
-def _members(fields: Mapping[str, Any]) -> bytes:
-    """``fields`` as the members of a JSON object, keys sorted, without the braces."""
-    return orjson.dumps(fields, option=_SORTED)[1:-1]
+def entry_head(action: str, agents: list[dict[str, Any]]) -> Any | None:
+    """SHA-256 fed an R4 event's leaf prefix and its log entry up to its entities' ``[``
+    (``{"action":…,"agent":[…],"entity":[``): the same for every event of one client's
+    requests of one kind, made once with its agents; None when orjson's sorted output of
+    the agents is not their RFC 8785 form."""
+    agents_json = orjson.dumps(agents, option=_SORTED)
+    if not sorted_json_is_canonical(agents_json):
+        return None
+    return hashlib.sha256(
+        _LEAF_PREFIX
+        + b'{"action":'
+        + orjson.dumps(action)
+        + b',"agent":'
+        + agents_json
+        + b',"entity":['
+    )
+
+
+@functools.lru_cache(maxsize=256)  # bounded: operation names come from clients
+def entry_end(start: bytes, source_json: bytes) -> bytes | None:
+    """The end of the log entries of R4 events whose JSON begins with ``start`` (up to
+    ``action`` and its value) and whose source is ``source_json``: the members that sort
+    after the moment's, ``"resourceType":…,"source":…,"subtype":…,"type":…}``; None when
+    not in RFC 8785 form."""
+    fields = orjson.loads(start[:-1] + b"}")
+    del fields["action"]
+    fields["source"] = orjson.loads(source_json)
+    text = orjson.dumps(fields, option=_SORTED)
+    return text[1:] if sorted_json_is_canonical(text) else None
 
 
 class EntryParts:
-    """What the log entries of one interaction's events share, in RFC 8785 form: the
-    members before ``entity`` (``action``, ``agent``), those between ``entity`` and
-    ``id`` (none today) and those after ``id`` (``outcome`` … ``type``; never ``meta``),
-    and the entities after the patients', serialized once per main entity. An entry is
-    joined from them as an R4 event's JSON is joined from its parts, and hashed from the
-    hash of what comes before its entities, made once."""
+    """What the log entries of one interaction's R4 events share, in RFC 8785 form (keys
+    sorted): the head (``action``, ``agent``: :func:`entry_head`, hashed once per
+    client), the entities after the patients' (the main entity's and the X-Request-Id's,
+    serialized once per main entity), and after ``id`` the moment's members
+    (``outcome``, ``outcomeDesc``, ``period``, ``recorded``) and :func:`entry_end`. An
+    entry is joined from them as the event's JSON is joined from its parts; a member
+    added to R4 events must be placed here too (the builder's tests compare every leaf
+    with :func:`proxy.log.entry.entry_of` of its event)."""
 
-    __slots__ = ("_after", "_before", "_between", "_main", "_main_tail", "_transaction")
+    __slots__ = ("_after", "_head", "_main", "_main_tail", "_transaction")
 
-    def __init__(
-        self,
-        before: Any,
-        between: bytes,
-        after: bytes,
-        transaction: Mapping[str, Any],
-    ) -> None:
-        self._before = before
-        """SHA-256 fed the leaf prefix and the entry up to its entities' ``[``."""
-        self._between = between
-        """From the end of the entities to the id's value."""
+    def __init__(self, head: Any, after: bytes, transaction: Mapping[str, Any]) -> None:
+        self._head = head
+        """:func:`entry_head`."""
         self._after = after
         """From the end of the id's value to the end."""
         self._transaction = transaction
@@ -116,22 +136,21 @@ class EntryParts:
         self._main_tail: bytes | None = None
 
     @classmethod
-    def of(cls, shared: Mapping[str, Any], transaction: Mapping[str, Any]) -> EntryParts | None:
-        """The parts of events whose members other than ``id``, ``entity`` and ``meta``
-        are ``shared``; None when orjson's sorted output is not their RFC 8785 form."""
-        before = _members({k: v for k, v in shared.items() if k < "entity"})
-        between = _members({k: v for k, v in shared.items() if "entity" < k < "id"})
-        after = _members({k: v for k, v in shared.items() if k > "id"})
-        if not sorted_json_is_canonical(before + between + after):
+    def of(
+        cls,
+        head: Any | None,
+        moment: Mapping[str, Any],
+        end: bytes | None,
+        transaction: Mapping[str, Any],
+    ) -> EntryParts | None:
+        """The parts of events with this :func:`entry_head`, moment, :func:`entry_end`
+        and X-Request-Id entity; None when one of them is not in RFC 8785 form."""
+        if head is None or end is None:
             return None
-        return cls(
-            hashlib.sha256(
-                _LEAF_PREFIX + (b"{" + before + b"," if before else b"{") + b'"entity":['
-            ),
-            (b"," + between if between else b"") + b',"id":',
-            (b"," + after if after else b"") + b"}",
-            transaction,
-        )
+        members = orjson.dumps(moment, option=_SORTED)
+        if not sorted_json_is_canonical(members):
+            return None
+        return cls(head, b"," + members[1:-1] + b"," + end, transaction)
 
     def _tail(self, main: Mapping[str, Any]) -> bytes | None:
         """The entities after the patients' (``main`` then the X-Request-Id's) and the
@@ -146,8 +165,8 @@ class EntryParts:
         parts: list[bytes] = []
         for p in patients:
             parts += (_SORTED_BEFORE_REFERENCE, orjson.dumps(p), _SORTED_AFTER_REFERENCE, b",")
-        parts += (tail, self._between, orjson.dumps(event_id), self._after)
-        h = self._before.copy()
+        parts += (tail, b',"id":', orjson.dumps(event_id), self._after)
+        h = self._head.copy()
         h.update(b"".join(parts))
         digest: bytes = h.digest()
         return digest
