@@ -23,7 +23,7 @@ from aiohttp import web
 from proxy.admin.auth import AdminCaller
 from proxy.admin.keys import AUDIT_CONTEXT, CALLER, WRITER
 from proxy.admin.links import public_base
-from proxy.audit.balp import AuditContext, Built, build_events, store_leaves, store_rows
+from proxy.audit.balp import AuditContext, Built, build_events, store_entries, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.store.marks import ADMIN_ACCESS_TAG as ADMIN_ACCESS_TAG
@@ -106,4 +106,4 @@ async def record_access(
         ctx=request.app[AUDIT_CONTEXT],
         now=datetime.now(UTC),
     )
-    await request.app[WRITER].append_rows(store_rows(built), leaf_hashes=store_leaves(built))
+    await request.app[WRITER].append_rows(store_rows(built), entries=store_entries(built))

@@ -42,7 +42,7 @@ from proxy.audit.ids import new_event_id
 # What the builder hands over is declared with the rows; its callers take it from here.
 from proxy.audit.rows import Built as Built
 from proxy.audit.rows import BuiltEvent, EventColumns, FannedEvent, agent_terms, joined, terms_tail
-from proxy.audit.rows import store_leaves as store_leaves
+from proxy.audit.rows import store_entries as store_entries
 from proxy.audit.rows import store_rows as store_rows
 from proxy.audit.vocabulary import (
     ACT_REASON,
@@ -238,8 +238,8 @@ class _Agents(NamedTuple):
     """``terms`` as the end of a JSON list that entity terms began: ``,"a:x"]``."""
     who: str
     """Who acted, as the row keeps it (``EventRow.who``)."""
-    entry_head: Any | None
-    """The start of their R4 events' log entries, hashed (:func:`entry_head`)."""
+    entry_head: bytes | None
+    """The start of their R4 events' log entries (:func:`entry_head`)."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -421,8 +421,7 @@ def _query_entity(ex: Exchange, interaction: Interaction, ctx: AuditContext) -> 
         # the request a client logged.
         digest = hashlib.sha256(raw).hexdigest()
         entity["description"] = (
-            entity.get("description", "")[:1800]
-            + f" [request cut to {limit} of {len(raw)} bytes;"
+            entity.get("description", "")[:1800] + f" [request cut to {limit} of {len(raw)} bytes;"
             f" sha256 of all {len(raw)} bytes: {digest}]"
         ).lstrip()
     return entity
@@ -791,19 +790,17 @@ def interaction_events(
             terms_tail=rest,
             columns=columns.shared(),
         )
-        leaves = encoding.fan_leaves(first_id, patients, main)
-        if leaves is None:
-            return [FannedEvent(fan, i) for i in range(len(patients))]
-        return [FannedEvent(fan, i, leaves[32 * i : 32 * i + 32]) for i in range(len(patients))]
+        entry = encoding.fan_entry(patients, main)
+        return [FannedEvent(fan, i, entry) for i in range(len(patients))]
     events: list[Built] = []
     for p in patients:
         if own_terms(p):
             events.append(_event(encoding, columns, (p,), main, profile))
         else:
             event_id = new_event_id()
-            body, leaf = encoding.event(event_id, (p,), main, profile)
+            body, entry = encoding.event(event_id, (p,), main, profile)
             terms = f"[{orjson.dumps(f'e:{p}').decode()}{rest}"
-            events.append(BuiltEvent(columns.row(event_id, (p,), body, terms), leaf))
+            events.append(BuiltEvent(columns.row(event_id, (p,), body, terms), entry))
     return events
 
 
@@ -816,9 +813,9 @@ def _event(
 ) -> BuiltEvent:
     """One event naming ``patients``, written by ``encoding``, with its row."""
     event_id = new_event_id()
-    body, leaf = encoding.event(event_id, patients, main, profile)
+    body, entry = encoding.event(event_id, patients, main, profile)
     terms = columns.terms(patients, columns.main_terms(main))
-    return BuiltEvent(columns.row(event_id, patients, body, terms), leaf)
+    return BuiltEvent(columns.row(event_id, patients, body, terms), entry)
 
 
 def _audited(ex: Exchange) -> AuditedInteraction:
@@ -866,9 +863,7 @@ def build_events(
     if exchange.interaction.kind not in (InteractionKind.BATCH, InteractionKind.TRANSACTION):
         return interaction_events(exchange, audited, ctx, now, options=options)
     # The Bundle's own event names no patients: the entries' events do, one per patient.
-    events = interaction_events(
-        exchange, audited._replace(patients=()), ctx, now, options=options
-    )
+    events = interaction_events(exchange, audited._replace(patients=()), ctx, now, options=options)
     for entry in bundle_entries(exchange.request_json(), exchange.response_json()):
         status = entry.status
         if status is None and exchange.status is not None and exchange.status >= 400:

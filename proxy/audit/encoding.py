@@ -12,21 +12,19 @@ its patients, its main entity and the profile it claims.
 
 Neither changes what it is given: the fragments are shared between events.
 
-Each also gives each event's leaf hash in the shard's Merkle log (:mod:`proxy.log`), so
-that the store's writer, one process for the whole proxy, need not parse each event again
-to make its entry (the RFC 8785 JSON of the event without ``meta``,
-:func:`proxy.log.entry.entry_of`). :class:`EntryParts` joins the entries of R4 events from
-parts as their JSON is joined; an R5 or tagged event's entry is its dict serialized with
-sorted keys. Either holds only where orjson's sorted output is the RFC 8785 form
-(:func:`~proxy.log.entry.sorted_json_is_canonical`: no number in it, and every key ASCII,
-as every key the builder writes is an element name); elsewhere the leaf is None and the
-writer makes it.
+:class:`PartsEncoding` also gives its events' entries in the shard's Merkle log (the RFC
+8785 JSON of the event without ``meta``, :func:`proxy.log.entry.entry_of`) as parts in
+that form, made once per interaction (:class:`EntryParts`), which the store's writer joins
+and hashes: it need not parse each event again, and the proxy's event loop, busiest of
+the proxy's processes, does not hash. They hold only where orjson's sorted output is the
+RFC 8785 form (:func:`~proxy.log.entry.sorted_json_is_canonical`: no number in it, and
+every key ASCII, as every key the builder writes is an element name); elsewhere, and for
+R5 or tagged events, the writer makes the entry from the event's JSON.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -34,8 +32,7 @@ import orjson
 
 from proxy.audit.r5 import to_r5
 from proxy.audit.vocabulary import PERSON, PROFILE_BASE, ROLE_PATIENT, TYPE_REST
-from proxy.log.entry import sorted_json_is_canonical
-from proxy.store.records import member_id
+from proxy.log.entry import EntryTemplate, sorted_json_is_canonical
 
 
 def patient_entity(reference: str) -> dict[str, Any]:
@@ -67,8 +64,6 @@ _PATIENT_ENTITY_SUFFIX = _AFTER_REFERENCE + b","
 
 
 _SORTED = orjson.OPT_SORT_KEYS
-_LEAF_PREFIX = b"\x00"
-"""RFC 6962: a leaf hash is SHA-256 of this byte and the entry (proxy.log.tree)."""
 _SORTED_BEFORE_REFERENCE, _SORTED_AFTER_REFERENCE = orjson.dumps(
     patient_entity("%s"), option=_SORTED
 ).split(b'"%s"')
@@ -79,26 +74,20 @@ class Encoded(NamedTuple):
 
     body: bytes
     """Its JSON."""
-    leaf: bytes | None
-    """Its leaf hash in the log, or None when the writer is to make it."""
+    entry: EntryTemplate | None
+    """How the store's writer joins its log entry, or None: the writer makes the entry
+    from the JSON."""
 
 
-def entry_head(action: str, agents: list[dict[str, Any]]) -> Any | None:
-    """SHA-256 fed an R4 event's leaf prefix and its log entry up to its entities' ``[``
-    (``{"action":…,"agent":[…],"entity":[``): the same for every event of one client's
-    requests of one kind, made once with its agents; None when orjson's sorted output of
-    the agents is not their RFC 8785 form."""
+def entry_head(action: str, agents: list[dict[str, Any]]) -> bytes | None:
+    """An R4 event's log entry up to its entities' ``[`` (``{"action":…,"agent":[…],
+    "entity":[``): the same for every event of one client's requests of one kind, made
+    once with its agents; None when orjson's sorted output of the agents is not their
+    RFC 8785 form."""
     agents_json = orjson.dumps(agents, option=_SORTED)
     if not sorted_json_is_canonical(agents_json):
         return None
-    return hashlib.sha256(
-        _LEAF_PREFIX
-        + b'{"action":'
-        + orjson.dumps(action)
-        + b',"agent":'
-        + agents_json
-        + b',"entity":['
-    )
+    return b'{"action":' + orjson.dumps(action) + b',"agent":' + agents_json + b',"entity":['
 
 
 @functools.lru_cache(maxsize=256)  # bounded: operation names come from clients
@@ -115,30 +104,29 @@ def entry_end(start: bytes, source_json: bytes) -> bytes | None:
 
 
 class EntryParts:
-    """What the log entries of one interaction's R4 events share, in RFC 8785 form (keys
-    sorted): the head (``action``, ``agent``: :func:`entry_head`, hashed once per
-    client), the entities after the patients' (the main entity's and the X-Request-Id's,
-    serialized once per main entity), and after ``id`` the moment's members
-    (``outcome``, ``outcomeDesc``, ``period``, ``recorded``) and :func:`entry_end`. An
-    entry is joined from them as the event's JSON is joined from its parts; a member
-    added to R4 events must be placed here too (the builder's tests compare every leaf
-    with :func:`proxy.log.entry.entry_of` of its event)."""
+    """The parts of the log entries of one interaction's R4 events
+    (:class:`~proxy.log.entry.EntryTemplate`), in RFC 8785 form (keys sorted): the head
+    (``action``, ``agent``: :func:`entry_head`, made once per client), the entities
+    after the patients' (the main entity's and the X-Request-Id's, serialized once per
+    main entity), and after ``id`` the moment's members (``outcome``, ``outcomeDesc``,
+    ``period``, ``recorded``) and :func:`entry_end`. A member added to R4 events must be
+    placed here too: the builder's tests compare every entry with
+    :func:`proxy.log.entry.entry_of` of its event."""
 
-    __slots__ = ("_after", "_head", "_main", "_main_tail", "_transaction")
+    __slots__ = ("_after", "_head", "_main", "_template", "_transaction")
 
-    def __init__(self, head: Any, after: bytes, transaction: Mapping[str, Any]) -> None:
+    def __init__(self, head: bytes, after: bytes, transaction: Mapping[str, Any]) -> None:
         self._head = head
-        """:func:`entry_head`."""
         self._after = after
         """From the end of the id's value to the end."""
         self._transaction = transaction
         self._main: Mapping[str, Any] | None = None
-        self._main_tail: bytes | None = None
+        self._template: EntryTemplate | None = None
 
     @classmethod
     def of(
         cls,
-        head: Any | None,
+        head: bytes | None,
         moment: Mapping[str, Any],
         end: bytes | None,
         transaction: Mapping[str, Any],
@@ -152,43 +140,30 @@ class EntryParts:
             return None
         return cls(head, b"," + members[1:-1] + b"," + end, transaction)
 
-    def _tail(self, main: Mapping[str, Any]) -> bytes | None:
-        """The entities after the patients' (``main`` then the X-Request-Id's) and the
-        list's end, in RFC 8785 form, or None."""
+    def template(self, main: Mapping[str, Any]) -> EntryTemplate | None:
+        """The entries of the events whose entities after the patients' are ``main``'s
+        and the X-Request-Id's (one template, and one object, per main entity), or None."""
         if main is not self._main:
             tail = orjson.dumps([main, self._transaction], option=_SORTED)[1:]
             self._main = main
-            self._main_tail = tail if sorted_json_is_canonical(tail) else None
-        return self._main_tail
+            self._template = (
+                EntryTemplate(
+                    head=self._head,
+                    patient_before=_SORTED_BEFORE_REFERENCE,
+                    patient_after=_SORTED_AFTER_REFERENCE,
+                    tail=tail + b',"id":',
+                    after=self._after,
+                )
+                if sorted_json_is_canonical(tail)
+                else None
+            )
+        return self._template
 
-    def _leaf(self, tail: bytes, event_id: str, patients: tuple[str, ...]) -> bytes:
-        parts: list[bytes] = []
-        for p in patients:
-            parts += (_SORTED_BEFORE_REFERENCE, orjson.dumps(p), _SORTED_AFTER_REFERENCE, b",")
-        parts += (tail, b',"id":', orjson.dumps(event_id), self._after)
-        h = self._head.copy()
-        h.update(b"".join(parts))
-        digest: bytes = h.digest()
-        return digest
 
-    def leaf(
-        self, event_id: str, patients: tuple[str, ...], main: Mapping[str, Any]
-    ) -> bytes | None:
-        """The leaf hash of the event ``event_id`` naming ``patients``, or None."""
-        tail = self._tail(main)
-        return None if tail is None else self._leaf(tail, event_id, patients)
-
-    def fan_leaves(
-        self, first_id: str, patients: tuple[str, ...], main: Mapping[str, Any]
-    ) -> bytes | None:
-        """The leaf hashes of a fan-out's events (one patient each, their ids numbered
-        from ``first_id``), one after the other, or None."""
-        tail = self._tail(main)
-        if tail is None:
-            return None
-        return b"".join(
-            self._leaf(tail, member_id(first_id, i), (p,)) for i, p in enumerate(patients)
-        )
+def _plain_patients(patients: tuple[str, ...]) -> bool:
+    """Whether the store's row lists ``patients`` as they are, so that the writer can
+    name them in an event's entry: each once, none holding the row's separator."""
+    return all("|" not in p for p in patients) and len(set(patients)) == len(patients)
 
 
 class EventEncoding(Protocol):
@@ -253,19 +228,22 @@ class PartsEncoding:
         parts.append(orjson.dumps([main, self._transaction])[1:])
         parts.append(_end(profile))
         entries = self._entries
-        leaf = None if entries is None else entries.leaf(event_id, patients, main)
-        return Encoded(b"".join(parts), leaf)
+        template = (
+            entries.template(main) if entries is not None and _plain_patients(patients) else None
+        )
+        return Encoded(b"".join(parts), template)
 
     def fan_tail(self, main: Mapping[str, Any], profile: str | None) -> bytes:
         """What follows a fanned event's patient reference: the rest of its JSON."""
         return _PATIENT_ENTITY_SUFFIX + orjson.dumps([main, self._transaction])[1:] + _end(profile)
 
-    def fan_leaves(
-        self, first_id: str, patients: tuple[str, ...], main: Mapping[str, Any]
-    ) -> bytes | None:
-        """The leaf hashes of a fan-out's events, one after the other, or None."""
+    def fan_entry(self, patients: tuple[str, ...], main: Mapping[str, Any]) -> EntryTemplate | None:
+        """How the writer joins the entries of a fan-out's events (one patient each), or
+        None."""
         entries = self._entries
-        return None if entries is None else entries.fan_leaves(first_id, patients, main)
+        if entries is None or not _plain_patients(patients):
+            return None
+        return entries.template(main)
 
 
 class DictEncoding:
@@ -310,13 +288,8 @@ class DictEncoding:
         if self._tags:
             meta = event.get("meta") or {}
             event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *self._tags]}
-        entry = orjson.dumps({k: v for k, v in event.items() if k != "meta"}, option=_SORTED)
-        leaf = (
-            hashlib.sha256(_LEAF_PREFIX + entry).digest()
-            if sorted_json_is_canonical(entry)
-            else None
-        )
-        return Encoded(orjson.dumps(event), leaf)
+        # The writer makes the entry: an R5 event's members are not an R4 event's.
+        return Encoded(orjson.dumps(event), None)
 
 
 def shared_members(

@@ -20,7 +20,7 @@ from proxy.audit.balp import (
     merged_patients,
 )
 from proxy.audit.identity import Identity
-from proxy.audit.rows import Built, store_leaves, store_rows
+from proxy.audit.rows import Built, store_entries, store_rows
 from proxy.exchange import Exchange
 from proxy.fhir.interaction import Interaction, InteractionKind
 from proxy.fhir.patients import patients_of_exchange
@@ -164,7 +164,7 @@ async def recover_intents(
         else:
             built = build_unknown_outcome_events(intent.summary, ctx, now, why)
         await queue.append_rows(
-            store_rows(built), complete_intent=intent.id, leaf_hashes=store_leaves(built)
+            store_rows(built), complete_intent=intent.id, entries=store_entries(built)
         )
         reasons.pop(intent.id, None)
         recovered += 1

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, ClassVar, Protocol
 from yarl import URL
 
 from proxy import telemetry
-from proxy.audit.balp import AuditContext, Built, build_events, store_leaves, store_rows
+from proxy.audit.balp import AuditContext, Built, build_events, store_entries, store_rows
 from proxy.audit.identity import IdentityCache, JwksCache, load_token_key
 from proxy.audit.intents import (
     STORE_ERROR_OUTCOME_DESC,
@@ -439,7 +439,7 @@ class AuditPipeline:
                 store_rows(built),
                 complete_intent=ex.intent_id,
                 capture=capture,
-                leaf_hashes=store_leaves(built),
+                entries=store_entries(built),
             )
         except StoreError as exc:
             if ex.intent_id is not None:

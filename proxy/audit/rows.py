@@ -5,13 +5,14 @@ builder hands them over (:data:`Built`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
 
 from proxy.audit.vocabulary import TYPE_REST
+from proxy.log.entry import EntryTemplate
 from proxy.store.marks import DENIED_STATUSES, marks_for
 from proxy.store.records import EventRow, FanOut
 
@@ -227,9 +228,9 @@ class BuiltEvent(NamedTuple):
     row: EventRow
     """The columns the store indexes, made from what the builder knows, and the event as
     JSON: equal to what :func:`proxy.store.index.event_row` reads back out of it."""
-    leaf: bytes | None = None
-    """Its leaf hash in the shard's Merkle log, as the encoding made it
-    (:mod:`proxy.audit.encoding`), or None: the store's writer makes it."""
+    entry: EntryTemplate | None = None
+    """How the store's writer joins its entry in the shard's Merkle log, as the encoding
+    made it (:mod:`proxy.audit.encoding`), or None: the writer makes it from the JSON."""
 
     @property
     def event(self) -> dict[str, Any]:
@@ -249,8 +250,8 @@ class FannedEvent(NamedTuple):
 
     fan: FanOut
     position: int
-    leaf: bytes | None = None
-    """Its leaf hash, or None (as :attr:`BuiltEvent.leaf`)."""
+    entry: EntryTemplate | None = None
+    """As :attr:`BuiltEvent.entry` (the fan-out's events share it)."""
 
     @property
     def row(self) -> EventRow:
@@ -271,15 +272,21 @@ Built = BuiltEvent | FannedEvent
 """An event as the builder hands it over."""
 
 
-def store_leaves(built: Sequence[Built]) -> bytes | None:
-    """The leaf hashes of ``built``, one after the other, as the store is given them
-    beside :func:`store_rows`; None when the encoding left one to the writer."""
-    leaves: list[bytes] = []
+def store_entries(built: Iterable[Built]) -> list[EntryTemplate | None] | None:
+    """How the store's writer joins the log entries of the rows :func:`store_rows` makes
+    of ``built`` (one template per row, a fan-out's for all its events), given to the
+    store beside them; None for a row, or for all, leaves the writer to make the entries
+    from the events' JSON."""
+    out: list[EntryTemplate | None] = []
+    last: FanOut | None = None
     for item in built:
-        if item.leaf is None:
-            return None
-        leaves.append(item.leaf)
-    return b"".join(leaves)
+        if type(item) is FannedEvent:
+            if item.fan is not last:
+                last = item.fan
+                out.append(item.entry)
+        else:
+            out.append(item.entry)
+    return out if any(t is not None for t in out) else None
 
 
 def store_rows(built: Iterable[Built]) -> list[EventRow | FanOut]:

@@ -17,7 +17,8 @@ decimal: a 32-bit ``valueInteger`` would not last). Removing it: drop that one e
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import orjson
 import rfc8785
@@ -81,6 +82,34 @@ def sorted_json_is_canonical(json_text: bytes) -> bool:
     the value to :func:`canonical_json`: slower, never wrong."""
     tokens = json_text.translate(_TOKENS)
     return b"qcd" not in tokens and b"ad" not in tokens
+
+
+class EntryTemplate(NamedTuple):
+    """The log entries of events that differ only in their id and the patients they name,
+    as parts in RFC 8785 form (keys sorted), which the store's writer joins for each
+    event: ``head``, then each patient's entity (``patient_before``, the reference as a
+    JSON string, ``patient_after``, ``,``), then ``tail``, the id as a JSON string,
+    ``after``. The builder makes one for the events of an interaction
+    (:mod:`proxy.audit.encoding`) where it can: the entry it gives is the one
+    :func:`entry_of` makes of each event (the builder's tests hold every event to it)."""
+
+    head: bytes
+    """Up to the entities' ``[``: ``{"action":…,"agent":[…],"entity":[``."""
+    patient_before: bytes
+    patient_after: bytes
+    tail: bytes
+    """The entities after the patients', the list's end, up to the id's value:
+    ``{…},{…}],"id":``."""
+    after: bytes
+    """From the id's value on: ``,"outcome":…}``."""
+
+    def entry(self, event_id: str, patients: Sequence[str]) -> bytes:
+        """The entry of the event ``event_id`` naming ``patients`` (in its order)."""
+        parts = [self.head]
+        for p in patients:
+            parts += (self.patient_before, orjson.dumps(p), self.patient_after, b",")
+        parts += (self.tail, orjson.dumps(event_id), self.after)
+        return b"".join(parts)
 
 
 def canonical_json(value: Any) -> bytes:

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from proxy.log.entry import EntryTemplate
 from proxy.store.engine import Append
 from proxy.store.faces import EventWriter, StoreError, StoreFull
 from proxy.store.index import event_row
@@ -43,7 +44,7 @@ class ShardWriter(ShardPart, EventWriter):
         *,
         complete_intent: int | None = None,
         capture: Capture | None = None,
-        leaf_hashes: bytes | None = None,
+        entries: Sequence[EntryTemplate | None] | None = None,
     ) -> None:
         await self._submit(
             Submission(
@@ -51,7 +52,7 @@ class ShardWriter(ShardPart, EventWriter):
                 complete_intent=complete_intent,
                 intent=None,
                 capture=capture,
-                leaf_hashes=leaf_hashes,
+                entries=None if entries is None else list(entries),
             )
         )
 

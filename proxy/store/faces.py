@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from proxy.log.entry import EntryTemplate
 from proxy.store.records import (
     ActivityCount,
     Capture,
@@ -82,13 +83,13 @@ class EventWriter(Protocol):
         *,
         complete_intent: int | None = None,
         capture: Capture | None = None,
-        leaf_hashes: bytes | None = None,
+        entries: Sequence[EntryTemplate | None] | None = None,
     ) -> None:
         """Commit the events whose rows the builder made, the completion of
         ``complete_intent`` and the exchange's captured bodies, in one commit.
-        ``leaf_hashes``: the events' leaf hashes in the log, one after the other, when
-        the builder made them (:func:`proxy.audit.rows.store_leaves`); else the writer
-        makes them."""
+        ``entries``: how the writer joins the log entries of each row's events, where
+        the builder could say (:func:`proxy.audit.rows.store_entries`); else it makes
+        them from the events' JSON."""
 
     async def record_intent(self, summary: dict[str, Any]) -> int:
         """Commit an intent (before a write is forwarded); returns its id, which the

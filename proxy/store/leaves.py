@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from proxy.log.entry import entry_of_json
+from proxy.log.entry import EntryTemplate, entry_of_json
 from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of
 from proxy.store.records import EventRow, FanOut, member_id
 
@@ -164,6 +164,17 @@ def append_hashes(
             known += added[max(0, lo - before) : lo + TILE_WIDTH - before]
             upper.append(root_of(known))
         level, before, added = level + 1, before // TILE_WIDTH, upper
+
+
+def template_leaves(template: EntryTemplate, fan: int | None, row: EventRow) -> list[bytes]:
+    """The leaf hashes of a new row's events, their entries joined by ``template``: a
+    row's patients (``|a|b|``) are those its event names, a fan-out's one each."""
+    patients = row.patients[1:-1].split("|") if row.patients != "|" else []
+    if fan is None:
+        return [leaf_hash(template.entry(row.event_id, patients))]
+    return [
+        leaf_hash(template.entry(member_id(row.event_id, i), (p,))) for i, p in enumerate(patients)
+    ]
 
 
 def event_leaves(fan: int | None, row: EventRow) -> list[bytes]:

@@ -47,7 +47,13 @@ from proxy.log.tree import TILE_WIDTH
 from proxy.store.codec import BodyCodec
 from proxy.store.database import database_budget, is_full, used_bytes
 from proxy.store.faces import StoreError, StoreFull
-from proxy.store.leaves import HASH_BYTES, append_leaves, event_leaves, tree_size
+from proxy.store.leaves import (
+    HASH_BYTES,
+    append_leaves,
+    event_leaves,
+    template_leaves,
+    tree_size,
+)
 from proxy.store.records import Capture, EventRow, FanOut
 from proxy.store.tables import (
     BODY_AT,
@@ -191,10 +197,10 @@ class AssignSeqs:
 
 class AppendLeaves:
     """The Merkle log's leaves of the new events (:mod:`proxy.log`), in the commit that
-    stores them: no event is acknowledged without its leaf. Prepare takes each event's
-    leaf hash as the builder made it (:mod:`proxy.audit.encoding`), or makes its entry and
-    leaf hash for a submission that brought none (a fan-out's events one by one, in queue
-    order; events from outside); write takes
+    stores them: no event is acknowledged without its leaf. Prepare makes each event's
+    entry and leaf hash (a fan-out's events one by one, in queue order): joined from the
+    parts its submission brought (:mod:`proxy.audit.encoding`), or from its JSON for a
+    submission that brought none (events from outside, R5 events); write takes
     where the tree ends (read only when the committer does not know it), copies every
     tile the new leaves complete to the tile hashes (:mod:`proxy.store.leaves`), and
     leaves each row's first leaf and its leaf hashes on the transaction for ``insert
@@ -229,21 +235,21 @@ class AppendLeaves:
 
 
 def _row_leaves(tx: Transaction) -> list[bytes]:
-    """Each new row's leaf hashes: as its submission brought them, where the builder made
-    them (:attr:`~proxy.store.wire.Submission.leaf_hashes`), else made here."""
+    """Each new row's leaf hashes: their entries joined as the template its submission
+    brought for it says (:attr:`~proxy.store.wire.Submission.entries`), else made from
+    the events' JSON."""
     out: list[bytes] = []
     rows = iter(tx.rows)
     for submission in tx.submissions:
-        given = submission.leaf_hashes
-        mine = [next(rows) for _ in submission.rows]
-        if given is not None and len(given) == 32 * sum(new.fan or 1 for new in mine):
-            at = 0
-            for new in mine:
-                end = at + 32 * (new.fan or 1)
-                out.append(given[at:end])
-                at = end
-        else:
-            out += (b"".join(event_leaves(new.fan, new.row)) for new in mine)
+        templates = submission.entries
+        if templates is None or len(templates) != len(submission.rows):
+            templates = [None] * len(submission.rows)
+        for template in templates:
+            new = next(rows)
+            if template is None:
+                out.append(b"".join(event_leaves(new.fan, new.row)))
+            else:
+                out.append(b"".join(template_leaves(template, new.fan, new.row)))
     return out
 
 

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from proxy.log.entry import EntryTemplate
 from proxy.store.records import Capture, EventRow, FanOut
 
 FRAME = struct.Struct("!I")
@@ -32,9 +33,9 @@ class Submission(NamedTuple):
     """An intent to record (its summary as JSON); its id is the append's result."""
     capture: Capture | None
     """The exchange's captured bodies."""
-    leaf_hashes: bytes | None = None
-    """The leaf hashes of the events of ``rows``, one after the other (32 bytes each),
-    as the builder made them; None: the writer makes them."""
+    entries: list[EntryTemplate | None] | None = None
+    """How the log entries of each row's events are joined, as the builder could say;
+    None (for a row, or for all): the writer makes them from the events' JSON."""
 
 
 class Ready(NamedTuple):
@@ -72,12 +73,19 @@ def encode_batch(batch: Sequence[Submission]) -> bytes:
                 s.complete_intent,
                 s.intent,
                 None if s.capture is None else tuple(s.capture),
-                s.leaf_hashes,
+                None if s.entries is None else _plain_entries(s.entries),
             )
             for s in batch
         ],
         protocol=5,
     )
+
+
+def _plain_entries(entries: list[EntryTemplate | None]) -> list[tuple[bytes, ...] | None]:
+    """``entries`` as plain tuples, one per template (the rows of one interaction share
+    theirs, which then crosses once)."""
+    plain: dict[int, tuple[bytes, ...]] = {}
+    return [None if t is None else plain.setdefault(id(t), tuple(t)) for t in entries]
 
 
 def decode_batch(data: bytes) -> list[Submission]:
@@ -88,9 +96,11 @@ def decode_batch(data: bytes) -> list[Submission]:
             complete_intent=complete_intent,
             intent=intent,
             capture=None if capture is None else Capture._make(capture),
-            leaf_hashes=leaf_hashes,
+            entries=None
+            if entries is None
+            else [None if t is None else EntryTemplate._make(t) for t in entries],
         )
-        for rows, complete_intent, intent, capture, leaf_hashes in pickle.loads(data)
+        for rows, complete_intent, intent, capture, entries in pickle.loads(data)
     ]
 
 

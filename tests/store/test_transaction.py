@@ -13,15 +13,15 @@ from typing import ClassVar
 import orjson
 import pytest
 
-from proxy.audit.balp import AuditContext, build_events, store_leaves, store_rows
-from proxy.log.entry import entry_of
+from proxy.audit.balp import AuditContext, build_events, store_entries, store_rows
+from proxy.log.entry import EntryTemplate, entry_of
 from proxy.log.tree import leaf_hash, root_of
 from proxy.store.database import connect, load_codec
 from proxy.store.faces import StoreError
 from proxy.store.fans import fan_of
 from proxy.store.index import event_row
-from proxy.store.leaves import tile_hashes, tree_size
-from proxy.store.records import Capture
+from proxy.store.leaves import template_leaves, tile_hashes, tree_size
+from proxy.store.records import Capture, FanOut, member_id
 from proxy.store.tables import INSERTED, DeliveryState
 from proxy.store.transaction import STEPS, Committer, Step, Transaction
 from proxy.store.wire import Submission
@@ -237,19 +237,21 @@ def test_a_fan_out_gets_its_seqs_from_the_first_free_one(conn: sqlite3.Connectio
     assert rows == [(1, None, 0), (4, 3, 1), (5, None, 4)], "each event of a fan-out a leaf"
 
 
-def test_leaf_hashes_the_builder_made_are_stored_as_given_and_others_made_by_the_writer(
+def test_entries_are_joined_as_the_builder_s_template_says_or_made_from_the_json(
     conn: sqlite3.Connection,
 ) -> None:
     committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
     patients = ["Patient/a", "Patient/b", "Patient/c"]
-    builds = [build_events(search_exchange(patients), AuditContext.default(), NOW) for _ in "abc"]
+    builds = [build_events(search_exchange(patients), AuditContext.default(), NOW) for _ in "ab"]
     made = [b"".join(leaf_hash(entry_of(b.event)) for b in built) for built in builds]
-    given = [store_leaves(built) for built in builds]
-    assert given == made, "the builder's leaf hashes are the log's definition of them"
-    # The builder's, taken as they are (the writer does not make them again: a mark in
-    # their place is what is stored); none, or the wrong number, made by the writer.
-    marked = b"\x01" * 32 + made[0][32:]
-    leaf_hashes = [marked, None, made[2][:32]]
+    templates = store_entries(builds[0])
+    assert templates is not None and len(templates) == 1 and store_entries(builds[1])
+    template = templates[0]
+    assert template is not None
+    # The builder's parts are what the writer joins (a mark in them is in every leaf it
+    # makes); without them it makes each entry from the event's JSON.
+    marked = template._replace(after=template.after[:-1] + b',"mark":true}')
+    entries: list[list[EntryTemplate | None] | None] = [[marked], None]
     committer.commit_batch(
         [
             Submission(
@@ -257,13 +259,21 @@ def test_leaf_hashes_the_builder_made_are_stored_as_given_and_others_made_by_the
                 complete_intent=None,
                 intent=None,
                 capture=None,
-                leaf_hashes=hashes,
+                entries=given,
             )
-            for built, hashes in zip(builds, leaf_hashes, strict=True)
+            for built, given in zip(builds, entries, strict=True)
         ]
     )
     stored = [h for (h,) in conn.execute("SELECT leaf_hashes FROM events ORDER BY seq")]
-    assert stored == [marked, made[1], made[2]]
+    rows = store_rows(builds[0])
+    assert len(rows) == 1 and isinstance(rows[0], FanOut)
+    fan = rows[0]
+    expected = b"".join(
+        leaf_hash(template.entry(member_id(fan.first_id, i), [p])[:-1] + b',"mark":true}')
+        for i, p in enumerate(patients)
+    )
+    assert stored == [expected, made[1]]
+    assert template_leaves(template, 3, fan.stored()) == [made[0][i : i + 32] for i in (0, 32, 64)]
 
 
 class _Leaves:
