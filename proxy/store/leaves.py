@@ -14,6 +14,7 @@ rolled-back batch leaves no trace.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Sequence
 
@@ -127,15 +128,26 @@ def tile_hashes(conn: sqlite3.Connection, level: int, start: int, end: int) -> l
     return stored_hashes(conn, level, start, end)
 
 
-def append_leaves(conn: sqlite3.Connection, first: int, leaves: Sequence[bytes]) -> None:
+def append_leaves(
+    conn: sqlite3.Connection,
+    first: int,
+    leaves: Sequence[bytes],
+    partial: Sequence[bytes] | None = None,
+) -> None:
     """Inside the writer's transaction, before the rows of ``leaves`` (leaves ``first``
     on) are inserted: copy every tile they complete to ``log_hashes``, with the hashes of
-    the tiles above it they complete in turn."""
+    the tiles above it they complete in turn. ``partial``: the leaf hashes of the tile
+    ``first`` is in, before it, when the caller knows them (else they are read)."""
     end = first + len(leaves)
     roots = []
     for tile in range(first // TILE_WIDTH, end // TILE_WIDTH):
         lo = tile * TILE_WIDTH
-        hashes = leaf_hashes(conn, lo, first) if lo < first else []
+        if lo >= first:
+            hashes = []
+        elif partial is not None and len(partial) == first - lo:
+            hashes = list(partial)
+        else:
+            hashes = leaf_hashes(conn, lo, first)
         hashes += leaves[max(0, lo - first) : lo + TILE_WIDTH - first]
         # Pruning may have copied some of them already.
         conn.execute(
@@ -167,14 +179,23 @@ def append_hashes(
 
 
 def template_leaves(template: EntryTemplate, fan: int | None, row: EventRow) -> list[bytes]:
-    """The leaf hashes of a new row's events, their entries joined by ``template``: a
-    row's patients (``|a|b|``) are those its event names, a fan-out's one each."""
+    """The leaf hashes of a new row's events, their entries joined by ``template`` (as
+    :meth:`~proxy.log.entry.EntryTemplate.entry` joins them): a row's patients
+    (``|a|b|``) are those its event names, a fan-out's one each. A fan-out's events
+    share the hash of their entries' head, made once."""
     patients = row.patients[1:-1].split("|") if row.patients != "|" else []
     if fan is None:
         return [leaf_hash(template.entry(row.event_id, patients))]
-    return [
-        leaf_hash(template.entry(member_id(row.event_id, i), (p,))) for i, p in enumerate(patients)
-    ]
+    head = hashlib.sha256(b"\x00" + template.head + template.patient_before)
+    middle = template.patient_after + b"," + template.tail
+    after = template.after
+    stem = row.event_id[:-4]  # member_id's: the first id without its number
+    out = []
+    for i, p in enumerate(patients):
+        h = head.copy()
+        h.update(b"".join((orjson.dumps(p), middle, orjson.dumps(f"{stem}{i:04x}"), after)))
+        out.append(h.digest())
+    return out
 
 
 def event_leaves(fan: int | None, row: EventRow) -> list[bytes]:

@@ -88,6 +88,9 @@ class Ends:
     """The seq the next new row's first event takes."""
     leaf: int | None = None
     """The leaf index of the next new event: the tree's size."""
+    tile: bytes | None = None
+    """The leaf hashes of the log's partial tile (its leaves below ``leaf``), joined:
+    a commit that completes the tile need not read them back."""
 
 
 @dataclass(slots=True)
@@ -143,7 +146,7 @@ class Transaction:
             submissions=batch,
             rows=rows,
             now=time.time(),
-            ends=Ends() if ends is None else Ends(seq=ends.seq, leaf=ends.leaf),
+            ends=Ends() if ends is None else Ends(seq=ends.seq, leaf=ends.leaf, tile=ends.tile),
         )
 
     def plan(self, *, statements: int, incoming: int = 0) -> None:
@@ -218,9 +221,11 @@ class AppendLeaves:
     def write(self, tx: Transaction) -> None:
         if not self._rows:
             return
-        first = tx.ends.leaf
+        first, tile = tx.ends.leaf, tx.ends.tile
         if first is None:
-            first = tree_size(tx.conn)
+            first, tile = tree_size(tx.conn), None
+        if first % TILE_WIDTH == 0:
+            tile = b""
         leaves = []
         at = first
         for new in tx.rows:
@@ -229,9 +234,15 @@ class AppendLeaves:
         tx.leaves = leaves
         tx.leaf_hashes = self._rows
         tx.ends.leaf = at
+        joined = b"".join(self._rows)
         if at // TILE_WIDTH > first // TILE_WIDTH:
-            joined = b"".join(self._rows)
-            append_leaves(tx.conn, first, [joined[i : i + 32] for i in range(0, len(joined), 32)])
+            partial = None if tile is None else [tile[i : i + 32] for i in range(0, len(tile), 32)]
+            hashes = [joined[i : i + 32] for i in range(0, len(joined), 32)]
+            append_leaves(tx.conn, first, hashes, partial)
+            # The new partial tile is among this batch's leaves.
+            tx.ends.tile = joined[32 * (at - at % TILE_WIDTH - first) :]
+        else:
+            tx.ends.tile = None if tile is None else tile + joined
 
 
 def _row_leaves(tx: Transaction) -> list[bytes]:

@@ -128,11 +128,15 @@ def test_two_writers_on_one_file_each_find_where_the_other_left_the_tables(
             Committer(first, load_codec(first), max_bytes=1 << 30),
             Committer(second, load_codec(second), max_bytes=1 << 30),
         ]
-        for n in range(40):
+        # 300 leaves: the first tile is completed by one writer with leaves of both.
+        for n in range(150):
             assert writers[n % 3 % 2].commit_batch([_submission(n, 1000 + n)]) == [None]
-        rows = first.execute("SELECT seq, leaf FROM events ORDER BY seq").fetchall()
-        assert [seq for seq, _ in rows] == list(range(1, 81))
-        assert [leaf for _, leaf in rows] == list(range(80))
+        rows = first.execute("SELECT seq, leaf, leaf_hashes FROM events ORDER BY seq").fetchall()
+        assert [seq for seq, _, _ in rows] == list(range(1, 301))
+        assert [leaf for _, leaf, _ in rows] == list(range(300))
+        hashes = [h for _, _, h in rows]
+        assert tile_hashes(first, 0, 0, 300) == hashes
+        assert tile_hashes(first, 1, 0, 1) == [root_of(hashes[:256])]
         # Alone again, the first writer trusts what it knows.
         statements = _traced(first)
         writers[0].commit_batch([_submission(500)])
@@ -151,9 +155,20 @@ def test_a_commit_that_completes_a_tile_writes_it_with_the_known_end(
     assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (0,)
     statements = _traced(conn)
     assert committer.commit_batch([_submission(1000)]) == [None]
-    assert statements[0] == "BEGIN" and "SELECT" in statements, "the tile's first leaves read"
+    # The committer kept the tile's first 255 leaf hashes from its last commit.
+    assert statements[0] == "BEGIN" and "SELECT" not in statements, statements
     assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (256,)
     assert tile_hashes(conn, 1, 0, 1) == [root_of(tile_hashes(conn, 0, 0, 256))]
+    # A committer that does not know them (a restart, another writer) reads them back,
+    # and the tile is the same as the events' own leaf hashes.
+    assert committer.commit_batch([_submission(*range(2000, 2255))]) == [None]
+    statements.clear()
+    fresh = Committer(conn, load_codec(conn), max_bytes=1 << 30)
+    assert fresh.commit_batch([_submission(3000)]) == [None]
+    assert "SELECT" in statements, "the tile's first leaves read"
+    stored = [h for (h,) in conn.execute("SELECT leaf_hashes FROM events ORDER BY seq")]
+    assert tile_hashes(conn, 0, 0, 512) == stored
+    assert tile_hashes(conn, 1, 0, 2) == [root_of(stored[:256]), root_of(stored[256:])]
 
 
 def test_a_completed_tile_is_copied_to_the_tile_hashes_in_its_commit(
