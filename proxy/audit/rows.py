@@ -272,32 +272,29 @@ Built = BuiltEvent | FannedEvent
 """An event as the builder hands it over."""
 
 
+def _row_firsts(built: Iterable[Built]) -> list[Built]:
+    """The first event of each row the store writes for ``built``: each event, and a
+    fan-out's first (its events are one row)."""
+    out: list[Built] = []
+    last: FanOut | None = None
+    for item in built:
+        if type(item) is FannedEvent:
+            if item.fan is last:
+                continue
+            last = item.fan
+        out.append(item)
+    return out
+
+
 def store_entries(built: Iterable[Built]) -> list[EntryTemplate | None] | None:
     """How the store's writer joins the log entries of the rows :func:`store_rows` makes
     of ``built`` (one template per row, a fan-out's for all its events), given to the
     store beside them; None for a row, or for all, leaves the writer to make the entries
     from the events' JSON."""
-    out: list[EntryTemplate | None] = []
-    last: FanOut | None = None
-    for item in built:
-        if type(item) is FannedEvent:
-            if item.fan is not last:
-                last = item.fan
-                out.append(item.entry)
-        else:
-            out.append(item.entry)
+    out = [item.entry for item in _row_firsts(built)]
     return out if any(t is not None for t in out) else None
 
 
 def store_rows(built: Iterable[Built]) -> list[EventRow | FanOut]:
     """What the store is given for ``built``: each event's row, and each fan-out once."""
-    out: list[EventRow | FanOut] = []
-    last: FanOut | None = None
-    for item in built:
-        if type(item) is FannedEvent:
-            if item.fan is not last:
-                last = item.fan
-                out.append(last)
-        else:
-            out.append(item.row)
-    return out
+    return [item.fan if type(item) is FannedEvent else item.row for item in _row_firsts(built)]
