@@ -16,6 +16,7 @@ decimal: a 32-bit ``valueInteger`` would not last). Removing it: drop that one e
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -110,6 +111,19 @@ class EntryTemplate(NamedTuple):
             parts += (self.patient_before, orjson.dumps(p), self.patient_after, b",")
         parts += (self.tail, orjson.dumps(event_id), self.after)
         return b"".join(parts)
+
+    def one_patient_leaves(self, event_ids: Sequence[str], patients: Sequence[str]) -> list[bytes]:
+        """The leaf hashes of events that name one patient each (``event_ids[i]`` names
+        ``patients[i]``, a fan-out's): their entries as :meth:`entry` joins them, the
+        hash of the head they share made once."""
+        head = hashlib.sha256(b"\x00" + self.head + self.patient_before)
+        middle = self.patient_after + b"," + self.tail
+        out = []
+        for event_id, p in zip(event_ids, patients, strict=True):
+            h = head.copy()
+            h.update(b"".join((orjson.dumps(p), middle, orjson.dumps(event_id), self.after)))
+            out.append(h.digest())
+        return out
 
 
 def canonical_json(value: Any) -> bytes:

@@ -14,7 +14,6 @@ rolled-back batch leaves no trace.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Sequence
 
@@ -179,23 +178,13 @@ def append_hashes(
 
 
 def template_leaves(template: EntryTemplate, fan: int | None, row: EventRow) -> list[bytes]:
-    """The leaf hashes of a new row's events, their entries joined by ``template`` (as
-    :meth:`~proxy.log.entry.EntryTemplate.entry` joins them): a row's patients
-    (``|a|b|``) are those its event names, a fan-out's one each. A fan-out's events
-    share the hash of their entries' head, made once."""
+    """The leaf hashes of a new row's events, their entries joined by ``template``: a
+    row's patients (``|a|b|``) are those its event names, a fan-out's one each."""
     patients = row.patients[1:-1].split("|") if row.patients != "|" else []
     if fan is None:
         return [leaf_hash(template.entry(row.event_id, patients))]
-    head = hashlib.sha256(b"\x00" + template.head + template.patient_before)
-    middle = template.patient_after + b"," + template.tail
-    after = template.after
-    stem = row.event_id[:-4]  # member_id's: the first id without its number
-    out = []
-    for i, p in enumerate(patients):
-        h = head.copy()
-        h.update(b"".join((orjson.dumps(p), middle, orjson.dumps(f"{stem}{i:04x}"), after)))
-        out.append(h.digest())
-    return out
+    ids = [member_id(row.event_id, i) for i in range(len(patients))]
+    return template.one_patient_leaves(ids, patients)
 
 
 def event_leaves(fan: int | None, row: EventRow) -> list[bytes]:
