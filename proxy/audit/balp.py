@@ -790,7 +790,7 @@ def interaction_events(
             terms_tail=rest,
             columns=columns.shared(),
         )
-        entry = encoding.fan_entry(patients, main)
+        entry = encoding.entry(patients, main)
         return [FannedEvent(fan, i, entry) for i in range(len(patients))]
     events: list[Built] = []
     for p in patients:

@@ -227,19 +227,15 @@ class PartsEncoding:
             parts += (_BEFORE_REFERENCE, orjson.dumps(p), _PATIENT_ENTITY_SUFFIX)
         parts.append(orjson.dumps([main, self._transaction])[1:])
         parts.append(_end(profile))
-        entries = self._entries
-        template = (
-            entries.template(main) if entries is not None and _plain_patients(patients) else None
-        )
-        return Encoded(b"".join(parts), template)
+        return Encoded(b"".join(parts), self.entry(patients, main))
 
     def fan_tail(self, main: Mapping[str, Any], profile: str | None) -> bytes:
         """What follows a fanned event's patient reference: the rest of its JSON."""
         return _PATIENT_ENTITY_SUFFIX + orjson.dumps([main, self._transaction])[1:] + _end(profile)
 
-    def fan_entry(self, patients: tuple[str, ...], main: Mapping[str, Any]) -> EntryTemplate | None:
-        """How the writer joins the entries of a fan-out's events (one patient each), or
-        None."""
+    def entry(self, patients: tuple[str, ...], main: Mapping[str, Any]) -> EntryTemplate | None:
+        """How the writer joins the entries of events naming ``patients`` (an event, or a
+        fan-out's events, one patient each) with ``main``, or None."""
         entries = self._entries
         if entries is None or not _plain_patients(patients):
             return None
@@ -263,7 +259,14 @@ class DictEncoding:
         r5: bool,
         tags: tuple[dict[str, str], ...],
     ) -> None:
-        self._base = shared_members(subtypes, action, moment, agents, source)
+        base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
+        if subtypes:
+            base["subtype"] = subtypes
+        base["action"] = action
+        base.update(moment)
+        base["agent"] = agents
+        base["source"] = source
+        self._base = base
         self._transaction = transaction
         self._r5 = r5
         self._tags = tags
@@ -290,22 +293,3 @@ class DictEncoding:
             event["meta"] = {**meta, "tag": [*meta.get("tag", ()), *self._tags]}
         # The writer makes the entry: an R5 event's members are not an R4 event's.
         return Encoded(orjson.dumps(event), None)
-
-
-def shared_members(
-    subtypes: list[dict[str, str]],
-    action: str,
-    moment: Mapping[str, Any],
-    agents: list[dict[str, Any]],
-    source: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The members of an R4 event other than ``id``, ``entity`` and ``meta``, in their
-    order in its JSON."""
-    base: dict[str, Any] = {"resourceType": "AuditEvent", "type": TYPE_REST}
-    if subtypes:
-        base["subtype"] = subtypes
-    base["action"] = action
-    base.update(moment)
-    base["agent"] = agents
-    base["source"] = source
-    return base
