@@ -1965,11 +1965,11 @@ def log_key_file(directory: Path) -> tuple[Signer, Path]:
 
 
 def drop_the_log(conn: sqlite3.Connection) -> None:
-    """Take out what schema 9 (the Merkle log) added, so that a test makes an older store
-    out of a new one."""
+    """Take out what schemas 9 and 10 (the Merkle log) added, so that a test makes an older
+    store out of a new one."""
     for column in ("leaf", "leaf_hashes"):
         conn.execute(f"ALTER TABLE events DROP COLUMN {column}")
-    for table in ("log_hashes", "log_pruned", "log_checkpoints", "log_meta"):
+    for table in ("log_hashes", "log_pruned", "log_checkpoints", "log_meta", "log_tiles"):
         conn.execute(f"DROP TABLE {table}")
 
 

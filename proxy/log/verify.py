@@ -30,7 +30,13 @@ from proxy.log.checkpoint import Checkpoint
 from proxy.log.entry import entry_of, position_of
 from proxy.log.fhir import notes_in
 from proxy.log.note import NoteError, Verifier, split
-from proxy.log.tree import Frontier, consistency_proof, leaf_hash, verify_consistency
+from proxy.log.tree import (
+    TILE_WIDTH,
+    Frontier,
+    consistency_proof,
+    leaf_hash,
+    verify_consistency,
+)
 from proxy.store.codec import BodyCodec, CodecError, shipped_dictionary
 from proxy.store.fans import fan_of
 from proxy.store.leaves import tree_size
@@ -265,13 +271,19 @@ def _verify_store(
 
 
 def _stored_leaves(conn: sqlite3.Connection) -> list[bytes | None]:
-    """Every leaf hash the store keeps, by leaf: the tile hashes', else the row's."""
+    """Every leaf hash the store keeps, by leaf: the complete tiles', else the tile
+    hashes', else the row's."""
     size = tree_size(conn)
     stored: list[bytes | None] = [None] * size
+    for tile, joined in conn.execute("SELECT idx, CAST(hashes AS BLOB) FROM log_tiles"):
+        for i in range(min(TILE_WIDTH, len(joined) // 32)):
+            if 0 <= tile * TILE_WIDTH + i < size:
+                stored[tile * TILE_WIDTH + i] = joined[32 * i : 32 * i + 32]
     for idx, digest in conn.execute(
         "SELECT idx, CAST(hash AS BLOB) FROM log_hashes WHERE level = 0 AND idx < ?", (size,)
     ):
-        stored[idx] = digest
+        if stored[idx] is None:
+            stored[idx] = digest
     for leaf, fan, hashes in conn.execute(
         "SELECT leaf, COALESCE(fan, 1), CAST(leaf_hashes AS BLOB) FROM events"
         " WHERE leaf IS NOT NULL AND leaf_hashes IS NOT NULL"

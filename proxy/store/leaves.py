@@ -3,13 +3,13 @@ step (:mod:`proxy.store.transaction`) and read by the log's face (:mod:`proxy.st
 and ``log verify``.
 
 A leaf hash is first kept in its event's row (``events.leaf_hashes``, a fan-out row's
-events' one after the other), which the commit writes anyway. The table ``log_hashes``
-holds the tile hashes: at level 0 the leaf hashes of every complete tile, copied there in
-the commit that completes it (and those of pruned events, copied by pruning, which may be
-in the partial tile), at level L the hash of each complete run of ``256**L`` leaves. A
-commit so adds a page to the write-ahead log only once every 256 leaves, not each time.
-The tree's state is the tables themselves: nothing is kept between commits, so a
-rolled-back batch leaves no trace.
+events' one after the other), which the commit writes anyway. The commit that completes a
+tile of 256 leaves writes it as one row of ``log_tiles`` (its leaf hashes joined), and the
+hash of each complete run of ``256**L`` leaves at level L of ``log_hashes``. Level 0 of
+``log_hashes`` holds the leaf hashes pruning copies out of the rows of a tile not yet
+complete, and the tiles completed before schema 10. A commit so adds to the write-ahead
+log only once every 256 leaves, two rows. The tree's state is the tables themselves:
+nothing is kept between commits, so a rolled-back batch leaves no trace.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from proxy.log.entry import EntryTemplate, entry_of_json
 from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of
 from proxy.store.records import EventRow, FanOut, member_id
 
-HASH_BYTES = 40
-"""What a leaf hash adds to the store, about (32 bytes in its row, and a sixth of a
-``log_hashes`` row once its tile is complete, spread)."""
+HASH_BYTES = 66
+"""What a leaf hash adds to the store, about: 32 bytes in its row, 32 in its tile's row
+once the tile is complete, and that row's and the level-1 hash's share."""
 
 _ROWS_PER_INSERT = 500
 """Hash rows per multi-row INSERT (three parameters each)."""
@@ -56,16 +56,26 @@ def stored_hashes(conn: sqlite3.Connection, level: int, start: int, end: int) ->
 
 
 def tree_size(conn: sqlite3.Connection) -> int:
-    """Leaves in the tree: past the newest row's, or the last hash kept when pruning took
-    the newest rows."""
-    # Not MAX(idx): with the level constrained SQLite would read every leaf for it.
-    last = conn.execute(
-        "SELECT idx FROM log_hashes WHERE level = 0 ORDER BY idx DESC LIMIT 1"
+    """Leaves in the tree: past the newest row's, or past the last tile or hash kept when
+    pruning took the newest rows."""
+    # Not MAX(idx) at level 0: with the level constrained SQLite would read every leaf.
+    hashed, tiled, newest = conn.execute(
+        "SELECT (SELECT idx + 1 FROM log_hashes WHERE level = 0 ORDER BY idx DESC LIMIT 1),"
+        " (SELECT (MAX(idx) + 1) * ? FROM log_tiles),"
+        " (SELECT leaf + COALESCE(fan, 1) FROM events ORDER BY seq DESC LIMIT 1)",
+        (TILE_WIDTH,),
     ).fetchone()
-    newest = conn.execute(
-        "SELECT leaf + COALESCE(fan, 1) FROM events ORDER BY seq DESC LIMIT 1"
-    ).fetchone()
-    return max(0 if last is None else int(last[0]) + 1, newest[0] or 0 if newest else 0)
+    return max(hashed or 0, tiled or 0, newest or 0)
+
+
+def complete_tiles(conn: sqlite3.Connection, first: int, last: int) -> dict[int, bytes]:
+    """The complete level-0 tiles of ``log_tiles`` with index in ``[first, last]``: each
+    its 256 leaf hashes joined."""
+    return dict(
+        conn.execute(
+            "SELECT idx, hashes FROM log_tiles WHERE idx >= ? AND idx <= ?", (first, last)
+        ).fetchall()
+    )
 
 
 def seq_of_leaf(conn: sqlite3.Connection, leaf: int) -> int:
@@ -93,13 +103,21 @@ def seq_of_leaf(conn: sqlite3.Connection, leaf: int) -> int:
 
 def leaf_hashes(conn: sqlite3.Connection, start: int, end: int) -> list[bytes]:
     """The leaf hashes of leaves ``[start, end)`` as far as they are kept without a gap:
-    from ``log_hashes``, and from the events' rows for the rest."""
-    found = dict(
-        conn.execute(
+    from the complete tiles, from ``log_hashes``, and from the events' rows for the rest."""
+    found: dict[int, bytes] = {}
+    if start < end:
+        for tile, joined in complete_tiles(
+            conn, start // TILE_WIDTH, (end - 1) // TILE_WIDTH
+        ).items():
+            lo = tile * TILE_WIDTH
+            for leaf in range(max(start, lo), min(end, lo + TILE_WIDTH)):
+                found[leaf] = bytes(joined[32 * (leaf - lo) : 32 * (leaf - lo) + 32])
+    if len(found) < end - start:
+        for leaf, digest in conn.execute(
             "SELECT idx, hash FROM log_hashes WHERE level = 0 AND idx >= ? AND idx < ?",
             (start, end),
-        ).fetchall()
-    )
+        ):
+            found.setdefault(leaf, digest)
     if len(found) < end - start:
         for leaf, fan, hashes in conn.execute(
             "SELECT leaf, COALESCE(fan, 1), leaf_hashes FROM events WHERE seq >= ? ORDER BY seq",
@@ -134,7 +152,7 @@ def append_leaves(
     partial: Sequence[bytes] | None = None,
 ) -> None:
     """Inside the writer's transaction, before the rows of ``leaves`` (leaves ``first``
-    on) are inserted: copy every tile they complete to ``log_hashes``, with the hashes of
+    on) are inserted: write every tile they complete to ``log_tiles``, with the hashes of
     the tiles above it they complete in turn. ``partial``: the leaf hashes of the tile
     ``first`` is in, before it, when the caller knows them (else they are read)."""
     end = first + len(leaves)
@@ -148,12 +166,12 @@ def append_leaves(
         else:
             hashes = leaf_hashes(conn, lo, first)
         hashes += leaves[max(0, lo - first) : lo + TILE_WIDTH - first]
-        # Pruning may have copied some of them already.
+        # Pruning may have copied some of them out of their rows: the tile holds them now.
         conn.execute(
             "DELETE FROM log_hashes WHERE level = 0 AND idx >= ? AND idx < ?",
             (lo, lo + TILE_WIDTH),
         )
-        insert_hashes(conn, 0, lo, hashes)
+        conn.execute("INSERT INTO log_tiles (idx, hashes) VALUES (?, ?)", (tile, b"".join(hashes)))
         roots.append(root_of(hashes))
     if roots:
         append_hashes(conn, 1, first // TILE_WIDTH, roots)

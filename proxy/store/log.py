@@ -14,9 +14,9 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 
-from proxy.log.tree import tree_root
+from proxy.log.tree import TILE_WIDTH, tree_root
 from proxy.store.faces import TransparencyLog
-from proxy.store.leaves import seq_of_leaf, tile_hashes, tree_size
+from proxy.store.leaves import complete_tiles, seq_of_leaf, tile_hashes, tree_size
 from proxy.store.records import QueuedEvent
 from proxy.store.shard import ShardPart
 from proxy.store.tables import STORED, StoredRow, stored_rows
@@ -26,9 +26,16 @@ def record_pruned(
     conn: sqlite3.Connection, deleted: Sequence[tuple[int, int, bytes | None]]
 ) -> None:
     """For pruned rows (each its first leaf, its number of events and their leaf hashes):
-    keep their leaf hashes (those of a tile not yet complete are only in the rows), and
-    the leaf ranges, merged where they touch, so that ``log verify`` tells a pruned event
-    from a deleted one."""
+    keep the leaf hashes of those in a tile not yet complete (only the rows hold them; a
+    complete tile's row holds the others), and the leaf ranges, merged where they touch,
+    so that ``log verify`` tells a pruned event from a deleted one."""
+    if not deleted:
+        return
+    complete = complete_tiles(
+        conn,
+        min(leaf for leaf, _, _ in deleted) // TILE_WIDTH,
+        max(leaf + n - 1 for leaf, n, _ in deleted) // TILE_WIDTH,
+    )
     conn.executemany(
         "INSERT OR IGNORE INTO log_hashes (level, idx, hash) VALUES (0, ?, ?)",
         [
@@ -36,6 +43,7 @@ def record_pruned(
             for leaf, n, hashes in deleted
             if hashes is not None
             for i in range(n)
+            if (leaf + i) // TILE_WIDTH not in complete
         ],
     )
     ranges: list[list[int]] = []

@@ -229,6 +229,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO log_meta (key, value) VALUES ('id', lower(hex(randomblob(8))));
     """,
+    # 10: a complete level-0 tile of the log as one row: its 256 leaf hashes joined (8 KB),
+    # written by the commit that completes it. It was 256 rows of ``log_hashes``, whose
+    # insert was the largest part of what the log cost the writer. ``log_hashes`` level 0
+    # still holds what pruning copies out of the rows of a tile not yet complete, and the
+    # tiles completed before this version (readers take both).
+    """
+    CREATE TABLE log_tiles (
+        idx INTEGER PRIMARY KEY,
+        hashes BLOB NOT NULL
+    );
+    """,
 )
 """Migration ``n`` (1-based) takes the schema from version ``n - 1`` to ``n``. Append only."""
 

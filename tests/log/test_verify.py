@@ -19,7 +19,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.log.entry import entry_of
-from proxy.log.tree import leaf_hash
+from proxy.log.tree import leaf_hash, root_of
 from proxy.store.database import load_codec
 from proxy.store.queue import AuditQueue
 from tests.factories import LoggedStore, log_signer
@@ -270,6 +270,89 @@ async def test_pruned_events_are_not_deleted_ones(
     status, out = _verify(capsys, logged, "--checkpoints", str(logged.shipped))
     assert status == 0, out
     assert "12 leaves, 2 checkpoint(s) verified, 12 pruned" in out
+
+
+async def test_the_tree_outlives_the_pruned_events_of_complete_and_partial_tiles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A complete tile is one row of ``log_tiles``, written in the commit that completed
+    it, which pruning leaves as it is; the leaf hashes of a tile not yet complete are only
+    in the events' rows, and pruning copies them out. With every event pruned the root,
+    the tiles and ``log verify`` are what they were."""
+    store = LoggedStore(
+        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
+    )
+    await store.append(150, 150, patients=[f"Patient/{p}" for p in range(7)])
+    queue = await AuditQueue.open(store.path, max_bytes=1 << 30)
+    try:
+        head = await queue.tree_head()
+        assert head[0] == 307
+        tiles = await queue.tile_hashes(0, 0, 307)
+        assert len(tiles) == 307
+        assert await queue.prune(datetime.now(UTC) + timedelta(days=1), timedelta(0)) == 307
+        assert await queue.tree_head() == head
+        assert await queue.tile_hashes(0, 0, 307) == tiles
+        assert await queue.tile_hashes(1, 0, 1) == [root_of(tiles[:256])]
+    finally:
+        await queue.close()
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+        assert conn.execute("SELECT idx, hashes FROM log_tiles").fetchall() == [
+            (0, b"".join(tiles[:256]))
+        ]
+        copied = conn.execute("SELECT idx, hash FROM log_hashes WHERE level = 0").fetchall()
+        assert copied == list(enumerate(tiles))[256:], "the partial tile's, and only those"
+    finally:
+        conn.close()
+    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
+    assert status == 0, out
+    assert "307 leaves, 2 checkpoint(s) verified, 307 pruned" in out, out
+
+
+async def test_tiles_completed_before_schema_10_are_read_where_they_were(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Schema 9 kept a complete tile as 256 rows of ``log_hashes`` level 0; the migration
+    to 10 leaves them there: the root and the tiles read the same, the next tile is one
+    row of ``log_tiles``, and the whole tree verifies."""
+    store = LoggedStore(
+        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
+    )
+    await store.append(150, 150)
+    conn = sqlite3.connect(store.path)
+    try:
+        # The store as schema 9 wrote it.
+        ((joined,),) = conn.execute("SELECT hashes FROM log_tiles").fetchall()
+        conn.executemany(
+            "INSERT INTO log_hashes (level, idx, hash) VALUES (0, ?, ?)",
+            [(i, joined[32 * i : 32 * i + 32]) for i in range(256)],
+        )
+        conn.execute("DROP TABLE log_tiles")
+        conn.execute("PRAGMA user_version = 9")
+        conn.commit()
+    finally:
+        conn.close()
+    queue = await AuditQueue.open(store.path, max_bytes=1 << 30)
+    try:
+        assert (await queue.tile_hashes(0, 0, 256)) == [
+            joined[32 * i : 32 * i + 32] for i in range(256)
+        ]
+        assert (await queue.tree_head())[0] == 300
+    finally:
+        await queue.close()
+    await store.append(250)
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("SELECT idx FROM log_tiles").fetchall() == [(1,)]
+        assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (
+            256,
+        )
+    finally:
+        conn.close()
+    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
+    assert status == 0, out
+    assert "550 leaves, 3 checkpoint(s) verified" in out, out
 
 
 async def test_every_shard_of_a_multi_worker_store_is_verified(

@@ -72,13 +72,14 @@ def test_a_batch_of_plain_events_is_its_leaves_and_its_events_in_one_transaction
     committer = Committer(conn, load_codec(conn), max_bytes=1 << 30)
     statements = _traced(conn)
     assert committer.commit_batch([_submission(1, 2), _submission(3)]) == [None, None]
-    # The first commit reads where the events end, and where the tree ends (its tile
-    # hashes, its newest row); then the events with their leaves.
-    assert statements == ["BEGIN", "PRAGMA", "SELECT", "SELECT", "SELECT", "INSERT", "COMMIT"]
+    # The first commit reads where the events end, and where the tree ends (its tiles,
+    # its newest row); then the events with their leaves.
+    assert statements == ["BEGIN", "PRAGMA", "SELECT", "SELECT", "INSERT", "COMMIT"]
     assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
     leaves = conn.execute("SELECT leaf, length(leaf_hashes) FROM events ORDER BY seq").fetchall()
     assert leaves == [(0, 32), (1, 32), (2, 32)]
     assert conn.execute("SELECT COUNT(*) FROM log_hashes").fetchone() == (0,), "no tile complete"
+    assert conn.execute("SELECT COUNT(*) FROM log_tiles").fetchone() == (0,)
 
     # The next ones know both ends, unless another connection committed since: a batch
     # that completes no tile reads nothing.
@@ -107,7 +108,7 @@ def test_where_the_tables_end_is_read_again_after_a_failed_commit(
     )
     statements = _traced(conn)
     assert committer.commit_batch([_submission(2)]) == [None]
-    assert statements[:5] == ["BEGIN", "PRAGMA", "SELECT", "SELECT", "SELECT"]
+    assert statements[:4] == ["BEGIN", "PRAGMA", "SELECT", "SELECT"]
     assert conn.execute("SELECT seq, leaf FROM events ORDER BY seq DESC LIMIT 1").fetchone() == (
         10,
         2,
@@ -157,7 +158,12 @@ def test_a_commit_that_completes_a_tile_writes_it_with_the_known_end(
     assert committer.commit_batch([_submission(1000)]) == [None]
     # The committer kept the tile's first 255 leaf hashes from its last commit.
     assert statements[0] == "BEGIN" and "SELECT" not in statements, statements
-    assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (256,)
+    # The tile is one row; level 0 of the tile hashes keeps only what pruning copies.
+    assert conn.execute("SELECT COUNT(*), SUM(length(hashes)) FROM log_tiles").fetchone() == (
+        1,
+        256 * 32,
+    )
+    assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (0,)
     assert tile_hashes(conn, 1, 0, 1) == [root_of(tile_hashes(conn, 0, 0, 256))]
     # A committer that does not know them (a restart, another writer) reads them back,
     # and the tile is the same as the events' own leaf hashes.
@@ -189,8 +195,9 @@ def test_a_completed_tile_is_copied_to_the_tile_hashes_in_its_commit(
     assert tree_size(conn) == n
     hashes = tile_hashes(conn, 0, 0, n)
     assert len(hashes) == n
-    stored = [h for (h,) in conn.execute("SELECT hash FROM log_hashes WHERE level = 0")]
-    assert stored == hashes[:256], "the first tile, once complete, and no more"
+    (joined,) = conn.execute("SELECT hashes FROM log_tiles WHERE idx = 0").fetchone()
+    assert joined == b"".join(hashes[:256]), "the first tile, once complete"
+    assert conn.execute("SELECT COUNT(*) FROM log_tiles").fetchone() == (1,), "and no more"
     assert tile_hashes(conn, 1, 0, 2) == [root_of(hashes[:256])]
     codec = load_codec(conn)
     for seq, fan, leaf, body, patients, first_id in conn.execute(
@@ -229,8 +236,7 @@ def test_intents_recorded_and_settled_in_one_transaction_in_step_order(
         "BEGIN",
         "PRAGMA",  # whether another connection committed
         "SELECT",  # where the events end
-        "SELECT",  # where the tree ends: its tile hashes,
-        "SELECT",  # its newest row
+        "SELECT",  # where the tree ends: its tiles, its newest row
         "INSERT",
         "DELETE",
         "INSERT",
