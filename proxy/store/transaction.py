@@ -204,8 +204,8 @@ class AppendLeaves:
     entry and leaf hash (a fan-out's events one by one, in queue order): joined from the
     parts its submission brought (:mod:`proxy.audit.encoding`), or from its JSON for a
     submission that brought none (events from outside, R5 events); write takes
-    where the tree ends (read only when the committer does not know it), copies every
-    tile the new leaves complete to the tile hashes (:mod:`proxy.store.leaves`), and
+    where the tree ends (read only when the committer does not know it), writes every
+    tile the new leaves complete, one row each (:mod:`proxy.store.leaves`), and
     leaves each row's first leaf and its leaf hashes on the transaction for ``insert
     events``, which stores them in the row."""
 

@@ -149,6 +149,35 @@ async def test_rewritten_leaf_hashes_break_the_signed_root(
     assert "leaf hashes rewritten: the leaves 8..11 of the store do not give the root" in out, out
 
 
+async def test_a_rewritten_complete_tile_breaks_the_signed_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same attacker, with the event's leaf in a complete tile: he rewrites the hash in
+    the event's row and in the tile's row (``log_tiles``) alike, and the checkpoints he
+    cannot sign still catch it."""
+    store = LoggedStore(
+        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
+    )
+    await store.append(150, 150)
+    event, leaf = _rewrite(store.path, 10, action="D")
+    forged = leaf_hash(entry_of(event))
+    conn = sqlite3.connect(store.path)
+    try:
+        (joined,) = conn.execute("SELECT hashes FROM log_tiles WHERE idx = 0").fetchone()
+        joined = joined[: 32 * leaf] + forged + joined[32 * leaf + 32 :]
+        conn.execute("UPDATE log_tiles SET hashes = ? WHERE idx = 0", (joined,))
+        conn.execute("UPDATE events SET leaf_hashes = ? WHERE seq = 10", (forged,))
+        conn.commit()
+    finally:
+        conn.close()
+    status, out = _verify(capsys, store)
+    assert status == 1
+    assert (
+        "leaf hashes rewritten: the leaves 0..149 of the store do not give the root"
+        " that the checkpoint of size 150 (from the store) signed" in out
+    ), out
+
+
 async def test_a_checkpoint_edited_is_a_bad_signature(
     logged: LoggedStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -345,9 +374,7 @@ async def test_tiles_completed_before_schema_10_are_read_where_they_were(
     conn = sqlite3.connect(store.path)
     try:
         assert conn.execute("SELECT idx FROM log_tiles").fetchall() == [(1,)]
-        assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (
-            256,
-        )
+        assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (256,)
     finally:
         conn.close()
     status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
