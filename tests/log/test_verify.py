@@ -34,11 +34,16 @@ sys.stdin.read()
 """
 
 
+def _store(directory: Path) -> LoggedStore:
+    """An empty store in ``directory``, its repository an NDJSON file beside it."""
+    return LoggedStore(
+        path=directory / "audit.db", signer=log_signer(), shipped=directory / "repo.ndjson"
+    )
+
+
 @pytest.fixture
 async def logged(tmp_path: Path) -> LoggedStore:
-    store = LoggedStore(
-        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
-    )
+    store = _store(tmp_path)
     await store.append(5, 4, patients=["Patient/a", "Patient/b", "Patient/c"])
     return store
 
@@ -50,12 +55,29 @@ def _verify(capsys: pytest.CaptureFixture[str], store: LoggedStore, *args: str) 
     return status, capsys.readouterr().out
 
 
+def _assert_verifies(capsys: pytest.CaptureFixture[str], store: LoggedStore, summary: str) -> None:
+    """``log verify`` finds the store sound against the checkpoints it shipped, and says
+    ``summary``."""
+    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
+    assert status == 0, out
+    assert summary in out, out
+
+
 def _sql(path: Path, *statements: str) -> None:
     conn = sqlite3.connect(path)
     try:
         for statement in statements:
             conn.execute(statement)
         conn.commit()
+    finally:
+        conn.close()
+
+
+def _rows(path: Path, query: str) -> list[tuple[Any, ...]]:
+    """What ``query`` reads from the store file."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(query).fetchall()
     finally:
         conn.close()
 
@@ -155,9 +177,7 @@ async def test_a_rewritten_complete_tile_breaks_the_signed_root(
     """The same attacker, with the event's leaf in a complete tile: he rewrites the hash in
     the event's row and in the tile's row (``log_tiles``) alike, and the checkpoints he
     cannot sign still catch it."""
-    store = LoggedStore(
-        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
-    )
+    store = _store(tmp_path)
     await store.append(150, 150)
     event, leaf = _rewrite(store.path, 10, action="D")
     forged = leaf_hash(entry_of(event))
@@ -194,9 +214,7 @@ async def test_a_checkpoint_edited_is_a_bad_signature(
 async def test_a_truncated_wal_loses_a_tail_the_shipped_checkpoints_remember(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = LoggedStore(
-        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
-    )
+    store = _store(tmp_path)
     await store.append(4)
     # A reader's open snapshot (in a process of its own: SQLite's locks are per process)
     # keeps the next commits in the WAL, which a checkpoint may not copy past: the files
@@ -233,9 +251,7 @@ async def test_a_truncated_wal_loses_a_tail_the_shipped_checkpoints_remember(
 async def test_an_old_copy_restored_is_a_truncated_tail_then_a_fork(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = LoggedStore(
-        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
-    )
+    store = _store(tmp_path)
     await store.append(4)
     old = tmp_path / "old.db"
     shutil.copy(store.path, old)
@@ -296,9 +312,7 @@ async def test_pruned_events_are_not_deleted_ones(
         assert await queue.prune(datetime.now(UTC) + timedelta(days=1), timedelta(0)) == 12
     finally:
         await queue.close()
-    status, out = _verify(capsys, logged, "--checkpoints", str(logged.shipped))
-    assert status == 0, out
-    assert "12 leaves, 2 checkpoint(s) verified, 12 pruned" in out
+    _assert_verifies(capsys, logged, "12 leaves, 2 checkpoint(s) verified, 12 pruned")
 
 
 async def test_the_tree_outlives_the_pruned_events_of_complete_and_partial_tiles(
@@ -308,9 +322,7 @@ async def test_the_tree_outlives_the_pruned_events_of_complete_and_partial_tiles
     it, which pruning leaves as it is; the leaf hashes of a tile not yet complete are only
     in the events' rows, and pruning copies them out. With every event pruned the root,
     the tiles and ``log verify`` are what they were."""
-    store = LoggedStore(
-        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
-    )
+    store = _store(tmp_path)
     await store.append(150, 150, patients=[f"Patient/{p}" for p in range(7)])
     queue = await AuditQueue.open(store.path, max_bytes=1 << 30)
     try:
@@ -324,19 +336,11 @@ async def test_the_tree_outlives_the_pruned_events_of_complete_and_partial_tiles
         assert await queue.tile_hashes(1, 0, 1) == [root_of(tiles[:256])]
     finally:
         await queue.close()
-    conn = sqlite3.connect(store.path)
-    try:
-        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
-        assert conn.execute("SELECT idx, hashes FROM log_tiles").fetchall() == [
-            (0, b"".join(tiles[:256]))
-        ]
-        copied = conn.execute("SELECT idx, hash FROM log_hashes WHERE level = 0").fetchall()
-        assert copied == list(enumerate(tiles))[256:], "the partial tile's, and only those"
-    finally:
-        conn.close()
-    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
-    assert status == 0, out
-    assert "307 leaves, 2 checkpoint(s) verified, 307 pruned" in out, out
+    assert _rows(store.path, "SELECT COUNT(*) FROM events") == [(0,)]
+    assert _rows(store.path, "SELECT idx, hashes FROM log_tiles") == [(0, b"".join(tiles[:256]))]
+    copied = _rows(store.path, "SELECT idx, hash FROM log_hashes WHERE level = 0")
+    assert copied == list(enumerate(tiles))[256:], "the partial tile's, and only those"
+    _assert_verifies(capsys, store, "307 leaves, 2 checkpoint(s) verified, 307 pruned")
 
 
 async def test_tiles_completed_before_schema_10_are_read_where_they_were(
@@ -345,9 +349,7 @@ async def test_tiles_completed_before_schema_10_are_read_where_they_were(
     """Schema 9 kept a complete tile as 256 rows of ``log_hashes`` level 0; the migration
     to 10 leaves them there: the root and the tiles read the same, the next tile is one
     row of ``log_tiles``, and the whole tree verifies."""
-    store = LoggedStore(
-        path=tmp_path / "audit.db", signer=log_signer(), shipped=tmp_path / "repo.ndjson"
-    )
+    store = _store(tmp_path)
     await store.append(150, 150)
     conn = sqlite3.connect(store.path)
     try:
@@ -371,15 +373,9 @@ async def test_tiles_completed_before_schema_10_are_read_where_they_were(
     finally:
         await queue.close()
     await store.append(250)
-    conn = sqlite3.connect(store.path)
-    try:
-        assert conn.execute("SELECT idx FROM log_tiles").fetchall() == [(1,)]
-        assert conn.execute("SELECT COUNT(*) FROM log_hashes WHERE level = 0").fetchone() == (256,)
-    finally:
-        conn.close()
-    status, out = _verify(capsys, store, "--checkpoints", str(store.shipped))
-    assert status == 0, out
-    assert "550 leaves, 3 checkpoint(s) verified" in out, out
+    assert _rows(store.path, "SELECT idx FROM log_tiles") == [(1,)]
+    assert _rows(store.path, "SELECT COUNT(*) FROM log_hashes WHERE level = 0") == [(256,)]
+    _assert_verifies(capsys, store, "550 leaves, 3 checkpoint(s) verified")
 
 
 async def test_every_shard_of_a_multi_worker_store_is_verified(
