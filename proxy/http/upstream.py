@@ -190,12 +190,7 @@ class UpstreamResponse:
 
     @property
     def reusable(self) -> bool:
-        return (
-            self.body.at_eof
-            and self._keep_alive
-            and self._error is None
-            and not self._cut
-        )
+        return self.body.at_eof and self._keep_alive and self._error is None and not self._cut
 
     def close(self) -> None:
         """End the exchange: its connection goes back to the pool if the answer was read

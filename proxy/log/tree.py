@@ -31,6 +31,11 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
+def split_hashes(joined: bytes) -> list[bytes]:
+    """The hashes ``joined`` holds one after the other (a tile's, a row's partial tile)."""
+    return [joined[i : i + HASH_SIZE] for i in range(0, len(joined), HASH_SIZE)]
+
+
 def root_of(hashes: Sequence[bytes]) -> bytes:
     """The Merkle Tree Hash of a run of leaf hashes (or of equal subtrees' hashes): pairs
     hashed level by level, an odd last hash carried up, which is RFC 6962's split at the

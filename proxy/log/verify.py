@@ -35,6 +35,7 @@ from proxy.log.tree import (
     Frontier,
     consistency_proof,
     leaf_hash,
+    split_hashes,
     verify_consistency,
 )
 from proxy.store.codec import BodyCodec, CodecError, shipped_dictionary
@@ -276,9 +277,9 @@ def _stored_leaves(conn: sqlite3.Connection) -> list[bytes | None]:
     size = tree_size(conn)
     stored: list[bytes | None] = [None] * size
     for tile, joined in conn.execute("SELECT idx, CAST(hashes AS BLOB) FROM log_tiles"):
-        for i in range(min(TILE_WIDTH, len(joined) // 32)):
-            if 0 <= tile * TILE_WIDTH + i < size:
-                stored[tile * TILE_WIDTH + i] = joined[32 * i : 32 * i + 32]
+        for leaf, digest in enumerate(split_hashes(joined)[:TILE_WIDTH], start=tile * TILE_WIDTH):
+            if 0 <= leaf < size:
+                stored[leaf] = digest
     for idx, digest in conn.execute(
         "SELECT idx, CAST(hash AS BLOB) FROM log_hashes WHERE level = 0 AND idx < ?", (size,)
     ):

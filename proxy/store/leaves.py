@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import orjson
 
 from proxy.log.entry import EntryTemplate, entry_of_json
-from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of
+from proxy.log.tree import TILE_WIDTH, leaf_hash, root_of, split_hashes
 from proxy.store.records import EventRow, FanOut, member_id
 
 HASH_BYTES = 66
@@ -109,9 +109,9 @@ def leaf_hashes(conn: sqlite3.Connection, start: int, end: int) -> list[bytes]:
         for tile, joined in complete_tiles(
             conn, start // TILE_WIDTH, (end - 1) // TILE_WIDTH
         ).items():
-            lo = tile * TILE_WIDTH
-            for leaf in range(max(start, lo), min(end, lo + TILE_WIDTH)):
-                found[leaf] = bytes(joined[32 * (leaf - lo) : 32 * (leaf - lo) + 32])
+            for leaf, digest in enumerate(split_hashes(joined), start=tile * TILE_WIDTH):
+                if start <= leaf < end:
+                    found[leaf] = digest
     if len(found) < end - start:
         for leaf, digest in conn.execute(
             "SELECT idx, hash FROM log_hashes WHERE level = 0 AND idx >= ? AND idx < ?",

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from proxy.log.tree import TILE_WIDTH
+from proxy.log.tree import TILE_WIDTH, split_hashes
 from proxy.store.codec import BodyCodec
 from proxy.store.database import database_budget, is_full, used_bytes
 from proxy.store.faces import StoreError, StoreFull
@@ -236,9 +236,8 @@ class AppendLeaves:
         tx.ends.leaf = at
         joined = b"".join(self._rows)
         if at // TILE_WIDTH > first // TILE_WIDTH:
-            partial = None if tile is None else [tile[i : i + 32] for i in range(0, len(tile), 32)]
-            hashes = [joined[i : i + 32] for i in range(0, len(joined), 32)]
-            append_leaves(tx.conn, first, hashes, partial)
+            partial = None if tile is None else split_hashes(tile)
+            append_leaves(tx.conn, first, split_hashes(joined), partial)
             # The new partial tile is among this batch's leaves.
             tx.ends.tile = joined[32 * (at - at % TILE_WIDTH - first) :]
         else:
