@@ -191,6 +191,14 @@ def _read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
+def _as_schema_10(conn: sqlite3.Connection) -> None:
+    """Let a store from before schema 10, which ``log verify`` reads as it is (it does not
+    migrate what it checks), be read as one: its tiles are all in ``log_hashes``, and an
+    empty ``log_tiles`` (a temporary table, beside the file) says so."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_tiles'").fetchone() is None:
+        conn.execute("CREATE TEMP TABLE log_tiles (idx INTEGER PRIMARY KEY, hashes BLOB NOT NULL)")
+
+
 def _ranges(indexes: Sequence[int]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for i in indexes:
@@ -207,6 +215,7 @@ def verify_store(path: Path, verifier: Verifier, notes: Sequence[tuple[str, str]
     report = Report(name=str(path))
     with contextlib.closing(_read_only(path)) as conn:
         try:
+            _as_schema_10(conn)
             _verify_store(conn, verifier, notes, report)
         except _Found as found:
             report.finding = found.finding

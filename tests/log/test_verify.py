@@ -346,9 +346,10 @@ async def test_the_tree_outlives_the_pruned_events_of_complete_and_partial_tiles
 async def test_tiles_completed_before_schema_10_are_read_where_they_were(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Schema 9 kept a complete tile as 256 rows of ``log_hashes`` level 0; the migration
-    to 10 leaves them there: the root and the tiles read the same, the next tile is one
-    row of ``log_tiles``, and the whole tree verifies."""
+    """Schema 9 kept a complete tile as 256 rows of ``log_hashes`` level 0. ``log verify``
+    checks such a store as it is (an auditor's copy is not migrated); the migration to 10
+    leaves them there: the root and the tiles read the same, the next tile is one row of
+    ``log_tiles``, and the whole tree verifies."""
     store = _store(tmp_path)
     await store.append(150, 150)
     conn = sqlite3.connect(store.path)
@@ -364,6 +365,8 @@ async def test_tiles_completed_before_schema_10_are_read_where_they_were(
         conn.commit()
     finally:
         conn.close()
+    _assert_verifies(capsys, store, "300 leaves, 2 checkpoint(s) verified")
+    assert _rows(store.path, "PRAGMA user_version") == [(9,)], "read as it is"
     queue = await AuditQueue.open(store.path, max_bytes=1 << 30)
     try:
         assert (await queue.tile_hashes(0, 0, 256)) == [
