@@ -16,7 +16,7 @@ from datetime import datetime
 
 from proxy.log.tree import TILE_WIDTH, tree_root
 from proxy.store.faces import TransparencyLog
-from proxy.store.leaves import complete_tiles, seq_of_leaf, tile_hashes, tree_size
+from proxy.store.leaves import seq_of_leaf, tile_hashes, tree_size
 from proxy.store.records import QueuedEvent
 from proxy.store.shard import ShardPart
 from proxy.store.tables import STORED, StoredRow, stored_rows
@@ -31,11 +31,17 @@ def record_pruned(
     so that ``log verify`` tells a pruned event from a deleted one."""
     if not deleted:
         return
-    complete = complete_tiles(
-        conn,
-        min(leaf for leaf, _, _ in deleted) // TILE_WIDTH,
-        max(leaf + n - 1 for leaf, n, _ in deleted) // TILE_WIDTH,
-    )
+    # Which tiles are complete, not their hashes: a day's pruning may span thousands.
+    complete = {
+        idx
+        for (idx,) in conn.execute(
+            "SELECT idx FROM log_tiles WHERE idx >= ? AND idx <= ?",
+            (
+                min(leaf for leaf, _, _ in deleted) // TILE_WIDTH,
+                max(leaf + n - 1 for leaf, n, _ in deleted) // TILE_WIDTH,
+            ),
+        )
+    }
     conn.executemany(
         "INSERT OR IGNORE INTO log_hashes (level, idx, hash) VALUES (0, ?, ?)",
         [
